@@ -1,0 +1,46 @@
+"""The cleaner role: forget finished submissions after the retention period."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+_log = Logger()
+
+#: Submissions deleted per transaction: keeps each write lock short.
+BATCH = 500
+#: Free pages handed back to the file system per pass.
+VACUUM_PAGES = 2000
+
+
+class Cleaner(TimerService):
+    """A LoopingCall every ``interval`` seconds; a failed pass is logged and the next one runs."""
+
+    def __init__(self, store: Any, clock: Any, *, interval: float, retention: float) -> None:
+        super().__init__(interval, self.clean)
+        self.clock = clock
+        self._store = store
+        self._clock = clock
+        self._retention = retention
+
+    def clean(self) -> Deferred[int]:
+        return Deferred.fromCoroutine(self._clean())
+
+    async def _clean(self) -> int:
+        total = 0
+        try:
+            before = self._clock.seconds() - self._retention
+            while True:
+                deleted = await self._store.clean(before, BATCH)
+                total += deleted
+                if deleted < BATCH:
+                    break
+            if total:
+                await self._store.vacuum(VACUUM_PAGES)
+                _log.info("cleaner deleted {count} finished submissions", count=total)
+        except Exception:
+            _log.failure("cleaning pass failed; the next one will try again")
+        return total

@@ -1,0 +1,194 @@
+"""
+Configuration: the command line, then ``MMGUN_*`` environment variables, then defaults,
+resolved once into a frozen :class:`Config`. Nothing reads the environment later.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import Mapping
+
+import attrs
+from twisted.python import usage
+
+ROLES = ("frontend", "sender", "cleaner")
+TLS_MODES = ("opportunistic", "require", "verify")
+LOG_FORMATS = ("text", "json")
+
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: str) -> float:
+    """``"90"``, ``"90s"``, ``"5m"``, ``"1h"``, ``"5d"`` → seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
+    if match is None:
+        raise ValueError(f"not a duration: {value!r} (use a number with an optional s, m, h or d suffix)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_size(value: str) -> int:
+    """``"10485760"``, ``"512K"``, ``"10M"`` → bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*", value)
+    if match is None:
+        raise ValueError(f"not a size: {value!r} (use a number with an optional K, M or G suffix)")
+    return int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2).lower()]
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"must be at least 1, not {number}")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 < number < 65536:
+        raise ValueError(f"not a port number: {number}")
+    return number
+
+
+def _choice(choices: tuple[str, ...]):
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _hostport(value: str) -> str:
+    if not value or any(c.isspace() for c in value):
+        raise ValueError(f"not a host[:port]: {value!r}")
+    return value
+
+
+#: name → (default, converter, help). The single list of the daemon's options.
+OPTIONS: dict[str, tuple[str | None, object, str]] = {
+    "listen": ("tcp:8080:interface=127.0.0.1", str, "strports endpoint for the HTTP API"),
+    "database": ("var/mmgun.sqlite3", str, "SQLite database file"),
+    "clients": ("conf/clients", str, "file of accepted client ids, one per line"),
+    "max-message-size": ("10M", parse_size, "largest accepted request body (bytes, or K/M suffix)"),
+    "max-recipients": ("1000", _positive_int, "most recipients in one submission"),
+    "smtp-port": ("25", _port, "TCP port of every mail exchanger"),
+    "relay-host": (None, _hostport, "smarthost HOST[:PORT]: send everything there, no MX lookup"),
+    "helo": (None, str, "name used in EHLO and Message-ID (default: this machine's FQDN)"),
+    "poll-interval": ("1", parse_duration, "how often a sender looks for due envelopes (seconds)"),
+    "retry-min": ("5m", parse_duration, "first retry delay after a temporary failure"),
+    "retry-max": ("1h", parse_duration, "longest retry delay"),
+    "queue-lifetime": ("5d", parse_duration, "give up on a recipient after this long (reason: expired)"),
+    "max-connections": ("100", _positive_int, "most outgoing SMTP sessions at once"),
+    "max-per-destination": ("10", _positive_int, "most SMTP sessions to one MX host at once"),
+    "smtp-timeout": ("300s", parse_duration, "timeout of each SMTP command (connect: 30s)"),
+    "tls": ("opportunistic", _choice(TLS_MODES), "STARTTLS: opportunistic, require or verify"),
+    "clean-interval": ("60s", parse_duration, "how often the cleaner runs"),
+    "retention": ("7d", parse_duration, "keep finished submissions' status this long"),
+    "log-format": ("text", _choice(LOG_FORMATS), "text, or json: one JSON object per line"),
+    "shutdown-timeout": ("30s", parse_duration, "on SIGTERM, wait this long for deliveries in flight"),
+}
+#: Repeatable options: name → (converter, help).
+MULTI_OPTIONS: dict[str, tuple[object, str]] = {
+    "role": (_choice(ROLES), "frontend, sender or cleaner; repeatable (default: all three)"),
+    "nameserver": (_hostport, "DNS server HOST[:PORT]; repeatable (default: /etc/resolv.conf)"),
+}
+
+
+def env_name(option: str) -> str:
+    return "MMGUN_" + option.upper().replace("-", "_")
+
+
+@attrs.frozen
+class Config:
+    listen: str
+    database: str
+    clients: str
+    roles: tuple[str, ...]
+    max_message_size: int
+    max_recipients: int
+    nameservers: tuple[str, ...]
+    smtp_port: int
+    relay_host: str | None
+    helo: str
+    poll_interval: float
+    retry_min: float
+    retry_max: float
+    queue_lifetime: float
+    max_connections: int
+    max_per_destination: int
+    smtp_timeout: float
+    tls: str
+    clean_interval: float
+    retention: float
+    log_format: str
+    shutdown_timeout: float
+
+
+class Options(usage.Options):
+    """``twistd mmgun`` options. Each option can also come from MMGUN_<NAME>; the command line wins."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "mmgun: a mail relay. Applications POST JSON messages over HTTP; mmgun queues them "
+        "durably and relays them over SMTP. Every option can also be set with an environment "
+        "variable MMGUN_<NAME> (e.g. MMGUN_LISTEN, MMGUN_SMTP_PORT); a flag wins over the environment. "
+        "Repeatable options take a comma-separated list in the environment."
+    )
+    optParameters = [
+        [name, None, None, f"{text} [default: {default}] (env {env_name(name)})"]
+        for name, (default, _, text) in OPTIONS.items()
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self._environ = os.environ if environ is None else environ
+        for name in MULTI_OPTIONS:
+            self[name] = []
+
+    def opt_role(self, value: str) -> None:
+        """frontend, sender or cleaner; repeatable (default: all three) (env MMGUN_ROLE, comma-separated)"""
+        self["role"].append(value)
+
+    def opt_nameserver(self, value: str) -> None:
+        """DNS server HOST[:PORT]; repeatable (default: /etc/resolv.conf) (env MMGUN_NAMESERVER)"""
+        self["nameserver"].append(value)
+
+    def postOptions(self) -> None:
+        self.config = resolve(self, self._environ)
+
+
+def resolve(given: Mapping[str, object], environ: Mapping[str, str]) -> Config:
+    """Flags, then environment, then defaults; raises usage.UsageError naming the bad option."""
+    values: dict[str, object] = {}
+    for name, (default, convert, _) in OPTIONS.items():
+        raw = given.get(name)
+        source = f"--{name}"
+        if raw is None and env_name(name) in environ:
+            raw, source = environ[env_name(name)], env_name(name)
+        if raw is None:
+            raw, source = default, f"default of --{name}"
+        values[name] = None if raw is None else _convert(convert, raw, source)
+    for name, (convert, _) in MULTI_OPTIONS.items():
+        raws = list(given.get(name) or ())
+        source = f"--{name}"
+        if not raws and environ.get(env_name(name), "").strip():
+            raws = [v.strip() for v in environ[env_name(name)].split(",") if v.strip()]
+            source = env_name(name)
+        values[name] = tuple(dict.fromkeys(_convert(convert, raw, source) for raw in raws))
+    roles = values.pop("role") or ROLES
+    if values["retry-min"] > values["retry-max"]:
+        raise usage.UsageError("--retry-min must not be longer than --retry-max")
+    return Config(
+        roles=tuple(r for r in ROLES if r in roles),
+        nameservers=values.pop("nameserver"),
+        helo=values.pop("helo") or socket.getfqdn(),
+        **{name.replace("-", "_"): value for name, value in values.items()},
+    )
+
+
+def _convert(convert: object, raw: str, source: str) -> object:
+    try:
+        return convert(raw)  # type: ignore[operator]
+    except ValueError as e:
+        raise usage.UsageError(f"{source}: {e}") from None

@@ -1,0 +1,246 @@
+"""
+The HTTP API (the frontend role): authenticate, validate, queue, report.
+
+Every response is JSON; every error is ``{"result": "error", "message": ...}``
+with the right status code, and an error changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request, Site
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from .clients import Clients
+from .message import BadRequest, build_message, check_fields, parse_json_object, parse_send
+from .store import IdempotencyConflict, NewSubmission, Store, SubmissionState
+
+_log = Logger()
+
+API_VERSION = "1"
+MAX_IDEMPOTENCY_KEY = 255
+STATUS_FIELDS = ("client_id", "submission_id")
+
+
+class HTTPError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def iso8601(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def status_document(state: SubmissionState) -> dict[str, Any]:
+    return {
+        "result": "success",
+        "status": state.status,
+        "recipients": [
+            {
+                "address": r.address,
+                "status": r.status,
+                "attempts": r.attempts,
+                "last_reply": r.last_reply,
+                "updated_at": iso8601(r.updated_at),
+            }
+            for r in state.recipients
+        ],
+    }
+
+
+class Frontend:
+    """The Klein application. ``clients`` is a callable so the set can be reloaded while running."""
+
+    app = Klein()
+
+    def __init__(
+        self,
+        store: Store,
+        clients: Callable[[], Clients],
+        clock: IReactorTime,
+        *,
+        hostname: str,
+        max_recipients: int = 1000,
+        max_message_size: int = 10 * 1024 * 1024,
+    ) -> None:
+        self._store = store
+        self._clients = clients
+        self._clock = clock
+        self._hostname = hostname
+        self._max_recipients = max_recipients
+        self.max_message_size = max_message_size
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    def site(self) -> Site:
+        """A Site that stops buffering a request body once it passes the size limit."""
+        site = Site(self.resource())
+        site.requestFactory = LimitedRequest
+        site.max_request_size = self.max_message_size  # type: ignore[attr-defined]
+        site.displayTracebacks = False
+        return site
+
+    # -- routes ----------------------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    def index(self, request: IRequest) -> bytes:
+        return _json(
+            request,
+            200,
+            {
+                "service": "mmgun",
+                "api_version": API_VERSION,
+                "endpoints": {"POST /send": "queue a message", "POST /status": "a submission's status"},
+            },
+        )
+
+    @app.route("/send", methods=["POST"])
+    async def send(self, request: IRequest) -> bytes:
+        obj = self._read_json(request)
+        client = self._authenticate(obj)
+        key = _idempotency_key(request)
+        send = parse_send(obj, self._max_recipients)
+        now = self._clock.seconds()
+        submission = NewSubmission(
+            id=uuid.uuid4().hex,
+            client=client,
+            sender=send.sender,
+            recipients=send.recipients,
+            message=build_message(send, hostname=self._hostname, now=now),
+            created_at=now,
+            idempotency_key=key,
+            request_hash=send.digest() if key is not None else None,
+        )
+        try:
+            submission_id = await self._store.add_submission(submission)
+        except IdempotencyConflict:
+            raise HTTPError(409, "Idempotency-Key was already used with a different request") from None
+        if submission_id == submission.id:
+            _log.info(
+                "accepted submission {submission} from {client}: {recipients} recipients",
+                submission=submission_id,
+                client=client,
+                recipients=len(send.recipients),
+            )
+        else:
+            _log.info("idempotent replay of submission {submission} from {client}", submission=submission_id, client=client)
+        return _json(request, 200, {"result": "queued", "submission_id": submission_id})
+
+    @app.route("/status", methods=["POST"])
+    async def status(self, request: IRequest) -> bytes:
+        obj = self._read_json(request)
+        client = self._authenticate(obj)
+        check_fields(obj, STATUS_FIELDS)
+        submission_id = obj["submission_id"]
+        if not isinstance(submission_id, str):
+            raise BadRequest("field 'submission_id' must be a string")
+        state = None
+        if _looks_like_id(submission_id):
+            state = await self._store.submission(client, submission_id)
+        if state is None:
+            raise HTTPError(404, "no such submission")
+        return _json(request, 200, status_document(state))
+
+    # -- errors ----------------------------------------------------------------
+
+    @app.handle_errors(HTTPError)
+    def http_error(self, request: IRequest, failure: Failure) -> bytes:
+        return _error(request, failure.value.code, failure.value.message)
+
+    @app.handle_errors(BadRequest)
+    def bad_request(self, request: IRequest, failure: Failure) -> bytes:
+        return _error(request, 400, str(failure.value))
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return _error(request, 404, "no such endpoint")
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = failure.value.valid_methods or []
+        request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
+        return _error(request, 405, f"method {request.method.decode('ascii', 'replace')} not allowed here")
+
+    @app.handle_errors(HTTPException)
+    def other_http(self, request: IRequest, failure: Failure) -> bytes:
+        return _error(request, failure.value.code or 400, failure.value.name or "bad request")
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        _log.failure("internal error handling {path}", failure, path=request.path.decode("ascii", "replace"))
+        return _error(request, 500, "internal error")
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _read_json(self, request: IRequest) -> dict[str, Any]:
+        if getattr(request, "too_large", False):
+            raise HTTPError(413, f"request body larger than {self.max_message_size} bytes")
+        content = request.content.read()
+        if len(content) > self.max_message_size:
+            raise HTTPError(413, f"request body larger than {self.max_message_size} bytes")
+        return parse_json_object(content)
+
+    def _authenticate(self, obj: dict[str, Any]) -> str:
+        client = self._clients().authenticate(obj.get("client_id"))
+        if client is None:
+            raise HTTPError(401, "missing or unknown client_id")
+        return client
+
+
+def _looks_like_id(value: str) -> bool:
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+def _idempotency_key(request: IRequest) -> str | None:
+    raw = request.getHeader(b"idempotency-key")
+    if raw is None:
+        return None
+    if not 0 < len(raw) <= MAX_IDEMPOTENCY_KEY or not all(0x20 <= b < 0x7F for b in raw):
+        raise BadRequest(f"header 'Idempotency-Key' must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters")
+    return raw.decode("ascii")
+
+
+def _json(request: IRequest, code: int, document: dict[str, Any]) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(document).encode("utf-8") + b"\n"
+
+
+def _error(request: IRequest, code: int, message: str) -> bytes:
+    return _json(request, code, {"result": "error", "message": message})
+
+
+class LimitedRequest(Request):
+    """Buffers at most the site's ``max_request_size`` bytes of a body; beyond that, marks it too large."""
+
+    too_large = False
+    _received = 0
+
+    def _limit(self) -> int:
+        return getattr(self.channel.site, "max_request_size", 10 * 1024 * 1024)
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._limit():
+            self.too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self.too_large or self._received > self._limit():
+            self.too_large = True
+            return
+        super().handleContentChunk(data)

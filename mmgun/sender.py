@@ -1,0 +1,307 @@
+"""
+The sender role: claim due envelopes, find their mail exchangers, relay them over
+ESMTP, and commit what happened to every recipient.
+
+Flow of one envelope::
+
+    claim (lease) ─▶ resolve domain ─▶ MX 1 ─(can't connect)─▶ MX 2 … ─▶ record
+                         │ NXDOMAIN / null MX: failed                 │ 2xx sent
+                         │ SERVFAIL / timeout: deferred               │ 5xx failed
+                                                                      │ 4xx, drop: deferred
+                                                                      ▼
+                                                           next attempt with backoff
+
+Envelopes bound for the same MX go over one SMTP session, one transaction after
+another. The only window in which a crash duplicates mail is between the peer's
+250 to the final "." and our commit of it (milliseconds): the lease then expires
+and the envelope is sent again.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import uuid
+from typing import Any, Awaitable, Callable, Protocol, Sequence
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .mx import MXHost, PermanentDNSError, TemporaryDNSError
+from .smtp import Reply, SessionFailed, SMTPSettings, Transaction, TransactionResult, send_session
+from .store import ClaimedEnvelope, EnvelopeOutcome, RecipientOutcome, Store
+
+_log = Logger()
+
+
+class Router(Protocol):
+    """Where mail for a domain goes: :class:`mmgun.mx.MXResolver` or :class:`mmgun.mx.RelayHost`."""
+
+    async def hosts(self, domain: str) -> list[MXHost]: ...
+
+    def mark_bad(self, host: MXHost) -> None: ...
+
+    def mark_good(self, host: MXHost) -> None: ...
+
+
+SessionFunction = Callable[..., Awaitable[list[TransactionResult]]]
+
+
+@attrs.frozen
+class SenderSettings:
+    poll_interval: float = 1.0
+    retry_min: float = 300.0
+    retry_max: float = 3600.0
+    queue_lifetime: float = 5 * 86400.0
+    max_connections: int = 100
+    max_per_destination: int = 10
+    #: How long a claim is ours; renewed every third of it while we work.
+    lease_time: float = 60.0
+    #: Most transactions sent over one SMTP session.
+    per_session: int = 100
+    #: Most envelopes held in memory (claimed, not yet recorded).
+    max_in_flight: int = 2000
+    shutdown_timeout: float = 30.0
+
+
+def retry_delay(attempts: int, settings: SenderSettings, rng: random.Random) -> float:
+    """Doubling from retry_min after each attempt, capped at retry_max, with ±10% jitter."""
+    base = min(settings.retry_max, settings.retry_min * 2 ** max(0, attempts - 1))
+    return min(settings.retry_max, base * rng.uniform(0.9, 1.1))
+
+
+def owner_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Sender(Service):
+    """One sender process's delivery loop."""
+
+    def __init__(
+        self,
+        store: Store,
+        router: Router,
+        reactor: Any,
+        smtp: SMTPSettings,
+        settings: SenderSettings,
+        *,
+        port: int = 25,
+        session: SessionFunction = send_session,
+        rng: random.Random | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self._store = store
+        self._router = router
+        self._reactor = reactor
+        self._clock: IReactorTime = reactor
+        self._smtp = smtp
+        self._settings = settings
+        self._session = session
+        self._rng = rng or random.Random()
+        self.owner = owner or owner_name()
+        self._connections = DeferredSemaphore(settings.max_connections)
+        self._per_host: dict[str, DeferredSemaphore] = {}
+        #: Claimed envelopes not yet recorded, by id.
+        self.in_flight: dict[int, ClaimedEnvelope] = {}
+        self._batches: set[Deferred[None]] = set()
+        self._claiming = False
+        self._stopping = False
+        self._poller = LoopingCall(self.poll)
+        self._poller.clock = reactor
+        self._renewer = LoopingCall(self._renew)
+        self._renewer.clock = reactor
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._poller.start(self._settings.poll_interval, now=True).addErrback(
+            lambda f: _log.failure("sender poll loop stopped", f)
+        )
+        self._renewer.start(self._settings.lease_time / 3, now=False).addErrback(
+            lambda f: _log.failure("lease renewal loop stopped", f)
+        )
+
+    def stopService(self) -> Deferred[None]:
+        """Stop claiming, let deliveries in flight finish up to shutdown_timeout, release the rest."""
+        super().stopService()
+        self._stopping = True
+        for loop in (self._poller, self._renewer):
+            if loop.running:
+                loop.stop()
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        if self._batches:
+            waiting: Deferred[Any] = DeferredList(list(self._batches))
+            timer = self._clock.callLater(self._settings.shutdown_timeout, waiting.cancel)
+            try:
+                await waiting
+            except Exception:
+                pass
+            if timer.active():
+                timer.cancel()
+        if self.in_flight:
+            left = list(self.in_flight.values())
+            _log.info("releasing {count} unfinished envelopes at shutdown", count=len(left))
+            self.in_flight.clear()
+            try:
+                await self._store.release(left, self._clock.seconds())
+            except Exception:
+                _log.failure("could not release leases at shutdown; they expire by themselves")
+
+    # -- the loop --------------------------------------------------------------
+
+    def poll(self) -> Deferred[None]:
+        """Claim what is due (as much as there is room for) and start delivering it. Never raises."""
+        return Deferred.fromCoroutine(self._poll())
+
+    async def _poll(self) -> None:
+        if self._claiming or self._stopping:
+            return
+        self._claiming = True
+        try:
+            while not self._stopping:
+                room = self._settings.max_in_flight - len(self.in_flight)
+                if room <= 0:
+                    return
+                now = self._clock.seconds()
+                claimed = await self._store.claim(self.owner, now, self._settings.lease_time, min(room, 500))
+                if not claimed:
+                    return
+                for envelope in claimed:
+                    self.in_flight[envelope.id] = envelope
+                self._dispatch(claimed)
+                if len(claimed) < min(room, 500):
+                    return
+        except Exception:
+            _log.failure("claiming envelopes failed; will try again")
+        finally:
+            self._claiming = False
+
+    def _dispatch(self, envelopes: list[ClaimedEnvelope]) -> None:
+        by_domain: dict[str, list[ClaimedEnvelope]] = {}
+        for envelope in envelopes:
+            by_domain.setdefault(envelope.domain, []).append(envelope)
+        for domain, group in by_domain.items():
+            size = self._settings.per_session
+            for start in range(0, len(group), size):
+                self._track(Deferred.fromCoroutine(self._deliver_batch(domain, group[start : start + size])))
+
+    def _track(self, d: Deferred[None]) -> None:
+        self._batches.add(d)
+
+        def done(_: object) -> None:
+            self._batches.discard(d)
+            if not self._stopping and self.running:
+                self.poll()
+
+        d.addBoth(done)
+
+    async def _renew(self) -> None:
+        if not self.in_flight:
+            return
+        until = self._clock.seconds() + self._settings.lease_time
+        try:
+            await self._store.renew(list(self.in_flight.values()), until)
+        except Exception:
+            _log.failure("renewing leases failed")
+
+    # -- one batch: envelopes of one domain ------------------------------------
+
+    async def _deliver_batch(self, domain: str, envelopes: list[ClaimedEnvelope]) -> None:
+        try:
+            outcomes = await self._attempt(domain, envelopes)
+        except Exception:
+            _log.failure("delivery to {domain} failed unexpectedly", domain=domain)
+            reply = "451 4.3.0 internal error in mmgun; will retry"
+            outcomes = [self._outcome(e, {a: ("deferred", reply) for a in e.recipients}) for e in envelopes]
+        try:
+            await self._store.record(outcomes, self._clock.seconds())
+        except Exception:
+            _log.failure("recording delivery results failed; leases will expire and the envelopes retry")
+        finally:
+            for envelope in envelopes:
+                self.in_flight.pop(envelope.id, None)
+
+    async def _attempt(self, domain: str, envelopes: list[ClaimedEnvelope]) -> list[EnvelopeOutcome]:
+        try:
+            hosts = await self._router.hosts(domain)
+        except PermanentDNSError as e:
+            _log.info("no mail exchanger for {domain}: {reply}", domain=domain, reply=e.reply)
+            return [self._outcome(env, {a: ("failed", e.reply) for a in env.recipients}) for env in envelopes]
+        except TemporaryDNSError as e:
+            _log.info("DNS lookup for {domain} failed temporarily: {reply}", domain=domain, reply=e.reply)
+            return [self._outcome(env, {a: ("deferred", e.reply) for a in env.recipients}) for env in envelopes]
+
+        results: dict[int, dict[str, tuple[str, str]]] = {}
+        remaining = list(envelopes)
+        last_reply = f"451 4.4.0 no mail exchanger of {domain} could be reached"
+        for host in hosts:
+            if not remaining:
+                break
+            try:
+                session_results = await self._send(host, remaining)
+            except SessionFailed as e:
+                self._router.mark_bad(host)
+                last_reply = str(e.reply)
+                _log.info(
+                    "could not deliver to {mx} ({address}): {reply}",
+                    mx=host.name,
+                    address=host.address,
+                    reply=last_reply,
+                )
+                continue
+            self._router.mark_good(host)
+            by_id = {env.id: env for env in remaining}
+            remaining = []
+            for result in session_results:
+                envelope = by_id[result.key]  # type: ignore[index]
+                if result.started:
+                    results[envelope.id] = {a: (r.outcome, str(r.reply)) for a, r in result.recipients.items()}
+                    _log.info(
+                        "delivery attempt for envelope {envelope} via {mx}: {outcomes}",
+                        envelope=envelope.id,
+                        mx=host.name,
+                        outcomes={a: str(r.reply.code) for a, r in result.recipients.items()},
+                    )
+                else:
+                    remaining.append(envelope)
+                    last_reply = str(next(iter(result.recipients.values())).reply)
+        for envelope in remaining:
+            results[envelope.id] = {a: ("deferred", last_reply) for a in envelope.recipients}
+        return [self._outcome(env, results[env.id]) for env in envelopes]
+
+    async def _send(self, host: MXHost, envelopes: list[ClaimedEnvelope]) -> list[TransactionResult]:
+        per_host = self._per_host.setdefault(host.address, DeferredSemaphore(self._settings.max_per_destination))
+        await per_host.acquire()
+        try:
+            await self._connections.acquire()
+            try:
+                transactions = [Transaction(e.id, e.sender, e.recipients, e.message) for e in envelopes]
+                return await self._session(self._reactor, host.name, host.address, host.port, transactions, self._smtp)
+            finally:
+                self._connections.release()
+        finally:
+            per_host.release()
+            if not per_host.waiting and per_host.tokens == per_host.limit:
+                self._per_host.pop(host.address, None)
+
+    def _outcome(self, envelope: ClaimedEnvelope, results: dict[str, tuple[str, str]]) -> EnvelopeOutcome:
+        """Apply the retry schedule and the queue lifetime to one envelope's results."""
+        now = self._clock.seconds()
+        expires = envelope.created_at + self._settings.queue_lifetime
+        recipients = []
+        for address in envelope.recipients:
+            status, reply = results.get(address, ("deferred", "451 4.3.0 no result; will retry"))
+            if status == "deferred" and now >= expires:
+                status, reply = "failed", f"expired: not delivered within the queue lifetime; last reply: {reply}"
+            recipients.append(RecipientOutcome(address, status, reply))
+        next_attempt = min(now + retry_delay(envelope.attempts + 1, self._settings, self._rng), expires)
+        return EnvelopeOutcome(envelope, tuple(recipients), next_attempt)

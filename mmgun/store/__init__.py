@@ -1,0 +1,181 @@
+"""
+The queue: the one interface through which every role reads and writes state.
+
+Everything that speaks SQL lives in this package. The rest of mmgun sees the
+:class:`Store` protocol and the plain records below, so that a PostgreSQL
+implementation is an addition next to :mod:`mmgun.store.sqlite`, not a rewrite.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Protocol, Sequence
+
+import attrs
+
+__all__ = [
+    "ClaimedEnvelope",
+    "EnvelopeOutcome",
+    "IdempotencyConflict",
+    "NewSubmission",
+    "QueueEntry",
+    "RecipientOutcome",
+    "RecipientState",
+    "Store",
+    "StorageError",
+    "SubmissionState",
+    "submission_status",
+]
+
+
+class StorageError(Exception):
+    """The database failed; raised ``from`` the driver's own exception."""
+
+
+class IdempotencyConflict(Exception):
+    """The client reused an Idempotency-Key with a different request."""
+
+
+@attrs.frozen
+class NewSubmission:
+    """A validated submission, ready to be queued."""
+
+    id: str
+    client: str
+    sender: str
+    #: Normalized, de-duplicated recipient addresses, in request order.
+    recipients: tuple[str, ...]
+    #: The RFC 5322 message, CRLF line endings.
+    message: bytes
+    created_at: float
+    idempotency_key: str | None = None
+    #: Digest of the request, compared when an idempotency key is replayed.
+    request_hash: str | None = None
+
+    def envelopes(self) -> dict[str, list[str]]:
+        """Recipients grouped by domain (already case-folded and IDNA-encoded)."""
+        groups: dict[str, list[str]] = {}
+        for address in self.recipients:
+            groups.setdefault(address.rpartition("@")[2], []).append(address)
+        return groups
+
+
+@attrs.frozen
+class RecipientState:
+    address: str
+    #: queued, deferred, sent or failed.
+    status: str
+    attempts: int
+    last_reply: str | None
+    updated_at: float
+
+
+@attrs.frozen
+class SubmissionState:
+    id: str
+    recipients: tuple[RecipientState, ...]
+
+    @property
+    def status(self) -> str:
+        return submission_status(r.status for r in self.recipients)
+
+
+def submission_status(statuses: Iterable[str]) -> str:
+    """queued while any recipient is unfinished; then sent, failed or partial."""
+    seen = set(statuses)
+    if seen & {"queued", "deferred"}:
+        return "queued"
+    if seen == {"sent"}:
+        return "sent"
+    if seen == {"failed"}:
+        return "failed"
+    return "partial"
+
+
+@attrs.frozen
+class ClaimedEnvelope:
+    """An envelope leased to one sender for one delivery attempt."""
+
+    id: int
+    submission_id: str
+    domain: str
+    sender: str
+    #: Only the recipients still pending (never one that was already sent or failed).
+    recipients: tuple[str, ...]
+    message: bytes
+    attempts: int
+    created_at: float
+    #: Guards every later write: a sender whose lease was lost cannot overwrite the new owner's work.
+    lease: str
+
+
+@attrs.frozen
+class RecipientOutcome:
+    address: str
+    #: sent, failed or deferred.
+    status: str
+    reply: str
+
+
+@attrs.frozen
+class EnvelopeOutcome:
+    """The result of one attempt on a claimed envelope."""
+
+    envelope: ClaimedEnvelope
+    recipients: tuple[RecipientOutcome, ...]
+    #: When to try the deferred recipients again; ignored when none is deferred.
+    next_attempt: float | None = None
+    #: Whether this counts as a delivery attempt (False for e.g. a released lease).
+    attempted: bool = True
+
+
+@attrs.frozen
+class QueueEntry:
+    """One unfinished envelope, as the operator's ``mmgun queue`` shows it."""
+
+    envelope_id: int
+    submission_id: str
+    client: str
+    domain: str
+    recipients: tuple[str, ...]
+    attempts: int
+    next_attempt: float
+    last_reply: str | None
+    created_at: float
+    leased: bool
+
+    @property
+    def status(self) -> str:
+        return "deferred" if self.attempts else "queued"
+
+
+class Store(Protocol):
+    """What the frontend, sender, cleaner and admin command need from a queue."""
+
+    async def add_submission(self, submission: NewSubmission) -> str:
+        """
+        Queue a submission durably; return its id once committed.
+
+        A replayed idempotency key with the same request hash returns the
+        original id and queues nothing; with another hash it raises
+        :class:`IdempotencyConflict`.
+        """
+
+    async def submission(self, client: str, submission_id: str) -> SubmissionState | None:
+        """The state of one of ``client``'s submissions, or None (also for another client's)."""
+
+    async def claim(self, owner: str, now: float, lease_seconds: float, limit: int) -> list[ClaimedEnvelope]:
+        """Lease up to ``limit`` due envelopes to ``owner`` in one transaction."""
+
+    async def renew(self, envelopes: Sequence[ClaimedEnvelope], until: float) -> None:
+        """Extend the leases of envelopes still being delivered."""
+
+    async def record(self, outcomes: Sequence[EnvelopeOutcome], now: float) -> None:
+        """Commit attempt results and release the leases, all or nothing."""
+
+    async def release(self, envelopes: Sequence[ClaimedEnvelope], now: float) -> None:
+        """Give up leases without an attempt: the envelopes are due again at once."""
+
+    async def ping(self) -> None:
+        """Raise StorageError unless the database answers."""
+
+    async def close(self) -> None: ...

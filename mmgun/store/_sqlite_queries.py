@@ -1,0 +1,147 @@
+"""Every SQL statement of the SQLite store, named. Nothing outside mmgun.store uses these."""
+
+from __future__ import annotations
+
+#: Forward migrations; index i upgrades a database at user_version i to i + 1.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE submissions (
+            id TEXT PRIMARY KEY,
+            client TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            idempotency_key TEXT,
+            request_hash TEXT,
+            finished_at REAL,
+            message BLOB
+        )
+        """,
+        """
+        CREATE UNIQUE INDEX submissions_idempotency
+            ON submissions (client, idempotency_key) WHERE idempotency_key IS NOT NULL
+        """,
+        "CREATE INDEX submissions_finished ON submissions (finished_at) WHERE finished_at IS NOT NULL",
+        """
+        CREATE TABLE envelopes (
+            id INTEGER PRIMARY KEY,
+            submission_id TEXT NOT NULL REFERENCES submissions (id) ON DELETE CASCADE,
+            domain TEXT NOT NULL,
+            done INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            -- A lease moves next_attempt to the lease's expiry: an envelope whose
+            -- sender died simply becomes due again.
+            next_attempt REAL NOT NULL,
+            lease TEXT,
+            created_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX envelopes_due ON envelopes (next_attempt) WHERE done = 0",
+        "CREATE INDEX envelopes_submission ON envelopes (submission_id)",
+        """
+        CREATE TABLE recipients (
+            envelope_id INTEGER NOT NULL REFERENCES envelopes (id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            submission_id TEXT NOT NULL,
+            address TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_reply TEXT,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (envelope_id, position)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX recipients_submission ON recipients (submission_id)",
+    ),
+)
+
+CONNECTION_PRAGMAS = (
+    "PRAGMA journal_mode = WAL",
+    # FULL: a commit is on disk (WAL fsync'd) before we acknowledge a submission.
+    "PRAGMA synchronous = FULL",
+    "PRAGMA foreign_keys = ON",
+)
+
+USER_VERSION = "PRAGMA user_version"
+SET_USER_VERSION = "PRAGMA user_version = {version:d}"  # an int, formatted: PRAGMA takes no parameters
+
+BEGIN_WRITE = "BEGIN IMMEDIATE"
+BEGIN_READ = "BEGIN"
+COMMIT = "COMMIT"
+SAVEPOINT = "SAVEPOINT submission"
+RELEASE = "RELEASE submission"
+ROLLBACK_TO = "ROLLBACK TO submission"
+PING = "SELECT 1"
+
+FIND_IDEMPOTENT = """
+    SELECT id, request_hash, created_at FROM submissions
+    WHERE client = ? AND idempotency_key = ?
+"""
+FORGET_IDEMPOTENCY_KEY = "UPDATE submissions SET idempotency_key = NULL WHERE id = ?"
+INSERT_SUBMISSION = """
+    INSERT INTO submissions (id, client, sender, created_at, idempotency_key, request_hash, message)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+INSERT_ENVELOPE = """
+    INSERT INTO envelopes (submission_id, domain, next_attempt, created_at) VALUES (?, ?, ?, ?)
+"""
+INSERT_RECIPIENT = """
+    INSERT INTO recipients (envelope_id, position, submission_id, address, status, updated_at)
+    VALUES (?, ?, ?, ?, 'queued', ?)
+"""
+
+SUBMISSION_OWNER = "SELECT 1 FROM submissions WHERE id = ? AND client = ?"
+SUBMISSION_RECIPIENTS = """
+    SELECT address, status, attempts, last_reply, updated_at FROM recipients
+    WHERE submission_id = ? ORDER BY envelope_id, position
+"""
+
+CLAIM = """
+    UPDATE envelopes SET lease = ?, next_attempt = ?
+    WHERE id IN (
+        SELECT id FROM envelopes WHERE done = 0 AND next_attempt <= ?
+        ORDER BY next_attempt LIMIT ?
+    )
+    RETURNING id, submission_id, domain, attempts, created_at
+"""
+# Envelope ids travel as one JSON array parameter: no SQL text is built at run time.
+CLAIMED_DETAILS = """
+    SELECT e.id, s.sender, s.message FROM envelopes e JOIN submissions s ON s.id = e.submission_id
+    WHERE e.id IN (SELECT value FROM json_each(?))
+"""
+PENDING_RECIPIENTS = """
+    SELECT envelope_id, address FROM recipients
+    WHERE envelope_id IN (SELECT value FROM json_each(?)) AND status IN ('queued', 'deferred')
+    ORDER BY envelope_id, position
+"""
+RENEW = "UPDATE envelopes SET next_attempt = ? WHERE id = ? AND lease = ?"
+UPDATE_RECIPIENT = """
+    UPDATE recipients SET status = ?, attempts = attempts + ?, last_reply = ?, updated_at = ?
+    WHERE envelope_id = ? AND address = ? AND status IN ('queued', 'deferred')
+"""
+FINISH_ENVELOPE = """
+    UPDATE envelopes SET lease = NULL, attempts = attempts + ?, next_attempt = ?,
+        done = NOT EXISTS (
+            SELECT 1 FROM recipients WHERE envelope_id = envelopes.id AND status IN ('queued', 'deferred')
+        )
+    WHERE id = ? AND lease = ?
+    RETURNING done
+"""
+# A submission is finished when its last envelope is; its message text is erased
+# then (bodies are sensitive), the status rows stay until retention.
+FINISH_SUBMISSION = """
+    UPDATE submissions SET finished_at = ?, message = NULL
+    WHERE id = ? AND finished_at IS NULL
+      AND NOT EXISTS (SELECT 1 FROM envelopes WHERE submission_id = ? AND done = 0)
+"""
+LEASE_HELD = "SELECT 1 FROM envelopes WHERE id = ? AND lease = ?"
+
+# Must precede the first CREATE TABLE: lets the cleaner hand free pages back to the file system.
+AUTO_VACUUM = "PRAGMA auto_vacuum = INCREMENTAL"
+DELETE_FINISHED = """
+    DELETE FROM submissions WHERE id IN (
+        SELECT id FROM submissions WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?
+    )
+"""
+INCREMENTAL_VACUUM = "PRAGMA incremental_vacuum({pages:d})"  # an int, formatted: PRAGMA takes no parameters
+FREELIST_COUNT = "PRAGMA freelist_count"
