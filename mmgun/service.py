@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .clients import Clients, ClientsFileError, load_clients
@@ -24,7 +25,7 @@ class StoreService(Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        return self.store.close()
+        return Deferred.fromCoroutine(self.store.close())
 
 
 class ClientsHolder:

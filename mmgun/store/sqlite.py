@@ -163,11 +163,10 @@ class SyncRunner:
 
 def prepare(path: str) -> None:
     """Create the database file's folder and schema; called once at start-up, before any pool."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         conn = connect(path)
-    except sqlite3.Error as e:
+    except (OSError, sqlite3.Error) as e:
         raise StorageError(f"cannot open database {path}: {e}") from e
     try:
         migrate(conn)

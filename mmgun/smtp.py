@@ -1,0 +1,787 @@
+"""
+The outgoing ESMTP client: one SMTP session to one MX address, carrying one or
+more mail transactions, each ending in a definite per-recipient outcome.
+
+Built on L{twisted.mail.smtp.ESMTPClient}, which does the greeting, EHLO (with
+the HELO fallback), STARTTLS, the idle timeout and the DATA body streaming. The
+mail transactions themselves (MAIL, RCPT, DATA, RSET) are driven here rather
+than through C{getMailFrom}/C{getMailTo}/C{sentMail}, because the stock ones
+would lose what this module has to report:
+
+    - C{quoteaddr} runs every address through C{email.utils.parseaddr}, which
+      rewrites some valid addresses (C{"a,b@c.example"} becomes C{<a>});
+    - C{sentMail} gets the same C{code} for "MAIL FROM refused", "DATA
+      refused" and "end of data refused", and C{successAddresses} is not reset
+      between messages;
+    - after a refused HELO the client sends HELO again, for ever;
+    - C{transformChunk} dot-stuffs each 16 KiB chunk on its own (a "." line at
+      a chunk boundary goes out unstuffed) and turns CRLF into CR CR LF: the
+      body is instead put in its wire form once, by L{wire_form};
+    - its factories reconnect and re-send after a connection drops, even after
+      the final "." went out; this module never reconnects once a transaction
+      has started.
+
+The caller gets one L{TransactionResult} per L{Transaction}, or
+L{SessionFailed} when nothing was attempted on this host.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from io import BytesIO
+from typing import Literal, Sequence
+
+import attrs
+from OpenSSL import SSL
+from twisted.internet import error
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IReactorTCP,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import connectionDone
+from twisted.internet.ssl import CertificateOptions, optionsForClientTLS, platformTrust
+from twisted.logger import Logger
+from twisted.mail.smtp import SUCCESS, ESMTPClient, SMTPClientError
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = [
+    "Reply",
+    "RecipientResult",
+    "SMTPSettings",
+    "SessionFailed",
+    "TLSMode",
+    "Transaction",
+    "TransactionResult",
+    "send_session",
+    "wire_form",
+]
+
+_log = Logger()
+
+
+class TLSMode(enum.Enum):
+    """
+    What to do about STARTTLS (RFC 3207).
+
+    OPPORTUNISTIC: encrypt when the server offers it, without checking its
+    certificate (RFC 7435); plain text when it doesn't, or when the handshake
+    fails (then the session is retried once in clear).
+    REQUIRE: never send in clear; the certificate is not checked.
+    VERIFY: REQUIRE, plus the certificate must be valid for the MX host name.
+    """
+
+    OPPORTUNISTIC = "opportunistic"
+    REQUIRE = "require"
+    VERIFY = "verify"
+
+
+@attrs.frozen
+class Reply:
+    """
+    An SMTP reply, as received or as synthesized by this module.
+
+    C{text} is the reply without its code; the lines of a multi-line reply
+    are joined with a space.
+    """
+
+    code: int
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}" if self.text else str(self.code)
+
+
+@attrs.frozen
+class Transaction:
+    """
+    One message to send. Addresses are ASCII (domains already IDNA-encoded);
+    an empty C{mail_from} is the null reverse-path C{<>}. C{message} is the
+    RFC 5322 message with CRLF line endings, not dot-stuffed.
+    """
+
+    key: object
+    mail_from: str
+    recipients: tuple[str, ...] = attrs.field(converter=tuple)
+    message: bytes
+
+
+@attrs.frozen
+class RecipientResult:
+    """C{outcome} is "sent", "failed" (permanent) or "deferred" (try again later)."""
+
+    outcome: str
+    reply: Reply
+
+
+@attrs.frozen
+class TransactionResult:
+    """
+    The outcome of one L{Transaction}: one entry per (distinct) recipient.
+    C{started} is C{False} when the session ended before its MAIL FROM was
+    sent; all its recipients are then deferred.
+    """
+
+    key: object
+    started: bool
+    recipients: dict[str, RecipientResult]
+
+
+class SessionFailed(Exception):
+    """
+    Nothing was attempted on this host: connect failure or timeout, 4xx/5xx
+    greeting, EHLO and HELO refused, TLS required but not offered or failed.
+    The caller then tries the next MX.
+
+    @ivar reply: the peer's reply, or one synthesized here (code 421).
+    """
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+@attrs.frozen
+class SMTPSettings:
+    """
+    @ivar helo: our name for EHLO/HELO.
+    @ivar command_timeout: seconds to wait for any reply (and for progress
+        while sending the body).
+    @ivar data_timeout: seconds to wait for the reply to the final "."
+        (RFC 5321 4.5.3.2.6 says at least 10 minutes).
+    @ivar trust_root: an L{IOpenSSLTrustRoot} for L{TLSMode.VERIFY};
+        C{None} means the platform's trust store.
+    """
+
+    helo: str
+    tls: TLSMode = TLSMode.OPPORTUNISTIC
+    command_timeout: float = 300.0
+    connect_timeout: float = 30.0
+    data_timeout: float = 600.0
+    trust_root: object = None
+
+
+_ANY_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
+def wire_form(message: bytes) -> bytes:
+    """
+    The DATA payload as written on the wire: every line CRLF terminated (a
+    stray CR or LF becomes CRLF), every line starting with "." dot-stuffed
+    (RFC 5321 4.5.2). The client adds the terminating ".\\r\\n" once. Pure.
+
+    Normalising bare CR and LF, rather than passing them on, is what keeps a
+    body from ending the DATA early at servers that accept "\\n.\\n" as the
+    end of data (SMTP smuggling).
+    """
+    if not message:
+        return b""
+    wire = _ANY_LINE_BREAK.sub(b"\r\n", message)
+    if not wire.endswith(b"\r\n"):
+        wire += b"\r\n"
+    # Every line now starts at offset 0 or right after a CRLF.
+    wire = wire.replace(b"\r\n.", b"\r\n..")
+    if wire.startswith(b"."):
+        wire = b"." + wire
+    return wire
+
+
+def _check_address(address: str, what: str) -> None:
+    if not address.isascii() or any(c in address for c in "<>") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in address):
+        raise ValueError(f"{what} {address!r} is not an ASCII address without control characters or angle brackets")
+
+
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?", re.DOTALL)
+_ENHANCED_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?= |$)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+# A reply longer than this is hostile or broken; SMTPClient would buffer it
+# without limit.
+_MAX_REPLY_LINES = 100
+
+
+def _reply(code: int, resp: bytes | str) -> Reply:
+    """
+    Turn what L{SMTPClient} hands its state callbacks (the reply lines joined
+    with "\\n", without codes) into a L{Reply}. An enhanced status code
+    repeated on every line of a multi-line reply is kept only once.
+    """
+    text = resp.decode("utf-8", "replace") if isinstance(resp, bytes) else resp
+    lines = [_CONTROL.sub(" ", line).strip() for line in text.split("\n")]
+    status = _ENHANCED_STATUS.match(lines[0])
+    if status is not None:
+        prefix = status.group(0)
+        lines[1:] = [line[len(prefix) :].lstrip() if line.startswith(prefix) else line for line in lines[1:]]
+    return Reply(code, " ".join(line for line in lines if line))
+
+
+def _outcome_for(code: int) -> str:
+    return "failed" if 500 <= code < 600 else "deferred"
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnauthenticatedTLS:
+    """
+    Client TLS that encrypts without checking the server's certificate or
+    name: RFC 7435 opportunistic security (and L{TLSMode.REQUIRE}). Sends SNI,
+    which some MX hosts use to pick their certificate.
+    """
+
+    def __init__(self, hostname: str) -> None:
+        self._options = CertificateOptions()  # verify=False
+        self._server_name: bytes | None = None
+        if hostname.isascii() and not (isIPAddress(hostname) or isIPv6Address(hostname)):
+            self._server_name = hostname.encode("ascii")
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = SSL.Connection(self._options.getContext(), None)
+        if self._server_name:
+            connection.set_tlsext_host_name(self._server_name)
+        return connection
+
+
+def _tls_creator(settings: SMTPSettings, host: str) -> IOpenSSLClientConnectionCreator:
+    # MX names from DNS may be absolute ("mx.example."); certificates and SNI
+    # never carry the trailing dot.
+    name = host.rstrip(".")
+    if settings.tls is TLSMode.VERIFY:
+        trust_root = settings.trust_root if settings.trust_root is not None else platformTrust()
+        return optionsForClientTLS(name, trustRoot=trust_root)
+    return _UnauthenticatedTLS(name)
+
+
+class _Phase(enum.Enum):
+    """Where the session is; the value is used in synthesized replies."""
+
+    GREETING = "greeting"
+    EHLO = "EHLO"
+    HELO = "HELO"
+    STARTTLS = "STARTTLS"
+    TLS = "TLS handshake"
+    MAIL = "MAIL FROM"
+    RCPT = "RCPT TO"
+    DATA = "DATA"
+    RSET = "RSET"
+    QUIT = "QUIT"
+
+
+@attrs.define
+class _Progress:
+    """The transaction in flight."""
+
+    transaction: Transaction
+    recipients: tuple[str, ...]
+    outcomes: dict[str, RecipientResult] = attrs.Factory(dict)
+    accepted: list[str] = attrs.Factory(list)
+    next_recipient: int = 0
+    last_reply: Reply | None = None
+
+
+@attrs.frozen
+class _Outcome:
+    results: list[TransactionResult]
+    last_replies: list[Reply | None]  # per result, for the log
+    failure: Reply | None  # set when no transaction was started
+    tls_failed: bool
+
+
+_Then = Literal["quit", "close", "abort", "nothing"]
+
+
+class _ESMTPSession(ESMTPClient):
+    """
+    One connection's worth of L{Transaction}s. L{ended} fires with an
+    L{_Outcome} as soon as every outcome is known (possibly before the
+    connection has closed, e.g. while QUIT is on its way); never errbacks
+    except on cancellation.
+
+    ESMTPClient routes every attribute assignment into the instance dict, so
+    this class keeps to plain attributes.
+    """
+
+    debug = False  # SMTPClient would otherwise keep a transcript in self.log
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        host: str,
+        transactions: Sequence[Transaction],
+        settings: SMTPSettings,
+        tls: IOpenSSLClientConnectionCreator | None,
+    ) -> None:
+        super().__init__(None, tls, settings.helo)
+        self.callLater = clock.callLater  # TimeoutMixin's clock
+        self.timeout = settings.command_timeout
+        self.requireTransportSecurity = settings.tls is not TLSMode.OPPORTUNISTIC
+        self.ended: Deferred[_Outcome] = Deferred(lambda d: self._cancel())
+        self._host = host
+        self._settings = settings
+        self._transactions = transactions
+        self._next_index = 0
+        self._current: _Progress | None = None
+        self._results: list[TransactionResult] = []
+        self._last_replies: list[Reply | None] = []
+        self._started = 0
+        self._phase = _Phase.GREETING
+        self._reply_lines: list[bytes] = []
+        self._body_sent = False
+        self._finished = False
+
+    # -- connection and reply parsing ----------------------------------------
+
+    def connectionMade(self) -> None:
+        # Nagle + delayed ACK hold back the lone ".\r\n" (and every command)
+        # for ~40 ms otherwise.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        super().connectionMade()
+        self._phase = _Phase.GREETING
+
+    def lineReceived(self, line: bytes) -> None:
+        """
+        Replaces SMTPClient.lineReceived, which accepts anything int() can
+        parse as a code and buffers continuation lines without limit. Replies
+        are dispatched to the same C{_expected}/C{_okresponse}/C{_failresponse}
+        state callbacks, with the text lines joined by "\\n" as before.
+        """
+        self.resetTimeout()
+        match = _REPLY_LINE.fullmatch(line)
+        if match is None:
+            self._protocol_error("malformed reply")
+            return
+        self._reply_lines.append(match.group(3) or b"")
+        if match.group(2) == b"-":
+            if len(self._reply_lines) > _MAX_REPLY_LINES:
+                self._protocol_error("overlong multi-line reply")
+            return
+        code = int(match.group(1))
+        resp = b"\n".join(self._reply_lines)
+        self._reply_lines = []
+        if code == 421 and not self._finished:
+            # RFC 5321 3.8: the server is closing the channel.
+            self._finish(_reply(code, resp), then="close")
+            return
+        if code in self._expected:
+            self._okresponse(code, resp)
+        else:
+            self._failresponse(code, resp)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._protocol_error("overlong reply line")
+
+    def timeoutConnection(self) -> None:
+        if self._finished:
+            self._abort()
+        elif self._phase is _Phase.TLS:
+            self._tls_failed("timed out")
+        else:
+            waited = f"{self.timeOut:g}s" if self.timeOut is not None else ""
+            self._finish(
+                self._synthesized(f"4.4.2 timed out after {waited} waiting for {self._host} during {self._phase.value}"),
+                then="abort",
+            )
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        if self._finished:
+            return
+        if self._phase is _Phase.TLS:
+            self._tls_failed(reason.getErrorMessage())
+        else:
+            self._finish(self._synthesized(f"4.4.2 connection lost during {self._phase.value} with {self._host}"))
+
+    def sendError(self, exc: BaseException) -> None:
+        """
+        SMTPClient's catch-all error path. What still reaches it here: the
+        body producer failing (the connection dropped while sending DATA;
+        connectionLost follows and reports it) and Twisted-generated
+        L{SMTPClientError}s.
+        """
+        if self._finished or not isinstance(exc, SMTPClientError):
+            self._abort()
+            return
+        detail = _reply(exc.code, exc.resp or b"").text
+        self._finish(self._synthesized(f"4.5.0 {detail} ({self._host}, {self._phase.value})"), then="abort")
+
+    # -- greeting, EHLO/HELO, STARTTLS ---------------------------------------
+
+    def smtpConnectionFailed(self, code: int, resp: bytes) -> None:
+        # A greeting other than 220.
+        self._finish(_reply(code, resp), then="quit")
+
+    def esmtpState_ehlo(self, code: int, resp: bytes) -> None:
+        self._phase = _Phase.EHLO
+        super().esmtpState_ehlo(code, resp)
+
+    def smtpState_helo(self, code: int, resp: bytes) -> None:
+        self._phase = _Phase.HELO
+        super().smtpState_helo(code, resp)
+        # Left alone, a refused HELO would be answered with another HELO.
+        self._failresponse = self._helo_refused
+
+    def _helo_refused(self, code: int, resp: bytes) -> None:
+        self._finish(_reply(code, resp), then="quit")
+
+    def esmtpEHLORequired(self, code: int = -1, resp: bytes | None = None) -> None:
+        # EHLO refused while TLS is required: no STARTTLS without EHLO.
+        refusal = _reply(code, resp or b"")
+        self._finish(Reply(421, f"4.7.0 {self._host} refused EHLO ({refusal}); TLS is required"), then="quit")
+
+    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+        """
+        EHLO accepted. Replaces ESMTPClient's tryTLS/authenticate: extension
+        keywords are case-insensitive (RFC 5321 4.1.1.1), which tryTLS's
+        C{b"STARTTLS" in items} is not, and there is no SMTP AUTH here.
+        """
+        keywords = {line.split(None, 1)[0].upper() for line in resp.split(b"\n")[1:] if line.strip()}
+        if self._tlsMode or self.context is None:
+            self.smtpState_from(code, resp)
+        elif b"STARTTLS" in keywords:
+            self._phase = _Phase.STARTTLS
+            self._expected = [220]
+            self._okresponse = self.esmtpState_starttls
+            self._failresponse = self.esmtpTLSFailed
+            self.sendLine(b"STARTTLS")
+        elif self.requireTransportSecurity:
+            self.esmtpTLSRequired()
+        else:
+            self.smtpState_from(code, resp)
+
+    def esmtpTLSRequired(self, code: int = -1, resp: bytes | None = None) -> None:
+        self._finish(Reply(421, f"4.7.0 {self._host} does not offer STARTTLS; TLS is required"), then="quit")
+
+    def esmtpTLSFailed(self, code: int = -1, resp: bytes | None = None) -> None:
+        # STARTTLS refused (e.g. 454).
+        if self.requireTransportSecurity:
+            refusal = _reply(code, resp or b"")
+            self._finish(Reply(421, f"4.7.0 {self._host} refused STARTTLS ({refusal}); TLS is required"), then="quit")
+        else:
+            # RFC 3207 4: the session may go on in clear after a refusal.
+            self.smtpState_from(code, resp)
+
+    def esmtpState_starttls(self, code: int, resp: bytes) -> None:
+        # Anything already received after the 220 came in clear text but
+        # would be read as if it came over TLS (response injection, cf.
+        # CVE-2011-0411 and "NO STARTTLS", USENIX Security 2021).
+        if self.clearLineBuffer():
+            self._tls_failed("clear-text data after the STARTTLS reply")
+            return
+        self._phase = _Phase.TLS
+        try:
+            self.transport.startTLS(self.context)
+        except Exception as e:
+            self._tls_failed(str(e))
+            return
+        self._tlsMode = True
+        self.esmtpState_ehlo(code, resp)
+        # Until the reply to this EHLO arrives, a lost connection means the
+        # handshake failed.
+        self._phase = _Phase.TLS
+
+    def _tls_failed(self, detail: str) -> None:
+        self._finish(Reply(421, f"4.7.5 TLS with {self._host} failed: {detail}"), then="abort", tls_failed=True)
+
+    # -- mail transactions ---------------------------------------------------
+
+    def smtpState_from(self, code: int, resp: bytes | str) -> None:
+        """Start the next transaction (after EHLO/HELO, RSET or a finished one)."""
+        if self._next_index >= len(self._transactions):
+            self._finish(None, then="quit")
+            return
+        transaction = self._transactions[self._next_index]
+        self._next_index += 1
+        self._started += 1
+        self._current = _Progress(transaction, tuple(dict.fromkeys(transaction.recipients)))
+        self._phase = _Phase.MAIL
+        self._expected = SUCCESS
+        self._okresponse = self._mail_accepted
+        self._failresponse = self._mail_refused
+        self.sendLine(b"MAIL FROM:<" + transaction.mail_from.encode("ascii") + b">")
+
+    def _mail_refused(self, code: int, resp: bytes) -> None:
+        progress = self._progress()
+        reply = _reply(code, resp)
+        for recipient in progress.recipients:
+            progress.outcomes[recipient] = RecipientResult(_outcome_for(code), reply)
+        progress.last_reply = reply
+        self._complete(progress)
+        self._next_transaction(rset=False)  # no transaction is open
+
+    def _mail_accepted(self, code: int, resp: bytes) -> None:
+        self._phase = _Phase.RCPT
+        self._expected = SUCCESS
+        self._okresponse = self._failresponse = self._rcpt_reply
+        self._send_rcpt()
+
+    def _send_rcpt(self) -> None:
+        progress = self._progress()
+        recipient = progress.recipients[progress.next_recipient]
+        self.sendLine(b"RCPT TO:<" + recipient.encode("ascii") + b">")
+
+    def _rcpt_reply(self, code: int, resp: bytes) -> None:
+        progress = self._progress()
+        recipient = progress.recipients[progress.next_recipient]
+        progress.next_recipient += 1
+        if code in SUCCESS:
+            progress.accepted.append(recipient)
+        else:
+            reply = _reply(code, resp)
+            progress.outcomes[recipient] = RecipientResult(_outcome_for(code), reply)
+            progress.last_reply = reply
+        if progress.next_recipient < len(progress.recipients):
+            self._send_rcpt()
+        elif not progress.accepted:
+            self._complete(progress)
+            self._next_transaction(rset=True)
+        else:
+            self._phase = _Phase.DATA
+            self._body_sent = False
+            self._expected = [354]
+            self._okresponse = self.smtpState_data
+            self._failresponse = self._data_reply
+            self.sendLine(b"DATA")
+
+    def smtpState_data(self, code: int, resp: bytes) -> None:
+        # 354: SMTPClient streams getMailData() through transformChunk with a
+        # FileSender, then calls finishedFileTransfer.
+        super().smtpState_data(code, resp)
+        self._expected = SUCCESS
+        self._okresponse = self._failresponse = self._data_reply
+
+    def getMailData(self) -> BytesIO:
+        return BytesIO(wire_form(self._progress().transaction.message))
+
+    def transformChunk(self, chunk: bytes) -> bytes:
+        # Already in wire form; keep the idle timeout from firing while a
+        # large body is being sent.
+        self.resetTimeout()
+        return chunk
+
+    def finishedFileTransfer(self, lastsent: bytes) -> None:
+        if self._finished:
+            return
+        # wire_form() output is empty or ends with CRLF.
+        self._body_sent = True
+        self.sendLine(b".")
+        self.setTimeout(self._settings.data_timeout)
+
+    def _data_reply(self, code: int, resp: bytes) -> None:
+        """The reply to DATA (if not 354) or to the final "."."""
+        self.setTimeout(self._settings.command_timeout)
+        progress = self._progress()
+        reply = _reply(code, resp)
+        premature = self._phase is _Phase.DATA and code != 354 and not self._body_sent and self._expected is SUCCESS
+        if premature and code in SUCCESS:
+            reply = Reply(451, f"4.5.0 {self._host} replied {reply} before the end of the message data")
+        outcome = "sent" if code in SUCCESS and not premature else _outcome_for(reply.code)
+        for recipient in progress.accepted:
+            progress.outcomes[recipient] = RecipientResult(outcome, reply)
+        progress.last_reply = reply
+        self._complete(progress)
+        if premature:
+            # The rest of the body is still on its way: the session can't go on.
+            self._finish(self._synthesized(f"4.5.0 {self._host} replied during the message data"), then="abort")
+        else:
+            self._next_transaction(rset=outcome != "sent")
+
+    def _next_transaction(self, *, rset: bool) -> None:
+        if self._next_index >= len(self._transactions):
+            self._finish(None, then="quit")
+        elif rset:
+            self._phase = _Phase.RSET
+            self._expected = SUCCESS
+            self._okresponse = self.smtpState_from
+            self._failresponse = self._rset_refused
+            self.sendLine(b"RSET")
+        else:
+            self.smtpState_from(0, b"")
+
+    def _rset_refused(self, code: int, resp: bytes) -> None:
+        self._finish(self._synthesized(f"4.5.0 {self._host} refused RSET ({_reply(code, resp)})"), then="quit")
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def _progress(self) -> _Progress:
+        assert self._current is not None
+        return self._current
+
+    def _complete(self, progress: _Progress) -> None:
+        recipients = {recipient: progress.outcomes[recipient] for recipient in progress.recipients}
+        self._results.append(TransactionResult(progress.transaction.key, True, recipients))
+        self._last_replies.append(progress.last_reply)
+        self._current = None
+
+    def _synthesized(self, text: str) -> Reply:
+        # 421 ("service not available") while nothing was attempted, which
+        # ends up in SessionFailed; 451 for what happens to transactions.
+        return Reply(451 if self._started else 421, text)
+
+    def _protocol_error(self, detail: str) -> None:
+        if self._finished:
+            self._abort()
+        else:
+            self._finish(
+                self._synthesized(f"4.5.0 {detail} from {self._host} during {self._phase.value}"),
+                then="abort",
+            )
+
+    def _finish(self, reason: Reply | None, *, then: _Then = "nothing", tls_failed: bool = False) -> None:
+        """
+        Settle every outcome (what is still open gets C{reason}, deferred),
+        leave the session as C{then} says, and fire L{ended}.
+        """
+        if self._finished:
+            return
+        self._finished = True
+        if reason is not None:
+            if self._current is not None:
+                progress = self._current
+                for recipient in progress.recipients:
+                    progress.outcomes.setdefault(recipient, RecipientResult("deferred", reason))
+                progress.last_reply = reason
+                self._complete(progress)
+            for transaction in self._transactions[self._next_index :]:
+                deferred = RecipientResult("deferred", reason)
+                self._results.append(TransactionResult(transaction.key, False, dict.fromkeys(transaction.recipients, deferred)))
+                self._last_replies.append(reason)
+            self._next_index = len(self._transactions)
+        outcome = _Outcome(
+            results=self._results,
+            last_replies=self._last_replies,
+            failure=reason if not self._started else None,
+            tls_failed=tls_failed,
+        )
+        if then == "quit":
+            self._phase = _Phase.QUIT
+            self._disconnectFromServer()
+        elif then == "close":
+            self.transport.loseConnection()
+        elif then == "abort":
+            self._abort()
+        self.ended.callback(outcome)
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _cancel(self) -> None:
+        self._finished = True
+        self._abort()
+
+
+def _endpoint(reactor: IReactorTCP, address: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    if isIPv6Address(address):
+        return TCP6ClientEndpoint(reactor, address, port, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, address, port, timeout=timeout)
+
+
+def _connect_failed(host: str, address: str, exc: Exception, timed_out: bool) -> Reply:
+    if timed_out or isinstance(exc, error.TimeoutError):
+        return Reply(421, f"4.4.1 connection to {host} [{address}] timed out")
+    if isinstance(exc, error.ConnectionRefusedError):
+        return Reply(421, f"4.4.1 connection refused by {host} [{address}]")
+    return Reply(421, f"4.4.1 cannot connect to {host} [{address}]: {exc}")
+
+
+async def _attempt(
+    reactor: IReactorTCP,
+    clock: IReactorTime,
+    host: str,
+    address: str,
+    port: int,
+    transactions: Sequence[Transaction],
+    settings: SMTPSettings,
+    tls: IOpenSSLClientConnectionCreator | None,
+) -> _Outcome:
+    session = _ESMTPSession(clock=clock, host=host, transactions=transactions, settings=settings, tls=tls)
+    connecting = connectProtocol(_endpoint(reactor, address, port, settings.connect_timeout), session)
+    # Also enforced here, on the injected clock, whatever the reactor does
+    # with the endpoint's timeout.
+    timer = clock.callLater(settings.connect_timeout, connecting.cancel)
+    try:
+        await connecting
+    except Exception as e:
+        raise SessionFailed(_connect_failed(host, address, e, timed_out=timer.called)) from e
+    finally:
+        if timer.active():
+            timer.cancel()
+    return await session.ended
+
+
+async def send_session(
+    reactor: IReactorTCP,
+    host: str,
+    address: str,
+    port: int,
+    transactions: Sequence[Transaction],
+    settings: SMTPSettings,
+) -> list[TransactionResult]:
+    """
+    One SMTP session to C{address}:C{port} (the MX C{host} name is for TLS,
+    logs and synthesized replies), running C{transactions} one after another
+    over the same connection, then QUIT.
+
+    Returns one L{TransactionResult} per transaction, in order, as soon as all
+    outcomes are known. Raises L{SessionFailed} if no transaction was started.
+    Never reconnects once a transaction has started, so nothing is sent
+    twice; the only reconnection is the retry in clear text after a failed
+    TLS handshake in L{TLSMode.OPPORTUNISTIC}.
+
+    @param reactor: provides L{IReactorTCP} and L{IReactorTime}.
+    @raise ValueError: an address is not ASCII or contains control characters
+        or angle brackets, or a transaction has no recipients.
+    """
+    for transaction in transactions:
+        _check_address(transaction.mail_from, "sender")
+        if not transaction.recipients:
+            raise ValueError(f"transaction {transaction.key!r} has no recipients")
+        for recipient in transaction.recipients:
+            _check_address(recipient, "recipient")
+            if not recipient:
+                raise ValueError(f"transaction {transaction.key!r} has an empty recipient")
+    clock = IReactorTime(reactor)
+    try:
+        outcome = await _attempt(reactor, clock, host, address, port, transactions, settings, _tls_creator(settings, host))
+        if outcome.tls_failed and settings.tls is TLSMode.OPPORTUNISTIC:
+            _log.warn(
+                "TLS with {host} [{address}] failed ({reply}); retrying in clear text",
+                host=host,
+                address=address,
+                reply=str(outcome.failure),
+            )
+            outcome = await _attempt(reactor, clock, host, address, port, transactions, settings, None)
+        if outcome.failure is not None:
+            raise SessionFailed(outcome.failure)
+    except SessionFailed as e:
+        _log.warn(
+            "session with {host} [{address}]:{port} failed: {reply}",
+            host=host,
+            address=address,
+            port=port,
+            code=e.reply.code,
+            reply=str(e.reply),
+        )
+        raise
+    for result, last_reply in zip(outcome.results, outcome.last_replies):
+        counts = {"sent": 0, "failed": 0, "deferred": 0}
+        for recipient_result in result.recipients.values():
+            counts[recipient_result.outcome] += 1
+        _log.info(
+            "transaction {key} via {host} [{address}]: {sent} sent, {failed} failed, {deferred} deferred ({code})",
+            key=result.key,
+            host=host,
+            address=address,
+            started=result.started,
+            code=last_reply.code if last_reply is not None else None,
+            reply=str(last_reply) if last_reply is not None else None,
+            **counts,
+        )
+    return outcome.results

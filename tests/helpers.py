@@ -1,0 +1,73 @@
+"""Shared test fixtures: a real SQLite file, a frontend on a Clock, a StubTreq client."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mmgun.clients import Clients, client_label
+from mmgun.frontend import Frontend
+from mmgun.store.sqlite import SQLiteStore
+
+CLIENT = "test-client-aaaaaaaaaaaaaaaa"
+OTHER_CLIENT = "test-client-bbbbbbbbbbbbbbbb"
+CLIENT_LABEL = client_label(CLIENT)
+
+
+def sync_store(case: SynchronousTestCase, name: str = "mmgun.sqlite3") -> tuple[SQLiteStore, str]:
+    """A real SQLite store whose Deferreds fire at once (no threads): usable with a Clock."""
+    path = case.mktemp() + "-" + name
+    store = SQLiteStore.open_sync(path)
+    case.addCleanup(lambda: store._runner.close())
+    return store, path
+
+
+def result(case: SynchronousTestCase, coroutine_or_deferred: Any) -> Any:
+    from twisted.internet.defer import Deferred, ensureDeferred
+
+    d = coroutine_or_deferred if isinstance(coroutine_or_deferred, Deferred) else ensureDeferred(coroutine_or_deferred)
+    return case.successResultOf(d)
+
+
+class APIClient:
+    """Drives the real Klein app through StubTreq, synchronously."""
+
+    def __init__(self, case: SynchronousTestCase, frontend: Frontend) -> None:
+        self.case = case
+        self.treq = StubTreq(frontend.resource())
+
+    def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None, headers: dict | None = None) -> tuple[int, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        d = self.treq.request(method, "http://mmgun.test" + path, data=data, headers=headers or {})
+        self.treq.flush()
+        response = self.case.successResultOf(d)
+        content = self.case.successResultOf(response.content())
+        self.case.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        return response.code, json.loads(content)
+
+    def send(self, client: str = CLIENT, headers: dict | None = None, **fields: Any) -> tuple[int, Any]:
+        body = {
+            "client_id": client,
+            "sender": "me@example.com",
+            "recipients": ["alice@another.com", "bob@third.com"],
+            "subject": "important message",
+            "body": "hello!",
+        }
+        body.update(fields)
+        return self.request("POST", "/send", body, headers=headers)
+
+    def status(self, submission_id: str, client: str = CLIENT) -> tuple[int, Any]:
+        return self.request("POST", "/status", {"client_id": client, "submission_id": submission_id})
+
+
+def make_api(case: SynchronousTestCase, **kwargs: Any) -> tuple[APIClient, SQLiteStore, Clock]:
+    store, _ = sync_store(case)
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    clients = Clients.from_ids([CLIENT, OTHER_CLIENT])
+    frontend = Frontend(store, lambda: clients, clock, hostname="mmgun.test", **kwargs)
+    return APIClient(case, frontend), store, clock

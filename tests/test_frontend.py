@@ -1,0 +1,204 @@
+"""The HTTP API, through StubTreq against the real Klein app and a real SQLite file."""
+
+from __future__ import annotations
+
+import email
+from email.policy import default
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from .helpers import CLIENT, CLIENT_LABEL, OTHER_CLIENT, make_api, result
+
+
+class SendTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.api, self.store, self.clock = make_api(self, max_recipients=5, max_message_size=4096)
+
+    def test_send_queues_and_returns_id(self) -> None:
+        code, body = self.api.send()
+        self.assertEqual(code, 200)
+        self.assertEqual(body["result"], "queued")
+        self.assertRegex(body["submission_id"], r"^[0-9a-f]{32}$")
+        state = result(self, self.store.submission(CLIENT_LABEL, body["submission_id"]))
+        self.assertEqual([r.address for r in state.recipients], ["alice@another.com", "bob@third.com"])
+
+    def test_status_of_new_submission_is_queued(self) -> None:
+        _, sent = self.api.send()
+        code, body = self.api.status(sent["submission_id"])
+        self.assertEqual(code, 200)
+        self.assertEqual(body["result"], "success")
+        self.assertEqual(body["status"], "queued")
+        self.assertEqual(
+            body["recipients"][0],
+            {
+                "address": "alice@another.com",
+                "status": "queued",
+                "attempts": 0,
+                "last_reply": None,
+                "updated_at": "2027-01-15T08:00:00.000Z",
+            },
+        )
+
+    def test_recipients_grouped_by_domain_and_deduplicated(self) -> None:
+        _, sent = self.api.send(recipients=["a@X.example", "b@x.EXAMPLE", "a@x.example", "c@y.example"])
+        claimed = result(self, self.store.claim("test", self.clock.seconds(), 60, 10))
+        self.assertEqual(
+            sorted((e.domain, e.recipients) for e in claimed),
+            [("x.example", ("a@x.example", "b@x.example")), ("y.example", ("c@y.example",))],
+        )
+
+    def test_idn_domain_encoded(self) -> None:
+        _, sent = self.api.send(recipients=["jürgen@münchen.example"][:0] + ["j@MÜNCHEN.example"])
+        _, status = self.api.status(sent["submission_id"])
+        self.assertEqual(status["recipients"][0]["address"], "j@xn--mnchen-3ya.example")
+
+    def test_message_built_with_headers(self) -> None:
+        self.api.send(subject="Grüße", body="line one\nline two\r\n.\rend")
+        (envelope,) = result(self, self.store.claim("test", self.clock.seconds(), 60, 10))[:1]
+        self.assertNotIn(b"\r\n", envelope.message.replace(b"\r\n", b""))
+        self.assertNotIn(b"\n", envelope.message.replace(b"\r\n", b""))
+        parsed = email.message_from_bytes(envelope.message, policy=default)
+        self.assertEqual(parsed["Subject"], "Grüße")
+        self.assertEqual(parsed["From"], "me@example.com")
+        self.assertEqual(parsed.get_content().replace("\r\n", "\n"), "line one\nline two\n.\nend\n")
+        self.assertTrue(parsed["Message-ID"].endswith("@mmgun.test>"))
+
+    def test_idempotency_key_replay_returns_same_id(self) -> None:
+        _, first = self.api.send(headers={"Idempotency-Key": "order-42"})
+        code, second = self.api.send(headers={"Idempotency-Key": "order-42"})
+        self.assertEqual(code, 200)
+        self.assertEqual(first["submission_id"], second["submission_id"])
+        self.assertEqual(len(result(self, self.store.claim("t", self.clock.seconds(), 60, 100))), 2)
+
+    def test_idempotency_key_with_other_body_is_409(self) -> None:
+        self.api.send(headers={"Idempotency-Key": "order-42"})
+        code, body = self.api.send(headers={"Idempotency-Key": "order-42"}, body="changed")
+        self.assertEqual((code, body["result"]), (409, "error"))
+
+    def test_idempotency_key_expires_after_a_day(self) -> None:
+        _, first = self.api.send(headers={"Idempotency-Key": "k"})
+        self.clock.advance(24 * 3600 + 1)
+        _, second = self.api.send(headers={"Idempotency-Key": "k"})
+        self.assertNotEqual(first["submission_id"], second["submission_id"])
+
+    def test_idempotency_keys_are_per_client(self) -> None:
+        _, first = self.api.send(headers={"Idempotency-Key": "k"})
+        code, second = self.api.send(client=OTHER_CLIENT, headers={"Idempotency-Key": "k"}, body="other")
+        self.assertEqual(code, 200)
+        self.assertNotEqual(first["submission_id"], second["submission_id"])
+
+    def test_bad_idempotency_key_is_400(self) -> None:
+        code, body = self.api.send(headers={"Idempotency-Key": "x" * 256})
+        self.assertEqual(code, 400)
+        self.assertIn("Idempotency-Key", body["message"])
+
+
+class ErrorTests(SynchronousTestCase):
+    """Every error is JSON with the right code, and changes nothing."""
+
+    def setUp(self) -> None:
+        self.api, self.store, self.clock = make_api(self, max_recipients=3, max_message_size=2048)
+
+    def assertError(self, response: tuple[int, dict], code: int, *words: str) -> None:
+        self.assertEqual(response[0], code, response[1])
+        self.assertEqual(set(response[1]), {"result", "message"})
+        self.assertEqual(response[1]["result"], "error")
+        for word in words:
+            self.assertIn(word, response[1]["message"])
+        self.assertEqual(result(self, self.store.claim("t", self.clock.seconds() + 1e6, 60, 100)), [])
+
+    def test_malformed_json(self) -> None:
+        self.assertError(self.api.request("POST", "/send", raw=b'{"client_id": '), 400, "JSON")
+
+    def test_not_utf8(self) -> None:
+        self.assertError(self.api.request("POST", "/send", raw=b'{"a": "\xff"}'), 400, "UTF-8")
+
+    def test_not_an_object(self) -> None:
+        self.assertError(self.api.request("POST", "/send", raw=b"[]"), 400, "object")
+
+    def test_nan(self) -> None:
+        raw = b'{"client_id": "%s", "x": NaN}' % CLIENT.encode()
+        self.assertError(self.api.request("POST", "/send", raw=raw), 400, "NaN")
+
+    def test_duplicate_keys(self) -> None:
+        raw = b'{"client_id": "%s", "client_id": "%s"}' % (CLIENT.encode(), CLIENT.encode())
+        self.assertError(self.api.request("POST", "/send", raw=raw), 400, "duplicate")
+
+    def test_deep_nesting(self) -> None:
+        for depth in (33, 900):
+            raw = b'{"client_id": "%s", "x": %s%s}' % (CLIENT.encode(), b"[" * depth, b"]" * depth)
+            self.assertError(self.api.request("POST", "/send", raw=raw), 400, "nested")
+
+    def test_unknown_field_named(self) -> None:
+        self.assertError(self.api.send(subjet="typo"), 400, "subjet")
+
+    def test_missing_field_named(self) -> None:
+        body = {"client_id": CLIENT, "sender": "a@b.example", "recipients": ["c@d.example"], "body": "x"}
+        self.assertError(self.api.request("POST", "/send", body), 400, "subject")
+
+    def test_invalid_sender(self) -> None:
+        for bad in ("nobody", "a b@c.example", "Alice <a@b.example>", "a@b.example\r\nBcc: x@y.example", "a@", "@b.example", "a@b", "a@-b.example", "a\x00@b.example", 7):
+            self.assertError(self.api.send(sender=bad), 400, "sender")
+
+    def test_invalid_recipient_named_with_index(self) -> None:
+        self.assertError(self.api.send(recipients=["ok@b.example", "bad"]), 400, "recipients[1]")
+
+    def test_recipients_must_be_nonempty_list(self) -> None:
+        self.assertError(self.api.send(recipients=[]), 400, "recipients")
+        self.assertError(self.api.send(recipients="a@b.example"), 400, "recipients")
+
+    def test_too_many_recipients(self) -> None:
+        self.assertError(self.api.send(recipients=[f"u{i}@b.example" for i in range(4)]), 400, "more than 3")
+
+    def test_subject_with_newline(self) -> None:
+        self.assertError(self.api.send(subject="hi\r\nBcc: victim@x.example"), 400, "subject")
+
+    def test_body_must_be_string(self) -> None:
+        self.assertError(self.api.send(body=["x"]), 400, "body")
+
+    def test_missing_client_id_is_401(self) -> None:
+        self.assertError(self.api.request("POST", "/send", {"sender": "a@b.example"}), 401, "client_id")
+
+    def test_unknown_client_id_is_401(self) -> None:
+        self.assertError(self.api.send(client="not-a-client-xxxxxxxx"), 401, "client_id")
+
+    def test_unknown_submission_is_404(self) -> None:
+        self.assertError(self.api.status("0" * 32), 404, "no such submission")
+        self.assertError(self.api.status("not-an-id"), 404, "no such submission")
+
+    def test_other_clients_submission_is_404_with_same_body(self) -> None:
+        _, sent = self.api.send()
+        theirs = self.api.status(sent["submission_id"], client=OTHER_CLIENT)
+        unknown = self.api.status("0" * 32, client=OTHER_CLIENT)
+        self.assertEqual(theirs, unknown)
+
+    def test_status_unknown_field(self) -> None:
+        code, body = self.api.request("POST", "/status", {"client_id": CLIENT, "submission_id": "0" * 32, "x": 1})
+        self.assertEqual((code, "'x'" in body["message"]), (400, True))
+
+    def test_wrong_method_is_405(self) -> None:
+        self.assertError(self.api.request("GET", "/send"), 405, "GET")
+        self.assertError(self.api.request("PUT", "/status"), 405, "PUT")
+
+    def test_unknown_path_is_404(self) -> None:
+        self.assertError(self.api.request("GET", "/nope"), 404, "endpoint")
+
+    def test_body_over_limit_is_413(self) -> None:
+        self.assertError(self.api.send(body="x" * 4000), 413, "2048")
+
+    def test_store_failure_is_500_without_internals(self) -> None:
+        async def broken(submission: object) -> str:
+            raise RuntimeError("secret internals /var/db")
+
+        self.store.add_submission = broken  # type: ignore[method-assign]
+        code, body = self.api.send()
+        self.assertEqual((code, body), (500, {"result": "error", "message": "internal error"}))
+        self.flushLoggedErrors(RuntimeError)
+
+
+class IndexTests(SynchronousTestCase):
+    def test_index_describes_api(self) -> None:
+        api, _, _ = make_api(self)
+        code, body = api.request("GET", "/")
+        self.assertEqual(code, 200)
+        self.assertEqual((body["service"], body["api_version"]), ("mmgun", "1"))

@@ -1,0 +1,202 @@
+"""The SQLite store on real files: queueing, claims and leases, results, cleaning."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mmgun.store import EnvelopeOutcome, IdempotencyConflict, NewSubmission, RecipientOutcome, StorageError
+from mmgun.store.sqlite import SQLiteStore, connect
+
+from .helpers import result, sync_store
+
+
+def submission(recipients: tuple[str, ...] = ("a@x.example", "b@x.example", "c@y.example"), *, client: str = "c1", at: float = 100.0, key: str | None = None, digest: str | None = None) -> NewSubmission:
+    return NewSubmission(uuid.uuid4().hex, client, "me@example.com", recipients, b"Subject: hi\r\n\r\nbody\r\n", at, key, digest)
+
+
+class QueueTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.store, self.path = sync_store(self)
+
+    def test_schema_versioned(self) -> None:
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone(), (1,))
+        self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone(), ("wal",))
+
+    def test_reopen_keeps_data(self) -> None:
+        s = submission()
+        result(self, self.store.add_submission(s))
+        again = SQLiteStore.open_sync(self.path)
+        self.addCleanup(again._runner.close)
+        self.assertEqual(len(result(self, again.submission("c1", s.id)).recipients), 3)
+
+    def test_newer_schema_refused(self) -> None:
+        conn = connect(self.path)
+        conn.execute("PRAGMA user_version = 99")
+        conn.close()
+        self.assertRaises(StorageError, SQLiteStore.open_sync, self.path)
+
+    def test_submission_scoped_by_client(self) -> None:
+        s = submission()
+        result(self, self.store.add_submission(s))
+        self.assertIsNone(result(self, self.store.submission("c2", s.id)))
+        self.assertIsNotNone(result(self, self.store.submission("c1", s.id)))
+
+    def test_idempotent_replay_and_conflict(self) -> None:
+        first = submission(key="k", digest="h1")
+        self.assertEqual(result(self, self.store.add_submission(first)), first.id)
+        self.assertEqual(result(self, self.store.add_submission(submission(key="k", digest="h1"))), first.id)
+        self.failureResultOf(self.store_add(submission(key="k", digest="h2")), IdempotencyConflict)
+
+    def store_add(self, s: NewSubmission):
+        from twisted.internet.defer import ensureDeferred
+
+        return ensureDeferred(self.store.add_submission(s))
+
+    def test_group_commit_isolates_a_conflict(self) -> None:
+        """Submissions committed in one transaction: one conflict fails alone."""
+        from twisted.internet.defer import Deferred, succeed
+
+        result(self, self.store.add_submission(submission(key="k", digest="h1")))
+        runner = self.store._runner
+        held: list = []
+        real_write = runner.write
+
+        def slow_write(fn, *args):
+            if not held:
+                d: Deferred = Deferred()
+                held.append((d, fn, args))
+                return d
+            return real_write(fn, *args)
+
+        runner.write = slow_write
+        blocker = self.store_add(submission())  # starts a flush that we hold open
+        a = self.store_add(submission())
+        bad = self.store_add(submission(key="k", digest="other"))
+        c = self.store_add(submission())
+        d, fn, args = held[0]
+        real_write(fn, *args).chainDeferred(d)
+        self.successResultOf(blocker)
+        self.successResultOf(a)
+        self.successResultOf(c)
+        self.failureResultOf(bad, IdempotencyConflict)
+
+
+class ClaimTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.store, self.path = sync_store(self)
+        self.sub = submission()
+        result(self, self.store.add_submission(self.sub))
+
+    def claim(self, now: float = 100.0, owner: str = "s1", lease: float = 60.0, limit: int = 10):
+        return result(self, self.store.claim(owner, now, lease, limit))
+
+    def test_claim_returns_envelopes_per_domain(self) -> None:
+        claimed = self.claim()
+        self.assertEqual([(e.domain, e.recipients) for e in claimed], [("x.example", ("a@x.example", "b@x.example")), ("y.example", ("c@y.example",))])
+        self.assertEqual(claimed[0].message, self.sub.message)
+        self.assertEqual(claimed[0].sender, "me@example.com")
+
+    def test_claimed_envelope_not_claimed_again_until_lease_expires(self) -> None:
+        self.assertEqual(len(self.claim(owner="s1")), 2)
+        self.assertEqual(self.claim(now=159.0, owner="s2"), [])
+        self.assertEqual(len(self.claim(now=160.0, owner="s2")), 2)
+
+    def test_not_due_before_created(self) -> None:
+        self.assertEqual(self.claim(now=99.0), [])
+
+    def test_claim_limit(self) -> None:
+        self.assertEqual(len(self.claim(limit=1)), 1)
+        self.assertEqual(len(self.claim(limit=5)), 1)
+
+    def test_renew_extends_lease(self) -> None:
+        claimed = self.claim()
+        result(self, self.store.renew(claimed, 300.0))
+        self.assertEqual(self.claim(now=200.0, owner="s2"), [])
+        self.assertEqual(len(self.claim(now=300.0, owner="s2")), 2)
+
+    def test_record_results_and_retry_only_pending(self) -> None:
+        x, y = self.claim()
+        outcome = EnvelopeOutcome(x, (RecipientOutcome("a@x.example", "sent", "250 ok"), RecipientOutcome("b@x.example", "deferred", "451 later")), next_attempt=500.0)
+        result(self, self.store.record([outcome], 101.0))
+        state = result(self, self.store.submission("c1", self.sub.id))
+        self.assertEqual([(r.status, r.attempts, r.last_reply) for r in state.recipients], [("sent", 1, "250 ok"), ("deferred", 1, "451 later"), ("queued", 0, None)])
+        self.assertEqual(state.status, "queued")
+        self.assertEqual([e.domain for e in self.claim(now=499.0, owner="s2")], ["y.example"])
+        (retry,) = [e for e in self.claim(now=500.0, owner="s2") if e.domain == "x.example"]
+        self.assertEqual(retry.recipients, ("b@x.example",))
+        self.assertEqual(retry.attempts, 1)
+
+    def test_finished_submission_status_and_body_erased(self) -> None:
+        x, y = self.claim()
+        result(self, self.store.record([
+            EnvelopeOutcome(x, (RecipientOutcome("a@x.example", "sent", "250 ok"), RecipientOutcome("b@x.example", "failed", "550 no"))),
+            EnvelopeOutcome(y, (RecipientOutcome("c@y.example", "sent", "250 ok"),)),
+        ], 101.0))
+        self.assertEqual(result(self, self.store.submission("c1", self.sub.id)).status, "partial")
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("SELECT message, finished_at FROM submissions").fetchall(), [(None, 101.0)])
+        self.assertEqual(self.claim(now=1e9), [])
+
+    def test_lost_lease_cannot_overwrite_new_owner(self) -> None:
+        old = self.claim(owner="s1")
+        new = self.claim(now=161.0, owner="s2")
+        result(self, self.store.record([EnvelopeOutcome(old[0], (RecipientOutcome("a@x.example", "failed", "550 stale"),))], 162.0))
+        state = result(self, self.store.submission("c1", self.sub.id))
+        self.assertEqual(state.recipients[0].status, "queued")
+        result(self, self.store.record([EnvelopeOutcome(new[0], (RecipientOutcome("a@x.example", "sent", "250 ok"),))], 163.0))
+        self.assertEqual(result(self, self.store.submission("c1", self.sub.id)).recipients[0].status, "sent")
+
+    def test_release_makes_due_now_without_counting_attempt(self) -> None:
+        claimed = self.claim()
+        result(self, self.store.release(claimed, 120.0))
+        again = self.claim(now=120.0, owner="s2")
+        self.assertEqual([e.attempts for e in again], [0, 0])
+
+    def test_two_stores_on_one_file_never_claim_the_same_envelope(self) -> None:
+        for _ in range(20):
+            result(self, self.store.add_submission(submission(("a@x.example", "b@y.example", "c@z.example"))))
+        other = SQLiteStore.open_sync(self.path)
+        self.addCleanup(other._runner.close)
+        seen: list[int] = []
+        for i in range(40):
+            store = self.store if i % 2 else other
+            seen += [e.id for e in result(self, store.claim(f"s{i % 2}", 100.0, 60, 3))]
+        self.assertEqual(len(seen), len(set(seen)))
+        self.assertEqual(len(seen), 62)
+
+
+class CleanTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.store, self.path = sync_store(self)
+
+    def finish(self, s: NewSubmission, at: float) -> None:
+        result(self, self.store.add_submission(s))
+        claimed = result(self, self.store.claim("s", s.created_at, 60, 100))
+        result(self, self.store.record([EnvelopeOutcome(e, tuple(RecipientOutcome(a, "sent", "250") for a in e.recipients)) for e in claimed if e.submission_id == s.id], at))
+
+    def test_clean_deletes_only_old_finished(self) -> None:
+        old, recent, unfinished = submission(at=10.0), submission(at=20.0), submission(at=5.0)
+        self.finish(old, 50.0)
+        self.finish(recent, 500.0)
+        result(self, self.store.add_submission(unfinished))
+        self.assertEqual(result(self, self.store.clean(100.0, 10)), 1)
+        self.assertIsNone(result(self, self.store.submission("c1", old.id)))
+        self.assertIsNotNone(result(self, self.store.submission("c1", recent.id)))
+        self.assertIsNotNone(result(self, self.store.submission("c1", unfinished.id)))
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("SELECT count(*) FROM recipients WHERE submission_id = ?", (old.id,)).fetchone(), (0,))
+        self.assertEqual(conn.execute("SELECT count(*) FROM envelopes WHERE submission_id = ?", (old.id,)).fetchone(), (0,))
+
+    def test_clean_in_bounded_batches(self) -> None:
+        for i in range(5):
+            self.finish(submission(at=10.0 + i), 50.0)
+        self.assertEqual(result(self, self.store.clean(100.0, 2)), 2)
+        self.assertEqual(result(self, self.store.clean(100.0, 2)), 2)
+        self.assertEqual(result(self, self.store.clean(100.0, 2)), 1)
