@@ -139,12 +139,12 @@ class Sender(Service):
 
     async def _drain(self) -> None:
         if self._batches:
-            waiting: Deferred[Any] = DeferredList(list(self._batches))
-            timer = self._clock.callLater(self._settings.shutdown_timeout, waiting.cancel)
-            try:
-                await waiting
-            except Exception:
-                pass
+            # Wait for the batches without cancelling them: a delivery cut short
+            # mid-DATA would be worse than one that finishes after we stop waiting.
+            gate: Deferred[None] = Deferred()
+            DeferredList(list(self._batches)).addBoth(lambda _: gate.called or gate.callback(None))
+            timer = self._clock.callLater(self._settings.shutdown_timeout, lambda: gate.called or gate.callback(None))
+            await gate
             if timer.active():
                 timer.cancel()
         if self.in_flight:
