@@ -82,6 +82,7 @@ OPTIONS: dict[str, tuple[str | None, object, str]] = {
     "max-connections": ("100", _positive_int, "most outgoing SMTP sessions at once"),
     "max-per-destination": ("10", _positive_int, "most SMTP sessions to one MX host at once"),
     "smtp-timeout": ("300s", parse_duration, "timeout of each SMTP command (connect: 30s)"),
+    "lease-time": ("60s", parse_duration, "a sender's claim on an envelope; renewed while it works, taken over after a crash"),
     "tls": ("opportunistic", _choice(TLS_MODES), "STARTTLS: opportunistic, require or verify"),
     "clean-interval": ("60s", parse_duration, "how often the cleaner runs"),
     "retention": ("7d", parse_duration, "keep finished submissions' status this long"),
@@ -118,6 +119,7 @@ class Config:
     max_connections: int
     max_per_destination: int
     smtp_timeout: float
+    lease_time: float
     tls: str
     clean_interval: float
     retention: float

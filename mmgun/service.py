@@ -86,7 +86,7 @@ def make_sender(config: Config, store: Store, reactor: Any) -> Service:
     resolver = make_resolver(servers, reactor)
     if config.relay_host:
         host, port = parse_hostport(config.relay_host, config.smtp_port)
-        router: Any = RelayHost(resolver, host, port)
+        router: Any = RelayHost(resolver, host, port, clock=reactor)
     else:
         router = MXResolver(resolver, reactor, config.smtp_port)
     smtp = SMTPSettings(helo=config.helo, tls=TLSMode(config.tls), command_timeout=config.smtp_timeout)
@@ -98,5 +98,6 @@ def make_sender(config: Config, store: Store, reactor: Any) -> Service:
         max_connections=config.max_connections,
         max_per_destination=config.max_per_destination,
         shutdown_timeout=config.shutdown_timeout,
+        lease_time=config.lease_time,
     )
     return Sender(store, router, reactor, smtp, settings)

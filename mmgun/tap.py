@@ -22,6 +22,9 @@ class Options(_config.Options):
 
     def postOptions(self) -> None:
         super().postOptions()
+        if self.config.log_format == "json" and self.parent is not None and not self.parent.get("logger"):
+            # twistd resolves this name after we return (ServerOptions.postOptions).
+            self.parent["logger"] = "mmgun.logs.json_observer"
         if "frontend" in self.config.roles:
             try:
                 self.clients = load_clients(self.config.clients)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
-from typing import Protocol, TypeAlias, Union
+from typing import Protocol, TypeAlias
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
@@ -48,10 +48,10 @@ __all__ = [
 SERVFAIL = "SERVFAIL"
 TIMEOUT = "TIMEOUT"
 
-Record: TypeAlias = Union[
-    dns.Record_A, dns.Record_AAAA, dns.Record_MX, dns.Record_CNAME, dns.Record_TXT
-]
-Records: TypeAlias = Mapping[str, Union[Sequence[Record], str]]
+Record: TypeAlias = (
+    dns.Record_A | dns.Record_AAAA | dns.Record_MX | dns.Record_CNAME | dns.Record_TXT
+)
+Records: TypeAlias = Mapping[str, Sequence[Record] | str]
 
 # Plenty for any zone a test writes; stops a CNAME loop.
 _MAX_CNAME_CHAIN = 8
@@ -85,7 +85,9 @@ class ZoneResolver(ResolverBase):
         self._parents = {
             parent
             for name in self._records
-            for parent in (name.split(".", i)[-1] for i in range(1, name.count(".") + 1))
+            for parent in (
+                name.split(".", i)[-1] for i in range(1, name.count(".") + 1)
+            )
         }
 
     def _lookup(
@@ -107,7 +109,7 @@ class ZoneResolver(ResolverBase):
             assert not isinstance(value, str)
             matching = [r for r in value if type in (r.TYPE, dns.ALL_RECORDS)]
             answers.extend(_header(owner, r) for r in matching)
-            cname = [r for r in value if r.TYPE == dns.CNAME]
+            cname = [r for r in value if isinstance(r, dns.Record_CNAME)]
             if matching or not cname:
                 break
             answers.extend(_header(owner, r) for r in cname)
@@ -117,7 +119,12 @@ class ZoneResolver(ResolverBase):
 
 def _header(owner: bytes, record: Record) -> dns.RRHeader:
     return dns.RRHeader(
-        owner, record.TYPE, dns.IN, record.ttl if record.ttl is not None else 60, record, auth=True
+        owner,
+        record.TYPE,
+        dns.IN,
+        record.ttl if record.ttl is not None else 60,
+        record,
+        auth=True,
     )
 
 
@@ -156,7 +163,11 @@ class _UDPAndTCPReactor(Protocol):
     ) -> IListeningPort: ...
 
     def listenTCP(
-        self, port: int, factory: ServerFactory, backlog: int = ..., interface: str = ...
+        self,
+        port: int,
+        factory: ServerFactory,
+        backlog: int = ...,
+        interface: str = ...,
     ) -> IListeningPort: ...
 
 
@@ -187,7 +198,9 @@ def listen_dns(
                 raise
             continue
         return udp, tcp
-    raise CannotListenError(interface, port, OSError("no port free for both UDP and TCP"))
+    raise CannotListenError(
+        interface, port, OSError("no port free for both UDP and TCP")
+    )
 
 
 def parse_zone(text: str) -> dict[str, list[Record] | str]:

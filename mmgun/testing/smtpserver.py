@@ -44,14 +44,19 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
@@ -73,6 +78,10 @@ _log = Logger()
 _T = TypeVar("_T")
 
 _TEMPFAIL = re.compile(r"tempfail-(\d+)")
+
+
+class _Later(Protocol):
+    def __call__(self, seconds: float, value: _T) -> Deferred[_T]: ...
 
 
 @dataclass(frozen=True)
@@ -177,7 +186,9 @@ class Mailbox:
         self.messages.append(received)
         if self._waiting:
             ready = [(n, d) for (n, d) in self._waiting if n <= len(self.messages)]
-            self._waiting = [(n, d) for (n, d) in self._waiting if n > len(self.messages)]
+            self._waiting = [
+                (n, d) for (n, d) in self._waiting if n > len(self.messages)
+            ]
             for _, d in ready:
                 d.callback(list(self.messages))
 
@@ -216,7 +227,7 @@ def self_signed_context(hostname: str) -> CertificateOptions:
     """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -225,11 +236,14 @@ def self_signed_context(hostname: str) -> CertificateOptions:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
-    # pyOpenSSL takes cryptography objects directly (its own are deprecated).
-    return CertificateOptions(privateKey=key, certificate=cert)
+    # pyOpenSSL takes cryptography objects directly (its own are deprecated),
+    # though Twisted's annotations still name the pyOpenSSL types.
+    return CertificateOptions(privateKey=key, certificate=cert)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -286,7 +300,7 @@ class _Message:
         mail_from: str,
         recipients: tuple[str, ...],
         tls: bool,
-        later: Callable[[float, _T], Deferred[_T]],
+        later: _Later,
     ) -> None:
         self._server = server
         self._mail_from = mail_from
@@ -312,16 +326,21 @@ class _Message:
         for address, fault in faults.items():
             if fault == "drop" and address.lower() not in server.dropped:
                 server.dropped.add(address.lower())
-                _log.info("scripted drop during DATA for {recipient}", recipient=address)
+                _log.info(
+                    "scripted drop during DATA for {recipient}", recipient=address
+                )
                 return fail(_Drop())
         for address, fault in faults.items():
             if fault == "datareject":
-                _log.info("scripted rejection after DATA for {recipient}", recipient=address)
+                _log.info(
+                    "scripted rejection after DATA for {recipient}", recipient=address
+                )
                 return fail(SMTPServerError(554, "5.7.1 message content rejected"))
         if "slowdata" in faults.values():
-            return self._later(server.slow_seconds, None).addCallback(lambda _: self._accept())
-        self._accept()
-        return succeed(None)
+            return self._later(server.slow_seconds, None).addCallback(
+                lambda _: self._accept()
+            )
+        return maybeDeferred(self._accept)
 
     def _accept(self) -> None:
         self._server.accept(
@@ -358,11 +377,13 @@ class _StubESMTP(ESMTP):
     # Be lenient: mmgun's line-length discipline is checked on Received.raw.
     MAX_LENGTH = 1 << 20
 
-    def __init__(self, server: _ServerState, context: CertificateOptions | None) -> None:
+    def __init__(
+        self, server: _ServerState, context: CertificateOptions | None
+    ) -> None:
         super().__init__(contextFactory=context)
         self._server = server
         self.host = server.hostname
-        self.timeout = server.timeout
+        self.timeout = server.timeout  # type: ignore[assignment]
         self._backlog: deque[bytes] = deque()
         self._awaiting_reply = False
         self._draining = False
@@ -472,7 +493,9 @@ class _StubESMTP(ESMTP):
         server.seen[key] = seen + 1
         tempfail = _TEMPFAIL.fullmatch(fault)
         if tempfail is not None and seen < int(tempfail.group(1)):
-            _log.info("scripted tempfail #{n} for {recipient}", n=seen + 1, recipient=address)
+            _log.info(
+                "scripted tempfail #{n} for {recipient}", n=seen + 1, recipient=address
+            )
             raise SMTPServerError(451, "4.3.0 try again later")
         if fault == "reject":
             _log.info("scripted reject for {recipient}", recipient=address)
@@ -532,12 +555,14 @@ class _StubESMTP(ESMTP):
 class _SMTPStubFactory(ServerFactory):
     noisy = False
 
-    def __init__(self, server: _ServerState, context: CertificateOptions | None) -> None:
+    def __init__(
+        self, server: _ServerState, context: CertificateOptions | None
+    ) -> None:
         self.server = server
         self.mailbox = server.mailbox
         self._context = context
 
-    def buildProtocol(self, addr: IAddress) -> _StubESMTP:
+    def buildProtocol(self, addr: IAddress | None) -> _StubESMTP:
         protocol = _StubESMTP(self.server, self._context)
         protocol.factory = self
         return protocol

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""
+A fake MX for the end-to-end tests: records every accepted message in a folder.
+
+    smtpstub.py --listen 127.0.0.2:2525 [--listen 127.0.0.3:2525] --maildir DIR
+                [--tls | --no-tls] [--slow-seconds S] [--port-file F]
+
+Scripted faults by recipient (tempfail-N@, reject@, slow@, slowdata@, drop@,
+datareject@) are described in mmgun.testing.smtpserver.  Each accepted message
+becomes DIR/<unix-nanos>-<counter>.eml, with X-Envelope-From/-To headers
+prepended; count "*.eml" files to see how many arrived.  Port 0 picks a free
+port (the first --listen's choice is reused by later ones); --port-file then
+receives it, written atomically.  Logs go to stdout (never message bodies);
+SIGTERM or SIGINT stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Run the checkout's mmgun.testing even when an older mmgun is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred  # noqa: E402
+from twisted.internet.interfaces import IListeningPort  # noqa: E402
+from twisted.internet.task import react  # noqa: E402
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver  # noqa: E402
+
+from mmgun.testing.smtpserver import Mailbox, smtp_server_factory  # noqa: E402
+
+_log = Logger()
+
+
+def host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def write_port_file(path: str, port: int) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{port}\n")
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--listen",
+        type=host_port,
+        action="append",
+        required=True,
+        metavar="HOST:PORT",
+        help="address to listen on (repeatable)",
+    )
+    parser.add_argument("--maildir", help="folder to write accepted messages to")
+    parser.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="offer STARTTLS with a self-signed certificate (default: yes)",
+    )
+    parser.add_argument(
+        "--slow-seconds",
+        type=float,
+        default=3600.0,
+        help="delay for slow@ and slowdata@ recipients",
+    )
+    parser.add_argument("--port-file", help="write the listening port number here")
+    parser.add_argument(
+        "--hostname",
+        default="smtpstub.test",
+        help="name in the greeting and certificate",
+    )
+    parser.add_argument(
+        "--greeting-code",
+        type=int,
+        help="refuse every connection with this code (e.g. 421)",
+    )
+    parser.add_argument("--fsync", action="store_true", help="fsync each message file")
+    return parser.parse_args(argv)
+
+
+async def main(reactor, argv: list[str]) -> None:  # type: ignore[no-untyped-def]
+    args = parse_args(argv)
+    globalLogBeginner.beginLoggingTo(
+        [textFileLogObserver(sys.stdout)], redirectStandardIO=False
+    )
+    mailbox = Mailbox()
+    factory = smtp_server_factory(
+        reactor,
+        mailbox,
+        tls=args.tls,
+        hostname=args.hostname,
+        slow_seconds=args.slow_seconds,
+        maildir=args.maildir,
+        greeting_code=args.greeting_code,
+        fsync=args.fsync,
+    )
+    ports: list[IListeningPort] = []
+    for host, port in args.listen:
+        if port == 0 and ports:
+            port = ports[0].getHost().port
+        ports.append(reactor.listenTCP(port, factory, backlog=1024, interface=host))
+        _log.info(
+            "SMTP stub listening on {host}:{port} (tls={tls})",
+            host=host,
+            port=ports[-1].getHost().port,
+            tls=args.tls,
+        )
+    if args.port_file:
+        write_port_file(args.port_file, ports[0].getHost().port)
+
+    def stopping() -> Deferred[object]:
+        _log.info("SMTP stub stopping after {count} messages", count=len(mailbox))
+        return DeferredList([maybeDeferred(p.stopListening) for p in ports])
+
+    reactor.addSystemEventTrigger("before", "shutdown", stopping)
+    await Deferred()  # until SIGTERM/SIGINT stops the reactor
+
+
+if __name__ == "__main__":
+    react(main, (sys.argv[1:],))
