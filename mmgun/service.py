@@ -77,7 +77,7 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
     return root
 
 
-def make_sender(config: Config, store: Store, reactor: Any) -> Service:
+def make_sender(config: Config, store: Store, reactor: Any) -> MultiService:
     from .mx import MXResolver, RelayHost, make_resolver, parse_hostport
     from .sender import Sender, SenderSettings
     from .smtp import SMTPSettings, TLSMode
@@ -100,4 +100,17 @@ def make_sender(config: Config, store: Store, reactor: Any) -> Service:
         shutdown_timeout=config.shutdown_timeout,
         lease_time=config.lease_time,
     )
-    return Sender(store, router, reactor, smtp, settings)
+    sender = MultiService()
+    # The DNS cache keeps a timer per entry; dropping it at stop leaves the reactor clean.
+    _OnStop(getattr(resolver, "clear", lambda: None)).setServiceParent(sender)
+    Sender(store, router, reactor, smtp, settings).setServiceParent(sender)
+    return sender
+
+
+class _OnStop(Service):
+    def __init__(self, callback: Any) -> None:
+        self._callback = callback
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._callback()
