@@ -21,6 +21,7 @@ from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from .clients import Clients
+from .metrics import Metrics
 from .message import BadRequest, build_message, check_fields, parse_json_object, parse_send
 from .store import IdempotencyConflict, NewSubmission, Store, SubmissionState
 
@@ -29,6 +30,7 @@ _log = Logger()
 API_VERSION = "1"
 MAX_IDEMPOTENCY_KEY = 255
 STATUS_FIELDS = ("client_id", "submission_id")
+_REASONS = {400: "invalid", 401: "unauthorized", 405: "method", 409: "idempotency_conflict", 413: "too_large", 500: "internal"}
 
 
 class HTTPError(Exception):
@@ -73,7 +75,9 @@ class Frontend:
         hostname: str,
         max_recipients: int = 1000,
         max_message_size: int = 10 * 1024 * 1024,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
         self._store = store
         self._clients = clients
         self._clock = clock
@@ -89,6 +93,8 @@ class Frontend:
         site = Site(self.resource())
         site.requestFactory = LimitedRequest
         site.max_request_size = self.max_message_size  # type: ignore[attr-defined]
+        site.metrics = self.metrics  # type: ignore[attr-defined]
+        site.clock = self._clock  # type: ignore[attr-defined]
         site.displayTracebacks = False
         return site
 
@@ -128,6 +134,7 @@ class Frontend:
         except IdempotencyConflict:
             raise HTTPError(409, "Idempotency-Key was already used with a different request") from None
         if submission_id == submission.id:
+            self.metrics.accepted.inc()
             _log.info(
                 "accepted submission {submission} from {client}: {recipients} recipients",
                 submission=submission_id,
@@ -153,14 +160,35 @@ class Frontend:
             raise HTTPError(404, "no such submission")
         return _json(request, 200, status_document(state))
 
+    @app.route("/healthz", methods=["GET"])
+    async def healthz(self, request: IRequest) -> bytes:
+        try:
+            await self._store.ping()
+        except Exception:
+            _log.failure("health check: the database does not answer")
+            return _json(request, 503, {"status": "unavailable", "message": "database does not answer"})
+        return _json(request, 200, {"status": "ok"})
+
+    @app.route("/metrics", methods=["GET"])
+    def prometheus(self, request: IRequest) -> Any:
+        from prometheus_client.twisted import MetricsResource
+
+        return MetricsResource(self.metrics.registry)
+
     # -- errors ----------------------------------------------------------------
+
+    def _rejected(self, request: IRequest, code: int) -> None:
+        if request.path == b"/send":
+            self.metrics.rejected.labels(_REASONS.get(code, str(code))).inc()
 
     @app.handle_errors(HTTPError)
     def http_error(self, request: IRequest, failure: Failure) -> bytes:
+        self._rejected(request, failure.value.code)
         return _error(request, failure.value.code, failure.value.message)
 
     @app.handle_errors(BadRequest)
     def bad_request(self, request: IRequest, failure: Failure) -> bytes:
+        self._rejected(request, 400)
         return _error(request, 400, str(failure.value))
 
     @app.handle_errors(NotFound)
@@ -180,6 +208,7 @@ class Frontend:
     @app.handle_errors(Exception)
     def internal_error(self, request: IRequest, failure: Failure) -> bytes:
         _log.failure("internal error handling {path}", failure, path=request.path.decode("ascii", "replace"))
+        self._rejected(request, 500)
         return _error(request, 500, "internal error")
 
     # -- helpers ---------------------------------------------------------------
@@ -228,6 +257,19 @@ class LimitedRequest(Request):
 
     too_large = False
     _received = 0
+    _started: float | None = None
+
+    def process(self) -> None:
+        clock = getattr(self.channel.site, "clock", None)
+        self._started = clock.seconds() if clock is not None else None
+        super().process()
+
+    def finish(self) -> None:
+        site = self.channel.site if self.channel is not None else None
+        super().finish()
+        metrics = getattr(site, "metrics", None)
+        if metrics is not None and self._started is not None:
+            metrics.http_request(self.path, self.code, site.clock.seconds() - self._started)
 
     def _limit(self) -> int:
         return getattr(self.channel.site, "max_request_size", 10 * 1024 * 1024)

@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from .metrics import Metrics
 from .mx import MXHost, PermanentDNSError, TemporaryDNSError
 from .smtp import Reply, SessionFailed, SMTPSettings, Transaction, TransactionResult, send_session
 from .store import ClaimedEnvelope, EnvelopeOutcome, RecipientOutcome, Store
@@ -94,7 +95,9 @@ class Sender(Service):
         session: SessionFunction = send_session,
         rng: random.Random | None = None,
         owner: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else Metrics()
         self._store = store
         self._router = router
         self._reactor = reactor
@@ -226,6 +229,11 @@ class Sender(Service):
             await self._store.record(outcomes, self._clock.seconds())
         except Exception:
             _log.failure("recording delivery results failed; leases will expire and the envelopes retry")
+        else:
+            now = self._clock.seconds()
+            for outcome in outcomes:
+                for r in outcome.recipients:
+                    self._metrics.recipient(r.status, now - outcome.envelope.created_at)
         finally:
             for envelope in envelopes:
                 self.in_flight.pop(envelope.id, None)
@@ -265,6 +273,8 @@ class Sender(Service):
                 envelope = by_id[result.key]  # type: ignore[index]
                 if result.started:
                     results[envelope.id] = {a: (r.outcome, str(r.reply)) for a, r in result.recipients.items()}
+                    for r in result.recipients.values():
+                        self._metrics.smtp_replies.labels(f"{r.reply.code // 100}xx").inc()
                     _log.info(
                         "delivery attempt for envelope {envelope} via {mx}: {outcomes}",
                         envelope=envelope.id,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 from twisted.application import strports
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from .clients import Clients, ClientsFileError, load_clients
 from .config import Config
+from .metrics import Metrics
 from .store import Store
 from .store.sqlite import SQLiteStore
 
@@ -26,6 +30,21 @@ class StoreService(Service):
     def stopService(self) -> Any:
         super().stopService()
         return Deferred.fromCoroutine(self.store.close())
+
+
+class OrderedService(MultiService):
+    """Stops its children one at a time, last added first: the roles finish before the store closes."""
+
+    async def _stop_in_order(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                _log.failure("error stopping {service}", service=child)
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_order())
 
 
 class ClientsHolder:
@@ -48,8 +67,72 @@ class ClientsHolder:
         return True
 
 
+class ClientsReloader(TimerService):
+    """Reloads the clients file when its modification time or size changes, or on SIGHUP."""
+
+    def __init__(self, holder: ClientsHolder, clock: Any, interval: float = 2.0) -> None:
+        super().__init__(interval, self.check)
+        self.clock = clock
+        self._holder = holder
+        self._seen = self._signature()
+        self._previous_handler: Any = None
+
+    def _signature(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self._holder.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def check(self) -> None:
+        signature = self._signature()
+        if signature != self._seen:
+            self._seen = signature
+            self._holder.reload()
+
+    def startService(self) -> None:
+        super().startService()
+        if hasattr(signal, "SIGHUP") and hasattr(self.clock, "callFromThread"):
+            self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
+
+    def stopService(self) -> Any:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGHUP, self._previous_handler)
+            self._previous_handler = None
+        return super().stopService()
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.clock.callFromThread(self._holder.reload)
+
+
+class QueueGauges(TimerService):
+    """Refreshes the queue gauges of /metrics from the store every few seconds (never on scrape)."""
+
+    def __init__(self, store: Any, metrics: Metrics, clock: Any, interval: float = 5.0) -> None:
+        super().__init__(interval, self.refresh)
+        self.clock = clock
+        self._store = store
+        self._metrics = metrics
+
+    def refresh(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._refresh())
+
+    async def _refresh(self) -> None:
+        try:
+            now = self.clock.seconds()
+            stats = await self._store.queue_stats(now, top_domains=0)
+        except Exception:
+            _log.failure("reading queue statistics failed")
+            return
+        gauges = self._metrics.queue
+        gauges.depth = dict(stats.recipients)
+        gauges.envelopes = stats.unfinished_envelopes
+        gauges.oldest_age = 0.0 if stats.oldest_created_at is None else now - stats.oldest_created_at
+
+
 def make_service(config: Config, reactor: Any, *, clients: Clients | None = None) -> IService:
-    root = MultiService()
+    root = OrderedService()
+    metrics = Metrics()
     store = SQLiteStore.open(config.database, reactor)
     StoreService(store).setServiceParent(root)
 
@@ -64,11 +147,14 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
             hostname=config.helo,
             max_recipients=config.max_recipients,
             max_message_size=config.max_message_size,
+            metrics=metrics,
         )
+        ClientsReloader(holder, reactor).setServiceParent(root)
+        QueueGauges(store, metrics, reactor).setServiceParent(root)
         strports.service(config.listen, frontend.site(), reactor=reactor).setServiceParent(root)
 
     if "sender" in config.roles:
-        make_sender(config, store, reactor).setServiceParent(root)
+        make_sender(config, store, reactor, metrics).setServiceParent(root)
 
     if "cleaner" in config.roles:
         from .cleaner import Cleaner
@@ -77,7 +163,7 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
     return root
 
 
-def make_sender(config: Config, store: Store, reactor: Any) -> MultiService:
+def make_sender(config: Config, store: Store, reactor: Any, metrics: Metrics | None = None) -> MultiService:
     from .mx import MXResolver, RelayHost, make_resolver, parse_hostport
     from .sender import Sender, SenderSettings
     from .smtp import SMTPSettings, TLSMode
@@ -103,7 +189,7 @@ def make_sender(config: Config, store: Store, reactor: Any) -> MultiService:
     sender = MultiService()
     # The DNS cache keeps a timer per entry; dropping it at stop leaves the reactor clean.
     _OnStop(getattr(resolver, "clear", lambda: None)).setServiceParent(sender)
-    Sender(store, router, reactor, smtp, settings).setServiceParent(sender)
+    Sender(store, router, reactor, smtp, settings, metrics=metrics).setServiceParent(sender)
     return sender
 
 

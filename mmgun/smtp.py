@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable, Iterable, Sequence
 from io import BytesIO
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, cast
 
 import attrs
 from OpenSSL import SSL
@@ -39,10 +40,12 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IOpenSSLClientConnectionCreator,
     IReactorTCP,
     IReactorTime,
     IStreamClientEndpoint,
+    ITLSTransport,
 )
 from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS, platformTrust
@@ -50,6 +53,9 @@ from twisted.logger import Logger
 from twisted.mail.smtp import SUCCESS, ESMTPClient, SMTPClientError
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 __all__ = [
     "Reply",
@@ -66,13 +72,18 @@ __all__ = [
 _log = Logger()
 
 
+def _recipients(addresses: Iterable[str]) -> tuple[str, ...]:
+    return tuple(addresses)
+
+
 class TLSMode(enum.Enum):
     """
     What to do about STARTTLS (RFC 3207).
 
     OPPORTUNISTIC: encrypt when the server offers it, without checking its
-    certificate (RFC 7435); plain text when it doesn't, or when the handshake
-    fails (then the session is retried once in clear).
+    certificate (RFC 7435); plain text when it doesn't or refuses STARTTLS,
+    and a second connection in plain text when the connection dies during
+    STARTTLS or the TLS handshake.
     REQUIRE: never send in clear; the certificate is not checked.
     VERIFY: REQUIRE, plus the certificate must be valid for the MX host name.
     """
@@ -108,7 +119,7 @@ class Transaction:
 
     key: object
     mail_from: str
-    recipients: tuple[str, ...] = attrs.field(converter=tuple)
+    recipients: tuple[str, ...] = attrs.field(converter=_recipients)
     message: bytes
 
 
@@ -193,7 +204,11 @@ def wire_form(message: bytes) -> bytes:
 
 
 def _check_address(address: str, what: str) -> None:
-    if not address.isascii() or any(c in address for c in "<>") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in address):
+    if (
+        not address.isascii()
+        or any(c in address for c in "<>")
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in address)
+    ):
         raise ValueError(f"{what} {address!r} is not an ASCII address without control characters or angle brackets")
 
 
@@ -252,7 +267,7 @@ def _tls_creator(settings: SMTPSettings, host: str) -> IOpenSSLClientConnectionC
     name = host.rstrip(".")
     if settings.tls is TLSMode.VERIFY:
         trust_root = settings.trust_root if settings.trust_root is not None else platformTrust()
-        return optionsForClientTLS(name, trustRoot=trust_root)
+        return optionsForClientTLS(name, trustRoot=cast("IOpenSSLTrustRoot", trust_root))
     return _UnauthenticatedTLS(name)
 
 
@@ -317,8 +332,7 @@ class _ESMTPSession(ESMTPClient):
         tls: IOpenSSLClientConnectionCreator | None,
     ) -> None:
         super().__init__(None, tls, settings.helo)
-        self.callLater = clock.callLater  # TimeoutMixin's clock
-        self.timeout = settings.command_timeout
+        self._clock = clock
         self.requireTransportSecurity = settings.tls is not TLSMode.OPPORTUNISTIC
         self.ended: Deferred[_Outcome] = Deferred(lambda d: self._cancel())
         self._host = host
@@ -336,13 +350,19 @@ class _ESMTPSession(ESMTPClient):
 
     # -- connection and reply parsing ----------------------------------------
 
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        # TimeoutMixin's clock: the injected one, not the global reactor.
+        return self._clock.callLater(period, func)
+
     def connectionMade(self) -> None:
-        # Nagle + delayed ACK hold back the lone ".\r\n" (and every command)
-        # for ~40 ms otherwise.
+        # Otherwise Nagle + the peer's delayed ACK can hold back the small
+        # ".\r\n" after a body by ~40 ms, per message.
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
         super().connectionMade()
+        # SMTPClient.timeout is None: no timeout at all.
+        self.setTimeout(self._settings.command_timeout)
         self._phase = _Phase.GREETING
 
     def lineReceived(self, line: bytes) -> None:
@@ -365,6 +385,9 @@ class _ESMTPSession(ESMTPClient):
         code = int(match.group(1))
         resp = b"\n".join(self._reply_lines)
         self._reply_lines = []
+        if self._finished and self._phase is not _Phase.QUIT:
+            # Lines that were already buffered when the session was given up.
+            return
         if code == 421 and not self._finished:
             # RFC 5321 3.8: the server is closing the channel.
             self._finish(_reply(code, resp), then="close")
@@ -380,12 +403,14 @@ class _ESMTPSession(ESMTPClient):
     def timeoutConnection(self) -> None:
         if self._finished:
             self._abort()
-        elif self._phase is _Phase.TLS:
+        elif self._phase in (_Phase.STARTTLS, _Phase.TLS):
             self._tls_failed("timed out")
         else:
             waited = f"{self.timeOut:g}s" if self.timeOut is not None else ""
             self._finish(
-                self._synthesized(f"4.4.2 timed out after {waited} waiting for {self._host} during {self._phase.value}"),
+                self._synthesized(
+                    f"4.4.2 timed out after {waited} waiting for {self._host} during {self._phase.value}"
+                ),
                 then="abort",
             )
 
@@ -393,7 +418,7 @@ class _ESMTPSession(ESMTPClient):
         super().connectionLost(reason)
         if self._finished:
             return
-        if self._phase is _Phase.TLS:
+        if self._phase in (_Phase.STARTTLS, _Phase.TLS):
             self._tls_failed(reason.getErrorMessage())
         else:
             self._finish(self._synthesized(f"4.4.2 connection lost during {self._phase.value} with {self._host}"))
@@ -476,7 +501,7 @@ class _ESMTPSession(ESMTPClient):
             return
         self._phase = _Phase.TLS
         try:
-            self.transport.startTLS(self.context)
+            ITLSTransport(self.transport).startTLS(self.context)
         except Exception as e:
             self._tls_failed(str(e))
             return
@@ -491,7 +516,7 @@ class _ESMTPSession(ESMTPClient):
 
     # -- mail transactions ---------------------------------------------------
 
-    def smtpState_from(self, code: int, resp: bytes | str) -> None:
+    def smtpState_from(self, code: int, resp: object) -> None:
         """Start the next transaction (after EHLO/HELO, RSET or a finished one)."""
         if self._next_index >= len(self._transactions):
             self._finish(None, then="quit")
@@ -546,15 +571,23 @@ class _ESMTPSession(ESMTPClient):
             self._body_sent = False
             self._expected = [354]
             self._okresponse = self.smtpState_data
-            self._failresponse = self._data_reply
+            self._failresponse = self._data_refused
             self.sendLine(b"DATA")
+
+    def _data_refused(self, code: int, resp: bytes) -> None:
+        # Anything but 354 to DATA; the transaction is still open.
+        reply = _reply(code, resp)
+        if code in SUCCESS:
+            reply = Reply(451, f"4.5.0 {self._host} answered DATA with {reply}")
+        self._settle_accepted(_outcome_for(reply.code), reply)
+        self._next_transaction(rset=True)
 
     def smtpState_data(self, code: int, resp: bytes) -> None:
         # 354: SMTPClient streams getMailData() through transformChunk with a
         # FileSender, then calls finishedFileTransfer.
         super().smtpState_data(code, resp)
         self._expected = SUCCESS
-        self._okresponse = self._failresponse = self._data_reply
+        self._okresponse = self._failresponse = self._end_of_data_reply
 
     def getMailData(self) -> BytesIO:
         return BytesIO(wire_form(self._progress().transaction.message))
@@ -573,24 +606,30 @@ class _ESMTPSession(ESMTPClient):
         self.sendLine(b".")
         self.setTimeout(self._settings.data_timeout)
 
-    def _data_reply(self, code: int, resp: bytes) -> None:
-        """The reply to DATA (if not 354) or to the final "."."""
+    def _end_of_data_reply(self, code: int, resp: bytes) -> None:
+        """The reply to the final "." (or one that came while sending the body)."""
         self.setTimeout(self._settings.command_timeout)
-        progress = self._progress()
         reply = _reply(code, resp)
-        premature = self._phase is _Phase.DATA and code != 354 and not self._body_sent and self._expected is SUCCESS
-        if premature and code in SUCCESS:
-            reply = Reply(451, f"4.5.0 {self._host} replied {reply} before the end of the message data")
-        outcome = "sent" if code in SUCCESS and not premature else _outcome_for(reply.code)
+        if not self._body_sent:
+            # The rest of the body is still on its way: the session can't go on.
+            if code in SUCCESS:
+                reply = Reply(451, f"4.5.0 {self._host} replied {reply} before the end of the message data")
+            self._settle_accepted(_outcome_for(reply.code), reply)
+            self._finish(self._synthesized(f"4.5.0 {self._host} replied during the message data"), then="abort")
+        elif code in SUCCESS:
+            self._settle_accepted("sent", reply)
+            self._next_transaction(rset=False)
+        else:
+            self._settle_accepted(_outcome_for(code), reply)
+            self._next_transaction(rset=True)
+
+    def _settle_accepted(self, outcome: str, reply: Reply) -> None:
+        """Give the recipients accepted by RCPT their outcome and close the transaction."""
+        progress = self._progress()
         for recipient in progress.accepted:
             progress.outcomes[recipient] = RecipientResult(outcome, reply)
         progress.last_reply = reply
         self._complete(progress)
-        if premature:
-            # The rest of the body is still on its way: the session can't go on.
-            self._finish(self._synthesized(f"4.5.0 {self._host} replied during the message data"), then="abort")
-        else:
-            self._next_transaction(rset=outcome != "sent")
 
     def _next_transaction(self, *, rset: bool) -> None:
         if self._next_index >= len(self._transactions):
@@ -650,7 +689,9 @@ class _ESMTPSession(ESMTPClient):
                 self._complete(progress)
             for transaction in self._transactions[self._next_index :]:
                 deferred = RecipientResult("deferred", reason)
-                self._results.append(TransactionResult(transaction.key, False, dict.fromkeys(transaction.recipients, deferred)))
+                self._results.append(
+                    TransactionResult(transaction.key, False, dict.fromkeys(transaction.recipients, deferred))
+                )
                 self._last_replies.append(reason)
             self._next_index = len(self._transactions)
         outcome = _Outcome(
@@ -662,7 +703,7 @@ class _ESMTPSession(ESMTPClient):
         if then == "quit":
             self._phase = _Phase.QUIT
             self._disconnectFromServer()
-        elif then == "close":
+        elif then == "close" and self.transport is not None:
             self.transport.loseConnection()
         elif then == "abort":
             self._abort()
@@ -747,9 +788,13 @@ async def send_session(
             _check_address(recipient, "recipient")
             if not recipient:
                 raise ValueError(f"transaction {transaction.key!r} has an empty recipient")
+    if not transactions:
+        return []
     clock = IReactorTime(reactor)
     try:
-        outcome = await _attempt(reactor, clock, host, address, port, transactions, settings, _tls_creator(settings, host))
+        outcome = await _attempt(
+            reactor, clock, host, address, port, transactions, settings, _tls_creator(settings, host)
+        )
         if outcome.tls_failed and settings.tls is TLSMode.OPPORTUNISTIC:
             _log.warn(
                 "TLS with {host} [{address}] failed ({reply}); retrying in clear text",
@@ -770,7 +815,7 @@ async def send_session(
             reply=str(e.reply),
         )
         raise
-    for result, last_reply in zip(outcome.results, outcome.last_replies):
+    for result, last_reply in zip(outcome.results, outcome.last_replies, strict=True):
         counts = {"sent": 0, "failed": 0, "deferred": 0}
         for recipient_result in result.recipients.values():
             counts[recipient_result.outcome] += 1

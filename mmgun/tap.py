@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+from typing import Any
 
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from . import config as _config
 from .clients import ClientsFileError, load_clients
+
+_log = Logger()
 
 
 class Options(_config.Options):
@@ -39,7 +44,27 @@ def makeService(options: Options) -> IService:
     from .store import StorageError
 
     try:
-        return make_service(options.config, reactor, clients=getattr(options, "clients", None))
+        service = make_service(options.config, reactor, clients=getattr(options, "clients", None))
     except StorageError as e:
         sys.stderr.write(f"mmgun: {e}\n")
         raise SystemExit(1) from None
+    reactor.callWhenRunning(_stop_cleanly_on_signals, reactor)
+    return service
+
+
+def _stop_cleanly_on_signals(reactor: Any) -> None:
+    """
+    SIGTERM and SIGINT stop the reactor (and so the services, gracefully) and exit 0.
+
+    The reactor's own handlers make twistd re-raise the signal after a clean
+    shutdown, so the exit status would say "killed by SIGTERM" even when every
+    delivery in flight finished and every lease was released. Installed once the
+    reactor runs, after its own handlers.
+    """
+
+    def stop(signum: int, frame: object) -> None:
+        _log.info("received signal {signal}: stopping", signal=signal.Signals(signum).name)
+        reactor.callFromThread(reactor.stop)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)

@@ -16,8 +16,11 @@ __all__ = [
     "ClaimedEnvelope",
     "EnvelopeOutcome",
     "IdempotencyConflict",
+    "InDelivery",
     "NewSubmission",
+    "NotInQueue",
     "QueueEntry",
+    "QueueStats",
     "RecipientOutcome",
     "RecipientState",
     "Store",
@@ -146,6 +149,43 @@ class QueueEntry:
     @property
     def status(self) -> str:
         return "deferred" if self.attempts else "queued"
+
+
+@attrs.frozen
+class QueueStats:
+    """The numbers of ``mmgun stats``, read in one transaction."""
+
+    #: (status, count) over every recipient still in the database (finished ones until retention).
+    recipients: tuple[tuple[str, int], ...]
+    unfinished_envelopes: int
+    #: Unfinished envelopes whose lease has not expired: a sender is delivering them now.
+    in_delivery: int
+    #: created_at of the oldest unfinished envelope; None when the queue is empty.
+    oldest_created_at: float | None
+    #: (domain, pending recipients), the largest backlogs first.
+    domains: tuple[tuple[str, int], ...]
+
+
+class NotInQueue(LookupError):
+    """Ids named by the operator that match no unfinished envelope nor submission; nothing was changed."""
+
+    def __init__(self, ids: Sequence[str]) -> None:
+        super().__init__(", ".join(ids))
+        self.ids = tuple(ids)
+
+
+class InDelivery(Exception):
+    """
+    The operator asked to change envelopes a sender is delivering right now; nothing was changed.
+
+    Failing them under the sender's feet could record "deleted" for mail that was in fact
+    delivered a moment later; once the lease ends (``until``) the change can be made.
+    """
+
+    def __init__(self, envelopes: Sequence[int], until: float) -> None:
+        super().__init__(", ".join(str(e) for e in envelopes))
+        self.envelopes = tuple(envelopes)
+        self.until = until
 
 
 class Store(Protocol):

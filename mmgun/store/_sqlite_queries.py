@@ -145,3 +145,59 @@ DELETE_FINISHED = """
 """
 INCREMENTAL_VACUUM = "PRAGMA incremental_vacuum({pages:d})"  # an int, formatted: PRAGMA takes no parameters
 FREELIST_COUNT = "PRAGMA freelist_count"
+
+# -- the operator's command (mmgun.admin) --------------------------------------
+# "In delivery" everywhere below: a lease that has not expired (an expired one is a sender
+# that died: the envelope is simply due).
+
+# :status is NULL, 'queued' (never attempted) or 'deferred' (attempted); :domain is NULL or one domain.
+QUEUE_ENVELOPES = """
+    SELECT e.id, e.submission_id, s.client, e.domain, e.attempts, e.next_attempt,
+        e.lease IS NOT NULL AND e.next_attempt > :now, e.created_at
+    FROM envelopes e JOIN submissions s ON s.id = e.submission_id
+    WHERE e.done = 0
+      AND (:domain IS NULL OR e.domain = :domain)
+      AND (:status IS NULL OR (:status = 'deferred') = (e.attempts > 0))
+    ORDER BY e.id
+"""
+QUEUE_RECIPIENTS = """
+    SELECT envelope_id, address, last_reply, updated_at FROM recipients
+    WHERE envelope_id IN (SELECT value FROM json_each(?)) AND status IN ('queued', 'deferred')
+    ORDER BY envelope_id, position
+"""
+# The operator names envelopes by id (a JSON array of integers) or by submission (one of strings).
+MATCH_QUEUED = """
+    SELECT id, submission_id, lease IS NOT NULL AND next_attempt > ?, next_attempt FROM envelopes
+    WHERE done = 0
+      AND (id IN (SELECT value FROM json_each(?)) OR submission_id IN (SELECT value FROM json_each(?)))
+"""
+# :ids is NULL (every envelope) or a JSON array of envelope ids.
+FLUSH_DEFERRED = """
+    UPDATE envelopes SET next_attempt = :now
+    WHERE done = 0 AND attempts > 0 AND lease IS NULL AND next_attempt > :now
+      AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))
+"""
+COUNT_IN_DELIVERY = """
+    SELECT count(*) FROM envelopes
+    WHERE done = 0 AND lease IS NOT NULL AND next_attempt > :now
+      AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))
+"""
+FAIL_PENDING_RECIPIENTS = """
+    UPDATE recipients SET status = 'failed', last_reply = ?, updated_at = ?
+    WHERE envelope_id IN (SELECT value FROM json_each(?)) AND status IN ('queued', 'deferred')
+"""
+FINISH_FAILED_ENVELOPES = """
+    UPDATE envelopes SET done = 1, lease = NULL
+    WHERE id IN (SELECT value FROM json_each(?)) AND done = 0
+"""
+RECIPIENTS_BY_STATUS = "SELECT status, count(*) FROM recipients GROUP BY status ORDER BY status"
+UNFINISHED_SUMMARY = """
+    SELECT count(*), coalesce(sum(lease IS NOT NULL AND next_attempt > ?), 0), min(created_at)
+    FROM envelopes WHERE done = 0
+"""
+BACKLOG_BY_DOMAIN = """
+    SELECT e.domain, count(*) AS pending
+    FROM recipients r JOIN envelopes e ON e.id = r.envelope_id
+    WHERE e.done = 0 AND r.status IN ('queued', 'deferred')
+    GROUP BY e.domain ORDER BY pending DESC, e.domain LIMIT ?
+"""

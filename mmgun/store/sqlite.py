@@ -33,6 +33,7 @@ from . import (
     StorageError,
     SubmissionState,
 )
+from . import InDelivery, NotInQueue, QueueEntry, QueueStats
 from . import _sqlite_queries as Q
 
 _log = Logger()
@@ -255,6 +256,66 @@ class SQLiteStore:
         """Return up to ``pages`` free pages to the file system."""
         await self._runner.autocommit(_vacuum, pages)
 
+    # -- the operator's command (mmgun.admin) ----------------------------------
+
+    @classmethod
+    def open_existing(cls, path: str) -> SQLiteStore:
+        """
+        A synchronous store on a database the daemon has already created, for ``mmgun``.
+
+        Never creates the file nor changes its schema (a typo in a path must not leave an
+        empty queue behind); raises StorageError with one line for the operator otherwise.
+        """
+        if not os.path.exists(path):
+            raise StorageError(f"database {path} does not exist")
+        if not os.path.isfile(path):
+            raise StorageError(f"database {path} is not a file")
+        try:
+            with open(path, "rb") as f:
+                header = f.read(16)
+            # Before connect(), whose journal_mode pragma would write to an empty file.
+            if header != b"SQLite format 3\x00":
+                raise StorageError(f"{path} is not an mmgun database (not an SQLite file)")
+            conn = connect(path)
+            try:
+                (version,) = conn.execute(Q.USER_VERSION).fetchone()
+            finally:
+                conn.close()
+        except (OSError, sqlite3.Error) as e:
+            raise StorageError(f"cannot open database {path}: {e}") from e
+        if version == 0:
+            raise StorageError(f"{path} is not an mmgun database (it has no schema)")
+        if version > len(Q.MIGRATIONS):
+            raise StorageError(f"database {path} has schema version {version}, newer than this mmgun ({len(Q.MIGRATIONS)})")
+        if version < len(Q.MIGRATIONS):
+            raise StorageError(f"database {path} has schema version {version}; start the daemon once to upgrade it")
+        return cls(SyncRunner(path))
+
+    async def queue_entries(self, now: float, status: str | None = None, domain: str | None = None) -> list[QueueEntry]:
+        """Unfinished envelopes, oldest first; ``status`` is None, "queued" or "deferred"."""
+        if status not in (None, "queued", "deferred"):
+            raise ValueError(f"no queue status {status!r}")
+        return await self._runner.read(_queue_entries_txn, now, status, domain)
+
+    async def queue_stats(self, now: float, top_domains: int = 20) -> QueueStats:
+        return await self._runner.read(_queue_stats_txn, now, top_domains)
+
+    async def flush_deferred(self, now: float, ids: Sequence[str] | None = None) -> tuple[int, int]:
+        """
+        Make deferred envelopes due at ``now``: all of them, or those named by envelope or
+        submission id. Leased ones are left to their sender. Returns (flushed, in delivery);
+        raises NotInQueue, changing nothing, if an id matches no unfinished envelope.
+        """
+        return await self._runner.write(_flush_deferred_txn, now, None if ids is None else list(ids))
+
+    async def fail_queued(self, ids: Sequence[str], now: float, reply: str) -> tuple[int, int]:
+        """
+        Fail every pending recipient of the named envelopes (or submissions) with ``reply``
+        and finish them, as a delivery that failed would. Returns (envelopes, recipients).
+        All or nothing: raises NotInQueue or InDelivery and changes nothing.
+        """
+        return await self._runner.write(_fail_queued_txn, list(ids), now, reply)
+
     async def close(self) -> None:
         self._runner.close()
 
@@ -364,3 +425,66 @@ def _vacuum(conn: sqlite3.Connection, pages: int) -> None:
 
 def _ping_txn(conn: sqlite3.Connection) -> None:
     conn.execute(Q.PING).fetchone()
+
+
+def _queue_entries_txn(conn: sqlite3.Connection, now: float, status: str | None, domain: str | None) -> list[QueueEntry]:
+    rows = conn.execute(Q.QUEUE_ENVELOPES, {"now": now, "status": status, "domain": domain}).fetchall()
+    pending: dict[int, list[str]] = {}
+    replies: dict[int, tuple[float, str]] = {}
+    for eid, address, reply, updated_at in conn.execute(Q.QUEUE_RECIPIENTS, (json.dumps([row[0] for row in rows]),)):
+        pending.setdefault(eid, []).append(address)
+        if reply is not None and (eid not in replies or updated_at >= replies[eid][0]):
+            replies[eid] = (updated_at, reply)
+    return [
+        QueueEntry(
+            envelope_id=eid,
+            submission_id=sid,
+            client=client,
+            domain=domain,
+            recipients=tuple(pending.get(eid, ())),
+            attempts=attempts,
+            next_attempt=next_attempt,
+            last_reply=replies[eid][1] if eid in replies else None,
+            created_at=created_at,
+            leased=bool(leased),
+        )
+        for eid, sid, client, domain, attempts, next_attempt, leased, created_at in rows
+    ]
+
+
+def _queue_stats_txn(conn: sqlite3.Connection, now: float, top_domains: int) -> QueueStats:
+    recipients = tuple(conn.execute(Q.RECIPIENTS_BY_STATUS).fetchall())
+    unfinished, in_delivery, oldest = conn.execute(Q.UNFINISHED_SUMMARY, (now,)).fetchone()
+    domains = tuple(conn.execute(Q.BACKLOG_BY_DOMAIN, (top_domains,)).fetchall())
+    return QueueStats(recipients, unfinished, in_delivery, oldest, domains)
+
+
+def _match_queued(conn: sqlite3.Connection, ids: list[str], now: float) -> list[tuple[int, str, bool, float]]:
+    """The unfinished envelopes named by envelope or submission id; NotInQueue if any id matches none."""
+    numbers = {i: str(int(i)) for i in ids if i.isascii() and i.isdigit()}
+    rows = conn.execute(Q.MATCH_QUEUED, (now, json.dumps([int(n) for n in numbers.values()]), json.dumps(ids))).fetchall()
+    found = {str(eid) for eid, *_ in rows} | {sid for _, sid, *_ in rows}
+    missing = [i for i in dict.fromkeys(ids) if i not in found and numbers.get(i) not in found]
+    if missing:
+        raise NotInQueue(missing)
+    return [(eid, sid, bool(leased), next_attempt) for eid, sid, leased, next_attempt in rows]
+
+
+def _flush_deferred_txn(conn: sqlite3.Connection, now: float, ids: list[str] | None) -> tuple[int, int]:
+    selection = None if ids is None else json.dumps(sorted({row[0] for row in _match_queued(conn, ids, now)}))
+    flushed = conn.execute(Q.FLUSH_DEFERRED, {"now": now, "ids": selection}).rowcount
+    (in_delivery,) = conn.execute(Q.COUNT_IN_DELIVERY, {"now": now, "ids": selection}).fetchone()
+    return flushed, in_delivery
+
+
+def _fail_queued_txn(conn: sqlite3.Connection, ids: list[str], now: float, reply: str) -> tuple[int, int]:
+    rows = _match_queued(conn, ids, now)
+    busy = sorted((eid, until) for eid, _, leased, until in rows if leased)
+    if busy:
+        raise InDelivery([eid for eid, _ in busy], max(until for _, until in busy))
+    selection = json.dumps(sorted({row[0] for row in rows}))
+    failed = conn.execute(Q.FAIL_PENDING_RECIPIENTS, (reply, now, selection)).rowcount
+    finished = conn.execute(Q.FINISH_FAILED_ENVELOPES, (selection,)).rowcount
+    for submission_id in sorted({row[1] for row in rows}):
+        conn.execute(Q.FINISH_SUBMISSION, (now, submission_id, submission_id))
+    return finished, failed

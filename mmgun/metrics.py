@@ -1,0 +1,60 @@
+"""
+Prometheus metrics of one mmgun process, in a registry of its own (so tests and
+several services in one process never collide), served at GET /metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+ENDPOINTS = ("/", "/send", "/status", "/healthz", "/metrics")
+
+
+class QueueCollector(Collector):
+    """Queue depth and age as last read from the store (refreshed by a timer, never on scrape)."""
+
+    def __init__(self) -> None:
+        self.depth: dict[str, float] = {}
+        self.oldest_age = 0.0
+        self.envelopes = 0.0
+
+    def collect(self) -> Iterable[Any]:
+        depth = GaugeMetricFamily("mmgun_queue_recipients", "Unfinished recipients in the queue, by status", labels=["status"])
+        for status in ("queued", "deferred"):
+            depth.add_metric([status], self.depth.get(status, 0.0))
+        yield depth
+        yield GaugeMetricFamily("mmgun_queue_envelopes", "Unfinished envelopes in the queue", value=self.envelopes)
+        yield GaugeMetricFamily("mmgun_queue_oldest_age_seconds", "Age of the oldest unfinished envelope", value=self.oldest_age)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.accepted = Counter("mmgun_submissions_accepted", "Submissions queued", registry=r)
+        self.rejected = Counter("mmgun_submissions_rejected", "Submissions refused, by reason", ["reason"], registry=r)
+        self.recipients = Counter("mmgun_recipients", "Recipient delivery outcomes, by status", ["status"], registry=r)
+        self.smtp_replies = Counter("mmgun_smtp_replies", "SMTP replies from mail exchangers, by class", ["class"], registry=r)
+        self.delivery_latency = Histogram(
+            "mmgun_delivery_latency_seconds", "From submission to the MX's acceptance", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.http_latency = Histogram(
+            "mmgun_http_request_duration_seconds", "HTTP request latency", ["endpoint", "code"], buckets=HTTP_BUCKETS, registry=r
+        )
+        self.queue = QueueCollector()
+        r.register(self.queue)
+
+    def http_request(self, path: bytes, code: int, seconds: float) -> None:
+        endpoint = path.decode("ascii", "replace")
+        self.http_latency.labels(endpoint if endpoint in ENDPOINTS else "other", str(code)).observe(seconds)
+
+    def recipient(self, status: str, latency: float | None) -> None:
+        self.recipients.labels(status).inc()
+        if status == "sent" and latency is not None:
+            self.delivery_latency.observe(latency)

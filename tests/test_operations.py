@@ -1,0 +1,217 @@
+"""Operations: /healthz, /metrics, clients reload, graceful shutdown of a real daemon, JSON logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import HTTPConnectionPool
+
+from mmgun.clients import Clients
+from mmgun.config import Options
+from mmgun.metrics import Metrics
+from mmgun.service import ClientsHolder, ClientsReloader, QueueGauges, make_service
+from mmgun.testing.smtpserver import Mailbox, smtp_server_factory
+
+from .helpers import CLIENT, OTHER_CLIENT, make_api, result, sync_store
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def metric_values(text: str) -> dict[tuple[str, tuple], float]:
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+async def wait_until(predicate, what: str, deadline: float = 30.0) -> None:
+    """Poll ``predicate`` until it holds, failing after ``deadline`` seconds."""
+    end = reactor.seconds() + deadline
+    while not predicate():
+        if reactor.seconds() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.05, lambda: None)
+
+
+class HealthTests(SynchronousTestCase):
+    def test_healthz_ok(self) -> None:
+        api, _, _ = make_api(self)
+        self.assertEqual(api.request("GET", "/healthz"), (200, {"status": "ok"}))
+
+    def test_healthz_503_when_database_fails(self) -> None:
+        api, store, _ = make_api(self)
+        store._runner.close()
+        code, body = api.request("GET", "/healthz")
+        self.assertEqual((code, body["status"]), (503, "unavailable"))
+        self.flushLoggedErrors()
+
+
+class MetricsTests(TestCase):
+    """/metrics served by prometheus_client's Twisted resource on a real port, parsed with its parser."""
+
+    async def _scrape(self) -> None:
+        clients = self.mktemp()
+        with open(clients, "w") as f:
+            f.write(CLIENT + "\n")
+        options = Options({})
+        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--database", self.mktemp(), "--clients", clients, "--role", "frontend"])
+        service = make_service(options.config, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        http = [s for s in service if hasattr(s, "_waitingForPort")][0]
+        ports: list = []
+        http._waitingForPort.addCallback(lambda p: ports.append(p) or p)
+        url = f"http://127.0.0.1:{ports[0].getHost().port}"
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        good = {"client_id": CLIENT, "sender": "a@b.example", "recipients": ["c@d.example", "e@f.example"], "subject": "s", "body": "b"}
+        for body in (good, good, {**good, "sender": "bad"}, {**good, "client_id": "nobody-xxxxxxxxxxxx"}):
+            await (await treq.post(url + "/send", json=body, pool=pool)).content()
+        gauges = [s for s in service if isinstance(s, QueueGauges)][0]
+        await gauges.refresh()
+        response = await treq.get(url + "/metrics", pool=pool)
+        self.assertEqual(response.code, 200)
+        values = metric_values((await response.content()).decode())
+        self.assertEqual(values[("mmgun_submissions_accepted_total", ())], 2)
+        self.assertEqual(values[("mmgun_submissions_rejected_total", (("reason", "invalid"),))], 1)
+        self.assertEqual(values[("mmgun_submissions_rejected_total", (("reason", "unauthorized"),))], 1)
+        self.assertEqual(values[("mmgun_queue_recipients", (("status", "queued"),))], 4)
+        self.assertEqual(values[("mmgun_queue_envelopes", ())], 4)
+        self.assertGreaterEqual(values[("mmgun_queue_oldest_age_seconds", ())], 0)
+        self.assertEqual(values[("mmgun_http_request_duration_seconds_count", (("code", "200"), ("endpoint", "/send")))], 2)
+        self.assertEqual(values[("mmgun_http_request_duration_seconds_count", (("code", "400"), ("endpoint", "/send")))], 1)
+
+    def test_metrics_scraped_and_parsed(self) -> Deferred:
+        return Deferred.fromCoroutine(self._scrape())
+
+
+class SenderMetricsTests(SynchronousTestCase):
+    def test_delivery_outcomes_counted(self) -> None:
+        from .test_sender import FakeRouter, ScriptedSessions, SETTINGS, mx
+        import random
+        import uuid
+
+        from mmgun.sender import Sender
+        from mmgun.smtp import Reply, SMTPSettings
+        from mmgun.store import NewSubmission
+
+        store, _ = sync_store(self)
+        clock = Clock()
+        clock.advance(1000)
+        sessions = ScriptedSessions()
+        sessions.replies = {"no": [Reply(550, "5.1.1 no")]}
+        metrics = Metrics()
+        sender = Sender(store, FakeRouter({"a.example": [mx("mx.a.example")]}), clock, SMTPSettings(helo="h"), SETTINGS, session=sessions, rng=random.Random(0), metrics=metrics)
+        result(self, store.add_submission(NewSubmission(uuid.uuid4().hex, "c", "me@x.example", ("yes@a.example", "no@a.example"), b"m", 990.0)))
+        self.successResultOf(sender.poll())
+        get = metrics.registry.get_sample_value
+        self.assertEqual(get("mmgun_recipients_total", {"status": "sent"}), 1)
+        self.assertEqual(get("mmgun_recipients_total", {"status": "failed"}), 1)
+        self.assertEqual(get("mmgun_smtp_replies_total", {"class": "2xx"}), 1)
+        self.assertEqual(get("mmgun_smtp_replies_total", {"class": "5xx"}), 1)
+        self.assertEqual(get("mmgun_delivery_latency_seconds_count"), 1)
+        self.assertEqual(get("mmgun_delivery_latency_seconds_sum"), 10)
+
+
+class ClientsReloadTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        self.write(CLIENT)
+        self.holder = ClientsHolder(self.path)
+        self.clock = Clock()
+        self.reloader = ClientsReloader(self.holder, self.clock, interval=2.0)
+        self.reloader.startService()
+        self.addCleanup(self.reloader.stopService)
+
+    def write(self, text: str, mtime: int | None = None) -> None:
+        with open(self.path, "w") as f:
+            f.write(text + "\n")
+        if mtime is not None:
+            os.utime(self.path, ns=(mtime, mtime))
+
+    def test_changed_file_reloaded_by_timer(self) -> None:
+        self.assertTrue(self.holder().authenticate(CLIENT))
+        self.write(OTHER_CLIENT, mtime=10**18)
+        self.assertIsNone(self.holder().authenticate(OTHER_CLIENT))
+        self.clock.advance(2)
+        self.assertTrue(self.holder().authenticate(OTHER_CLIENT))
+        self.assertIsNone(self.holder().authenticate(CLIENT))
+
+    def test_broken_file_keeps_old_set(self) -> None:
+        self.write("short", mtime=10**18)
+        self.clock.advance(2)
+        self.assertTrue(self.holder().authenticate(CLIENT))
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_sighup_reloads(self) -> None:
+        if not hasattr(signal, "SIGHUP"):
+            self.skipTest("no SIGHUP here")
+        calls: list = []
+        self.clock.callFromThread = lambda f, *a: calls.append(f)  # type: ignore[attr-defined]
+        self.reloader.stopService()
+        self.reloader.startService()
+        self.write(OTHER_CLIENT)
+        os.kill(os.getpid(), signal.SIGHUP)
+        self.assertEqual(len(calls), 1)
+        calls[0]()
+        self.assertTrue(self.holder().authenticate(OTHER_CLIENT))
+
+
+class DaemonShutdownTests(TestCase):
+    """A real twistd process with a delivery in flight stops cleanly on SIGTERM and leaves no lease behind."""
+
+    async def _shutdown(self) -> None:
+        mailbox = Mailbox()
+        port = reactor.listenTCP(0, smtp_server_factory(reactor, mailbox, tls=False, slow_seconds=3600), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        folder = self.mktemp()
+        os.makedirs(folder)
+        clients = os.path.join(folder, "clients")
+        with open(clients, "w") as f:
+            f.write(CLIENT + "\n")
+        database = os.path.join(folder, "mmgun.sqlite3")
+        log = open(os.path.join(folder, "twistd.log"), "w+")
+        self.addCleanup(log.close)
+        process = subprocess.Popen(
+            [TWISTD, "--pidfile=", "-n", "mmgun", "--database", database, "--clients", clients,
+             "--listen", "tcp:0:interface=127.0.0.1", "--relay-host", f"127.0.0.1:{port.getHost().port}",
+             "--poll-interval", "0.05", "--shutdown-timeout", "1s", "--log-format", "json", "--role", "sender"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        store, _ = sync_store(self)
+        from mmgun.store import NewSubmission
+
+        shared = __import__("mmgun.store.sqlite", fromlist=["SQLiteStore"]).SQLiteStore.open_sync(database)
+        self.addCleanup(shared._runner.close)
+        result(self, shared.add_submission(NewSubmission("a" * 32, "c", "me@x.example", ("slowdata@a.example",), b"Subject: x\r\n\r\nsecret body\r\n", reactor.seconds())))
+        result(self, shared.add_submission(NewSubmission("b" * 32, "c", "me@x.example", ("fast@b.example",), b"Subject: y\r\n\r\nbody\r\n", reactor.seconds())))
+        conn = sqlite3.connect(database)
+        self.addCleanup(conn.close)
+        leased = lambda: conn.execute("SELECT count(*) FROM envelopes WHERE lease IS NOT NULL").fetchone()[0]  # noqa: E731
+        await wait_until(lambda: len(mailbox.messages) == 1 and leased() == 1, "one delivery done and one in flight")
+        process.send_signal(signal.SIGTERM)
+        await wait_until(lambda: process.poll() is not None, "the daemon to exit")
+        self.assertEqual(process.returncode, 0)
+        self.assertEqual(leased(), 0)
+        states = dict(conn.execute("SELECT r.address, r.status FROM recipients r").fetchall())
+        self.assertEqual(states, {"slowdata@a.example": "queued", "fast@b.example": "sent"})
+        log.seek(0)
+        lines = log.read().splitlines()
+        events = [json.loads(line) for line in lines]
+        self.assertTrue(any(e.get("log_namespace") == "mmgun.sender" for e in events))
+        self.assertFalse(any("secret body" in line for line in lines))
+
+    def test_sigterm_with_delivery_in_flight(self) -> Deferred:
+        return Deferred.fromCoroutine(self._shutdown())
