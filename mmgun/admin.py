@@ -5,7 +5,11 @@
     mmgun queue flush [ID...]       deferred envelopes due now (like postqueue -f)
     mmgun queue delete ID...        fail pending recipients: "deleted by operator" (like postsuper -d)
     mmgun stats [--json]            recipients by status, queue age, backlog per domain
-    mmgun clients check [--clients PATH]
+    mmgun clients check [--clients PATH]   validate the (deprecated) clients file
+    mmgun clients add ID            a client with a stable id, e.g. acme
+    mmgun keys create CLIENT        a new API key, printed once
+    mmgun keys list CLIENT          key ids, created/last used/revoked (never the keys)
+    mmgun keys revoke KEY_ID        refused by every running frontend within seconds
 
 An ID is an envelope id (a number, as ``mmgun queue`` shows) or a submission id (all of its
 unfinished envelopes). The command is one more connection to the daemon's SQLite file: in
@@ -30,9 +34,10 @@ import idna
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from .auth import check_client_id, key_hash, new_key
 from .clients import ClientsFileError, load_clients
 from .config import OPTIONS, env_name
-from .store import InDelivery, NotInQueue, QueueEntry, QueueStats, StorageError
+from .store import Conflict, InDelivery, NotInQueue, QueueEntry, QueueStats, StorageError
 from .store.sqlite import SQLiteStore
 
 T = TypeVar("T")
@@ -159,8 +164,24 @@ def _parser(out: TextIO) -> _Parser:
     stats.add_argument("--json", action="store_true", help="a JSON object instead of text")
     stats.set_defaults(run=_stats)
 
-    clients = commands.add_parser("clients", help="the clients file")
+    clients = commands.add_parser("clients", help="clients: add one; check the clients file")
     clients_actions = clients.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=parser_class)
+    add = clients_actions.add_parser("add", parents=[database], help="add a client (a stable id such as acme)")
+    add.add_argument("client", metavar="ID")
+    add.set_defaults(run=_clients_add)
+
+    keys = commands.add_parser("keys", help="API keys: create, list, revoke")
+    keys_actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=parser_class)
+    create = keys_actions.add_parser("create", parents=[database], help="create a key for a client and print it (once)")
+    create.add_argument("client", metavar="CLIENT")
+    create.set_defaults(run=_keys_create)
+    listing = keys_actions.add_parser("list", parents=[database], help="a client's keys (ids, never the keys)")
+    listing.add_argument("client", metavar="CLIENT")
+    listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    listing.set_defaults(run=_keys_list)
+    revoke = keys_actions.add_parser("revoke", parents=[database], help="revoke a key: refused within seconds")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    revoke.set_defaults(run=_keys_revoke)
     check = clients_actions.add_parser("check", help="validate the clients file")
     check.add_argument(
         "--clients",
@@ -334,6 +355,64 @@ def _clients_check(args: argparse.Namespace, context: _Context) -> int:
     path = args.clients or context.environ.get(env_name("clients")) or default
     clients = load_clients(path)
     context.out.write(f"ok: {_count(len(clients), 'client')}\n")
+    return 0
+
+
+def _write(args: argparse.Namespace, context: _Context, call: Callable[[SQLiteStore], Coroutine[Any, Any, T]]) -> T:
+    """Like _run, but creates (or upgrades) the database: keys may be made before the daemon's first start."""
+    store = SQLiteStore.open_sync(_database(args, context))
+    try:
+        return _wait(call(store))
+    except Conflict as e:
+        raise AdminError(str(e)) from None
+    finally:
+        _wait(store.close())
+
+
+def _clients_add(args: argparse.Namespace, context: _Context) -> int:
+    try:
+        client = check_client_id(args.client)
+    except ValueError as e:
+        raise AdminError(str(e)) from None
+    _write(args, context, lambda store: store.add_client(client, context.now()))
+    context.out.write(f"added client {client}; create a key with: mmgun keys create {client}\n")
+    return 0
+
+
+def _keys_create(args: argparse.Namespace, context: _Context) -> int:
+    key_id, key = new_key()
+    _write(args, context, lambda store: store.add_key(args.client, key_id, key_hash(key), context.now()))
+    context.out.write(f"key id: {key_id}\nkey:    {key}\n(the key is shown only now: store it safely)\n")
+    return 0
+
+
+def _keys_list(args: argparse.Namespace, context: _Context) -> int:
+    keys = _write(args, context, lambda store: store.list_keys(args.client))
+    documents = [
+        {
+            "key_id": k.key_id,
+            "client": k.client,
+            "created_at": _iso(k.created_at, precise=True),
+            "last_used_at": _iso(k.last_used_at, precise=True) if k.last_used_at is not None else None,
+            "revoked_at": _iso(k.revoked_at, precise=True) if k.revoked_at is not None else None,
+        }
+        for k in keys
+    ]
+    if args.json:
+        json.dump(documents, context.out, indent=2)
+        context.out.write("\n")
+    elif not documents:
+        context.out.write(f"client {args.client} has no API key\n")
+    else:
+        for d in documents:
+            state = f"revoked {d['revoked_at']}" if d["revoked_at"] else "active"
+            context.out.write(f"{d['key_id']}  created {d['created_at']}  last used {d['last_used_at'] or 'never'}  {state}\n")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace, context: _Context) -> int:
+    revoked = _write(args, context, lambda store: store.revoke_key(args.key_id, context.now()))
+    context.out.write(f"revoked key {args.key_id}\n" if revoked else f"key {args.key_id} was already revoked\n")
     return 0
 
 

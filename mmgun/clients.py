@@ -71,7 +71,5 @@ def load_clients(path: str) -> Clients:
         raise ClientsFileError(f"clients file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ClientsFileError(f"cannot read clients file {path}: {e}") from None
-    ids = parse_clients(text, path)
-    if not ids:
-        raise ClientsFileError(f"clients file {path} lists no client id")
-    return Clients.from_ids(ids)
+    # An empty file is fine: API keys (in the database) may be the only credentials.
+    return Clients.from_ids(parse_clients(text, path))

@@ -43,6 +43,20 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must not be negative, not {number}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError(f"must be a non-negative number, not {value!r}")
+    return number
+
+
 def _port(value: str) -> int:
     number = int(value)
     if not 0 < number < 65536:
@@ -72,6 +86,10 @@ OPTIONS: dict[str, tuple[str | None, object, str]] = {
     "clients": ("conf/clients", str, "file of accepted client ids, one per line"),
     "max-message-size": ("10M", parse_size, "largest accepted request body (bytes, or K/M suffix)"),
     "max-recipients": ("1000", _positive_int, "most recipients in one submission"),
+    "rate-limit": ("200", _non_negative_float, "per-client /send limit, messages a second (0: no limit)"),
+    "rate-burst": ("1000", _positive_int, "per-client burst above --rate-limit"),
+    "max-queued": ("100000", _non_negative_int, "per-client cap on queued recipients (0: no cap)"),
+    "request-timeout": ("30s", parse_duration, "a request's headers and body must arrive within this"),
     "smtp-port": ("25", _port, "TCP port of every mail exchanger"),
     "relay-host": (None, _hostport, "smarthost HOST[:PORT]: send everything there, no MX lookup"),
     "helo": (None, str, "name used in EHLO and Message-ID (default: this machine's FQDN)"),
@@ -108,6 +126,10 @@ class Config:
     roles: tuple[str, ...]
     max_message_size: int
     max_recipients: int
+    rate_limit: float
+    rate_burst: int
+    max_queued: int
+    request_timeout: float
     nameservers: tuple[str, ...]
     smtp_port: int
     relay_host: str | None

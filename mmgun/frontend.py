@@ -8,6 +8,7 @@ with the right status code, and an error changes nothing.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -20,7 +21,9 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
+from .auth import AuthenticationFailed, Authenticator
 from .clients import Clients
+from .limits import QueueCap, RateLimiter
 from .metrics import Metrics
 from .message import BadRequest, build_message, check_fields, parse_json_object, parse_send
 from .store import IdempotencyConflict, NewSubmission, Store, SubmissionState
@@ -29,15 +32,28 @@ _log = Logger()
 
 API_VERSION = "1"
 MAX_IDEMPOTENCY_KEY = 255
-STATUS_FIELDS = ("client_id", "submission_id")
-_REASONS = {400: "invalid", 401: "unauthorized", 405: "method", 409: "idempotency_conflict", 413: "too_large", 500: "internal"}
+STATUS_FIELDS = ("submission_id",)
+_REASONS = {
+    400: "invalid",
+    401: "unauthorized",
+    405: "method",
+    409: "idempotency_conflict",
+    413: "too_large",
+    429: "rate_limited",
+    500: "internal",
+}
 
 
 class HTTPError(Exception):
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, headers: dict[bytes, bytes] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.headers = headers or {}
+
+
+def _too_many(message: str, wait: float) -> HTTPError:
+    return HTTPError(429, message, {b"Retry-After": str(max(1, math.ceil(wait))).encode("ascii")})
 
 
 def iso8601(timestamp: float) -> str:
@@ -76,11 +92,21 @@ class Frontend:
         max_recipients: int = 1000,
         max_message_size: int = 10 * 1024 * 1024,
         metrics: Metrics | None = None,
+        rate_limit: float = 0.0,
+        rate_burst: float = 1.0,
+        queue_cap: QueueCap | None = None,
+        auth_failures: RateLimiter | None = None,
+        request_timeout: float = 30.0,
     ) -> None:
         self.metrics = metrics if metrics is not None else Metrics()
         self._store = store
-        self._clients = clients
         self._clock = clock
+        self._auth = Authenticator(store, clients, clock)
+        self._rate = RateLimiter(rate_limit, rate_burst, clock)
+        self._queue_cap = queue_cap
+        # Ten failures in a row, then one try every six seconds, per source address.
+        self._auth_failures = auth_failures if auth_failures is not None else RateLimiter(10 / 60, 10, clock)
+        self.request_timeout = request_timeout
         self._hostname = hostname
         self._max_recipients = max_recipients
         self.max_message_size = max_message_size
@@ -90,11 +116,12 @@ class Frontend:
 
     def site(self) -> Site:
         """A Site that stops buffering a request body once it passes the size limit."""
-        site = Site(self.resource())
+        site = FrontendSite(self.resource())
         site.requestFactory = LimitedRequest
         site.max_request_size = self.max_message_size  # type: ignore[attr-defined]
         site.metrics = self.metrics  # type: ignore[attr-defined]
         site.clock = self._clock  # type: ignore[attr-defined]
+        site.request_timeout = self.request_timeout  # type: ignore[attr-defined]
         site.displayTracebacks = False
         return site
 
@@ -115,9 +142,14 @@ class Frontend:
     @app.route("/send", methods=["POST"])
     async def send(self, request: IRequest) -> bytes:
         obj = self._read_json(request)
-        client = self._authenticate(obj)
+        client = await self._authenticate(request, obj)
         key = _idempotency_key(request)
         send = parse_send(obj, self._max_recipients)
+        wait = self._rate.take(client)
+        if wait:
+            raise _too_many("rate limit exceeded for this client", wait)
+        if self._queue_cap is not None and not self._queue_cap.admit(client, len(send.recipients)):
+            raise _too_many(f"this client has more than {self._queue_cap.limit} recipients queued", self._queue_cap.step)
         now = self._clock.seconds()
         submission = NewSubmission(
             id=uuid.uuid4().hex,
@@ -148,7 +180,7 @@ class Frontend:
     @app.route("/status", methods=["POST"])
     async def status(self, request: IRequest) -> bytes:
         obj = self._read_json(request)
-        client = self._authenticate(obj)
+        client = await self._authenticate(request, obj)
         check_fields(obj, STATUS_FIELDS)
         submission_id = obj["submission_id"]
         if not isinstance(submission_id, str):
@@ -184,6 +216,8 @@ class Frontend:
     @app.handle_errors(HTTPError)
     def http_error(self, request: IRequest, failure: Failure) -> bytes:
         self._rejected(request, failure.value.code)
+        for name, value in failure.value.headers.items():
+            request.setHeader(name, value)
         return _error(request, failure.value.code, failure.value.message)
 
     @app.handle_errors(BadRequest)
@@ -221,11 +255,27 @@ class Frontend:
             raise HTTPError(413, f"request body larger than {self.max_message_size} bytes")
         return parse_json_object(content)
 
-    def _authenticate(self, obj: dict[str, Any]) -> str:
-        client = self._clients().authenticate(obj.get("client_id"))
-        if client is None:
-            raise HTTPError(401, "missing or unknown client_id")
-        return client
+    async def _authenticate(self, request: IRequest, obj: dict[str, Any]) -> str:
+        """The caller's client label; takes ``client_id`` out of ``obj``. 401 says nothing more."""
+        address = _source(request)
+        wait = self._auth_failures.blocked(address)
+        if wait:
+            raise _too_many("too many failed authentication attempts", wait)
+        authorization = request.getHeader(b"authorization")
+        if authorization is not None and "client_id" in obj:
+            raise BadRequest("use either an Authorization header or the client_id field, not both")
+        try:
+            return await self._auth.authenticate(authorization, obj.pop("client_id", None))
+        except AuthenticationFailed:
+            self._auth_failures.take(address)
+            raise HTTPError(
+                401, "authentication failed", {b"WWW-Authenticate": b'Basic realm="mmgun", charset="UTF-8"'}
+            ) from None
+
+
+def _source(request: IRequest) -> str:
+    address = request.getClientAddress()
+    return getattr(address, "host", None) or str(address)
 
 
 def _looks_like_id(value: str) -> bool:
@@ -252,17 +302,82 @@ def _error(request: IRequest, code: int, message: str) -> bytes:
     return _json(request, code, {"result": "error", "message": message})
 
 
+class FrontendSite(Site):
+    """A Site that knows its open connections and requests in flight, for a graceful stop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.channels: set[Any] = set()
+        self.in_flight = 0
+
+    def busy(self) -> bool:
+        return self.in_flight > 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if channel is None:
+            return None
+        self.channels.add(channel)
+        lost = channel.connectionLost
+
+        def connectionLost(reason: Any) -> None:
+            self.channels.discard(channel)
+            lost(reason)
+
+        channel.connectionLost = connectionLost
+        return channel
+
+
 class LimitedRequest(Request):
     """Buffers at most the site's ``max_request_size`` bytes of a body; beyond that, marks it too large."""
 
     too_large = False
     _received = 0
     _started: float | None = None
+    _deadline: Any = None
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        # A request must arrive whole (headers and body) within request_timeout: a
+        # client that trickles bytes (slowloris) resets the idle timeout, not this one.
+        site = getattr(channel, "site", None)
+        timeout, clock = getattr(site, "request_timeout", None), getattr(site, "clock", None)
+        if timeout and clock is not None:
+            self._deadline = clock.callLater(timeout, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        _log.info("dropping a request that did not arrive within {timeout}s", timeout=self.channel.site.request_timeout)
+        self.channel.transport.abortConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        super().connectionLost(reason)
+
+    _counted = False
 
     def process(self) -> None:
-        clock = getattr(self.channel.site, "clock", None)
+        site = self.channel.site
+        clock = getattr(site, "clock", None)
         self._started = clock.seconds() if clock is not None else None
+        if isinstance(site, FrontendSite):
+            site.in_flight += 1
+            self._counted = True
+            self.notifyFinish().addBoth(self._done, site)
         super().process()
+
+    def _done(self, result: object, site: FrontendSite) -> None:
+        if self._counted:
+            self._counted = False
+            site.in_flight -= 1
 
     def finish(self) -> None:
         site = self.channel.site if self.channel is not None else None

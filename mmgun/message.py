@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from email import quoprimime
 from email.header import Header
 from email.utils import format_datetime, make_msgid
@@ -23,7 +24,7 @@ MAX_SUBJECT = 998
 #: RFC 5322 atext, the characters of a dot-atom local part.
 _ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-SUBMIT_FIELDS = ("client_id", "sender", "recipients", "subject", "body")
+SUBMIT_FIELDS = ("sender", "recipients", "subject", "body")
 
 
 class BadRequest(Exception):
@@ -32,7 +33,6 @@ class BadRequest(Exception):
 
 @attrs.frozen
 class SendRequest:
-    client_id: object
     sender: str
     recipients: tuple[str, ...]
     subject: str
@@ -100,6 +100,7 @@ def check_fields(obj: dict[str, Any], allowed: tuple[str, ...]) -> None:
 
 
 def parse_send(obj: dict[str, Any], max_recipients: int) -> SendRequest:
+    """The fields of /send, credentials already taken out."""
     check_fields(obj, SUBMIT_FIELDS)
     sender = normalize_address(_string(obj, "sender"), "sender")
     recipients = obj["recipients"]
@@ -113,14 +114,14 @@ def parse_send(obj: dict[str, Any], max_recipients: int) -> SendRequest:
             raise BadRequest(f"field 'recipients[{i}]' must be a string")
         normalized[normalize_address(value, f"recipients[{i}]")] = None
     subject = _string(obj, "subject")
-    if any(c in subject for c in "\r\n\0"):
-        raise BadRequest("field 'subject' must not contain CR, LF or NUL")
+    if any(c != "\t" and unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in subject):
+        raise BadRequest("field 'subject' must not contain CR, LF, NUL or other control characters or line separators")
     if len(subject) > MAX_SUBJECT:
         raise BadRequest(f"field 'subject' is longer than {MAX_SUBJECT} characters")
     body = _string(obj, "body")
     if "\0" in body:
         raise BadRequest("field 'body' must not contain NUL")
-    return SendRequest(obj["client_id"], sender, tuple(normalized), subject, body)
+    return SendRequest(sender, tuple(normalized), subject, body)
 
 
 def _string(obj: dict[str, Any], field: str) -> str:

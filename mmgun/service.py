@@ -10,6 +10,7 @@ from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from .clients import Clients, ClientsFileError, load_clients
@@ -139,7 +140,11 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
     if "frontend" in config.roles:
         from .frontend import Frontend
 
+        from .limits import QueueCap
+
         holder = ClientsHolder(config.clients, clients)
+        queue_cap = QueueCap(store, reactor, config.max_queued)
+        queue_cap.setServiceParent(root)
         frontend = Frontend(
             store,
             holder,
@@ -148,10 +153,14 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
             max_recipients=config.max_recipients,
             max_message_size=config.max_message_size,
             metrics=metrics,
+            rate_limit=config.rate_limit,
+            rate_burst=config.rate_burst,
+            queue_cap=queue_cap,
+            request_timeout=config.request_timeout,
         )
         ClientsReloader(holder, reactor).setServiceParent(root)
         QueueGauges(store, metrics, reactor).setServiceParent(root)
-        strports.service(config.listen, frontend.site(), reactor=reactor).setServiceParent(root)
+        http = HTTPService(config.listen, frontend.site(), reactor, grace=min(config.shutdown_timeout, 10.0))
 
     if "sender" in config.roles:
         make_sender(config, store, reactor, metrics).setServiceParent(root)
@@ -160,7 +169,39 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
         from .cleaner import Cleaner
 
         Cleaner(store, reactor, interval=config.clean_interval, retention=config.retention).setServiceParent(root)
+    if "frontend" in config.roles:
+        # Added last, so stopped first: no new request is accepted while deliveries drain.
+        http.setServiceParent(root)
     return root
+
+
+class HTTPService(MultiService):
+    """
+    The API's listening port. On stop: stop listening, give requests in flight ``grace``
+    seconds to be answered, then close every connection (idle keep-alive ones at once).
+    """
+
+    def __init__(self, listen: str, site: Any, reactor: Any, grace: float) -> None:
+        super().__init__()
+        self.site = site
+        self._reactor = reactor
+        self._grace = grace
+        self.listener = strports.service(listen, site, reactor=reactor)
+        self.listener.setServiceParent(self)
+
+    async def _stop(self) -> None:
+        await maybeDeferred(self.listener.stopService)
+        deadline = self._reactor.seconds() + self._grace
+        while self.site.busy() and self._reactor.seconds() < deadline:
+            await deferLater(self._reactor, 0.05, lambda: None)
+        for channel in list(self.site.channels):
+            channel.transport.abortConnection() if self.site.busy() else channel.transport.loseConnection()
+        while self.site.channels and self._reactor.seconds() < deadline + 1:
+            await deferLater(self._reactor, 0.01, lambda: None)
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
 
 
 def make_sender(config: Config, store: Store, reactor: Any, metrics: Metrics | None = None) -> MultiService:

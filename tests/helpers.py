@@ -71,3 +71,15 @@ def make_api(case: SynchronousTestCase, **kwargs: Any) -> tuple[APIClient, SQLit
     clients = Clients.from_ids([CLIENT, OTHER_CLIENT])
     frontend = Frontend(store, lambda: clients, clock, hostname="mmgun.test", **kwargs)
     return APIClient(case, frontend), store, clock
+
+
+def http_url(service: Any) -> str:
+    """The URL of a started service tree's HTTP API (listening on port 0)."""
+    from mmgun.service import HTTPService
+
+    (http,) = [s for s in service if isinstance(s, HTTPService)]
+    ports: list = []
+    # addCallback returns the port on, so stopService still finds it.
+    http.listener._waitingForPort.addCallback(lambda port: ports.append(port) or port)
+    assert len(ports) == 1, "port 0 is bound synchronously"
+    return f"http://127.0.0.1:{ports[0].getHost().port}"

@@ -21,7 +21,7 @@ from mmgun.service import make_service
 from mmgun.testing.dnsserver import listen_dns
 from mmgun.testing.smtpserver import Mailbox, smtp_server_factory
 
-from .helpers import CLIENT
+from .helpers import http_url, CLIENT
 
 ZONE = {
     "alpha.example": [dns.Record_MX(10, b"mx.alpha.example", ttl=60)],
@@ -68,10 +68,7 @@ class DeliveryTests(TestCase):
         service = make_service(options.config, reactor)
         service.startService()
         self.addCleanup(service.stopService)
-        http = [s for s in service if hasattr(s, "_waitingForPort")][0]
-        ports: list = []
-        http._waitingForPort.addCallback(lambda port: ports.append(port) or port)
-        return f"http://127.0.0.1:{ports[0].getHost().port}"
+        return http_url(service)
 
     async def post(self, url: str, body: dict[str, Any]) -> tuple[int, Any]:
         response = await treq.post(url, data=json.dumps(body).encode(), pool=self.pool)

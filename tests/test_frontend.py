@@ -157,10 +157,10 @@ class ErrorTests(SynchronousTestCase):
         self.assertError(self.api.send(body=["x"]), 400, "body")
 
     def test_missing_client_id_is_401(self) -> None:
-        self.assertError(self.api.request("POST", "/send", {"sender": "a@b.example"}), 401, "client_id")
+        self.assertError(self.api.request("POST", "/send", {"sender": "a@b.example"}), 401, "authentication failed")
 
     def test_unknown_client_id_is_401(self) -> None:
-        self.assertError(self.api.send(client="not-a-client-xxxxxxxx"), 401, "client_id")
+        self.assertError(self.api.send(client="not-a-client-xxxxxxxx"), 401, "authentication failed")
 
     def test_unknown_submission_is_404(self) -> None:
         self.assertError(self.api.status("0" * 32), 404, "no such submission")

@@ -23,7 +23,7 @@ from mmgun.metrics import Metrics
 from mmgun.service import ClientsHolder, ClientsReloader, QueueGauges, make_service
 from mmgun.testing.smtpserver import Mailbox, smtp_server_factory
 
-from .helpers import CLIENT, OTHER_CLIENT, make_api, result, sync_store
+from .helpers import http_url, CLIENT, OTHER_CLIENT, make_api, result, sync_store
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -70,10 +70,7 @@ class MetricsTests(TestCase):
         service = make_service(options.config, reactor)
         service.startService()
         self.addCleanup(service.stopService)
-        http = [s for s in service if hasattr(s, "_waitingForPort")][0]
-        ports: list = []
-        http._waitingForPort.addCallback(lambda p: ports.append(p) or p)
-        url = f"http://127.0.0.1:{ports[0].getHost().port}"
+        url = http_url(service)
         pool = HTTPConnectionPool(reactor, persistent=False)
         good = {"client_id": CLIENT, "sender": "a@b.example", "recipients": ["c@d.example", "e@f.example"], "subject": "s", "body": "b"}
         for body in (good, good, {**good, "sender": "bad"}, {**good, "client_id": "nobody-xxxxxxxxxxxx"}):

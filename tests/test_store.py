@@ -24,8 +24,26 @@ class QueueTests(SynchronousTestCase):
     def test_schema_versioned(self) -> None:
         conn = sqlite3.connect(self.path)
         self.addCleanup(conn.close)
-        self.assertEqual(conn.execute("PRAGMA user_version").fetchone(), (1,))
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone(), (2,))
         self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone(), ("wal",))
+
+    def test_forward_migration_keeps_data(self) -> None:
+        from mmgun.store import _sqlite_queries as Q
+
+        path = self.mktemp()
+        conn = connect(path)
+        for statement in Q.MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("INSERT INTO submissions (id, client, sender, created_at) VALUES ('s1', 'c1', 'a@b.example', 1.0)")
+        conn.close()
+        store = SQLiteStore.open_sync(path)
+        self.addCleanup(store._runner.close)
+        check = sqlite3.connect(path)
+        self.addCleanup(check.close)
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone(), (2,))
+        self.assertEqual(check.execute("SELECT id FROM submissions").fetchall(), [("s1",)])
+        result(self, store.add_client("acme", 1.0))
 
     def test_reopen_keeps_data(self) -> None:
         s = submission()

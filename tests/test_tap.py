@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from mmgun.config import Options
 from mmgun.service import make_service
 
-from .helpers import CLIENT
+from .helpers import http_url, CLIENT
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -63,11 +63,7 @@ class ServiceTests(TestCase):
         service = make_service(options.config, reactor)
         service.startService()
         self.addCleanup(service.stopService)
-        http = [s for s in service if hasattr(s, "_waitingForPort")][0]
-        ports: list = []
-        http._waitingForPort.addCallback(lambda port: ports.append(port) or port)  # keeps the result for stopService
-        self.assertEqual(len(ports), 1, "port 0 should be bound synchronously")
-        return f"http://127.0.0.1:{ports[0].getHost().port}"
+        return http_url(service)
 
     def setUp(self) -> None:
         from twisted.internet import reactor

@@ -34,6 +34,30 @@ class StorageError(Exception):
     """The database failed; raised ``from`` the driver's own exception."""
 
 
+class Conflict(Exception):
+    """The operator's change contradicts what is stored (a duplicate client, an unknown key); one line."""
+
+
+@attrs.frozen
+class StoredKey:
+    """What authentication needs of an API key."""
+
+    client: str
+    key_hash: bytes
+    revoked: bool
+
+
+@attrs.frozen
+class KeyInfo:
+    """An API key as ``mmgun keys list`` shows it (never the key itself)."""
+
+    key_id: str
+    client: str
+    created_at: float
+    last_used_at: float | None
+    revoked_at: float | None
+
+
 class IdempotencyConflict(Exception):
     """The client reused an Idempotency-Key with a different request."""
 

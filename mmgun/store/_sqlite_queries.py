@@ -53,6 +53,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX recipients_submission ON recipients (submission_id)",
     ),
+    (
+        # Clients with stable ids and revocable API keys (only a hash of each key is kept).
+        "CREATE TABLE clients (id TEXT PRIMARY KEY, created_at REAL NOT NULL) WITHOUT ROWID",
+        """
+        CREATE TABLE api_keys (
+            key_id TEXT PRIMARY KEY,
+            client_id TEXT NOT NULL REFERENCES clients (id),
+            key_hash BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            last_used_at REAL,
+            revoked_at REAL
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX api_keys_client ON api_keys (client_id)",
+    ),
 )
 
 CONNECTION_PRAGMAS = (
@@ -200,4 +215,25 @@ BACKLOG_BY_DOMAIN = """
     FROM recipients r JOIN envelopes e ON e.id = r.envelope_id
     WHERE e.done = 0 AND r.status IN ('queued', 'deferred')
     GROUP BY e.domain ORDER BY pending DESC, e.domain LIMIT ?
+"""
+
+# -- clients and API keys --------------------------------------------------------
+INSERT_CLIENT = "INSERT INTO clients (id, created_at) VALUES (?, ?)"
+CLIENT_EXISTS = "SELECT 1 FROM clients WHERE id = ?"
+INSERT_KEY = "INSERT INTO api_keys (key_id, client_id, key_hash, created_at) VALUES (?, ?, ?, ?)"
+LIST_KEYS = """
+    SELECT key_id, client_id, created_at, last_used_at, revoked_at FROM api_keys
+    WHERE client_id = ? ORDER BY created_at, key_id
+"""
+REVOKE_KEY = "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL"
+KEY_EXISTS = "SELECT 1 FROM api_keys WHERE key_id = ?"
+FIND_KEY = "SELECT client_id, key_hash, revoked_at IS NOT NULL FROM api_keys WHERE key_id = ?"
+TOUCH_KEY = "UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE key_id = ?"
+# Pending recipients per client: walks only unfinished envelopes (the partial index), never the history.
+QUEUED_BY_CLIENT = """
+    SELECT s.client, count(*) FROM envelopes e
+    JOIN submissions s ON s.id = e.submission_id
+    JOIN recipients r ON r.envelope_id = e.id
+    WHERE e.done = 0 AND r.status IN ('queued', 'deferred')
+    GROUP BY s.client
 """

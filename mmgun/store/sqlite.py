@@ -26,6 +26,9 @@ from twisted.logger import Logger
 
 from . import (
     ClaimedEnvelope,
+    Conflict,
+    KeyInfo,
+    StoredKey,
     EnvelopeOutcome,
     IdempotencyConflict,
     NewSubmission,
@@ -316,6 +319,32 @@ class SQLiteStore:
         """
         return await self._runner.write(_fail_queued_txn, list(ids), now, reply)
 
+    # -- clients and API keys ------------------------------------------------
+
+    async def add_client(self, client: str, now: float) -> None:
+        await self._runner.write(_add_client_txn, client, now)
+
+    async def add_key(self, client: str, key_id: str, key_hash: bytes, now: float) -> None:
+        await self._runner.write(_add_key_txn, client, key_id, key_hash, now)
+
+    async def list_keys(self, client: str) -> list[KeyInfo]:
+        return await self._runner.read(_list_keys_txn, client)
+
+    async def revoke_key(self, key_id: str, now: float) -> bool:
+        """True if the key was active and is now revoked; Conflict if there is no such key."""
+        return await self._runner.write(_revoke_key_txn, key_id, now)
+
+    async def find_key(self, key_id: str) -> StoredKey | None:
+        return await self._runner.read(_find_key_txn, key_id)
+
+    async def touch_keys(self, used: Sequence[tuple[str, float]]) -> None:
+        """Record when keys were last used (batched by the caller)."""
+        await self._runner.write(_touch_keys_txn, used)
+
+    async def queued_by_client(self) -> dict[str, int]:
+        """Pending (queued or deferred) recipients per client."""
+        return await self._runner.read(_queued_by_client_txn)
+
     async def close(self) -> None:
         self._runner.close()
 
@@ -488,3 +517,40 @@ def _fail_queued_txn(conn: sqlite3.Connection, ids: list[str], now: float, reply
     for submission_id in sorted({row[1] for row in rows}):
         conn.execute(Q.FINISH_SUBMISSION, (now, submission_id, submission_id))
     return finished, failed
+
+
+def _add_client_txn(conn: sqlite3.Connection, client: str, now: float) -> None:
+    if conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is not None:
+        raise Conflict(f"client {client} already exists")
+    conn.execute(Q.INSERT_CLIENT, (client, now))
+
+
+def _add_key_txn(conn: sqlite3.Connection, client: str, key_id: str, key_hash: bytes, now: float) -> None:
+    if conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is None:
+        raise Conflict(f"no client {client} (add it first: mmgun clients add {client})")
+    conn.execute(Q.INSERT_KEY, (key_id, client, key_hash, now))
+
+
+def _list_keys_txn(conn: sqlite3.Connection, client: str) -> list[KeyInfo]:
+    if conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is None:
+        raise Conflict(f"no client {client}")
+    return [KeyInfo(*row) for row in conn.execute(Q.LIST_KEYS, (client,))]
+
+
+def _revoke_key_txn(conn: sqlite3.Connection, key_id: str, now: float) -> bool:
+    if conn.execute(Q.KEY_EXISTS, (key_id,)).fetchone() is None:
+        raise Conflict(f"no API key {key_id}")
+    return conn.execute(Q.REVOKE_KEY, (now, key_id)).rowcount == 1
+
+
+def _find_key_txn(conn: sqlite3.Connection, key_id: str) -> StoredKey | None:
+    row = conn.execute(Q.FIND_KEY, (key_id,)).fetchone()
+    return None if row is None else StoredKey(row[0], bytes(row[1]), bool(row[2]))
+
+
+def _touch_keys_txn(conn: sqlite3.Connection, used: Sequence[tuple[str, float]]) -> None:
+    conn.executemany(Q.TOUCH_KEY, [(when, key_id) for key_id, when in used])
+
+
+def _queued_by_client_txn(conn: sqlite3.Connection) -> dict[str, int]:
+    return dict(conn.execute(Q.QUEUED_BY_CLIENT).fetchall())

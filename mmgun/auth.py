@@ -1,0 +1,138 @@
+"""
+Who is calling: API keys (``Authorization: Basic api:<key>`` or ``Bearer <key>``) and,
+deprecated, the seed's ``client_id`` field checked against the clients file.
+
+A key is ``mmk_<key id>_<secret>``: the key id (public, 16 hex digits) finds the row,
+the secret (256 random bits) is never stored — only the SHA-256 of the whole key, which
+is enough for a high-entropy secret — and is compared in constant time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import secrets
+from typing import Any, Callable
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .clients import Clients
+from .store import StoredKey
+
+_log = Logger()
+
+KEY_PREFIX = "mmk"
+_KEY = re.compile(r"mmk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+#: Stable client ids: what the database and logs name a client by.
+CLIENT_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+#: How long a looked-up key is trusted before the database is asked again: a revoked
+#: key is refused by every frontend within this many seconds.
+KEY_CACHE_SECONDS = 2.0
+#: last_used_at is written at most this often per key.
+TOUCH_INTERVAL = 60.0
+
+
+class AuthenticationFailed(Exception):
+    """Deliberately uninformative: the caller learns only that it failed."""
+
+
+def new_key() -> tuple[str, str]:
+    """A fresh (key id, key)."""
+    key_id = secrets.token_hex(8)
+    return key_id, f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def key_hash(key: str) -> bytes:
+    return hashlib.sha256(key.encode("ascii")).digest()
+
+
+def check_client_id(client: str) -> str:
+    """Client ids are lower-case names; ``c-…`` is kept for the labels of clients-file ids."""
+    if not CLIENT_ID.fullmatch(client) or client.startswith("c-"):
+        raise ValueError(
+            f"invalid client id {client!r}: use 1-63 of a-z 0-9 . _ - starting with a letter or digit, not 'c-'"
+        )
+    return client
+
+
+def key_from_authorization(header: bytes) -> str:
+    """The API key carried by an Authorization header (Basic with user "api", or Bearer)."""
+    scheme, _, credentials = header.strip().partition(b" ")
+    credentials = credentials.strip()
+    if scheme.lower() == b"bearer":
+        key = credentials
+    elif scheme.lower() == b"basic":
+        try:
+            user, _, key = base64.b64decode(credentials, validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            raise AuthenticationFailed() from None
+        if user != b"api":
+            raise AuthenticationFailed()
+    else:
+        raise AuthenticationFailed()
+    try:
+        return key.decode("ascii")
+    except UnicodeDecodeError:
+        raise AuthenticationFailed() from None
+
+
+@attrs.define
+class _CachedKey:
+    stored: StoredKey | None
+    fetched_at: float
+
+
+class Authenticator:
+    """Turns credentials into a client label, or raises AuthenticationFailed."""
+
+    def __init__(self, store: Any, clients: Callable[[], Clients], clock: IReactorTime) -> None:
+        self._store = store
+        self._clients = clients
+        self._clock = clock
+        self._cache: dict[str, _CachedKey] = {}
+        self._touched: dict[str, float] = {}
+
+    async def authenticate(self, authorization: bytes | None, client_id: object) -> str:
+        if authorization is not None:
+            return await self._by_key(key_from_authorization(authorization))
+        label = self._clients().authenticate(client_id)
+        if label is None:
+            raise AuthenticationFailed()
+        return label
+
+    async def _by_key(self, key: str) -> str:
+        match = _KEY.fullmatch(key)
+        if match is None:
+            raise AuthenticationFailed()
+        key_id = match.group(1)
+        now = self._clock.seconds()
+        cached = self._cache.get(key_id)
+        if cached is None or now - cached.fetched_at >= KEY_CACHE_SECONDS:
+            cached = _CachedKey(await self._store.find_key(key_id), now)
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[key_id] = cached
+        stored = cached.stored
+        # Compare even for an unknown id, so that timing does not tell the two apart.
+        expected = stored.key_hash if stored is not None else b"\0" * 32
+        if not hmac.compare_digest(expected, key_hash(key)) or stored is None or stored.revoked:
+            raise AuthenticationFailed()
+        self._touch(key_id, now)
+        return stored.client
+
+    def _touch(self, key_id: str, now: float) -> None:
+        if now - self._touched.get(key_id, float("-inf")) < TOUCH_INTERVAL:
+            return
+        self._touched[key_id] = now
+
+        def failed(f: Any) -> None:
+            _log.failure("could not record the use of API key {key_id}", f, key_id=key_id)
+
+        from twisted.internet.defer import Deferred
+
+        Deferred.fromCoroutine(self._store.touch_keys([(key_id, now)])).addErrback(failed)
