@@ -75,6 +75,8 @@ CONNECTION_PRAGMAS = (
     # FULL: a commit is on disk (WAL fsync'd) before we acknowledge a submission.
     "PRAGMA synchronous = FULL",
     "PRAGMA foreign_keys = ON",
+    # Truncate the WAL after a checkpoint once it passes 64 MiB, so a burst does not leave a huge file.
+    "PRAGMA journal_size_limit = 67108864",
 )
 
 USER_VERSION = "PRAGMA user_version"
