@@ -189,13 +189,7 @@ class Sender(Service):
             self._claiming = False
 
     def _dispatch(self, envelopes: list[ClaimedEnvelope]) -> None:
-        by_domain: dict[str, list[ClaimedEnvelope]] = {}
-        for envelope in envelopes:
-            by_domain.setdefault(envelope.domain, []).append(envelope)
-        for domain, group in by_domain.items():
-            size = self._settings.per_session
-            for start in range(0, len(group), size):
-                self._track(Deferred.fromCoroutine(self._deliver_batch(domain, group[start : start + size])))
+        self._track(Deferred.fromCoroutine(self._route(envelopes)))
 
     def _track(self, d: Deferred[None]) -> None:
         self._batches.add(d)
@@ -216,15 +210,53 @@ class Sender(Service):
         except Exception:
             _log.failure("renewing leases failed")
 
-    # -- one batch: envelopes of one domain ------------------------------------
+    # -- routing: domains to MX hosts ------------------------------------------
 
-    async def _deliver_batch(self, domain: str, envelopes: list[ClaimedEnvelope]) -> None:
+    async def _route(self, envelopes: list[ClaimedEnvelope]) -> None:
+        """
+        Resolve every domain of a claim, then group the envelopes by the hosts they go
+        to, so that domains sharing their MX (or a relay host) share SMTP sessions.
+        """
+        by_domain: dict[str, list[ClaimedEnvelope]] = {}
+        for envelope in envelopes:
+            by_domain.setdefault(envelope.domain, []).append(envelope)
+        failed: list[EnvelopeOutcome] = []
+        by_hosts: dict[tuple[MXHost, ...], list[ClaimedEnvelope]] = {}
+        lookups = [Deferred.fromCoroutine(self._router.hosts(domain)) for domain in by_domain]
+        for (domain, group), lookup in zip(by_domain.items(), lookups):
+            try:
+                hosts = await lookup
+            except PermanentDNSError as e:
+                _log.info("no mail exchanger for {domain}: {reply}", domain=domain, reply=e.reply)
+                failed += [self._outcome(env, {a: ("failed", e.reply) for a in env.recipients}) for env in group]
+            except TemporaryDNSError as e:
+                _log.info("DNS lookup for {domain} failed temporarily: {reply}", domain=domain, reply=e.reply)
+                failed += [self._outcome(env, {a: ("deferred", e.reply) for a in env.recipients}) for env in group]
+            except Exception:
+                _log.failure("resolving {domain} failed unexpectedly", domain=domain)
+                reply = "451 4.3.0 internal error in mmgun; will retry"
+                failed += [self._outcome(env, {a: ("deferred", reply) for a in env.recipients}) for env in group]
+            else:
+                by_hosts.setdefault(tuple(hosts), []).extend(group)
+        size = self._settings.per_session
+        for hosts, group in by_hosts.items():
+            for start in range(0, len(group), size):
+                self._track(Deferred.fromCoroutine(self._deliver_batch(hosts, group[start : start + size])))
+        if failed:
+            await self._record(failed)
+
+    # -- one batch: envelopes for the same hosts, over one session -------------
+
+    async def _deliver_batch(self, hosts: tuple[MXHost, ...], envelopes: list[ClaimedEnvelope]) -> None:
         try:
-            outcomes = await self._attempt(domain, envelopes)
+            outcomes = await self._attempt(hosts, envelopes)
         except Exception:
-            _log.failure("delivery to {domain} failed unexpectedly", domain=domain)
+            _log.failure("delivery to {mx} failed unexpectedly", mx=hosts[0].name if hosts else "?")
             reply = "451 4.3.0 internal error in mmgun; will retry"
             outcomes = [self._outcome(e, {a: ("deferred", reply) for a in e.recipients}) for e in envelopes]
+        await self._record(outcomes)
+
+    async def _record(self, outcomes: list[EnvelopeOutcome]) -> None:
         try:
             await self._store.record(outcomes, self._clock.seconds())
         except Exception:
@@ -235,22 +267,14 @@ class Sender(Service):
                 for r in outcome.recipients:
                     self._metrics.recipient(r.status, now - outcome.envelope.created_at)
         finally:
-            for envelope in envelopes:
-                self.in_flight.pop(envelope.id, None)
+            for outcome in outcomes:
+                self.in_flight.pop(outcome.envelope.id, None)
 
-    async def _attempt(self, domain: str, envelopes: list[ClaimedEnvelope]) -> list[EnvelopeOutcome]:
-        try:
-            hosts = await self._router.hosts(domain)
-        except PermanentDNSError as e:
-            _log.info("no mail exchanger for {domain}: {reply}", domain=domain, reply=e.reply)
-            return [self._outcome(env, {a: ("failed", e.reply) for a in env.recipients}) for env in envelopes]
-        except TemporaryDNSError as e:
-            _log.info("DNS lookup for {domain} failed temporarily: {reply}", domain=domain, reply=e.reply)
-            return [self._outcome(env, {a: ("deferred", e.reply) for a in env.recipients}) for env in envelopes]
-
+    async def _attempt(self, hosts: tuple[MXHost, ...], envelopes: list[ClaimedEnvelope]) -> list[EnvelopeOutcome]:
         results: dict[int, dict[str, tuple[str, str]]] = {}
         remaining = list(envelopes)
-        last_reply = f"451 4.4.0 no mail exchanger of {domain} could be reached"
+        domains = ", ".join(sorted({e.domain for e in envelopes}))
+        last_reply = f"451 4.4.0 no mail exchanger of {domains} could be reached"
         for host in hosts:
             if not remaining:
                 break

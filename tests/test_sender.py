@@ -189,6 +189,14 @@ class SenderTests(SynchronousTestCase):
         self.assertEqual(len(self.smtp.sessions), 1)
         self.assertEqual(len(self.smtp.sessions[0][1]), 5)
 
+    def test_domains_sharing_an_mx_share_one_session(self) -> None:
+        shared = [mx("mx.shared.example")]
+        self.router.routes.update({"c.example": shared, "d.example": list(shared)})
+        self.submit("x@c.example", "y@d.example")
+        self.submit("z@d.example")
+        self.poll()
+        self.assertEqual([(h, len(ts)) for h, ts in self.smtp.sessions], [("mx.shared.example", 3)])
+
     def test_crashed_senders_envelope_redelivered_after_lease(self) -> None:
         self.smtp.hold = Deferred()  # the first sender "dies" mid-delivery: its session never returns
         sid = self.submit("x@a.example")
