@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := setup.cfg pyproject.toml requirements.txt $(shell find mmgun twisted -name '*.py' 2>/dev/null)
 
-.PHONY: run test unit e2e bench lint clean
+.PHONY: run test unit e2e fuzz bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,16 +23,22 @@ run: $(STAMP)
 	@mkdir -p var
 	$(BIN)/twistd --pidfile= -n mmgun
 
-test: unit e2e
+test: unit e2e fuzz
 
 unit: $(STAMP)
 	$(BIN)/python -m twisted.trial --jobs=2 tests
 
+# Real processes on loopback, then a scan of their logs for secrets and message bodies.
 e2e: $(STAMP)
-	$(BIN)/python -m pytest -q -p twisted e2e-tests
+	e2e-tests/run.sh
+	$(BIN)/python e2e-tests/scan-logs.py
+
+# schemathesis against a live frontend and docs/openapi.yaml (bounded).
+fuzz: $(STAMP)
+	e2e-tests/schemathesis.sh
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp* var

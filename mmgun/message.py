@@ -157,7 +157,8 @@ def normalize_address(value: str, field: str) -> str:
     if not all(_ATEXT.fullmatch(part) for part in local.split(".")):
         raise BadRequest(bad)
     try:
-        ascii_domain = idna.encode(domain.rstrip("."), uts46=True).decode("ascii").lower()
+        # One trailing dot (a fully qualified name) is fine; more would be an empty label.
+        ascii_domain = idna.encode(domain.removesuffix("."), uts46=True).decode("ascii").lower()
     except (idna.IDNAError, UnicodeError):
         raise BadRequest(f"field {field!r} has an invalid domain") from None
     labels = ascii_domain.split(".")

@@ -248,13 +248,27 @@ class Sender(Service):
     # -- one batch: envelopes for the same hosts, over one session -------------
 
     async def _deliver_batch(self, hosts: tuple[MXHost, ...], envelopes: list[ClaimedEnvelope]) -> None:
+        """
+        Deliver, and commit each envelope's result as soon as it is known — right after
+        the peer's reply to its final "." — rather than at the end of the session: a
+        crash then duplicates at most the messages whose commit was under way.
+        """
+        commits: list[Deferred[None]] = []
+        settled: set[int] = set()
+
+        def settle(envelope: ClaimedEnvelope, results: dict[str, tuple[str, str]]) -> None:
+            settled.add(envelope.id)
+            commits.append(Deferred.fromCoroutine(self._record([self._outcome(envelope, results)])))
+
         try:
-            outcomes = await self._attempt(hosts, envelopes)
+            await self._attempt(hosts, envelopes, settled, settle)
         except Exception:
             _log.failure("delivery to {mx} failed unexpectedly", mx=hosts[0].name if hosts else "?")
             reply = "451 4.3.0 internal error in mmgun; will retry"
-            outcomes = [self._outcome(e, {a: ("deferred", reply) for a in e.recipients}) for e in envelopes]
-        await self._record(outcomes)
+            for envelope in envelopes:
+                if envelope.id not in settled:
+                    settle(envelope, {a: ("deferred", reply) for a in envelope.recipients})
+        await DeferredList(commits)
 
     async def _record(self, outcomes: list[EnvelopeOutcome]) -> None:
         try:
@@ -270,16 +284,37 @@ class Sender(Service):
             for outcome in outcomes:
                 self.in_flight.pop(outcome.envelope.id, None)
 
-    async def _attempt(self, hosts: tuple[MXHost, ...], envelopes: list[ClaimedEnvelope]) -> list[EnvelopeOutcome]:
-        results: dict[int, dict[str, tuple[str, str]]] = {}
-        remaining = list(envelopes)
+    async def _attempt(
+        self,
+        hosts: tuple[MXHost, ...],
+        envelopes: list[ClaimedEnvelope],
+        settled: set[int],
+        settle: Callable[[ClaimedEnvelope, dict[str, tuple[str, str]]], None],
+    ) -> None:
         domains = ", ".join(sorted({e.domain for e in envelopes}))
         last_reply = f"451 4.4.0 no mail exchanger of {domains} could be reached"
         for host in hosts:
+            remaining = [e for e in envelopes if e.id not in settled]
             if not remaining:
                 break
+            by_id = {env.id: env for env in remaining}
+
+            def on_result(result: TransactionResult, host: MXHost = host) -> None:
+                envelope = by_id[result.key]  # type: ignore[index]
+                if not result.started or envelope.id in settled:
+                    return
+                for r in result.recipients.values():
+                    self._metrics.smtp_replies.labels(f"{r.reply.code // 100}xx").inc()
+                _log.info(
+                    "delivery attempt for envelope {envelope} via {mx}: {outcomes}",
+                    envelope=envelope.id,
+                    mx=host.name,
+                    outcomes={a: str(r.reply.code) for a, r in result.recipients.items()},
+                )
+                settle(envelope, {a: (r.outcome, str(r.reply)) for a, r in result.recipients.items()})
+
             try:
-                session_results = await self._send(host, remaining)
+                session_results = await self._send(host, remaining, on_result)
             except SessionFailed as e:
                 self._router.mark_bad(host)
                 last_reply = str(e.reply)
@@ -291,35 +326,28 @@ class Sender(Service):
                 )
                 continue
             self._router.mark_good(host)
-            by_id = {env.id: env for env in remaining}
-            remaining = []
             for result in session_results:
-                envelope = by_id[result.key]  # type: ignore[index]
                 if result.started:
-                    results[envelope.id] = {a: (r.outcome, str(r.reply)) for a, r in result.recipients.items()}
-                    for r in result.recipients.values():
-                        self._metrics.smtp_replies.labels(f"{r.reply.code // 100}xx").inc()
-                    _log.info(
-                        "delivery attempt for envelope {envelope} via {mx}: {outcomes}",
-                        envelope=envelope.id,
-                        mx=host.name,
-                        outcomes={a: str(r.reply.code) for a, r in result.recipients.items()},
-                    )
+                    on_result(result)  # a no-op when the session already reported it
                 else:
-                    remaining.append(envelope)
+                    # Never started because the session ended early: try the next host.
                     last_reply = str(next(iter(result.recipients.values())).reply)
-        for envelope in remaining:
-            results[envelope.id] = {a: ("deferred", last_reply) for a in envelope.recipients}
-        return [self._outcome(env, results[env.id]) for env in envelopes]
+        for envelope in envelopes:
+            if envelope.id not in settled:
+                settle(envelope, {a: ("deferred", last_reply) for a in envelope.recipients})
 
-    async def _send(self, host: MXHost, envelopes: list[ClaimedEnvelope]) -> list[TransactionResult]:
+    async def _send(
+        self, host: MXHost, envelopes: list[ClaimedEnvelope], on_result: Callable[[TransactionResult], None]
+    ) -> list[TransactionResult]:
         per_host = self._per_host.setdefault(host.address, DeferredSemaphore(self._settings.max_per_destination))
         await per_host.acquire()
         try:
             await self._connections.acquire()
             try:
                 transactions = [Transaction(e.id, e.sender, e.recipients, e.message) for e in envelopes]
-                return await self._session(self._reactor, host.name, host.address, host.port, transactions, self._smtp)
+                return await self._session(
+                    self._reactor, host.name, host.address, host.port, transactions, self._smtp, on_result=on_result
+                )
             finally:
                 self._connections.release()
         finally:

@@ -330,8 +330,10 @@ class _ESMTPSession(ESMTPClient):
         transactions: Sequence[Transaction],
         settings: SMTPSettings,
         tls: IOpenSSLClientConnectionCreator | None,
+        on_result: Callable[[TransactionResult], object] | None = None,
     ) -> None:
         super().__init__(None, tls, settings.helo)
+        self._on_result = on_result
         self._clock = clock
         self.requireTransportSecurity = settings.tls is not TLSMode.OPPORTUNISTIC
         self.ended: Deferred[_Outcome] = Deferred(lambda d: self._cancel())
@@ -654,9 +656,17 @@ class _ESMTPSession(ESMTPClient):
 
     def _complete(self, progress: _Progress) -> None:
         recipients = {recipient: progress.outcomes[recipient] for recipient in progress.recipients}
-        self._results.append(TransactionResult(progress.transaction.key, True, recipients))
+        result = TransactionResult(progress.transaction.key, True, recipients)
+        self._results.append(result)
         self._last_replies.append(progress.last_reply)
         self._current = None
+        if self._on_result is not None:
+            # At once, not at the end of the session: the caller commits each result
+            # while the next transaction runs, which keeps the duplicate window short.
+            try:
+                self._on_result(result)
+            except Exception:
+                _log.failure("on_result callback failed for transaction {key}", key=result.key)
 
     def _synthesized(self, text: str) -> Reply:
         # 421 ("service not available") while nothing was attempted, which
@@ -741,8 +751,11 @@ async def _attempt(
     transactions: Sequence[Transaction],
     settings: SMTPSettings,
     tls: IOpenSSLClientConnectionCreator | None,
+    on_result: Callable[[TransactionResult], object] | None = None,
 ) -> _Outcome:
-    session = _ESMTPSession(clock=clock, host=host, transactions=transactions, settings=settings, tls=tls)
+    session = _ESMTPSession(
+        clock=clock, host=host, transactions=transactions, settings=settings, tls=tls, on_result=on_result
+    )
     connecting = connectProtocol(_endpoint(reactor, address, port, settings.connect_timeout), session)
     # Also enforced here, on the injected clock, whatever the reactor does
     # with the endpoint's timeout.
@@ -764,11 +777,16 @@ async def send_session(
     port: int,
     transactions: Sequence[Transaction],
     settings: SMTPSettings,
+    on_result: Callable[[TransactionResult], object] | None = None,
 ) -> list[TransactionResult]:
     """
     One SMTP session to C{address}:C{port} (the MX C{host} name is for TLS,
     logs and synthesized replies), running C{transactions} one after another
     over the same connection, then QUIT.
+
+    C{on_result}, if given, is called with each started transaction's result
+    the moment it is known (e.g. right after the 250 to the final "."), so
+    that the caller can commit it before the next transaction ends.
 
     Returns one L{TransactionResult} per transaction, in order, as soon as all
     outcomes are known. Raises L{SessionFailed} if no transaction was started.
@@ -793,7 +811,7 @@ async def send_session(
     clock = IReactorTime(reactor)
     try:
         outcome = await _attempt(
-            reactor, clock, host, address, port, transactions, settings, _tls_creator(settings, host)
+            reactor, clock, host, address, port, transactions, settings, _tls_creator(settings, host), on_result
         )
         if outcome.tls_failed and settings.tls is TLSMode.OPPORTUNISTIC:
             _log.warn(
@@ -802,7 +820,7 @@ async def send_session(
                 address=address,
                 reply=str(outcome.failure),
             )
-            outcome = await _attempt(reactor, clock, host, address, port, transactions, settings, None)
+            outcome = await _attempt(reactor, clock, host, address, port, transactions, settings, None, on_result)
         if outcome.failure is not None:
             raise SessionFailed(outcome.failure)
     except SessionFailed as e:

@@ -170,8 +170,10 @@ class DaemonShutdownTests(TestCase):
 
     async def _shutdown(self) -> None:
         mailbox = Mailbox()
-        port = reactor.listenTCP(0, smtp_server_factory(reactor, mailbox, tls=False, slow_seconds=3600), interface="127.0.0.1")
+        factory = smtp_server_factory(reactor, mailbox, tls=False, slow_seconds=3600)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
+        self.addCleanup(lambda: [c.transport.abortConnection() for c in list(factory.server.connections)])
         folder = self.mktemp()
         os.makedirs(folder)
         clients = os.path.join(folder, "clients")
@@ -192,11 +194,13 @@ class DaemonShutdownTests(TestCase):
 
         shared = __import__("mmgun.store.sqlite", fromlist=["SQLiteStore"]).SQLiteStore.open_sync(database)
         self.addCleanup(shared._runner.close)
+        result(self, shared.add_submission(NewSubmission("b" * 32, "c", "me@x.example", ("fast@b.example",), b"Subject: y\r\n\r\nbody\r\n", reactor.seconds() - 1)))
         result(self, shared.add_submission(NewSubmission("a" * 32, "c", "me@x.example", ("slowdata@a.example",), b"Subject: x\r\n\r\nsecret body\r\n", reactor.seconds())))
-        result(self, shared.add_submission(NewSubmission("b" * 32, "c", "me@x.example", ("fast@b.example",), b"Subject: y\r\n\r\nbody\r\n", reactor.seconds())))
         conn = sqlite3.connect(database)
         self.addCleanup(conn.close)
         leased = lambda: conn.execute("SELECT count(*) FROM envelopes WHERE lease IS NOT NULL").fetchone()[0]  # noqa: E731
+        # Both go over one session to the relay: the first is accepted (and committed at
+        # once), the second waits for the reply to its final "." when SIGTERM comes.
         await wait_until(lambda: len(mailbox.messages) == 1 and leased() == 1, "one delivery done and one in flight")
         process.send_signal(signal.SIGTERM)
         await wait_until(lambda: process.poll() is not None, "the daemon to exit")

@@ -49,8 +49,10 @@ class ScriptedSessions:
         self.down: set[str] = set()
         self.replies: dict[str, list[Reply]] = {}
         self.hold: Deferred | None = None
+        self.report_each = True
+        #: (key, status seen in the store) when each on_result came: proves commits happen mid-session.
 
-    async def __call__(self, reactor, host, address, port, transactions, settings):
+    async def __call__(self, reactor, host, address, port, transactions, settings, on_result=None):
         self.sessions.append((host, list(transactions)))
         if host in self.down:
             raise SessionFailed(Reply(421, f"4.4.1 connection refused by {host}"))
@@ -65,6 +67,8 @@ class ScriptedSessions:
                 outcome = {2: "sent", 5: "failed"}.get(reply.code // 100, "deferred")
                 recipients[rcpt] = RecipientResult(outcome, reply)
             results.append(TransactionResult(t.key, True, recipients))
+            if on_result is not None and self.report_each:
+                on_result(results[-1])
         return results
 
     def delivered(self) -> list[tuple[object, str]]:
@@ -188,6 +192,29 @@ class SenderTests(SynchronousTestCase):
         self.poll()
         self.assertEqual(len(self.smtp.sessions), 1)
         self.assertEqual(len(self.smtp.sessions[0][1]), 5)
+
+    def test_results_reported_at_session_end_are_recorded_too(self) -> None:
+        self.smtp.report_each = False
+        sid = self.submit("x@a.example")
+        self.poll()
+        self.assertEqual(self.state(sid).status, "sent")
+
+    def test_each_result_committed_before_the_session_ends(self) -> None:
+        first = self.submit("x@a.example")
+        self.submit("y@a.example")
+        seen: list[str] = []
+        real = self.smtp.__call__
+
+        async def session(reactor, host, address, port, transactions, settings, on_result=None):
+            def spy(result):
+                on_result(result)
+                seen.append(self.state(first).status)
+
+            return await real(reactor, host, address, port, transactions, settings, on_result=spy)
+
+        self.sender._session = session
+        self.poll()
+        self.assertEqual(seen, ["sent", "sent"])
 
     def test_domains_sharing_an_mx_share_one_session(self) -> None:
         shared = [mx("mx.shared.example")]

@@ -18,7 +18,7 @@ import json
 import os
 import sqlite3
 import uuid
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, succeed, fail
@@ -41,6 +41,8 @@ from . import _sqlite_queries as Q
 
 _log = Logger()
 T = TypeVar("T")
+I = TypeVar("I")
+R = TypeVar("R")
 
 #: How long an Idempotency-Key is remembered.
 IDEMPOTENCY_WINDOW = 24 * 3600.0
@@ -180,13 +182,61 @@ def prepare(path: str) -> None:
         conn.close()
 
 
+class _GroupCommit(Generic[I, R]):
+    """
+    Group commit: the items that arrive while one transaction commits all go into
+    the next one, and each caller hears back after the commit that holds its item.
+    Under load, one fsync and one thread hand-off serve many requests; alone, an
+    item is written at once. ``txn`` returns one result per item, an exception
+    instance for an item that failed on its own (the others still commit).
+    """
+
+    def __init__(self, runner: PoolRunner | SyncRunner, txn: Callable[[sqlite3.Connection, list[I]], list[R | Exception]]) -> None:
+        self._runner = runner
+        self._txn = txn
+        self._pending: list[tuple[I, Deferred[R]]] = []
+        self._busy = False
+
+    def submit(self, item: I) -> Deferred[R]:
+        waiter: Deferred[R] = Deferred()
+        self._pending.append((item, waiter))
+        if not self._busy:
+            self._flush()
+        return waiter
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+        self._busy = True
+        d = self._runner.write(self._txn, [item for item, _ in batch])
+
+        def done(results: list[R | Exception]) -> None:
+            for (_, waiter), result in zip(batch, results, strict=True):
+                if isinstance(result, Exception):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+
+        def failed(failure: Any) -> None:
+            for _, waiter in batch:
+                waiter.errback(failure)
+
+        def next_batch(_: object) -> None:
+            self._busy = False
+            if self._pending:
+                self._flush()
+
+        d.addCallbacks(done, failed).addBoth(next_batch)
+
+
 class SQLiteStore:
     """The :class:`mmgun.store.Store` on one SQLite file."""
 
     def __init__(self, runner: PoolRunner | SyncRunner) -> None:
         self._runner = runner
-        self._pending: list[tuple[NewSubmission, Deferred[str]]] = []
-        self._flushing = False
+        self._submissions: _GroupCommit[NewSubmission, str] = _GroupCommit(runner, _add_submissions_txn)
+        self._records: _GroupCommit[tuple[Sequence[EnvelopeOutcome], float], None] = _GroupCommit(
+            runner, _record_many_txn
+        )
 
     @classmethod
     def open(cls, path: str, reactor: Any = None) -> SQLiteStore:
@@ -201,34 +251,7 @@ class SQLiteStore:
     # -- submissions ---------------------------------------------------------
 
     async def add_submission(self, submission: NewSubmission) -> str:
-        waiter: Deferred[str] = Deferred()
-        self._pending.append((submission, waiter))
-        if not self._flushing:
-            self._flush()
-        return await waiter
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
-        self._flushing = True
-        d = self._runner.write(_add_submissions_txn, [s for s, _ in batch])
-
-        def done(results: list[str | Exception]) -> None:
-            for (_, waiter), result in zip(batch, results):
-                if isinstance(result, Exception):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(result)
-
-        def failed(failure: Any) -> None:
-            for _, waiter in batch:
-                waiter.errback(failure)
-
-        def next_batch(_: object) -> None:
-            self._flushing = False
-            if self._pending:
-                self._flush()
-
-        d.addCallbacks(done, failed).addBoth(next_batch)
+        return await self._submissions.submit(submission)
 
     async def submission(self, client: str, submission_id: str) -> SubmissionState | None:
         return await self._runner.read(_submission_txn, client, submission_id)
@@ -243,7 +266,7 @@ class SQLiteStore:
         await self._runner.write(_renew_txn, [(until, e.id, e.lease) for e in envelopes])
 
     async def record(self, outcomes: Sequence[EnvelopeOutcome], now: float) -> None:
-        await self._runner.write(_record_txn, outcomes, now)
+        await self._records.submit((outcomes, now))
 
     async def release(self, envelopes: Sequence[ClaimedEnvelope], now: float) -> None:
         await self.record([EnvelopeOutcome(e, (), now, attempted=False) for e in envelopes], now)
@@ -425,6 +448,12 @@ def _claim_txn(
 
 def _renew_txn(conn: sqlite3.Connection, rows: list[tuple[float, int, str]]) -> None:
     conn.executemany(Q.RENEW, rows)
+
+
+def _record_many_txn(conn: sqlite3.Connection, batches: list[tuple[Sequence[EnvelopeOutcome], float]]) -> list[None]:
+    for outcomes, now in batches:
+        _record_txn(conn, outcomes, now)
+    return [None] * len(batches)
 
 
 def _record_txn(conn: sqlite3.Connection, outcomes: Sequence[EnvelopeOutcome], now: float) -> None:
