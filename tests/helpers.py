@@ -83,3 +83,28 @@ def http_url(service: Any) -> str:
     http.listener._waitingForPort.addCallback(lambda port: ports.append(port) or port)
     assert len(ports) == 1, "port 0 is bound synchronously"
     return f"http://127.0.0.1:{ports[0].getHost().port}"
+
+
+def serve(case: Any, frontend: Any) -> str:
+    """
+    Serve ``frontend`` on 127.0.0.1 port 0 with the real reactor for one trial TestCase;
+    the cleanup stops listening and waits (with a deadline) until every connection is
+    closed, so no idle-connection timer outlives the test.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import deferLater
+
+    site = frontend.site()
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+
+    async def close() -> None:
+        await port.stopListening()
+        for channel in list(site.channels):
+            channel.transport.loseConnection()
+        deadline = reactor.seconds() + 5
+        while site.channels and reactor.seconds() < deadline:
+            await deferLater(reactor, 0.01, lambda: None)
+
+    case.addCleanup(lambda: Deferred.fromCoroutine(close()))
+    return f"http://127.0.0.1:{port.getHost().port}"

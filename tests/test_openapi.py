@@ -24,13 +24,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.server import Site
 
 from mmgun.auth import key_hash, new_key
 from mmgun.clients import Clients
 from mmgun.frontend import Frontend
 
-from .helpers import CLIENT, result, sync_store
+from .helpers import serve, CLIENT, result, sync_store
 
 SPEC_FILE = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
 SPEC: dict[str, Any] = yaml.safe_load(SPEC_FILE.read_text(encoding="utf-8"))
@@ -374,10 +373,9 @@ class MetricsConformanceTests(TestCase):
         clients = Clients.from_ids([CLIENT])
         frontend = Frontend(store, lambda: clients, Clock(), hostname="mmgun.test")
         frontend.metrics.accepted.inc()
-        port = reactor.listenTCP(0, Site(frontend.resource()), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
+        url = serve(self, frontend)
         pool = HTTPConnectionPool(reactor, persistent=False)
-        response = await treq.get(f"http://127.0.0.1:{port.getHost().port}/metrics", pool=pool)
+        response = await treq.get(f"{url}/metrics", pool=pool)
         body = await response.content()
         self.assertEqual(response.code, 200)
         conforms(self, resolve(SPEC["paths"]["/metrics"]["get"]["responses"]["200"]), response, body)
