@@ -116,7 +116,7 @@ class Frontend:
 
     def site(self) -> Site:
         """A Site that stops buffering a request body once it passes the size limit."""
-        site = FrontendSite(self.resource())
+        site = FrontendSite(self.resource(), reactor=self._clock)
         site.requestFactory = LimitedRequest
         site.max_request_size = self.max_message_size  # type: ignore[attr-defined]
         site.metrics = self.metrics  # type: ignore[attr-defined]

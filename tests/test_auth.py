@@ -188,7 +188,6 @@ class HTTPHardeningTests(SynchronousTestCase):
         clients = Clients.from_ids([CLIENT])
         self.frontend = Frontend(store, lambda: clients, self.clock, hostname="h", max_message_size=1000, request_timeout=30)
         self.site = self.frontend.site()
-        self.site._reactor = self.clock  # the channel's idle timer
 
     def connect(self) -> StringTransport:
         from twisted.internet.address import IPv4Address
