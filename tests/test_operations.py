@@ -216,3 +216,65 @@ class DaemonShutdownTests(TestCase):
 
     def test_sigterm_with_delivery_in_flight(self) -> Deferred:
         return Deferred.fromCoroutine(self._shutdown())
+
+
+class AdminWithDaemonTests(TestCase):
+    """The `mmgun` command works on the database of a daemon that is running on it."""
+
+    def mmgun(self, *args: str) -> subprocess.CompletedProcess:
+        command = os.path.join(os.path.dirname(sys.executable), "mmgun")
+        return subprocess.run([command, *args, "--database", self.database], capture_output=True, text=True, timeout=60)
+
+    async def _admin(self) -> None:
+        from mmgun.store import NewSubmission
+        from mmgun.store.sqlite import SQLiteStore
+
+        folder = self.mktemp()
+        os.makedirs(folder)
+        self.database = os.path.join(folder, "mmgun.sqlite3")
+        log = open(os.path.join(folder, "twistd.log"), "w")
+        self.addCleanup(log.close)
+        process = subprocess.Popen(
+            [TWISTD, "--pidfile=", "-n", "mmgun", "--database", self.database, "--role", "sender",
+             "--relay-host", "127.0.0.1:1", "--poll-interval", "0.05", "--retry-min", "1h", "--retry-max", "2h"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+
+        def stop() -> None:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(30)
+
+        self.addCleanup(stop)
+        await wait_until(lambda: os.path.exists(self.database), "the daemon to create its database")
+        store = SQLiteStore.open_sync(self.database)
+        self.addCleanup(store._runner.close)
+        for sid, address in (("a" * 32, "x@one.example"), ("b" * 32, "y@two.example")):
+            result(self, store.add_submission(NewSubmission(sid, "c-0123456789abcdef", "me@x.example", (address,), b"m", reactor.seconds())))
+        deferred = lambda: json.loads(self.mmgun("queue", "--status", "deferred", "--json").stdout)  # noqa: E731
+        await wait_until(lambda: len(deferred()) == 2, "both envelopes deferred by the daemon")
+        self.assertIsNone(process.poll())
+        (first, second) = deferred()
+        self.assertEqual(first["attempts"], 1)
+        self.assertIn("127.0.0.1", first["last_reply"])
+
+        stats = self.mmgun("stats", "--json")
+        self.assertEqual(stats.returncode, 0, stats.stderr)
+        self.assertEqual(json.loads(stats.stdout)["unfinished_envelopes"], 2)
+
+        flushed = self.mmgun("queue", "flush", "b" * 32)
+        self.assertEqual(flushed.returncode, 0, flushed.stderr)
+        await wait_until(lambda: {e["submission_id"]: e["attempts"] for e in deferred()}.get("b" * 32) == 2, "the flushed envelope retried")
+
+        deleted = self.mmgun("queue", "delete", "a" * 32)
+        self.assertEqual(deleted.returncode, 0, deleted.stderr)
+        state = result(self, store.submission("c-0123456789abcdef", "a" * 32))
+        self.assertEqual([(r.status, r.last_reply) for r in state.recipients], [("failed", "deleted by operator")])
+
+        unknown = self.mmgun("queue", "delete", "nope")
+        self.assertEqual(unknown.returncode, 1)
+        self.assertEqual(len(unknown.stderr.strip().splitlines()), 1)
+        self.assertIsNone(process.poll(), "the daemon kept running")
+
+    def test_admin_commands_while_the_daemon_runs(self) -> Deferred:
+        return Deferred.fromCoroutine(self._admin())
