@@ -833,18 +833,19 @@ async def send_session(
             reply=str(e.reply),
         )
         raise
-    for result, last_reply in zip(outcome.results, outcome.last_replies, strict=True):
-        counts = {"sent": 0, "failed": 0, "deferred": 0}
+    # One event per session (the caller logs each delivery attempt): a line per
+    # transaction here too would double the logging cost of a busy sender.
+    counts = {"sent": 0, "failed": 0, "deferred": 0}
+    for result in outcome.results:
         for recipient_result in result.recipients.values():
             counts[recipient_result.outcome] += 1
-        _log.info(
-            "transaction {key} via {host} [{address}]: {sent} sent, {failed} failed, {deferred} deferred ({code})",
-            key=result.key,
-            host=host,
-            address=address,
-            started=result.started,
-            code=last_reply.code if last_reply is not None else None,
-            reply=str(last_reply) if last_reply is not None else None,
-            **counts,
-        )
+    _log.info(
+        "session with {host} [{address}]: {transactions} transactions, {sent} sent, {failed} failed, {deferred} deferred",
+        host=host,
+        address=address,
+        transactions=len(outcome.results),
+        started=sum(1 for r in outcome.results if r.started),
+        codes=[r.code if r is not None else None for r in outcome.last_replies],
+        **counts,
+    )
     return outcome.results

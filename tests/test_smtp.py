@@ -1182,7 +1182,7 @@ class TLSTests(SynchronousTestCase):
 
 
 class LoggingTests(SynchronousTestCase):
-    def test_one_event_per_transaction_no_body(self) -> None:
+    def test_one_event_per_session_no_body(self) -> None:
         secret = b"Subject: s\r\n\r\nthe secret body\r\n"
         with capturedLogs() as events:
             session = Session(
@@ -1191,7 +1191,9 @@ class LoggingTests(SynchronousTestCase):
             session.accept(FakeMX({b"RCPT": [None, b"550 5.1.1 unknown"]}))
             self.successResultOf(session.result)
         ours = [event for event in events if event.get("log_namespace") == "mmgun.smtp"]
-        self.assertEqual([(e["key"], e["host"], e["code"]) for e in ours], [("env1", HOST, 250), ("env2", HOST, 550)])
+        self.assertEqual(
+            [(e["host"], e["transactions"], e["sent"], e["failed"], e["codes"]) for e in ours], [(HOST, 2, 1, 1, [250, 550])]
+        )
         self.assertNotIn("secret", repr(events))
 
     def test_session_failure_logged(self) -> None:
