@@ -39,6 +39,9 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.task import deferLater
 from twisted.web.client import HTTPConnectionPool
 
+# run.sh's readiness poller, beside this file (pytest puts its folder on sys.path).
+from waitfor import alive
+
 T = TypeVar("T")
 
 #: The longest any one wait may take. Normal runs need a few seconds at most.
@@ -268,21 +271,6 @@ def envelopes(mails: Iterable[Mail]) -> list[tuple[str, str, tuple[str, ...]]]:
 
 
 # -- processes -------------------------------------------------------------------------------
-
-
-def alive(pid: int) -> bool:
-    """Whether PID runs (a zombie, having exited, does not count)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 @dataclass

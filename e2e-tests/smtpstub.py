@@ -17,47 +17,25 @@ SIGTERM or SIGINT stops it cleanly.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 # Run the checkout's mmgun.testing even when an older mmgun is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred  # noqa: E402
 from twisted.internet.interfaces import IListeningPort  # noqa: E402
 from twisted.internet.task import react  # noqa: E402
-from twisted.logger import Logger, globalLogBeginner, textFileLogObserver  # noqa: E402
+from twisted.logger import Logger  # noqa: E402
 
+from mmgun.testing import cli  # noqa: E402
 from mmgun.testing.smtpserver import Mailbox, smtp_server_factory  # noqa: E402
 
 _log = Logger()
 
 
-def host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
-
-
-def write_port_file(path: str, port: int) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{port}\n")
-    os.replace(tmp, path)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--listen",
-        type=host_port,
-        action="append",
-        required=True,
-        metavar="HOST:PORT",
-        help="address to listen on (repeatable)",
-    )
+    cli.add_listen_option(parser, repeatable=True)
     parser.add_argument("--maildir", help="folder to write accepted messages to")
     parser.add_argument(
         "--tls",
@@ -71,7 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=3600.0,
         help="delay for slow@ and slowdata@ recipients",
     )
-    parser.add_argument("--port-file", help="write the listening port number here")
+    cli.add_port_file_option(parser)
     parser.add_argument(
         "--hostname",
         default="smtpstub.test",
@@ -88,9 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 async def main(reactor, argv: list[str]) -> None:  # type: ignore[no-untyped-def]
     args = parse_args(argv)
-    globalLogBeginner.beginLoggingTo(
-        [textFileLogObserver(sys.stdout)], redirectStandardIO=False
-    )
+    cli.log_to_stdout()
     mailbox = Mailbox()
     factory = smtp_server_factory(
         reactor,
@@ -114,14 +90,12 @@ async def main(reactor, argv: list[str]) -> None:  # type: ignore[no-untyped-def
             tls=args.tls,
         )
     if args.port_file:
-        write_port_file(args.port_file, ports[0].getHost().port)
+        cli.write_port_file(args.port_file, ports[0].getHost().port)
 
-    def stopping() -> Deferred[object]:
+    def stopping() -> None:
         _log.info("SMTP stub stopping after {count} messages", count=len(mailbox))
-        return DeferredList([maybeDeferred(p.stopListening) for p in ports])
 
-    reactor.addSystemEventTrigger("before", "shutdown", stopping)
-    await Deferred()  # until SIGTERM/SIGINT stops the reactor
+    await cli.serve_until_shutdown(reactor, ports, stopping)
 
 
 if __name__ == "__main__":
