@@ -119,8 +119,11 @@ class PoolRunner:
             timeout=BUSY_TIMEOUT,
             isolation_level=None,
             check_same_thread=False,
+            # One connection, one thread: SQLite has one writer at a time anyway, and two
+            # connections of one process would wait for each other in SQLite's busy
+            # handler (sleeps of 1, 2, 5, 10… ms) instead of queueing in order here.
             cp_min=1,
-            cp_max=2,
+            cp_max=1,
             cp_openfun=_setup,
             cp_noisy=False,
             **kwargs,
