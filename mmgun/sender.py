@@ -23,7 +23,7 @@ import os
 import random
 import socket
 import uuid
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Protocol
 
 import attrs
 from twisted.application.service import Service
@@ -34,7 +34,7 @@ from twisted.logger import Logger
 
 from .metrics import Metrics
 from .mx import MXHost, PermanentDNSError, TemporaryDNSError
-from .smtp import Reply, SessionFailed, SMTPSettings, Transaction, TransactionResult, send_session
+from .smtp import SessionFailed, SMTPSettings, Transaction, TransactionResult, send_session
 from .store import ClaimedEnvelope, EnvelopeOutcome, RecipientOutcome, Store
 
 _log = Logger()

@@ -17,7 +17,6 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from mmgun.clients import Clients
 from mmgun.config import Options
 from mmgun.metrics import Metrics
 from mmgun.service import ClientsHolder, ClientsReloader, QueueGauges, make_service

@@ -77,7 +77,7 @@ class QueueTests(SynchronousTestCase):
 
     def test_group_commit_isolates_a_conflict(self) -> None:
         """Submissions committed in one transaction: one conflict fails alone."""
-        from twisted.internet.defer import Deferred, succeed
+        from twisted.internet.defer import Deferred
 
         result(self, self.store.add_submission(submission(key="k", digest="h1")))
         runner = self.store._runner

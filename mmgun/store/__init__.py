@@ -242,4 +242,46 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise StorageError unless the database answers."""
 
+    # -- the cleaner ------------------------------------------------------------
+
+    async def clean(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` submissions finished before ``before``; return how many."""
+
+    async def vacuum(self, pages: int) -> None:
+        """Give up to ``pages`` free pages back to the file system (a no-op where meaningless)."""
+
+    # -- the operator (mmgun queue / stats) and the metrics -----------------------
+
+    async def queue_entries(self, now: float, status: str | None = None, domain: str | None = None) -> list[QueueEntry]:
+        """Unfinished envelopes, oldest first."""
+
+    async def queue_stats(self, now: float, top_domains: int = 20) -> QueueStats:
+        """Counts by status, queue age, backlog per domain, in one read."""
+
+    async def flush_deferred(self, now: float, ids: Sequence[str] | None = None) -> tuple[int, int]:
+        """Make deferred envelopes due now: (flushed, left alone because in delivery)."""
+
+    async def fail_queued(self, ids: Sequence[str], now: float, reply: str) -> tuple[int, int]:
+        """Fail the pending recipients of the named envelopes or submissions."""
+
+    async def queued_by_client(self) -> dict[str, int]:
+        """Pending recipients per client (for --max-queued)."""
+
+    # -- clients and API keys ---------------------------------------------------
+
+    async def add_client(self, client: str, now: float) -> None:
+        """Conflict if the client exists."""
+
+    async def add_key(self, client: str, key_id: str, key_hash: bytes, now: float) -> None:
+        """Conflict if the client does not exist."""
+
+    async def list_keys(self, client: str) -> list[KeyInfo]: ...
+
+    async def revoke_key(self, key_id: str, now: float) -> bool:
+        """True if the key was active; Conflict if there is no such key."""
+
+    async def find_key(self, key_id: str) -> StoredKey | None: ...
+
+    async def touch_keys(self, used: Sequence[tuple[str, float]]) -> None: ...
+
     async def close(self) -> None: ...
