@@ -1,0 +1,1306 @@
+#!/usr/bin/env python3
+"""
+mmgun's throughput benchmark: `make bench`, or `.venv/bin/python bench/bench.py [options]`.
+
+Starts mmgun (one or more `twistd mmgun` processes on a fresh SQLite database in a temp
+folder) relaying everything through ``--relay-host`` to a fast SMTP sink on 127.0.0.1
+(bench/sink.py), drives it with a load generator in its own process (bench/loadgen.py),
+and reports, as a table and as JSON in bench/out/<timestamp>.json:
+
+  relay    N POSTs over C keep-alive connections: ingest rate and latency, end-to-end rate
+           (first POST to the moment the sink holds every accepted recipient), CPU seconds
+           per 1000 messages and peak RSS of every mmgun process, duplicates and losses.
+  backlog  envelopes already queued (written through mmgun's store) before the sender
+           starts: drain rate, CPU and peak RSS, at each --backlog-sizes (1k and 100k).
+  --compare-postfix
+           the same message count through a private Postfix instance (smtp-source in, the
+           same sink out), and the ratio of the end-to-end rates.
+
+Each figure is the median of --runs runs. Everything listens on 127.0.0.1 only; every
+loop is bounded in count and in time. See docs/performance.md for the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CLIENT_ID = "demo-client-0123456789abcdef"
+TOPOLOGIES = ("all", "split", "two-senders")
+MODES = ("relay", "ingest", "backlog")
+#: Options that throttle a client; set to "off" when this mmgun has them (they guard
+#: production from abuse and would measure the limiter instead of the relay).
+LIMITS_OFF = {"rate-limit": "0", "max-queued": "0"}
+
+
+def _in_project_venv() -> None:
+    """
+    Run under the project's venv, installed and up to date: `make bench` sees to that
+    before starting us; when started by hand, `make .venv/.installed` does it here (a
+    no-op when nothing changed), then the script re-runs under the venv's Python.
+    """
+    venv = REPO / ".venv" / "bin" / "python"
+    if not os.environ.get("MAKELEVEL") and not os.environ.get("MMGUN_BENCH_NO_MAKE"):
+        os.environ["MMGUN_BENCH_NO_MAKE"] = "1"
+        if subprocess.run(["make", "-s", "-C", str(REPO), ".venv/.installed"], check=False).returncode != 0:
+            sys.exit("bench: `make .venv/.installed` failed")
+    # (The venv's python is a symlink to the base interpreter: compare prefixes, not paths.)
+    if venv.exists() and Path(sys.prefix).resolve() != (REPO / ".venv").resolve():
+        os.execv(str(venv), [str(venv), __file__, *sys.argv[1:]])
+    try:
+        import twisted  # noqa: F401
+    except ImportError:
+        sys.exit("bench: mmgun's venv is missing: run `make bench` (it installs .venv first)")
+
+
+_in_project_venv()
+
+sys.path.insert(0, str(HERE))
+
+import postfix  # noqa: E402
+import procs  # noqa: E402
+import pyspy  # noqa: E402
+
+PYTHON = sys.executable
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+# -- the sink and the daemons ------------------------------------------------------------
+
+
+class Sink:
+    """bench/sink.py in its own process, driven over its stdin/stdout."""
+
+    def __init__(self, folder: Path) -> None:
+        self._err = open(folder / "sink.err", "w")
+        self.process = subprocess.Popen(
+            [PYTHON, str(HERE / "sink.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            text=True,
+            bufsize=1,
+        )
+        self.port = int(self._answer()["port"])
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the sink exited (status {self.process.poll()}); see {self._err.name}")
+        return json.loads(line)
+
+    def command(self, text: str) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(text + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def stats(self) -> dict[str, Any]:
+        return self.command("stats")
+
+    def dump(self, path: Path) -> int:
+        return int(self.command(f"dump {path}")["dumped"])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                assert self.process.stdin is not None
+                self.process.stdin.write("quit\n")
+                self.process.stdin.close()
+                self.process.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                procs.stop_process(self.process, 5)
+        self._err.close()
+
+
+@dataclass
+class Daemon:
+    """One `twistd mmgun` process."""
+
+    name: str
+    roles: tuple[str, ...]
+    process: subprocess.Popen[bytes]
+    log: Path
+    port: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def mmgun_options() -> set[str]:
+    """The option names `twistd mmgun --help` lists (this mmgun's, not the README's)."""
+    result = subprocess.run([TWISTD, "mmgun", "--help"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    names = set()
+    for line in result.stdout.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("--"):
+            names.add(stripped[2:].split("=", 1)[0].split()[0])
+    if "relay-host" not in names:
+        raise SystemExit(f"bench: `twistd mmgun --help` does not list --relay-host:\n{result.stdout}{result.stderr}")
+    return names
+
+
+@dataclass
+class Setup:
+    """What every run shares: the folder, this mmgun's options, the command-line choices."""
+
+    folder: Path
+    options: set[str]
+    args: argparse.Namespace
+    extra: list[str] = field(default_factory=list)
+
+    def limit_flags(self) -> list[str]:
+        flags = []
+        for name, value in LIMITS_OFF.items():
+            if name in self.options:
+                flags.append(f"--{name}={value}")
+        return flags
+
+
+def topology_processes(topology: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(name, roles) of each process; an empty roles tuple means mmgun's default (all three)."""
+    if topology == "all":
+        return [("all", ())]
+    senders = 1 if topology == "split" else 2
+    processes: list[tuple[str, tuple[str, ...]]] = [("frontend", ("frontend", "cleaner"))]
+    processes += [(f"sender-{i + 1}" if senders > 1 else "sender", ("sender",)) for i in range(senders)]
+    return processes
+
+
+def start_daemon(setup: Setup, run: Path, name: str, roles: tuple[str, ...], database: Path, sink_port: int) -> Daemon:
+    port = procs.free_port() if (not roles or "frontend" in roles) else None
+    command = [
+        TWISTD,
+        "-n",
+        "--pidfile=",
+        "mmgun",
+        f"--database={database}",
+        f"--clients={run / 'clients'}",
+        f"--relay-host=127.0.0.1:{sink_port}",
+        "--helo=mmgun.bench.test",
+        *[f"--role={role}" for role in roles],
+        *setup.limit_flags(),
+        *setup.extra,
+    ]
+    if port is not None:
+        command.append(f"--listen=tcp:{port}:interface=127.0.0.1")
+    log = run / f"mmgun-{name}.log"
+    with open(os.devnull if setup.args.discard_logs else log, "wb") as out:
+        process = subprocess.Popen(command, cwd=run, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if setup.args.discard_logs:
+        log.write_text("(discarded: --discard-logs)\n")
+    (run / f"mmgun-{name}.cmd").write_text(" ".join(command) + "\n")
+    return Daemon(name, roles, process, log, port)
+
+
+def wait_ready(daemon: Daemon, timeout: float = 60.0) -> None:
+    """The frontend answers /healthz; any other role has logged the reactor's start."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.process.poll() is not None:
+            raise RuntimeError(f"mmgun {daemon.name} exited with {daemon.process.returncode}: {tail(daemon.log)}")
+        if daemon.port is not None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+        else:
+            text = daemon.log.read_bytes()
+            if b"reactor class" in text:
+                time.sleep(0.2)
+                return
+            if text.startswith(b"(discarded"):
+                # No log to watch: give the process the time it usually needs to start.
+                time.sleep(2.0)
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"mmgun {daemon.name} not ready within {timeout:g} s: {tail(daemon.log)}")
+
+
+def tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+LOG_PROBLEMS = ("#error]", "#critical]", "#warn]", "Traceback", "Unhandled")
+
+
+def scan_log(path: Path) -> dict[str, Any]:
+    """Counts of warning/error lines in a daemon's log, with a few samples."""
+    counts: dict[str, int] = {}
+    samples: list[str] = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            for marker in LOG_PROBLEMS:
+                if marker in line:
+                    counts[marker] = counts.get(marker, 0) + 1
+                    if len(samples) < 8:
+                        samples.append(line.rstrip()[:300])
+                    break
+    return {"problems": counts, "samples": samples}
+
+
+def stop_daemons(daemons: list[Daemon]) -> dict[str, Any]:
+    """Senders first (they release leases), then the rest; exit status and log findings of each."""
+    report = {}
+    for daemon in sorted(daemons, key=lambda d: 0 if "sender" in d.name else 1):
+        status = procs.stop_process(daemon.process)
+        report[daemon.name] = {"exit_status": status, **scan_log(daemon.log)}
+    return report
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+
+class Snapshot:
+    """CPU of the watched processes and of the whole machine at one moment."""
+
+    def __init__(self, pids: dict[str, int], tree: dict[str, int] | None = None) -> None:
+        self.time = time.monotonic()
+        self.cpu = {name: procs.cpu_seconds(pid) or 0.0 for name, pid in pids.items()}
+        for name, pid in (tree or {}).items():
+            self.cpu[name] = procs.tree_cpu_seconds(pid)
+        self.machine_busy, _ = procs.system_cpu()
+
+    def since(self, earlier: Snapshot) -> dict[str, float]:
+        return {name: round(self.cpu[name] - earlier.cpu.get(name, 0.0), 3) for name in self.cpu}
+
+
+def wait_delivered(
+    sink: Sink, expected: int, stall: float, limit: float, on_first: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Poll the sink until it holds ``expected`` recipients, it stalls ``stall`` s, or ``limit`` s pass."""
+    deadline = time.monotonic() + limit
+    last_count, last_progress = -1, time.monotonic()
+    stats = sink.stats()
+    first_seen = False
+    while True:
+        stats = sink.stats()
+        if stats["messages"] and not first_seen:
+            first_seen = True
+            if on_first is not None:
+                on_first()
+        if stats["recipients"] >= expected:
+            stats["outcome"] = "complete"
+            return stats
+        now = time.monotonic()
+        if stats["recipients"] != last_count:
+            last_count, last_progress = stats["recipients"], now
+        elif now - last_progress > stall:
+            stats["outcome"] = f"stalled for {stall:g} s"
+            return stats
+        if now > deadline:
+            stats["outcome"] = f"time limit of {limit:g} s"
+            return stats
+        time.sleep(0.05 if not first_seen else 0.1)
+
+
+def analyse(dump: Path, expected: set[str] | None, check_submissions: bool = True) -> dict[str, Any]:
+    """
+    Duplicates (a Message-ID + recipient pair seen twice), losses (an expected recipient
+    never seen), strays (seen but never accepted), messages whose recipients come from
+    several submissions (``mixed``), and when the last expected recipient arrived.
+    """
+    seen: set[tuple[str, str]] = set()
+    first: dict[str, float] = {}
+    submissions_of: dict[str, set[str]] = {}
+    times: list[float] = []
+    duplicates = 0
+    with open(dump, errors="replace") as f:
+        for line in f:
+            stamp, message_id, recipients = line.rstrip("\n").split("\t")
+            t = float(stamp)
+            times.append(t)
+            for rcpt in recipients.split(","):
+                key = (message_id, rcpt)
+                if key in seen:
+                    duplicates += 1
+                else:
+                    seen.add(key)
+                first.setdefault(rcpt, t)
+                if check_submissions:
+                    submissions_of.setdefault(message_id, set()).add(rcpt.partition("x")[0])
+    delivered = set(first)
+    lost = sorted(expected - delivered) if expected is not None else []
+    strays = sorted(delivered - expected) if expected is not None else []
+    wanted = [first[r] for r in (expected if expected is not None else delivered) if r in first]
+    return {
+        "messages": len(times),
+        "recipients_delivered": len(delivered),
+        "duplicates": duplicates,
+        "lost": len(lost),
+        "lost_sample": lost[:5],
+        "strays": len(strays),
+        "strays_sample": strays[:5],
+        "message_ids": len(submissions_of) if check_submissions else None,
+        "mixed": sum(1 for s in submissions_of.values() if len(s) > 1),
+        "first_arrival": min(times) if times else None,
+        "complete_at": max(wanted) if wanted else None,
+        "times": sorted(times),
+    }
+
+
+def window_rate(times: list[float], start: int, stop: int) -> float | None:
+    """Messages per second between the start-th and stop-th arrival."""
+    stop = min(stop, len(times))
+    if stop - start < 2 or times[stop - 1] <= times[start]:
+        return None
+    return (stop - 1 - start) / (times[stop - 1] - times[start])
+
+
+def mib(kib: int | None) -> float | None:
+    return None if kib is None else round(kib / 1024, 1)
+
+
+class Profiles:
+    """py-spy recorders for the daemons of one run, when --profile is on."""
+
+    def __init__(self, setup: Setup, run: Path, daemons: list[Daemon]) -> None:
+        self._recorders: dict[str, pyspy.Recorder] = {}
+        py_spy = pyspy.find_py_spy(setup.args.py_spy) if setup.args.profile else None
+        if setup.args.profile and py_spy is None:
+            print(
+                "bench: --profile needs py-spy (pip install py-spy, or --py-spy PATH); not profiling", file=sys.stderr
+            )
+        if py_spy is not None:
+            for daemon in daemons:
+                self._recorders[daemon.name] = pyspy.Recorder(py_spy, daemon.pid, run / f"profile-{daemon.name}.txt")
+
+    def stop(self) -> dict[str, Any]:
+        summaries = {}
+        for name, recorder in self._recorders.items():
+            output = recorder.stop()
+            if output is not None:
+                summaries[name] = {"raw": str(output), **pyspy.summarize(output)}
+        return summaries
+
+
+# -- the relay run ------------------------------------------------------------------------------
+
+
+def relay_run(setup: Setup, topology: str, index: int, recipients: str, label: str = "relay") -> dict[str, Any]:
+    """
+    POST --messages messages and wait until the sink holds every accepted recipient.
+    With label "ingest" only a frontend runs (no sender): the ingest path alone, checked
+    against the database instead of the sink.
+    """
+    args = setup.args
+    deliver = label != "ingest"
+    run = Path(tempfile.mkdtemp(prefix=f"{label}-{topology}-{index}-", dir=setup.folder))
+    (run / "clients").write_text(CLIENT_ID + "\n")
+    database = run / "mmgun.sqlite3"
+    sink = Sink(run)
+    daemons: list[Daemon] = []
+    loadgen = None
+    try:
+        for name, roles in topology_processes(topology) if deliver else [("frontend", ("frontend",))]:
+            daemons.append(start_daemon(setup, run, name, roles, database, sink.port))
+            # The first process creates the schema; the others start once it answers.
+            wait_ready(daemons[-1])
+        frontend = next(d for d in daemons if d.port is not None)
+        background = procs.wait_quiet(args.wait_quiet) if args.wait_quiet else None
+        result_file = run / "loadgen.json"
+        loadgen = subprocess.Popen(
+            [
+                PYTHON,
+                str(HERE / "loadgen.py"),
+                f"--port={frontend.port}",
+                f"--messages={args.messages}",
+                f"--concurrency={args.concurrency}",
+                f"--recipients={recipients}",
+                f"--body-size={args.body_size}",
+                f"--client-id={CLIENT_ID}",
+                f"--deadline={args.time_limit}",
+                f"--result={result_file}",
+                "--ready",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert loadgen.stdin is not None and loadgen.stdout is not None
+        if loadgen.stdout.readline().strip() != "ready":
+            raise RuntimeError("the load generator did not start")
+        pids = {d.name: d.pid for d in daemons} | {"sink": sink.process.pid, "loadgen": loadgen.pid}
+        profiles = Profiles(setup, run, daemons)
+        before = Snapshot(pids)
+        loadgen.stdin.write("go\n")
+        loadgen.stdin.flush()
+        try:
+            loadgen.wait(args.time_limit + 120)
+        except subprocess.TimeoutExpired:
+            loadgen.kill()
+            raise RuntimeError("the load generator overran its time limit") from None
+        after_ingest = Snapshot({d.name: d.pid for d in daemons})
+        if loadgen.returncode != 0:
+            raise RuntimeError(f"the load generator failed with status {loadgen.returncode}")
+        ingest = json.loads(result_file.read_text())
+        expected = {rcpt for _, rcpts in ingest.pop("recipients") for rcpt in rcpts}
+        if deliver:
+            delivery = wait_delivered(sink, len(expected), args.stall, args.time_limit)
+        else:
+            delivery = {"outcome": "not delivered (ingest only)", **sink.stats()}
+        after = Snapshot({d.name: d.pid for d in daemons} | {"sink": sink.process.pid})
+        # The load generator exited before the drain ended: it reported its own total.
+        after.cpu["loadgen"] = ingest.get("cpu_seconds", before.cpu.get("loadgen", 0.0))
+        peak = {d.name: mib(procs.status_kib(d.pid, "VmHWM")) for d in daemons}
+        profile = profiles.stop()
+        logs = stop_daemons(daemons)
+        dump = run / "sink.tsv"
+        sink.dump(dump)
+        found = analyse(dump, expected if deliver else set())
+        if not deliver:
+            found.update(queued_in_database(database, expected))
+        times = found.pop("times")
+        accepted = ingest["accepted"]
+        end = found["complete_at"] if found["lost"] == 0 else delivery.get("last")
+        e2e_seconds = end - ingest["first_send"] if end and ingest["first_send"] else None
+        cpu = after.since(before)
+        machine_busy = after.machine_busy - before.machine_busy
+        ours = sum(cpu.values())
+        return {
+            "label": label,
+            "topology": topology,
+            "run": index,
+            "folder": str(run),
+            "messages": args.messages,
+            "concurrency": args.concurrency,
+            "recipients_per_message": recipients,
+            "accepted": accepted,
+            "accepted_recipients": len(expected),
+            "envelopes_delivered": found["messages"],
+            "http_errors": ingest["errors"],
+            "ingest_rate": round(ingest["rate"], 1) if ingest["rate"] else None,
+            "latency_ms": {k: round(v * 1000, 2) if v is not None else None for k, v in ingest["latency"].items()},
+            "e2e_seconds": round(e2e_seconds, 3) if e2e_seconds else None,
+            "e2e_rate": round(accepted / e2e_seconds, 1) if e2e_seconds else None,
+            "e2e_recipient_rate": round(len(expected) / e2e_seconds, 1) if e2e_seconds else None,
+            "drain_after_ingest_s": round(end - ingest["last_answer"], 3) if end and ingest["last_answer"] else None,
+            "sink_rate_window": round(window_rate(times, 0, len(times)) or 0, 1),
+            "cpu_seconds": cpu,
+            "cpu_during_ingest": after_ingest.since(before),
+            "cpu_per_1000": {name: round(seconds / accepted * 1000, 3) for name, seconds in cpu.items()}
+            if accepted
+            else {},
+            "peak_rss_mib": peak,
+            "machine_busy_cores": round(machine_busy / (after.time - before.time), 2),
+            "other_cpu_seconds": round(machine_busy - ours, 2),
+            "background_before": background,
+            "delivery": {
+                k: delivery[k] for k in ("outcome", "messages", "recipients", "duplicates", "connections", "errors")
+            },
+            "duplicates": found["duplicates"],
+            "lost": found["lost"],
+            "lost_sample": found["lost_sample"],
+            "strays": found["strays"],
+            "mixed": found["mixed"],
+            "message_ids": found["message_ids"],
+            "daemons": logs,
+            "profile": profile,
+        }
+    finally:
+        if loadgen is not None and loadgen.poll() is None:
+            loadgen.kill()
+        for daemon in daemons:
+            if daemon.process.poll() is None:
+                procs.stop_process(daemon.process)
+        sink.stop()
+
+
+def queued_in_database(database: Path, expected: set[str]) -> dict[str, Any]:
+    """Losses and duplicates of an ingest-only run, read from the queue itself."""
+    import sqlite3
+
+    with sqlite3.connect(database) as conn:
+        stored = [address for (address,) in conn.execute("SELECT address FROM recipients")]
+    unique = set(stored)
+    return {
+        "duplicates": len(stored) - len(unique),
+        "lost": len(expected - unique),
+        "lost_sample": sorted(expected - unique)[:5],
+        "strays": len(unique - expected),
+    }
+
+
+# -- the backlog run ----------------------------------------------------------------------------
+
+
+def backlog_template(setup: Setup, envelopes: int) -> tuple[Path, set[str]]:
+    """A database holding ``envelopes`` queued envelopes (made once, copied for each run)."""
+    import backlog
+
+    path = setup.folder / f"backlog-{envelopes}.sqlite3"
+    expected_file = path.with_suffix(".recipients")
+    if not path.exists():
+        print(f"  filling a backlog of {envelopes:,} envelopes through mmgun's store …", flush=True)
+        filled = backlog.fill(
+            str(path), envelopes, recipients=_range(setup.args.recipients), body_size=setup.args.body_size
+        )
+        print(
+            f"  filled in {filled['seconds']:.1f} s: {filled['submissions']:,} submissions, {filled['recipients']:,} recipients",
+            flush=True,
+        )
+        import sqlite3
+
+        with sqlite3.connect(path) as conn:
+            expected_file.write_text("\n".join(r for (r,) in conn.execute("SELECT address FROM recipients")) + "\n")
+    return path, set(expected_file.read_text().split())
+
+
+def _range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    return int(low), int(high or low)
+
+
+def backlog_run(setup: Setup, topology: str, envelopes: int, index: int) -> dict[str, Any]:
+    args = setup.args
+    template, expected = backlog_template(setup, envelopes)
+    run = Path(tempfile.mkdtemp(prefix=f"backlog-{envelopes}-{topology}-{index}-", dir=setup.folder))
+    (run / "clients").write_text(CLIENT_ID + "\n")
+    database = run / "mmgun.sqlite3"
+    shutil.copy(template, database)
+    sink = Sink(run)
+    daemons: list[Daemon] = []
+    try:
+        background = procs.wait_quiet(args.wait_quiet) if args.wait_quiet else None
+        machine_before, _ = procs.system_cpu()
+        started = time.monotonic()
+        # Frontend first (idle here); the senders find the whole backlog due at once.
+        for name, roles in sorted(topology_processes(topology), key=lambda p: 0 if "sender" not in p[1] else 1):
+            daemons.append(start_daemon(setup, run, name, roles, database, sink.port))
+        pids = {d.name: d.pid for d in daemons} | {"sink": sink.process.pid}
+        profiles = Profiles(setup, run, daemons)
+        at_first: list[Snapshot] = []
+        delivery = wait_delivered(
+            sink, len(expected), args.stall, args.time_limit, on_first=lambda: at_first.append(Snapshot(pids))
+        )
+        after = Snapshot(pids)
+        before = at_first[0] if at_first else after
+        peak = {d.name: mib(procs.status_kib(d.pid, "VmHWM")) for d in daemons}
+        profile = profiles.stop()
+        logs = stop_daemons(daemons)
+        dump = run / "sink.tsv"
+        sink.dump(dump)
+        found = analyse(dump, expected)
+        times = found.pop("times")
+        delivered = found["messages"]
+        cpu = after.since(before)
+        tenth = max(2, delivered // 10)
+        drain_seconds = (times[-1] - times[0]) if len(times) > 1 else None
+        return {
+            "label": "backlog",
+            "topology": topology,
+            "queued_envelopes": envelopes,
+            "run": index,
+            "folder": str(run),
+            "envelopes_delivered": delivered,
+            "recipients_expected": len(expected),
+            "first_message_after_s": round(times[0] - started, 3) if times else None,
+            "drain_seconds": round(drain_seconds, 3) if drain_seconds else None,
+            "drain_rate": round((delivered - 1) / drain_seconds, 1) if drain_seconds else None,
+            "rate_first_10pct": _round(window_rate(times, 0, tenth)),
+            "rate_last_10pct": _round(window_rate(times, len(times) - tenth, len(times))),
+            "cpu_seconds": cpu,
+            "cpu_per_1000": {name: round(s / delivered * 1000, 3) for name, s in cpu.items()} if delivered else {},
+            "peak_rss_mib": peak,
+            "machine_busy_cores": round((after.machine_busy - machine_before) / (after.time - started), 2),
+            # Between the first and the last message: CPU used by processes other than the bench's.
+            "other_cpu_seconds": round(after.machine_busy - before.machine_busy - sum(cpu.values()), 2),
+            "background_before": background,
+            "delivery": {
+                k: delivery[k] for k in ("outcome", "messages", "recipients", "duplicates", "connections", "errors")
+            },
+            "duplicates": found["duplicates"],
+            "lost": found["lost"],
+            "lost_sample": found["lost_sample"],
+            "strays": found["strays"],
+            "mixed": found["mixed"],
+            "daemons": logs,
+            "profile": profile,
+        }
+    finally:
+        for daemon in daemons:
+            if daemon.process.poll() is None:
+                procs.stop_process(daemon.process)
+        sink.stop()
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+# -- the Postfix run ----------------------------------------------------------------------------
+
+
+def postfix_run(setup: Setup, index: int) -> dict[str, Any]:
+    import resource
+
+    args = setup.args
+    run = Path(tempfile.mkdtemp(prefix=f"postfix-{index}-", dir=setup.folder))
+    os.chmod(run, 0o755)
+    sink = Sink(run)
+    instance = None
+    try:
+        port = procs.free_port()
+        instance = postfix.PostfixInstance(run / "postfix", port, sink.port)
+        instance.start()
+        master = instance.master_pid()
+        if master is None:
+            raise RuntimeError("the private postfix has no master pid")
+        background = procs.wait_quiet(args.wait_quiet) if args.wait_quiet else None
+        before = Snapshot({"sink": sink.process.pid}, tree={"postfix": master})
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.monotonic()
+        # -d: many messages per session (as the HTTP keep-alive connections); -N: unique recipients.
+        command = [
+            postfix.SMTP_SOURCE,
+            "-4",
+            "-d",
+            "-N",
+            f"-s{args.concurrency}",
+            f"-m{args.messages}",
+            f"-l{args.body_size + 300}",
+            "-fbench@sender.bench.test",
+            "-tbench@alpha.bench.test",
+            "-Msource.bench.test",
+            f"127.0.0.1:{port}",
+        ]
+        source = subprocess.run(command, capture_output=True, text=True, timeout=args.time_limit + 60, check=False)
+        injected = time.monotonic()
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if source.returncode != 0:
+            raise RuntimeError(f"smtp-source failed ({source.returncode}): {source.stderr.strip()[-300:]}")
+        expected = {f"{i}bench@alpha.bench.test" for i in range(1, args.messages + 1)}
+        delivery = wait_delivered(sink, len(expected), args.stall, args.time_limit)
+        after = Snapshot({"sink": sink.process.pid}, tree={"postfix": master})
+        peak_kib = sum(procs.status_kib(pid, "VmHWM") or 0 for pid in [master, *procs.descendants(master)])
+        by_daemon = procs.tree_cpu_by_name(master)
+        left_in_queue = instance.queue_files()
+        instance.stop()
+        dump = run / "sink.tsv"
+        sink.dump(dump)
+        found = analyse(dump, expected, check_submissions=False)
+        found.pop("times")
+        end = found["complete_at"] if found["lost"] == 0 else delivery.get("last")
+        e2e_seconds = end - started if end else None
+        cpu = after.since(before)
+        cpu["smtp-source"] = round(
+            (children_after.ru_utime + children_after.ru_stime) - (children_before.ru_utime + children_before.ru_stime),
+            3,
+        )
+        return {
+            "label": "postfix",
+            "run": index,
+            "folder": str(run),
+            "messages": args.messages,
+            "concurrency": args.concurrency,
+            "injected": args.messages,
+            "ingest_rate": round(args.messages / (injected - started), 1),
+            "e2e_seconds": round(e2e_seconds, 3) if e2e_seconds else None,
+            "e2e_rate": round(args.messages / e2e_seconds, 1) if e2e_seconds else None,
+            "cpu_seconds": cpu,
+            "cpu_per_1000": {name: round(s / args.messages * 1000, 3) for name, s in cpu.items()},
+            "peak_rss_mib_sum": mib(peak_kib),
+            "postfix_cpu_by_daemon": by_daemon,
+            "left_in_queue": left_in_queue,
+            "machine_busy_cores": round((after.machine_busy - before.machine_busy) / (after.time - before.time), 2),
+            "other_cpu_seconds": round(after.machine_busy - before.machine_busy - sum(cpu.values()), 2),
+            "background_before": background,
+            "delivery": {
+                k: delivery[k] for k in ("outcome", "messages", "recipients", "duplicates", "connections", "errors")
+            },
+            "duplicates": found["duplicates"],
+            "lost": found["lost"],
+            "lost_sample": found["lost_sample"],
+            "strays": found["strays"],
+            "postfix_log_problems": _postfix_problems(instance.maillog),
+        }
+    finally:
+        if instance is not None:
+            instance.stop()
+        sink.stop()
+
+
+def _postfix_problems(maillog: Path) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    samples: list[str] = []
+    try:
+        with open(maillog, errors="replace") as f:
+            for line in f:
+                for marker in ("warning:", "error:", "fatal:", "panic:", "status=deferred", "status=bounced"):
+                    if marker in line:
+                        counts[marker] = counts.get(marker, 0) + 1
+                        if len(samples) < 5:
+                            samples.append(line.rstrip()[:300])
+    except OSError:
+        pass
+    return {"problems": counts, "samples": samples}
+
+
+# -- medians and the report ---------------------------------------------------------------------
+
+
+def median_of(runs: list[dict[str, Any]], path: str) -> Any:
+    values = []
+    for run in runs:
+        value: Any = run
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)):
+            values.append(value)
+    return round(statistics.median(values), 3) if values else None
+
+
+def summarize_relay(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    names = list(runs[0]["peak_rss_mib"]) if runs else []
+    return {
+        "runs": len(runs),
+        "ingest_rate": median_of(runs, "ingest_rate"),
+        "p50_ms": median_of(runs, "latency_ms.p50"),
+        "p99_ms": median_of(runs, "latency_ms.p99"),
+        "e2e_rate": median_of(runs, "e2e_rate"),
+        "e2e_recipient_rate": median_of(runs, "e2e_recipient_rate"),
+        "cpu_per_1000": {n: median_of(runs, f"cpu_per_1000.{n}") for n in [*names, "sink", "loadgen"]},
+        "peak_rss_mib": {n: max((r["peak_rss_mib"][n] or 0) for r in runs) for n in names},
+        "machine_busy_cores": median_of(runs, "machine_busy_cores"),
+        "other_cpu_seconds": median_of(runs, "other_cpu_seconds"),
+        "duplicates": sum(r["duplicates"] for r in runs),
+        "lost": sum(r["lost"] for r in runs),
+        "strays": sum(r["strays"] for r in runs),
+        "http_errors": sum(sum(r["http_errors"].values()) for r in runs),
+        "accepted": sum(r["accepted"] for r in runs),
+    }
+
+
+def summarize_backlog(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    names = list(runs[0]["peak_rss_mib"]) if runs else []
+    return {
+        "runs": len(runs),
+        "drain_rate": median_of(runs, "drain_rate"),
+        "rate_first_10pct": median_of(runs, "rate_first_10pct"),
+        "rate_last_10pct": median_of(runs, "rate_last_10pct"),
+        "first_message_after_s": median_of(runs, "first_message_after_s"),
+        "cpu_per_1000": {n: median_of(runs, f"cpu_per_1000.{n}") for n in names},
+        "peak_rss_mib": {n: max((r["peak_rss_mib"][n] or 0) for r in runs) for n in names},
+        "machine_busy_cores": median_of(runs, "machine_busy_cores"),
+        "other_cpu_seconds": median_of(runs, "other_cpu_seconds"),
+        "duplicates": sum(r["duplicates"] for r in runs),
+        "lost": sum(r["lost"] for r in runs),
+        "strays": sum(r["strays"] for r in runs),
+    }
+
+
+def summarize_postfix(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "runs": len(runs),
+        "ingest_rate": median_of(runs, "ingest_rate"),
+        "e2e_rate": median_of(runs, "e2e_rate"),
+        "cpu_per_1000": {n: median_of(runs, f"cpu_per_1000.{n}") for n in ("postfix", "sink", "smtp-source")},
+        "peak_rss_mib_sum": max((r["peak_rss_mib_sum"] or 0) for r in runs) if runs else None,
+        "duplicates": sum(r["duplicates"] for r in runs),
+        "lost": sum(r["lost"] for r in runs),
+        "left_in_queue": sum(r["left_in_queue"] for r in runs),
+    }
+
+
+def fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    return "\n".join(lines)
+
+
+def per_process(values: dict[str, Any], digits: int) -> str:
+    return " ".join(f"{name}={fmt(v, digits)}" for name, v in values.items() if v is not None)
+
+
+def render(summary: dict[str, Any]) -> str:
+    out = []
+    relay = summary.get("relay", {})
+    if relay:
+        rows = []
+        for topology, s in relay.items():
+            rows.append(
+                [
+                    topology,
+                    fmt(s["runs"]),
+                    fmt(s["ingest_rate"]),
+                    fmt(s["p50_ms"], 1),
+                    fmt(s["p99_ms"], 1),
+                    fmt(s["e2e_rate"]),
+                    per_process({k: v for k, v in s["cpu_per_1000"].items() if k not in ("sink", "loadgen")}, 2),
+                    per_process(s["peak_rss_mib"], 0),
+                    fmt(s["duplicates"]),
+                    fmt(s["lost"]),
+                    fmt(s["http_errors"]),
+                ]
+            )
+        out.append("relay (median of runs; CPU s/1000 messages and peak RSS MiB per mmgun process)")
+        out.append(
+            table(
+                [
+                    "topology",
+                    "runs",
+                    "ingest/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "e2e msg/s",
+                    "CPU s/1k",
+                    "peak RSS MiB",
+                    "dup",
+                    "lost",
+                    "http err",
+                ],
+                rows,
+            )
+        )
+    ingest = summary.get("ingest", {})
+    if ingest:
+        rows = [
+            [
+                name,
+                fmt(s["runs"]),
+                fmt(s["ingest_rate"]),
+                fmt(s["p50_ms"], 1),
+                fmt(s["p99_ms"], 1),
+                per_process({k: v for k, v in s["cpu_per_1000"].items() if k not in ("sink", "loadgen")}, 2),
+                per_process(s["peak_rss_mib"], 0),
+                fmt(s["duplicates"]),
+                fmt(s["lost"]),
+                fmt(s["http_errors"]),
+            ]
+            for name, s in ingest.items()
+        ]
+        out.append("\ningest only (no sender running; losses and duplicates counted in the database)")
+        out.append(
+            table(
+                [
+                    "process",
+                    "runs",
+                    "ingest/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "CPU s/1k",
+                    "peak RSS MiB",
+                    "dup",
+                    "lost",
+                    "http err",
+                ],
+                rows,
+            )
+        )
+    backlog = summary.get("backlog", {})
+    if backlog:
+        rows = []
+        for key, s in backlog.items():
+            rows.append(
+                [
+                    key,
+                    fmt(s["runs"]),
+                    fmt(s["drain_rate"]),
+                    fmt(s["rate_first_10pct"]),
+                    fmt(s["rate_last_10pct"]),
+                    fmt(s["first_message_after_s"], 2),
+                    per_process(s["cpu_per_1000"], 2),
+                    per_process(s["peak_rss_mib"], 0),
+                    fmt(s["duplicates"]),
+                    fmt(s["lost"]),
+                ]
+            )
+        out.append("\nbacklog drain (envelopes/s at the sink; CPU s/1000 envelopes; peak RSS MiB)")
+        out.append(
+            table(
+                [
+                    "queued/topology",
+                    "runs",
+                    "drain/s",
+                    "first 10%",
+                    "last 10%",
+                    "1st msg s",
+                    "CPU s/1k",
+                    "peak RSS MiB",
+                    "dup",
+                    "lost",
+                ],
+                rows,
+            )
+        )
+    compare = summary.get("compare")
+    if compare:
+        m, p = compare["mmgun"], compare["postfix"]
+        out.append("\nmmgun vs Postfix (same sink, same message count and concurrency, 1 recipient per message)")
+        out.append(
+            table(
+                ["relay", "runs", "ingest/s", "e2e msg/s", "CPU s/1k", "dup", "lost"],
+                [
+                    [
+                        "mmgun",
+                        fmt(m["runs"]),
+                        fmt(m["ingest_rate"]),
+                        fmt(m["e2e_rate"]),
+                        per_process({k: v for k, v in m["cpu_per_1000"].items() if k not in ("sink", "loadgen")}, 2),
+                        fmt(m["duplicates"]),
+                        fmt(m["lost"]),
+                    ],
+                    [
+                        "postfix",
+                        fmt(p["runs"]),
+                        fmt(p["ingest_rate"]),
+                        fmt(p["e2e_rate"]),
+                        per_process({"postfix": p["cpu_per_1000"]["postfix"]}, 2),
+                        fmt(p["duplicates"]),
+                        fmt(p["lost"]),
+                    ],
+                ],
+            )
+        )
+        out.append(f"end-to-end ratio mmgun/postfix: {fmt(compare['ratio'], 2)}")
+    elif summary.get("compare_skipped"):
+        out.append(f"\nPostfix comparison skipped: {summary['compare_skipped']}")
+    targets = summary.get("targets", [])
+    if targets:
+        out.append("\ntargets")
+        out.append(table(["target", "measured", "met"], [[t["target"], t["measured"], t["met"]] for t in targets]))
+    return "\n".join(out)
+
+
+def evaluate(summary: dict[str, Any], all_runs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    targets = []
+    compare = summary.get("compare")
+    if compare and compare.get("ratio") is not None:
+        ratio = compare["ratio"]
+        targets.append(
+            {"target": "end-to-end ≥ 2× Postfix", "measured": f"{ratio:.2f}×", "met": "yes" if ratio >= 2 else "NO"}
+        )
+    relay = {**summary.get("relay", {}), **summary.get("ingest", {})}
+    for topology, s in relay.items():
+        if s["ingest_rate"] is not None and s["p99_ms"] is not None:
+            ok = s["ingest_rate"] >= 3000 and s["p99_ms"] < 50
+            targets.append(
+                {
+                    "target": f"ingest ≥ 3,000/s, p99 < 50 ms ({topology})",
+                    "measured": f"{s['ingest_rate']:,.0f}/s, p99 {s['p99_ms']:.1f} ms",
+                    "met": "yes" if ok else "NO",
+                }
+            )
+    backlog = summary.get("backlog", {})
+    for key, s in backlog.items():
+        queued = int(key.split("/")[0])
+        if queued >= 100_000:
+            senders = {n: v for n, v in s["peak_rss_mib"].items() if n.startswith("sender") or n == "all"}
+            worst = max(senders.values()) if senders else None
+            if worst is not None:
+                targets.append(
+                    {
+                        "target": f"sender peak RSS < 150 MB, {queued:,} backlog ({key.split('/')[1]})",
+                        "measured": f"{worst * 1.048576:.0f} MB",
+                        "met": "yes" if worst * 1.048576 < 150 else "NO",
+                    }
+                )
+    sizes = sorted({int(k.split("/")[0]) for k in backlog})
+    if len(sizes) >= 2:
+        for topology in sorted({k.split("/")[1] for k in backlog}):
+            small, large = backlog.get(f"{sizes[0]}/{topology}"), backlog.get(f"{sizes[-1]}/{topology}")
+            if small and large and small["drain_rate"] and large["drain_rate"]:
+                change = large["drain_rate"] / small["drain_rate"] - 1
+                targets.append(
+                    {
+                        "target": f"drain at {sizes[-1]:,} within 20% of {sizes[0]:,} ({topology})",
+                        "measured": f"{large['drain_rate']:,.0f} vs {small['drain_rate']:,.0f}/s ({change:+.0%})",
+                        "met": "yes" if abs(change) <= 0.2 or change > 0 else "NO",
+                    }
+                )
+    bad = [r for r in all_runs if r.get("duplicates") or r.get("lost")]
+    if not all_runs:
+        return targets
+    targets.append(
+        {
+            "target": "0 lost, 0 duplicated (every run)",
+            "measured": f"{sum(r.get('lost', 0) for r in all_runs)} lost, {sum(r.get('duplicates', 0) for r in all_runs)} dup in {len(all_runs)} runs",
+            "met": "yes" if not bad else "NO",
+        }
+    )
+    return targets
+
+
+def git_state() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+        # Only the end: porcelain lines start with a significant space.
+        return result.stdout.rstrip()
+
+    import hashlib
+
+    import mmgun
+
+    # What actually ran: the installed package (make reinstalls it when a source changes).
+    digest = hashlib.sha256()
+    installed = Path(mmgun.__file__).parent
+    for path in sorted(installed.rglob("*.py")):
+        digest.update(str(path.relative_to(installed)).encode() + b"\0" + path.read_bytes())
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty_files": [line[3:] for line in git("status", "--porcelain", "mmgun").splitlines()],
+        "installed_mmgun": str(installed),
+        "installed_mmgun_sha256": digest.hexdigest()[:16],
+    }
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench.py", description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, help="runs of each measurement; the report shows the median (default 3)")
+    parser.add_argument("--messages", type=int, help="POSTs per relay run (default 20,000)")
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP connections (default 32)")
+    parser.add_argument(
+        "--topology", default="all", help=f"comma-separated: {', '.join(TOPOLOGIES)}, or 'every' (default all)"
+    )
+    parser.add_argument(
+        "--mode",
+        help=f"comma-separated: {', '.join(MODES)} (default relay; with --compare-postfix alone, none)",
+    )
+    parser.add_argument("--backlog-sizes", help="queued envelopes for the backlog mode (default 1000,100000)")
+    parser.add_argument(
+        "--compare-postfix", action="store_true", help="also run the same load through a private Postfix"
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 messages, 1 run, backlog 1000,10000")
+    parser.add_argument("--recipients", default="1-3", help="recipients per message, N or LOW-HIGH (default 1-3)")
+    parser.add_argument("--body-size", type=int, default=1000, help="characters of message body (default 1000)")
+    parser.add_argument(
+        "--stall", type=float, default=30.0, help="give up waiting for deliveries after this many seconds without one"
+    )
+    parser.add_argument(
+        "--time-limit", type=float, default=600.0, help="longest ingest, and longest drain, of one run (seconds)"
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        help="before each run, wait up to this many seconds for an idle machine",
+    )
+    parser.add_argument(
+        "--mmgun-arg",
+        action="append",
+        default=[],
+        metavar="--OPTION=VALUE",
+        help="extra option for every mmgun process",
+    )
+    parser.add_argument(
+        "--workdir",
+        default=str(HERE / "out"),
+        help="where the temp folder goes (default bench/out: the project's disk)",
+    )
+    parser.add_argument(
+        "--discard-logs",
+        action="store_true",
+        help="send mmgun's log to /dev/null (diagnostic: what logging to a file costs; no log checks then)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder (databases, logs, sink dumps)")
+    parser.add_argument("--profile", action="store_true", help="record py-spy profiles of every mmgun process")
+    parser.add_argument("--py-spy", help="path of py-spy (default: from PATH or the venv)")
+    parser.add_argument("--output", help="JSON report path (default bench/out/<timestamp>.json)")
+    args = parser.parse_args(argv)
+    # --quick changes the defaults only: an explicit flag still wins.
+    if args.runs is None:
+        args.runs = 1 if args.quick else 3
+    if args.messages is None:
+        args.messages = 2000 if args.quick else 20_000
+    if args.backlog_sizes is None:
+        args.backlog_sizes = "1000,10000" if args.quick else "1000,100000"
+    args.topologies = (
+        list(TOPOLOGIES) if args.topology == "every" else [t.strip() for t in args.topology.split(",") if t.strip()]
+    )
+    if args.mode is None:
+        args.mode = "" if args.compare_postfix else "relay"
+    args.modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    for topology in args.topologies:
+        if topology not in TOPOLOGIES:
+            parser.error(f"--topology: {topology!r} is not one of {', '.join(TOPOLOGIES)}")
+    for mode in args.modes:
+        if mode not in MODES:
+            parser.error(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
+    if args.runs < 1 or args.messages < 1 or args.concurrency < 1:
+        parser.error("--runs, --messages and --concurrency must be at least 1")
+    args.sizes = [int(s) for s in args.backlog_sizes.split(",") if s.strip()]
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+    # Postfix's daemons (the postfix user) must be able to reach their queue inside it.
+    folder.chmod(0o755)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    output = Path(args.output) if args.output else HERE / "out" / f"{stamp}.json"
+    setup = Setup(folder, mmgun_options(), args, list(args.mmgun_arg))
+    report: dict[str, Any] = {
+        "started": stamp,
+        "command": " ".join([Path(sys.argv[0]).name, *argv]),
+        "machine": procs.machine(folder),
+        "git": git_state(),
+        "durability": "SQLite WAL, synchronous=FULL (mmgun's only setting): each acknowledged POST is fsync'd",
+        "mmgun_flags": setup.limit_flags() + setup.extra,
+        "options": {k: v for k, v in vars(args).items() if k not in ("topologies", "modes", "sizes")},
+        "runs": [],
+        "summary": {},
+    }
+    print(
+        f"mmgun bench: {args.runs} run(s), modes {','.join(args.modes)}, topologies {','.join(args.topologies)}, temp folder {folder}"
+    )
+    print(
+        f"machine: {report['machine']['nproc']} cores, {report['machine']['cpu_model']}, {report['machine']['memory_gib']} GiB, fdatasync {report['machine']['fdatasync_ms']} ms on {report['machine']['filesystem']}"
+    )
+    if setup.limit_flags():
+        print(f"mmgun options: {' '.join(setup.limit_flags())} (client limits off for the measurement)")
+    summary: dict[str, Any] = report["summary"]
+    runs: list[dict[str, Any]] = report["runs"]
+
+    def record(run: dict[str, Any]) -> dict[str, Any]:
+        runs.append(run)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=1, default=str))
+        return run
+
+    try:
+        if "relay" in args.modes:
+            summary["relay"] = {}
+            for topology in args.topologies:
+                done = []
+                for index in range(args.runs):
+                    run = record(relay_run(setup, topology, index + 1, args.recipients))
+                    done.append(run)
+                    print(
+                        f"  relay {topology} #{index + 1}: {run['accepted']:,} accepted at {fmt(run['ingest_rate'])}/s "
+                        f"(p50 {fmt(run['latency_ms']['p50'], 1)} ms, p99 {fmt(run['latency_ms']['p99'], 1)} ms), "
+                        f"end-to-end {fmt(run['e2e_rate'])}/s, dup {run['duplicates']}, lost {run['lost']}, "
+                        f"{run['delivery']['outcome']}; machine {run['machine_busy_cores']} cores busy, "
+                        f"{run['other_cpu_seconds']} CPU-s not ours",
+                        flush=True,
+                    )
+                summary["relay"][topology] = summarize_relay(done)
+        if "ingest" in args.modes:
+            done = []
+            for index in range(args.runs):
+                run = record(relay_run(setup, "frontend", index + 1, args.recipients, label="ingest"))
+                done.append(run)
+                print(
+                    f"  ingest (frontend only) #{index + 1}: {run['accepted']:,} accepted at {fmt(run['ingest_rate'])}/s "
+                    f"(p50 {fmt(run['latency_ms']['p50'], 1)} ms, p99 {fmt(run['latency_ms']['p99'], 1)} ms), "
+                    f"dup {run['duplicates']}, lost {run['lost']} (in the database)",
+                    flush=True,
+                )
+            summary["ingest"] = {"frontend only": summarize_relay(done)}
+        if "backlog" in args.modes:
+            summary["backlog"] = {}
+            for size in args.sizes:
+                for topology in args.topologies:
+                    done = []
+                    for index in range(args.runs):
+                        run = record(backlog_run(setup, topology, size, index + 1))
+                        done.append(run)
+                        print(
+                            f"  backlog {size:,} {topology} #{index + 1}: {run['envelopes_delivered']:,} envelopes at "
+                            f"{fmt(run['drain_rate'])}/s, peak RSS {per_process(run['peak_rss_mib'], 0)} MiB, "
+                            f"dup {run['duplicates']}, lost {run['lost']}, {run['delivery']['outcome']}; "
+                            f"{run['other_cpu_seconds']} CPU-s not ours",
+                            flush=True,
+                        )
+                    summary["backlog"][f"{size}/{topology}"] = summarize_backlog(done)
+        if args.compare_postfix:
+            why_not = postfix.available()
+            if why_not:
+                summary["compare_skipped"] = why_not
+                print(f"Postfix comparison skipped: {why_not}")
+            else:
+                mmgun_runs, postfix_runs = [], []
+                for index in range(args.runs):
+                    run = record(relay_run(setup, args.topologies[0], index + 1, "1", label="compare-mmgun"))
+                    mmgun_runs.append(run)
+                    print(
+                        f"  compare mmgun #{index + 1}: end-to-end {fmt(run['e2e_rate'])}/s, dup {run['duplicates']}, "
+                        f"lost {run['lost']}; {run['other_cpu_seconds']} CPU-s not ours",
+                        flush=True,
+                    )
+                    prun = record(postfix_run(setup, index + 1))
+                    postfix_runs.append(prun)
+                    print(
+                        f"  compare postfix #{index + 1}: end-to-end {fmt(prun['e2e_rate'])}/s, dup {prun['duplicates']}, "
+                        f"lost {prun['lost']}; {prun['other_cpu_seconds']} CPU-s not ours",
+                        flush=True,
+                    )
+                m, p = summarize_relay(mmgun_runs), summarize_postfix(postfix_runs)
+                summary["compare"] = {
+                    "topology": args.topologies[0],
+                    "mmgun": m,
+                    "postfix": p,
+                    "ratio": round(m["e2e_rate"] / p["e2e_rate"], 3) if m["e2e_rate"] and p["e2e_rate"] else None,
+                }
+        summary_targets = evaluate(summary, runs)
+        summary["targets"] = summary_targets
+        problems = {
+            f"{r['label']} {r.get('topology', '')} #{r['run']} {name}": d["problems"]
+            for r in runs
+            for name, d in r.get("daemons", {}).items()
+            if d["problems"] or d["exit_status"] not in (0, None)
+        }
+        summary["log_problems"] = problems
+    finally:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=1, default=str))
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    print()
+    print(render(summary))
+    if summary.get("log_problems"):
+        print("\nmmgun logged problems (see the JSON for samples):")
+        for where, counts in summary["log_problems"].items():
+            print(f"  {where}: {counts}")
+    for run in runs:
+        for name, profile in (run.get("profile") or {}).items():
+            print(
+                f"\nprofile {run['label']} {run.get('topology', '')} #{run['run']} {name}: {profile['samples']} samples; top self:"
+            )
+            for function, share in profile["self"][:10]:
+                print(f"  {share:5.1f}%  {function}")
+    print(f"\nJSON: {output}")
+    failed = any(r.get("lost") or r.get("duplicates") for r in runs)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
