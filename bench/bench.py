@@ -361,6 +361,20 @@ def analyse(dump: Path, expected: set[str] | None, check_submissions: bool = Tru
     }
 
 
+def _delivery_fields(delivery: dict, found: dict, logs: Any, profile: Any) -> dict:
+    """What every run's result says about the sink's view: delivery counts, losses, duplicates, logs."""
+    return {
+        "delivery": {k: delivery[k] for k in ("outcome", "messages", "recipients", "duplicates", "connections", "errors")},
+        "duplicates": found["duplicates"],
+        "lost": found["lost"],
+        "lost_sample": found["lost_sample"],
+        "strays": found["strays"],
+        "mixed": found["mixed"],
+        "daemons": logs,
+        "profile": profile,
+    }
+
+
 def window_rate(times: list[float], start: int, stop: int) -> float | None:
     """Messages per second between the start-th and stop-th arrival."""
     stop = min(stop, len(times))
@@ -507,17 +521,8 @@ def relay_run(setup: Setup, topology: str, index: int, recipients: str, label: s
             "machine_busy_cores": round(machine_busy / (after.time - before.time), 2),
             "other_cpu_seconds": round(machine_busy - ours, 2),
             "background_before": background,
-            "delivery": {
-                k: delivery[k] for k in ("outcome", "messages", "recipients", "duplicates", "connections", "errors")
-            },
-            "duplicates": found["duplicates"],
-            "lost": found["lost"],
-            "lost_sample": found["lost_sample"],
-            "strays": found["strays"],
-            "mixed": found["mixed"],
+            **_delivery_fields(delivery, found, logs, profile),
             "message_ids": found["message_ids"],
-            "daemons": logs,
-            "profile": profile,
         }
     finally:
         if loadgen is not None and loadgen.poll() is None:
@@ -628,16 +633,7 @@ def backlog_run(setup: Setup, topology: str, envelopes: int, index: int) -> dict
             # Between the first and the last message: CPU used by processes other than the bench's.
             "other_cpu_seconds": round(after.machine_busy - before.machine_busy - sum(cpu.values()), 2),
             "background_before": background,
-            "delivery": {
-                k: delivery[k] for k in ("outcome", "messages", "recipients", "duplicates", "connections", "errors")
-            },
-            "duplicates": found["duplicates"],
-            "lost": found["lost"],
-            "lost_sample": found["lost_sample"],
-            "strays": found["strays"],
-            "mixed": found["mixed"],
-            "daemons": logs,
-            "profile": profile,
+            **_delivery_fields(delivery, found, logs, profile),
         }
     finally:
         for daemon in daemons:
