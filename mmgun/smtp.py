@@ -38,7 +38,7 @@ from OpenSSL import SSL
 from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IDelayedCall,
     IOpenSSLClientConnectionCreator,
@@ -47,7 +47,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITLSTransport,
 )
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.mail.smtp import SUCCESS, ESMTPClient, SMTPClientError
@@ -742,6 +742,18 @@ def _connect_failed(host: str, address: str, exc: Exception, timed_out: bool) ->
     return Reply(421, f"4.4.1 cannot connect to {host} [{address}]: {exc}")
 
 
+class _OneSession(Factory):
+    """connectProtocol's factory, without its two "Starting/Stopping factory" log lines a connection."""
+
+    noisy = False
+
+    def __init__(self, session: _ESMTPSession) -> None:
+        self._session = session
+
+    def buildProtocol(self, addr: object) -> _ESMTPSession:
+        return self._session
+
+
 async def _attempt(
     reactor: IReactorTCP,
     clock: IReactorTime,
@@ -756,7 +768,7 @@ async def _attempt(
     session = _ESMTPSession(
         clock=clock, host=host, transactions=transactions, settings=settings, tls=tls, on_result=on_result
     )
-    connecting = connectProtocol(_endpoint(reactor, address, port, settings.connect_timeout), session)
+    connecting = _endpoint(reactor, address, port, settings.connect_timeout).connect(_OneSession(session))
     # Also enforced here, on the injected clock, whatever the reactor does
     # with the endpoint's timeout.
     timer = clock.callLater(settings.connect_timeout, connecting.cancel)
