@@ -107,7 +107,11 @@ class ClientsReloader(TimerService):
 
 
 class QueueGauges(TimerService):
-    """Refreshes the queue gauges of /metrics from the store every few seconds (never on scrape)."""
+    """
+    Refreshes the queue gauges of /metrics from the store every few seconds (never on
+    scrape), with ``queue_depth``: it reads only unfinished envelopes, so a long
+    retention of finished mail does not make each refresh slower.
+    """
 
     def __init__(self, store: Any, metrics: Metrics, clock: Any, interval: float = 5.0) -> None:
         super().__init__(interval, self.refresh)
@@ -121,14 +125,14 @@ class QueueGauges(TimerService):
     async def _refresh(self) -> None:
         try:
             now = self.clock.seconds()
-            stats = await self._store.queue_stats(now, top_domains=0)
+            depth = await self._store.queue_depth(now)
         except Exception:
             _log.failure("reading queue statistics failed")
             return
         gauges = self._metrics.queue
-        gauges.depth = dict(stats.recipients)
-        gauges.envelopes = stats.unfinished_envelopes
-        gauges.oldest_age = 0.0 if stats.oldest_created_at is None else now - stats.oldest_created_at
+        gauges.depth = dict(depth.recipients)
+        gauges.envelopes = depth.unfinished_envelopes
+        gauges.oldest_age = 0.0 if depth.oldest_created_at is None else now - depth.oldest_created_at
 
 
 def make_service(config: Config, reactor: Any, *, clients: Clients | None = None) -> IService:

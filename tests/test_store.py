@@ -218,3 +218,63 @@ class CleanTests(SynchronousTestCase):
         self.assertEqual(result(self, self.store.clean(100.0, 2)), 2)
         self.assertEqual(result(self, self.store.clean(100.0, 2)), 2)
         self.assertEqual(result(self, self.store.clean(100.0, 2)), 1)
+
+
+class QueueDepthTests(SynchronousTestCase):
+    """queue_depth: the /metrics gauges, read from unfinished envelopes only."""
+
+    def setUp(self) -> None:
+        self.store, self.path = sync_store(self)
+
+    def depth(self, now: float = 200.0):
+        return result(self, self.store.queue_depth(now))
+
+    def test_empty_queue(self) -> None:
+        from mmgun.store import QueueDepth
+
+        self.assertEqual(self.depth(), QueueDepth((), 0, 0, None))
+
+    def test_counts_pending_recipients_only(self) -> None:
+        done, pending = submission(("a@x.example", "b@y.example"), at=50.0), submission(at=100.0)
+        result(self, self.store.add_submission(done))
+        result(self, self.store.add_submission(pending))
+        claimed = result(self, self.store.claim("s", 100.0, 60, 10))
+        outcomes = [EnvelopeOutcome(e, tuple(RecipientOutcome(a, "sent", "250 ok") for a in e.recipients)) for e in claimed if e.submission_id == done.id]
+        (x,) = [e for e in claimed if e.submission_id == pending.id and e.domain == "x.example"]
+        outcomes.append(EnvelopeOutcome(x, (RecipientOutcome("a@x.example", "failed", "550 no"), RecipientOutcome("b@x.example", "deferred", "451 later")), next_attempt=500.0))
+        result(self, self.store.record(outcomes, 101.0))
+        depth = self.depth(now=120.0)
+        # y.example's envelope is still leased (until 160), x.example's is deferred; done's are finished.
+        self.assertEqual(depth.recipients, (("deferred", 1), ("queued", 1)))
+        self.assertEqual((depth.unfinished_envelopes, depth.in_delivery, depth.oldest_created_at), (2, 1, 100.0))
+        stats = result(self, self.store.queue_stats(120.0))
+        self.assertEqual(depth.recipients, tuple((s, n) for s, n in stats.recipients if s in ("queued", "deferred")))
+
+    def test_reads_only_unfinished_envelopes(self) -> None:
+        """Its queries walk the partial index of unfinished envelopes, never every recipient row."""
+        from mmgun.store import _sqlite_queries as Q
+
+        conn = connect(self.path)
+        self.addCleanup(conn.close)
+        for query, args in ((Q.PENDING_BY_STATUS, ()), (Q.UNFINISHED_SUMMARY, (0.0,))):
+            plan = [row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + query, args)]
+            self.assertTrue(any("USING INDEX envelopes_due" in step for step in plan), plan)
+            self.assertFalse([step for step in plan if step.startswith("SCAN") and "envelopes_due" not in step], plan)
+
+    def test_queue_gauges_show_the_pending_queue(self) -> None:
+        from twisted.internet.task import Clock
+
+        from mmgun.metrics import Metrics
+        from mmgun.service import QueueGauges
+
+        s = submission(at=100.0)
+        result(self, self.store.add_submission(s))
+        claimed = result(self, self.store.claim("s", 100.0, 60, 10))
+        result(self, self.store.record([EnvelopeOutcome(e, tuple(RecipientOutcome(a, "sent", "250 ok") for a in e.recipients)) for e in claimed if e.domain == "y.example"], 101.0))
+        clock = Clock()
+        clock.advance(130.0)
+        metrics = Metrics()
+        self.successResultOf(QueueGauges(self.store, metrics, clock).refresh())
+        # Finished recipients ("sent") are not read at all.
+        self.assertEqual(metrics.queue.depth, {"queued": 2})
+        self.assertEqual((metrics.queue.envelopes, metrics.queue.oldest_age), (1, 30.0))

@@ -19,6 +19,7 @@ __all__ = [
     "InDelivery",
     "NewSubmission",
     "NotInQueue",
+    "QueueDepth",
     "QueueEntry",
     "QueueStats",
     "RecipientOutcome",
@@ -190,6 +191,19 @@ class QueueStats:
     domains: tuple[tuple[str, int], ...]
 
 
+@attrs.frozen
+class QueueDepth:
+    """The queue gauges of /metrics: unfinished work only, so reading them costs as much as the queue, not the history."""
+
+    #: (status, count) of pending recipients, "queued" and "deferred" only; a status with none is left out.
+    recipients: tuple[tuple[str, int], ...]
+    unfinished_envelopes: int
+    #: Unfinished envelopes whose lease has not expired.
+    in_delivery: int
+    #: created_at of the oldest unfinished envelope; None when the queue is empty.
+    oldest_created_at: float | None
+
+
 class NotInQueue(LookupError):
     """Ids named by the operator that match no unfinished envelope nor submission; nothing was changed."""
 
@@ -257,6 +271,9 @@ class Store(Protocol):
 
     async def queue_stats(self, now: float, top_domains: int = 20) -> QueueStats:
         """Counts by status, queue age, backlog per domain, in one read."""
+
+    async def queue_depth(self, now: float) -> QueueDepth:
+        """Pending recipients by status, unfinished envelopes, queue age, in one read; cheap enough to poll."""
 
     async def flush_deferred(self, now: float, ids: Sequence[str] | None = None) -> tuple[int, int]:
         """Make deferred envelopes due now: (flushed, left alone because in delivery)."""

@@ -215,6 +215,14 @@ UNFINISHED_SUMMARY = """
     SELECT count(*), coalesce(sum(lease IS NOT NULL AND next_attempt > ?), 0), min(created_at)
     FROM envelopes WHERE done = 0
 """
+# For the /metrics gauges every few seconds: walks only unfinished envelopes (the partial
+# index envelopes_due, then the recipients' primary key), never the finished history that
+# RECIPIENTS_BY_STATUS counts. A pending recipient is always in an unfinished envelope.
+PENDING_BY_STATUS = """
+    SELECT r.status, count(*) FROM envelopes e JOIN recipients r ON r.envelope_id = e.id
+    WHERE e.done = 0 AND r.status IN ('queued', 'deferred')
+    GROUP BY r.status ORDER BY r.status
+"""
 BACKLOG_BY_DOMAIN = """
     SELECT e.domain, count(*) AS pending
     FROM recipients r JOIN envelopes e ON e.id = r.envelope_id
