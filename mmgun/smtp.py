@@ -21,6 +21,12 @@ would lose what this module has to report:
       the final "." went out; this module never reconnects once a transaction
       has started.
 
+When the server's EHLO reply lists PIPELINING (RFC 2920), each transaction's
+MAIL FROM, RCPT TOs and DATA (after a failed transaction: RSET first) go out
+in one write, and the replies are then read in order; a body of up to
+C{_ONE_WRITE_MAX} bytes and its final "." make one more write. Without
+PIPELINING, every command waits for the previous one's reply.
+
 The caller gets one L{TransactionResult} per L{Transaction}, or
 L{SessionFailed} when nothing was attempted on this host.
 """
@@ -220,6 +226,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # without limit.
 _MAX_REPLY_LINES = 100
 
+# With PIPELINING, a body up to this size goes out with its final "." in one
+# write; a larger one is streamed as without PIPELINING, so that the idle
+# timeout keeps measuring the progress of the transfer.
+_ONE_WRITE_MAX = 1 << 20
+
 
 def _reply(code: int, resp: bytes | str) -> Reply:
     """
@@ -234,6 +245,10 @@ def _reply(code: int, resp: bytes | str) -> Reply:
         prefix = status.group(0)
         lines[1:] = [line[len(prefix) :].lstrip() if line.startswith(prefix) else line for line in lines[1:]]
     return Reply(code, " ".join(line for line in lines if line))
+
+
+def _rcpt_command(recipient: str) -> bytes:
+    return b"RCPT TO:<" + recipient.encode("ascii") + b">"
 
 
 def _outcome_for(code: int) -> str:
@@ -349,6 +364,12 @@ class _ESMTPSession(ESMTPClient):
         self._reply_lines: list[bytes] = []
         self._body_sent = False
         self._finished = False
+        # RFC 2920: set from each EHLO reply (the one after STARTTLS too).
+        self._pipelining = False
+        # Replies to pipelined RCPTs still to be read after a refused MAIL.
+        self._unread_rcpt_replies = 0
+        # A 354 came in; the body goes out once the rest of that read is parsed.
+        self._body_due = False
 
     # -- connection and reply parsing ----------------------------------------
 
@@ -366,6 +387,13 @@ class _ESMTPSession(ESMTPClient):
         # SMTPClient.timeout is None: no timeout at all.
         self.setTimeout(self._settings.command_timeout)
         self._phase = _Phase.GREETING
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self._body_due:
+            self._body_due = False
+            if not self._finished:
+                self._send_body_and_dot()
 
     def lineReceived(self, line: bytes) -> None:
         """
@@ -450,6 +478,7 @@ class _ESMTPSession(ESMTPClient):
 
     def smtpState_helo(self, code: int, resp: bytes) -> None:
         self._phase = _Phase.HELO
+        self._pipelining = False
         super().smtpState_helo(code, resp)
         # Left alone, a refused HELO would be answered with another HELO.
         self._failresponse = self._helo_refused
@@ -469,6 +498,7 @@ class _ESMTPSession(ESMTPClient):
         C{b"STARTTLS" in items} is not, and there is no SMTP AUTH here.
         """
         keywords = {line.split(None, 1)[0].upper() for line in resp.split(b"\n")[1:] if line.strip()}
+        self._pipelining = b"PIPELINING" in keywords
         if self._tlsMode or self.context is None:
             self.smtpState_from(code, resp)
         elif b"STARTTLS" in keywords:
@@ -502,6 +532,8 @@ class _ESMTPSession(ESMTPClient):
             self._tls_failed("clear-text data after the STARTTLS reply")
             return
         self._phase = _Phase.TLS
+        # RFC 3207 4.2: forget what the clear-text EHLO reply said.
+        self._pipelining = False
         try:
             ITLSTransport(self.transport).startTLS(self.context)
         except Exception as e:
@@ -517,21 +549,48 @@ class _ESMTPSession(ESMTPClient):
         self._finish(Reply(421, f"4.7.5 TLS with {self._host} failed: {detail}"), then="abort", tls_failed=True)
 
     # -- mail transactions ---------------------------------------------------
+    #
+    # Each reply is dispatched to the handler set for it; with PIPELINING the
+    # handlers are the same, they only skip sending what already went out with
+    # the MAIL FROM (RFC 2920 3.1: the replies come in the order the commands
+    # were sent). C{_phase} always names the command whose reply is awaited.
 
     def smtpState_from(self, code: int, resp: object) -> None:
         """Start the next transaction (after EHLO/HELO, RSET or a finished one)."""
         if self._next_index >= len(self._transactions):
             self._finish(None, then="quit")
             return
+        self._open_transaction(rset=False)
+        self._expect_mail_reply()
+
+    def _open_transaction(self, *, rset: bool) -> None:
+        """
+        Make the next transaction current and send its MAIL FROM; with
+        PIPELINING, its RCPT TOs and DATA in the same write, preceded by RSET
+        if C{rset} (RFC 2920 3.1 allows RSET, MAIL and RCPT anywhere in a
+        group, DATA only last).
+        """
         transaction = self._transactions[self._next_index]
         self._next_index += 1
         self._started += 1
-        self._current = _Progress(transaction, tuple(dict.fromkeys(transaction.recipients)))
+        progress = _Progress(transaction, tuple(dict.fromkeys(transaction.recipients)))
+        self._current = progress
+        mail = b"MAIL FROM:<" + transaction.mail_from.encode("ascii") + b">"
+        if self._pipelining:
+            lines = [b"RSET"] if rset else []
+            lines.append(mail)
+            lines.extend(_rcpt_command(recipient) for recipient in progress.recipients)
+            lines.append(b"DATA")
+            self.transport.write(b"".join(line + b"\r\n" for line in lines))
+        else:
+            assert not rset
+            self.sendLine(mail)
+
+    def _expect_mail_reply(self, code: int = 0, resp: object = b"") -> None:
         self._phase = _Phase.MAIL
         self._expected = SUCCESS
         self._okresponse = self._mail_accepted
         self._failresponse = self._mail_refused
-        self.sendLine(b"MAIL FROM:<" + transaction.mail_from.encode("ascii") + b">")
 
     def _mail_refused(self, code: int, resp: bytes) -> None:
         progress = self._progress()
@@ -540,18 +599,31 @@ class _ESMTPSession(ESMTPClient):
             progress.outcomes[recipient] = RecipientResult(_outcome_for(code), reply)
         progress.last_reply = reply
         self._complete(progress)
-        self._next_transaction(rset=False)  # no transaction is open
+        if self._pipelining:
+            # The RCPTs and DATA sent with it still get their replies (503s
+            # from a conforming server), which are read and ignored.
+            self._phase = _Phase.RCPT
+            self._unread_rcpt_replies = len(progress.recipients)
+            self._expected = SUCCESS
+            self._okresponse = self._failresponse = self._rcpt_reply_after_refused_mail
+        else:
+            self._next_transaction(rset=False)  # no transaction is open
+
+    def _rcpt_reply_after_refused_mail(self, code: int, resp: bytes) -> None:
+        self._unread_rcpt_replies -= 1
+        if self._unread_rcpt_replies == 0:
+            self._expect_data_reply_without_recipients(rset=False)
 
     def _mail_accepted(self, code: int, resp: bytes) -> None:
         self._phase = _Phase.RCPT
         self._expected = SUCCESS
         self._okresponse = self._failresponse = self._rcpt_reply
-        self._send_rcpt()
+        if not self._pipelining:
+            self._send_rcpt()
 
     def _send_rcpt(self) -> None:
         progress = self._progress()
-        recipient = progress.recipients[progress.next_recipient]
-        self.sendLine(b"RCPT TO:<" + recipient.encode("ascii") + b">")
+        self.sendLine(_rcpt_command(progress.recipients[progress.next_recipient]))
 
     def _rcpt_reply(self, code: int, resp: bytes) -> None:
         progress = self._progress()
@@ -564,17 +636,45 @@ class _ESMTPSession(ESMTPClient):
             progress.outcomes[recipient] = RecipientResult(_outcome_for(code), reply)
             progress.last_reply = reply
         if progress.next_recipient < len(progress.recipients):
-            self._send_rcpt()
+            if not self._pipelining:
+                self._send_rcpt()
         elif not progress.accepted:
             self._complete(progress)
-            self._next_transaction(rset=True)
+            if self._pipelining:
+                self._expect_data_reply_without_recipients(rset=True)
+            else:
+                self._next_transaction(rset=True)
         else:
             self._phase = _Phase.DATA
             self._body_sent = False
             self._expected = [354]
             self._okresponse = self.smtpState_data
             self._failresponse = self._data_refused
-            self.sendLine(b"DATA")
+            if not self._pipelining:
+                self.sendLine(b"DATA")
+
+    def _expect_data_reply_without_recipients(self, *, rset: bool) -> None:
+        """
+        The reply to a pipelined DATA after no recipient was accepted; the
+        transaction's outcome is already settled. RFC 2920 3.1: the client
+        must read it rather than assume a refusal, may go on (with RSET) after
+        a refusal, and should send a single dot after a 354.
+        """
+        self._phase = _Phase.DATA
+        self._expected = [354]
+        self._failresponse = self._after_rset if rset else self._after_no_rset
+        self._okresponse = self._empty_data
+
+    def _empty_data(self, code: int, resp: bytes) -> None:
+        self._expected = SUCCESS
+        self._okresponse = self._failresponse = self._after_rset
+        self.sendLine(b".")
+
+    def _after_rset(self, code: int, resp: bytes) -> None:
+        self._next_transaction(rset=True)
+
+    def _after_no_rset(self, code: int, resp: bytes) -> None:
+        self._next_transaction(rset=False)
 
     def _data_refused(self, code: int, resp: bytes) -> None:
         # Anything but 354 to DATA; the transaction is still open.
@@ -585,11 +685,23 @@ class _ESMTPSession(ESMTPClient):
         self._next_transaction(rset=True)
 
     def smtpState_data(self, code: int, resp: bytes) -> None:
-        # 354: SMTPClient streams getMailData() through transformChunk with a
-        # FileSender, then calls finishedFileTransfer.
-        super().smtpState_data(code, resp)
+        if self._pipelining and len(self._progress().transaction.message) <= _ONE_WRITE_MAX:
+            # Sent from dataReceived once the rest of this read is parsed: a
+            # reply that came with the 354 was sent before the server could
+            # have read the body, and must not pass for the reply to ".".
+            self._body_due = True
+        else:
+            # SMTPClient streams getMailData() through transformChunk with a
+            # FileSender, then calls finishedFileTransfer.
+            super().smtpState_data(code, resp)
         self._expected = SUCCESS
         self._okresponse = self._failresponse = self._end_of_data_reply
+
+    def _send_body_and_dot(self) -> None:
+        # wire_form() output is empty or ends with CRLF.
+        self._body_sent = True
+        self.transport.write(wire_form(self._progress().transaction.message) + b".\r\n")
+        self.setTimeout(self._settings.data_timeout)
 
     def getMailData(self) -> BytesIO:
         return BytesIO(wire_form(self._progress().transaction.message))
@@ -610,6 +722,7 @@ class _ESMTPSession(ESMTPClient):
 
     def _end_of_data_reply(self, code: int, resp: bytes) -> None:
         """The reply to the final "." (or one that came while sending the body)."""
+        self._body_due = False
         self.setTimeout(self._settings.command_timeout)
         reply = _reply(code, resp)
         if not self._body_sent:
@@ -636,6 +749,13 @@ class _ESMTPSession(ESMTPClient):
     def _next_transaction(self, *, rset: bool) -> None:
         if self._next_index >= len(self._transactions):
             self._finish(None, then="quit")
+        elif rset and self._pipelining:
+            # The RSET leads the next transaction's group.
+            self._open_transaction(rset=True)
+            self._phase = _Phase.RSET
+            self._expected = SUCCESS
+            self._okresponse = self._expect_mail_reply
+            self._failresponse = self._rset_refused
         elif rset:
             self._phase = _Phase.RSET
             self._expected = SUCCESS
@@ -646,7 +766,12 @@ class _ESMTPSession(ESMTPClient):
             self.smtpState_from(0, b"")
 
     def _rset_refused(self, code: int, resp: bytes) -> None:
-        self._finish(self._synthesized(f"4.5.0 {self._host} refused RSET ({_reply(code, resp)})"), then="quit")
+        # With PIPELINING the next transaction's commands are already out
+        # (that transaction then ends deferred): no QUIT behind them.
+        self._finish(
+            self._synthesized(f"4.5.0 {self._host} refused RSET ({_reply(code, resp)})"),
+            then="close" if self._current is not None else "quit",
+        )
 
     # -- bookkeeping ---------------------------------------------------------
 

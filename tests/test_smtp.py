@@ -94,6 +94,10 @@ class MemoryTLSTransport(iosim.FakeTransport):
     _tls: TLSMemoryBIOProtocol | None = None
     no_delay: bool | None = None
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.writes: list[bytes] = []  # what the protocol wrote, one entry a call, before TLS
+
     def startTLS(self, contextFactory: object, beNormal: bool = True) -> None:
         factory = TLSMemoryBIOFactory(contextFactory, not self.isServer, None)
         tls = TLSMemoryBIOProtocol(factory, self.protocol, False)
@@ -103,6 +107,7 @@ class MemoryTLSTransport(iosim.FakeTransport):
         tls.makeConnection(_RawWriter(self))
 
     def write(self, data: bytes) -> None:
+        self.writes.append(data)
         if self._tls is not None:
             self._tls.write(data)
         else:
@@ -127,6 +132,10 @@ class FakeMX(LineReceiver):
     turn, or a callable of the command line; L{DROP} and L{SILENT} are
     replies too. C{commands} records (over TLS?, line); C{payloads} the raw
     DATA payloads, terminator included.
+
+    Only with C{pipelining} does EHLO list PIPELINING. Without a script, RCPT
+    outside a transaction (no MAIL accepted) gets 503 and DATA without an
+    accepted RCPT 554, as from a real server reading pipelined commands.
     """
 
     MAX_LENGTH = 1 << 24
@@ -138,6 +147,7 @@ class FakeMX(LineReceiver):
         greeting: bytes | str = b"220 mx.example ESMTP fake",
         tls: ServerTLS | None = None,
         garble_tls: bool = False,
+        pipelining: bool = False,
     ) -> None:
         self.replies = {verb: list(r) if isinstance(r, list) else r for verb, r in (replies or {}).items()}
         self.greeting = greeting
@@ -148,6 +158,9 @@ class FakeMX(LineReceiver):
         self.payloads: list[bytes] = []
         self._payload: list[bytes] | None = None
         self._garbling = False
+        self.pipelining = pipelining
+        self._in_transaction = False
+        self._accepted_rcpts = 0
 
     @property
     def verbs(self) -> list[bytes]:
@@ -183,13 +196,14 @@ class FakeMX(LineReceiver):
             if line == b".":
                 self.payloads.append(b"\r\n".join(self._payload) + b"\r\n")
                 self._payload = None
+                self._end_transaction()
                 self.send(self.reply_for(b".", line, b"250 2.0.0 Ok: queued as 1234"))
             return
         self.commands.append((self.tls_active, line))
         verb = line.split(b" ")[0].split(b":")[0].upper()
         if verb == b"EHLO":
             offer = self.tls_options is not None or self.garble_tls
-            extensions = [b"mx.example", b"PIPELINING", b"8BITMIME"] + (
+            extensions = [b"mx.example", *([b"PIPELINING"] if self.pipelining else []), b"8BITMIME"] + (
                 [b"STARTTLS"] if offer and not self.tls_active else []
             )
             default = b"\r\n".join(b"250-" + e for e in extensions[:-1]) + b"\r\n250 " + extensions[-1]
@@ -205,7 +219,10 @@ class FakeMX(LineReceiver):
                     self.transport.startTLS(self.tls_options)
                     self.tls_active = True
         elif verb == b"DATA":
-            reply = self.reply_for(verb, line, b"354 End data with <CR><LF>.<CR><LF>")
+            default = b"354 End data with <CR><LF>.<CR><LF>"
+            if not self._accepted_rcpts:
+                default = b"554 5.5.1 Error: no valid recipients"
+            reply = self.reply_for(verb, line, default)
             self.send(reply)
             if isinstance(reply, bytes) and reply.startswith(b"354"):
                 self._payload = []
@@ -219,7 +236,24 @@ class FakeMX(LineReceiver):
                 b"RCPT": b"250 2.1.5 Ok",
                 b"RSET": b"250 2.0.0 Ok",
             }
-            self.send(self.reply_for(verb, line, defaults.get(verb, b"502 5.5.2 Error: command not recognized")))
+            if verb == b"RCPT" and not self._in_transaction:
+                defaults[verb] = b"503 5.5.1 Error: need MAIL command"
+            reply = self.reply_for(verb, line, defaults.get(verb, b"502 5.5.2 Error: command not recognized"))
+            self.send(reply)
+            if verb == b"MAIL" and _positive(reply):
+                self._in_transaction = True
+            elif verb == b"RCPT" and _positive(reply):
+                self._accepted_rcpts += 1
+            elif verb == b"RSET":
+                self._end_transaction()
+
+    def _end_transaction(self) -> None:
+        self._in_transaction = False
+        self._accepted_rcpts = 0
+
+
+def _positive(reply: object) -> bool:
+    return isinstance(reply, bytes) and reply[:1] == b"2"
 
 
 class Session:
@@ -228,9 +262,17 @@ class Session:
     (or fails) each connection attempt with L{accept} (or L{refuse}).
     """
 
-    def __init__(self, transactions: list[Transaction], settings: SMTPSettings = SETTINGS, host: str = HOST) -> None:
+    def __init__(
+        self,
+        transactions: list[Transaction],
+        settings: SMTPSettings = SETTINGS,
+        host: str = HOST,
+        on_result: Callable[[TransactionResult], object] | None = None,
+    ) -> None:
         self.reactor = MemoryReactorClock()
-        self.result = Deferred.fromCoroutine(send_session(self.reactor, host, ADDRESS, PORT, transactions, settings))
+        self.result = Deferred.fromCoroutine(
+            send_session(self.reactor, host, ADDRESS, PORT, transactions, settings, on_result=on_result)
+        )
         self.client_transports: list[MemoryTLSTransport] = []
         self.pump: iosim.IOPump | None = None
 

@@ -1,0 +1,642 @@
+"""
+Tests for RFC 2920 PIPELINING in L{mmgun.smtp}: what goes out in one write
+when the server's EHLO reply lists PIPELINING (and what doesn't when it
+doesn't), and how the replies to a pipelined group are read back into
+per-recipient results. The scripted server and the in-memory network are
+those of L{tests.test_smtp}; one test also talks to L{mmgun.testing}'s ESMTP
+server over real loopback sockets.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
+from twisted.internet.testing import StringTransport
+from twisted.mail.smtp import ESMTP
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from mmgun.smtp import (
+    RecipientResult,
+    SMTPSettings,
+    TLSMode,
+    Transaction,
+    TransactionResult,
+    send_session,
+    wire_form,
+)
+from mmgun.testing.smtpserver import Mailbox as StubMailbox
+from mmgun.testing.smtpserver import smtp_server_factory
+
+from .test_smtp import (
+    DROP,
+    HOST,
+    MESSAGE,
+    SILENT,
+    FakeMX,
+    Mailbox,
+    Session,
+    normalized,
+    parse_reply,
+    pki,
+    sent,
+    transaction,
+)
+
+EHLO_PIPELINING = b"250-mx.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+EHLO_PLAIN = b"250-mx.example\r\n250 8BITMIME\r\n"
+
+
+def group(*lines: bytes) -> bytes:
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+class WriteLog(StringTransport):
+    """A L{StringTransport} that keeps each C{write} apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+def failed(reply: str) -> RecipientResult:
+    return RecipientResult("failed", parse_reply(reply))
+
+
+def deferred(reply: str) -> RecipientResult:
+    return RecipientResult("deferred", parse_reply(reply))
+
+
+class WritesTests(SynchronousTestCase):
+    """What the client writes, and when, with and without PIPELINING."""
+
+    def connect(self, transactions: list[Transaction]) -> tuple[Session, WriteLog]:
+        session = Session(transactions)
+        client = session.reactor.tcpClients[0][2].buildProtocol(None)
+        transport = WriteLog()
+        client.makeConnection(transport)
+        client.dataReceived(b"220 mx.example ESMTP\r\n")
+        self.assertEqual(transport.writes, [b"EHLO relay.test\r\n"])
+        transport.writes.clear()
+        self.client = client
+        return session, transport
+
+    def test_group_in_one_write_when_pipelining_advertised(self) -> None:
+        session, transport = self.connect([transaction("env1", "b@example.net", "c@example.net")])
+        self.client.dataReceived(EHLO_PIPELINING)
+        self.assertEqual(
+            transport.writes,
+            [group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"RCPT TO:<c@example.net>", b"DATA")],
+        )
+        # Replies to part of the group: nothing more to send yet.
+        self.client.dataReceived(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+        self.assertEqual(len(transport.writes), 1)
+        self.client.dataReceived(b"250 2.1.5 Ok\r\n354 go ahead\r\n")
+        self.assertEqual(transport.writes[1:], [wire_form(MESSAGE) + b".\r\n"])
+        self.client.dataReceived(b"250 2.0.0 Ok: queued as 1234\r\n")
+        self.assertEqual(transport.writes[2:], [b"QUIT\r\n"])
+        self.assertEqual(
+            self.successResultOf(session.result),
+            [TransactionResult("env1", True, {"b@example.net": sent(), "c@example.net": sent()})],
+        )
+
+    def test_one_command_a_write_without_pipelining(self) -> None:
+        session, transport = self.connect([transaction("env1", "b@example.net", "c@example.net")])
+        self.client.dataReceived(EHLO_PLAIN)
+        self.assertEqual(transport.writes, [b"MAIL FROM:<a@example.com>\r\n"])
+        self.client.dataReceived(b"250 2.1.0 Ok\r\n")
+        self.assertEqual(transport.writes[1:], [b"RCPT TO:<b@example.net>\r\n"])
+        self.client.dataReceived(b"250 2.1.5 Ok\r\n")
+        self.assertEqual(transport.writes[2:], [b"RCPT TO:<c@example.net>\r\n"])
+        self.client.dataReceived(b"250 2.1.5 Ok\r\n")
+        self.assertEqual(transport.writes[3:], [b"DATA\r\n"])
+        self.client.dataReceived(b"354 go ahead\r\n")
+        # The body is streamed by a FileSender, then the final "." on its own.
+        self.assertIsNotNone(transport.producer)
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+        self.assertEqual(transport.writes[4:], [wire_form(MESSAGE), b".\r\n"])
+        self.client.dataReceived(b"250 2.0.0 Ok: queued as 1234\r\n")
+        self.assertEqual(transport.writes[6:], [b"QUIT\r\n"])
+        self.assertEqual(
+            self.successResultOf(session.result),
+            [TransactionResult("env1", True, {"b@example.net": sent(), "c@example.net": sent()})],
+        )
+
+    def test_pipelining_keyword_case_insensitive(self) -> None:
+        _, transport = self.connect([transaction()])
+        self.client.dataReceived(b"250-mx.example\r\n250 pipelining\r\n")
+        self.assertEqual(transport.writes, [group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA")])
+
+    def test_writes_per_transaction_over_iosim(self) -> None:
+        """Two writes a message: the group, then the body with its final "."."""
+        session = Session([transaction("env1"), transaction("env2", "c@example.net")])
+        server = FakeMX(pipelining=True)
+        session.accept(server)
+        self.assertEqual(len(self.successResultOf(session.result)), 2)
+        self.assertEqual(
+            session.client_transports[0].writes,
+            [
+                b"EHLO relay.test\r\n",
+                group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA"),
+                wire_form(MESSAGE) + b".\r\n",
+                group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<c@example.net>", b"DATA"),
+                wire_form(MESSAGE) + b".\r\n",
+                b"QUIT\r\n",
+            ],
+        )
+        self.assertEqual(server.payloads, [MESSAGE + b".\r\n"] * 2)
+
+    def test_large_body_still_streamed(self) -> None:
+        message = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1100  # over 1 MiB
+        session = Session([transaction(message=message)])
+        server = FakeMX(pipelining=True)
+        session.accept(server)
+        [result] = self.successResultOf(session.result)
+        self.assertEqual(result.recipients, {"b@example.net": sent()})
+        writes = session.client_transports[0].writes
+        self.assertEqual(writes[1], group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA"))
+        self.assertEqual(writes[-2:], [b".\r\n", b"QUIT\r\n"])
+        self.assertEqual(b"".join(writes[2:-2]), wire_form(message))
+        self.assertEqual(server.payloads, [message + b".\r\n"])
+
+    def test_pipelining_read_from_ehlo_after_starttls(self) -> None:
+        """RFC 3207 4.2: only the EHLO reply after the handshake counts."""
+        settings = SMTPSettings(helo="relay.test", tls=TLSMode.REQUIRE)
+        tls_ehlo = b"250-mx.example\r\n250-PIPELINING\r\n250 STARTTLS"
+        for before, after, pipelined in [
+            (tls_ehlo, b"250-mx.example\r\n250 8BITMIME", False),
+            (b"250-mx.example\r\n250 STARTTLS", b"250-mx.example\r\n250 PIPELINING", True),
+        ]:
+            session = Session([transaction()], settings)
+            server = FakeMX({b"EHLO": [before, after]}, tls=pki().server)
+            session.accept(server)
+            [result] = self.successResultOf(session.result)
+            self.assertEqual(result.recipients, {"b@example.net": sent()})
+            self.assertEqual(
+                [line for over_tls, line in server.commands if over_tls][:2],
+                [b"EHLO relay.test", b"MAIL FROM:<a@example.com>"],
+            )
+            writes = session.client_transports[0].writes
+            mail = group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA")
+            self.assertEqual(mail in writes, pipelined)
+            self.assertEqual(b"MAIL FROM:<a@example.com>\r\n" in writes, not pipelined)
+
+
+class RepliesTests(SynchronousTestCase):
+    """Replies to pipelined commands, read back in order, give the same results as without."""
+
+    def test_mixed_rcpt_replies(self) -> None:
+        session = Session([transaction("env1", "x@example.net", "y@example.net", "b@example.net")])
+        server = FakeMX({b"RCPT": [b"550 5.1.1 unknown", b"451 4.7.1 Greylisted", None]}, pipelining=True)
+        session.accept(server)
+        [result] = self.successResultOf(session.result)
+        self.assertEqual(
+            result.recipients,
+            {
+                "x@example.net": failed("550 5.1.1 unknown"),
+                "y@example.net": deferred("451 4.7.1 Greylisted"),
+                "b@example.net": sent(),
+            },
+        )
+        self.assertEqual(server.payloads, [MESSAGE + b".\r\n"])
+        self.assertEqual(server.verbs, [b"EHLO", b"MAIL", b"RCPT", b"RCPT", b"RCPT", b"DATA", b"QUIT"])
+
+    def test_all_recipients_refused_data_refused_no_body(self) -> None:
+        """
+        RFC 2920 3.1: the DATA went out anyway; the server refuses it (554 from
+        this one) and the client reads that reply and sends no body, then RSET
+        opens the next transaction's group.
+        """
+        session = Session([transaction("env1", "x@example.net", "y@example.net"), transaction("env2")])
+        server = FakeMX({b"RCPT": [b"550 5.1.1 no", b"450 4.2.0 busy"]}, pipelining=True)
+        session.accept(server)
+        first, second = self.successResultOf(session.result)
+        self.assertEqual(
+            first,
+            TransactionResult(
+                "env1", True, {"x@example.net": failed("550 5.1.1 no"), "y@example.net": deferred("450 4.2.0 busy")}
+            ),
+        )
+        self.assertEqual(second, TransactionResult("env2", True, {"b@example.net": sent()}))
+        self.assertEqual(server.payloads, [MESSAGE + b".\r\n"])
+        writes = session.client_transports[0].writes
+        self.assertEqual(
+            writes[1:4],
+            [
+                group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<x@example.net>", b"RCPT TO:<y@example.net>", b"DATA"),
+                group(b"RSET", b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA"),
+                wire_form(MESSAGE) + b".\r\n",
+            ],
+        )
+
+    def test_all_recipients_refused_data_503(self) -> None:
+        session = Session([transaction("env1", "x@example.net")])
+        server = FakeMX(
+            {b"RCPT": b"550 5.1.1 no", b"DATA": b"503 5.5.1 Error: need RCPT command"}, pipelining=True
+        )
+        session.accept(server)
+        [result] = self.successResultOf(session.result)
+        self.assertEqual(result.recipients, {"x@example.net": failed("550 5.1.1 no")})
+        self.assertEqual(server.payloads, [])
+        self.assertEqual(server.verbs, [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT"])
+
+    def test_all_recipients_refused_data_accepted_anyway(self) -> None:
+        """RFC 2920 3.1: a 354 to that DATA gets a single dot, never the body."""
+        session = Session([transaction("env1", "x@example.net"), transaction("env2")])
+        server = FakeMX(
+            {b"RCPT": [b"550 5.1.1 no"], b"DATA": [b"354 go ahead"], b".": [b"554 5.5.1 no recipients"]},
+            pipelining=True,
+        )
+        session.accept(server)
+        first, second = self.successResultOf(session.result)
+        self.assertEqual(first.recipients, {"x@example.net": failed("550 5.1.1 no")})
+        self.assertEqual(second.recipients, {"b@example.net": sent()})
+        self.assertEqual(server.payloads, [b".\r\n", MESSAGE + b".\r\n"])
+        self.assertEqual(session.client_transports[0].writes[2], b".\r\n")
+        self.assertEqual(
+            server.verbs, [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"MAIL", b"RCPT", b"DATA", b"QUIT"]
+        )
+
+    def test_mail_refused(self) -> None:
+        """The RCPTs and DATA behind a refused MAIL get 503/554s, which are read and ignored."""
+        session = Session([transaction("env1", "b@example.net", "c@example.net"), transaction("env2")])
+        server = FakeMX({b"MAIL": [b"553 5.7.1 Sender rejected"]}, pipelining=True)
+        session.accept(server)
+        first, second = self.successResultOf(session.result)
+        refused = failed("553 5.7.1 Sender rejected")
+        self.assertEqual(first, TransactionResult("env1", True, {"b@example.net": refused, "c@example.net": refused}))
+        self.assertEqual(second, TransactionResult("env2", True, {"b@example.net": sent()}))
+        # No transaction is open after a refused MAIL: no RSET.
+        self.assertEqual(
+            server.verbs, [b"EHLO", b"MAIL", b"RCPT", b"RCPT", b"DATA", b"MAIL", b"RCPT", b"DATA", b"QUIT"]
+        )
+        self.assertEqual(server.payloads, [MESSAGE + b".\r\n"])
+
+    def test_mail_refused_temporarily(self) -> None:
+        session = Session([transaction("env1", "b@example.net", "c@example.net")])
+        server = FakeMX({b"MAIL": b"452 4.3.1 Insufficient system storage"}, pipelining=True)
+        session.accept(server)
+        [result] = self.successResultOf(session.result)
+        self.assertEqual(set(result.recipients.values()), {deferred("452 4.3.1 Insufficient system storage")})
+        self.assertEqual(server.payloads, [])
+
+    def test_transactions_with_rset(self) -> None:
+        """After a refused end of data, RSET leads the next group; after a 250, MAIL does."""
+        session = Session([transaction("env1"), transaction("env2"), transaction("env3")])
+        server = FakeMX(
+            {b".": [b"250 2.0.0 Ok: queued as A", b"451 4.3.0 Temporary failure", b"250 2.0.0 Ok: queued as C"]},
+            pipelining=True,
+        )
+        session.accept(server)
+        self.assertEqual(
+            [r.recipients for r in self.successResultOf(session.result)],
+            [
+                {"b@example.net": sent("250 2.0.0 Ok: queued as A")},
+                {"b@example.net": deferred("451 4.3.0 Temporary failure")},
+                {"b@example.net": sent("250 2.0.0 Ok: queued as C")},
+            ],
+        )
+        mail = group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA")
+        body = wire_form(MESSAGE) + b".\r\n"
+        self.assertEqual(
+            session.client_transports[0].writes[1:],
+            [mail, body, mail, body, b"RSET\r\n" + mail, body, b"QUIT\r\n"],
+        )
+
+    def test_rset_refused(self) -> None:
+        """The next transaction's MAIL already went out behind the RSET: it ends deferred, no QUIT."""
+        session = Session([transaction("env1"), transaction("env2")])
+        server = FakeMX({b".": [b"451 4.3.0 Temporary failure"], b"RSET": b"502 5.5.2 no RSET here"}, pipelining=True)
+        session.accept(server)
+        first, second = self.successResultOf(session.result)
+        self.assertEqual(first.recipients, {"b@example.net": deferred("451 4.3.0 Temporary failure")})
+        self.assertEqual(
+            second,
+            TransactionResult(
+                "env2",
+                True,
+                {"b@example.net": deferred(f"451 4.5.0 {HOST} refused RSET (502 5.5.2 no RSET here)")},
+            ),
+        )
+        self.assertNotIn(b"QUIT", server.verbs)
+        self.assertTrue(session.client_transports[0].disconnected)
+
+    def test_results_reported_as_final_replies_arrive(self) -> None:
+        reported: list[TransactionResult] = []
+        session = Session(
+            [transaction("env1", "x@example.net"), transaction("env2"), transaction("env3")],
+            on_result=reported.append,
+        )
+        server = FakeMX({b"RCPT": [b"550 5.1.1 no"], b".": [SILENT]}, pipelining=True)
+        session.accept(server)
+        # env1 was settled by its RCPT reply; env2 waits for the reply to its ".".
+        self.assertEqual([r.key for r in reported], ["env1"])
+        self.assertNoResult(session.result)
+        server.send(b"250 2.0.0 Ok: queued as late")
+        session.pump.flush()
+        self.assertEqual([r.key for r in reported], ["env1", "env2", "env3"])
+        self.assertEqual(self.successResultOf(session.result), reported)
+
+    def test_data_refused_with_recipients(self) -> None:
+        session = Session([transaction("env1", "b@example.net", "c@example.net")])
+        server = FakeMX({b"DATA": b"554 5.5.1 No valid recipients"}, pipelining=True)
+        session.accept(server)
+        [result] = self.successResultOf(session.result)
+        self.assertEqual(set(result.recipients.values()), {failed("554 5.5.1 No valid recipients")})
+        self.assertEqual(server.payloads, [])
+
+    def test_reply_with_354_not_taken_for_end_of_data(self) -> None:
+        """A reply that came with the 354 was sent before the body was read: no body, session given up."""
+        session = Session([transaction(), transaction("env2")])
+        server = FakeMX({b"DATA": b"354 go ahead\r\n552 5.3.4 Message size exceeds fixed limit"}, pipelining=True)
+        session.accept(server)
+        first, second = self.successResultOf(session.result)
+        self.assertEqual(first.recipients, {"b@example.net": failed("552 5.3.4 Message size exceeds fixed limit")})
+        self.assertEqual(
+            second,
+            TransactionResult(
+                "env2", False, {"b@example.net": deferred(f"451 4.5.0 {HOST} replied during the message data")}
+            ),
+        )
+        self.assertEqual(server.payloads, [])
+        self.assertNotIn(wire_form(MESSAGE) + b".\r\n", session.client_transports[0].writes)
+        self.assertTrue(session.client_transports[0].disconnected)
+
+
+class BrokenPipelineTests(SynchronousTestCase):
+    """The session dies with pipelined commands unanswered."""
+
+    def test_connection_lost_mid_rcpt_replies(self) -> None:
+        session = Session(
+            [
+                transaction("env1", "b@example.net", "x@example.net", "c@example.net", "d@example.net"),
+                transaction("env2"),
+            ]
+        )
+        server = FakeMX({b"RCPT": [None, b"550 5.1.1 unknown", DROP]}, pipelining=True)
+        session.accept(server)
+        lost = deferred(f"451 4.4.2 connection lost during RCPT TO with {HOST}")
+        self.assertEqual(
+            self.successResultOf(session.result),
+            [
+                TransactionResult(
+                    "env1",
+                    True,
+                    {
+                        "b@example.net": lost,  # accepted, but no message went out
+                        "x@example.net": failed("550 5.1.1 unknown"),
+                        "c@example.net": lost,
+                        "d@example.net": lost,
+                    },
+                ),
+                TransactionResult("env2", False, {"b@example.net": lost}),
+            ],
+        )
+        self.assertEqual(server.payloads, [])
+        self.assertEqual(session.attempts, 1)
+
+    def test_connection_lost_before_data_reply(self) -> None:
+        session = Session([transaction("env1", "b@example.net", "c@example.net")])
+        server = FakeMX({b"DATA": DROP}, pipelining=True)
+        session.accept(server)
+        [result] = self.successResultOf(session.result)
+        self.assertEqual(
+            set(result.recipients.values()), {deferred(f"451 4.4.2 connection lost during DATA with {HOST}")}
+        )
+
+    def test_connection_lost_after_body(self) -> None:
+        session = Session([transaction("env1", "b@example.net", "x@example.net"), transaction("env2")])
+        server = FakeMX({b"RCPT": [None, b"550 5.1.1 unknown"], b".": DROP}, pipelining=True)
+        session.accept(server)
+        lost = deferred(f"451 4.4.2 connection lost during DATA with {HOST}")
+        self.assertEqual(
+            self.successResultOf(session.result),
+            [
+                TransactionResult(
+                    "env1", True, {"b@example.net": lost, "x@example.net": failed("550 5.1.1 unknown")}
+                ),
+                TransactionResult("env2", False, {"b@example.net": lost}),
+            ],
+        )
+        self.assertEqual(len(server.payloads), 1)
+
+    def test_connection_lost_while_reading_replies_behind_refused_mail(self) -> None:
+        """env1 is settled by its MAIL reply; only env2, never started, is left."""
+        session = Session([transaction("env1", "b@example.net", "c@example.net"), transaction("env2")])
+        server = FakeMX({b"MAIL": b"553 5.7.1 Sender rejected", b"RCPT": [None, DROP]}, pipelining=True)
+        session.accept(server)
+        first, second = self.successResultOf(session.result)
+        self.assertEqual(set(first.recipients.values()), {failed("553 5.7.1 Sender rejected")})
+        self.assertEqual(
+            second,
+            TransactionResult(
+                "env2", False, {"b@example.net": deferred(f"451 4.4.2 connection lost during RCPT TO with {HOST}")}
+            ),
+        )
+
+    def test_421_mid_group(self) -> None:
+        session = Session([transaction("env1", "b@example.net", "c@example.net", "d@example.net"), transaction("env2")])
+        server = FakeMX({b"RCPT": [None, b"421 4.4.5 Too many connections, closing"]}, pipelining=True)
+        session.accept(server)
+        closing = deferred("421 4.4.5 Too many connections, closing")
+        self.assertEqual(
+            self.successResultOf(session.result),
+            [
+                TransactionResult(
+                    "env1", True, {"b@example.net": closing, "c@example.net": closing, "d@example.net": closing}
+                ),
+                TransactionResult("env2", False, {"b@example.net": closing}),
+            ],
+        )
+        self.assertEqual(server.payloads, [])
+        self.assertTrue(session.client_transports[0].disconnected)
+
+    def test_timeout_waiting_for_data_reply(self) -> None:
+        session = Session([transaction()], SMTPSettings(helo="relay.test", command_timeout=60))
+        server = FakeMX({b"DATA": SILENT}, pipelining=True)
+        session.accept(server)
+        session.advance(59)
+        self.assertNoResult(session.result)
+        session.advance(1)
+        [result] = self.successResultOf(session.result)
+        self.assertEqual(
+            result.recipients,
+            {"b@example.net": deferred(f"451 4.4.2 timed out after 60s waiting for {HOST} during DATA")},
+        )
+        self.assertTrue(session.client_transports[0].disconnected)
+
+    def test_end_of_data_waits_for_data_timeout(self) -> None:
+        session = Session([transaction()], SMTPSettings(helo="relay.test", command_timeout=60, data_timeout=600))
+        server = FakeMX({b".": SILENT}, pipelining=True)
+        session.accept(server)
+        self.assertEqual(len(server.payloads), 1)
+        session.advance(599)
+        self.assertNoResult(session.result)
+        session.advance(1)
+        [result] = self.successResultOf(session.result)
+        self.assertEqual(
+            result.recipients,
+            {"b@example.net": deferred(f"451 4.4.2 timed out after 600s waiting for {HOST} during DATA")},
+        )
+
+
+class PipeliningESMTP(ESMTP):
+    """Twisted's ESMTP server, saying that it reads pipelined commands (it does)."""
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        return {**super().extensions(), b"PIPELINING": None}
+
+
+def pipelining_twisted_server(mailbox: Mailbox) -> PipeliningESMTP:
+    server = PipeliningESMTP()
+    server.delivery = mailbox
+    server.host = HOST.encode("ascii")
+    server.timeout = None  # its timer would use the global reactor
+    server.noisy = False
+    return server
+
+
+class TwistedServerTests(SynchronousTestCase):
+    def test_round_trip_pipelined(self) -> None:
+        message = b"Subject: dots\r\n\r\n.\r\n..\r\n.leading\nbare LF\rbare CR\r\n"
+        session = Session(
+            [
+                transaction("env1", "b@example.net", "nobody@example.net", message=message),
+                transaction("env2", "nobody@example.net"),
+                transaction("env3", mail_from=""),
+            ]
+        )
+        mailbox = Mailbox()
+        session.accept(pipelining_twisted_server(mailbox))
+        first, second, third = self.successResultOf(session.result)
+        self.assertEqual(first.recipients["b@example.net"].outcome, "sent")
+        self.assertEqual(first.recipients["nobody@example.net"].outcome, "failed")
+        self.assertEqual(first.recipients["nobody@example.net"].reply.code, 550)
+        self.assertEqual(second.recipients["nobody@example.net"].outcome, "failed")
+        self.assertEqual(third.recipients["b@example.net"].outcome, "sent")
+        self.assertEqual(mailbox.messages, [("b@example.net", normalized(message)), ("b@example.net", MESSAGE)])
+        writes = session.client_transports[0].writes
+        self.assertIn(
+            group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"RCPT TO:<nobody@example.net>", b"DATA"),
+            writes,
+        )
+        self.assertIn(group(b"RSET", b"MAIL FROM:<>", b"RCPT TO:<b@example.net>", b"DATA"), writes)
+
+
+def _lost(protocol: Protocol) -> Deferred[None]:
+    """A L{Deferred} that fires once C{protocol}'s connection is lost."""
+    lost: Deferred[None] = Deferred()
+    connection_lost = protocol.connectionLost
+
+    def notify(reason: Failure) -> None:
+        connection_lost(reason)
+        lost.callback(None)
+
+    protocol.connectionLost = notify  # type: ignore[method-assign]
+    return lost
+
+
+class _Connections:
+    """
+    Wraps a factory so that the test can wait for its connections to close:
+    L{send_session} returns as soon as the results are known, with QUIT
+    still on its way.
+    """
+
+    def __init__(self) -> None:
+        self.lost: list[Deferred[None]] = []
+
+    def watch(self, factory: ServerFactory | ClientFactory) -> None:
+        build = factory.buildProtocol
+
+        def buildProtocol(addr: object) -> Protocol | None:
+            protocol = build(addr)
+            if protocol is not None:
+                self.lost.append(_lost(protocol))
+            return protocol
+
+        factory.buildProtocol = buildProtocol  # type: ignore[method-assign]
+
+
+@implementer(IReactorTCP, IReactorTime)
+class _WatchingReactor:
+    """The real reactor, with the client side's connections watched too."""
+
+    def __init__(self, reactor: object, connections: _Connections) -> None:
+        self._reactor = reactor
+        self._connections = connections
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._reactor, name)
+
+    def connectTCP(self, host: str, port: int, factory: ClientFactory, *args: object, **kwargs: object) -> object:
+        self._connections.watch(factory)
+        return self._reactor.connectTCP(host, port, factory, *args, **kwargs)  # type: ignore[attr-defined]
+
+
+class LoopbackTests(TestCase):
+    """L{mmgun.testing}'s ESMTP server (PIPELINING, STARTTLS, scripted faults) on a real loopback port."""
+
+    def test_pipelined_session_with_starttls(self) -> Deferred[None]:
+        from twisted.internet import reactor
+
+        mailbox = StubMailbox()
+        connections = _Connections()
+        factory = smtp_server_factory(reactor, mailbox, tls=True)
+        connections.watch(factory)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        transactions = [
+            Transaction("t1", "me@example.com", ("ok@a.example", "reject@a.example", "tempfail-1@a.example"), MESSAGE),
+            Transaction("t2", "me@example.com", ("reject@b.example",), MESSAGE),
+            Transaction("t3", "me@example.com", ("datareject@a.example",), MESSAGE),
+            Transaction("t4", "", ("ok@b.example", "tempfail-1@a.example"), b"Subject: 4\r\n\r\n.\r\nfour\r\n"),
+        ]
+        reported: list[object] = []
+
+        async def run() -> None:
+            results = await send_session(
+                _WatchingReactor(reactor, connections),
+                "smtpstub.test",
+                "127.0.0.1",
+                port.getHost().port,
+                transactions,
+                SMTPSettings(helo="relay.test", tls=TLSMode.REQUIRE, command_timeout=10, data_timeout=10),
+                on_result=lambda result: reported.append(result.key),
+            )
+            outcomes = [{a: (r.outcome, r.reply.code) for a, r in result.recipients.items()} for result in results]
+            self.assertEqual(
+                outcomes,
+                [
+                    {
+                        "ok@a.example": ("sent", 250),
+                        "reject@a.example": ("failed", 550),
+                        "tempfail-1@a.example": ("deferred", 451),
+                    },
+                    {"reject@b.example": ("failed", 550)},
+                    {"datareject@a.example": ("failed", 554)},
+                    {"ok@b.example": ("sent", 250), "tempfail-1@a.example": ("sent", 250)},
+                ],
+            )
+            self.assertEqual(reported, ["t1", "t2", "t3", "t4"])
+            self.assertEqual(
+                [(m.mail_from, m.recipients, m.tls) for m in mailbox.messages],
+                [
+                    ("me@example.com", ("ok@a.example",), True),
+                    ("", ("ok@b.example", "tempfail-1@a.example"), True),
+                ],
+            )
+            self.assertEqual(mailbox.messages[0].data, MESSAGE)
+            self.assertEqual(mailbox.messages[1].raw, b"Subject: 4\r\n\r\n..\r\nfour\r\n.\r\n")
+            self.assertEqual(len(connections.lost), 2)  # one connection, seen from both ends
+            await DeferredList(connections.lost)
+
+        return Deferred.fromCoroutine(run())
+
