@@ -6,6 +6,8 @@ Everything here is pure: no I/O, no clock (the caller passes the time).
 
 from __future__ import annotations
 
+import binascii
+import functools
 import hashlib
 import json
 import re
@@ -21,6 +23,9 @@ import idna
 
 MAX_DEPTH = 32
 MAX_SUBJECT = 998
+#: A body of printable ASCII in lines this short goes as it is; any other, quoted-printable.
+MAX_LINE = 76
+_PLAIN = bytes(range(0x20, 0x7F)) + b"\t\r\n"
 #: RFC 5322 atext, the characters of a dot-atom local part.
 _ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
@@ -58,7 +63,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise BadRequest(f"malformed JSON: {e}") from None
     if not isinstance(value, dict):
         raise BadRequest("request body must be a JSON object")
-    if _depth(value) > MAX_DEPTH:
+    # Fewer brackets than levels allowed cannot nest too deep: no need to walk the tree.
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
         raise BadRequest(f"JSON nested deeper than {MAX_DEPTH} levels")
     return value
 
@@ -152,6 +158,24 @@ def normalize_address(value: str, field: str) -> str:
     quoted local parts or address literals: an API client has no need for them, and
     each is a way to smuggle something into a header or an envelope.
     """
+    plain = _PLAIN_ADDRESS.fullmatch(value)
+    if plain is not None:
+        # The common case in one regular expression (a fifth of the general path's cost):
+        # what it matches, the general path would return unchanged but for the case.
+        local, domain = plain.group("local", "domain")
+        if len(value) <= 254 and len(local) <= 64 and len(domain) <= 253 and "--" not in domain:
+            tld = domain.rpartition(".")[2]
+            if not tld.isdigit():
+                return f"{local}@{domain.lower()}"
+    return _normalize_address(value, field)
+
+
+_LDH = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDRESS = re.compile(rf"(?P<local>{_ATOM}(?:\.{_ATOM})*)@(?P<domain>(?:{_LDH}\.)+{_LDH})\.?")
+
+
+def _normalize_address(value: str, field: str) -> str:
     bad = f"field {field!r} is not a valid email address (local@domain)"
     if not value or len(value) > 254 or any(c.isspace() or not c.isprintable() for c in value):
         raise BadRequest(bad)
@@ -189,12 +213,13 @@ def normalize_body(body: str) -> str:
 
 def build_message(request: SendRequest, *, hostname: str, now: float) -> bytes:
     """
-    The RFC 5322 message: 7-bit clean (RFC 2047 Subject, quoted-printable UTF-8
-    body), CRLF line endings, lines of at most 78 octets, so it passes through any
+    The RFC 5322 message: 7-bit clean (RFC 2047 Subject; a body of short ASCII
+    lines as it is, any other quoted-printable UTF-8), CRLF line endings, lines of at most 78 octets, so it passes through any
     SMTP server unchanged and no bare CR or LF reaches the wire.
 
-    Built from the email package's encoders (Header, quoprimime, utils) rather than
-    EmailMessage: the modern header registry costs ~4 ms a message, the encoders ~50 µs.
+    Built from the email package's encoders (Header, quoprimime, utils) and binascii's
+    quoted-printable rather than EmailMessage: the modern header registry costs ~4 ms
+    a message, this ~30 µs.
     The body always ends with a line break.
     """
     subject = request.subject
@@ -204,18 +229,46 @@ def build_message(request: SendRequest, *, hostname: str, now: float) -> bytes:
     body = normalize_body(request.body)
     if not body.endswith("\n"):
         body += "\n"
-    encoded_body = quoprimime.body_encode(body.encode("utf-8").decode("latin-1"), 76, eol="\r\n")
+    raw = body.replace("\n", "\r\n").encode("utf-8")
+    if not raw.translate(None, _PLAIN) and max(map(len, body.split("\n"))) <= MAX_LINE:
+        # Printable ASCII in short lines: sent as it is (what a mail client would do).
+        encoding, encoded_body = "7bit", raw
+    else:
+        encoding, encoded_body = "quoted-printable", _quoted_printable(body, raw)
     headers = [
         f"From: {request.sender}",
         "To: " + _fold_addresses(request.recipients),
         "Subject: " + (subject if plain and len(subject) <= 69 else Header(subject, charset, header_name="Subject").encode(linesep="\r\n")),
-        "Date: " + format_datetime(datetime.fromtimestamp(now, timezone.utc)),
+        "Date: " + _date(now),
         "Message-ID: " + make_msgid(domain=hostname),
         "MIME-Version: 1.0",
         'Content-Type: text/plain; charset="utf-8"',
-        "Content-Transfer-Encoding: quoted-printable",
+        "Content-Transfer-Encoding: " + encoding,
     ]
-    return ("\r\n".join(headers) + "\r\n\r\n" + encoded_body).encode("ascii")
+    return ("\r\n".join(headers) + "\r\n\r\n").encode("ascii") + encoded_body
+
+
+def _quoted_printable(body: str, raw: bytes) -> bytes:
+    """
+    ``raw`` (``body`` with CRLF line breaks, UTF-8) quoted-printable in lines of at most
+    76 octets. binascii's C encoder is twice as fast as the email package's, but writes
+    a 77-octet line when it encodes white space at the end of a long line; then the
+    email package's encoder does it.
+    """
+    encoded = binascii.b2a_qp(raw, istext=True)
+    if max(map(len, encoded.split(b"\r\n"))) <= 76:
+        return encoded
+    return quoprimime.body_encode(body.encode("utf-8").decode("latin-1"), 76, eol="\r\n").encode("ascii")
+
+
+@functools.lru_cache(maxsize=4)
+def _date_of_second(second: int) -> str:
+    return format_datetime(datetime.fromtimestamp(second, timezone.utc))
+
+
+def _date(now: float) -> str:
+    """The Date header's value: whole seconds, so computed once a second."""
+    return _date_of_second(int(now))
 
 
 def _fold_addresses(addresses: tuple[str, ...]) -> str:

@@ -50,11 +50,31 @@ class Metrics:
         self.queue = QueueCollector()
         r.register(self.queue)
 
+        # labels() validates and locks on every call; the children are looked up once.
+        self._http: dict[tuple[bytes, int], Any] = {}
+        self._recipients: dict[str, Any] = {}
+        self._replies: dict[str, Any] = {}
+
     def http_request(self, path: bytes, code: int, seconds: float) -> None:
-        endpoint = path.decode("ascii", "replace")
-        self.http_latency.labels(endpoint if endpoint in ENDPOINTS else "other", str(code)).observe(seconds)
+        child = self._http.get((path, code))
+        if child is None:
+            endpoint = path.decode("ascii", "replace")
+            child = self.http_latency.labels(endpoint if endpoint in ENDPOINTS else "other", str(code))
+            if len(self._http) < 1000:  # paths are the client's choice: never an unbounded cache
+                self._http[(path, code)] = child
+        child.observe(seconds)
+
+    def smtp_reply(self, code: int) -> None:
+        cls = f"{code // 100}xx"
+        child = self._replies.get(cls)
+        if child is None:
+            child = self._replies[cls] = self.smtp_replies.labels(cls)
+        child.inc()
 
     def recipient(self, status: str, latency: float | None) -> None:
-        self.recipients.labels(status).inc()
+        child = self._recipients.get(status)
+        if child is None:
+            child = self._recipients[status] = self.recipients.labels(status)
+        child.inc()
         if status == "sent" and latency is not None:
             self.delivery_latency.observe(latency)

@@ -304,7 +304,7 @@ class Sender(Service):
                 if not result.started or envelope.id in settled:
                     return
                 for r in result.recipients.values():
-                    self._metrics.smtp_replies.labels(f"{r.reply.code // 100}xx").inc()
+                    self._metrics.smtp_reply(r.reply.code)
                 _log.info(
                     "delivery attempt for envelope {envelope} via {mx}: {outcomes}",
                     envelope=envelope.id,

@@ -7,11 +7,12 @@ import sys
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from . import config as _config
 from .clients import ClientsFileError, load_clients
+from .logs import twistd_text_observer
 
 _log = Logger()
 
@@ -49,7 +50,26 @@ def makeService(options: Options) -> IService:
         sys.stderr.write(f"mmgun: {e}\n")
         raise SystemExit(1) from None
     reactor.callWhenRunning(_stop_cleanly_on_signals, reactor)
+    if options.config.log_format == "text" and options.parent is not None:
+        _log_through(service, twistd_text_observer(options.parent))
     return service
+
+
+def _log_through(service: IService, observer: ILogObserver | None) -> None:
+    """
+    Have twistd log through ``observer``: it uses the application's ILogObserver
+    component when no ``--logger`` is given, and the application is only known once
+    it adopts our service.
+    """
+    if observer is None:
+        return
+    set_parent = service.setServiceParent
+
+    def setServiceParent(parent: Any) -> None:
+        parent.setComponent(ILogObserver, observer)
+        set_parent(parent)
+
+    service.setServiceParent = setServiceParent  # type: ignore[method-assign]
 
 
 def _stop_cleanly_on_signals(reactor: Any) -> None:

@@ -38,6 +38,7 @@ class APIClient:
 
     def __init__(self, case: SynchronousTestCase, frontend: Frontend) -> None:
         self.case = case
+        self.frontend = frontend
         self.treq = StubTreq(frontend.resource())
 
     def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None, headers: dict | None = None) -> tuple[int, Any]:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import email
+import json
 from email.policy import default
+from typing import Any
+
+from twisted.internet.error import ConnectionDone
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -202,3 +206,53 @@ class IndexTests(SynchronousTestCase):
         code, body = api.request("GET", "/")
         self.assertEqual(code, 200)
         self.assertEqual((body["service"], body["api_version"]), ("mmgun", "1"))
+
+
+class DirectSendTests(SynchronousTestCase):
+    """POST /send is served by the API root itself, not through Klein's routing."""
+
+    def request(self) -> Any:
+        from io import BytesIO
+
+        from twisted.web.test.requesthelper import DummyRequest
+
+        request = DummyRequest([b"send"])
+        request.method, request.path = b"POST", b"/send"
+        body = {"client_id": CLIENT, "sender": "me@example.com", "recipients": ["a@b.example"], "subject": "s", "body": "b"}
+        request.content = BytesIO(json.dumps(body).encode())
+        return request
+
+    def test_client_gone_before_the_commit(self) -> None:
+        """Nothing is written to a request whose connection closed while the store committed; the submission stays."""
+        from twisted.internet.defer import Deferred
+        from twisted.python.failure import Failure
+        from twisted.web.server import NOT_DONE_YET
+
+        api, store, _ = make_api(self)
+        committed: Deferred[str] = Deferred()
+        real_add = store.add_submission
+        store.add_submission = lambda submission: committed  # type: ignore[method-assign,assignment]
+        request = self.request()
+        frontend = api.frontend
+        self.assertIs(frontend.resource().render(request), NOT_DONE_YET)
+        request.processingFailed(Failure(ConnectionDone("client went away")))
+        committed.callback("f" * 32)
+        self.assertEqual((request.written, request.finished), ([], 0))
+        # The same request on a live connection is answered.
+        store.add_submission = real_add  # type: ignore[method-assign]
+        request = self.request()
+        frontend.resource().render(request)
+        self.assertEqual((request.responseCode, request.finished), (200, 1))
+        self.assertEqual(json.loads(b"".join(request.written))["result"], "queued")
+
+    def test_klein_route_alone_still_serves_send(self) -> None:
+        from treq.testing import StubTreq
+
+        api, _, _ = make_api(self)
+        stub = StubTreq(api.frontend.app.resource())
+        body = {"client_id": CLIENT, "sender": "me@example.com", "recipients": ["a@b.example"], "subject": "s", "body": "b"}
+        d = stub.post("http://mmgun.test/send", json=body)
+        stub.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.successResultOf(response.json())["result"], "queued")

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mmgun.message import BadRequest, SendRequest, build_message, normalize_address, normalize_body
+from mmgun.message import BadRequest, SendRequest, _normalize_address, build_message, normalize_address, normalize_body
 from mmgun.store import NewSubmission
 
 from .helpers import make_api, result
@@ -107,6 +107,32 @@ class AddressTests(SynchronousTestCase):
         local, _, domain = address.rpartition("@")
         normalized = normalize_address(address + ("." if trailing_dot else ""), "sender")
         self.assertEqual(normalized, f"{local}@{domain.lower()}")
+
+    @settings(PROPERTY, max_examples=500)
+    @given(
+        st.one_of(
+            ascii_addresses(),
+            idn_addresses(),
+            st.text(st.sampled_from("aZ09.-@_+é \t\n:<>\"xn"), max_size=30),
+            st.builds(lambda a, s: a + s, ascii_addresses(), st.sampled_from([".", "..", "-", "--x.y", ".123", ".a-", "\n"])),
+        )
+    )
+    @example("a@xn--mnchen-3ya.example")
+    @example("a@b--c.example")
+    @example("a@example.123")
+    @example("x" * 65 + "@b.example")
+    @example("a@" + "b" * 63 + "." + "c" * 64)
+    @example("a@b.example.")
+    def test_fast_path_agrees_with_the_general_one(self, value: str) -> None:
+        """The one-expression path for plain addresses answers exactly as the general validator."""
+
+        def outcome(f: Any) -> Any:
+            try:
+                return f(value, "sender")
+            except BadRequest as e:
+                return ("refused", str(e))
+
+        self.assertEqual(outcome(normalize_address), outcome(_normalize_address))
 
     @PROPERTY
     @given(idn_addresses())
@@ -279,6 +305,27 @@ class MessageTests(SynchronousTestCase):
         # The blank after "Subject:" (and any before a fold right after it) is not part of
         # the value to a parser: leading white space is the one thing a header can't carry.
         self.assertEqual(parsed["Subject"].lstrip(" \t"), subject.lstrip(" \t"))
+
+    def test_plain_ascii_body_goes_as_it_is(self) -> None:
+        message = build(body="line one\n.line two\ttab\r\n" + "x" * 76)
+        self.assertIn(b"\r\nContent-Transfer-Encoding: 7bit\r\n", message)
+        self.assertTrue(message.endswith(b"\r\n\r\nline one\r\n.line two\ttab\r\n" + b"x" * 76 + b"\r\n"))
+
+    def test_quoted_printable_lines_stay_within_76_octets(self) -> None:
+        """binascii's encoder writes 77 octets for white space ending a line of 75; the fallback does not."""
+        import binascii
+
+        body = "x" * 74 + " \nnext"
+        self.assertEqual(len(binascii.b2a_qp(body.replace("\n", "\r\n").encode(), istext=True).split(b"\r\n")[0]), 77)
+        message = build(body=body)
+        assert_wire_clean(self, message)
+        self.assertEqual(parsed_content(self, message)[1], body + "\n")
+
+    def test_other_bodies_are_quoted_printable(self) -> None:
+        for body in ("x" * 77, "caf\u00e9", "form\x0cfeed", "del\x7f", "nul-free but \x1b[31m escape"):
+            message = build(body=body)
+            self.assertIn(b"\r\nContent-Transfer-Encoding: quoted-printable\r\n", message, body)
+            self.assertEqual(parsed_content(self, message)[1], body + "\n")
 
     @PROPERTY
     @given(bodies)
