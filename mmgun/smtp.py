@@ -368,8 +368,9 @@ class _ESMTPSession(ESMTPClient):
         self._pipelining = False
         # Replies to pipelined RCPTs still to be read after a refused MAIL.
         self._unread_rcpt_replies = 0
-        # A 354 came in; the body goes out once the rest of that read is parsed.
+        # A 354 came in; the body goes out on the reactor's next turn (_body_turn).
         self._body_due = False
+        self._body_call: IDelayedCall | None = None
 
     # -- connection and reply parsing ----------------------------------------
 
@@ -390,10 +391,25 @@ class _ESMTPSession(ESMTPClient):
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
-        if self._body_due:
-            self._body_due = False
-            if not self._finished:
-                self._send_body_and_dot()
+        if self._body_due and self._body_call is None:
+            # Not now but on the reactor's next turn: a reply the server sent behind
+            # its 354 (in the rest of this read, in the next TLS record of it, or as
+            # half a line) was sent before it could have read the body, and must not
+            # pass for the reply to the final ".".
+            self._body_call = self._clock.callLater(0, self._body_turn)
+
+    def _body_turn(self) -> None:
+        self._body_call = None
+        if not self._body_due or self._finished:
+            return  # a premature reply already ended the transaction (_end_of_data_reply)
+        self._body_due = False
+        if self._buffer or self._reply_lines:
+            # Part of a reply came after the 354: the session can't go on.
+            reply = self._synthesized(f"4.5.0 {self._host} replied during the message data")
+            self._settle_accepted(_outcome_for(reply.code), reply)
+            self._finish(reply, then="abort")
+            return
+        self._send_body_and_dot()
 
     def lineReceived(self, line: bytes) -> None:
         """
@@ -686,9 +702,7 @@ class _ESMTPSession(ESMTPClient):
 
     def smtpState_data(self, code: int, resp: bytes) -> None:
         if self._pipelining and len(self._progress().transaction.message) <= _ONE_WRITE_MAX:
-            # Sent from dataReceived once the rest of this read is parsed: a
-            # reply that came with the 354 was sent before the server could
-            # have read the body, and must not pass for the reply to ".".
+            # Sent by _body_turn, once whatever came with the 354 is parsed.
             self._body_due = True
         else:
             # SMTPClient streams getMailData() through transformChunk with a

@@ -10,6 +10,7 @@ server over real loopback sockets.
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.internet.testing import StringTransport
@@ -98,6 +99,8 @@ class WritesTests(SynchronousTestCase):
         self.client.dataReceived(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
         self.assertEqual(len(transport.writes), 1)
         self.client.dataReceived(b"250 2.1.5 Ok\r\n354 go ahead\r\n")
+        self.assertEqual(len(transport.writes), 1)  # the body waits for the reactor's next turn
+        session.reactor.advance(0)
         self.assertEqual(transport.writes[1:], [wire_form(MESSAGE) + b".\r\n"])
         self.client.dataReceived(b"250 2.0.0 Ok: queued as 1234\r\n")
         self.assertEqual(transport.writes[2:], [b"QUIT\r\n"])
@@ -105,6 +108,31 @@ class WritesTests(SynchronousTestCase):
             self.successResultOf(session.result),
             [TransactionResult("env1", True, {"b@example.net": sent(), "c@example.net": sent()})],
         )
+
+    def premature(self, after_354: bytes) -> tuple[Session, WriteLog]:
+        """A 354, then ``after_354`` in a later read of the same reactor turn (as over TLS)."""
+        session, transport = self.connect([transaction("env1", "b@example.net")])
+        self.client.dataReceived(EHLO_PIPELINING)
+        self.client.dataReceived(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n")
+        self.client.dataReceived(after_354)
+        session.reactor.advance(0)
+        self.assertEqual(len(transport.writes), 1, "the body must not be sent")
+        self.assertTrue(transport.disconnecting)
+        self.client.connectionLost(Failure(ConnectionDone()))
+        return session, transport
+
+    def test_reply_in_a_later_read_not_taken_for_end_of_data(self) -> None:
+        session, _ = self.premature(b"250 2.0.0 premature\r\n")
+        (result,) = self.successResultOf(session.result)
+        self.assertEqual(
+            result.recipients,
+            {"b@example.net": deferred(f"451 4.5.0 {HOST} replied 250 2.0.0 premature before the end of the message data")},
+        )
+
+    def test_part_of_a_reply_after_354_not_taken_for_end_of_data(self) -> None:
+        session, _ = self.premature(b"250")
+        (result,) = self.successResultOf(session.result)
+        self.assertEqual(result.recipients, {"b@example.net": deferred(f"451 4.5.0 {HOST} replied during the message data")})
 
     def test_one_command_a_write_without_pipelining(self) -> None:
         session, transport = self.connect([transaction("env1", "b@example.net", "c@example.net")])

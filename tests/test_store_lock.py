@@ -3,15 +3,14 @@ The write lock through which processes on one SQLite file take turns (mmgun.stor
 
 "Another process" is either a real subprocess or a second open of the lock file: flock(2)
 locks belong to the open file, so two opens in one process exclude each other exactly as two
-processes do. That a writer is *waiting* is read from the kernel's own list (/proc/locks),
-never inferred from time passing.
+processes do. That a writer is *waiting* is read from the lock's own count of waits, never inferred
+from time passing.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import re
 import sqlite3
 import stat
 import subprocess
@@ -64,30 +63,12 @@ class HeldLock:
             self._fd = None
 
 
-def waiters(path: str) -> int:
-    """How many flock(2) waiters the kernel has queued on ``path`` (from /proc/locks)."""
-    if not os.path.exists("/proc/locks"):
-        raise SkipTest("needs /proc/locks (Linux)")
-    st = os.stat(path)
-    count = 0
-    with open("/proc/locks") as f:
-        for line in f:
-            fields = line.split()
-            if "->" not in fields or "FLOCK" not in fields:
-                continue
-            for field in fields:
-                m = re.fullmatch(r"([0-9a-f]+):([0-9a-f]+):(\d+)", field)
-                if m and (int(m[1], 16), int(m[2], 16), int(m[3])) == (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino):
-                    count += 1
-    return count
-
-
-def wait_for_waiter(case: SynchronousTestCase, path: str) -> None:
-    """Return once some writer is blocked on the lock; fail after DEADLINE seconds."""
+def wait_for_waiter(case: SynchronousTestCase, runner: Any) -> None:
+    """Return once ``runner``'s writer has found the lock taken and waits; fail after DEADLINE seconds."""
     deadline = time.monotonic() + DEADLINE
-    while waiters(path) == 0:
+    while runner._lock.waits == 0:
         if time.monotonic() > deadline:
-            case.fail(f"no writer waited on {path} within {DEADLINE} s")
+            case.fail(f"no writer waited on {runner._lock.path} within {DEADLINE} s")
         os.sched_yield()
 
 
@@ -155,7 +136,7 @@ class WriteLockTests(SynchronousTestCase):
         self.addCleanup(other.close)
         ran = threading.Event()
         writing = InThread(lambda: result(self, other.write(insert_row, ran)))
-        wait_for_waiter(self, self.lock)
+        wait_for_waiter(self, other)
         self.assertFalse(ran.is_set())  # Blocked before BEGIN IMMEDIATE, not inside SQLite's busy handler.
         held.release()
         self.assertEqual(writing.join(self), 1)
@@ -181,12 +162,22 @@ class WriteLockTests(SynchronousTestCase):
         self.assertEqual(holder.stdout.readline(), "held\n")  # EOF ("") if the child failed: no hang.
         ran = threading.Event()
         writing = InThread(lambda: result(self, self.runner.write(insert_row, ran)))
-        wait_for_waiter(self, self.lock)
+        wait_for_waiter(self, self.runner)
         self.assertFalse(ran.is_set())
         holder.stdin.close()  # The child reads EOF and exits; the kernel drops its lock.
         self.assertEqual(writing.join(self), 1)
         self.assertEqual(holder.wait(DEADLINE), 0)
         holder.stdout.close()
+
+    def test_write_gives_up_after_the_timeout(self) -> None:
+        """A holder that never lets go fails the write (as SQLite's busy timeout did), it does not hang it."""
+        HeldLock(self, self.lock)
+        self.runner._lock.timeout = 0.0
+        ran = threading.Event()
+        failure = self.failureResultOf(self.runner.write(insert_row, ran), StorageError)
+        self.assertIn("database is locked", str(failure.value))
+        self.assertFalse(ran.is_set())
+        self.assertEqual(self.runner._lock.waits, 1)
 
     def test_lock_released_when_the_transaction_raises(self) -> None:
         def fail(conn: sqlite3.Connection) -> None:
@@ -245,7 +236,7 @@ class WriteLockTests(SynchronousTestCase):
         self.addCleanup(admin._runner.close)
         held = HeldLock(self, self.lock)
         adding = InThread(lambda: result(self, admin.add_client("acme", 1.0)))
-        wait_for_waiter(self, self.lock)
+        wait_for_waiter(self, admin._runner)
         held.release()
         self.assertIsNone(adding.join(self))
 
@@ -271,7 +262,7 @@ class PoolRunnerLockTests(TestCase):
             held = HeldLock(self, self.lock)
             ran = threading.Event()
             d = self.runner.write(insert_row, ran)
-            wait_for_waiter(self, self.lock)
+            wait_for_waiter(self, self.runner)
             self.assertNoResult(d)
             self.assertFalse(ran.is_set())
             held.release()

@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import time
 import uuid
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
@@ -50,6 +51,9 @@ IDEMPOTENCY_WINDOW = 24 * 3600.0
 #: Most submissions committed in one transaction.
 MAX_GROUP = 512
 BUSY_TIMEOUT = 30.0
+#: A writer waiting for another process's WriteLock tries again after these pauses (doubling).
+_FIRST_PAUSE = 0.0001
+_LAST_PAUSE = 0.001
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -88,27 +92,31 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 class WriteLock:
     """
-    Lets the processes writing one database take turns without sleeping.
+    Lets the processes writing one database take turns without long sleeps.
 
     A connection that finds SQLite's write lock taken retries in the busy handler,
     which sleeps 1, 2, 5, 10 … 100 ms rather than waking when the lock is freed; with a
     frontend and a sender as two processes on one file, every collision cost up to a
     whole sleep (POST p99 near 1 s, ~120 ms alone). So writers hold an exclusive
     ``flock(2)`` on ``<database>-lock`` from just before ``BEGIN IMMEDIATE`` to just
-    after ``COMMIT`` or ``ROLLBACK``, and the kernel wakes the next one as soon as the
-    holder lets go. Readers never take it (WAL readers do not wait for writers).
+    after ``COMMIT`` or ``ROLLBACK``, and a waiting writer tries it again every 0.1 to
+    1 ms (a blocking flock would wake at once, but could wait forever). Past ``timeout``
+    (SQLite's busy timeout) the write fails with StorageError, as it would in SQLite.
+    Readers never take it (WAL readers do not wait for writers).
 
     A fast path, never the safety: SQLite's lock still decides, and the busy timeout
     still covers writers without this lock (the sqlite3 shell, an older mmgun) and
     writes when the file cannot be opened (a read-only folder; one warning). The kernel
-    frees it when its holder dies; a holder stuck mid-transaction stalls the other
-    writers with no timeout. The file is made on the first write and never deleted
+    frees it when its holder dies. The file is made on the first write and never deleted
     (unlinking races with lockers); it is readable and writable by whoever may write
     the database, and owned like it when root makes it: opening it, even read-only, is
     enough to stall the writers. One instance per connection, one thread at a time.
     """
 
-    def __init__(self, database: str) -> None:
+    def __init__(self, database: str, timeout: float = BUSY_TIMEOUT) -> None:
+        self.timeout = timeout
+        #: How many writes found the lock taken and waited (a diagnostic; tests watch it).
+        self.waits = 0
         # realpath: two paths (or symlinks) to one database share one lock, as SQLite's -wal does.
         self._database = os.path.realpath(database)
         self.path = self._database + "-lock"
@@ -129,8 +137,9 @@ class WriteLock:
             st = os.stat(self._database)
             writers = st.st_mode & 0o222
             os.fchmod(fd, writers | writers << 1)
-            if os.geteuid() == 0:
-                os.fchown(fd, st.st_uid, st.st_gid)
+            # The database's group too (else the file gets this user's primary group and
+            # a daemon in the database's group could not open it); its owner only as root.
+            os.fchown(fd, st.st_uid if os.geteuid() == 0 else -1, st.st_gid)
         except OSError:
             pass  # Still a lock for this user; others fall back to the busy timeout.
         return fd
@@ -151,11 +160,25 @@ class WriteLock:
             self._fd = self._open()
             if self._fd is None:
                 return
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except OSError as e:  # ENOLCK, on some network file systems
-            self._warn(e)
-            return
+        pause, deadline = _FIRST_PAUSE, None
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                now = time.monotonic()
+                if deadline is None:
+                    self.waits += 1
+                    deadline = now + self.timeout
+                elif now >= deadline:
+                    raise StorageError(
+                        f"database is locked: another writer has held {self.path} for over {self.timeout:g} s"
+                    ) from None
+                time.sleep(pause)
+                pause = min(2 * pause, _LAST_PAUSE)
+            except OSError as e:  # ENOLCK, on some network file systems
+                self._warn(e)
+                return
         self._held = True
 
     def release(self) -> None:
