@@ -41,7 +41,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CLIENT_ID = "demo-client-0123456789abcdef"
-TOPOLOGIES = ("all", "split", "two-senders")
+TOPOLOGIES = ("all", "split", "two-senders", "two-frontends")
 MODES = ("relay", "ingest", "backlog")
 #: Options that throttle a client; set to "off" when this mmgun has them (they guard
 #: production from abuse and would measure the limiter instead of the relay).
@@ -138,6 +138,8 @@ class Daemon:
     process: subprocess.Popen[bytes]
     log: Path
     port: int | None = None
+    #: Listening with SO_REUSEPORT on a port other frontends share.
+    shared_port: bool = False
 
     @property
     def pid(self) -> int:
@@ -178,14 +180,27 @@ def topology_processes(topology: str) -> list[tuple[str, tuple[str, ...]]]:
     """(name, roles) of each process; an empty roles tuple means mmgun's default (all three)."""
     if topology == "all":
         return [("all", ())]
+    if topology == "frontend":  # --mode ingest: the API alone
+        return [("frontend", ("frontend",))]
+    if topology == "two-frontends":
+        # Two frontends on one port (--listen reuseport:…), the kernel spreading the connections.
+        return [("frontend-1", ("frontend", "cleaner")), ("frontend-2", ("frontend",)), ("sender", ("sender",))]
     senders = 1 if topology == "split" else 2
     processes: list[tuple[str, tuple[str, ...]]] = [("frontend", ("frontend", "cleaner"))]
     processes += [(f"sender-{i + 1}" if senders > 1 else "sender", ("sender",)) for i in range(senders)]
     return processes
 
 
-def start_daemon(setup: Setup, run: Path, name: str, roles: tuple[str, ...], database: Path, sink_port: int) -> Daemon:
-    port = procs.free_port() if (not roles or "frontend" in roles) else None
+def ingest_processes(topology: str) -> list[tuple[str, tuple[str, ...]]]:
+    """A topology's frontends alone (no sender, no cleaner), for --mode ingest."""
+    return [(name, ("frontend",)) for name, roles in topology_processes(topology) if "frontend" in roles]
+
+
+def start_daemon(
+    setup: Setup, run: Path, name: str, roles: tuple[str, ...], database: Path, sink_port: int, shared_port: int | None = None
+) -> Daemon:
+    """One mmgun process; frontends given a ``shared_port`` listen on it with SO_REUSEPORT."""
+    port = (shared_port or procs.free_port()) if (not roles or "frontend" in roles) else None
     command = [
         TWISTD,
         "-n",
@@ -200,14 +215,14 @@ def start_daemon(setup: Setup, run: Path, name: str, roles: tuple[str, ...], dat
         *setup.extra,
     ]
     if port is not None:
-        command.append(f"--listen=tcp:{port}:interface=127.0.0.1")
+        command.append(f"--listen={'reuseport' if shared_port else 'tcp'}:{port}:interface=127.0.0.1")
     log = run / f"mmgun-{name}.log"
     with open(os.devnull if setup.args.discard_logs else log, "wb") as out:
         process = subprocess.Popen(command, cwd=run, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     if setup.args.discard_logs:
         log.write_text("(discarded: --discard-logs)\n")
     (run / f"mmgun-{name}.cmd").write_text(" ".join(command) + "\n")
-    return Daemon(name, roles, process, log, port)
+    return Daemon(name, roles, process, log, port, port is not None and shared_port is not None)
 
 
 def wait_ready(daemon: Daemon, timeout: float = 60.0) -> None:
@@ -216,7 +231,10 @@ def wait_ready(daemon: Daemon, timeout: float = 60.0) -> None:
     while time.monotonic() < deadline:
         if daemon.process.poll() is not None:
             raise RuntimeError(f"mmgun {daemon.name} exited with {daemon.process.returncode}: {tail(daemon.log)}")
-        if daemon.port is not None:
+        text = daemon.log.read_bytes()
+        if daemon.shared_port and b"FrontendSite starting on" not in text and not text.startswith(b"(discarded"):
+            pass  # /healthz may be answered by another frontend on the port: wait for this one's listener
+        elif daemon.port is not None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/healthz", timeout=2) as response:
                     if response.status == 200:
@@ -224,7 +242,6 @@ def wait_ready(daemon: Daemon, timeout: float = 60.0) -> None:
             except OSError:
                 pass
         else:
-            text = daemon.log.read_bytes()
             if b"reactor class" in text:
                 time.sleep(0.2)
                 return
@@ -428,8 +445,11 @@ def relay_run(setup: Setup, topology: str, index: int, recipients: str, label: s
     daemons: list[Daemon] = []
     loadgen = None
     try:
-        for name, roles in topology_processes(topology) if deliver else [("frontend", ("frontend",))]:
-            daemons.append(start_daemon(setup, run, name, roles, database, sink.port))
+        processes = topology_processes(topology) if deliver else ingest_processes(topology)
+        frontends = [name for name, roles in processes if not roles or "frontend" in roles]
+        shared_port = procs.free_port() if len(frontends) > 1 else None
+        for name, roles in processes:
+            daemons.append(start_daemon(setup, run, name, roles, database, sink.port, shared_port))
             # The first process creates the schema; the others start once it answers.
             wait_ready(daemons[-1])
         frontend = next(d for d in daemons if d.port is not None)
@@ -1210,17 +1230,22 @@ def main(argv: list[str]) -> int:
                     )
                 summary["relay"][topology] = summarize_relay(done)
         if "ingest" in args.modes:
-            done = []
-            for index in range(args.runs):
-                run = record(relay_run(setup, "frontend", index + 1, args.recipients, label="ingest"))
-                done.append(run)
-                print(
-                    f"  ingest (frontend only) #{index + 1}: {run['accepted']:,} accepted at {fmt(run['ingest_rate'])}/s "
-                    f"(p50 {fmt(run['latency_ms']['p50'], 1)} ms, p99 {fmt(run['latency_ms']['p99'], 1)} ms), "
-                    f"dup {run['duplicates']}, lost {run['lost']} (in the database)",
-                    flush=True,
-                )
-            summary["ingest"] = {"frontend only": summarize_relay(done)}
+            summary["ingest"] = {}
+            ingest = {"frontend only": "frontend"}
+            if "two-frontends" in args.topologies:
+                ingest["two frontends only"] = "two-frontends"
+            for title, topology in ingest.items():
+                done = []
+                for index in range(args.runs):
+                    run = record(relay_run(setup, topology, index + 1, args.recipients, label="ingest"))
+                    done.append(run)
+                    print(
+                        f"  ingest ({title}) #{index + 1}: {run['accepted']:,} accepted at {fmt(run['ingest_rate'])}/s "
+                        f"(p50 {fmt(run['latency_ms']['p50'], 1)} ms, p99 {fmt(run['latency_ms']['p99'], 1)} ms), "
+                        f"dup {run['duplicates']}, lost {run['lost']} (in the database)",
+                        flush=True,
+                    )
+                summary["ingest"][title] = summarize_relay(done)
         if "backlog" in args.modes:
             summary["backlog"] = {}
             for size in args.sizes:
