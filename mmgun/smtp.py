@@ -24,8 +24,9 @@ would lose what this module has to report:
 When the server's EHLO reply lists PIPELINING (RFC 2920), each transaction's
 MAIL FROM, RCPT TOs and DATA (after a failed transaction: RSET first) go out
 in one write, and the replies are then read in order; a body of up to
-C{_ONE_WRITE_MAX} bytes and its final "." make one more write. Without
-PIPELINING, every command waits for the previous one's reply.
+C{_ONE_WRITE_MAX} bytes goes out in one more write with its final "." and the
+next transaction's MAIL FROM, RCPT TOs and DATA. Without PIPELINING, every
+command waits for the previous one's reply.
 
 The caller gets one L{TransactionResult} per L{Transaction}, or
 L{SessionFailed} when nothing was attempted on this host.
@@ -142,7 +143,10 @@ class TransactionResult:
     """
     The outcome of one L{Transaction}: one entry per (distinct) recipient.
     C{started} is C{False} when the session ended before its MAIL FROM was
-    sent; all its recipients are then deferred.
+    sent, or (with PIPELINING) while its MAIL FROM, RCPT TOs and DATA, sent
+    behind the previous message's final ".", were still unanswered: none of
+    its message went out, so another host can be tried at once without risk
+    of a duplicate. All its recipients are then deferred.
     """
 
     key: object
@@ -249,6 +253,14 @@ def _reply(code: int, resp: bytes | str) -> Reply:
 
 def _rcpt_command(recipient: str) -> bytes:
     return b"RCPT TO:<" + recipient.encode("ascii") + b">"
+
+
+def _group(transaction: Transaction) -> bytes:
+    """MAIL FROM, a RCPT TO per distinct recipient, DATA: one pipelined group (RFC 2920 3.1: DATA last)."""
+    lines = [b"MAIL FROM:<" + transaction.mail_from.encode("ascii") + b">\r\n"]
+    lines.extend(_rcpt_command(recipient) + b"\r\n" for recipient in dict.fromkeys(transaction.recipients))
+    lines.append(b"DATA\r\n")
+    return b"".join(lines)
 
 
 def _outcome_for(code: int) -> str:
@@ -371,6 +383,8 @@ class _ESMTPSession(ESMTPClient):
         # A 354 came in; the body goes out on the reactor's next turn (_body_turn).
         self._body_due = False
         self._body_call: IDelayedCall | None = None
+        # The next transaction's group went out behind the final "." (_send_body_and_dot).
+        self._group_sent = False
 
     # -- connection and reply parsing ----------------------------------------
 
@@ -584,23 +598,22 @@ class _ESMTPSession(ESMTPClient):
         Make the next transaction current and send its MAIL FROM; with
         PIPELINING, its RCPT TOs and DATA in the same write, preceded by RSET
         if C{rset} (RFC 2920 3.1 allows RSET, MAIL and RCPT anywhere in a
-        group, DATA only last).
+        group, DATA only last), unless they already went out behind the
+        previous message.
         """
         transaction = self._transactions[self._next_index]
         self._next_index += 1
         self._started += 1
         progress = _Progress(transaction, tuple(dict.fromkeys(transaction.recipients)))
         self._current = progress
-        mail = b"MAIL FROM:<" + transaction.mail_from.encode("ascii") + b">"
-        if self._pipelining:
-            lines = [b"RSET"] if rset else []
-            lines.append(mail)
-            lines.extend(_rcpt_command(recipient) for recipient in progress.recipients)
-            lines.append(b"DATA")
-            self.transport.write(b"".join(line + b"\r\n" for line in lines))
+        if self._group_sent:
+            self._group_sent = False
+        elif self._pipelining:
+            group = _group(transaction)
+            self.transport.write(b"RSET\r\n" + group if rset else group)
         else:
             assert not rset
-            self.sendLine(mail)
+            self.sendLine(b"MAIL FROM:<" + transaction.mail_from.encode("ascii") + b">")
 
     def _expect_mail_reply(self, code: int = 0, resp: object = b"") -> None:
         self._phase = _Phase.MAIL
@@ -714,7 +727,15 @@ class _ESMTPSession(ESMTPClient):
     def _send_body_and_dot(self) -> None:
         # wire_form() output is empty or ends with CRLF.
         self._body_sent = True
-        self.transport.write(wire_form(self._progress().transaction.message) + b".\r\n")
+        data = [wire_form(self._progress().transaction.message), b".\r\n"]
+        if self._next_index < len(self._transactions):
+            # RFC 2920 3.1: the message content may lead a group, so the next
+            # transaction's commands save a write and a round trip. No RSET: the
+            # reply to "." ends this transaction whatever it is (RFC 5321 4.1.1.4).
+            data.append(_group(self._transactions[self._next_index]))
+            self._group_sent = True
+        self.transport.write(b"".join(data))
+        # For the reply to "."; _end_of_data_reply sets the command timeout for the group's.
         self.setTimeout(self._settings.data_timeout)
 
     def getMailData(self) -> BytesIO:
@@ -763,6 +784,10 @@ class _ESMTPSession(ESMTPClient):
     def _next_transaction(self, *, rset: bool) -> None:
         if self._next_index >= len(self._transactions):
             self._finish(None, then="quit")
+        elif self._group_sent:
+            # Its commands went out behind the final "."; their replies come next.
+            self._open_transaction(rset=False)
+            self._expect_mail_reply()
         elif rset and self._pipelining:
             # The RSET leads the next transaction's group.
             self._open_transaction(rset=True)

@@ -14,7 +14,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.internet.testing import StringTransport
-from twisted.mail.smtp import ESMTP
+from twisted.mail.smtp import ESMTP, SMTPServerError, User
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -64,6 +64,44 @@ class WriteLog(StringTransport):
     def write(self, data: bytes) -> None:
         self.writes.append(data)
         super().write(data)
+
+
+HOLD = "hold"  # no reply until InOrderMX.release(); the commands behind it wait too
+
+
+class InOrderMX(FakeMX):
+    """
+    A L{FakeMX} that can hold a reply back (L{HOLD}) and, as a pipelining
+    server must (RFC 2920 3.1), the replies to every command read behind it.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._held: list[bytes] | None = None
+
+    def send(self, reply: object) -> None:
+        if reply == HOLD:
+            self._held = []
+        else:
+            super().send(reply)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._held is not None:
+            self._held.append(line)
+        else:
+            super().lineReceived(line)
+
+    @property
+    def holding(self) -> int | None:
+        """How many lines wait behind the held reply; C{None} when none is held."""
+        return None if self._held is None else len(self._held)
+
+    def release(self, reply: object) -> None:
+        held, self._held = self._held, None
+        assert held is not None
+        self.send(reply)
+        for line in held:
+            self.lineReceived(line)
 
 
 def failed(reply: str) -> RecipientResult:
@@ -134,6 +172,35 @@ class WritesTests(SynchronousTestCase):
         (result,) = self.successResultOf(session.result)
         self.assertEqual(result.recipients, {"b@example.net": deferred(f"451 4.5.0 {HOST} replied during the message data")})
 
+    def test_premature_reply_for_message_whose_group_went_out_behind_a_dot(self) -> None:
+        session, transport = self.connect([transaction("env1"), transaction("env2", "c@example.net")])
+        self.client.dataReceived(EHLO_PIPELINING)
+        self.client.dataReceived(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n")
+        session.reactor.advance(0)
+        self.assertEqual(len(transport.writes), 2)
+        # The reply to env1's ".", then env2's group's replies, then one sent before env2's body.
+        self.client.dataReceived(b"250 2.0.0 Ok: queued as 1\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n")
+        self.client.dataReceived(b"250 2.0.0 premature\r\n")
+        session.reactor.advance(0)
+        self.assertEqual(len(transport.writes), 2, "env2's body must not be sent")
+        self.assertTrue(transport.disconnecting)
+        self.client.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(
+            self.successResultOf(session.result),
+            [
+                TransactionResult("env1", True, {"b@example.net": sent("250 2.0.0 Ok: queued as 1")}),
+                TransactionResult(
+                    "env2",
+                    True,
+                    {
+                        "c@example.net": deferred(
+                            f"451 4.5.0 {HOST} replied 250 2.0.0 premature before the end of the message data"
+                        )
+                    },
+                ),
+            ],
+        )
+
     def test_one_command_a_write_without_pipelining(self) -> None:
         session, transport = self.connect([transaction("env1", "b@example.net", "c@example.net")])
         self.client.dataReceived(EHLO_PLAIN)
@@ -163,23 +230,77 @@ class WritesTests(SynchronousTestCase):
         self.assertEqual(transport.writes, [group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA")])
 
     def test_writes_per_transaction_over_iosim(self) -> None:
-        """Two writes a message: the group, then the body with its final "."."""
-        session = Session([transaction("env1"), transaction("env2", "c@example.net")])
+        """
+        One write a message: the body, its final "." and the next
+        transaction's group (RFC 2920 3.1: message content may lead a group);
+        the last message has no group behind it.
+        """
+        message2 = b"Subject: 2\r\n\r\n.two\r\n"
+        session = Session(
+            [
+                transaction("env1"),
+                transaction("env2", "c@example.net", "d@example.net", "c@example.net", mail_from="", message=message2),
+                transaction("env3", "e@example.net"),
+            ]
+        )
         server = FakeMX(pipelining=True)
         session.accept(server)
-        self.assertEqual(len(self.successResultOf(session.result)), 2)
+        self.assertEqual(
+            [r.recipients for r in self.successResultOf(session.result)],
+            [{"b@example.net": sent()}, {"c@example.net": sent(), "d@example.net": sent()}, {"e@example.net": sent()}],
+        )
         self.assertEqual(
             session.client_transports[0].writes,
             [
                 b"EHLO relay.test\r\n",
                 group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA"),
-                wire_form(MESSAGE) + b".\r\n",
-                group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<c@example.net>", b"DATA"),
+                wire_form(MESSAGE)
+                + b".\r\n"
+                + group(b"MAIL FROM:<>", b"RCPT TO:<c@example.net>", b"RCPT TO:<d@example.net>", b"DATA"),
+                wire_form(message2)
+                + b".\r\n"
+                + group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<e@example.net>", b"DATA"),
                 wire_form(MESSAGE) + b".\r\n",
                 b"QUIT\r\n",
             ],
         )
-        self.assertEqual(server.payloads, [MESSAGE + b".\r\n"] * 2)
+        self.assertEqual(server.payloads, [MESSAGE + b".\r\n", b"Subject: 2\r\n\r\n..two\r\n.\r\n", MESSAGE + b".\r\n"])
+        self.assertNotIn(b"RSET", server.verbs)
+
+    def test_next_group_behind_final_dot(self) -> None:
+        """Write by write: after the reply to ".", nothing is written until the next 354."""
+        session, transport = self.connect([transaction("env1"), transaction("env2", "c@example.net")])
+        self.client.dataReceived(EHLO_PIPELINING)
+        self.client.dataReceived(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n")
+        session.reactor.advance(0)
+        mail2 = group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<c@example.net>", b"DATA")
+        self.assertEqual(transport.writes[1:], [wire_form(MESSAGE) + b".\r\n" + mail2])
+        self.client.dataReceived(b"250 2.0.0 Ok: queued as 1\r\n")
+        self.client.dataReceived(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+        self.assertEqual(len(transport.writes), 2)
+        self.client.dataReceived(b"354 go ahead\r\n")
+        session.reactor.advance(0)
+        self.assertEqual(transport.writes[2:], [wire_form(MESSAGE) + b".\r\n"])
+        self.client.dataReceived(b"250 2.0.0 Ok: queued as 2\r\n")
+        self.assertEqual(transport.writes[3:], [b"QUIT\r\n"])
+        self.assertEqual(
+            self.successResultOf(session.result),
+            [
+                TransactionResult("env1", True, {"b@example.net": sent("250 2.0.0 Ok: queued as 1")}),
+                TransactionResult("env2", True, {"c@example.net": sent("250 2.0.0 Ok: queued as 2")}),
+            ],
+        )
+
+    def test_no_group_behind_final_dot_without_pipelining(self) -> None:
+        session = Session([transaction("env1"), transaction("env2")])
+        server = FakeMX({b".": [b"451 4.3.0 Temporary failure"]})
+        session.accept(server)
+        self.assertEqual(len(self.successResultOf(session.result)), 2)
+        mail = [b"MAIL FROM:<a@example.com>\r\n", b"RCPT TO:<b@example.net>\r\n", b"DATA\r\n"]
+        body = [wire_form(MESSAGE), b".\r\n"]
+        self.assertEqual(
+            session.client_transports[0].writes[1:], [*mail, *body, b"RSET\r\n", *mail, *body, b"QUIT\r\n"]
+        )
 
     def test_large_body_still_streamed(self) -> None:
         message = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1100  # over 1 MiB
@@ -193,6 +314,45 @@ class WritesTests(SynchronousTestCase):
         self.assertEqual(writes[-2:], [b".\r\n", b"QUIT\r\n"])
         self.assertEqual(b"".join(writes[2:-2]), wire_form(message))
         self.assertEqual(server.payloads, [message + b".\r\n"])
+
+    def test_large_body_between_small_ones(self) -> None:
+        """
+        A streamed body's "." goes out alone, the next group after its reply;
+        a small body before a large one still carries the large one's group.
+        """
+        large = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1100  # over 1 MiB
+        session = Session(
+            [transaction("env1"), transaction("env2", "c@example.net", message=large), transaction("env3")]
+        )
+        server = FakeMX(pipelining=True)
+        session.accept(server)
+        self.assertEqual(
+            [r.recipients for r in self.successResultOf(session.result)],
+            [{"b@example.net": sent()}, {"c@example.net": sent()}, {"b@example.net": sent()}],
+        )
+        writes = session.client_transports[0].writes
+        mail1 = group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA")
+        mail2 = group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<c@example.net>", b"DATA")
+        self.assertEqual(writes[1:3], [mail1, wire_form(MESSAGE) + b".\r\n" + mail2])
+        self.assertEqual(writes[-4:], [b".\r\n", mail1, wire_form(MESSAGE) + b".\r\n", b"QUIT\r\n"])
+        self.assertEqual(b"".join(writes[3:-4]), wire_form(large))
+        self.assertEqual(server.payloads, [MESSAGE + b".\r\n", large + b".\r\n", MESSAGE + b".\r\n"])
+        self.assertNotIn(b"RSET", server.verbs)
+
+    def test_large_body_refused_then_rset(self) -> None:
+        """After a streamed body nothing went out behind its ".": a refusal still gets RSET first."""
+        large = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1100
+        session = Session([transaction("env1", message=large), transaction("env2")])
+        server = FakeMX({b".": [b"552 5.3.4 Message too big"]}, pipelining=True)
+        session.accept(server)
+        first, second = self.successResultOf(session.result)
+        self.assertEqual(first.recipients, {"b@example.net": failed("552 5.3.4 Message too big")})
+        self.assertEqual(second.recipients, {"b@example.net": sent()})
+        mail = group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA")
+        self.assertEqual(
+            session.client_transports[0].writes[-4:],
+            [b".\r\n", b"RSET\r\n" + mail, wire_form(MESSAGE) + b".\r\n", b"QUIT\r\n"],
+        )
 
     def test_pipelining_read_from_ehlo_after_starttls(self) -> None:
         """RFC 3207 4.2: only the EHLO reply after the handshake counts."""
@@ -315,36 +475,53 @@ class RepliesTests(SynchronousTestCase):
         self.assertEqual(set(result.recipients.values()), {deferred("452 4.3.1 Insufficient system storage")})
         self.assertEqual(server.payloads, [])
 
-    def test_transactions_with_rset(self) -> None:
-        """After a refused end of data, RSET leads the next group; after a 250, MAIL does."""
-        session = Session([transaction("env1"), transaction("env2"), transaction("env3")])
+    def test_end_of_data_refused_next_group_already_sent(self) -> None:
+        """
+        The next group went out behind the "." whatever its reply: after a
+        refused end of data (5xx or 4xx) the next transaction goes on, no RSET
+        (RFC 5321 4.1.1.4: the "." ends the transaction).
+        """
+        session = Session([transaction("env1"), transaction("env2"), transaction("env3"), transaction("env4")])
         server = FakeMX(
-            {b".": [b"250 2.0.0 Ok: queued as A", b"451 4.3.0 Temporary failure", b"250 2.0.0 Ok: queued as C"]},
+            {
+                b".": [
+                    b"554 5.7.1 Message rejected as spam",
+                    b"451 4.3.0 Temporary failure",
+                    b"250 2.0.0 Ok: queued as C",
+                    b"552 5.3.4 too big",
+                ]
+            },
             pipelining=True,
         )
         session.accept(server)
         self.assertEqual(
-            [r.recipients for r in self.successResultOf(session.result)],
+            self.successResultOf(session.result),
             [
-                {"b@example.net": sent("250 2.0.0 Ok: queued as A")},
-                {"b@example.net": deferred("451 4.3.0 Temporary failure")},
-                {"b@example.net": sent("250 2.0.0 Ok: queued as C")},
+                TransactionResult("env1", True, {"b@example.net": failed("554 5.7.1 Message rejected as spam")}),
+                TransactionResult("env2", True, {"b@example.net": deferred("451 4.3.0 Temporary failure")}),
+                TransactionResult("env3", True, {"b@example.net": sent("250 2.0.0 Ok: queued as C")}),
+                TransactionResult("env4", True, {"b@example.net": failed("552 5.3.4 too big")}),
             ],
         )
         mail = group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA")
         body = wire_form(MESSAGE) + b".\r\n"
         self.assertEqual(
-            session.client_transports[0].writes[1:],
-            [mail, body, mail, body, b"RSET\r\n" + mail, body, b"QUIT\r\n"],
+            session.client_transports[0].writes[1:], [mail, body + mail, body + mail, body + mail, body, b"QUIT\r\n"]
         )
+        self.assertEqual(server.payloads, [MESSAGE + b".\r\n"] * 4)
+        self.assertNotIn(b"RSET", server.verbs)
 
     def test_rset_refused(self) -> None:
         """The next transaction's MAIL already went out behind the RSET: it ends deferred, no QUIT."""
         session = Session([transaction("env1"), transaction("env2")])
-        server = FakeMX({b".": [b"451 4.3.0 Temporary failure"], b"RSET": b"502 5.5.2 no RSET here"}, pipelining=True)
+        server = FakeMX(
+            {b"DATA": [b"451 4.3.0 Temporary failure"], b"RSET": b"502 5.5.2 no RSET here"}, pipelining=True
+        )
         session.accept(server)
         first, second = self.successResultOf(session.result)
         self.assertEqual(first.recipients, {"b@example.net": deferred("451 4.3.0 Temporary failure")})
+        mail = group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA")
+        self.assertEqual(session.client_transports[0].writes[1:], [mail, b"RSET\r\n" + mail])
         self.assertEqual(
             second,
             TransactionResult(
@@ -362,12 +539,13 @@ class RepliesTests(SynchronousTestCase):
             [transaction("env1", "x@example.net"), transaction("env2"), transaction("env3")],
             on_result=reported.append,
         )
-        server = FakeMX({b"RCPT": [b"550 5.1.1 no"], b".": [SILENT]}, pipelining=True)
+        server = InOrderMX({b"RCPT": [b"550 5.1.1 no"], b".": [HOLD]}, pipelining=True)
         session.accept(server)
         # env1 was settled by its RCPT reply; env2 waits for the reply to its ".".
         self.assertEqual([r.key for r in reported], ["env1"])
+        self.assertEqual(server.holding, 3)  # env3's MAIL, RCPT, DATA
         self.assertNoResult(session.result)
-        server.send(b"250 2.0.0 Ok: queued as late")
+        server.release(b"250 2.0.0 Ok: queued as late")
         session.pump.flush()
         self.assertEqual([r.key for r in reported], ["env1", "env2", "env3"])
         self.assertEqual(self.successResultOf(session.result), reported)
@@ -394,7 +572,11 @@ class RepliesTests(SynchronousTestCase):
             ),
         )
         self.assertEqual(server.payloads, [])
-        self.assertNotIn(wire_form(MESSAGE) + b".\r\n", session.client_transports[0].writes)
+        # Neither the body nor, behind it, env2's group.
+        self.assertEqual(
+            session.client_transports[0].writes[1:],
+            [group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA")],
+        )
         self.assertTrue(session.client_transports[0].disconnected)
 
 
@@ -455,6 +637,67 @@ class BrokenPipelineTests(SynchronousTestCase):
         )
         self.assertEqual(len(server.payloads), 1)
 
+    def test_connection_lost_with_next_group_sent(self) -> None:
+        """
+        Lost before the reply to ".": the message may or may not have been
+        accepted (deferred, started); the next transaction's commands went
+        out but none of its message did, so it counts as not started (the
+        sender tries the next host at once, as when its MAIL had not gone out).
+        """
+        session = Session([transaction("env1"), transaction("env2", "c@example.net"), transaction("env3")])
+        server = InOrderMX({b".": [HOLD]}, pipelining=True)
+        session.accept(server)
+        writes = session.client_transports[0].writes
+        self.assertEqual(
+            writes[-1],
+            wire_form(MESSAGE) + b".\r\n" + group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<c@example.net>", b"DATA"),
+        )
+        self.assertEqual(server.holding, 3)
+        server.transport.loseConnection()
+        session.pump.flush()
+        lost = deferred(f"451 4.4.2 connection lost during DATA with {HOST}")
+        self.assertEqual(
+            self.successResultOf(session.result),
+            [
+                TransactionResult("env1", True, {"b@example.net": lost}),
+                TransactionResult("env2", False, {"c@example.net": lost}),
+                TransactionResult("env3", False, {"b@example.net": lost}),
+            ],
+        )
+        self.assertEqual(len(server.payloads), 1)
+        self.assertEqual(session.attempts, 1)
+
+    def test_connection_lost_reading_next_group_replies(self) -> None:
+        """Once the reply to "." is in, the next transaction is under way: started, as before."""
+        session = Session([transaction("env1"), transaction("env2", "c@example.net", "d@example.net")])
+        server = FakeMX({b"RCPT": [None, None, DROP]}, pipelining=True)
+        session.accept(server)
+        lost = deferred(f"451 4.4.2 connection lost during RCPT TO with {HOST}")
+        self.assertEqual(
+            self.successResultOf(session.result),
+            [
+                TransactionResult("env1", True, {"b@example.net": sent()}),
+                TransactionResult("env2", True, {"c@example.net": lost, "d@example.net": lost}),
+            ],
+        )
+
+    def test_421_to_end_of_data_with_next_group_sent(self) -> None:
+        session = Session([transaction("env1"), transaction("env2")])
+        server = FakeMX({b".": b"421 4.3.2 Shutting down"}, pipelining=True)
+        session.accept(server)
+        closing = deferred("421 4.3.2 Shutting down")
+        self.assertEqual(
+            self.successResultOf(session.result),
+            [
+                TransactionResult("env1", True, {"b@example.net": closing}),
+                TransactionResult("env2", False, {"b@example.net": closing}),
+            ],
+        )
+        # env2's commands were read, and its DATA answered, but no body went out; no QUIT behind them.
+        self.assertEqual(server.verbs, [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"MAIL", b"RCPT", b"DATA"])
+        self.assertEqual(len(server.payloads), 1)
+        self.assertTrue(session.client_transports[0].disconnected)
+
     def test_connection_lost_while_reading_replies_behind_refused_mail(self) -> None:
         """env1 is settled by its MAIL reply; only env2, never started, is left."""
         session = Session([transaction("env1", "b@example.net", "c@example.net"), transaction("env2")])
@@ -500,6 +743,52 @@ class BrokenPipelineTests(SynchronousTestCase):
         )
         self.assertTrue(session.client_transports[0].disconnected)
 
+    def test_data_timeout_with_next_group_sent(self) -> None:
+        """The reply to "." gets the data timeout, even with the next group behind it."""
+        session = Session(
+            [transaction("env1"), transaction("env2")],
+            SMTPSettings(helo="relay.test", command_timeout=60, data_timeout=600),
+        )
+        server = InOrderMX({b".": HOLD}, pipelining=True)
+        session.accept(server)
+        self.assertEqual(server.holding, 3)
+        session.advance(599)
+        self.assertNoResult(session.result)
+        session.advance(1)
+        timed_out = deferred(f"451 4.4.2 timed out after 600s waiting for {HOST} during DATA")
+        self.assertEqual(
+            self.successResultOf(session.result),
+            [
+                TransactionResult("env1", True, {"b@example.net": timed_out}),
+                TransactionResult("env2", False, {"b@example.net": timed_out}),
+            ],
+        )
+        self.assertTrue(session.client_transports[0].disconnected)
+
+    def test_command_timeout_for_next_group_replies(self) -> None:
+        """After the reply to ".", the replies to the group sent behind it get the command timeout."""
+        session = Session(
+            [transaction("env1"), transaction("env2")],
+            SMTPSettings(helo="relay.test", command_timeout=60, data_timeout=600),
+        )
+        server = InOrderMX({b"MAIL": [None, HOLD]}, pipelining=True)
+        session.accept(server)
+        self.assertEqual(server.holding, 2)  # env2's RCPT, DATA
+        session.advance(59)
+        self.assertNoResult(session.result)
+        session.advance(1)
+        self.assertEqual(
+            self.successResultOf(session.result),
+            [
+                TransactionResult("env1", True, {"b@example.net": sent()}),
+                TransactionResult(
+                    "env2",
+                    True,
+                    {"b@example.net": deferred(f"451 4.4.2 timed out after 60s waiting for {HOST} during MAIL FROM")},
+                ),
+            ],
+        )
+
     def test_end_of_data_waits_for_data_timeout(self) -> None:
         session = Session([transaction()], SMTPSettings(helo="relay.test", command_timeout=60, data_timeout=600))
         server = FakeMX({b".": SILENT}, pipelining=True)
@@ -520,6 +809,33 @@ class PipeliningESMTP(ESMTP):
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
         return {**super().extensions(), b"PIPELINING": None}
+
+
+class _TooBig:
+    def lineReceived(self, line: bytes) -> None:
+        raise SMTPServerError(552, b"5.3.4 Message too big")
+
+    def eomReceived(self) -> Deferred[None]:
+        raise AssertionError("not called after a refused line")
+
+    def connectionLost(self) -> None:
+        pass
+
+
+class RefusingMailbox(Mailbox):
+    """Refuses (552, from the end of data) the first C{count} messages to C{refused}."""
+
+    def __init__(self, refused: bytes, count: int) -> None:
+        super().__init__()
+        self._refused = refused
+        self._count = count
+
+    def validateTo(self, user: User) -> object:
+        make = super().validateTo(user)
+        if self._count and str(user.dest).encode("ascii") == self._refused:
+            self._count -= 1
+            return _TooBig
+        return make
 
 
 def pipelining_twisted_server(mailbox: Mailbox) -> PipeliningESMTP:
@@ -551,11 +867,47 @@ class TwistedServerTests(SynchronousTestCase):
         self.assertEqual(third.recipients["b@example.net"].outcome, "sent")
         self.assertEqual(mailbox.messages, [("b@example.net", normalized(message)), ("b@example.net", MESSAGE)])
         writes = session.client_transports[0].writes
-        self.assertIn(
-            group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"RCPT TO:<nobody@example.net>", b"DATA"),
-            writes,
+        self.assertEqual(
+            writes[1:],
+            [
+                group(
+                    b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"RCPT TO:<nobody@example.net>", b"DATA"
+                ),
+                wire_form(message)
+                + b".\r\n"
+                + group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<nobody@example.net>", b"DATA"),
+                # env2 had no recipient: its DATA was refused, and RSET leads env3's group.
+                group(b"RSET", b"MAIL FROM:<>", b"RCPT TO:<b@example.net>", b"DATA"),
+                wire_form(MESSAGE) + b".\r\n",
+                b"QUIT\r\n",
+            ],
         )
-        self.assertIn(group(b"RSET", b"MAIL FROM:<>", b"RCPT TO:<b@example.net>", b"DATA"), writes)
+
+    def test_round_trip_end_of_data_refused(self) -> None:
+        """Twisted's server refusing a message, then reading the next group sent behind its "."."""
+        session = Session([transaction("env1"), transaction("env2", "c@example.net"), transaction("env3")])
+        mailbox = RefusingMailbox(b"b@example.net", 1)
+        session.accept(pipelining_twisted_server(mailbox))
+        self.assertEqual(
+            [r.recipients for r in self.successResultOf(session.result)],
+            [
+                {"b@example.net": failed("552 5.3.4 Message too big")},
+                {"c@example.net": sent("250 Delivery in progress")},
+                {"b@example.net": sent("250 Delivery in progress")},
+            ],
+        )
+        self.assertEqual(mailbox.messages, [("c@example.net", MESSAGE), ("b@example.net", MESSAGE)])
+        body = wire_form(MESSAGE) + b".\r\n"
+        self.assertEqual(
+            session.client_transports[0].writes[1:],
+            [
+                group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA"),
+                body + group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<c@example.net>", b"DATA"),
+                body + group(b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"DATA"),
+                body,
+                b"QUIT\r\n",
+            ],
+        )
 
 
 def _lost(protocol: Protocol) -> Deferred[None]:
@@ -619,6 +971,21 @@ class LoopbackTests(TestCase):
         connections = _Connections()
         factory = smtp_server_factory(reactor, mailbox, tls=True)
         connections.watch(factory)
+        commands: list[bytes] = []
+        build = factory.buildProtocol
+
+        def buildProtocol(addr: object) -> Protocol | None:
+            protocol = build(addr)
+            state_command = protocol.state_COMMAND  # type: ignore[union-attr]
+
+            def record(line: bytes) -> None:
+                commands.append(line.split(b":")[0].split(b" ")[0])
+                state_command(line)
+
+            protocol.state_COMMAND = record  # type: ignore[union-attr]
+            return protocol
+
+        factory.buildProtocol = buildProtocol  # type: ignore[method-assign]
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         transactions = [
@@ -665,6 +1032,17 @@ class LoopbackTests(TestCase):
             self.assertEqual(mailbox.messages[1].raw, b"Subject: 4\r\n\r\n..\r\nfour\r\n.\r\n")
             self.assertEqual(len(connections.lost), 2)  # one connection, seen from both ends
             await DeferredList(connections.lost)
+            # t2's group went out behind t1's "."; t2 had no recipient, so RSET leads t3's;
+            # t4's went out behind t3's refused ".", without RSET.
+            self.assertEqual(
+                commands,
+                [b"EHLO", b"STARTTLS", b"EHLO"]
+                + [b"MAIL", b"RCPT", b"RCPT", b"RCPT", b"DATA"]
+                + [b"MAIL", b"RCPT", b"DATA"]
+                + [b"RSET", b"MAIL", b"RCPT", b"DATA"]
+                + [b"MAIL", b"RCPT", b"RCPT", b"DATA"]
+                + [b"QUIT"],
+            )
 
         return Deferred.fromCoroutine(run())
 
