@@ -91,7 +91,6 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "twisted/logger/",
             "twisted/python/log.py:msg",
-            "twisted/python/util.py:untilConcludes",
             "twisted/web/http.py:HTTPFactory.log",
             "twisted/web/http.py:combinedLogFormatter",
             "twisted/internet/protocol.py:Factory.doStart",
