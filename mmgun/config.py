@@ -82,6 +82,11 @@ def _hostport(value: str) -> str:
 #: name → (default, converter, help). The single list of the daemon's options.
 OPTIONS: dict[str, tuple[str | None, object, str]] = {
     "listen": ("tcp:8080:interface=127.0.0.1", str, "strports endpoint for the HTTP API"),
+    "metrics-listen": (
+        None,
+        str,
+        "strports endpoint serving only GET /metrics, for any role (e.g. a sender, or each of several frontends sharing a reuseport: port)",
+    ),
     "database": ("var/mmgun.sqlite3", str, "SQLite database file"),
     "clients": ("conf/clients", str, "file of accepted client ids, one per line"),
     "max-message-size": ("10M", parse_size, "largest accepted request body (bytes, or K/M suffix)"),
@@ -121,6 +126,7 @@ def env_name(option: str) -> str:
 @attrs.frozen
 class Config:
     listen: str
+    metrics_listen: str | None
     database: str
     clients: str
     roles: tuple[str, ...]

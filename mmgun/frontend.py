@@ -161,6 +161,7 @@ class Frontend:
         d = Deferred.fromCoroutine(self._send(request))
         d.addErrback(lambda failure: self.failure_body(request, failure))
         d.addCallback(respond)
+        d.addErrback(lambda failure: _log.failure("could not answer a /send request", failure))
         return NOT_DONE_YET
 
     async def _send(self, request: IRequest) -> bytes:

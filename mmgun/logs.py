@@ -62,6 +62,7 @@ def format_classic(event: LogEvent) -> str | None:
         or "()" in fmt
         or "log_failure" in event
         or "log_system" in event
+        or "log_flattened" in event  # flattened by another observer first: twisted prints those values
     ):
         return formatEventAsClassicLogText(event)
     try:

@@ -51,17 +51,16 @@ class Metrics:
         r.register(self.queue)
 
         # labels() validates and locks on every call; the children are looked up once.
-        self._http: dict[tuple[bytes, int], Any] = {}
+        self._http: dict[tuple[str, int], Any] = {}
         self._recipients: dict[str, Any] = {}
         self._replies: dict[str, Any] = {}
 
     def http_request(self, path: bytes, code: int, seconds: float) -> None:
-        child = self._http.get((path, code))
+        endpoint = path.decode("ascii", "replace")
+        key = (endpoint if endpoint in ENDPOINTS else "other", code)
+        child = self._http.get(key)
         if child is None:
-            endpoint = path.decode("ascii", "replace")
-            child = self.http_latency.labels(endpoint if endpoint in ENDPOINTS else "other", str(code))
-            if len(self._http) < 1000:  # paths are the client's choice: never an unbounded cache
-                self._http[(path, code)] = child
+            child = self._http[key] = self.http_latency.labels(key[0], str(code))
         child.observe(seconds)
 
     def smtp_reply(self, code: int) -> None:

@@ -12,6 +12,8 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from .clients import Clients, ClientsFileError, load_clients
 from .config import Config
@@ -140,6 +142,10 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
     metrics = Metrics()
     store = SQLiteStore.open(config.database, reactor)
     StoreService(store).setServiceParent(root)
+    if config.metrics_listen:
+        # This process's own counters, whatever its roles (a sender's are on no API port);
+        # added early, so stopped last: scrapes work while deliveries drain.
+        strports.service(config.metrics_listen, metrics_site(metrics), reactor=reactor).setServiceParent(root)
 
     if "frontend" in config.roles:
         from .frontend import Frontend
@@ -177,6 +183,18 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
         # Added last, so stopped first: no new request is accepted while deliveries drain.
         http.setServiceParent(root)
     return root
+
+
+def metrics_site(metrics: Metrics) -> Site:
+    """GET /metrics and nothing else (404 elsewhere), without an access log."""
+    from prometheus_client.twisted import MetricsResource
+
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(metrics.registry))
+    site = Site(root)
+    site.log = lambda request: None  # type: ignore[method-assign]
+    site.displayTracebacks = False
+    return site
 
 
 class HTTPService(MultiService):

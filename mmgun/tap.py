@@ -50,8 +50,10 @@ def makeService(options: Options) -> IService:
         sys.stderr.write(f"mmgun: {e}\n")
         raise SystemExit(1) from None
     reactor.callWhenRunning(_stop_cleanly_on_signals, reactor)
-    if options.config.log_format == "text" and options.parent is not None:
-        _log_through(service, twistd_text_observer(options.parent))
+    parent = options.parent
+    if options.config.log_format == "text" and parent is not None and "logfile" in parent and "nodaemon" in parent:
+        # twistd's options (`twist` has neither and logs to standard output itself).
+        _log_through(service, twistd_text_observer(parent))
     return service
 
 

@@ -52,6 +52,7 @@ class FormatTests(SynchronousTestCase):
         self.same(event("{f()}", f=lambda: "called"))
         self.same(event(None))
         self.same(event("legacy {x}", x=1, log_system="-"))
+        self.same(event("{x:.2f}", x=3.14159, log_flattened={"x:.2f": "3.14159"}))  # flattened by a JSON observer first
         self.same({"log_format": "no time or level"})
         try:
             1 / 0
@@ -129,4 +130,31 @@ class TwistdTests(TestCase):
 
     def test_twistd_logs_through_it(self) -> Deferred:
         return Deferred.fromCoroutine(self._daemon())
+
+    async def _twist(self) -> None:
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        out = os.path.join(os.path.dirname(folder), "twist.out")
+        with open(out, "wb") as f:
+            process = subprocess.Popen(
+                [os.path.join(os.path.dirname(TWISTD), "twist"), "mmgun", "--database", os.path.join(folder, "db"),
+                 "--role", "sender", "--relay-host", "127.0.0.1:1"],
+                cwd=folder, stdout=f, stderr=subprocess.STDOUT,
+            )
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+
+        def output() -> str:
+            with open(out) as f:
+                return f.read()
+
+        await wait_until(lambda: "Starting reactor" in output(), "the reactor to start")
+        process.send_signal(signal.SIGTERM)
+        await wait_until(lambda: process.poll() is not None, "the daemon to exit")
+        self.assertEqual(process.returncode, 0, output())
+        self.assertIn("received signal {signal}: stopping", output())  # `twist` logs to standard output itself
+        self.assertNotIn("twistd.log", os.listdir(folder))
+
+    def test_twist_keeps_its_own_log(self) -> Deferred:
+        """Under `twist` (no --logfile option) mmgun leaves logging alone: no twistd.log appears."""
+        return Deferred.fromCoroutine(self._twist())
 

@@ -277,3 +277,35 @@ class AdminWithDaemonTests(TestCase):
 
     def test_admin_commands_while_the_daemon_runs(self) -> Deferred:
         return Deferred.fromCoroutine(self._admin())
+
+
+class MetricsListenTests(TestCase):
+    """--metrics-listen: a process of any role serves its own /metrics on a port of its own."""
+
+    async def _sender_metrics(self) -> None:
+        from twisted.application.internet import StreamServerEndpointService
+
+        options = Options({})
+        options.parseOptions(
+            ["--role", "sender", "--database", self.mktemp(), "--relay-host", "127.0.0.1:1", "--nameserver", "127.0.0.1:1",
+             "--metrics-listen", "tcp:0:interface=127.0.0.1"]
+        )
+        service = make_service(options.config, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        (listener,) = [s for s in service if isinstance(s, StreamServerEndpointService)]
+        port = await listener._waitingForPort
+        url = f"http://127.0.0.1:{port.getHost().port}"
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = await treq.get(url + "/metrics", pool=pool)
+        self.assertEqual(response.code, 200)
+        families = {f.name for f in text_string_to_metric_families((await response.content()).decode())}
+        self.assertIn("mmgun_recipients", families)
+        self.assertIn("mmgun_smtp_replies", families)
+        for path in ("/", "/send", "/healthz"):
+            response = await treq.get(url + path, pool=pool)
+            await response.content()
+            self.assertEqual(response.code, 404, path)
+
+    def test_sender_serves_its_metrics(self) -> Deferred:
+        return Deferred.fromCoroutine(self._sender_metrics())

@@ -123,6 +123,8 @@ class AddressTests(SynchronousTestCase):
     @example("x" * 65 + "@b.example")
     @example("a@" + "b" * 63 + "." + "c" * 64)
     @example("a@b.example.")
+    @example("a" * 300 + "@b.example")
+    @example("a@" + "b." * 200 + "example")
     def test_fast_path_agrees_with_the_general_one(self, value: str) -> None:
         """The one-expression path for plain addresses answers exactly as the general validator."""
 
