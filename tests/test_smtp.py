@@ -1009,8 +1009,8 @@ class Mailbox:
         return lambda: _Message(self, str(user.dest))  # type: ignore[attr-defined]
 
 
-def twisted_server(mailbox: Mailbox, tls: ServerTLS | None = None) -> ESMTP:
-    server = ESMTP(contextFactory=tls)
+def twisted_server(mailbox: Mailbox, tls: ServerTLS | None = None, kind: type[ESMTP] = ESMTP) -> ESMTP:
+    server = kind(contextFactory=tls)
     server.delivery = mailbox
     server.host = HOST
     server.timeout = None  # its timer would use the global reactor

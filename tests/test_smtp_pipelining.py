@@ -44,6 +44,7 @@ from .test_smtp import (
     pki,
     sent,
     transaction,
+    twisted_server,
 )
 
 EHLO_PIPELINING = b"250-mx.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
@@ -838,15 +839,6 @@ class RefusingMailbox(Mailbox):
         return make
 
 
-def pipelining_twisted_server(mailbox: Mailbox) -> PipeliningESMTP:
-    server = PipeliningESMTP()
-    server.delivery = mailbox
-    server.host = HOST.encode("ascii")
-    server.timeout = None  # its timer would use the global reactor
-    server.noisy = False
-    return server
-
-
 class TwistedServerTests(SynchronousTestCase):
     def test_round_trip_pipelined(self) -> None:
         message = b"Subject: dots\r\n\r\n.\r\n..\r\n.leading\nbare LF\rbare CR\r\n"
@@ -858,7 +850,7 @@ class TwistedServerTests(SynchronousTestCase):
             ]
         )
         mailbox = Mailbox()
-        session.accept(pipelining_twisted_server(mailbox))
+        session.accept(twisted_server(mailbox, kind=PipeliningESMTP))
         first, second, third = self.successResultOf(session.result)
         self.assertEqual(first.recipients["b@example.net"].outcome, "sent")
         self.assertEqual(first.recipients["nobody@example.net"].outcome, "failed")
@@ -887,7 +879,7 @@ class TwistedServerTests(SynchronousTestCase):
         """Twisted's server refusing a message, then reading the next group sent behind its "."."""
         session = Session([transaction("env1"), transaction("env2", "c@example.net"), transaction("env3")])
         mailbox = RefusingMailbox(b"b@example.net", 1)
-        session.accept(pipelining_twisted_server(mailbox))
+        session.accept(twisted_server(mailbox, kind=PipeliningESMTP))
         self.assertEqual(
             [r.recipients for r in self.successResultOf(session.result)],
             [
