@@ -73,6 +73,21 @@ def _choice(choices: tuple[str, ...]):
     return check
 
 
+def _identity(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", value):
+        raise ValueError(f"not a sender id: {value!r} (use 1-128 of A-Z a-z 0-9 . _ : - starting with a letter or digit)")
+    return value
+
+
+def _flag(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{value!r} is not one of 1, true, yes, 0, false, no")
+
+
 def _hostport(value: str) -> str:
     if not value or any(c.isspace() for c in value):
         raise ValueError(f"not a host[:port]: {value!r}")
@@ -111,6 +126,25 @@ OPTIONS: dict[str, tuple[str | None, object, str]] = {
     "retention": ("7d", parse_duration, "keep finished submissions' status this long"),
     "log-format": ("text", _choice(LOG_FORMATS), "text, or json: one JSON object per line"),
     "shutdown-timeout": ("30s", parse_duration, "on SIGTERM, wait this long for deliveries in flight"),
+    "min-free-space": (
+        "100M",
+        parse_size,
+        "refuse new submissions (503) while the database's file system has less free space than this, so results can still be recorded",
+    ),
+    "max-queued-bytes": ("1G", parse_size, "per-client cap on the bytes of messages still queued (0: no cap)"),
+    "max-http-connections": ("4000", _positive_int, "most HTTP connections open at once (all sources)"),
+    "max-http-connections-per-source": ("1000", _positive_int, "most HTTP connections open at once from one address"),
+    "sender-id": (
+        None,
+        _identity,
+        "this sender's stable identity: restarted, it takes back its own envelopes at once (default: the host name)",
+    ),
+    "mx-address-limit": ("5", _positive_int, "most MX addresses tried in one delivery attempt"),
+    "mx-session-limit": ("2", _positive_int, "most SMTP sessions opened in one delivery attempt"),
+}
+#: Boolean options (off unless given): name → help. In the environment: 1/true/yes or 0/false/no.
+FLAGS: dict[str, str] = {
+    "allow-private-mx": "relay to MX hosts on loopback, private, link-local or this host's own addresses (test setups, private networks)",
 }
 #: Repeatable options: name → (converter, help).
 MULTI_OPTIONS: dict[str, tuple[object, str]] = {
@@ -153,6 +187,15 @@ class Config:
     retention: float
     log_format: str
     shutdown_timeout: float
+    min_free_space: int
+    max_queued_bytes: int
+    max_http_connections: int
+    max_http_connections_per_source: int
+    #: None: the host name (resolved by the sender, which falls back to a fresh id when it is taken).
+    sender_id: str | None
+    mx_address_limit: int
+    mx_session_limit: int
+    allow_private_mx: bool
 
 
 class Options(usage.Options):
@@ -169,6 +212,7 @@ class Options(usage.Options):
         [name, None, None, f"{text} [default: {default}] (env {env_name(name)})"]
         for name, (default, _, text) in OPTIONS.items()
     ]
+    optFlags = [[name, None, f"{text} (env {env_name(name)})"] for name, text in FLAGS.items()]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
@@ -199,6 +243,11 @@ def resolve(given: Mapping[str, object], environ: Mapping[str, str]) -> Config:
         if raw is None:
             raw, source = default, f"default of --{name}"
         values[name] = None if raw is None else _convert(convert, raw, source)
+    for name in FLAGS:
+        if given.get(name):
+            values[name] = True
+        else:
+            values[name] = _convert(_flag, environ.get(env_name(name), ""), env_name(name))
     for name, (convert, _) in MULTI_OPTIONS.items():
         raws = list(given.get(name) or ())
         source = f"--{name}"
