@@ -37,9 +37,11 @@ RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/mmgun --no-cre
     && chown mmgun:mmgun /var/lib/mmgun
 
 # Defaults for running inside a container; a flag on the command line still wins over these.
+# The clients file is empty: a frontend listening on 0.0.0.0 refuses to start while it accepts
+# the demo id of conf/clients. Create API keys with `mmgun clients add` and `mmgun keys create`.
 ENV MMGUN_DATABASE=/var/lib/mmgun/mmgun.sqlite3 \
     MMGUN_LISTEN=tcp:8080:interface=0.0.0.0 \
-    MMGUN_CLIENTS=/app/conf/clients
+    MMGUN_CLIENTS=/app/conf/clients.container
 
 # Declared after the chown so that a new named volume starts out owned by the service user.
 VOLUME ["/var/lib/mmgun"]

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := setup.cfg pyproject.toml requirements.txt $(shell find mmgun twisted -name '*.py' 2>/dev/null)
 
-.PHONY: run test unit e2e fuzz bench clean
+.PHONY: run test lint unit e2e fuzz bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ run: $(STAMP)
 	@mkdir -p var
 	$(BIN)/twistd --pidfile= -n mmgun
 
-test: unit e2e fuzz
+test: lint unit e2e fuzz
+
+# ruff and mypy (with the mypy-zope plugin); both are configured in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m mypy
 
 unit: $(STAMP)
 	$(BIN)/python -m twisted.trial --jobs=2 tests

@@ -22,8 +22,8 @@ import sys
 import time
 import uuid
 from collections import deque
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -106,13 +106,13 @@ def fill(
     started = time.monotonic()
     prepare(path)
     runner = BatchingRunner(path)
-    store = SQLiteStore(runner)  # type: ignore[arg-type]
+    store = SQLiteStore(runner)  # type: ignore[arg-type]  # a duck-typed runner: SQLiteStore names its two concrete ones
     rng = random.Random(seed)
     bodies = [make_body(rng, body_size) for _ in range(64)]
     queued_envelopes = queued_recipients = submissions = 0
     failures: list[Any] = []
     while queued_envelopes < envelopes:
-        waiting = []
+        waiting: list[Deferred[Any]] = []
         while queued_envelopes < envelopes and len(waiting) < CHUNK:
             count = min(rng.randint(*recipients), envelopes - queued_envelopes)
             addresses = make_recipients(submissions, count, rng)

@@ -32,10 +32,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -850,8 +850,8 @@ def fmt(value: Any, digits: int = 0) -> str:
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False))) for row in rows]
     return "\n".join(lines)
 
 
@@ -1181,7 +1181,7 @@ def main(argv: list[str]) -> int:
     folder = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     # Postfix's daemons (the postfix user) must be able to reach their queue inside it.
     folder.chmod(0o755)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     output = Path(args.output) if args.output else HERE / "out" / f"{stamp}.json"
     setup = Setup(folder, mmgun_options(), args, list(args.mmgun_arg))
     report: dict[str, Any] = {

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import random
 import resource
@@ -119,7 +120,8 @@ class Client(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport)  # create_connection's are
+        self._transport = transport
         self._next()
 
     def _next(self) -> None:
@@ -232,7 +234,7 @@ async def run(args: argparse.Namespace, requests: list[bytes], addresses: list[l
         done: asyncio.Future[None] = loop.create_future()
         futures.append(done)
         try:
-            await loop.create_connection(lambda d=done: Client(shared, d, args.timeout), args.host, args.port)
+            await loop.create_connection(functools.partial(Client, shared, done, args.timeout), args.host, args.port)
         except OSError as e:
             shared.error(f"connect: {e.strerror}")
             done.set_result(None)

@@ -29,7 +29,9 @@ import time
 from array import array
 from typing import Any
 
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ITCPTransport, ITransport
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
@@ -78,7 +80,7 @@ class Recorder:
 
     def dump(self, path: str) -> int:
         with open(path, "wb") as f:
-            for t, mid, rcpts in zip(self.times, self.message_ids, self.recipients):
+            for t, mid, rcpts in zip(self.times, self.message_ids, self.recipients, strict=True):
                 f.write(b"%.6f\t%s\t%s\n" % (t, mid, b",".join(rcpts)))
         return len(self.times)
 
@@ -100,6 +102,8 @@ def message_id(data: bytes) -> bytes:
 class SinkProtocol(Protocol):
     """One SMTP server connection: replies to commands, buffers DATA up to the lone "." line."""
 
+    transport: ITCPTransport  # set by makeConnection; the sink listens on TCP only
+
     def __init__(self, recorder: Recorder) -> None:
         self._recorder = recorder
         self._buffer = b""
@@ -108,7 +112,7 @@ class SinkProtocol(Protocol):
         self._recipients: list[bytes] = []
 
     def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        self.transport.setTcpNoDelay(True)
         self._recorder.connections += 1
         self.transport.write(b"220 sink.bench.test ESMTP\r\n")
 
@@ -188,7 +192,7 @@ class SinkProtocol(Protocol):
         self._buffer = b""
 
 
-class SinkFactory(Factory):
+class SinkFactory(ServerFactory):
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
 
@@ -200,6 +204,7 @@ class Control(LineReceiver):
     """The bench's commands on stdin, one JSON answer per line on stdout."""
 
     delimiter = b"\n"
+    transport: ITransport  # set by makeConnection (StandardIO)
 
     def __init__(self, recorder: Recorder, reactor: Any) -> None:
         self._recorder = recorder
@@ -236,11 +241,13 @@ def main(argv: list[str]) -> None:
     from twisted.internet.stdio import StandardIO
 
     recorder = Recorder()
-    port = reactor.listenTCP(args.port, SinkFactory(recorder), backlog=1024, interface=args.listen)  # type: ignore[attr-defined]
-    sys.stdout.write(json.dumps({"port": port.getHost().port}) + "\n")
+    port = reactor.listenTCP(args.port, SinkFactory(recorder), backlog=1024, interface=args.listen)
+    address = port.getHost()
+    assert isinstance(address, IPv4Address)  # --listen is an IPv4 loopback address
+    sys.stdout.write(json.dumps({"port": address.port}) + "\n")
     sys.stdout.flush()
     StandardIO(Control(recorder, reactor), reactor=reactor)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":

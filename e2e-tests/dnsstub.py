@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 # Run the checkout's mmgun.testing even when an older mmgun is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,6 +26,7 @@ from twisted.logger import Logger  # noqa: E402
 
 from mmgun.testing import cli  # noqa: E402
 from mmgun.testing.dnsserver import listen_dns, parse_zone  # noqa: E402
+from mmgun.testing.ports import port_number  # noqa: E402
 
 _log = Logger()
 
@@ -37,13 +39,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def main(reactor, argv: list[str]) -> None:  # type: ignore[no-untyped-def]
+async def main(reactor: Any, argv: list[str]) -> None:
     args = parse_args(argv)
     cli.log_to_stdout()
     records = parse_zone(Path(args.zone).read_text())
     host, port = args.listen
     udp, tcp = listen_dns(reactor, records, interface=host, port=port)
-    chosen = udp.getHost().port
+    chosen = port_number(udp)
     _log.info(
         "DNS stub serving {count} names from {zone} on {host}:{port}",
         count=len(records),

@@ -143,7 +143,7 @@ printf '# e2e clients\n%s\n%s\n' "$CLIENT" "$OTHER_CLIENT" >"$STATE/clients"
 MMGUN=("$TWISTD" -n --pidfile= mmgun
     --database "$STATE/mmgun.sqlite3" --clients "$STATE/clients" --helo mmgun.test
     --poll-interval 0.1 --retry-min 1s --retry-max 2s --lease-time 3s --smtp-timeout 10s
-    --shutdown-timeout 2s --clean-interval 1s)
+    --shutdown-timeout 2s --clean-interval 1s --allow-private-mx)
 
 start_dns() {
     start dnsstub "$PY" "$HERE/dnsstub.py" --listen 127.0.0.1:0 --zone "$HERE/zone.txt" \

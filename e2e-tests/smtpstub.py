@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 # Run the checkout's mmgun.testing even when an older mmgun is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,6 +29,7 @@ from twisted.internet.task import react  # noqa: E402
 from twisted.logger import Logger  # noqa: E402
 
 from mmgun.testing import cli  # noqa: E402
+from mmgun.testing.ports import port_number  # noqa: E402
 from mmgun.testing.smtpserver import Mailbox, smtp_server_factory  # noqa: E402
 
 _log = Logger()
@@ -64,7 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def main(reactor, argv: list[str]) -> None:  # type: ignore[no-untyped-def]
+async def main(reactor: Any, argv: list[str]) -> None:
     args = parse_args(argv)
     cli.log_to_stdout()
     mailbox = Mailbox()
@@ -81,16 +83,16 @@ async def main(reactor, argv: list[str]) -> None:  # type: ignore[no-untyped-def
     ports: list[IListeningPort] = []
     for host, port in args.listen:
         if port == 0 and ports:
-            port = ports[0].getHost().port
+            port = port_number(ports[0])
         ports.append(reactor.listenTCP(port, factory, backlog=1024, interface=host))
         _log.info(
             "SMTP stub listening on {host}:{port} (tls={tls})",
             host=host,
-            port=ports[-1].getHost().port,
+            port=port_number(ports[-1]),
             tls=args.tls,
         )
     if args.port_file:
-        cli.write_port_file(args.port_file, ports[0].getHost().port)
+        cli.write_port_file(args.port_file, port_number(ports[0]))
 
     def stopping() -> None:
         _log.info("SMTP stub stopping after {count} messages", count=len(mailbox))

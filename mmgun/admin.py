@@ -21,13 +21,13 @@ failure is one line on stderr and a non-zero exit status: 1 for an error, 2 for 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
-from typing import Any, Callable, Coroutine, Mapping, NoReturn, Sequence, TextIO, TypeVar
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
 import attrs
 import idna
@@ -39,6 +39,9 @@ from .clients import ClientsFileError, load_clients
 from .config import OPTIONS, env_name
 from .store import Conflict, InDelivery, NotInQueue, QueueEntry, QueueStats, StorageError
 from .store.sqlite import SQLiteStore
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 T = TypeVar("T")
 
@@ -110,11 +113,12 @@ def _error(err: TextIO, line: str) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake in one line and lets main() return instead of exiting."""
+    """
+    argparse that reports a mistake in one line and lets main() return instead of exiting;
+    help goes to C{_out}, set by L{_parser_class}.
+    """
 
-    def __init__(self, *args: Any, out: TextIO, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._out = out
+    _out: TextIO
 
     def error(self, message: str) -> NoReturn:
         raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
@@ -122,12 +126,21 @@ class _Parser(argparse.ArgumentParser):
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         raise _Exit(status)
 
-    def print_help(self, file: TextIO | None = None) -> None:
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
         super().print_help(self._out if file is None else file)
 
 
+def _parser_class(out: TextIO) -> type[_Parser]:
+    """L{_Parser} writing help to C{out}, as a class: argparse makes sub-parsers from their C{parser_class}."""
+
+    class _OutParser(_Parser):
+        _out = out
+
+    return _OutParser
+
+
 def _parser(out: TextIO) -> _Parser:
-    parser_class = functools.partial(_Parser, out=out)
+    parser_class = _parser_class(out)
     default_database, _, _ = OPTIONS["database"]
     default_clients, _, _ = OPTIONS["clients"]
     database = parser_class(add_help=False)
@@ -192,9 +205,17 @@ def _parser(out: TextIO) -> _Parser:
     return parser
 
 
+def _default(option: str) -> str:
+    """The daemon's default for C{option}, which has one."""
+    default, _, _ = OPTIONS[option]
+    if default is None:
+        raise LookupError(f"--{option} has no default")
+    return default
+
+
 def _database(args: argparse.Namespace, context: _Context) -> str:
-    default, _, _ = OPTIONS["database"]
-    return getattr(args, "database", None) or context.environ.get(env_name("database")) or default
+    path: str = getattr(args, "database", None) or context.environ.get(env_name("database")) or _default("database")
+    return path
 
 
 def _open(args: argparse.Namespace, context: _Context) -> SQLiteStore:
@@ -351,8 +372,7 @@ def _stats_document(stats: QueueStats, now: float) -> dict[str, Any]:
 
 
 def _clients_check(args: argparse.Namespace, context: _Context) -> int:
-    default, _, _ = OPTIONS["clients"]
-    path = args.clients or context.environ.get(env_name("clients")) or default
+    path: str = args.clients or context.environ.get(env_name("clients")) or _default("clients")
     clients = load_clients(path)
     context.out.write(f"ok: {_count(len(clients), 'client')}\n")
     return 0
@@ -421,7 +441,7 @@ def _keys_revoke(args: argparse.Namespace, context: _Context) -> int:
 
 def _iso(timestamp: float, precise: bool = False) -> str:
     """ISO 8601 UTC: seconds for people, milliseconds (as the HTTP API) for JSON."""
-    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    moment = datetime.fromtimestamp(timestamp, UTC)
     return moment.isoformat(timespec="milliseconds" if precise else "seconds").replace("+00:00", "Z")
 
 
@@ -442,11 +462,15 @@ def _cell(value: str) -> str:
 
 
 def _write_table(
-    out: TextIO, header: Sequence[str] | None, rows: list[tuple[str, ...]], right: tuple[int, ...] = (), indent: str = ""
+    out: TextIO,
+    header: Sequence[str] | None,
+    rows: Sequence[tuple[str, ...]],
+    right: tuple[int, ...] = (),
+    indent: str = "",
 ) -> None:
-    lines = [tuple(_cell(v) for v in row) for row in ([header] if header else []) + rows]
+    lines = [tuple(_cell(v) for v in row) for row in ([header] if header else []) + list(rows)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     for line in lines:
-        cells = [v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths))]
+        cells = [v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True))]
         cells[-1] = line[-1].rjust(widths[-1]) if len(line) - 1 in right else line[-1]
         out.write(indent + "  ".join(cells) + "\n")

@@ -15,7 +15,8 @@ import hashlib
 import hmac
 import re
 import secrets
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -38,7 +39,14 @@ TOUCH_INTERVAL = 60.0
 
 
 class AuthenticationFailed(Exception):
-    """Deliberately uninformative: the caller learns only that it failed."""
+    """
+    Deliberately uninformative: the caller learns only that it failed. ``key_id`` (for
+    our logs, never for the client) names the API key that was tried when it exists.
+    """
+
+    def __init__(self, key_id: str | None = None) -> None:
+        super().__init__()
+        self.key_id = key_id
 
 
 def new_key() -> tuple[str, str]:
@@ -90,10 +98,22 @@ class _CachedKey:
 class Authenticator:
     """Turns credentials into a client label, or raises AuthenticationFailed."""
 
-    def __init__(self, store: Any, clients: Callable[[], Clients], clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        store: Any,
+        clients: Callable[[], Clients],
+        clock: IReactorTime,
+        wall: Callable[[], float] | None = None,
+    ) -> None:
+        """
+        ``clock`` times the key cache and the write interval (monotonic in production:
+        :mod:`mmgun.clock`); ``wall`` (default ``clock.seconds``) is the time of use stored
+        as ``last_used_at``.
+        """
         self._store = store
         self._clients = clients
         self._clock = clock
+        self._wall = wall if wall is not None else clock.seconds
         self._cache: dict[str, _CachedKey] = {}
         self._touched: dict[str, float] = {}
 
@@ -121,7 +141,7 @@ class Authenticator:
         # Compare even for an unknown id, so that timing does not tell the two apart.
         expected = stored.key_hash if stored is not None else b"\0" * 32
         if not hmac.compare_digest(expected, key_hash(key)) or stored is None or stored.revoked:
-            raise AuthenticationFailed()
+            raise AuthenticationFailed(key_id if stored is not None else None)
         self._touch(key_id, now)
         return stored.client
 
@@ -135,4 +155,37 @@ class Authenticator:
 
         from twisted.internet.defer import Deferred
 
-        Deferred.fromCoroutine(self._store.touch_keys([(key_id, now)])).addErrback(failed)
+        Deferred.fromCoroutine(self._store.touch_keys([(key_id, self._wall())])).addErrback(failed)
+
+
+class KeyFailures:
+    """
+    Failed attempts per existing API key id, logged as a warning at most once per
+    ``interval`` seconds per key id (with the count since the last line): someone
+    holding a revoked key, or trying secrets for a known key id, shows in the logs
+    without one line per attempt. The key itself is never logged.
+    """
+
+    def __init__(self, clock: IReactorTime, interval: float = 60.0, max_keys: int = 10_000) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._max_keys = max_keys
+        #: key id -> [failures not yet logged, when last logged]
+        self._seen: dict[str, list[float]] = {}
+
+    def failed(self, key_id: str, source: str) -> None:
+        now = self._clock.seconds()
+        entry = self._seen.get(key_id)
+        if entry is None:
+            if len(self._seen) >= self._max_keys:
+                self._seen.clear()
+            entry = self._seen[key_id] = [0, float("-inf")]
+        entry[0] += 1
+        if now - entry[1] >= self._interval:
+            _log.warn(
+                "{count} failed authentication attempts with API key id {key_id} (latest from {source})",
+                count=int(entry[0]),
+                key_id=key_id,
+                source=source,
+            )
+            entry[0], entry[1] = 0, now

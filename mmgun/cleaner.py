@@ -17,13 +17,19 @@ VACUUM_PAGES = 2000
 
 
 class Cleaner(TimerService):
-    """A LoopingCall every ``interval`` seconds; a failed pass is logged and the next one runs."""
+    """
+    A LoopingCall every ``interval`` seconds; a failed pass is logged and the next one runs.
+    A finished submission is deleted once ``retention`` has passed and its Idempotency-Key,
+    if it has one, has expired (24 h): a shorter retention never lets a retry queue it twice.
+    """
 
-    def __init__(self, store: Any, clock: Any, *, interval: float, retention: float) -> None:
+    def __init__(self, store: Any, clock: Any, *, interval: float, retention: float, wall: Any = None) -> None:
         super().__init__(interval, self.clean)
         self.clock = clock
         self._store = store
         self._clock = clock
+        #: Wall-clock time, for the stored timestamps (the reactor's clock is monotonic: mmgun.clock).
+        self._wall = wall if wall is not None else clock.seconds
         self._retention = retention
 
     def clean(self) -> Deferred[int]:
@@ -32,9 +38,11 @@ class Cleaner(TimerService):
     async def _clean(self) -> int:
         total = 0
         try:
-            before = self._clock.seconds() - self._retention
+            now = self._wall()
+            before = now - self._retention
             while True:
-                deleted = await self._store.clean(before, BATCH)
+                # The store keeps a submission whose Idempotency-Key is younger than a day, even past retention.
+                deleted = await self._store.clean(before, BATCH, now)
                 total += deleted
                 if deleted < BATCH:
                     break

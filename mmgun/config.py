@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 import re
 import socket
-from typing import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import attrs
 from twisted.python import usage
@@ -64,7 +65,7 @@ def _port(value: str) -> int:
     return number
 
 
-def _choice(choices: tuple[str, ...]):
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     def check(value: str) -> str:
         if value not in choices:
             raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
@@ -95,7 +96,7 @@ def _hostport(value: str) -> str:
 
 
 #: name → (default, converter, help). The single list of the daemon's options.
-OPTIONS: dict[str, tuple[str | None, object, str]] = {
+OPTIONS: dict[str, tuple[str | None, Callable[[str], object], str]] = {
     "listen": ("tcp:8080:interface=127.0.0.1", str, "strports endpoint for the HTTP API"),
     "metrics-listen": (
         None,
@@ -147,7 +148,7 @@ FLAGS: dict[str, str] = {
     "allow-private-mx": "relay to MX hosts on loopback, private, link-local or this host's own addresses (test setups, private networks)",
 }
 #: Repeatable options: name → (converter, help).
-MULTI_OPTIONS: dict[str, tuple[object, str]] = {
+MULTI_OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
     "role": (_choice(ROLES), "frontend, sender or cleaner; repeatable (default: all three)"),
     "nameserver": (_hostport, "DNS server HOST[:PORT]; repeatable (default: /etc/resolv.conf)"),
 }
@@ -232,9 +233,10 @@ class Options(usage.Options):
         self.config = resolve(self, self._environ)
 
 
-def resolve(given: Mapping[str, object], environ: Mapping[str, str]) -> Config:
+def resolve(given: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     """Flags, then environment, then defaults; raises usage.UsageError naming the bad option."""
-    values: dict[str, object] = {}
+    # Option name → converted value; each converter checks its own type and attrs builds Config from them.
+    values: dict[str, Any] = {}
     for name, (default, convert, _) in OPTIONS.items():
         raw = given.get(name)
         source = f"--{name}"
@@ -266,8 +268,8 @@ def resolve(given: Mapping[str, object], environ: Mapping[str, str]) -> Config:
     )
 
 
-def _convert(convert: object, raw: str, source: str) -> object:
+def _convert(convert: Callable[[str], object], raw: str, source: str) -> object:
     try:
-        return convert(raw)  # type: ignore[operator]
+        return convert(raw)
     except ValueError as e:
         raise usage.UsageError(f"{source}: {e}") from None

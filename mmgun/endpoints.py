@@ -21,7 +21,12 @@ from zope.interface import implementer
 class ReusePortParser:
     prefix = "reuseport"
 
-    def parseStreamServer(self, reactor: Any, port: str, interface: str = "", backlog: str = "50") -> IStreamServerEndpoint:
+    def parseStreamServer(self, reactor: Any, *args: Any, **kwargs: Any) -> IStreamServerEndpoint:
+        # The interface declares (reactor, *args, **kwargs); the strports arguments are
+        # those of _parse_server (as Twisted's own parsers do it).
+        return self._parse_server(reactor, *args, **kwargs)
+
+    def _parse_server(self, reactor: Any, port: str, interface: str = "", backlog: str = "50") -> IStreamServerEndpoint:
         # Same arguments as "tcp:"; the Binding carries SO_REUSEADDR (as listenTCP's
         # default) and SO_REUSEPORT.
         binding = makeBinding(interface, int(port), reuseAddress=True, reusePort=True)

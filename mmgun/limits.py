@@ -66,37 +66,50 @@ class RateLimiter:
 
 class QueueCap(TimerService):
     """
-    Refuses a submission that would take a client past ``limit`` pending recipients.
+    Refuses a submission that would take a client past ``limit`` pending recipients or
+    past ``max_bytes`` bytes of messages not yet finished (0: no such cap).
 
-    The counts are read from the store every ``interval`` seconds (a query over the
-    unfinished envelopes only) and increased locally in between, so the cap holds to
-    within what other frontend processes accepted in the last interval.
+    The counts are read from the store every ``interval`` seconds (queries over the
+    unfinished envelopes only) and increased locally in between, so the caps hold to
+    within what other frontend processes accepted in the last interval. The byte count
+    is the size of each unfinished submission's message, once however many envelopes
+    it has; a finished submission's message is erased, so it no longer counts.
     """
 
-    def __init__(self, store: Any, clock: IReactorTime, limit: int, interval: float = 5.0) -> None:
+    def __init__(self, store: Any, clock: IReactorTime, limit: int, interval: float = 5.0, max_bytes: int = 0) -> None:
         super().__init__(interval, self.refresh)
         self.clock = clock
         self._store = store
         self.limit = limit
+        self.max_bytes = max_bytes
         self.counts: dict[str, int] = {}
+        self.bytes: dict[str, int] = {}
 
     def refresh(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._refresh())
 
     async def _refresh(self) -> None:
-        if self.limit <= 0:
-            return
         try:
-            self.counts = await self._store.queued_by_client()
+            if self.limit > 0:
+                self.counts = await self._store.queued_by_client()
+            if self.max_bytes > 0:
+                self.bytes = await self._store.queued_bytes_by_client()
         except Exception:
-            _log.failure("reading queued recipients per client failed")
+            _log.failure("reading queued recipients and bytes per client failed")
 
-    def admit(self, client: str, recipients: int) -> bool:
-        """True (and counted) if ``client`` may queue ``recipients`` more."""
-        if self.limit <= 0:
-            return True
+    def admit(self, client: str, recipients: int, size: int = 0) -> str | None:
+        """
+        None if ``client`` may queue ``recipients`` more in a message of ``size`` bytes
+        (and they are counted); else why not, for the 429's message.
+        """
         queued = self.counts.get(client, 0)
-        if queued + recipients > self.limit:
-            return False
-        self.counts[client] = queued + recipients
-        return True
+        if self.limit > 0 and queued + recipients > self.limit:
+            return f"this client has more than {self.limit} recipients queued"
+        queued_bytes = self.bytes.get(client, 0)
+        if self.max_bytes > 0 and queued_bytes + size > self.max_bytes:
+            return f"this client has more than {self.max_bytes} bytes of messages queued"
+        if self.limit > 0:
+            self.counts[client] = queued + recipients
+        if self.max_bytes > 0:
+            self.bytes[client] = queued_bytes + size
+        return None

@@ -75,7 +75,7 @@ def format_classic(event: LogEvent) -> str | None:
     return line.replace("\n", "\n\t") + "\n"
 
 
-def twistd_text_observer(twistd_options: Any) -> ILogObserver | None:
+def twistd_text_observer(twistd_options: Any) -> FileLogObserver | None:
     """
     The observer twistd would create for its text log (``--logfile``, ``--nodaemon``,
     SIGUSR1 rotation), writing with :func:`format_classic`; None where twistd logs
@@ -91,5 +91,5 @@ def twistd_text_observer(twistd_options: Any) -> ILogObserver | None:
         return None
     if not isinstance(observer, FileLogObserver):
         return None
-    observer.formatEvent = format_classic  # type: ignore[method-assign]
+    observer.formatEvent = format_classic
     return observer

@@ -12,10 +12,10 @@ import hashlib
 import json
 import re
 import unicodedata
+from datetime import UTC, datetime
 from email import quoprimime
 from email.header import Header
 from email.utils import format_datetime, make_msgid
-from datetime import datetime, timezone
 from typing import Any
 
 import attrs
@@ -263,7 +263,7 @@ def _quoted_printable(body: str, raw: bytes) -> bytes:
 
 @functools.lru_cache(maxsize=4)
 def _date_of_second(second: int) -> str:
-    return format_datetime(datetime.fromtimestamp(second, timezone.utc))
+    return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 def _date(now: float) -> str:

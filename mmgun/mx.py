@@ -10,19 +10,31 @@ Failures are classified for the sender: L{PermanentDNSError} (bounce the
 domain's recipients) or L{TemporaryDNSError} (defer them), each carrying the
 SMTP-style C{reply} to record against the recipients.
 
-L{make_resolver} builds the caching C{twisted.names} resolver to use.
+What DNS says is not trusted blindly.  An L{AddressPolicy} screens the
+addresses an MX resolves to: L{PublicOnly}, the daemon's default, refuses
+loopback, private, link-local, CGNAT, multicast, reserved and documentation
+addresses and this host's own (L{LocalAddresses}), so that a recipient domain
+cannot point mmgun at services on its own host or network; L{ANY_ADDRESS}
+(C{--allow-private-mx}) accepts everything.  At most C{max_names} MX names are
+looked up and C{address_limit} addresses returned.
+
+L{make_resolver} builds the caching C{twisted.names} resolver to use; its
+lookups have an overall deadline and a bounded number of queries, and a
+truncated answer over TCP is a temporary failure (L{TruncatedAnswerError}).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Collection, Sequence
 from random import Random
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import attrs
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.logger import Logger
 from twisted.mail.relaymanager import MXCalculator
@@ -38,6 +50,7 @@ from twisted.names.error import (
     DNSUnknownError,
     DomainError,
 )
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 _log = Logger()
@@ -49,6 +62,15 @@ DEFAULT_TIMEOUT: tuple[int, ...] = (1, 3, 5)
 
 #: A Timeout as accepted by the IResolver lookup methods.
 _Timeout = Sequence[int] | None
+
+#: MX names looked up per domain, best first; the rest are ignored.  A domain
+#: with 300 MX names made 633 queries per attempt without it (issue 11).
+DEFAULT_MAX_NAMES = 10
+
+#: Addresses returned per domain, best first (Postfix's smtp_mx_address_limit).
+DEFAULT_ADDRESS_LIMIT = 5
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @attrs.frozen
@@ -130,6 +152,8 @@ def _reason(error: BaseException) -> str:
     # DNSQueryTimeoutError (a subclass) its individual attempts raise.
     if isinstance(error, TimeoutError):
         return "timeout"
+    if isinstance(error, TruncatedAnswerError):
+        return "truncated answer over TCP"
     if type(error) is DomainError:
         # Raised by resolvers that have no answer at all (e.g. an empty chain).
         return "no answer"
@@ -152,6 +176,267 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
+# -- which addresses mmgun may connect to --------------------------------------
+
+_NAMED_NETWORKS: list[tuple[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]] = [
+    ("shared (CGNAT)", [ipaddress.ip_network("100.64.0.0/10")]),
+    (
+        "documentation",
+        [
+            ipaddress.ip_network("192.0.2.0/24"),
+            ipaddress.ip_network("198.51.100.0/24"),
+            ipaddress.ip_network("203.0.113.0/24"),
+            ipaddress.ip_network("2001:db8::/32"),
+        ],
+    ),
+    ("benchmarking", [ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("2001:2::/48")]),
+]
+
+# NAT64 (RFC 6052): the IPv4 address is in the last 32 bits.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address leads to, for the forms that embed one."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def non_public_reason(address: IPAddress) -> str | None:
+    """
+    Why C{address} is not a public Internet address ("loopback", "private",
+    ...), or L{None} if it is one.
+
+    C{ipaddress}'s C{is_global} alone is not enough: it calls multicast,
+    site-local and IPv4-compatible addresses global, and knows nothing of the
+    IPv4 addresses that IPv4-mapped (C{::ffff:127.0.0.1}), 6to4 and NAT64
+    addresses lead to.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            reason = non_public_reason(embedded)
+            if reason is not None:
+                return f"{reason}, embedded in IPv6"
+            if address.ipv4_mapped is not None:
+                return None  # the IPv4 address is what a connection reaches
+        if address.is_site_local:
+            return "site-local"
+    if address.is_unspecified:
+        return "unspecified"
+    if address.is_loopback:
+        return "loopback"
+    if address.is_link_local:
+        return "link-local"
+    if address.is_multicast:
+        return "multicast"
+    for name, networks in _NAMED_NETWORKS:
+        if any(address in network for network in networks):
+            return name
+    if address.is_reserved:
+        return "reserved"
+    if address.is_private:
+        return "private"
+    if not address.is_global:
+        return "not globally routable"
+    return None
+
+
+class AddressPolicy(Protocol):
+    """Decides which resolved addresses mmgun may connect to."""
+
+    def refusal(self, address: str) -> str | None:
+        """Why mmgun must not connect to C{address}, or L{None} if it may."""
+
+
+@attrs.frozen
+class AnyAddress:
+    """Every address is fine: C{--allow-private-mx}, test setups, private networks."""
+
+    def refusal(self, address: str) -> str | None:
+        return None
+
+
+#: The policy of C{--allow-private-mx}.
+ANY_ADDRESS = AnyAddress()
+
+# struct ifreq: 16 bytes of interface name, then a struct sockaddr_in whose
+# address is at bytes 4-8.  SIOCGIFADDR is Linux's; elsewhere the ioctl fails
+# and /proc is absent, and only the non-public ranges protect.
+_SIOCGIFADDR = 0x8915
+
+
+def _ipv4_by_interface() -> set[IPAddress]:
+    """Each interface's (primary) IPv4 address, by ioctl."""
+    found: set[IPAddress] = set()
+    try:
+        import fcntl
+
+        names = [name for _index, name in socket.if_nameindex()]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for name in names:
+                request = struct.pack("256s", name.encode("ascii", "replace")[:15])
+                try:
+                    reply = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, request)
+                except OSError:
+                    continue  # no IPv4 address on this interface
+                found.add(ipaddress.IPv4Address(reply[20:24]))
+    except (ImportError, OSError):
+        pass
+    return found
+
+
+def _ipv4_from_fib_trie(path: str = "/proc/net/fib_trie") -> set[IPAddress]:
+    """
+    Every IPv4 address of this host, aliases included: the kernel's routing
+    trie marks them "/32 host LOCAL".
+    """
+    found: set[IPAddress] = set()
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            last: str | None = None
+            for line in f:
+                text = line.strip()
+                if text.startswith("|-- "):
+                    last = text[4:]
+                elif text.startswith("/32 host LOCAL") and last is not None:
+                    try:
+                        found.add(ipaddress.IPv4Address(last))
+                    except ValueError:
+                        pass
+    except OSError:
+        pass
+    return found
+
+
+def _ipv6_from_proc(path: str = "/proc/net/if_inet6") -> set[IPAddress]:
+    """Every IPv6 address of this host: the first field of each line, in hex."""
+    found: set[IPAddress] = set()
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                try:
+                    found.add(ipaddress.IPv6Address(bytes.fromhex(fields[0])))
+                except (IndexError, ValueError):
+                    pass
+    except OSError:
+        pass
+    return found
+
+
+def gather_local_addresses() -> frozenset[IPAddress]:
+    """
+    This host's own addresses, as far as it can tell without DNS: each
+    interface's IPv4 address (ioctl), all local IPv4 addresses
+    (C{/proc/net/fib_trie}) and all IPv6 addresses (C{/proc/net/if_inet6}).
+
+    A public address that reaches this host only through NAT is not among
+    them; nothing local can know it.
+    """
+    return frozenset(_ipv4_by_interface() | _ipv4_from_fib_trie() | _ipv6_from_proc())
+
+
+class LocalAddresses:
+    """
+    This host's addresses, gathered again when they are C{max_age} seconds old
+    (or the clock went back), so that an address added while mmgun runs is
+    known within a minute; gathering costs a few system calls.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        max_age: float = 60.0,
+        gather: Callable[[], Collection[IPAddress]] = gather_local_addresses,
+    ) -> None:
+        self._clock = clock
+        self._max_age = max_age
+        self._gather = gather
+        self._addresses: frozenset[IPAddress] = frozenset()
+        self._gathered_at: float | None = None
+        self()  # at start, so the first delivery pays nothing
+
+    def __call__(self) -> frozenset[IPAddress]:
+        now = self._clock.seconds()
+        at = self._gathered_at
+        if at is None or not at <= now < at + self._max_age:
+            self._addresses = frozenset(self._gather())
+            self._gathered_at = now
+            _log.debug("this host's addresses: {addresses}", addresses=sorted(map(str, self._addresses)))
+        return self._addresses
+
+
+class PublicOnly:
+    """
+    The default policy: public Internet addresses only (L{non_public_reason})
+    and none of this host's own (C{local}, e.g. a L{LocalAddresses}).
+    """
+
+    def __init__(self, local: Callable[[], Collection[IPAddress]] = frozenset) -> None:
+        self._local = local
+
+    def refusal(self, address: str) -> str | None:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return "not an IP address"
+        reason = non_public_reason(ip)
+        if reason is not None:
+            return reason
+        own = self._local()
+        if ip in own or (isinstance(ip, ipaddress.IPv6Address) and _embedded_ipv4(ip) in own):
+            return "this host's own address"
+        return None
+
+
+def _screen(policy: AddressPolicy, domain: str, hosts: list[MXHost]) -> tuple[list[MXHost], list[tuple[MXHost, str]]]:
+    """C{hosts} split into those C{policy} allows and those it refuses (with why), logged."""
+    allowed: list[MXHost] = []
+    refused: list[tuple[MXHost, str]] = []
+    for host in hosts:
+        reason = policy.refusal(host.address)
+        if reason is None:
+            allowed.append(host)
+        else:
+            refused.append((host, reason))
+            _log.warn(
+                "not connecting to {mx} ({address}) for {domain}: {reason} address",
+                mx=host.name,
+                address=host.address,
+                domain=domain,
+                reason=reason,
+            )
+    return allowed, refused
+
+
+def _describe_refused(refused: list[tuple[MXHost, str]], limit: int = 3) -> str:
+    """"mx.test 127.0.0.1: loopback, ...", at most C{limit} of them."""
+    parts = [f"{host.name} {host.address}: {reason}" for host, reason in refused[:limit]]
+    if len(refused) > limit:
+        parts.append(f"and {len(refused) - limit} more")
+    return "; ".join(parts)
+
+
+# An MX name from DNS is bytes that may hold anything (control characters,
+# non-ASCII); it ends up in logs, replies and TLS SNI, so only host names
+# (RFC 1123 letters, digits, hyphens; underscores seen in the wild) are used.
+_HOST_NAME = re.compile(rb"(?=.{1,253}\.?\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?", re.ASCII)
+
+
+def _host_name(name: dns.Name) -> str | None:
+    """C{name} as a lower-case host name without the final dot, or L{None} if it is not one."""
+    if _HOST_NAME.fullmatch(name.name) is None:
+        return None
+    return name.name.decode("ascii").lower().rstrip(".")
+
+
 def _addresses_from(records: Sequence[dns.RRHeader], name: str | None = None) -> list[str]:
     """
     The A then the AAAA addresses in C{records} (owned by C{name} if given)
@@ -160,11 +445,13 @@ def _addresses_from(records: Sequence[dns.RRHeader], name: str | None = None) ->
     ipv4: list[str] = []
     ipv6: list[str] = []
     for rr in records:
-        if name is not None and str(rr.name).lower() != name:
+        # Bytes: str() of a Name fails on non-ASCII, which a hostile server may send.
+        if name is not None and rr.name.name.lower() != name.encode("ascii"):
             continue
-        if rr.type == dns.A:
+        # RRHeader checks that its payload is of its type: an A record's is a Record_A.
+        if isinstance(rr.payload, dns.Record_A):
             ipv4.append(rr.payload.dottedQuad())
-        elif rr.type == dns.AAAA:
+        elif isinstance(rr.payload, dns.Record_AAAA):
             ipv6.append(socket.inet_ntop(socket.AF_INET6, rr.payload.address))
     return ipv4 + ipv6
 
@@ -191,9 +478,12 @@ async def _lookup_addresses(resolver: IResolver, name: str) -> _Addresses:
     Look up A and AAAA for C{name} concurrently; IPv4 addresses come first.
     Never raises: failures are collected, and logged, in the result.
     """
+    # IResolver's annotations make timeout required, though every implementation
+    # defaults it (None: the resolver's own), and give a tuple of three RRHeaders
+    # where its docstring and the implementations give three lists of them.
     lookups = [
-        ("A", resolver.lookupAddress(name)),
-        ("AAAA", resolver.lookupIPV6Address(name)),
+        ("A", resolver.lookupAddress(name)),  # type: ignore[call-arg]  # timeout: see above
+        ("AAAA", resolver.lookupIPV6Address(name)),  # type: ignore[call-arg]  # timeout: see above
     ]
     addresses: list[str] = []
     errors: list[BaseException] = []
@@ -209,7 +499,7 @@ async def _lookup_addresses(resolver: IResolver, name: str) -> _Addresses:
                 reason=_reason(e),
             )
         else:
-            addresses.extend(_addresses_from(answers))
+            addresses.extend(_addresses_from(answers))  # type: ignore[arg-type]  # a list: see above
     return _Addresses(addresses, errors)
 
 
@@ -232,7 +522,7 @@ def _bad_last(marks: MXCalculator, hosts: list[MXHost]) -> list[MXHost]:
     # Bad hosts are still tried, last: if every MX is marked bad the only
     # alternative would be not to try at all.
     bad = [_is_bad(marks, host.address) for host in hosts]
-    return [h for h, b in zip(hosts, bad) if not b] + [h for h, b in zip(hosts, bad) if b]
+    return [h for h, b in zip(hosts, bad, strict=True) if not b] + [h for h, b in zip(hosts, bad, strict=True) if b]
 
 
 class MXResolver(MXCalculator):
@@ -243,6 +533,12 @@ class MXResolver(MXCalculator):
     Built on L{MXCalculator} for its bad-host bookkeeping only: its C{getMX}
     picks a single host, knows neither AAAA nor null MX, and treats every
     error as "no MX", so it is not used.
+
+    @param policy: Which addresses may be returned: L{PublicOnly} refuses
+        internal ones, L{ANY_ADDRESS} none.  Required, so that no caller gets
+        an open door by forgetting it.
+    @param max_names: At most this many MX names (the best) are looked up.
+    @param address_limit: At most this many addresses are returned.
     """
 
     def __init__(
@@ -251,12 +547,19 @@ class MXResolver(MXCalculator):
         clock: IReactorTime,
         port: int = 25,
         *,
+        policy: AddressPolicy,
         bad_timeout: float = 300.0,
         random: Random | None = None,
+        max_names: int = DEFAULT_MAX_NAMES,
+        address_limit: int = DEFAULT_ADDRESS_LIMIT,
     ) -> None:
         MXCalculator.__init__(self, resolver, clock)
-        self.timeOutBadMX = bad_timeout
+        # MXCalculator's attribute is inferred int from its default (3600); it is only added to clock.seconds().
+        self.timeOutBadMX = bad_timeout  # type: ignore[assignment]  # see above
         self.port = port
+        self.policy = policy
+        self.max_names = max_names
+        self.address_limit = address_limit
         self._random = random if random is not None else Random()
 
     def mark_bad(self, host: MXHost) -> None:
@@ -272,15 +575,16 @@ class MXResolver(MXCalculator):
 
     async def hosts(self, domain: str) -> list[MXHost]:
         """
-        All hosts to try for C{domain}, best first.
+        The hosts to try for C{domain}, best first: at most C{address_limit}.
 
-        MX records in preference order, equal preferences shuffled, each
-        expanded to its A then AAAA addresses (from the additional section if
-        the server sent them there); hosts marked bad come last.  Without MX
+        MX records in preference order, equal preferences shuffled, the first
+        C{max_names} names each expanded to its A then AAAA addresses (from
+        the additional section if the server sent them there); addresses the
+        policy refuses dropped; hosts marked bad moved last.  Without MX
         records, the domain's own addresses.  Never empty.
 
-        @raise PermanentDNSError: NXDOMAIN, null MX, or neither MX nor address
-            records.
+        @raise PermanentDNSError: NXDOMAIN, null MX, neither MX nor address
+            records, or only addresses the policy refuses.
         @raise TemporaryDNSError: Any other failure, including MX hosts none
             of which has an address.
         """
@@ -297,31 +601,62 @@ class MXResolver(MXCalculator):
 
         records = [rr.payload for rr in answers if rr.type == dns.MX]
         if not records:
-            return _bad_last(self, await self._fallback(domain))
+            return self._best(await self._fallback(domain))
 
         # RFC 7505: a single MX of "." says the domain accepts no mail.  A
         # null MX mixed with real ones (a misconfiguration) is ignored.
-        exchanges = [mx for mx in records if str(mx.name) not in ("", ".")]
+        exchanges = [mx for mx in records if mx.name.name not in (b"", b".")]
         if not exchanges:
             raise PermanentDNSError(f"556 5.1.10 {domain} accepts no mail (null MX, RFC 7505)")
 
-        names = self._ordered_names(exchanges)
-        found = await self._expand(names, additional)
-        result = [
-            MXHost(name, address, self.port) for name, addresses in found for address in addresses
-        ]
-        if not result:
+        names = self._ordered_names(domain, exchanges)
+        if not names:
+            raise TemporaryDNSError(f"451 4.4.4 no MX host of {domain} has a valid name")
+        if len(names) > self.max_names:
             _log.warn(
-                "no MX host of {domain} has an address: {names}", domain=domain, names=names
+                "{domain} has {count} MX names; looking up the first {limit}",
+                domain=domain,
+                count=len(names),
+                limit=self.max_names,
             )
-            raise TemporaryDNSError(f"451 4.4.4 no MX host of {domain} has an address")
-        return _bad_last(self, _unique(result))
+            names = names[: self.max_names]
+        found = await self._expand(names, additional)
+        candidates = [
+            MXHost(name, address, self.port) for name, result in found for address in result.addresses
+        ]
+        allowed, refused = _screen(self.policy, domain, _unique(candidates))
+        if allowed:
+            return self._best(allowed)
+        if refused:
+            # Only internal addresses: an MX name whose lookups failed for
+            # now might still have a public one; otherwise this will not change.
+            temporary = any(
+                not result.addresses and result.temporary is not None for _name, result in found
+            )
+            raise _refused(f"MX hosts of {domain} resolve", refused, temporary=temporary)
+        _log.warn("no MX host of {domain} has an address: {names}", domain=domain, names=names)
+        raise TemporaryDNSError(f"451 4.4.4 no MX host of {domain} has an address")
 
-    def _ordered_names(self, exchanges: list[dns.Record_MX]) -> list[str]:
-        """MX names by preference, shuffled within a preference (RFC 5321 5.1)."""
+    def _best(self, hosts: list[MXHost]) -> list[MXHost]:
+        """C{hosts} with the bad ones last, cut to C{address_limit}."""
+        return _bad_last(self, hosts)[: self.address_limit]
+
+    def _ordered_names(self, domain: str, exchanges: list[dns.Record_MX]) -> list[str]:
+        """
+        Valid MX names by preference, shuffled within a preference (RFC 5321
+        5.1); names that are not host names are dropped, and logged.
+        """
         by_preference: dict[int, list[str]] = {}
         for mx in exchanges:
-            by_preference.setdefault(mx.preference, []).append(str(mx.name).lower().rstrip("."))
+            name = _host_name(mx.name)
+            if name is None:
+                _log.warn(
+                    "ignoring MX {name} of {domain}: not a host name",
+                    name=repr(mx.name.name),  # escaped: it may hold line breaks
+                    domain=domain,
+                )
+                continue
+            by_preference.setdefault(mx.preference, []).append(name)
         names: list[str] = []
         for preference in sorted(by_preference):
             group = by_preference[preference]
@@ -333,30 +668,45 @@ class MXResolver(MXCalculator):
 
     async def _expand(
         self, names: list[str], additional: Sequence[dns.RRHeader]
-    ) -> list[tuple[str, list[str]]]:
+    ) -> list[tuple[str, _Addresses]]:
         """Each of C{names} with its addresses, looked up concurrently if needed."""
         pending: dict[str, Deferred[_Addresses]] = {}
-        known: dict[str, list[str]] = {}
+        known: dict[str, _Addresses] = {}
         for name in names:
             glue = _addresses_from(additional, name)
             if glue:
-                known[name] = glue
+                known[name] = _Addresses(glue, [])
             else:
                 pending[name] = Deferred.fromCoroutine(_lookup_addresses(self.resolver, name))
         for name, lookup in pending.items():
-            known[name] = (await lookup).addresses
+            known[name] = await lookup
         return [(name, known[name]) for name in names]
 
     async def _fallback(self, domain: str) -> list[MXHost]:
         """The implicit MX: the domain's own A/AAAA (RFC 5321 section 5.1)."""
         found = await _lookup_addresses(self.resolver, domain)
         if found.addresses:
-            return _unique([MXHost(domain, a, self.port) for a in found.addresses])
+            hosts = _unique([MXHost(domain, a, self.port) for a in found.addresses])
+            allowed, refused = _screen(self.policy, domain, hosts)
+            if not allowed:
+                raise _refused(f"{domain} (no MX) resolves", refused, temporary=False)
+            return allowed
         if (error := found.temporary) is not None:
             raise _temporary(domain, error) from error
         if found.nxdomain:
             raise _nxdomain(domain)
         raise PermanentDNSError(f"550 5.1.2 domain {domain} has no MX and no address records")
+
+
+def _refused(what: str, refused: list[tuple[MXHost, str]], *, temporary: bool) -> DNSError:
+    """The error for a domain whose every address the policy refused."""
+    text = (
+        f"{what} only to non-public addresses ({_describe_refused(refused)}); "
+        "refused (see --allow-private-mx)"
+    )
+    if temporary:
+        return TemporaryDNSError(f"451 4.4.4 {text}, and other lookups failed")
+    return PermanentDNSError(f"550 5.4.4 {text}")
 
 
 class RelayHost:
@@ -368,6 +718,9 @@ class RelayHost:
 
     Bad-host ordering only matters when the name has several addresses, and
     needs C{clock}; without it L{mark_bad} and L{mark_good} do nothing.
+
+    No address policy applies: the operator chose this host.  At most
+    C{address_limit} addresses are returned.
     """
 
     def __init__(
@@ -378,14 +731,17 @@ class RelayHost:
         *,
         clock: IReactorTime | None = None,
         bad_timeout: float = 300.0,
+        address_limit: int = DEFAULT_ADDRESS_LIMIT,
     ) -> None:
         self.resolver = resolver
         self.host = host
         self.port = port
+        self.address_limit = address_limit
         self._marks: MXCalculator | None = None
         if clock is not None:
             self._marks = MXCalculator(resolver, clock)
-            self._marks.timeOutBadMX = bad_timeout
+            # MXCalculator's attribute is inferred int from its default (3600); it is only added to clock.seconds().
+            self._marks.timeOutBadMX = bad_timeout  # type: ignore[assignment]  # see above
 
     def mark_bad(self, host: MXHost) -> None:
         """C{host} failed: put it last for C{bad_timeout} seconds."""
@@ -410,7 +766,9 @@ class RelayHost:
             )
             raise TemporaryDNSError(f"451 4.4.3 relay host {self.host} does not resolve: {reason}")
         result = _unique([MXHost(self.host, a, self.port) for a in found.addresses])
-        return result if self._marks is None else _bad_last(self._marks, result)
+        if self._marks is not None:
+            result = _bad_last(self._marks, result)
+        return result[: self.address_limit]
 
 
 def _unique(hosts: list[MXHost]) -> list[MXHost]:
@@ -456,10 +814,13 @@ class CachingResolver(common.ResolverBase):
             return await self.cache.query(query, timeout)
         except DomainError:
             pass  # a miss, or expired
-        result = await self.upstream.query(query, timeout)
+        # IResolver's annotations make timeout a required Sequence, though every
+        # implementation accepts None (the resolver's default), and give a tuple of
+        # three RRHeaders where its docstring and the implementations give three lists.
+        result = await self.upstream.query(query, timeout)  # type: ignore[arg-type]  # see above
         if any(result):
             self.cache.cacheResult(query, result)
-        return result
+        return result  # type: ignore[return-value]  # see above
 
     def clear(self) -> None:
         """Forget everything, and cancel the timers that would expire entries."""
@@ -467,7 +828,74 @@ class CachingResolver(common.ResolverBase):
             if call.active():
                 call.cancel()
         self.cache.cancel.clear()
-        self.cache.cache.clear()
+        # CacheResolver's class attribute "cache = None" hides the dict its __init__ sets.
+        self.cache.cache.clear()  # type: ignore[attr-defined]  # see above
+
+
+class TruncatedAnswerError(Exception):
+    """
+    A DNS answer over TCP had the TC bit set: there is no bigger transport
+    to ask again over, so the lookup fails (temporarily).
+    """
+
+
+class BoundedResolver(client.Resolver):
+    """
+    C{client.Resolver} with the bounds it lacks.
+
+    It re-queries over TCP on any truncated answer, including one that came
+    over TCP: a server setting TC on every answer made it query ~5,000 times
+    a second, without end (issue 11).  Here a truncated TCP answer fails the
+    lookup with L{TruncatedAnswerError}, so a lookup makes at most one query
+    per nameserver and timeout over UDP plus one over TCP; and every lookup
+    gives up after a deadline (C{defer.TimeoutError}): the UDP rounds, the TCP
+    query's C{tcp_timeout} and C{margin} seconds.  The TCP query, whose
+    connection attempt had no timeout of its own, is covered by the deadline.
+    """
+
+    def __init__(self, *args: Any, tcp_timeout: float | None = None, margin: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # client.Resolver sets timeout, servers and dynServers in __init__;
+        # its class attributes, which the type checker sees, say None.
+        self.tcp_timeout = tcp_timeout if tcp_timeout is not None else max(self._rounds())
+        self.margin = margin
+
+    def _rounds(self) -> Sequence[int]:
+        return cast("Sequence[int]", self.timeout)
+
+    def deadline(self, timeout: _Timeout = None) -> float:
+        """Seconds after which a lookup with C{timeout} gives up."""
+        rounds = self._rounds() if timeout is None else timeout
+        servers = max(1, len(cast("list[Any]", self.servers)) + len(cast("list[Any]", self.dynServers)))
+        return servers * sum(rounds) + self.tcp_timeout + self.margin
+
+    def queryTCP(self, queries: list[dns.Query], timeout: float | None = None) -> Deferred[dns.Message]:
+        return super().queryTCP(queries, self.tcp_timeout if timeout is None else timeout)
+
+    def filterAnswers(self, message: dns.Message) -> Any:
+        if message.trunc:
+            return self.queryTCP(message.queries).addCallback(self._filter_tcp_answers)
+        return super().filterAnswers(message)
+
+    def _filter_tcp_answers(self, message: dns.Message) -> Any:
+        if message.trunc:
+            names = ", ".join(str(q.name) for q in message.queries)
+            return Failure(TruncatedAnswerError(f"truncated answer over TCP for {names}"))
+        return super().filterAnswers(message)
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout: _Timeout) -> Deferred[Any]:
+        d: Deferred[Any] = super()._lookup(name, cls, type, timeout)
+        d.addTimeout(self.deadline(timeout), self._reactor)
+        # A lookup that joined an identical one in flight (client.Resolver
+        # sends it once) fails with CancelledError when that one's deadline
+        # passes: the same timeout, for the caller.
+        return d.addErrback(_cancelled_as_timeout)
+
+
+def _cancelled_as_timeout(failure: Failure) -> Failure:
+    if failure.check(CancelledError):
+        return Failure(TimeoutError("DNS lookup deadline passed"))
+    return failure
 
 
 def make_resolver(
@@ -476,7 +904,7 @@ def make_resolver(
     timeout: Sequence[int] = DEFAULT_TIMEOUT,
 ) -> CachingResolver:
     """
-    A caching C{twisted.names} resolver.
+    A caching C{twisted.names} resolver, over L{BoundedResolver}s.
 
     @param nameservers: (address, port) of the nameservers to ask (tried in
         order, then round-robin on timeouts); L{None} for those in
@@ -488,14 +916,14 @@ def make_resolver(
     if nameservers is not None:
         # Not createResolver(servers=...): that also reads /etc/resolv.conf
         # and falls back to its servers, and ignores our reactor.
-        upstream = client.Resolver(
+        upstream = BoundedResolver(
             servers=list(nameservers), timeout=tuple(timeout), reactor=reactor
         )
     else:
         upstream = resolve.ResolverChain(
             [
                 hosts_module.Resolver(b"/etc/hosts", ttl=300),
-                client.Resolver(
+                BoundedResolver(
                     resolv=b"/etc/resolv.conf", timeout=tuple(timeout), reactor=reactor
                 ),
             ]

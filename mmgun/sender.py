@@ -12,32 +12,51 @@ Flow of one envelope::
                                                            next attempt with backoff
 
 Envelopes bound for the same MX go over one SMTP session, one transaction after
-another. The only window in which a crash duplicates mail is between the peer's
-250 to the final "." and our commit of it (milliseconds): the lease then expires
-and the envelope is sent again.
+another; each domain's envelopes leave as soon as its lookup is done. The only window
+in which a crash duplicates mail is between the peer's 250 to the final "." and our
+commit of it (milliseconds): the lease then expires and the envelope is sent again.
+
+A result the sender knows is never thrown away: when its commit fails (a full disk),
+the sender keeps it, keeps the lease renewed, retries the commit with a backoff and
+claims nothing new until every such result is recorded.
+
+Leases are ``"<identity>/<random>"``. A sender locks its identity (``--sender-id``, by
+default the host name) at start and takes back at once the envelopes its previous run
+leased; when another live process holds that identity it runs under a fresh one instead.
+
+Time: durations (timeouts, poll, renewal, retry timers) run on the reactor's clock,
+which ``mmgun.tap`` makes monotonic; what is stored (leases, next_attempt, updated_at)
+is wall-clock time from ``wall``. A step of the wall clock is noticed between two polls:
+forward, every lease in flight is renewed before anything is claimed; backward,
+never-attempted envelopes queued "in the future" are made due now.
 """
 
 from __future__ import annotations
 
-import os
 import random
+import re
 import socket
 import uuid
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from .metrics import Metrics
 from .mx import MXHost, PermanentDNSError, TemporaryDNSError
-from .smtp import SessionFailed, SMTPSettings, Transaction, TransactionResult, send_session
+from .smtp import SessionFailed, SMTPSettings, Transaction, TransactionResult, send_session, wire_form
 from .store import ClaimedEnvelope, EnvelopeOutcome, RecipientOutcome, Store
 
 _log = Logger()
+
+#: A difference between wall-clock and monotonic elapsed time, between two polls, above
+#: which the wall clock is taken to have been stepped (NTP slews far slower than this).
+STEP_TOLERANCE = 1.0
 
 
 class Router(Protocol):
@@ -67,7 +86,19 @@ class SenderSettings:
     per_session: int = 100
     #: Most envelopes held in memory (claimed, not yet recorded).
     max_in_flight: int = 2000
+    #: Most message bytes held by claimed envelopes, each submission's message counted
+    #: once (its wire form, made once per message, adds about as much again). A claim
+    #: stops before the first new message that would pass it; holding nothing, it takes at least one envelope.
+    max_bytes_in_flight: int = 64 * 1024 * 1024
     shutdown_timeout: float = 30.0
+    #: Most MX addresses tried in one delivery attempt (Postfix: smtp_mx_address_limit).
+    mx_address_limit: int = 5
+    #: Most SMTP sessions opened in one delivery attempt; a host that could not be
+    #: connected to is not a session (Postfix: smtp_mx_session_limit).
+    mx_session_limit: int = 2
+    #: A failed commit of delivery results is retried after this pause, doubling up to record_retry_max.
+    record_retry_min: float = 0.5
+    record_retry_max: float = 10.0
 
 
 def retry_delay(attempts: int, settings: SenderSettings, rng: random.Random) -> float:
@@ -76,8 +107,21 @@ def retry_delay(attempts: int, settings: SenderSettings, rng: random.Random) -> 
     return min(settings.retry_max, base * rng.uniform(0.9, 1.1))
 
 
-def owner_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+def default_identity() -> str:
+    """This host's name, as a sender identity (``--sender-id``'s alphabet; never a "/")."""
+    name = re.sub(r"[^A-Za-z0-9._:-]", "-", socket.gethostname())[:128].lstrip("._:-")
+    return name or "sender"
+
+
+@attrs.define
+class _Message:
+    """One submission's message, shared by its envelopes in flight."""
+
+    message: bytes
+    #: wire_form(message), made when the first of its envelopes is sent.
+    wire: bytes | None = None
+    #: Envelopes in flight that carry it.
+    refs: int = 0
 
 
 class Sender(Service):
@@ -96,24 +140,46 @@ class Sender(Service):
         rng: random.Random | None = None,
         owner: str | None = None,
         metrics: Metrics | None = None,
+        wall: Callable[[], float] | None = None,
     ) -> None:
+        """
+        ``owner``: this sender's identity (default: the host name). ``wall``: the
+        wall-clock time for what is stored (default: ``reactor.seconds``; production
+        passes ``time.time``, the reactor's clock being monotonic).
+        """
         self._metrics = metrics if metrics is not None else Metrics()
         self._store = store
         self._router = router
         self._reactor = reactor
         self._clock: IReactorTime = reactor
+        self._wall: Callable[[], float] = wall if wall is not None else reactor.seconds
         self._smtp = smtp
         self._settings = settings
         self._session = session
         self._rng = rng or random.Random()
-        self.owner = owner or owner_name()
+        #: The identity asked for, and the one in use (the prefix of every lease we take).
+        self.identity = owner or default_identity()
+        self.owner = self.identity
         self._connections = DeferredSemaphore(settings.max_connections)
         self._per_host: dict[str, DeferredSemaphore] = {}
         #: Claimed envelopes not yet recorded, by id.
         self.in_flight: dict[int, ClaimedEnvelope] = {}
+        #: The messages of the envelopes in flight, by submission id, and their total size.
+        self._messages: dict[str, _Message] = {}
+        self.held_bytes = 0
+        #: Results whose commit failed, by envelope id: retried until recorded.
+        self._unrecorded: dict[int, EnvelopeOutcome] = {}
+        self._retrying: Deferred[None] | None = None
+        self._holding_since = 0.0
         self._batches: set[Deferred[None]] = set()
         self._claiming = False
+        self._poll_again = False
         self._stopping = False
+        #: (wall, monotonic) at the last poll: a step of the wall clock shows between two.
+        self._marks: tuple[float, float] | None = None
+        #: No claim before this (monotonic) time: after a forward step, the other senders
+        #: on this host renew their leases before we could mistake them for expired ones.
+        self._claim_after = float("-inf")
         self._poller = LoopingCall(self.poll)
         self._poller.clock = reactor
         self._renewer = LoopingCall(self._renew)
@@ -124,11 +190,43 @@ class Sender(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        self._track(Deferred.fromCoroutine(self._start()))
+
+    async def _start(self) -> None:
+        """Lock our identity and take back what its previous run leased, then start polling."""
+        try:
+            await self._take_identity()
+        except Exception:
+            _log.failure("taking back this sender's envelopes failed; they are sent again when their leases expire")
+        if self._stopping or not self.running:
+            return
+        self._marks = (self._wall(), self._clock.seconds())
         self._poller.start(self._settings.poll_interval, now=True).addErrback(
             lambda f: _log.failure("sender poll loop stopped", f)
         )
         self._renewer.start(self._settings.lease_time / 3, now=False).addErrback(
             lambda f: _log.failure("lease renewal loop stopped", f)
+        )
+
+    async def _take_identity(self) -> None:
+        if await self._store.lock_identity(self.identity):
+            self.owner = self.identity
+            count = await self._store.reclaim(self.identity, self._wall())
+            if count:
+                _log.info(
+                    "took back {count} envelopes leased by the previous run of sender {identity}",
+                    count=count,
+                    identity=self.identity,
+                )
+            return
+        fresh = f"{self.identity}-{uuid.uuid4().hex[:12]}"
+        await self._store.lock_identity(fresh)
+        self.owner = fresh
+        _log.warn(
+            "sender identity {identity} is held by another running process; running as {fresh}, "
+            "whose envelopes wait for their leases to expire after a crash (give each sender its own --sender-id)",
+            identity=self.identity,
+            fresh=fresh,
         )
 
     def stopService(self) -> Deferred[None]:
@@ -141,23 +239,46 @@ class Sender(Service):
         return Deferred.fromCoroutine(self._drain())
 
     async def _drain(self) -> None:
-        if self._batches:
-            # Wait for the batches without cancelling them: a delivery cut short
-            # mid-DATA would be worse than one that finishes after we stop waiting.
-            gate: Deferred[None] = Deferred()
-            DeferredList(list(self._batches)).addBoth(lambda _: gate.called or gate.callback(None))
-            timer = self._clock.callLater(self._settings.shutdown_timeout, lambda: gate.called or gate.callback(None))
-            await gate
-            if timer.active():
-                timer.cancel()
-        if self.in_flight:
-            left = list(self.in_flight.values())
+        # Wait for the batches (and for results waiting to be recorded) without cancelling
+        # them: a delivery cut short mid-DATA would be worse than one that finishes after we
+        # stop waiting. A batch may start another (a lookup done, a commit to retry).
+        deadline = self._clock.seconds() + self._settings.shutdown_timeout
+        while self._batches and self._clock.seconds() < deadline:
+            await self._batches_done(deadline - self._clock.seconds())
+        if self._retrying is not None:
+            self._retrying.cancel()
+        if self._unrecorded:
+            _log.critical(
+                "stopping with the results of {count} envelopes not recorded (envelopes {envelopes}): "
+                "they are delivered again when their leases expire",
+                count=len(self._unrecorded),
+                envelopes=sorted(self._unrecorded),
+            )
+        left = [e for e in self.in_flight.values() if e.id not in self._unrecorded]
+        self.in_flight.clear()
+        self._messages.clear()
+        self.held_bytes = 0
+        self._unrecorded.clear()
+        if left:
             _log.info("releasing {count} unfinished envelopes at shutdown", count=len(left))
-            self.in_flight.clear()
             try:
-                await self._store.release(left, self._clock.seconds())
+                await self._store.release(left, self._wall())
             except Exception:
                 _log.failure("could not release leases at shutdown; they expire by themselves")
+
+    async def _batches_done(self, seconds: float) -> None:
+        """Until every batch running now has ended, or ``seconds`` have passed."""
+        gate: Deferred[None] = Deferred()
+
+        def open_gate(_: object = None) -> None:
+            if not gate.called:
+                gate.callback(None)
+
+        DeferredList(list(self._batches)).addBoth(open_gate)
+        timer = self._clock.callLater(seconds, open_gate)
+        await gate
+        if timer.active():
+            timer.cancel()
 
     # -- the loop --------------------------------------------------------------
 
@@ -166,27 +287,71 @@ class Sender(Service):
         return Deferred.fromCoroutine(self._poll())
 
     async def _poll(self) -> None:
-        if self._claiming or self._stopping:
+        if self._stopping:
+            return
+        if self._claiming:
+            # Asked while claiming (a batch ended): claim again once this claim is done.
+            self._poll_again = True
             return
         self._claiming = True
+        self._poll_again = False
         try:
+            await self._watch_clock()
             while not self._stopping:
-                room = self._settings.max_in_flight - len(self.in_flight)
-                if room <= 0:
+                if self._unrecorded or self._clock.seconds() < self._claim_after:
                     return
-                now = self._clock.seconds()
-                claimed = await self._store.claim(self.owner, now, self._settings.lease_time, min(room, 500))
+                room = self._settings.max_in_flight - len(self.in_flight)
+                budget = self._settings.max_bytes_in_flight - self.held_bytes
+                if room <= 0 or (budget <= 0 and self.in_flight):
+                    return
+                limit = min(room, 500)
+                # Held through the claim: an entry let go meanwhile is still there to share.
+                held = dict(self._messages)
+                claimed = await self._store.claim(
+                    self.owner,
+                    self._wall(),
+                    self._settings.lease_time,
+                    limit,
+                    max_bytes=max(budget, 0),
+                    held=list(held),
+                    # Holding nothing, a message larger than the budget still goes (alone).
+                    always_one=not self.in_flight,
+                )
                 if not claimed:
                     return
-                for envelope in claimed:
-                    self.in_flight[envelope.id] = envelope
-                self._dispatch(claimed)
-                if len(claimed) < min(room, 500):
+                self._dispatch([self._hold(envelope, held) for envelope in claimed])
+                if len(claimed) < limit:
                     return
         except Exception:
             _log.failure("claiming envelopes failed; will try again")
+            self._poll_again = False  # at the next tick, not at once
         finally:
             self._claiming = False
+            if self._poll_again and not self._stopping:
+                self.poll()
+
+    def _hold(self, envelope: ClaimedEnvelope, held: dict[str, _Message]) -> ClaimedEnvelope:
+        """Put a claimed envelope in flight, carrying its submission's one shared message."""
+        entry = self._messages.get(envelope.submission_id)
+        if entry is None:
+            entry = held.get(envelope.submission_id) or _Message(envelope.message)
+            self._messages[envelope.submission_id] = entry
+            self.held_bytes += len(entry.message)
+        entry.refs += 1
+        if envelope.message is not entry.message:
+            envelope = attrs.evolve(envelope, message=entry.message)
+        self.in_flight[envelope.id] = envelope
+        return envelope
+
+    def _let_go(self, envelope: ClaimedEnvelope) -> None:
+        if self.in_flight.pop(envelope.id, None) is None:
+            return
+        entry = self._messages.get(envelope.submission_id)
+        if entry is not None:
+            entry.refs -= 1
+            if entry.refs <= 0:
+                del self._messages[envelope.submission_id]
+                self.held_bytes -= len(entry.message)
 
     def _dispatch(self, envelopes: list[ClaimedEnvelope]) -> None:
         self._track(Deferred.fromCoroutine(self._route(envelopes)))
@@ -204,46 +369,101 @@ class Sender(Service):
     async def _renew(self) -> None:
         if not self.in_flight:
             return
-        until = self._clock.seconds() + self._settings.lease_time
+        until = self._wall() + self._settings.lease_time
         try:
             await self._store.renew(list(self.in_flight.values()), until)
         except Exception:
             _log.failure("renewing leases failed")
 
+    async def _watch_clock(self) -> None:
+        """Notice a step of the wall clock since the last poll, and keep leases and the queue right."""
+        wall, now = self._wall(), self._clock.seconds()
+        marks, self._marks = self._marks, (wall, now)
+        if marks is None:
+            return
+        step = (wall - marks[0]) - (now - marks[1])
+        if abs(step) <= STEP_TOLERANCE:
+            return
+        _log.warn(
+            "the wall clock was stepped {direction} by {seconds:.1f} s; renewing the leases of {count} envelopes in delivery",
+            direction="forward" if step > 0 else "back",
+            seconds=abs(step),
+            step=step,
+            count=len(self.in_flight),
+        )
+        # Forward: our leases now look expired to every sender, us included; renewed
+        # before anything is claimed. Back: they would outlast a crash by the step.
+        await self._renew()
+        if step > 0:
+            # Two polls: any other sender on this host sees the same step and renews its
+            # own leases before we could claim them.
+            self._claim_after = now + 2 * self._settings.poll_interval
+            return
+        try:
+            count = await self._store.due_unattempted(wall)
+        except Exception:
+            _log.failure("making queued envelopes due after the clock step failed")
+            return
+        if count:
+            _log.info("{count} envelopes queued before the clock step are due now", count=count)
+
     # -- routing: domains to MX hosts ------------------------------------------
 
     async def _route(self, envelopes: list[ClaimedEnvelope]) -> None:
         """
-        Resolve every domain of a claim, then group the envelopes by the hosts they go
-        to, so that domains sharing their MX (or a relay host) share SMTP sessions.
+        Resolve every domain of a claim and send each domain's envelopes as soon as its
+        lookup is done. Lookups done together (at once from the cache, or in the same
+        reactor turn) are grouped by the hosts they go to, so that domains sharing their
+        MX (or a relay host) share SMTP sessions.
         """
         by_domain: dict[str, list[ClaimedEnvelope]] = {}
         for envelope in envelopes:
             by_domain.setdefault(envelope.domain, []).append(envelope)
-        failed: list[EnvelopeOutcome] = []
-        by_hosts: dict[tuple[MXHost, ...], list[ClaimedEnvelope]] = {}
-        lookups = [Deferred.fromCoroutine(self._router.hosts(domain)) for domain in by_domain]
-        for (domain, group), lookup in zip(by_domain.items(), lookups):
-            try:
-                hosts = await lookup
-            except PermanentDNSError as e:
-                _log.info("no mail exchanger for {domain}: {reply}", domain=domain, reply=e.reply)
-                failed += [self._outcome(env, {a: ("failed", e.reply) for a in env.recipients}) for env in group]
-            except TemporaryDNSError as e:
-                _log.info("DNS lookup for {domain} failed temporarily: {reply}", domain=domain, reply=e.reply)
-                failed += [self._outcome(env, {a: ("deferred", e.reply) for a in env.recipients}) for env in group]
-            except Exception:
-                _log.failure("resolving {domain} failed unexpectedly", domain=domain)
-                reply = "451 4.3.0 internal error in mmgun; will retry"
-                failed += [self._outcome(env, {a: ("deferred", reply) for a in env.recipients}) for env in group]
-            else:
-                by_hosts.setdefault(tuple(hosts), []).extend(group)
-        size = self._settings.per_session
-        for hosts, group in by_hosts.items():
-            for start in range(0, len(group), size):
-                self._track(Deferred.fromCoroutine(self._deliver_batch(hosts, group[start : start + size])))
-        if failed:
-            await self._record(failed)
+        ready: dict[tuple[MXHost, ...], list[ClaimedEnvelope]] = {}
+        flush_call: list[IDelayedCall] = []
+        starting = [True]
+
+        def flush() -> None:
+            flush_call.clear()
+            size = self._settings.per_session
+            for hosts, group in ready.items():
+                for start in range(0, len(group), size):
+                    self._track(Deferred.fromCoroutine(self._deliver_batch(hosts, group[start : start + size])))
+            ready.clear()
+
+        def found(hosts: list[MXHost], group: list[ClaimedEnvelope]) -> None:
+            ready.setdefault(tuple(hosts), []).extend(group)
+            if not starting[0] and not flush_call:
+                flush_call.append(self._clock.callLater(0, flush))
+
+        lookups = [Deferred.fromCoroutine(self._lookup(domain, group, found)) for domain, group in by_domain.items()]
+        starting[0] = False
+        flush()
+        await DeferredList(lookups)
+        if flush_call:
+            flush_call[0].cancel()
+            flush()
+
+    async def _lookup(
+        self,
+        domain: str,
+        group: list[ClaimedEnvelope],
+        found: Callable[[list[MXHost], list[ClaimedEnvelope]], None],
+    ) -> None:
+        try:
+            hosts = await self._router.hosts(domain)
+        except PermanentDNSError as e:
+            _log.info("no mail exchanger for {domain}: {reply}", domain=domain, reply=e.reply)
+            await self._record([self._outcome(env, {a: ("failed", e.reply) for a in env.recipients}) for env in group])
+        except TemporaryDNSError as e:
+            _log.info("DNS lookup for {domain} failed temporarily: {reply}", domain=domain, reply=e.reply)
+            await self._record([self._outcome(env, {a: ("deferred", e.reply) for a in env.recipients}) for env in group])
+        except Exception:
+            _log.failure("resolving {domain} failed unexpectedly", domain=domain)
+            reply = "451 4.3.0 internal error in mmgun; will retry"
+            await self._record([self._outcome(env, {a: ("deferred", reply) for a in env.recipients}) for env in group])
+        else:
+            found(hosts, group)
 
     # -- one batch: envelopes for the same hosts, over one session -------------
 
@@ -270,19 +490,62 @@ class Sender(Service):
                     settle(envelope, {a: ("deferred", reply) for a in envelope.recipients})
         await DeferredList(commits)
 
+    # -- recording results: never thrown away ----------------------------------
+
     async def _record(self, outcomes: list[EnvelopeOutcome]) -> None:
         try:
-            await self._store.record(outcomes, self._clock.seconds())
-        except Exception:
-            _log.failure("recording delivery results failed; leases will expire and the envelopes retry")
+            await self._store.record(outcomes, self._wall())
+        except Exception as e:
+            self._keep(outcomes, e)
         else:
-            now = self._clock.seconds()
-            for outcome in outcomes:
-                for r in outcome.recipients:
-                    self._metrics.recipient(r.status, now - outcome.envelope.created_at)
+            self._recorded(outcomes)
+
+    def _recorded(self, outcomes: list[EnvelopeOutcome]) -> None:
+        now = self._wall()
+        for outcome in outcomes:
+            for r in outcome.recipients:
+                self._metrics.recipient(r.status, now - outcome.envelope.created_at)
+            self._let_go(outcome.envelope)
+
+    def _keep(self, outcomes: list[EnvelopeOutcome], error: Exception) -> None:
+        """A commit failed: hold the results (and their leases) and retry until they are recorded."""
+        for outcome in outcomes:
+            self._unrecorded[outcome.envelope.id] = outcome
+        if self._retrying is not None:
+            return
+        self._holding_since = self._clock.seconds()
+        _log.error(
+            "recording delivery results failed ({error}); keeping them, renewing their leases and retrying, "
+            "and claiming no new envelopes until they are recorded",
+            error=str(error) or type(error).__name__,
+            count=len(self._unrecorded),
+        )
+        self._retrying = Deferred.fromCoroutine(self._retry_records())
+        self._track(self._retrying)
+
+    async def _retry_records(self) -> None:
+        delay = self._settings.record_retry_min
+        try:
+            while self._unrecorded:
+                await deferLater(self._clock, delay, lambda: None)
+                batch = list(self._unrecorded.values())
+                try:
+                    await self._store.record(batch, self._wall())
+                except Exception:
+                    delay = min(2 * delay, self._settings.record_retry_max)
+                    continue
+                for outcome in batch:
+                    if self._unrecorded.get(outcome.envelope.id) is outcome:
+                        del self._unrecorded[outcome.envelope.id]
+                self._recorded(batch)
+            _log.warn(
+                "delivery results recorded after {seconds:.1f} s of failed commits; claiming again",
+                seconds=self._clock.seconds() - self._holding_since,
+            )
         finally:
-            for outcome in outcomes:
-                self.in_flight.pop(outcome.envelope.id, None)
+            self._retrying = None
+
+    # -- one delivery attempt ----------------------------------------------------
 
     async def _attempt(
         self,
@@ -291,16 +554,37 @@ class Sender(Service):
         settled: set[int],
         settle: Callable[[ClaimedEnvelope, dict[str, tuple[str, str]]], None],
     ) -> None:
+        """
+        Try the hosts in order until every envelope has a result, at most
+        mx_address_limit addresses and mx_session_limit sessions (a host that could not
+        be connected to is not a session): enforced here whatever the router returns.
+        """
         domains = ", ".join(sorted({e.domain for e in envelopes}))
         last_reply = f"451 4.4.0 no mail exchanger of {domains} could be reached"
+        addresses = sessions = 0
         for host in hosts:
             remaining = [e for e in envelopes if e.id not in settled]
             if not remaining:
                 break
-            by_id = {env.id: env for env in remaining}
+            if addresses >= self._settings.mx_address_limit or sessions >= self._settings.mx_session_limit:
+                _log.info(
+                    "attempt for {domains} stops after {addresses} addresses and {sessions} sessions "
+                    "of {hosts} hosts: {reply}",
+                    domains=domains,
+                    addresses=addresses,
+                    sessions=sessions,
+                    hosts=len(hosts),
+                    reply=last_reply,
+                )
+                break
+            addresses += 1
+            # Keyed like TransactionResult.key (object): each transaction's key is its envelope's id.
+            by_id: dict[object, ClaimedEnvelope] = {env.id: env for env in remaining}
 
-            def on_result(result: TransactionResult, host: MXHost = host) -> None:
-                envelope = by_id[result.key]  # type: ignore[index]
+            def on_result(
+                result: TransactionResult, host: MXHost = host, by_id: dict[object, ClaimedEnvelope] = by_id
+            ) -> None:
+                envelope = by_id[result.key]
                 if not result.started or envelope.id in settled:
                     return
                 for r in result.recipients.values():
@@ -316,6 +600,8 @@ class Sender(Service):
             try:
                 session_results = await self._send(host, remaining, on_result)
             except SessionFailed as e:
+                if getattr(e, "connected", True):
+                    sessions += 1
                 self._router.mark_bad(host)
                 last_reply = str(e.reply)
                 _log.info(
@@ -325,6 +611,7 @@ class Sender(Service):
                     reply=last_reply,
                 )
                 continue
+            sessions += 1
             self._router.mark_good(host)
             for result in session_results:
                 if result.started:
@@ -344,7 +631,9 @@ class Sender(Service):
         try:
             await self._connections.acquire()
             try:
-                transactions = [Transaction(e.id, e.sender, e.recipients, e.message) for e in envelopes]
+                transactions = [
+                    Transaction(e.id, e.sender, e.recipients, e.message, wire=self._wire(e)) for e in envelopes
+                ]
                 return await self._session(
                     self._reactor, host.name, host.address, host.port, transactions, self._smtp, on_result=on_result
                 )
@@ -355,9 +644,18 @@ class Sender(Service):
             if not per_host.waiting and per_host.tokens == per_host.limit:
                 self._per_host.pop(host.address, None)
 
+    def _wire(self, envelope: ClaimedEnvelope) -> bytes:
+        """The wire form of an envelope's message, made once per submission in flight."""
+        entry = self._messages.get(envelope.submission_id)
+        if entry is None or entry.message is not envelope.message:
+            return wire_form(envelope.message)
+        if entry.wire is None:
+            entry.wire = wire_form(entry.message)
+        return entry.wire
+
     def _outcome(self, envelope: ClaimedEnvelope, results: dict[str, tuple[str, str]]) -> EnvelopeOutcome:
         """Apply the retry schedule and the queue lifetime to one envelope's results."""
-        now = self._clock.seconds()
+        now = self._wall()
         expires = envelope.created_at + self._settings.queue_lifetime
         recipients = []
         for address in envelope.recipients:

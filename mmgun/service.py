@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import resource
 import signal
+import time
+from collections.abc import Iterator
 from typing import Any
 
-from twisted.application import strports
-from twisted.application.internet import TimerService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.web.http import Request
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -22,6 +28,15 @@ from .store import Store
 from .store.sqlite import SQLiteStore
 
 _log = Logger()
+
+#: The id conf/clients ships for trying mmgun out: anyone who read the README knows it.
+DEMO_CLIENT_ID = "demo-client-0123456789abcdef"
+#: File descriptors kept for everything but HTTP connections: the database, DNS, SMTP, logs.
+FD_RESERVE = 100
+
+
+class ListenError(Exception):
+    """A listening endpoint cannot be used; the message is one line for the operator."""
 
 
 class StoreService(Service):
@@ -51,10 +66,15 @@ class OrderedService(MultiService):
 
 
 class ClientsHolder:
-    """The current set of clients; reloaded in place so the frontend never restarts for it."""
+    """
+    The current set of clients; reloaded in place so the frontend never restarts for it.
+    With ``public`` (the API listens beyond loopback), a file that accepts the demo id is
+    refused at reload as it is at start.
+    """
 
-    def __init__(self, path: str, clients: Clients | None = None) -> None:
+    def __init__(self, path: str, clients: Clients | None = None, *, public: bool = False) -> None:
         self.path = path
+        self.public = public
         self.clients = clients if clients is not None else load_clients(path)
 
     def __call__(self) -> Clients:
@@ -62,7 +82,10 @@ class ClientsHolder:
 
     def reload(self) -> bool:
         try:
-            self.clients = load_clients(self.path)
+            clients = load_clients(self.path)
+            if self.public and accepts_demo_id(clients):
+                raise ClientsFileError(f"{self.path} accepts the demo client id {DEMO_CLIENT_ID} while the API listens beyond loopback")
+            self.clients = clients
         except ClientsFileError as e:
             _log.error("clients file not reloaded, keeping the previous {count} clients: {error}", count=len(self.clients), error=str(e))
             return False
@@ -115,9 +138,11 @@ class QueueGauges(TimerService):
     retention of finished mail does not make each refresh slower.
     """
 
-    def __init__(self, store: Any, metrics: Metrics, clock: Any, interval: float = 5.0) -> None:
+    def __init__(self, store: Any, metrics: Metrics, clock: Any, interval: float = 5.0, wall: Any = None) -> None:
         super().__init__(interval, self.refresh)
         self.clock = clock
+        #: Wall-clock time, to compare with stored timestamps (the reactor's clock is monotonic).
+        self._wall = wall if wall is not None else clock.seconds
         self._store = store
         self._metrics = metrics
 
@@ -126,7 +151,7 @@ class QueueGauges(TimerService):
 
     async def _refresh(self) -> None:
         try:
-            now = self.clock.seconds()
+            now = self._wall()
             depth = await self._store.queue_depth(now)
         except Exception:
             _log.failure("reading queue statistics failed")
@@ -137,24 +162,28 @@ class QueueGauges(TimerService):
         gauges.oldest_age = 0.0 if depth.oldest_created_at is None else now - depth.oldest_created_at
 
 
-def make_service(config: Config, reactor: Any, *, clients: Clients | None = None) -> IService:
+def make_service(config: Config, reactor: Any, *, clients: Clients | None = None) -> OrderedService:
     root = OrderedService()
     metrics = Metrics()
     store = SQLiteStore.open(config.database, reactor)
     StoreService(store).setServiceParent(root)
+    from .health import DatabaseWatch, Health
+
+    # Every role writes: each process notices (and says once) that its database file was deleted or replaced.
+    DatabaseWatch(store, reactor).setServiceParent(root)
     if config.metrics_listen:
         # This process's own counters, whatever its roles (a sender's are on no API port);
         # added early, so stopped last: scrapes work while deliveries drain.
-        strports.service(config.metrics_listen, metrics_site(metrics), reactor=reactor).setServiceParent(root)
+        Listener(config.metrics_listen, metrics_site(metrics), reactor).setServiceParent(root)
 
     if "frontend" in config.roles:
         from .frontend import Frontend
-
         from .limits import QueueCap
 
-        holder = ClientsHolder(config.clients, clients)
-        queue_cap = QueueCap(store, reactor, config.max_queued)
+        holder = ClientsHolder(config.clients, clients, public=listens_beyond_loopback(config.listen))
+        queue_cap = QueueCap(store, reactor, config.max_queued, max_bytes=config.max_queued_bytes)
         queue_cap.setServiceParent(root)
+        max_connections = http_connection_cap(config, open_files_limit())
         frontend = Frontend(
             store,
             holder,
@@ -167,9 +196,13 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
             rate_burst=config.rate_burst,
             queue_cap=queue_cap,
             request_timeout=config.request_timeout,
+            max_connections=max_connections,
+            max_connections_per_source=min(config.max_http_connections_per_source, max_connections),
+            health=Health(store, config.database, reactor, min_free_space=config.min_free_space),
+            wall=time.time,
         )
         ClientsReloader(holder, reactor).setServiceParent(root)
-        QueueGauges(store, metrics, reactor).setServiceParent(root)
+        QueueGauges(store, metrics, reactor, wall=time.time).setServiceParent(root)
         http = HTTPService(config.listen, frontend.site(), reactor, grace=min(config.shutdown_timeout, 10.0))
 
     if "sender" in config.roles:
@@ -178,7 +211,9 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
     if "cleaner" in config.roles:
         from .cleaner import Cleaner
 
-        Cleaner(store, reactor, interval=config.clean_interval, retention=config.retention).setServiceParent(root)
+        Cleaner(
+            store, reactor, interval=config.clean_interval, retention=config.retention, wall=time.time
+        ).setServiceParent(root)
     if "frontend" in config.roles:
         # Added last, so stopped first: no new request is accepted while deliveries drain.
         http.setServiceParent(root)
@@ -191,10 +226,16 @@ def metrics_site(metrics: Metrics) -> Site:
 
     root = Resource()
     root.putChild(b"metrics", MetricsResource(metrics.registry))
-    site = Site(root)
-    site.log = lambda request: None  # type: ignore[method-assign]
+    site = _UnloggedSite(root)
     site.displayTracebacks = False
     return site
+
+
+class _UnloggedSite(Site):
+    """A Site without the access log."""
+
+    def log(self, request: Request) -> None:
+        pass
 
 
 class HTTPService(MultiService):
@@ -208,7 +249,7 @@ class HTTPService(MultiService):
         self.site = site
         self._reactor = reactor
         self._grace = grace
-        self.listener = strports.service(listen, site, reactor=reactor)
+        self.listener = Listener(listen, site, reactor)
         self.listener.setServiceParent(self)
 
     async def _stop(self) -> None:
@@ -226,8 +267,148 @@ class HTTPService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
 
+class Listener(StreamServerEndpointService):
+    """
+    A listening port that can be bound before twistd starts the service tree
+    (:func:`bind_listeners`), so that a port in use is one line at start, not a
+    traceback from inside twistd; binding again later is a no-op.
+    """
+
+    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
+        try:
+            endpoint = endpoints.serverFromString(reactor, description)
+        except (ValueError, TypeError) as e:
+            raise ListenError(f"cannot listen on {description}: {e}") from None
+        super().__init__(endpoint, factory)
+        self.description = description
+        # Errors of listen() are raised by privilegedStartService, not only logged.
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        if self._waitingForPort is not None:
+            return
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            error = e.socketError
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise ListenError(f"cannot listen on {self.description}: {reason.lower()}") from None
+
+
+def bind_listeners(service: IService) -> None:
+    """Bind every :class:`Listener` of the tree now; raises ListenError for the first that cannot."""
+    for listener in _walk(service):
+        if isinstance(listener, Listener):
+            listener.privilegedStartService()
+
+
+def _walk(service: Any) -> Iterator[Any]:
+    yield service
+    if isinstance(service, MultiService):
+        for child in service:
+            yield from _walk(child)
+
+
+def listens_beyond_loopback(description: str) -> bool:
+    """
+    Whether a strports description may accept connections from other hosts: a TCP
+    (``tcp``, ``tcp6``, ``ssl``, ``reuseport``) endpoint without an interface or on a
+    non-loopback one, and any endpoint type not known here; a Unix socket is local.
+    """
+    kind, positional, named = _split_strport(description)
+    if kind == "unix":
+        return False
+    if kind not in ("tcp", "tcp6", "ssl", "reuseport"):
+        return True
+    try:
+        return not ipaddress.ip_address(named.get("interface", "").strip("[]")).is_loopback
+    except ValueError:
+        return True  # "" (every interface) or not an address
+
+
+def _split_strport(description: str) -> tuple[str, list[str], dict[str, str]]:
+    """(type, positional arguments, keyword arguments), with strports' backslash escapes."""
+    parts, current, escaped = [], "", False
+    for char in description:
+        if escaped:
+            current, escaped = current + char, False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    kind, arguments = parts[0].lower(), parts[1:]
+    if kind not in ("unix", "tcp", "tcp6", "ssl", "reuseport") and not arguments:
+        # twisted's old form "8080" means tcp:8080 (every interface).
+        kind, arguments = "tcp", parts
+    named = dict(a.split("=", 1) for a in arguments if "=" in a)
+    return kind, [a for a in arguments if "=" not in a], named
+
+
+def accepts_demo_id(clients: Clients) -> bool:
+    return clients.authenticate(DEMO_CLIENT_ID) is not None
+
+
+def demo_id_problem(config: Config, clients: Clients) -> str | None:
+    """
+    Why this frontend must not start, or None: the API would be reachable from other
+    hosts while the well-known demo id of conf/clients is accepted (an open relay).
+    """
+    if "frontend" in config.roles and listens_beyond_loopback(config.listen) and accepts_demo_id(clients):
+        return (
+            f"{config.clients} accepts the demo client id {DEMO_CLIENT_ID} and --listen {config.listen} "
+            "reaches beyond loopback: remove the demo id (use API keys: mmgun keys create) or listen on 127.0.0.1"
+        )
+    return None
+
+
+def open_files_limit() -> int:
+    """This process's soft limit on open file descriptors (-1: none)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft
+
+
+def raise_open_files_limit() -> int:
+    """
+    Raise the soft limit on open file descriptors to the hard limit (many distributions
+    start services with 1024, which a thousand idle HTTP clients would exhaust); return
+    the soft limit in force. Process-wide: called once, by twistd's makeService.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            _log.warn("could not raise the open files limit from {soft} to {target}: {error}", soft=soft, target=target, error=str(e))
+    return open_files_limit()
+
+
+def http_connection_cap(config: Config, open_files: int) -> int:
+    """
+    ``--max-http-connections``, lowered (with a warning) so that the connections and
+    ``FD_RESERVE`` descriptors (plus a sender's SMTP sessions) fit under ``open_files``.
+    """
+    if open_files < 0:
+        return config.max_http_connections
+    reserve = FD_RESERVE + (config.max_connections if "sender" in config.roles else 0)
+    cap = max(1, min(config.max_http_connections, open_files - reserve))
+    if cap < config.max_http_connections:
+        _log.warn(
+            "--max-http-connections {wanted} lowered to {cap}: this process may open {limit} files and keeps {reserve} for other work",
+            wanted=config.max_http_connections,
+            cap=cap,
+            limit=open_files,
+            reserve=reserve,
+        )
+    return cap
+
+
 def make_sender(config: Config, store: Store, reactor: Any, metrics: Metrics | None = None) -> MultiService:
-    from .mx import MXResolver, RelayHost, make_resolver, parse_hostport
+    from .mx import ANY_ADDRESS, LocalAddresses, MXResolver, PublicOnly, RelayHost, make_resolver, parse_hostport
     from .sender import Sender, SenderSettings
     from .smtp import SMTPSettings, TLSMode
 
@@ -235,9 +416,13 @@ def make_sender(config: Config, store: Store, reactor: Any, metrics: Metrics | N
     resolver = make_resolver(servers, reactor)
     if config.relay_host:
         host, port = parse_hostport(config.relay_host, config.smtp_port)
-        router: Any = RelayHost(resolver, host, port, clock=reactor)
+        # The operator's choice: no address policy.
+        router: Any = RelayHost(resolver, host, port, clock=reactor, address_limit=config.mx_address_limit)
     else:
-        router = MXResolver(resolver, reactor, config.smtp_port)
+        policy = ANY_ADDRESS if config.allow_private_mx else PublicOnly(LocalAddresses(reactor))
+        router = MXResolver(
+            resolver, reactor, config.smtp_port, policy=policy, address_limit=config.mx_address_limit
+        )
     smtp = SMTPSettings(helo=config.helo, tls=TLSMode(config.tls), command_timeout=config.smtp_timeout)
     settings = SenderSettings(
         poll_interval=config.poll_interval,
@@ -248,11 +433,16 @@ def make_sender(config: Config, store: Store, reactor: Any, metrics: Metrics | N
         max_per_destination=config.max_per_destination,
         shutdown_timeout=config.shutdown_timeout,
         lease_time=config.lease_time,
+        mx_address_limit=config.mx_address_limit,
+        mx_session_limit=config.mx_session_limit,
     )
     sender = MultiService()
     # The DNS cache keeps a timer per entry; dropping it at stop leaves the reactor clean.
     _OnStop(getattr(resolver, "clear", lambda: None)).setServiceParent(sender)
-    Sender(store, router, reactor, smtp, settings, metrics=metrics).setServiceParent(sender)
+    # Stored timestamps are wall-clock time; the reactor's clock is monotonic (mmgun.clock).
+    Sender(
+        store, router, reactor, smtp, settings, metrics=metrics, owner=config.sender_id, wall=time.time
+    ).setServiceParent(sender)
     return sender
 
 

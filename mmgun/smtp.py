@@ -38,7 +38,7 @@ import enum
 import re
 from collections.abc import Callable, Iterable, Sequence
 from io import BytesIO
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Literal, Protocol, cast, runtime_checkable
 
 import attrs
 from OpenSSL import SSL
@@ -53,6 +53,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
     ITLSTransport,
+    ITransport,
 )
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS, platformTrust
@@ -77,6 +78,17 @@ __all__ = [
 ]
 
 _log = Logger()
+
+
+@runtime_checkable
+class _Abortable(Protocol):
+    """
+    A transport that can drop its connection without flushing. Every transport
+    that carries a session has C{abortConnection} (TCP, TLS, the testing
+    ones), but only L{twisted.internet.interfaces.ITCPTransport} declares it.
+    """
+
+    def abortConnection(self) -> None: ...
 
 
 def _recipients(addresses: Iterable[str]) -> tuple[str, ...]:
@@ -128,6 +140,13 @@ class Transaction:
     mail_from: str
     recipients: tuple[str, ...] = attrs.field(converter=_recipients)
     message: bytes
+    #: C{wire_form(message)}, when the caller already has it: the sender computes it
+    #: once per message, not once per transaction (a 2 MB message to 1,000 domains).
+    wire: bytes | None = attrs.field(default=None, kw_only=True, repr=False)
+
+    def payload(self) -> bytes:
+        """The DATA payload: L{wire_form} of the message."""
+        return self.wire if self.wire is not None else wire_form(self.message)
 
 
 @attrs.frozen
@@ -161,11 +180,14 @@ class SessionFailed(Exception):
     The caller then tries the next MX.
 
     @ivar reply: the peer's reply, or one synthesized here (code 421).
+    @ivar connected: C{False} when no connection was made (refused, timed
+        out): no SMTP session took place.
     """
 
-    def __init__(self, reply: Reply) -> None:
+    def __init__(self, reply: Reply, *, connected: bool = True) -> None:
         super().__init__(str(reply))
         self.reply = reply
+        self.connected = connected
 
 
 @attrs.frozen
@@ -224,7 +246,11 @@ def _check_address(address: str, what: str) -> None:
 
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?", re.DOTALL)
 _ENHANCED_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?= |$)")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What a peer's reply must not carry into last_reply and the logs: C0 and C1
+# controls, DEL, and the other characters str.splitlines() and log viewers
+# break lines at (U+2028, U+2029; U+0085 is C1), and bidirectional overrides
+# that make a logged line read differently from what it says.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 # A reply longer than this is hostile or broken; SMTPClient would buffer it
 # without limit.
@@ -360,6 +386,8 @@ class _ESMTPSession(ESMTPClient):
         on_result: Callable[[TransactionResult], object] | None = None,
     ) -> None:
         super().__init__(None, tls, settings.helo)
+        # ESMTPClient declares C{context = None}; this is the same object, typed.
+        self._tls = tls
         self._on_result = on_result
         self._clock = clock
         self.requireTransportSecurity = settings.tls is not TLSMode.OPPORTUNISTIC
@@ -529,7 +557,7 @@ class _ESMTPSession(ESMTPClient):
         """
         keywords = {line.split(None, 1)[0].upper() for line in resp.split(b"\n")[1:] if line.strip()}
         self._pipelining = b"PIPELINING" in keywords
-        if self._tlsMode or self.context is None:
+        if self._tlsMode or self._tls is None:
             self.smtpState_from(code, resp)
         elif b"STARTTLS" in keywords:
             self._phase = _Phase.STARTTLS
@@ -565,7 +593,8 @@ class _ESMTPSession(ESMTPClient):
         # RFC 3207 4.2: forget what the clear-text EHLO reply said.
         self._pipelining = False
         try:
-            ITLSTransport(self.transport).startTLS(self.context)
+            assert self._tls is not None, "STARTTLS is only sent with a TLS context"
+            ITLSTransport(self.transport).startTLS(self._tls)
         except Exception as e:
             self._tls_failed(str(e))
             return
@@ -576,6 +605,8 @@ class _ESMTPSession(ESMTPClient):
         self._phase = _Phase.TLS
 
     def _tls_failed(self, detail: str) -> None:
+        # The detail may quote what the peer sent (an alert, a certificate name).
+        detail = _CONTROL.sub(" ", detail)
         self._finish(Reply(421, f"4.7.5 TLS with {self._host} failed: {detail}"), then="abort", tls_failed=True)
 
     # -- mail transactions ---------------------------------------------------
@@ -610,7 +641,7 @@ class _ESMTPSession(ESMTPClient):
             self._group_sent = False
         elif self._pipelining:
             group = _group(transaction)
-            self.transport.write(b"RSET\r\n" + group if rset else group)
+            self._connected().write(b"RSET\r\n" + group if rset else group)
         else:
             assert not rset
             self.sendLine(b"MAIL FROM:<" + transaction.mail_from.encode("ascii") + b">")
@@ -727,19 +758,19 @@ class _ESMTPSession(ESMTPClient):
     def _send_body_and_dot(self) -> None:
         # wire_form() output is empty or ends with CRLF.
         self._body_sent = True
-        data = [wire_form(self._progress().transaction.message), b".\r\n"]
+        data = [self._progress().transaction.payload(), b".\r\n"]
         if self._next_index < len(self._transactions):
             # RFC 2920 3.1: the message content may lead a group, so the next
             # transaction's commands save a write and a round trip. No RSET: the
             # reply to "." ends this transaction whatever it is (RFC 5321 4.1.1.4).
             data.append(_group(self._transactions[self._next_index]))
             self._group_sent = True
-        self.transport.write(b"".join(data))
+        self._connected().write(b"".join(data))
         # For the reply to "."; _end_of_data_reply sets the command timeout for the group's.
         self.setTimeout(self._settings.data_timeout)
 
     def getMailData(self) -> BytesIO:
-        return BytesIO(wire_form(self._progress().transaction.message))
+        return BytesIO(self._progress().transaction.payload())
 
     def transformChunk(self, chunk: bytes) -> bytes:
         # Already in wire form; keep the idle timeout from firing while a
@@ -818,6 +849,11 @@ class _ESMTPSession(ESMTPClient):
         assert self._current is not None
         return self._current
 
+    def _connected(self) -> ITransport:
+        # Set by makeConnection before any reply can arrive, and never cleared.
+        assert self.transport is not None
+        return self.transport
+
     def _complete(self, progress: _Progress) -> None:
         recipients = {recipient: progress.outcomes[recipient] for recipient in progress.recipients}
         result = TransactionResult(progress.transaction.key, True, recipients)
@@ -884,8 +920,10 @@ class _ESMTPSession(ESMTPClient):
         self.ended.callback(outcome)
 
     def _abort(self) -> None:
-        if self.transport is not None:
+        if isinstance(self.transport, _Abortable):
             self.transport.abortConnection()
+        elif self.transport is not None:
+            self.transport.loseConnection()
 
     def _cancel(self) -> None:
         self._finished = True
@@ -935,11 +973,18 @@ async def _attempt(
     connecting = _endpoint(reactor, address, port, settings.connect_timeout).connect(_OneSession(session))
     # Also enforced here, on the injected clock, whatever the reactor does
     # with the endpoint's timeout.
-    timer = clock.callLater(settings.connect_timeout, connecting.cancel)
+    timed_out = False
+
+    def time_out() -> None:
+        nonlocal timed_out
+        timed_out = True
+        connecting.cancel()
+
+    timer = clock.callLater(settings.connect_timeout, time_out)
     try:
         await connecting
     except Exception as e:
-        raise SessionFailed(_connect_failed(host, address, e, timed_out=timer.called)) from e
+        raise SessionFailed(_connect_failed(host, address, e, timed_out=timed_out), connected=False) from e
     finally:
         if timer.active():
             timer.cancel()

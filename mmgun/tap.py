@@ -32,21 +32,33 @@ class Options(_config.Options):
             # twistd resolves this name after we return (ServerOptions.postOptions).
             self.parent["logger"] = "mmgun.logs.json_observer"
         if "frontend" in self.config.roles:
+            from .service import demo_id_problem
+
             try:
                 self.clients = load_clients(self.config.clients)
             except ClientsFileError as e:
                 raise usage.UsageError(str(e)) from None
+            problem = demo_id_problem(self.config, self.clients)
+            if problem is not None:
+                raise usage.UsageError(problem)
 
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from .service import make_service
+    from .clock import use_monotonic_time
+    from .service import ListenError, bind_listeners, make_service, raise_open_files_limit
     from .store import StorageError
 
+    # Before anything schedules a timer: durations must not jump with the wall clock.
+    use_monotonic_time(reactor)
+    raise_open_files_limit()
     try:
         service = make_service(options.config, reactor, clients=getattr(options, "clients", None))
-    except StorageError as e:
+        # Bound now, before twistd starts logging and the service tree: a port in use is
+        # one line and exit status 1, not a traceback from privilegedStartService.
+        bind_listeners(service)
+    except (StorageError, ListenError) as e:
         sys.stderr.write(f"mmgun: {e}\n")
         raise SystemExit(1) from None
     reactor.callWhenRunning(_stop_cleanly_on_signals, reactor)
@@ -71,6 +83,7 @@ def _log_through(service: IService, observer: ILogObserver | None) -> None:
         parent.setComponent(ILogObserver, observer)
         set_parent(parent)
 
+    # Wrapped on this instance only, whatever its class (a test passes a plain MultiService).
     service.setServiceParent = setServiceParent  # type: ignore[method-assign]
 
 

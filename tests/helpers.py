@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mmgun.clients import Clients, client_label
 from mmgun.frontend import Frontend
 from mmgun.store.sqlite import SQLiteStore
+from mmgun.testing.ports import port_number
 
 CLIENT = "test-client-aaaaaaaaaaaaaaaa"
 OTHER_CLIENT = "test-client-bbbbbbbbbbbbbbbb"
@@ -43,7 +44,8 @@ class APIClient:
 
     def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None, headers: dict | None = None) -> tuple[int, Any]:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        d = self.treq.request(method, "http://mmgun.test" + path, data=data, headers=headers or {})
+        # StubTreq copies treq's functions onto itself in __init__: type checkers do not see them.
+        d = self.treq.request(method, "http://mmgun.test" + path, data=data, headers=headers or {})  # type: ignore[attr-defined]
         self.treq.flush()
         response = self.case.successResultOf(d)
         content = self.case.successResultOf(response.content())
@@ -76,14 +78,21 @@ def make_api(case: SynchronousTestCase, **kwargs: Any) -> tuple[APIClient, SQLit
 
 def http_url(service: Any) -> str:
     """The URL of a started service tree's HTTP API (listening on port 0)."""
+    from twisted.internet.interfaces import IListeningPort
+
     from mmgun.service import HTTPService
 
     (http,) = [s for s in service if isinstance(s, HTTPService)]
-    ports: list = []
-    # addCallback returns the port on, so stopService still finds it.
-    http.listener._waitingForPort.addCallback(lambda port: ports.append(port) or port)
+    ports: list[IListeningPort] = []
+
+    def keep(port: IListeningPort) -> IListeningPort:
+        ports.append(port)
+        # Returns the port on, so stopService still finds it.
+        return port
+
+    http.listener._waitingForPort.addCallback(keep)
     assert len(ports) == 1, "port 0 is bound synchronously"
-    return f"http://127.0.0.1:{ports[0].getHost().port}"
+    return f"http://127.0.0.1:{port_number(ports[0])}"
 
 
 def serve(case: Any, frontend: Any) -> str:
@@ -100,7 +109,9 @@ def serve(case: Any, frontend: Any) -> str:
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
 
     async def close() -> None:
-        await port.stopListening()
+        stopped = port.stopListening()
+        if stopped is not None:
+            await stopped
         for channel in list(site.channels):
             channel.transport.loseConnection()
         deadline = reactor.seconds() + 5
@@ -108,4 +119,4 @@ def serve(case: Any, frontend: Any) -> str:
             await deferLater(reactor, 0.01, lambda: None)
 
     case.addCleanup(lambda: Deferred.fromCoroutine(close()))
-    return f"http://127.0.0.1:{port.getHost().port}"
+    return f"http://127.0.0.1:{port_number(port)}"

@@ -54,8 +54,8 @@ class CleanerTests(SynchronousTestCase):
         calls: list[int] = []
         real = self.store.clean
 
-        async def counting(before: float, limit: int) -> int:
-            deleted = await real(before, limit)
+        async def counting(before: float, limit: int, now: float) -> int:
+            deleted = await real(before, limit, now)
             calls.append(deleted)
             return deleted
 
@@ -68,7 +68,7 @@ class CleanerTests(SynchronousTestCase):
         self.assertEqual(calls, [3, 3, 1])
 
     def test_a_failing_pass_does_not_stop_the_loop(self) -> None:
-        async def broken(before: float, limit: int) -> int:
+        async def broken(before: float, limit: int, now: float) -> int:
             raise RuntimeError("disk on fire")
 
         real = self.store.clean

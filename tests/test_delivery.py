@@ -6,7 +6,7 @@ a real twisted.names DNS server and real Twisted ESMTP servers with scripted fau
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import treq
 from twisted.internet import reactor
@@ -18,12 +18,13 @@ from twisted.web.client import HTTPConnectionPool
 
 from mmgun.config import Options
 from mmgun.service import make_service
-from mmgun.testing.dnsserver import listen_dns
+from mmgun.testing.dnsserver import Records, listen_dns
+from mmgun.testing.ports import port_number
 from mmgun.testing.smtpserver import Mailbox, smtp_server_factory
 
-from .helpers import http_url, CLIENT
+from .helpers import CLIENT, http_url
 
-ZONE = {
+ZONE: Records = {
     "alpha.example": [dns.Record_MX(10, b"mx.alpha.example", ttl=60)],
     "mx.alpha.example": [dns.Record_A("127.0.0.2", ttl=60)],
     "beta.example": [dns.Record_MX(10, b"mx.beta.example", ttl=60)],
@@ -42,14 +43,15 @@ DEADLINE = 30.0
 class DeliveryTests(TestCase):
     def setUp(self) -> None:
         self.pool = HTTPConnectionPool(reactor, persistent=False)
-        udp, tcp = listen_dns(reactor, ZONE)
+        # The global reactor is typed as the interfaces every reactor provides; this one also does UDP.
+        udp, tcp = listen_dns(cast(Any, reactor), ZONE)
         self.addCleanup(udp.stopListening)
         self.addCleanup(tcp.stopListening)
-        self.dns_port = udp.getHost().port
+        self.dns_port = port_number(udp)
         self.mail = {"127.0.0.2": Mailbox(), "127.0.0.3": Mailbox()}
         first = reactor.listenTCP(0, smtp_server_factory(reactor, self.mail["127.0.0.2"], tls=True), interface="127.0.0.2")
         self.addCleanup(first.stopListening)
-        self.smtp_port = first.getHost().port
+        self.smtp_port = port_number(first)
         second = reactor.listenTCP(self.smtp_port, smtp_server_factory(reactor, self.mail["127.0.0.3"], tls=False), interface="127.0.0.3")
         self.addCleanup(second.stopListening)
 
@@ -63,7 +65,7 @@ class DeliveryTests(TestCase):
             "--role", "frontend", "--role", "sender",
             "--nameserver", f"127.0.0.1:{self.dns_port}", "--smtp-port", str(self.smtp_port),
             "--helo", "mmgun.test", "--poll-interval", "0.05", "--retry-min", "0.2s", "--retry-max", "0.4s",
-            "--smtp-timeout", "10s", *extra,
+            "--smtp-timeout", "10s", "--allow-private-mx", *extra,
         ])
         service = make_service(options.config, reactor)
         service.startService()

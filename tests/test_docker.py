@@ -32,8 +32,10 @@ import yaml
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from mmgun.clients import load_clients
 from mmgun.config import ROLES, Config, Options
 from mmgun.mx import parse_hostport
+from mmgun.service import demo_id_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCKERFILE = os.path.join(ROOT, "Dockerfile")
@@ -173,7 +175,23 @@ def dockerfile_problems(text: str) -> Problems:
         problems.append(f"the API listens on port {port} but the image EXPOSEs {sorted(exposed)}")
     if is_loopback(interface):
         problems.append(f"{config.listen} is unreachable from outside the container")
+    problems += demo_problems("the image", config)
     return problems
+
+
+def demo_problems(name: str, config: Config) -> Problems:
+    """
+    What ``twistd mmgun`` itself refuses at start (issue 11 item 18): a frontend listening
+    beyond loopback while its clients file (from the repository, copied under WORKDIR)
+    accepts the well-known demo id.
+    """
+    if "frontend" not in config.roles or not inside(config.clients, WORKDIR):
+        return []
+    path = os.path.join(ROOT, posixpath.relpath(config.clients, WORKDIR))
+    if not os.path.isfile(path):
+        return [f"{name}: clients file {config.clients} is not in the repository"]
+    problem = demo_id_problem(config, load_clients(path))
+    return [] if problem is None else [f"{name}: mmgun would refuse to start: {problem}"]
 
 
 # -- mmgun's and the stubs' own parsers ---------------------------------------------------------------
@@ -299,14 +317,21 @@ def bind_mounts(service: Mapping[str, Any]) -> list[str]:
 
 def published_ports(service: Mapping[str, Any]) -> list[tuple[int, int]]:
     """(host port, container port) pairs."""
-    pairs = []
+    return [(host, target) for _, host, target in published_bindings(service)]
+
+
+def published_bindings(service: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port); the address is "" for every interface of the host."""
+    bindings = []
     for port in service.get("ports") or []:
         if isinstance(port, dict):
-            pairs.append((int(port.get("published") or port["target"]), int(port["target"])))
+            target = int(port["target"])
+            bindings.append((str(port.get("host_ip") or ""), int(port.get("published") or target), target))
             continue
-        parts = str(port).split("/")[0].split(":")
-        pairs.append((int(parts[-2]) if len(parts) > 1 else int(parts[-1]), int(parts[-1])))
-    return pairs
+        parts = str(port).split("/")[0].rsplit(":", 2)
+        target = int(parts[-1])
+        bindings.append((parts[0] if len(parts) == 3 else "", int(parts[-2]) if len(parts) > 1 else target, target))
+    return bindings
 
 
 def namespace(services: Mapping[str, Any], name: str) -> str:
@@ -462,6 +487,12 @@ def port_problems(services: Mapping[str, Any], configs: Mapping[str, Config]) ->
         published = published_ports(services[owner])
         if port not in [inner for _, inner in published]:
             problems.append(f"{name}: listens on {port} but {owner} publishes {published}")
+        for address, outer, inner in published_bindings(services[owner]):
+            if inner == port and not is_loopback(address):
+                problems.append(
+                    f"{owner}: publishes the API on {address or 'every interface'} of the host; use 127.0.0.1:{outer}:{inner}"
+                )
+        problems += demo_problems(name, config)
         test = " ".join(services[name].get("healthcheck", {}).get("test") or [])
         if "/healthz" in test and f":{port}/healthz" not in test:
             problems.append(f"{name}: the healthcheck asks a port other than {port}")
@@ -521,6 +552,12 @@ class DockerfileTests(SynchronousTestCase):
         self.assertEqual(env["MMGUN_LISTEN"], "tcp:8080:interface=0.0.0.0")
         self.assertTrue(env["MMGUN_CLIENTS"].startswith(WORKDIR + "/"))
         self.assertTrue(os.path.isfile(os.path.join(ROOT, posixpath.relpath(env["MMGUN_CLIENTS"], WORKDIR))))
+
+    def test_image_clients_file_accepts_no_demo_id(self) -> None:
+        """issue 11 item 18: the image listens on 0.0.0.0, so its default clients file must not hold the demo id."""
+        problems = dockerfile_problems(self.text + "\nENV MMGUN_CLIENTS=/app/conf/clients\n")
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("demo client id", problems[0])
 
     def test_workdir_is_the_checkout(self) -> None:
         """Compose commands name scripts relative to the repository root, which is the WORKDIR."""
@@ -644,6 +681,26 @@ class _ComposeChecks(_Mixin):
         compose = self.broken()
         del compose["services"]["sender"]["healthcheck"]
         self.assertIn("sender: no healthcheck", self.problems(compose))
+
+    def test_api_published_beyond_loopback_is_caught(self) -> None:
+        """issue 11 item 18: the API is published on the host's loopback only."""
+        for ports in (["8080:8080"], ["0.0.0.0:8080:8080"], [{"target": 8080, "published": 8080}]):
+            compose = self.broken()
+            compose["services"]["frontend"]["ports"] = ports
+            problems = self.problems(compose)
+            self.assertTrue(any(p.startswith("frontend: publishes the API on") for p in problems), (ports, problems))
+        compose = self.broken()
+        compose["services"]["frontend"]["ports"] = ["[::1]:8080:8080"]
+        self.assertEqual(self.problems(compose), [])
+
+    def test_demo_client_id_is_caught(self) -> None:
+        """issue 11 item 18: a frontend on 0.0.0.0 with the demo id of conf/clients would refuse to start."""
+        compose = self.broken()
+        compose["services"]["frontend"]["environment"]["MMGUN_CLIENTS"] = "/app/conf/clients"
+        problems = self.problems(compose)
+        self.assertTrue(
+            any(p.startswith("frontend: mmgun would refuse to start") and "demo client id" in p for p in problems), problems
+        )
 
     def test_foreign_image_is_caught(self) -> None:
         compose = self.broken()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 
 import treq
+from twisted.application.service import IServiceCollection
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
@@ -52,7 +54,7 @@ class SharedPortTests(TestCase):
         service = make_service(options.config, reactor)
         service.startService()
         self.addCleanup(service.stopService)
-        (http,) = [s for s in service if isinstance(s, HTTPService)]
+        (http,) = [s for s in IServiceCollection(service) if isinstance(s, HTTPService)]
         return http_url(service), http
 
     async def _two_frontends(self) -> None:
@@ -66,7 +68,7 @@ class SharedPortTests(TestCase):
         for site in served:
             build = site.buildProtocol
 
-            def counting(addr: object, site: object = site, build: object = build) -> object:
+            def counting(addr: object, site: object = site, build: Callable[[object], object] = build) -> object:
                 served[site] += 1
                 return build(addr)
 

@@ -32,6 +32,7 @@ class FormatTests(SynchronousTestCase):
 
     def test_plain_event(self) -> None:
         line = self.same(event("accepted submission {submission} from {client}: {recipients} recipients", submission="ab", client="c", recipients=3))
+        assert line is not None
         self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[mmgun\.test#info\] accepted submission ab from c: 3 recipients\n$")
 
     def test_conversions_attributes_and_items(self) -> None:
@@ -55,7 +56,7 @@ class FormatTests(SynchronousTestCase):
         self.same(event("{x:.2f}", x=3.14159, log_flattened={"x:.2f": "3.14159"}))  # flattened by a JSON observer first
         self.same({"log_format": "no time or level"})
         try:
-            1 / 0
+            _ = 1 / 0
         except ZeroDivisionError:
             self.same(event("boom", log_failure=Failure()))
 
@@ -82,7 +83,8 @@ class TwistdTests(TestCase):
     def test_observer_writes_to_the_logfile(self) -> None:
         path = os.path.abspath(self.mktemp())
         observer = twistd_text_observer({"logfile": path, "nodaemon": True})
-        self.addCleanup(lambda: observer._outFile.close())
+        assert observer is not None
+        self.addCleanup(observer._outFile.close)
         observer(event("hello {who}", who="file"))
         with open(path) as f:
             self.assertIn("[mmgun.test#info] hello file\n", f.read())
@@ -93,7 +95,8 @@ class TwistdTests(TestCase):
         from twisted.logger import ILogObserver
 
         observer = twistd_text_observer({"logfile": os.path.abspath(self.mktemp()), "nodaemon": True})
-        self.addCleanup(lambda: observer._outFile.close())
+        assert observer is not None
+        self.addCleanup(observer._outFile.close)
         service, application = MultiService(), Application("mmgun")
         _log_through(service, observer)
         service.setServiceParent(application)
@@ -109,7 +112,7 @@ class TwistdTests(TestCase):
              "--role", "sender", "--relay-host", "127.0.0.1:1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
-        self.addCleanup(lambda: process.poll() is None and process.kill())
+        self.addCleanup(process.kill)  # a no-op once the process has exited
 
         def text() -> str:
             with open(logfile) as f:
@@ -141,7 +144,7 @@ class TwistdTests(TestCase):
                  "--role", "sender", "--relay-host", "127.0.0.1:1"],
                 cwd=folder, stdout=f, stderr=subprocess.STDOUT,
             )
-        self.addCleanup(lambda: process.poll() is None and process.kill())
+        self.addCleanup(process.kill)  # a no-op once the process has exited
 
         def output() -> str:
             with open(out) as f:

@@ -26,6 +26,7 @@ from twisted.names.error import (
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mmgun.mx import (
+    ANY_ADDRESS,
     CachingResolver,
     MXHost,
     MXResolver,
@@ -47,10 +48,11 @@ class _MemoryAuthority(authority.FileAuthority):
     """
 
     def __init__(self, records: Records) -> None:
-        # FileAuthority.__init__ would load a file.
+        # FileAuthority.__init__ would load a file.  Its class attributes
+        # "soa = None" and "records = None" make the type checker see None here.
         common.ResolverBase.__init__(self)
         self._cache: dict[Any, Any] = {}
-        self.soa = (
+        self.soa = (  # type: ignore[assignment]  # see above
             b"",
             dns.Record_SOA(
                 mname="ns.test",
@@ -63,7 +65,7 @@ class _MemoryAuthority(authority.FileAuthority):
                 ttl=60,
             ),
         )
-        self.records = {
+        self.records = {  # type: ignore[assignment]  # see above
             dns.domainString(name).lower(): list(rs) for name, rs in records.items()
         }
 
@@ -154,7 +156,7 @@ class RealServerTests(TestCase):
     def mx(self, records: Records, rcodes: Mapping[str, int] | None = None) -> MXResolver:
         from twisted.internet import reactor
 
-        return MXResolver(self.resolver(records, rcodes)[0], reactor)
+        return MXResolver(self.resolver(records, rcodes)[0], reactor, policy=ANY_ADDRESS)
 
     async def test_mx_in_preference_order(self) -> None:
         mx = self.mx(
@@ -200,7 +202,7 @@ class RealServerTests(TestCase):
         )
         from twisted.internet import reactor
 
-        hosts = await MXResolver(resolver, reactor).hosts("example.com")
+        hosts = await MXResolver(resolver, reactor, policy=ANY_ADDRESS).hosts("example.com")
         self.assertEqual(hosts, [MXHost("mx1.example.com", "127.0.0.2", 25)])
         self.assertEqual(queries, [("example.com", dns.MX)])
 
@@ -251,7 +253,7 @@ class RealServerTests(TestCase):
         )
         from twisted.internet import reactor
 
-        mx = MXResolver(resolver, reactor)
+        mx = MXResolver(resolver, reactor, policy=ANY_ADDRESS)
         first = await mx.hosts("example.com")
         sent = len(queries)
         second = await mx.hosts("example.com")
@@ -309,12 +311,12 @@ class FakeResolverTests(SynchronousTestCase):
     """L{MXResolver} behaviour that is clearer with a fake resolver."""
 
     def hosts(self, resolver: FakeResolver, domain: str = "example.com", **kw: Any) -> Any:
-        return self.successResultOf(_hosts(MXResolver(resolver, Clock(), **kw), domain))
+        return self.successResultOf(_hosts(MXResolver(resolver, Clock(), policy=ANY_ADDRESS, **kw), domain))
 
     def reply(
         self, resolver: FakeResolver, error: type[Exception], domain: str = "example.com"
     ) -> str:
-        failure = self.failureResultOf(_hosts(MXResolver(resolver, Clock()), domain), error)
+        failure = self.failureResultOf(_hosts(MXResolver(resolver, Clock(), policy=ANY_ADDRESS), domain), error)
         reply: str = failure.value.reply
         return reply
 
@@ -481,6 +483,7 @@ class BadHostTests(SynchronousTestCase):
                 }
             ),
             self.clock,
+            policy=ANY_ADDRESS,
             bad_timeout=300,
         )
         self.first, self.second, self.third = self.addresses()
@@ -548,7 +551,7 @@ class ResolverTests(SynchronousTestCase):
         5 seconds later, as a temporary failure.
         """
         reactor = _UDPMemoryReactor()
-        mx = MXResolver(make_resolver([("192.0.2.53", 53)], reactor), reactor)
+        mx = MXResolver(make_resolver([("192.0.2.53", 53)], reactor), reactor, policy=ANY_ADDRESS)
         d = _hosts(mx, "example.com")
         reactor.advance(1)
         reactor.advance(3)

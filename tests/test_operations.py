@@ -11,6 +11,7 @@ import sys
 
 import treq
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.application.service import IServiceCollection
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
@@ -20,9 +21,10 @@ from twisted.web.client import HTTPConnectionPool
 from mmgun.config import Options
 from mmgun.metrics import Metrics
 from mmgun.service import ClientsHolder, ClientsReloader, QueueGauges, make_service
+from mmgun.testing.ports import port_number
 from mmgun.testing.smtpserver import Mailbox, smtp_server_factory
 
-from .helpers import http_url, CLIENT, OTHER_CLIENT, make_api, result, sync_store
+from .helpers import CLIENT, OTHER_CLIENT, http_url, make_api, result, sync_store
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -74,7 +76,7 @@ class MetricsTests(TestCase):
         good = {"client_id": CLIENT, "sender": "a@b.example", "recipients": ["c@d.example", "e@f.example"], "subject": "s", "body": "b"}
         for body in (good, good, {**good, "sender": "bad"}, {**good, "client_id": "nobody-xxxxxxxxxxxx"}):
             await (await treq.post(url + "/send", json=body, pool=pool)).content()
-        gauges = [s for s in service if isinstance(s, QueueGauges)][0]
+        gauges = [s for s in IServiceCollection(service) if isinstance(s, QueueGauges)][0]
         await gauges.refresh()
         response = await treq.get(url + "/metrics", pool=pool)
         self.assertEqual(response.code, 200)
@@ -94,13 +96,14 @@ class MetricsTests(TestCase):
 
 class SenderMetricsTests(SynchronousTestCase):
     def test_delivery_outcomes_counted(self) -> None:
-        from .test_sender import FakeRouter, ScriptedSessions, SETTINGS, mx
         import random
         import uuid
 
         from mmgun.sender import Sender
         from mmgun.smtp import Reply, SMTPSettings
         from mmgun.store import NewSubmission
+
+        from .test_sender import SETTINGS, FakeRouter, ScriptedSessions, mx
 
         store, _ = sync_store(self)
         clock = Clock()
@@ -154,6 +157,7 @@ class ClientsReloadTests(SynchronousTestCase):
         if not hasattr(signal, "SIGHUP"):
             self.skipTest("no SIGHUP here")
         calls: list = []
+        # A Clock has no callFromThread: the reloader's signal handler gets this stand-in.
         self.clock.callFromThread = lambda f, *a: calls.append(f)  # type: ignore[attr-defined]
         self.reloader.stopService()
         self.reloader.startService()
@@ -172,7 +176,7 @@ class DaemonShutdownTests(TestCase):
         factory = smtp_server_factory(reactor, mailbox, tls=False, slow_seconds=3600)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        self.addCleanup(lambda: [c.transport.abortConnection() for c in list(factory.server.connections)])
+        self.addCleanup(factory.server.abort_connections)
         folder = self.mktemp()
         os.makedirs(folder)
         clients = os.path.join(folder, "clients")
@@ -183,11 +187,11 @@ class DaemonShutdownTests(TestCase):
         self.addCleanup(log.close)
         process = subprocess.Popen(
             [TWISTD, "--pidfile=", "-n", "mmgun", "--database", database, "--clients", clients,
-             "--listen", "tcp:0:interface=127.0.0.1", "--relay-host", f"127.0.0.1:{port.getHost().port}",
+             "--listen", "tcp:0:interface=127.0.0.1", "--relay-host", f"127.0.0.1:{port_number(port)}",
              "--poll-interval", "0.05", "--shutdown-timeout", "1s", "--log-format", "json", "--role", "sender"],
             stdout=log, stderr=subprocess.STDOUT,
         )
-        self.addCleanup(lambda: process.poll() is None and process.kill())
+        self.addCleanup(process.kill)  # a no-op once the process has exited
         store, _ = sync_store(self)
         from mmgun.store import NewSubmission
 
@@ -293,7 +297,7 @@ class MetricsListenTests(TestCase):
         service = make_service(options.config, reactor)
         service.startService()
         self.addCleanup(service.stopService)
-        (listener,) = [s for s in service if isinstance(s, StreamServerEndpointService)]
+        (listener,) = [s for s in IServiceCollection(service) if isinstance(s, StreamServerEndpointService)]
         port = await listener._waitingForPort
         url = f"http://127.0.0.1:{port.getHost().port}"
         pool = HTTPConnectionPool(reactor, persistent=False)

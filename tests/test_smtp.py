@@ -21,12 +21,18 @@ from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, ISSLTransport
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
+    IOpenSSLServerConnectionCreator,
+    ISSLTransport,
+)
+from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
 from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
-from twisted.mail.smtp import ESMTP, SMTPBadRcpt
+from twisted.mail.smtp import ESMTP, SMTPBadRcpt, User
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -98,8 +104,13 @@ class MemoryTLSTransport(iosim.FakeTransport):
         super().__init__(*args, **kwargs)
         self.writes: list[bytes] = []  # what the protocol wrote, one entry a call, before TLS
 
-    def startTLS(self, contextFactory: object, beNormal: bool = True) -> None:
-        factory = TLSMemoryBIOFactory(contextFactory, not self.isServer, None)
+    def startTLS(
+        self,
+        contextFactory: IOpenSSLContextFactory | IOpenSSLClientConnectionCreator | IOpenSSLServerConnectionCreator,
+        beNormal: bool = True,
+    ) -> None:
+        # No wrapped factory, as twisted.internet._newtls passes none: the protocol is given below.
+        factory = TLSMemoryBIOFactory(contextFactory, not self.isServer, None)  # type: ignore[arg-type]
         tls = TLSMemoryBIOProtocol(factory, self.protocol, False)
         self.protocol = tls
         self._tls = tls
@@ -139,6 +150,7 @@ class FakeMX(LineReceiver):
     """
 
     MAX_LENGTH = 1 << 24
+    transport: MemoryTLSTransport  # Session.accept connects it over one
 
     def __init__(
         self,
@@ -178,11 +190,14 @@ class FakeMX(LineReceiver):
 
     def reply_for(self, verb: bytes, line: bytes, default: bytes) -> object:
         script = self.replies.get(verb)
+        reply: object
         if callable(script):
-            script = script(line)
+            reply = script(line)
         elif isinstance(script, list):
-            script = script.pop(0) if script else None
-        return default if script is None else script
+            reply = script.pop(0) if script else None
+        else:
+            reply = script
+        return default if reply is None else reply
 
     def dataReceived(self, data: bytes) -> None:
         if self._garbling:
@@ -274,13 +289,19 @@ class Session:
             send_session(self.reactor, host, ADDRESS, PORT, transactions, settings, on_result=on_result)
         )
         self.client_transports: list[MemoryTLSTransport] = []
-        self.pump: iosim.IOPump | None = None
+        self._pump: iosim.IOPump | None = None
+
+    @property
+    def pump(self) -> iosim.IOPump:
+        """The pump of the last connection accepted."""
+        assert self._pump is not None, "no connection accepted yet"
+        return self._pump
 
     @property
     def attempts(self) -> int:
         return len(self.reactor.tcpClients)
 
-    def accept(self, server: LineReceiver) -> iosim.IOPump:
+    def accept(self, server: Protocol) -> iosim.IOPump:
         address, port, factory, timeout, _ = self.reactor.tcpClients[len(self.client_transports)]
         client = factory.buildProtocol(IPv4Address("TCP", address, port))
         server_io = MemoryTLSTransport(
@@ -296,12 +317,13 @@ class Session:
             peerAddress=IPv4Address("TCP", address, port),
         )
         self.client_transports.append(client_io)
-        self.pump = iosim.connect(server, server_io, client, client_io, greet=False, clock=self.reactor)
-        self.pump.flush()
-        return self.pump
+        self._pump = iosim.connect(server, server_io, client, client_io, greet=False, clock=self.reactor)
+        self._pump.flush()
+        return self._pump
 
     def refuse(self) -> None:
         index = len(self.client_transports)
+        # Keeps the indexes of client_transports those of tcpClients; nothing reads a refused one.
         self.client_transports.append(None)  # type: ignore[arg-type]
         self.reactor.tcpClients[index][2].clientConnectionFailed(
             self.reactor.connectors[index], Failure(ConnectionRefusedError())
@@ -309,8 +331,8 @@ class Session:
 
     def advance(self, seconds: float) -> None:
         self.reactor.advance(seconds)
-        if self.pump is not None:
-            self.pump.flush()
+        if self._pump is not None:
+            self._pump.flush()
 
 
 def sent(reply: str = "250 2.0.0 Ok: queued as 1234") -> RecipientResult:
@@ -691,6 +713,7 @@ class DeliveryTests(SynchronousTestCase):
         """StringTransport has no setTcpNoDelay; the client copes."""
         session = Session([transaction()])
         client = session.reactor.tcpClients[0][2].buildProtocol(None)
+        assert client is not None
         transport = StringTransport()
         client.makeConnection(transport)
         client.dataReceived(b"220 mx.example ESMTP\r\n")
@@ -1003,17 +1026,18 @@ class Mailbox:
     def validateFrom(self, helo: object, origin: object) -> object:
         return origin
 
-    def validateTo(self, user: object) -> Callable[[], _Message]:
-        if user.dest.local == b"nobody":  # type: ignore[attr-defined]
+    def validateTo(self, user: User) -> Callable[[], IMessageSMTP]:
+        if user.dest.local == b"nobody":
             raise SMTPBadRcpt(user)
-        return lambda: _Message(self, str(user.dest))  # type: ignore[attr-defined]
+        return lambda: _Message(self, str(user.dest))
 
 
 def twisted_server(mailbox: Mailbox, tls: ServerTLS | None = None, kind: type[ESMTP] = ESMTP) -> ESMTP:
     server = kind(contextFactory=tls)
-    server.delivery = mailbox
+    # twisted.mail's SMTP declares "delivery = None" and "timeout = 600" in its class body.
+    server.delivery = mailbox  # type: ignore[assignment]
     server.host = HOST
-    server.timeout = None  # its timer would use the global reactor
+    server.timeout = None  # type: ignore[assignment]  # its timer would use the global reactor
     server.noisy = False
     return server
 

@@ -9,11 +9,15 @@ server over real loopback sockets.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
-from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
+from twisted.internet.interfaces import IAddress, IConnector, IReactorTCP, IReactorTime
+from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory, connectionDone
 from twisted.internet.testing import StringTransport
+from twisted.mail.interfaces import IMessageSMTP
 from twisted.mail.smtp import ESMTP, SMTPServerError, User
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -28,8 +32,8 @@ from mmgun.smtp import (
     send_session,
     wire_form,
 )
-from mmgun.testing.smtpserver import Mailbox as StubMailbox
-from mmgun.testing.smtpserver import smtp_server_factory
+from mmgun.testing.ports import port_number
+from mmgun.testing.smtpserver import Mailbox as StubMailbox, _StubESMTP, smtp_server_factory
 
 from .test_smtp import (
     DROP,
@@ -76,8 +80,8 @@ class InOrderMX(FakeMX):
     server must (RFC 2920 3.1), the replies to every command read behind it.
     """
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._held: list[bytes] | None = None
 
     def send(self, reply: object) -> None:
@@ -119,6 +123,7 @@ class WritesTests(SynchronousTestCase):
     def connect(self, transactions: list[Transaction]) -> tuple[Session, WriteLog]:
         session = Session(transactions)
         client = session.reactor.tcpClients[0][2].buildProtocol(None)
+        assert client is not None
         transport = WriteLog()
         client.makeConnection(transport)
         client.dataReceived(b"220 mx.example ESMTP\r\n")
@@ -812,6 +817,7 @@ class PipeliningESMTP(ESMTP):
         return {**super().extensions(), b"PIPELINING": None}
 
 
+@implementer(IMessageSMTP)
 class _TooBig:
     def lineReceived(self, line: bytes) -> None:
         raise SMTPServerError(552, b"5.3.4 Message too big")
@@ -831,7 +837,7 @@ class RefusingMailbox(Mailbox):
         self._refused = refused
         self._count = count
 
-    def validateTo(self, user: User) -> object:
+    def validateTo(self, user: User) -> Callable[[], IMessageSMTP]:
         make = super().validateTo(user)
         if self._count and str(user.dest).encode("ascii") == self._refused:
             self._count -= 1
@@ -907,11 +913,11 @@ def _lost(protocol: Protocol) -> Deferred[None]:
     lost: Deferred[None] = Deferred()
     connection_lost = protocol.connectionLost
 
-    def notify(reason: Failure) -> None:
+    def notify(reason: Failure = connectionDone) -> None:
         connection_lost(reason)
         lost.callback(None)
 
-    protocol.connectionLost = notify  # type: ignore[method-assign]
+    protocol.connectionLost = notify  # type: ignore[method-assign]  # instruments this one instance
     return lost
 
 
@@ -925,32 +931,39 @@ class _Connections:
     def __init__(self) -> None:
         self.lost: list[Deferred[None]] = []
 
-    def watch(self, factory: ServerFactory | ClientFactory) -> None:
+    def watch(self, factory: ServerFactory[Any] | ClientFactory[Any]) -> None:
         build = factory.buildProtocol
 
-        def buildProtocol(addr: object) -> Protocol | None:
+        def buildProtocol(addr: IAddress | None) -> Protocol | None:
             protocol = build(addr)
             if protocol is not None:
                 self.lost.append(_lost(protocol))
             return protocol
 
-        factory.buildProtocol = buildProtocol  # type: ignore[method-assign]
+        factory.buildProtocol = buildProtocol  # type: ignore[method-assign]  # instruments this one instance
 
 
 @implementer(IReactorTCP, IReactorTime)
 class _WatchingReactor:
     """The real reactor, with the client side's connections watched too."""
 
-    def __init__(self, reactor: object, connections: _Connections) -> None:
+    def __init__(self, reactor: IReactorTCP, connections: _Connections) -> None:
         self._reactor = reactor
         self._connections = connections
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._reactor, name)
 
-    def connectTCP(self, host: str, port: int, factory: ClientFactory, *args: object, **kwargs: object) -> object:
+    def connectTCP(
+        self,
+        host: str,
+        port: int,
+        factory: ClientFactory[Any],
+        timeout: float = 30.0,
+        bindAddress: tuple[str, int] | None = None,
+    ) -> IConnector:
         self._connections.watch(factory)
-        return self._reactor.connectTCP(host, port, factory, *args, **kwargs)  # type: ignore[attr-defined]
+        return self._reactor.connectTCP(host, port, factory, timeout, bindAddress)
 
 
 class LoopbackTests(TestCase):
@@ -966,18 +979,18 @@ class LoopbackTests(TestCase):
         commands: list[bytes] = []
         build = factory.buildProtocol
 
-        def buildProtocol(addr: object) -> Protocol | None:
+        def buildProtocol(addr: IAddress | None) -> _StubESMTP:
             protocol = build(addr)
-            state_command = protocol.state_COMMAND  # type: ignore[union-attr]
+            state_command = protocol.state_COMMAND
 
             def record(line: bytes) -> None:
                 commands.append(line.split(b":")[0].split(b" ")[0])
                 state_command(line)
 
-            protocol.state_COMMAND = record  # type: ignore[union-attr]
+            protocol.state_COMMAND = record  # type: ignore[method-assign]  # instruments this one instance
             return protocol
 
-        factory.buildProtocol = buildProtocol  # type: ignore[method-assign]
+        factory.buildProtocol = buildProtocol  # type: ignore[method-assign]  # instruments this one instance
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         transactions = [
@@ -993,7 +1006,7 @@ class LoopbackTests(TestCase):
                 _WatchingReactor(reactor, connections),
                 "smtpstub.test",
                 "127.0.0.1",
-                port.getHost().port,
+                port_number(port),
                 transactions,
                 SMTPSettings(helo="relay.test", tls=TLSMode.REQUIRE, command_timeout=10, data_timeout=10),
                 on_result=lambda result: reported.append(result.key),

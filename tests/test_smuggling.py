@@ -25,6 +25,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from mmgun.config import Options
 from mmgun.service import make_service
+from mmgun.testing.ports import port_number
 from mmgun.testing.smtpserver import Mailbox, Received, smtp_server_factory
 
 from .helpers import CLIENT, http_url
@@ -85,7 +86,7 @@ class SmugglingTests(TestCase):
         self.mailbox = Mailbox()
         smtp = reactor.listenTCP(0, smtp_server_factory(reactor, self.mailbox, tls=False), interface="127.0.0.1")
         self.addCleanup(smtp.stopListening)
-        self.url = self.start_mmgun(smtp.getHost().port)
+        self.url = self.start_mmgun(port_number(smtp))
 
     def start_mmgun(self, smtp_port: int) -> str:
         clients = self.mktemp()
@@ -148,10 +149,10 @@ class SmugglingTests(TestCase):
             self.assertEqual(status["status"], "sent", (name, status))
         by_name: dict[str, list[Received]] = {name: [] for name in names}
         for message in self.mailbox.messages:
-            names = {r.partition("@")[0] for r in message.recipients}
-            self.assertEqual(len(names), 1, message.recipients)
-            self.assertIn(next(iter(names)), by_name, f"a message nobody sent: {message.recipients}")
-            by_name[names.pop()].append(message)
+            local_parts = {r.partition("@")[0] for r in message.recipients}
+            self.assertEqual(len(local_parts), 1, message.recipients)
+            self.assertIn(next(iter(local_parts)), by_name, f"a message nobody sent: {message.recipients}")
+            by_name[local_parts.pop()].append(message)
         return by_name
 
     async def _every_body(self) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -22,9 +24,11 @@ class QueueTests(SynchronousTestCase):
         self.store, self.path = sync_store(self)
 
     def test_schema_versioned(self) -> None:
+        from mmgun.store import _sqlite_queries as Q
+
         conn = sqlite3.connect(self.path)
         self.addCleanup(conn.close)
-        self.assertEqual(conn.execute("PRAGMA user_version").fetchone(), (2,))
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone(), (len(Q.MIGRATIONS),))
         self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone(), ("wal",))
 
     def test_forward_migration_keeps_data(self) -> None:
@@ -41,7 +45,7 @@ class QueueTests(SynchronousTestCase):
         self.addCleanup(store._runner.close)
         check = sqlite3.connect(path)
         self.addCleanup(check.close)
-        self.assertEqual(check.execute("PRAGMA user_version").fetchone(), (2,))
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone(), (len(Q.MIGRATIONS),))
         self.assertEqual(check.execute("SELECT id FROM submissions").fetchall(), [("s1",)])
         result(self, store.add_client("acme", 1.0))
 
@@ -81,17 +85,17 @@ class QueueTests(SynchronousTestCase):
 
         result(self, self.store.add_submission(submission(key="k", digest="h1")))
         runner = self.store._runner
-        held: list = []
+        held: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
         real_write = runner.write
 
-        def slow_write(fn, *args):
+        def slow_write(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
             if not held:
-                d: Deferred = Deferred()
+                d: Deferred[Any] = Deferred()
                 held.append((d, fn, args))
                 return d
             return real_write(fn, *args)
 
-        runner.write = slow_write
+        self.patch(runner, "write", slow_write)
         blocker = self.store_add(submission())  # starts a flush that we hold open
         a = self.store_add(submission())
         bad = self.store_add(submission(key="k", digest="other"))
@@ -203,7 +207,7 @@ class CleanTests(SynchronousTestCase):
         self.finish(old, 50.0)
         self.finish(recent, 500.0)
         result(self, self.store.add_submission(unfinished))
-        self.assertEqual(result(self, self.store.clean(100.0, 10)), 1)
+        self.assertEqual(result(self, self.store.clean(100.0, 10, 100.0)), 1)
         self.assertIsNone(result(self, self.store.submission("c1", old.id)))
         self.assertIsNotNone(result(self, self.store.submission("c1", recent.id)))
         self.assertIsNotNone(result(self, self.store.submission("c1", unfinished.id)))
@@ -215,9 +219,9 @@ class CleanTests(SynchronousTestCase):
     def test_clean_in_bounded_batches(self) -> None:
         for i in range(5):
             self.finish(submission(at=10.0 + i), 50.0)
-        self.assertEqual(result(self, self.store.clean(100.0, 2)), 2)
-        self.assertEqual(result(self, self.store.clean(100.0, 2)), 2)
-        self.assertEqual(result(self, self.store.clean(100.0, 2)), 1)
+        self.assertEqual(result(self, self.store.clean(100.0, 2, 100.0)), 2)
+        self.assertEqual(result(self, self.store.clean(100.0, 2, 100.0)), 2)
+        self.assertEqual(result(self, self.store.clean(100.0, 2, 100.0)), 1)
 
 
 class QueueDepthTests(SynchronousTestCase):

@@ -17,7 +17,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs
@@ -159,6 +160,7 @@ class WriteLockTests(SynchronousTestCase):
         )
         self.addCleanup(holder.wait, DEADLINE)
         self.addCleanup(holder.kill)
+        assert holder.stdin is not None and holder.stdout is not None  # both are PIPEs
         self.assertEqual(holder.stdout.readline(), "held\n")  # EOF ("") if the child failed: no hang.
         ran = threading.Event()
         writing = InThread(lambda: result(self, self.runner.write(insert_row, ran)))
@@ -277,5 +279,4 @@ class PoolRunnerLockTests(TestCase):
     def test_pool_write_holds_the_lock_only_until_commit(self) -> Deferred[None]:
         d = self.runner.write(lambda conn: lock_is_free(self.lock))
         d.addCallback(self.assertEqual, False)
-        d.addCallback(lambda _: self.assertTrue(lock_is_free(self.lock)))
-        return d
+        return d.addCallback(lambda _: self.assertTrue(lock_is_free(self.lock)))

@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from mmgun.config import Options
 from mmgun.service import make_service
 
-from .helpers import http_url, CLIENT
+from .helpers import CLIENT, http_url
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 

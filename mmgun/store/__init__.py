@@ -8,12 +8,15 @@ implementation is an addition next to :mod:`mmgun.store.sqlite`, not a rewrite.
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import attrs
 
 __all__ = [
     "ClaimedEnvelope",
+    "DatabaseFull",
+    "DatabaseGone",
     "EnvelopeOutcome",
     "IdempotencyConflict",
     "InDelivery",
@@ -33,6 +36,18 @@ __all__ = [
 
 class StorageError(Exception):
     """The database failed; raised ``from`` the driver's own exception."""
+
+
+class DatabaseGone(StorageError):
+    """
+    The database file this process opened is no longer the file at its path: it was
+    deleted or replaced while mmgun ran. Nothing written now would be found again after a
+    restart, so no write is committed (the transaction is rolled back) until it is back.
+    """
+
+
+class DatabaseFull(StorageError):
+    """The database or its file system is full (SQLITE_FULL); the write was rolled back and may be retried."""
 
 
 class Conflict(Exception):
@@ -241,8 +256,41 @@ class Store(Protocol):
     async def submission(self, client: str, submission_id: str) -> SubmissionState | None:
         """The state of one of ``client``'s submissions, or None (also for another client's)."""
 
-    async def claim(self, owner: str, now: float, lease_seconds: float, limit: int) -> list[ClaimedEnvelope]:
-        """Lease up to ``limit`` due envelopes to ``owner`` in one transaction."""
+    async def claim(
+        self,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        *,
+        max_bytes: int | None = None,
+        held: Sequence[str] = (),
+        always_one: bool = True,
+    ) -> list[ClaimedEnvelope]:
+        """
+        Lease up to ``limit`` due envelopes to ``owner`` (as ``"<owner>/<random>"``) in one
+        transaction, in next_attempt order.
+
+        The envelopes of one submission share one ``message`` bytes object. ``held``:
+        submissions whose message the caller already has; their envelopes come with an
+        empty ``message`` (not read) and cost nothing against ``max_bytes``. ``max_bytes``:
+        stop before the first envelope whose (not yet counted) submission's message would
+        take the total past it; with ``always_one`` the first envelope is taken anyway (a
+        caller holding nothing must make progress whatever the size of the message).
+        """
+
+    async def lock_identity(self, identity: str) -> bool:
+        """
+        Hold ``identity`` exclusively while this store is open (for SQLite a ``flock``
+        beside the database; a PostgreSQL store would take an advisory lock). False if a
+        live holder has it.
+        """
+
+    async def reclaim(self, identity: str, now: float) -> int:
+        """Make the unfinished envelopes leased under ``identity`` due now, unleased; how many."""
+
+    async def due_unattempted(self, now: float) -> int:
+        """Make never-attempted unleased envelopes due later than ``now`` due now (after a wall-clock step back)."""
 
     async def renew(self, envelopes: Sequence[ClaimedEnvelope], until: float) -> None:
         """Extend the leases of envelopes still being delivered."""
@@ -256,10 +304,20 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise StorageError unless the database answers."""
 
+    def write_problem(self) -> str | None:
+        """
+        Why a write would fail now, or None: the database file is no longer the one at its
+        path (checked now), or the last write failed for a reason that lasts (disk full,
+        read-only) and none has succeeded since. Cheap (one stat); call it on the reactor thread.
+        """
+
     # -- the cleaner ------------------------------------------------------------
 
-    async def clean(self, before: float, limit: int) -> int:
-        """Delete up to ``limit`` submissions finished before ``before``; return how many."""
+    async def clean(self, before: float, limit: int, now: float) -> int:
+        """
+        Delete up to ``limit`` submissions finished before ``before``, except those whose
+        Idempotency-Key is still honoured at ``now`` (24 h); return how many.
+        """
 
     async def vacuum(self, pages: int) -> None:
         """Give up to ``pages`` free pages back to the file system (a no-op where meaningless)."""
@@ -283,6 +341,9 @@ class Store(Protocol):
 
     async def queued_by_client(self) -> dict[str, int]:
         """Pending recipients per client (for --max-queued)."""
+
+    async def queued_bytes_by_client(self) -> dict[str, int]:
+        """Message bytes of the unfinished submissions per client, each counted once (for --max-queued-bytes)."""
 
     # -- clients and API keys ---------------------------------------------------
 

@@ -68,6 +68,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX api_keys_client ON api_keys (client_id)",
     ),
+    (
+        # The cleaner keeps submissions with an Idempotency-Key for the key's whole window,
+        # whatever the retention; this finds the others without walking past those.
+        """
+        CREATE INDEX submissions_finished_without_key ON submissions (finished_at)
+            WHERE finished_at IS NOT NULL AND idempotency_key IS NULL
+        """,
+    ),
 )
 
 CONNECTION_PRAGMAS = (
@@ -83,6 +91,7 @@ CONNECTION_PRAGMAS = (
 )
 
 USER_VERSION = "PRAGMA user_version"
+JOURNAL_MODE = "PRAGMA journal_mode"
 SET_USER_VERSION = "PRAGMA user_version = {version:d}"  # an int, formatted: PRAGMA takes no parameters
 
 BEGIN_WRITE = "BEGIN IMMEDIATE"
@@ -116,18 +125,26 @@ SUBMISSION_RECIPIENTS = """
     WHERE submission_id = ? ORDER BY envelope_id, position
 """
 
-CLAIM = """
-    UPDATE envelopes SET lease = ?, next_attempt = ?
-    WHERE id IN (
-        SELECT id FROM envelopes WHERE done = 0 AND next_attempt <= ?
-        ORDER BY next_attempt LIMIT ?
-    )
-    RETURNING id, submission_id, domain, attempts, created_at
+# A claim reads the due envelopes with the size of their message (length() of a BLOB
+# comes from the record header: the message itself is not read), keeps those that fit
+# the sender's byte budget, leases them, then reads each distinct submission's message
+# once (and none the sender already holds).
+CLAIM_CANDIDATES = """
+    SELECT e.id, e.submission_id, coalesce(length(s.message), 0)
+    FROM envelopes e JOIN submissions s ON s.id = e.submission_id
+    WHERE e.done = 0 AND e.next_attempt <= ?
+    ORDER BY e.next_attempt LIMIT ?
 """
 # Envelope ids travel as one JSON array parameter: no SQL text is built at run time.
-CLAIMED_DETAILS = """
-    SELECT e.id, s.sender, s.message FROM envelopes e JOIN submissions s ON s.id = e.submission_id
-    WHERE e.id IN (SELECT value FROM json_each(?))
+CLAIM = """
+    UPDATE envelopes SET lease = ?, next_attempt = ?
+    WHERE id IN (SELECT value FROM json_each(?))
+    RETURNING id, submission_id, domain, attempts, created_at
+"""
+# :held is a JSON array of submission ids whose message the sender already holds (NULL for those).
+CLAIMED_SUBMISSIONS = """
+    SELECT id, sender, CASE WHEN id IN (SELECT value FROM json_each(:held)) THEN NULL ELSE message END
+    FROM submissions WHERE id IN (SELECT value FROM json_each(:ids))
 """
 PENDING_RECIPIENTS = """
     SELECT envelope_id, address FROM recipients
@@ -155,12 +172,39 @@ FINISH_SUBMISSION = """
       AND NOT EXISTS (SELECT 1 FROM envelopes WHERE submission_id = ? AND done = 0)
 """
 LEASE_HELD = "SELECT 1 FROM envelopes WHERE id = ? AND lease = ?"
+# A sender restarted under its identity takes back the envelopes its previous run had
+# leased ("<identity>/<random>"): ? = now, length of "<identity>/", "<identity>/".
+# substr, not LIKE: an identity may contain "_", which LIKE reads as a wildcard.
+RECLAIM_IDENTITY = """
+    UPDATE envelopes SET lease = NULL, next_attempt = ?
+    WHERE done = 0 AND lease IS NOT NULL AND substr(lease, 1, ?) = ?
+"""
+# After the wall clock stepped back: envelopes never attempted and not leased are due
+# now, not when the clock has caught up with the time they were queued at.
+DUE_UNATTEMPTED = """
+    UPDATE envelopes SET next_attempt = :now
+    WHERE done = 0 AND attempts = 0 AND lease IS NULL AND next_attempt > :now
+"""
 
-# Must precede the first CREATE TABLE: lets the cleaner hand free pages back to the file system.
+# Lets the cleaner hand free pages back to the file system. Takes effect only on a new file
+# before journal_mode = WAL writes its header, or with a VACUUM after it (a one-time conversion).
 AUTO_VACUUM = "PRAGMA auto_vacuum = INCREMENTAL"
+AUTO_VACUUM_MODE = "PRAGMA auto_vacuum"  # 0 none, 1 full, 2 incremental
+PAGE_COUNT = "PRAGMA page_count"
+VACUUM = "VACUUM"
+# Every submission finished before :before (the caller makes it no later than the start of
+# the idempotency window): the index submissions_finished, every row in the range deleted.
 DELETE_FINISHED = """
     DELETE FROM submissions WHERE id IN (
-        SELECT id FROM submissions WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?
+        SELECT id FROM submissions WHERE finished_at IS NOT NULL AND finished_at < :before LIMIT :limit
+    )
+"""
+# Those without an Idempotency-Key finished before :before: the partial index
+# submissions_finished_without_key, so a day of keyed submissions is never walked to skip them.
+DELETE_FINISHED_WITHOUT_KEY = """
+    DELETE FROM submissions WHERE id IN (
+        SELECT id FROM submissions
+        WHERE finished_at IS NOT NULL AND idempotency_key IS NULL AND finished_at < :before LIMIT :limit
     )
 """
 INCREMENTAL_VACUUM = "PRAGMA incremental_vacuum({pages:d})"  # an int, formatted: PRAGMA takes no parameters
@@ -248,5 +292,13 @@ QUEUED_BY_CLIENT = """
     JOIN submissions s ON s.id = e.submission_id
     JOIN recipients r ON r.envelope_id = e.id
     WHERE e.done = 0 AND r.status IN ('queued', 'deferred')
+    GROUP BY s.client
+"""
+# Message bytes of the unfinished submissions per client, each submission counted once
+# however many envelopes it has: found through the unfinished envelopes (the partial
+# index), and length() of a BLOB reads its size from the record header, not its content.
+QUEUED_BYTES_BY_CLIENT = """
+    SELECT s.client, sum(length(s.message)) FROM submissions s
+    WHERE s.id IN (SELECT submission_id FROM envelopes WHERE done = 0)
     GROUP BY s.client
 """

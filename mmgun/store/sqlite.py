@@ -18,33 +18,42 @@ import fcntl
 import json
 import os
 import sqlite3
+import stat
 import time
 import uuid
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, succeed, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import (
     ClaimedEnvelope,
     Conflict,
-    KeyInfo,
-    StoredKey,
+    DatabaseFull,
+    DatabaseGone,
     EnvelopeOutcome,
     IdempotencyConflict,
+    InDelivery,
+    KeyInfo,
     NewSubmission,
+    NotInQueue,
+    QueueDepth,
+    QueueEntry,
+    QueueStats,
     RecipientState,
     StorageError,
+    StoredKey,
     SubmissionState,
+    _sqlite_queries as Q,
 )
-from . import InDelivery, NotInQueue, QueueDepth, QueueEntry, QueueStats
-from . import _sqlite_queries as Q
 
 _log = Logger()
 T = TypeVar("T")
-I = TypeVar("I")
-R = TypeVar("R")
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
 
 #: How long an Idempotency-Key is remembered.
 IDEMPOTENCY_WINDOW = 24 * 3600.0
@@ -54,6 +63,11 @@ BUSY_TIMEOUT = 30.0
 #: A writer waiting for another process's WriteLock tries again after these pauses (doubling).
 _FIRST_PAUSE = 0.0001
 _LAST_PAUSE = 0.001
+
+
+def _os_reason(error: OSError) -> str:
+    """"permission denied", not "[Errno 13] Permission denied: '/the/path'" (the caller names the path)."""
+    return error.strerror.lower() if error.strerror else str(error)
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -70,8 +84,6 @@ def _setup(conn: sqlite3.Connection) -> None:
 
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema to the newest version; return that version."""
-    if conn.execute(Q.USER_VERSION).fetchone()[0] == 0:
-        conn.execute(Q.AUTO_VACUUM)
     conn.execute(Q.BEGIN_WRITE)
     try:
         (version,) = conn.execute(Q.USER_VERSION).fetchone()
@@ -203,6 +215,154 @@ class WriteLock:
             self._held = False
 
 
+#: SQLite's primary result codes for write failures that last until someone acts (a full
+#: disk, a read-only file, an I/O error): /healthz reports them until a write succeeds.
+#: A busy or locked database clears by itself and is not among them.
+_LASTING = frozenset(
+    {
+        sqlite3.SQLITE_PERM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_NOTADB,
+    }
+)
+
+
+def _primary_code(error: BaseException | None) -> int:
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF
+
+
+def _storage_error(error: sqlite3.Error) -> StorageError:
+    """The StorageError for a driver error (raise it ``from`` that error)."""
+    if _primary_code(error) == sqlite3.SQLITE_FULL:
+        return DatabaseFull(str(error))
+    return StorageError(str(error))
+
+
+def _lasting(error: BaseException) -> bool:
+    """Whether a failed write means writes fail until someone acts (not a busy database, not a bug)."""
+    if isinstance(error, (DatabaseGone, DatabaseFull)):
+        return True
+    return isinstance(error, StorageError) and _primary_code(error.__cause__) in _LASTING
+
+
+class DatabaseFile:
+    """
+    The database file a runner's connection opened, known by ``(st_dev, st_ino)``, and
+    how writes to it are going.
+
+    SQLite goes on writing to a file that was deleted, or renamed over, while it is open,
+    and its commits succeed: a relay that acknowledged them would lose that mail at the next
+    restart. So every write checks, inside its transaction and before COMMIT, that the file
+    at the path (and its ``-wal``, which holds the newest commits) is still the one the
+    connection opened — two stats — and is rolled back with :class:`DatabaseGone`
+    otherwise; the periodic watch and /healthz check the same. One critical line is logged
+    when the file goes, one when it is back (moved back into place).
+
+    :meth:`check` runs on any thread; the rest on the reactor thread.
+    """
+
+    def __init__(self, path: str, stat_path: Callable[[str], os.stat_result] = os.stat) -> None:
+        self.path = os.path.abspath(path)
+        self._stat = stat_path
+        self.identity: tuple[int, int] | None = None
+        # The -wal exists while a connection is open in WAL mode, and SQLite deletes it only
+        # when the last one closes: recorded at the first check after the connection opened.
+        self._wal_identity: tuple[int, int] | None = None
+        self._wal = False
+        #: Why the last write failed, when it failed for a reason that lasts; None once one succeeds.
+        self.write_error: str | None = None
+        self._gone: str | None = None
+
+    def opened(self, conn: sqlite3.Connection) -> None:
+        """Right after ``conn`` (re)opened the file: remember it, or insist it is the one first opened."""
+        self._wal_identity = None
+        self._wal = conn.execute(Q.JOURNAL_MODE).fetchone()[0] == "wal"
+        if self.identity is None:
+            st = self._stat(self.path)
+            self.identity = (st.st_dev, st.st_ino)
+        else:
+            self.check()
+
+    def check(self, writing: bool = False) -> None:
+        """
+        Raise DatabaseGone unless the files at the path are the ones this connection opened.
+        ``writing``: called inside a write transaction, when the connection surely has its -wal open.
+        """
+        if self.identity is None:
+            return
+        if self._identity_of(self.path, "database file") != self.identity:
+            raise DatabaseGone("the database file was replaced by another file while mmgun had it open")
+        if not self._wal:
+            return
+        wal = self.path + "-wal"
+        if self._wal_identity is None:
+            if writing:
+                self._wal_identity = self._identity_of(wal, "database's -wal file")
+        elif self._identity_of(wal, "database's -wal file") != self._wal_identity:
+            raise DatabaseGone("the database's -wal file was replaced by another file while mmgun had it open")
+
+    def _identity_of(self, path: str, name: str) -> tuple[int, int]:
+        try:
+            st = self._stat(path)
+        except FileNotFoundError:
+            raise DatabaseGone(f"the {name} was deleted while mmgun had it open") from None
+        except OSError as e:
+            raise DatabaseGone(f"the {name} cannot be found: {e.strerror}") from None
+        return (st.st_dev, st.st_ino)
+
+    def problem(self) -> str | None:
+        """Why a write would fail now, or None (see :meth:`mmgun.store.Store.write_problem`)."""
+        try:
+            self.check()
+        except DatabaseGone as e:
+            self._report_gone(str(e))
+            return str(e)
+        self._report_back()
+        return self.write_error
+
+    def succeeded(self, result: T) -> T:
+        """After a write committed (its check passed): writes work."""
+        self._report_back()
+        if self.write_error is not None:
+            _log.info("writes to database {path} succeed again", path=self.path)
+            self.write_error = None
+        return result
+
+    def failed(self, failure: Failure) -> Failure:
+        """After a write failed: remember a reason that lasts, and say it once."""
+        error = failure.value
+        if isinstance(error, DatabaseGone):
+            self._report_gone(str(error))
+        elif _lasting(error):
+            if self.write_error is None:
+                _log.error(
+                    "writes to database {path} fail: {error}; submissions are refused (503) until one succeeds",
+                    path=self.path,
+                    error=str(error),
+                )
+            self.write_error = str(error)
+        return failure
+
+    def _report_gone(self, reason: str) -> None:
+        if self._gone is None:
+            self._gone = reason
+            _log.critical(
+                "database {path}: {reason}; nothing written now would survive a restart, so every write "
+                "is refused: put the file back or restart mmgun",
+                path=self.path,
+                reason=reason,
+            )
+
+    def _report_back(self) -> None:
+        if self._gone is not None:
+            self._gone = None
+            _log.warn("database {path} is the file mmgun opened again; writes are accepted", path=self.path)
+
+
 def _in_transaction(conn: sqlite3.Connection, begin: str, fn: Callable[..., T], *args: Any) -> T:
     try:
         conn.execute(begin)
@@ -213,7 +373,7 @@ def _in_transaction(conn: sqlite3.Connection, begin: str, fn: Callable[..., T], 
         if conn.in_transaction:
             conn.rollback()
         if isinstance(e, sqlite3.Error):
-            raise StorageError(str(e)) from e
+            raise _storage_error(e) from e
         raise
 
 
@@ -221,16 +381,26 @@ def _outside_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: 
     try:
         return fn(conn, *args)
     except sqlite3.Error as e:
-        raise StorageError(str(e)) from e
+        raise _storage_error(e) from e
 
 
-def _write(conn: sqlite3.Connection, lock: WriteLock, fn: Callable[..., T], *args: Any) -> T:
+def _checked(conn: sqlite3.Connection, file: DatabaseFile, fn: Callable[..., T], *args: Any) -> T:
+    """``fn``, then the check that the file written is still the database: before COMMIT, so a failed check rolls back."""
+    result = fn(conn, *args)
+    file.check(writing=True)
+    return result
+
+
+def _write(conn: sqlite3.Connection, lock: WriteLock, file: DatabaseFile, fn: Callable[..., T], *args: Any) -> T:
     with lock:
-        return _in_transaction(conn, Q.BEGIN_WRITE, fn, *args)
+        return _in_transaction(conn, Q.BEGIN_WRITE, _checked, file, fn, *args)
 
 
-def _write_outside_transaction(conn: sqlite3.Connection, lock: WriteLock, fn: Callable[..., T], *args: Any) -> T:
+def _write_outside_transaction(
+    conn: sqlite3.Connection, lock: WriteLock, file: DatabaseFile, fn: Callable[..., T], *args: Any
+) -> T:
     with lock:
+        file.check()
         return _outside_transaction(conn, fn, *args)
 
 
@@ -246,6 +416,8 @@ class PoolRunner:
         if reactor is not None:
             kwargs["cp_reactor"] = reactor
         self._lock = WriteLock(path)
+        #: The file the pool's connection opened, and how writes to it go.
+        self.file = DatabaseFile(path)
         self._pool = adbapi.ConnectionPool(
             "sqlite3",
             path,
@@ -258,19 +430,25 @@ class PoolRunner:
             # The one connection is also what lets one WriteLock serve the pool.
             cp_min=1,
             cp_max=1,
-            cp_openfun=_setup,
+            cp_openfun=self._opened,
             cp_noisy=False,
             **kwargs,
         )
 
+    def _opened(self, conn: sqlite3.Connection) -> None:
+        _setup(conn)
+        self.file.opened(conn)
+
     def write(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        return self._pool.runWithConnection(_write, self._lock, fn, *args)
+        d = self._pool.runWithConnection(_write, self._lock, self.file, fn, *args)
+        return d.addCallbacks(self.file.succeeded, self.file.failed)
 
     def read(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         return self._pool.runWithConnection(_in_transaction, Q.BEGIN_READ, fn, *args)
 
     def autocommit(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        return self._pool.runWithConnection(_write_outside_transaction, self._lock, fn, *args)
+        d = self._pool.runWithConnection(_write_outside_transaction, self._lock, self.file, fn, *args)
+        return d.addCallbacks(self.file.succeeded, self.file.failed)
 
     def close(self) -> None:
         self._pool.close()  # Joins the pool thread: nothing holds the lock after this.
@@ -288,6 +466,8 @@ class SyncRunner:
     def __init__(self, path: str) -> None:
         self._conn = connect(path)
         self._lock = WriteLock(path)
+        self.file = DatabaseFile(path)
+        self.file.opened(self._conn)
 
     def _run(self, txn: Callable[..., T], *args: Any) -> Deferred[T]:
         try:
@@ -296,13 +476,14 @@ class SyncRunner:
             return fail(e)
 
     def write(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        return self._run(_write, self._lock, fn, *args)
+        return self._run(_write, self._lock, self.file, fn, *args).addCallbacks(self.file.succeeded, self.file.failed)
 
     def read(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         return self._run(_in_transaction, Q.BEGIN_READ, fn, *args)
 
     def autocommit(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        return self._run(_write_outside_transaction, self._lock, fn, *args)
+        d = self._run(_write_outside_transaction, self._lock, self.file, fn, *args)
+        return d.addCallbacks(self.file.succeeded, self.file.failed)
 
     def close(self) -> None:
         self._conn.close()
@@ -313,13 +494,20 @@ def prepare(path: str) -> None:
     """Create the database file's folder and schema; called once at start-up, before any pool."""
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        conn = connect(path)
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+        if conn.execute(Q.PAGE_COUNT).fetchone()[0] == 0:
+            # A new file: auto_vacuum is fixed once journal_mode = WAL has written the header.
+            conn.execute(Q.AUTO_VACUUM)
+        _setup(conn)
     except (OSError, sqlite3.Error) as e:
         raise StorageError(f"cannot open database {path}: {e}") from e
     lock = WriteLock(path)
     try:
         with lock:
             migrate(conn)
+        if conn.execute(Q.AUTO_VACUUM_MODE).fetchone()[0] == 0:
+            with lock:
+                _convert_to_incremental_vacuum(conn, path)
     except sqlite3.Error as e:
         raise StorageError(f"cannot prepare database {path}: {e}") from e
     finally:
@@ -327,7 +515,26 @@ def prepare(path: str) -> None:
         lock.close()
 
 
-class _GroupCommit(Generic[I, R]):
+def _convert_to_incremental_vacuum(conn: sqlite3.Connection, path: str) -> None:
+    """
+    Once, for a database made before auto_vacuum was set in the right order: without it
+    the cleaner's incremental_vacuum frees nothing and the file never shrinks. VACUUM
+    rewrites the whole file (outside any transaction, holding the write lock), so other
+    writers wait meanwhile; if it fails (say, no room for the copy), mmgun runs unconverted.
+    """
+    (pages,) = conn.execute(Q.PAGE_COUNT).fetchone()
+    _log.info("converting database {path} to incremental auto-vacuum ({pages} pages; once)", path=path, pages=pages)
+    try:
+        conn.execute(Q.AUTO_VACUUM)
+        conn.execute(Q.VACUUM)
+    except sqlite3.Error as e:
+        _log.warn("database {path} not converted to incremental auto-vacuum: {error}", path=path, error=str(e))
+        return
+    (pages,) = conn.execute(Q.PAGE_COUNT).fetchone()
+    _log.info("database {path} converted to incremental auto-vacuum ({pages} pages)", path=path, pages=pages)
+
+
+class _GroupCommit(Generic[ItemT, ResultT]):
     """
     Group commit: the items that arrive while one transaction commits all go into
     the next one, and each caller hears back after the commit that holds its item.
@@ -336,14 +543,18 @@ class _GroupCommit(Generic[I, R]):
     instance for an item that failed on its own (the others still commit).
     """
 
-    def __init__(self, runner: PoolRunner | SyncRunner, txn: Callable[[sqlite3.Connection, list[I]], list[R | Exception]]) -> None:
+    def __init__(
+        self,
+        runner: PoolRunner | SyncRunner,
+        txn: Callable[[sqlite3.Connection, list[ItemT]], Sequence[ResultT | Exception]],
+    ) -> None:
         self._runner = runner
         self._txn = txn
-        self._pending: list[tuple[I, Deferred[R]]] = []
+        self._pending: list[tuple[ItemT, Deferred[ResultT]]] = []
         self._busy = False
 
-    def submit(self, item: I) -> Deferred[R]:
-        waiter: Deferred[R] = Deferred()
+    def submit(self, item: ItemT) -> Deferred[ResultT]:
+        waiter: Deferred[ResultT] = Deferred()
         self._pending.append((item, waiter))
         if not self._busy:
             self._flush()
@@ -354,7 +565,7 @@ class _GroupCommit(Generic[I, R]):
         self._busy = True
         d = self._runner.write(self._txn, [item for item, _ in batch])
 
-        def done(results: list[R | Exception]) -> None:
+        def done(results: Sequence[ResultT | Exception]) -> None:
             for (_, waiter), result in zip(batch, results, strict=True):
                 if isinstance(result, Exception):
                     waiter.errback(result)
@@ -378,6 +589,8 @@ class SQLiteStore:
 
     def __init__(self, runner: PoolRunner | SyncRunner) -> None:
         self._runner = runner
+        #: Sender identities locked by this store (lock_identity): name → the lock file's descriptor.
+        self._identities: dict[str, int] = {}
         self._submissions: _GroupCommit[NewSubmission, str] = _GroupCommit(runner, _add_submissions_txn)
         self._records: _GroupCommit[tuple[Sequence[EnvelopeOutcome], float], None] = _GroupCommit(
             runner, _record_many_txn
@@ -403,9 +616,61 @@ class SQLiteStore:
 
     # -- delivery ------------------------------------------------------------
 
-    async def claim(self, owner: str, now: float, lease_seconds: float, limit: int) -> list[ClaimedEnvelope]:
+    async def claim(
+        self,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        *,
+        max_bytes: int | None = None,
+        held: Sequence[str] = (),
+        always_one: bool = True,
+    ) -> list[ClaimedEnvelope]:
         lease = f"{owner}/{uuid.uuid4().hex}"
-        return await self._runner.write(_claim_txn, lease, now, now + lease_seconds, limit)
+        return await self._runner.write(
+            _claim_txn, lease, now, now + lease_seconds, limit, max_bytes, sorted(held), always_one
+        )
+
+    async def lock_identity(self, identity: str) -> bool:
+        """
+        Take the exclusive lock of a sender identity for as long as this store is open:
+        ``flock(2)`` on ``<database>-sender-<identity>.lock`` beside the database (made on
+        first use and never deleted, like WriteLock's: unlinking races with lockers). False
+        when another open store (another process, or another store in this one) holds it,
+        or when the file cannot be made or locked; the kernel frees it when its holder dies.
+        """
+        if identity in self._identities:
+            return True
+        # The WriteLock's path is the database's real path: two paths to one file share it.
+        path = f"{self._runner._lock._database}-sender-{identity}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            _log.warn("cannot open the sender identity lock {path}: {error}", path=path, error=str(e))
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if not isinstance(e, BlockingIOError):
+                _log.warn("cannot lock the sender identity lock {path}: {error}", path=path, error=str(e))
+            return False
+        self._identities[identity] = fd
+        return True
+
+    async def reclaim(self, identity: str, now: float) -> int:
+        """
+        Make every unfinished envelope leased under ``identity`` (``"<identity>/..."``) due
+        at ``now`` and unleased; returns how many. Only for the holder of
+        :meth:`lock_identity`: the process that leased them is gone.
+        """
+        prefix = f"{identity}/"
+        return await self._runner.write(_reclaim_txn, now, prefix)
+
+    async def due_unattempted(self, now: float) -> int:
+        """Make never-attempted, unleased envelopes due at ``now`` if they were due later; returns how many."""
+        return await self._runner.write(_due_unattempted_txn, now)
 
     async def renew(self, envelopes: Sequence[ClaimedEnvelope], until: float) -> None:
         await self._runner.write(_renew_txn, [(until, e.id, e.lease) for e in envelopes])
@@ -419,9 +684,16 @@ class SQLiteStore:
     async def ping(self) -> None:
         await self._runner.read(_ping_txn)
 
-    async def clean(self, before: float, limit: int) -> int:
-        """Delete up to ``limit`` submissions finished before ``before``; return how many."""
-        return await self._runner.write(_clean_txn, before, limit)
+    def write_problem(self) -> str | None:
+        return self._runner.file.problem()
+
+    async def clean(self, before: float, limit: int, now: float) -> int:
+        """
+        Delete up to ``limit`` submissions finished before ``before``; return how many. One
+        whose Idempotency-Key is younger than IDEMPOTENCY_WINDOW at ``now`` stays, whatever
+        the retention: a client's retry must still find it.
+        """
+        return await self._runner.write(_clean_txn, before, limit, now - IDEMPOTENCY_WINDOW)
 
     async def vacuum(self, pages: int) -> None:
         """Return up to ``pages`` free pages to the file system."""
@@ -437,9 +709,15 @@ class SQLiteStore:
         Never creates the file nor changes its schema (a typo in a path must not leave an
         empty queue behind); raises StorageError with one line for the operator otherwise.
         """
-        if not os.path.exists(path):
-            raise StorageError(f"database {path} does not exist")
-        if not os.path.isfile(path):
+        try:
+            # Not os.path.exists: it is False on EACCES too, and "does not exist" would send
+            # the operator looking for a file that is there (issue 11 item 17).
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise StorageError(f"database {path} does not exist") from None
+        except OSError as e:
+            raise StorageError(f"cannot open database {path}: {_os_reason(e)}") from e
+        if not stat.S_ISREG(st.st_mode):
             raise StorageError(f"database {path} is not a file")
         try:
             with open(path, "rb") as f:
@@ -452,7 +730,9 @@ class SQLiteStore:
                 (version,) = conn.execute(Q.USER_VERSION).fetchone()
             finally:
                 conn.close()
-        except (OSError, sqlite3.Error) as e:
+        except OSError as e:
+            raise StorageError(f"cannot open database {path}: {_os_reason(e)}") from e
+        except sqlite3.Error as e:
             raise StorageError(f"cannot open database {path}: {e}") from e
         if version == 0:
             raise StorageError(f"{path} is not an mmgun database (it has no schema)")
@@ -517,8 +797,15 @@ class SQLiteStore:
         """Pending (queued or deferred) recipients per client."""
         return await self._runner.read(_queued_by_client_txn)
 
+    async def queued_bytes_by_client(self) -> dict[str, int]:
+        """Message bytes of the unfinished submissions per client, each submission once."""
+        return await self._runner.read(_queued_bytes_by_client_txn)
+
     async def close(self) -> None:
         self._runner.close()
+        for fd in self._identities.values():
+            os.close(fd)
+        self._identities.clear()
 
 
 # -- transactions: plain functions on a connection, run inside BEGIN … COMMIT --
@@ -568,13 +855,38 @@ def _submission_txn(conn: sqlite3.Connection, client: str, submission_id: str) -
 
 
 def _claim_txn(
-    conn: sqlite3.Connection, lease: str, now: float, expires: float, limit: int
+    conn: sqlite3.Connection,
+    lease: str,
+    now: float,
+    expires: float,
+    limit: int,
+    max_bytes: int | None,
+    held: list[str],
+    always_one: bool,
 ) -> list[ClaimedEnvelope]:
-    claimed = conn.execute(Q.CLAIM, (lease, expires, now, limit)).fetchall()
-    if not claimed:
+    candidates = conn.execute(Q.CLAIM_CANDIDATES, (now, limit)).fetchall()
+    if not candidates:
         return []
+    chosen: list[int] = []
+    counted = set(held)
+    total = 0
+    for eid, sid, size in candidates:
+        if sid not in counted:
+            # In next_attempt order, up to the first message that does not fit (skipping it
+            # for smaller ones would starve it); with always_one, the first envelope goes anyway.
+            if max_bytes is not None and total + size > max_bytes and (chosen or not always_one):
+                break
+            counted.add(sid)
+            total += size
+        chosen.append(eid)
+    claimed = conn.execute(Q.CLAIM, (lease, expires, json.dumps(chosen))).fetchall()
     ids = json.dumps([row[0] for row in claimed])
-    details = {eid: (sender, message) for eid, sender, message in conn.execute(Q.CLAIMED_DETAILS, (ids,))}
+    submissions = json.dumps(sorted({row[1] for row in claimed}))
+    # One bytes object per submission, shared by all its envelopes.
+    details = {
+        sid: (sender, message or b"")
+        for sid, sender, message in conn.execute(Q.CLAIMED_SUBMISSIONS, {"ids": submissions, "held": json.dumps(held)})
+    }
     pending: dict[int, list[str]] = {}
     for eid, address in conn.execute(Q.PENDING_RECIPIENTS, (ids,)):
         pending.setdefault(eid, []).append(address)
@@ -584,15 +896,23 @@ def _claim_txn(
             id=eid,
             submission_id=sid,
             domain=domain,
-            sender=details[eid][0],
+            sender=details[sid][0],
             recipients=tuple(pending.get(eid, ())),
-            message=details[eid][1] or b"",
+            message=details[sid][1],
             attempts=attempts,
             created_at=created_at,
             lease=lease,
         )
         for eid, sid, domain, attempts, created_at in claimed
     ]
+
+
+def _reclaim_txn(conn: sqlite3.Connection, now: float, prefix: str) -> int:
+    return conn.execute(Q.RECLAIM_IDENTITY, (now, len(prefix), prefix)).rowcount
+
+
+def _due_unattempted_txn(conn: sqlite3.Connection, now: float) -> int:
+    return conn.execute(Q.DUE_UNATTEMPTED, {"now": now}).rowcount
 
 
 def _renew_txn(conn: sqlite3.Connection, rows: list[tuple[float, int, str]]) -> None:
@@ -622,12 +942,21 @@ def _record_txn(conn: sqlite3.Connection, outcomes: Sequence[EnvelopeOutcome], n
             conn.execute(Q.FINISH_SUBMISSION, (now, envelope.submission_id, envelope.submission_id))
 
 
-def _clean_txn(conn: sqlite3.Connection, before: float, limit: int) -> int:
-    return conn.execute(Q.DELETE_FINISHED, (before, limit)).rowcount
+def _clean_txn(conn: sqlite3.Connection, before: float, limit: int, keys_before: float) -> int:
+    # Two index ranges, neither of which skips rows it may not delete: a submission with a
+    # key finished before the window began was created before it too (created <= finished).
+    deleted = conn.execute(Q.DELETE_FINISHED, {"before": min(before, keys_before), "limit": limit}).rowcount
+    if deleted < limit and before > keys_before:
+        deleted += conn.execute(
+            Q.DELETE_FINISHED_WITHOUT_KEY, {"before": before, "limit": limit - deleted}
+        ).rowcount
+    return deleted
 
 
 def _vacuum(conn: sqlite3.Connection, pages: int) -> None:
-    conn.execute(Q.INCREMENTAL_VACUUM.format(pages=pages)).fetchall()
+    # executescript steps the pragma to its end; execute() stops after its first step (it returns no
+    # columns, so the sqlite3 module resets it at once), which frees one page.
+    conn.executescript(Q.INCREMENTAL_VACUUM.format(pages=pages))
 
 
 def _ping_txn(conn: sqlite3.Connection) -> None:
@@ -738,3 +1067,7 @@ def _touch_keys_txn(conn: sqlite3.Connection, used: Sequence[tuple[str, float]])
 
 def _queued_by_client_txn(conn: sqlite3.Connection) -> dict[str, int]:
     return dict(conn.execute(Q.QUEUED_BY_CLIENT).fetchall())
+
+
+def _queued_bytes_by_client_txn(conn: sqlite3.Connection) -> dict[str, int]:
+    return {client: size or 0 for client, size in conn.execute(Q.QUEUED_BYTES_BY_CLIENT)}

@@ -95,7 +95,7 @@ async def serve_until_shutdown(
     listening on C{ports}, before the reactor goes away.
     """
 
-    def stop() -> Deferred[object]:
+    def stop() -> Deferred[list[tuple[bool, object]]]:
         stopping()
         return DeferredList([maybeDeferred(p.stopListening) for p in ports])
 

@@ -4,7 +4,9 @@ A tiny authoritative DNS server for mmgun's MX resolution tests.
 It is authoritative for every name: a name missing from the records gets
 NXDOMAIN, a name present without records of the asked type gets an empty
 NOERROR answer.  A name whose value is L{SERVFAIL} is answered with SERVFAIL;
-one whose value is L{TIMEOUT} is never answered.
+one whose value is L{TIMEOUT} is never answered; one whose value is
+L{TRUNCATED} gets an empty answer with the TC bit set, over UDP and over TCP
+alike (a hostile server: over TCP there is nothing bigger to retry with).
 
 Zone text (L{parse_zone}) has one record per line, ``name TTL TYPE data``::
 
@@ -16,6 +18,7 @@ Zone text (L{parse_zone}) has one record per line, ``name TTL TYPE data``::
     nullmx.test       60 MX    0 .          # RFC 7505 null MX
     broken.test          SERVFAIL
     silent.test          TIMEOUT
+    loop.test            TRUNCATED
 
 Names are case-insensitive and may end with a dot.
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
@@ -35,9 +38,12 @@ from twisted.names.common import ResolverBase
 from twisted.names.server import DNSServerFactory
 from twisted.python.failure import Failure
 
+from mmgun.testing.ports import port_number
+
 __all__ = [
     "SERVFAIL",
     "TIMEOUT",
+    "TRUNCATED",
     "Records",
     "ZoneResolver",
     "dns_server_factory",
@@ -47,6 +53,8 @@ __all__ = [
 
 SERVFAIL = "SERVFAIL"
 TIMEOUT = "TIMEOUT"
+TRUNCATED = "TRUNCATED"
+_SCRIPTED = (SERVFAIL, TIMEOUT, TRUNCATED)
 
 Record: TypeAlias = (
     dns.Record_A | dns.Record_AAAA | dns.Record_MX | dns.Record_CNAME | dns.Record_TXT
@@ -67,6 +75,10 @@ class _ScriptedServerFailure(Exception):
     """
     The zone asked for SERVFAIL; not an error worth logging.
     """
+
+
+class _ScriptedTruncation(Exception):
+    """The zone asked for a truncated answer."""
 
 
 class ZoneResolver(ResolverBase):
@@ -106,6 +118,8 @@ class ZoneResolver(ResolverBase):
                 return fail(_ScriptedServerFailure(name))
             if value == TIMEOUT:
                 return Deferred()
+            if value == TRUNCATED:
+                return fail(_ScriptedTruncation(name))
             assert not isinstance(value, str)
             matching = [r for r in value if type in (r.TYPE, dns.ALL_RECORDS)]
             answers.extend(_header(owner, r) for r in matching)
@@ -113,7 +127,8 @@ class ZoneResolver(ResolverBase):
             if matching or not cname:
                 break
             answers.extend(_header(owner, r) for r in cname)
-            owner = cname[0].name.name
+            # Twisted declares SimpleRecord.name as a class attribute "= None"; __init__ sets a Name.
+            owner = cname[0].name.name  # type: ignore[attr-defined]
         return succeed((answers, [], []))
 
 
@@ -131,6 +146,24 @@ def _header(owner: bytes, record: Record) -> dns.RRHeader:
 class _StubDNSServerFactory(DNSServerFactory):
     noisy = False
 
+    def __init__(
+        self, *args: Any, queries: list[tuple[str, int, str]] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.queries = queries
+
+    def handleQuery(
+        self,
+        message: dns.Message,
+        protocol: dns.DNSProtocol | dns.DNSDatagramProtocol,
+        address: tuple[str, int] | None,
+    ) -> Any:
+        if self.queries is not None:
+            transport = "udp" if isinstance(protocol, dns.DNSDatagramProtocol) else "tcp"
+            for query in message.queries:
+                self.queries.append((_key(query.name.name), query.type, transport))
+        return super().handleQuery(message, protocol, address)
+
     def gotResolverError(
         self,
         failure: Failure,
@@ -142,19 +175,33 @@ class _StubDNSServerFactory(DNSServerFactory):
             response = self._responseFromMessage(message=message, rCode=dns.ESERVER)
             self.sendReply(protocol, response, address)
             return
+        if failure.check(_ScriptedTruncation):
+            response = self._responseFromMessage(message=message, rCode=dns.OK)
+            response.trunc = 1
+            self.sendReply(protocol, response, address)
+            return
         super().gotResolverError(failure, protocol, message, address)
 
 
-def dns_server_factory(records: Records, *, verbose: int = 0) -> DNSServerFactory:
+def dns_server_factory(
+    records: Records,
+    *,
+    verbose: int = 0,
+    queries: list[tuple[str, int, str]] | None = None,
+) -> DNSServerFactory:
     """
     A DNS server factory answering from C{records}: use it with C{listenTCP}
     and, wrapped in L{dns.DNSDatagramProtocol}, with C{listenUDP}
     (L{listen_dns} does both).
 
     @param records: names (case-insensitive) to lists of C{dns.Record_*}, or
-        to L{SERVFAIL} or L{TIMEOUT}.
+        to L{SERVFAIL}, L{TIMEOUT} or L{TRUNCATED}.
+    @param queries: if given, each query received is appended to it as
+        (name, type, "udp" or "tcp").
     """
-    return _StubDNSServerFactory(authorities=[ZoneResolver(records)], verbose=verbose)
+    return _StubDNSServerFactory(
+        authorities=[ZoneResolver(records)], verbose=verbose, queries=queries
+    )
 
 
 class _UDPAndTCPReactor(Protocol):
@@ -176,20 +223,23 @@ def listen_dns(
     records: Records,
     interface: str = "127.0.0.1",
     port: int = 0,
+    *,
+    queries: list[tuple[str, int, str]] | None = None,
 ) -> tuple[IListeningPort, IListeningPort]:
     """
     Serve C{records} on UDP and TCP on the same port number.
 
     @param port: 0 picks a port free for both protocols.
-    @return: the UDP and TCP listening ports; C{udp.getHost().port} is the
+    @param queries: as for L{dns_server_factory}.
+    @return: the UDP and TCP listening ports; C{port_number(udp)} is the
         port number.
     """
-    factory = dns_server_factory(records)
+    factory = dns_server_factory(records, queries=queries)
     for _ in range(50):
         protocol = dns.DNSDatagramProtocol(controller=factory)
         protocol.noisy = False
         udp = reactor.listenUDP(port, protocol, interface=interface)
-        chosen = udp.getHost().port
+        chosen = port_number(udp)
         try:
             tcp = reactor.listenTCP(chosen, factory, interface=interface)
         except CannotListenError:
@@ -226,7 +276,7 @@ def parse_zone(text: str) -> dict[str, list[Record] | str]:
                 raise ValueError("missing record type")
             rtype, data = rest[0].upper(), rest[1:]
             existing = records.get(name)
-            if rtype in (SERVFAIL, TIMEOUT):
+            if rtype in _SCRIPTED:
                 if data or existing is not None:
                     raise ValueError(f"{rtype} must be the only entry for {name}")
                 records[name] = rtype
@@ -234,7 +284,9 @@ def parse_zone(text: str) -> dict[str, list[Record] | str]:
             if isinstance(existing, str):
                 raise ValueError(f"{name} is already {existing}")
             record = _record(rtype, data, ttl if ttl is not None else 60)
-            records.setdefault(name, []).append(record)  # type: ignore[union-attr]
+            if existing is None:
+                existing = records[name] = []
+            existing.append(record)
         except ValueError as e:
             raise ValueError(f"zone line {lineno}: {e}: {line.strip()!r}") from e
     return records

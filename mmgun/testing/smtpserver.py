@@ -263,6 +263,14 @@ class _ServerState:
     dropped: set[str] = field(default_factory=set)
     connections: set[_StubESMTP] = field(default_factory=set)
 
+    def abort_connections(self) -> None:
+        """
+        Abort every open connection at once (a test's cleanup, so that none
+        outlives the test).
+        """
+        for connection in list(self.connections):
+            connection.abort()
+
     def accept(self, received: Received) -> None:
         when = self.clock.seconds()
         if self.maildir is not None:
@@ -383,6 +391,7 @@ class _StubESMTP(ESMTP):
         super().__init__(contextFactory=context)
         self._server = server
         self.host = server.hostname
+        # twisted.mail's SMTP declares "timeout = 600" in its class body; None turns it off.
         self.timeout = server.timeout  # type: ignore[assignment]
         self._backlog: deque[bytes] = deque()
         self._awaiting_reply = False
@@ -410,6 +419,7 @@ class _StubESMTP(ESMTP):
         return d
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self._server.connections.add(self)
         code = self._server.greeting_code
         if code is not None:
@@ -457,7 +467,8 @@ class _StubESMTP(ESMTP):
         self._draining = True
         try:
             while self._backlog and not self._awaiting_reply:
-                if self.transport is None or self.transport.disconnecting:
+                # ITransport does not declare disconnecting; every Twisted transport has it.
+                if self.transport is None or self.transport.disconnecting:  # type: ignore[attr-defined]
                     self._backlog.clear()
                     return
                 line = self._backlog.popleft()
@@ -469,6 +480,7 @@ class _StubESMTP(ESMTP):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.sendCode(500, b"5.5.2 line too long")
+        assert self.transport is not None
         self.transport.loseConnection()
 
     def ext_STARTTLS(self, rest: bytes) -> None:
@@ -541,9 +553,17 @@ class _StubESMTP(ESMTP):
     def _accepted(self, _: object) -> None:
         self.sendCode(250, b"2.0.0 message accepted")
 
+    def abort(self) -> None:
+        """
+        Drop the connection without a reply or a QUIT.
+        """
+        assert self.transport is not None
+        # Declared by ITCPTransport, not ITransport; TCP, TLS and StringTransport all have it.
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
     def _refused(self, reason: Failure) -> None:
         if reason.check(_Drop):
-            self.transport.abortConnection()
+            self.abort()
         elif reason.check(SMTPServerError):
             error: Any = reason.value
             self.sendCode(error.code, error.resp.encode("ascii"))
@@ -579,7 +599,7 @@ def smtp_server_factory(
     greeting_code: int | None = None,
     fsync: bool = False,
     timeout: int | None = 600,
-) -> ServerFactory:
+) -> _SMTPStubFactory:
     """
     A factory for the scriptable ESMTP server; listen with it anywhere.
 
