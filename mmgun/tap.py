@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
@@ -103,3 +104,5 @@ def _stop_cleanly_on_signals(reactor: Any) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
+    # From here on a SIGTERM stops the process cleanly (status 0): supervisors and tests wait for this line.
+    _log.info("mmgun running (pid {pid}): SIGTERM or SIGINT stops it gracefully", pid=os.getpid())

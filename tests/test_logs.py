@@ -122,6 +122,12 @@ class TwistdTests(TestCase):
         # SIGUSR1 still rotates twistd's log file.
         process.send_signal(signal.SIGUSR1)
         await wait_until(lambda: os.path.exists(logfile + ".1"), "the rotated log")
+
+        def running() -> bool:
+            with open(logfile + ".1") as f:
+                return "mmgun running" in f.read() + text()
+
+        await wait_until(running, "mmgun's own signal handlers")
         process.send_signal(signal.SIGTERM)
         await wait_until(lambda: process.poll() is not None, "the daemon to exit")
         self.assertEqual(process.returncode, 0)
@@ -150,7 +156,8 @@ class TwistdTests(TestCase):
             with open(out) as f:
                 return f.read()
 
-        await wait_until(lambda: "Starting reactor" in output(), "the reactor to start")
+        # Not "Starting reactor": that is logged before mmgun's own signal handlers are installed.
+        await wait_until(lambda: "mmgun running" in output(), "the reactor to start")
         process.send_signal(signal.SIGTERM)
         await wait_until(lambda: process.poll() is not None, "the daemon to exit")
         self.assertEqual(process.returncode, 0, output())
