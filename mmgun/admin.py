@@ -1,7 +1,7 @@
 """
 ``mmgun``: the operator's command, for the queue of a running (or stopped) daemon.
 
-    mmgun queue [--status queued|deferred] [--domain D] [--json]   unfinished envelopes (like mailq)
+    mmgun queue [--status queued|scheduled|deferred] [--domain D] [--json]   unfinished envelopes (like mailq)
     mmgun queue flush [ID...]       deferred envelopes due now (like postqueue -f)
     mmgun queue delete ID...        fail pending recipients: "deleted by operator" (like postsuper -d)
     mmgun stats [--json]            recipients by status, queue age, backlog per domain
@@ -161,7 +161,11 @@ def _parser(out: TextIO) -> _Parser:
         help="list unfinished envelopes; flush or delete them",
         description="Without an action, list the unfinished envelopes (an envelope: one submission's recipients at one domain).",
     )
-    queue.add_argument("--status", choices=("queued", "deferred"), help="queued: never attempted; deferred: attempted")
+    queue.add_argument(
+        "--status",
+        choices=("queued", "scheduled", "deferred"),
+        help="queued: never attempted; scheduled: never attempted, its send_at still ahead; deferred: attempted",
+    )
     queue.add_argument("--domain", help="only envelopes to this recipient domain")
     queue.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     queue.set_defaults(run=_queue)

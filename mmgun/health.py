@@ -132,7 +132,7 @@ class Health:
         problem = self.free_space.shortage()
         if problem is not None:
             return problem
-        return await database_problem(self._store)
+        return await _ping_problem(self._store)
 
 
 async def database_problem(store: Store) -> str | None:
@@ -140,6 +140,11 @@ async def database_problem(store: Store) -> str | None:
     problem = store.write_problem()
     if problem is not None:
         return problem
+    return await _ping_problem(store)
+
+
+async def _ping_problem(store: Store) -> str | None:
+    """Whether the database answers ``SELECT 1``."""
     try:
         await store.ping()
     except Exception:

@@ -113,3 +113,10 @@ class QueueCap(TimerService):
         if self.max_bytes > 0:
             self.bytes[client] = queued_bytes + size
         return None
+
+    def forget(self, client: str, recipients: int, size: int = 0) -> None:
+        """Take back what :meth:`admit` counted for a submission that was not queued after all (a replay, an error)."""
+        if self.limit > 0 and client in self.counts:
+            self.counts[client] = max(0, self.counts[client] - recipients)
+        if self.max_bytes > 0 and client in self.bytes:
+            self.bytes[client] = max(0, self.bytes[client] - size)

@@ -178,32 +178,70 @@ def _is_ip_literal(host: str) -> bool:
 
 # -- which addresses mmgun may connect to --------------------------------------
 
-_NAMED_NETWORKS: list[tuple[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]] = [
-    ("shared (CGNAT)", [ipaddress.ip_network("100.64.0.0/10")]),
-    (
-        "documentation",
-        [
-            ipaddress.ip_network("192.0.2.0/24"),
-            ipaddress.ip_network("198.51.100.0/24"),
-            ipaddress.ip_network("203.0.113.0/24"),
-            ipaddress.ip_network("2001:db8::/32"),
-        ],
-    ),
-    ("benchmarking", [ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("2001:2::/48")]),
-]
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# NAT64 (RFC 6052): the IPv4 address is in the last 32 bits.
+
+def _networks(*spec: tuple[str, str]) -> list[tuple[_Network, str]]:
+    return [(ipaddress.ip_network(network), name) for network, name in spec]
+
+
+# The address blocks of the IANA special-purpose address registries (RFC 6890 and its
+# updates) that are not globally reachable, named. Kept here rather than left to
+# ipaddress's is_global / is_private / is_reserved, whose tables change between Python
+# versions (3.11 calls 192.0.0.8 and 3fff::1 global, and 64:ff9b::/96 reserved); those
+# are asked as well, after this list, so that they can only refuse more. A more specific
+# block comes before the block that holds it.
+_NON_PUBLIC_V4 = _networks(
+    ("0.0.0.0/32", "unspecified"),
+    ("0.0.0.0/8", "this network"),
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "shared (CGNAT)"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("172.16.0.0/12", "private"),
+    # Whole, though 192.0.0.9 and 192.0.0.10 (anycast) are globally reachable: no MX is there.
+    ("192.0.0.0/24", "IETF protocol assignments"),
+    ("192.0.2.0/24", "documentation"),
+    ("192.88.99.0/24", "6to4 relay anycast"),
+    ("192.168.0.0/16", "private"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("198.51.100.0/24", "documentation"),
+    ("203.0.113.0/24", "documentation"),
+    ("224.0.0.0/4", "multicast"),
+    ("255.255.255.255/32", "broadcast"),
+    ("240.0.0.0/4", "reserved"),
+)
+_NON_PUBLIC_V6 = _networks(
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("64:ff9b:1::/48", "local-use NAT64"),
+    ("100::/64", "discard-only"),
+    ("2001:2::/48", "benchmarking"),
+    # Whole, though a few of its blocks (anycast addresses, AMT, AS112, ORCHIDv2, drone
+    # remote ID) are globally reachable: none is where an MX is.
+    ("2001::/23", "IETF protocol assignments"),
+    ("2001:db8::/32", "documentation"),
+    ("3fff::/20", "documentation"),
+    ("fc00::/7", "private"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local"),
+    ("ff00::/8", "multicast"),
+)
+
+# The IPv6 forms that lead to an IPv4 address, judged by that address: IPv4-mapped,
+# NAT64's well-known prefix (RFC 6052: the IPv4 address in the last 32 bits; what DNS64
+# hands an IPv6-only host for an IPv4-only MX) and 6to4 (RFC 3056: bits 16 to 48).
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_6TO4 = ipaddress.ip_network("2002::/16")
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 address leads to, for the forms that embed one."""
-    if address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    if address.sixtofour is not None:
-        return address.sixtofour
-    if address in _NAT64:
+    if address in _MAPPED or address in _NAT64:
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address in _6TO4:
+        return ipaddress.IPv4Address((int(address) >> 80) & 0xFFFFFFFF)
     return None
 
 
@@ -212,31 +250,22 @@ def non_public_reason(address: IPAddress) -> str | None:
     Why C{address} is not a public Internet address ("loopback", "private",
     ...), or L{None} if it is one.
 
-    C{ipaddress}'s C{is_global} alone is not enough: it calls multicast,
-    site-local and IPv4-compatible addresses global, and knows nothing of the
-    IPv4 addresses that IPv4-mapped (C{::ffff:127.0.0.1}), 6to4 and NAT64
-    addresses lead to.
+    An IPv4-mapped, NAT64 (C{64:ff9b::/96}) or 6to4 address is judged by the
+    IPv4 address it leads to: C{64:ff9b::808:808} is public (8.8.8.8 through
+    the network's NAT64), C{64:ff9b::7f00:1} is loopback. Otherwise the
+    special-purpose blocks above decide, then C{ipaddress}'s own tables
+    (which only add refusals: IPv4-compatible C{::7f00:1} is "reserved").
     """
     if isinstance(address, ipaddress.IPv6Address):
         embedded = _embedded_ipv4(address)
         if embedded is not None:
             reason = non_public_reason(embedded)
-            if reason is not None:
-                return f"{reason}, embedded in IPv6"
-            if address.ipv4_mapped is not None:
-                return None  # the IPv4 address is what a connection reaches
-        if address.is_site_local:
-            return "site-local"
-    if address.is_unspecified:
-        return "unspecified"
-    if address.is_loopback:
-        return "loopback"
-    if address.is_link_local:
-        return "link-local"
-    if address.is_multicast:
-        return "multicast"
-    for name, networks in _NAMED_NETWORKS:
-        if any(address in network for network in networks):
+            return None if reason is None else f"{reason}, embedded in IPv6"
+        table = _NON_PUBLIC_V6
+    else:
+        table = _NON_PUBLIC_V4
+    for network, name in table:
+        if address in network:
             return name
     if address.is_reserved:
         return "reserved"

@@ -16,9 +16,13 @@ another; each domain's envelopes leave as soon as its lookup is done. The only w
 in which a crash duplicates mail is between the peer's 250 to the final "." and our
 commit of it (milliseconds): the lease then expires and the envelope is sent again.
 
-A result the sender knows is never thrown away: when its commit fails (a full disk),
-the sender keeps it, keeps the lease renewed, retries the commit with a backoff and
-claims nothing new until every such result is recorded.
+A result the sender knows is never thrown away for a failing database: when its commit
+fails with a StorageError (a full disk), the sender keeps it, keeps the lease renewed,
+retries the commit with a backoff and claims nothing new until every such result is
+recorded; after RECORD_GROUP_TRIES failed retries together, each result is retried on
+its own, so that one that can never be committed holds back no other. Any other error
+is a bug, not the disk: that result is dropped (logged critical with its envelope ids)
+and its envelope sent again once its lease expires, rather than stopping every claim.
 
 Leases are ``"<identity>/<random>"``. A sender locks its identity (``--sender-id``, by
 default the host name) at start and takes back at once the envelopes its previous run
@@ -26,9 +30,11 @@ leased; when another live process holds that identity it runs under a fresh one 
 
 Time: durations (timeouts, poll, renewal, retry timers) run on the reactor's clock,
 which ``mmgun.tap`` makes monotonic; what is stored (leases, next_attempt, updated_at)
-is wall-clock time from ``wall``. A step of the wall clock is noticed between two polls:
-forward, every lease in flight is renewed before anything is claimed; backward,
-never-attempted envelopes queued "in the future" are made due now.
+is wall-clock time from ``wall``. A step of the wall clock is noticed before every claim
+(every batch of a poll): forward, every lease in flight is renewed and nothing is claimed for
+two polls; backward, never-attempted envelopes queued "in the future" are made due now. A
+claim that returns an envelope already in delivery here (a step between the check and the
+claim, or renewals that failed for longer than a lease) does not send it again.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import random
 import re
 import socket
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -45,18 +52,23 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from .metrics import Metrics
 from .mx import MXHost, PermanentDNSError, TemporaryDNSError
 from .smtp import SessionFailed, SMTPSettings, Transaction, TransactionResult, send_session, wire_form
-from .store import ClaimedEnvelope, EnvelopeOutcome, RecipientOutcome, Store
+from .store import ClaimedEnvelope, EnvelopeOutcome, RecipientOutcome, StorageError, Store
 
 _log = Logger()
 
 #: A difference between wall-clock and monotonic elapsed time, between two polls, above
 #: which the wall clock is taken to have been stepped (NTP slews far slower than this).
 STEP_TOLERANCE = 1.0
+
+#: Failed retries of the unrecorded results together, after which each is retried on its
+#: own: the store commits concurrent results in one transaction, so one result that can
+#: never be committed would otherwise hold back every other.
+RECORD_GROUP_TRIES = 3
 
 
 class Router(Protocol):
@@ -248,11 +260,15 @@ class Sender(Service):
         if self._retrying is not None:
             self._retrying.cancel()
         if self._unrecorded:
+            # Still leased (not released): nobody sends them before the lease expires, but
+            # the next run of this sender takes its envelopes back at once (reclaim).
             _log.critical(
                 "stopping with the results of {count} envelopes not recorded (envelopes {envelopes}): "
-                "they are delivered again when their leases expire",
+                "they are delivered again, at once when a sender starts again as {owner}, "
+                "otherwise when their leases expire",
                 count=len(self._unrecorded),
                 envelopes=sorted(self._unrecorded),
+                owner=self.owner,
             )
         left = [e for e in self.in_flight.values() if e.id not in self._unrecorded]
         self.in_flight.clear()
@@ -296,9 +312,11 @@ class Sender(Service):
         self._claiming = True
         self._poll_again = False
         try:
-            await self._watch_clock()
             while not self._stopping:
-                if self._unrecorded or self._clock.seconds() < self._claim_after:
+                # Before every claim, not once per poll: a claim reads the wall clock, and
+                # a step between two batches would make our own leases look expired.
+                await self._watch_clock()
+                if self._stopping or self._unrecorded or self._clock.seconds() < self._claim_after:
                     return
                 room = self._settings.max_in_flight - len(self.in_flight)
                 budget = self._settings.max_bytes_in_flight - self.held_bytes
@@ -319,7 +337,9 @@ class Sender(Service):
                 )
                 if not claimed:
                     return
-                self._dispatch([self._hold(envelope, held) for envelope in claimed])
+                fresh = [e for e in (self._hold(envelope, held) for envelope in claimed) if e is not None]
+                if fresh:
+                    self._dispatch(fresh)
                 if len(claimed) < limit:
                     return
         except Exception:
@@ -330,8 +350,23 @@ class Sender(Service):
             if self._poll_again and not self._stopping:
                 self.poll()
 
-    def _hold(self, envelope: ClaimedEnvelope, held: dict[str, _Message]) -> ClaimedEnvelope:
-        """Put a claimed envelope in flight, carrying its submission's one shared message."""
+    def _hold(self, envelope: ClaimedEnvelope, held: dict[str, _Message]) -> ClaimedEnvelope | None:
+        """
+        Put a claimed envelope in flight, carrying its submission's one shared message; None
+        for one already in flight here. That happens only when our own lease on it looked
+        expired at the claim (a wall-clock step the checks missed, or renewals that failed
+        for longer than a lease): the delivery under way goes on, under the new lease, which
+        is the one now renewed and recorded against; nothing is sent twice.
+        """
+        current = self.in_flight.get(envelope.id)
+        if current is not None:
+            _log.warn(
+                "claimed envelope {envelope}, already in delivery here (its lease looked expired); "
+                "not sending it again, keeping its new lease",
+                envelope=envelope.id,
+            )
+            self.in_flight[envelope.id] = attrs.evolve(current, lease=envelope.lease)
+            return None
         entry = self._messages.get(envelope.submission_id)
         if entry is None:
             entry = held.get(envelope.submission_id) or _Message(envelope.message)
@@ -493,12 +528,41 @@ class Sender(Service):
     # -- recording results: never thrown away ----------------------------------
 
     async def _record(self, outcomes: list[EnvelopeOutcome]) -> None:
+        outcomes = self._under_current_leases(outcomes)
         try:
             await self._store.record(outcomes, self._wall())
-        except Exception as e:
+        except StorageError as e:
             self._keep(outcomes, e)
+        except Exception:
+            self._drop(outcomes)
         else:
             self._recorded(outcomes)
+
+    def _under_current_leases(self, outcomes: list[EnvelopeOutcome]) -> list[EnvelopeOutcome]:
+        """The outcomes, each against its envelope's lease now (see :meth:`_hold`)."""
+        fresh = []
+        for outcome in outcomes:
+            current = self.in_flight.get(outcome.envelope.id)
+            if current is not None and current.lease != outcome.envelope.lease:
+                outcome = attrs.evolve(outcome, envelope=current)
+            fresh.append(outcome)
+        return fresh
+
+    def _drop(self, outcomes: list[EnvelopeOutcome]) -> None:
+        """
+        A commit failed with something other than a StorageError: a bug, not the disk, and
+        retrying would fail again and hold back every other result. The results are given
+        up and their envelopes let go: their leases expire and they are sent again.
+        """
+        _log.failure(
+            "recording the delivery results of envelopes {envelopes} failed unexpectedly; dropping them: "
+            "they are delivered again when their leases expire",
+            envelopes=sorted(o.envelope.id for o in outcomes),
+            level=LogLevel.critical,
+        )
+        for outcome in outcomes:
+            self._unrecorded.pop(outcome.envelope.id, None)
+            self._let_go(outcome.envelope)
 
     def _recorded(self, outcomes: list[EnvelopeOutcome]) -> None:
         now = self._wall()
@@ -525,19 +589,38 @@ class Sender(Service):
 
     async def _retry_records(self) -> None:
         delay = self._settings.record_retry_min
+        failures = 0
         try:
             while self._unrecorded:
                 await deferLater(self._clock, delay, lambda: None)
-                batch = list(self._unrecorded.values())
-                try:
-                    await self._store.record(batch, self._wall())
-                except Exception:
+                batch = self._under_current_leases(list(self._unrecorded.values()))
+                if failures < RECORD_GROUP_TRIES:
+                    parts = deque([batch])
+                else:
+                    # One at a time: a result that cannot be committed holds back no other.
+                    parts = deque([outcome] for outcome in batch)
+                failed = False
+                while parts:
+                    part = parts.popleft()
+                    try:
+                        await self._store.record(part, self._wall())
+                    except StorageError:
+                        failed = True
+                        continue
+                    except Exception:
+                        if len(part) > 1:
+                            # Not the disk: find the one at fault by asking each on its own, now.
+                            parts.extend([outcome] for outcome in part)
+                            failures = RECORD_GROUP_TRIES
+                        else:
+                            self._drop(part)
+                        continue
+                    for outcome in part:
+                        self._unrecorded.pop(outcome.envelope.id, None)
+                    self._recorded(part)
+                if failed:
+                    failures += 1
                     delay = min(2 * delay, self._settings.record_retry_max)
-                    continue
-                for outcome in batch:
-                    if self._unrecorded.get(outcome.envelope.id) is outcome:
-                        del self._unrecorded[outcome.envelope.id]
-                self._recorded(batch)
             _log.warn(
                 "delivery results recorded after {seconds:.1f} s of failed commits; claiming again",
                 seconds=self._clock.seconds() - self._holding_since,
@@ -600,7 +683,7 @@ class Sender(Service):
             try:
                 session_results = await self._send(host, remaining, on_result)
             except SessionFailed as e:
-                if getattr(e, "connected", True):
+                if e.connected:
                     sessions += 1
                 self._router.mark_bad(host)
                 last_reply = str(e.reply)

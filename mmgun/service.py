@@ -26,6 +26,7 @@ from .config import Config
 from .metrics import Metrics
 from .store import Store
 from .store.sqlite import SQLiteStore
+from .web.settings import WebSettings
 
 _log = Logger()
 
@@ -177,27 +178,19 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
         Listener(config.metrics_listen, metrics_site(metrics), reactor).setServiceParent(root)
 
     if "frontend" in config.roles:
-        from .frontend import Frontend
         from .limits import QueueCap
+        from .web.app import Frontend
 
         holder = ClientsHolder(config.clients, clients, public=listens_beyond_loopback(config.listen))
         queue_cap = QueueCap(store, reactor, config.max_queued, max_bytes=config.max_queued_bytes)
         queue_cap.setServiceParent(root)
-        max_connections = http_connection_cap(config, open_files_limit())
         frontend = Frontend(
             store,
             holder,
             reactor,
-            hostname=config.helo,
-            max_recipients=config.max_recipients,
-            max_message_size=config.max_message_size,
+            web_settings(config, http_connection_cap(config, open_files_limit())),
             metrics=metrics,
-            rate_limit=config.rate_limit,
-            rate_burst=config.rate_burst,
             queue_cap=queue_cap,
-            request_timeout=config.request_timeout,
-            max_connections=max_connections,
-            max_connections_per_source=min(config.max_http_connections_per_source, max_connections),
             health=Health(store, config.database, reactor, min_free_space=config.min_free_space),
             wall=time.time,
         )
@@ -218,6 +211,20 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
         # Added last, so stopped first: no new request is accepted while deliveries drain.
         http.setServiceParent(root)
     return root
+
+
+def web_settings(config: Config, max_connections: int) -> WebSettings:
+    """The frontend's settings from ``config``; ``max_connections`` as the open files limit allows (:func:`http_connection_cap`)."""
+    return WebSettings(
+        hostname=config.helo,
+        max_recipients=config.max_recipients,
+        max_message_size=config.max_message_size,
+        request_timeout=config.request_timeout,
+        rate_limit=config.rate_limit,
+        rate_burst=config.rate_burst,
+        max_connections=max_connections,
+        max_connections_per_source=min(config.max_http_connections_per_source, max_connections),
+    )
 
 
 def metrics_site(metrics: Metrics) -> Site:

@@ -24,9 +24,12 @@ would lose what this module has to report:
 When the server's EHLO reply lists PIPELINING (RFC 2920), each transaction's
 MAIL FROM, RCPT TOs and DATA (after a failed transaction: RSET first) go out
 in one write, and the replies are then read in order; a body of up to
-C{_ONE_WRITE_MAX} bytes goes out in one more write with its final "." and the
-next transaction's MAIL FROM, RCPT TOs and DATA. Without PIPELINING, every
-command waits for the previous one's reply.
+C{_ONE_WRITE_MAX} (256 KiB) goes out in one more write with its final "." and
+the next transaction's MAIL FROM, RCPT TOs and DATA; a larger one is streamed
+through a producer, a chunk at a time as the peer takes it. A session
+therefore holds at most about 256 KiB of its own in the transport's buffer
+towards a slow MX: with C{--max-connections} 100, about 25 MiB in all. Without
+PIPELINING, every command waits for the previous one's reply.
 
 The caller gets one L{TransactionResult} per L{Transaction}, or
 L{SessionFailed} when nothing was attempted on this host.
@@ -258,8 +261,9 @@ _MAX_REPLY_LINES = 100
 
 # With PIPELINING, a body up to this size goes out with its final "." in one
 # write; a larger one is streamed as without PIPELINING, so that the idle
-# timeout keeps measuring the progress of the transfer.
-_ONE_WRITE_MAX = 1 << 20
+# timeout keeps measuring the progress of the transfer. It bounds what one
+# session puts in its transport's buffer at once (times --max-connections).
+_ONE_WRITE_MAX = 256 * 1024
 
 
 def _reply(code: int, resp: bytes | str) -> Reply:

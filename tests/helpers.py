@@ -10,9 +10,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mmgun.clients import Clients, client_label
-from mmgun.frontend import Frontend
 from mmgun.store.sqlite import SQLiteStore
 from mmgun.testing.ports import port_number
+from mmgun.web.app import Frontend
 
 CLIENT = "test-client-aaaaaaaaaaaaaaaa"
 OTHER_CLIENT = "test-client-bbbbbbbbbbbbbbbb"
@@ -35,7 +35,7 @@ def result(case: SynchronousTestCase, coroutine_or_deferred: Any) -> Any:
 
 
 class APIClient:
-    """Drives the real Klein app through StubTreq, synchronously."""
+    """Drives the real root resource (every API) through StubTreq, synchronously."""
 
     def __init__(self, case: SynchronousTestCase, frontend: Frontend) -> None:
         self.case = case

@@ -459,7 +459,7 @@ class ErrorTests(AdminCase):
 
     def test_bad_arguments_are_one_line_exit_2(self) -> None:
         line = self.fails("queue", "--status", "sent", "--database", "x", code=2)
-        self.assertEqual(line, "mmgun queue: argument --status: invalid choice: 'sent' (choose from 'queued', 'deferred') (see mmgun queue --help)")
+        self.assertEqual(line, "mmgun queue: argument --status: invalid choice: 'sent' (choose from 'queued', 'scheduled', 'deferred') (see mmgun queue --help)")
         self.assertEqual(self.fails(code=2), "mmgun: the following arguments are required: COMMAND (see mmgun --help)")
         self.assertIn("invalid choice: 'mailq'", self.fails("mailq", code=2))
 

@@ -32,7 +32,6 @@ from mmgun import admin
 from mmgun.auth import key_hash, new_key
 from mmgun.clients import Clients, client_label
 from mmgun.config import Options as ConfigOptions
-from mmgun.frontend import Frontend
 from mmgun.limits import QueueCap
 from mmgun.service import (
     DEMO_CLIENT_ID,
@@ -47,6 +46,7 @@ from mmgun.service import (
 from mmgun.store import EnvelopeOutcome, RecipientOutcome
 from mmgun.store.sqlite import SQLiteStore
 from mmgun.tap import Options as TapOptions
+from mmgun.web.app import Frontend
 
 from .helpers import CLIENT, OTHER_CLIENT, APIClient, result, sync_store
 

@@ -42,7 +42,7 @@ from mmgun.mx import (
     non_public_reason,
 )
 from mmgun.service import make_service
-from mmgun.smtp import SessionFailed, _reply
+from mmgun.smtp import SessionFailed, _reply, wire_form
 from mmgun.testing.dnsserver import SERVFAIL, TRUNCATED, ZoneResolver, listen_dns
 from mmgun.testing.ports import port_number
 from mmgun.testing.smtpserver import Mailbox, smtp_server_factory
@@ -231,7 +231,7 @@ class AddressPolicyTests(SynchronousTestCase):
         cases = {
             "127.0.0.2": "loopback",
             "0.0.0.0": "unspecified",
-            "0.1.2.3": "private",
+            "0.1.2.3": "this network",
             "10.1.2.3": "private",
             "172.16.0.1": "private",
             "192.168.1.1": "private",
@@ -239,7 +239,7 @@ class AddressPolicyTests(SynchronousTestCase):
             "100.64.0.1": "shared (CGNAT)",
             "224.0.0.1": "multicast",
             "240.0.0.1": "reserved",
-            "255.255.255.255": "reserved",
+            "255.255.255.255": "broadcast",
             "192.0.2.1": "documentation",
             "198.18.0.1": "benchmarking",
             "::": "unspecified",
@@ -261,6 +261,41 @@ class AddressPolicyTests(SynchronousTestCase):
             "2a00:1450:4001::1": None,
         }
         self.assertEqual({a: non_public_reason(ipaddress.ip_address(a)) for a in cases}, cases)
+
+    def test_special_purpose_blocks_whatever_the_python_version(self) -> None:
+        """
+        issue 11 item 6: the IANA special-purpose blocks are refused by mmgun's own list,
+        not by ipaddress's tables (Python 3.11 calls 192.0.0.8 and 3fff::1 global); and
+        NAT64's well-known prefix is judged by the IPv4 address it embeds, so that an
+        IPv6-only host behind DNS64 can deliver to an IPv4-only domain (Python calls all of
+        64:ff9b::/96 reserved).
+        """
+        cases = {
+            "192.0.0.8": "IETF protocol assignments",
+            "192.88.99.1": "6to4 relay anycast",
+            "3fff::1": "documentation",
+            "64:ff9b:1::a00:1": "local-use NAT64",
+            "100::1": "discard-only",
+            "2001::1": "IETF protocol assignments",
+            "2001:2::1": "benchmarking",
+            "64:ff9b::7f00:1": "loopback, embedded in IPv6",
+            "64:ff9b::c0a8:101": "private, embedded in IPv6",
+            "64:ff9b::808:808": None,
+            "2002:808:808::1": None,  # 6to4 of 8.8.8.8
+        }
+        self.assertEqual({a: non_public_reason(ipaddress.ip_address(a)) for a in cases}, cases)
+
+    def test_nat64_address_of_a_public_mx_is_used(self) -> None:
+        """issue 11 item 6: an IPv6-only network with DNS64: the MX's only address is 64:ff9b::808:808, and it is used."""
+        mx = self.mx({"v4only.example": [_mx(10, b"mx.v4only.example")], "mx.v4only.example": [dns.Record_AAAA("64:ff9b::808:808")]})
+        hosts = self.successResultOf(_hosts(mx, "v4only.example"))
+        self.assertEqual(hosts, [MXHost("mx.v4only.example", "64:ff9b::808:808", 25)])
+
+    def test_nat64_address_of_this_host_refused(self) -> None:
+        """issue 11 item 6: a NAT64 address that leads to one of this host's own (public) addresses is refused."""
+        mx = self.mx({"self.example": [_mx(10, b"mx.self.example")], "mx.self.example": [dns.Record_AAAA("64:ff9b::102:304")]})
+        failure = self.failureResultOf(_hosts(mx, "self.example"), PermanentDNSError)
+        self.assertIn("64:ff9b::102:304: this host's own address", failure.value.reply)
 
     def test_own_public_address_refused(self) -> None:
         """issue 11 item 6: an MX on one of this host's own (public) addresses is refused."""
@@ -571,6 +606,36 @@ class AddressLimitTests(SynchronousTestCase):
 # Every character str.splitlines() breaks at, beyond CR and LF.
 LINE_BREAKS = [chr(c) for c in range(0x110000) if len(f"a{chr(c)}b".splitlines()) == 2]
 HOSTILE = "\x85\u2028\u2029"
+
+
+class SlowMXBufferTests(SynchronousTestCase):
+    """What one session to a slow MX puts in its transport's buffer at once."""
+
+    def test_body_over_256_kib_is_streamed_not_written_at_once(self) -> None:
+        """
+        issue 11 item 8: a 300 kB body to an MX with PIPELINING goes out through the
+        producer, a chunk at a time, not in one write: at --max-connections 100, each
+        session to a slow MX holds at most 256 KiB of its own in the transport's buffer.
+        """
+        message = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 300
+        session = Session([transaction(message=message)])
+        server = FakeMX(pipelining=True)
+        session.accept(server)
+        [result] = self.successResultOf(session.result)
+        self.assertEqual(result.recipients["b@example.net"].outcome, "sent")
+        self.assertEqual(server.payloads, [message + b".\r\n"])
+        writes = session.client_transports[0].writes
+        self.assertLessEqual(max(len(w) for w in writes), 256 * 1024, [len(w) for w in writes])
+
+    def test_body_under_256_kib_goes_in_one_write(self) -> None:
+        """issue 11 item 8: a 200 kB body still goes out in one write behind the pipelined commands."""
+        message = b"Subject: mid\r\n\r\n" + (b"x" * 998 + b"\r\n") * 200
+        session = Session([transaction(message=message)])
+        server = FakeMX(pipelining=True)
+        session.accept(server)
+        self.successResultOf(session.result)
+        writes = session.client_transports[0].writes
+        self.assertIn(wire_form(message) + b".\r\n", writes)
 
 
 class ReplySanitisingTests(SynchronousTestCase):

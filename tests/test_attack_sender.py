@@ -10,6 +10,7 @@ ESMTP client (mmgun.smtp.send_session) on a MemoryReactorClock, wired in memory
 
 from __future__ import annotations
 
+import os
 import random
 import tracemalloc
 import uuid
@@ -22,7 +23,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -30,8 +31,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from mmgun.clock import use_monotonic_time
 from mmgun.mx import MXHost
 from mmgun.sender import Sender, SenderSettings
-from mmgun.smtp import SMTPSettings, send_session
-from mmgun.store import NewSubmission, StorageError
+from mmgun.smtp import Reply, SMTPSettings, send_session
+from mmgun.store import ClaimedEnvelope, NewSubmission, StorageError
 from mmgun.store.sqlite import SQLiteStore, SyncRunner
 from mmgun.testing.smtpserver import Mailbox, smtp_server_factory
 
@@ -108,13 +109,24 @@ class Silent(Protocol):
 
 
 class CountingStore:
-    """The real store, counting claims and failing commits; ``fail_records`` fails that many record() calls."""
+    """
+    The real store, counting claims and failing commits; ``fail_records`` fails that many
+    record() calls; a call with an envelope for a domain in ``poisoned`` fails with
+    ``poison`` (another way a record can fail); ``fail_renewals`` fails every renew();
+    ``after_claim`` runs after each claim.
+    """
 
     def __init__(self, store: SQLiteStore) -> None:
         self.store = store
         self.claims: list[list[int]] = []
+        #: Every envelope each claim returned, as the store returned it.
+        self.claimed: list[list[ClaimedEnvelope]] = []
         self.record_failures = 0
         self.fail_records = 0
+        self.poisoned: set[str] = set()
+        self.poison: Callable[[], Exception] = lambda: StorageError("CHECK constraint failed")
+        self.fail_renewals = False
+        self.after_claim: Callable[[], None] = lambda: None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
@@ -122,13 +134,22 @@ class CountingStore:
     async def claim(self, *args: Any, **kwargs: Any) -> Any:
         claimed = await self.store.claim(*args, **kwargs)
         self.claims.append([e.id for e in claimed])
+        self.claimed.append(list(claimed))
+        self.after_claim()
         return claimed
+
+    async def renew(self, envelopes: Any, until: float) -> None:
+        if self.fail_renewals:
+            raise StorageError("disk I/O error")
+        await self.store.renew(envelopes, until)
 
     async def record(self, outcomes: Any, now: float) -> None:
         try:
             if self.fail_records > 0:
                 self.fail_records -= 1
                 raise StorageError("database or disk is full")
+            if any(o.envelope.domain in self.poisoned for o in outcomes):
+                raise self.poison()
             await self.store.record(outcomes, now)
         except StorageError:
             self.record_failures += 1
@@ -286,20 +307,100 @@ class FullDiskTests(SynchronousTestCase):
         self.assertEqual(self.h.state(sid).status, "sent")
         self.assertEqual(len(self.h.mailbox), 1)
 
-    def test_shutdown_does_not_release_a_result_it_could_not_record(self) -> None:
-        """issue 11 item 2: stopping with a result unrecorded must not make the envelope due at once."""
+    def test_shutdown_leaves_an_unrecorded_result_leased_until_its_sender_restarts(self) -> None:
+        """
+        issue 11 item 2: stopping with a result unrecorded does not release the envelope
+        (no other sender takes it before the lease expires), and the log says both ways it
+        is sent again: at once when a sender starts again under this identity (reclaim),
+        otherwise when the lease expires.
+        """
         store = CountingStore(self.h.store)
         store.fail_records = 10**6
         sid = self.h.submit("x@a.example")
         sender = self.h.sender(store)
         self.h.net.run()
-        d = sender.stopService()
-        self.h.net.advance(SETTINGS.shutdown_timeout + 1)
-        self.successResultOf(d)
+        with capturedLogs() as events:
+            d = sender.stopService()
+            self.h.net.advance(SETTINGS.shutdown_timeout + 1)
+            self.successResultOf(d)
+        (line,) = [formatEvent(e) for e in events if "not recorded" in e.get("log_format", "")]
+        self.assertIn("at once when a sender starts again as sender-1", line)
+        self.assertIn("otherwise when their leases expire", line)
         other = SQLiteStore.open_sync(self.h.path)
         self.addCleanup(lambda: other._runner.close())
         self.assertEqual(result(self, other.claim("another-sender", self.h.wall(), 60, 10)), [])
         self.assertEqual(self.h.state(sid).status, "queued")
+        # What the next run of sender-1 does at start: takes it back at once.
+        self.assertEqual(result(self, other.reclaim("sender-1", self.h.wall())), 1)
+        self.assertEqual(len(result(self, other.claim("sender-1", self.h.wall(), 60, 10))), 1)
+
+    def test_result_that_fails_for_a_bug_is_dropped_and_claiming_goes_on(self) -> None:
+        """
+        issue 11 item 2: recording one result raises something other than a StorageError
+        (a bug, not the disk) every time. It is not kept and retried for ever, which would
+        stop every claim: it is dropped with a critical line naming its envelope, the
+        other results are recorded, new mail is claimed and sent, and the dropped one's
+        envelope is sent again once its lease expires.
+        """
+        store = CountingStore(self.h.store)
+        store.poisoned = {"bug.example"}
+        store.poison = lambda: TypeError("an outcome the store cannot handle")
+        route = [MXHost("mx.a.example", "127.0.0.2", 25)]
+        router = FakeRouter({"a.example": route, "bug.example": route, "late.example": route})
+        good = self.h.submit("x@a.example")
+        bad = self.h.submit("y@bug.example")
+        with capturedLogs() as events:
+            sender = self.h.sender(store, router=router)
+            self.h.net.run()
+        self.assertEqual(len(self.h.mailbox), 2)
+        self.assertEqual(self.h.state(good).status, "sent")
+        self.assertEqual(self.h.state(bad).status, "queued")
+        critical = [e for e in events if e.get("log_level") == LogLevel.critical]
+        self.assertEqual([len(e["envelopes"]) for e in critical], [1])
+        self.assertIn("dropping them", formatEvent(critical[0]))
+        self.assertEqual(sender.in_flight, {})
+        self.assertEqual(sender.held_bytes, 0)
+        late = self.h.submit("z@late.example")
+        self.h.net.advance(SETTINGS.poll_interval)
+        self.assertEqual(self.h.state(late).status, "sent", "a result that can never be recorded stopped claiming")
+        self.assertEqual(len(self.h.mailbox), 3)
+        self.h.net.advance(SETTINGS.lease_time)
+        self.assertEqual(len(self.h.mailbox), 4, "the dropped result's envelope is sent again after its lease")
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 2)
+
+    def test_one_result_that_always_fails_does_not_hold_back_the_others(self) -> None:
+        """
+        issue 11 item 2: two results wait after a failed commit (a full disk); then the disk
+        has room but one of them fails every commit (a StorageError). After a few retries
+        together, each is retried on its own: the other is recorded.
+        """
+        store = CountingStore(self.h.store)
+        store.fail_records = 1
+        store.poisoned = {"bad.example"}
+        route = [MXHost("mx.a.example", "127.0.0.2", 25)]
+        router = FakeRouter({"a.example": route, "bad.example": route})
+        good = self.h.submit("x@a.example")
+        bad = self.h.submit("y@bad.example")
+        sender = self.h.sender(store, router=router)
+        self.h.net.run()
+        self.assertEqual(len(self.h.mailbox), 2)
+        self.assertEqual(sorted(e.domain for e in sender.in_flight.values()), ["a.example", "bad.example"])
+        self.assertEqual(len(sender._unrecorded), 2)
+        # Retries together at +0.5, +1.5, +3.5 s; on their own from +7.5 s.
+        self.h.net.advance(7, step=0.5)
+        self.assertEqual(self.h.state(good).status, "queued")
+        self.h.net.advance(1, step=0.5)
+        self.assertEqual(self.h.state(good).status, "sent")
+        self.assertEqual([e.domain for e in sender.in_flight.values()], ["bad.example"])
+        self.assertEqual(self.h.state(bad).status, "queued")
+        # The one left is still kept (a StorageError may be the disk): retried, its lease renewed.
+        failures = store.record_failures
+        self.h.net.advance(3 * SETTINGS.lease_time)
+        self.assertGreater(store.record_failures, failures)
+        store.poisoned = set()
+        self.h.net.advance(10)
+        self.assertEqual(self.h.state(bad).status, "sent")
+        self.assertEqual(len(self.h.mailbox), 2)
 
 
 # -- item 3: wall-clock steps ----------------------------------------------------------------------
@@ -329,6 +430,90 @@ class ClockStepTests(SynchronousTestCase):
         self.assertEqual((state.status, state.recipients[0].attempts), ("sent", 1))
         self.assertEqual(len(self.h.mailbox), 1)
         self.assertEqual(self.h.net.attempts, ["127.0.0.2"])
+
+    def test_forward_step_after_another_sender_polled(self) -> None:
+        """
+        issue 11 item 3: sender-2 polls half a poll after sender-1, and +2 h lands just
+        before sender-2's poll: sender-1's lease looks expired to sender-2, which has not
+        yet seen sender-1 renew it. sender-2 claims nothing for two polls (long enough for
+        sender-1 to notice the step and renew): one copy.
+        """
+        sid = self.h.submit("slowdata@a.example")
+        self.h.sender(owner="sender-1")  # polls at whole seconds
+        self.h.net.advance(5)
+        self.assertEqual(self.h.net.attempts, ["127.0.0.2"])
+        self.h.net.advance(0.5)
+        other = SQLiteStore.open_sync(self.h.path)
+        self.addCleanup(lambda: other._runner.close())
+        self.h.sender(other, owner="sender-2")  # polls at half seconds
+        self.h.net.advance(0.5)
+        self.h.net.advance(0.4)  # sender-1 polled at +6.0; sender-2 polls next, at +6.5
+        self.h.step += 2 * 3600
+        self.h.net.advance(40, step=0.1)
+        state = self.h.state(sid)
+        self.assertEqual((state.status, state.recipients[0].attempts), ("sent", 1))
+        self.assertEqual(len(self.h.mailbox), 1)
+        self.assertEqual(self.h.net.attempts, ["127.0.0.2"])
+
+    def test_forward_step_between_two_claims_of_one_poll(self) -> None:
+        """
+        issue 11 item 3: 600 envelopes are due, claimed 500 at a time; +2 h lands while the
+        first claim runs. The second claim must not take the first one's envelopes (whose
+        leases now look expired) again: each is sent once, and the bytes held drop to 0.
+        """
+        domains = [f"d{i:03d}.example" for i in range(600)]
+        self.h.submit(*(f"u@{d}" for d in domains))
+        store = CountingStore(self.h.store)
+
+        def step_once() -> None:
+            if len(store.claims) == 1:
+                self.h.step += 2 * 3600
+
+        store.after_claim = step_once
+        smtp = ScriptedSessions()
+        smtp.hold = Deferred()
+        router = FakeRouter({d: [MXHost("mx.shared", "127.0.0.2", 25)] for d in domains})
+        sender = self.h.sender(store, router=router, session=smtp)
+        self.assertEqual(len(store.claims[0]), 500)
+        self.assertEqual(len(sender.in_flight), 500)
+        self.h.net.advance(3 * SETTINGS.poll_interval)
+        self.assertEqual(len(sender.in_flight), 600)
+        smtp.hold.callback(None)
+        keys = [key for key, _ in smtp.delivered()]
+        self.assertEqual(len(keys), 600)
+        self.assertEqual(len(set(keys)), 600, "an envelope was sent twice")
+        self.assertEqual(sender.in_flight, {})
+        self.assertEqual(sender.held_bytes, 0)
+
+    def test_claim_of_an_envelope_in_delivery_here_sends_it_once(self) -> None:
+        """
+        issue 11 item 3: lease renewals fail for longer than a lease while the MX takes its
+        time, so this sender's next claim returns the envelope it is delivering. It is not
+        sent again nor counted twice; its new lease is kept, and the result recorded under it.
+        """
+        store = CountingStore(self.h.store)
+        store.fail_renewals = True
+        sid = self.h.submit("x@a.example")
+        smtp = ScriptedSessions()
+        smtp.hold = Deferred()
+        with capturedLogs() as events:
+            sender = self.h.sender(store, session=smtp)
+            self.h.net.advance(SETTINGS.lease_time + 5)
+        self.assertEqual([len(c) for c in store.claims if c], [1, 1], "the expired lease was not claimed again")
+        self.assertEqual(len(smtp.sessions), 1)
+        self.assertEqual(len(sender.in_flight), 1)
+        self.assertEqual(sender.held_bytes, len(b"Subject: x\r\n\r\nhi\r\n"))
+        (envelope,) = sender.in_flight.values()
+        self.assertEqual(envelope.lease, [c for c in store.claimed if c][1][0].lease)
+        self.assertIn("already in delivery here", " ".join(e.get("log_format", "") for e in events))
+        store.fail_renewals = False
+        smtp.hold.callback(None)
+        state = self.h.state(sid)
+        self.assertEqual((state.status, state.recipients[0].attempts), ("sent", 1))
+        self.assertEqual(len(smtp.sessions), 1)
+        self.assertEqual(sender.in_flight, {})
+        self.assertEqual(sender.held_bytes, 0)
+        self.flushLoggedErrors(StorageError)
 
     def test_backward_step_does_not_delay_queued_mail(self) -> None:
         """issue 11 item 3: -10 min just after a message was queued: it is delivered within a poll interval."""
@@ -415,6 +600,17 @@ class IdentityTests(SynchronousTestCase):
         self.assertTrue(result(self, second.lock_identity("host-b")))
         result(self, first.close())
         self.assertTrue(result(self, second.lock_identity("host-a")), "freed when its holder closed")
+
+    def test_identity_lock_is_named_after_the_real_path(self) -> None:
+        """issue 11 item 5: a store opened through a symlink to the same file shares its identity locks."""
+        link = self.mktemp() + ".sqlite3"
+        os.symlink(os.path.abspath(self.h.path), link)
+        first = self.open()
+        second = SQLiteStore.open_sync(link)
+        self.addCleanup(lambda: self.successResultOf(Deferred.fromCoroutine(second.close())))
+        self.assertTrue(result(self, first.lock_identity("host-a")))
+        self.assertFalse(result(self, second.lock_identity("host-a")))
+        self.assertTrue(os.path.exists(os.path.realpath(self.h.path) + "-sender-host-a.lock"))
 
     def test_reclaim_touches_only_that_identitys_leases(self) -> None:
         """issue 11 item 5: reclaim matches "<identity>/" exactly (no LIKE: "_" is no wildcard, no prefix match)."""
@@ -537,6 +733,35 @@ class MemoryTests(SynchronousTestCase):
         self.assertEqual(self.h.state(ids[2]).status, "sent")
         self.assertEqual(sender.held_bytes, 0)
 
+    def test_second_claim_for_a_held_submission_reads_no_message(self) -> None:
+        """
+        issue 11 item 8: one submission to two domains; a.example's MX holds the session,
+        b.example's defers. When b's envelope is claimed again (a.example's still in
+        flight), the store returns no message bytes for it (the sender holds them) and the
+        envelope shares the held message object, counted once.
+        """
+        message = b"Subject: m\r\n\r\n" + b"q" * 50_000
+        sid = self.h.submit("x@a.example", "y@b.example", message=message)
+        store = CountingStore(self.h.store)
+        smtp = HoldHost("mx.a")
+        smtp.replies = {"y": [Reply(451, "4.3.0 try later")]}
+        router = FakeRouter({"a.example": [MXHost("mx.a", "127.0.0.2", 25)], "b.example": [MXHost("mx.b", "127.0.0.3", 25)]})
+        sender = self.h.sender(store, router=router, session=smtp)
+        (first,) = [c for c in store.claimed if c]
+        self.assertEqual([e.message for e in first], [message, message])
+        self.assertEqual([e.domain for e in sender.in_flight.values()], ["a.example"])
+        self.h.net.advance(SETTINGS.retry_min * 1.1 + SETTINGS.poll_interval)
+        (_, second) = [c for c in store.claimed if c]
+        self.assertEqual([(e.domain, e.message) for e in second], [("b.example", b"")])
+        self.assertEqual([host for host, _ in smtp.sessions], ["mx.b", "mx.b"])
+        (held,) = smtp.waiting[0]
+        self.assertIs(smtp.sessions[1][1][0].message, held.message, "a second copy of the message")
+        self.assertEqual(sender.held_bytes, len(message))
+        self.assertEqual(self.h.state(sid).recipients[1].status, "sent")
+        smtp.gate.callback(None)
+        self.assertEqual(self.h.state(sid).status, "sent")
+        self.assertEqual(sender.held_bytes, 0)
+
     def test_first_envelope_is_claimed_even_above_the_budget(self) -> None:
         """issue 11 item 8: a message larger than the whole budget still goes (alone)."""
         sid = self.h.submit("a@a.example", message=b"Subject: m\r\n\r\n" + b"z" * 100_000)
@@ -548,6 +773,23 @@ class MemoryTests(SynchronousTestCase):
 
 
 # -- item 12: each domain leaves as soon as its lookup is done -------------------------------------
+
+
+class HoldHost(ScriptedSessions):
+    """Sessions to ``host`` wait for ``gate``; the others answer at once."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__()
+        self.host = host
+        self.gate: Deferred[None] = Deferred()
+        #: The transactions of each session waiting for the gate.
+        self.waiting: list[list[Any]] = []
+
+    async def __call__(self, reactor: Any, host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == self.host:
+            self.waiting.append(list(args[2]))
+            await self.gate
+        return await super().__call__(reactor, host, *args, **kwargs)
 
 
 class ManualRouter(FakeRouter):

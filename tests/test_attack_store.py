@@ -23,7 +23,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mmgun.cleaner import Cleaner
 from mmgun.clients import Clients
-from mmgun.frontend import Frontend
 from mmgun.health import DatabaseWatch, Health
 from mmgun.store import (
     DatabaseFull,
@@ -34,7 +33,8 @@ from mmgun.store import (
     StorageError,
     _sqlite_queries as Q,
 )
-from mmgun.store.sqlite import IDEMPOTENCY_WINDOW, SQLiteStore, SyncRunner, migrate
+from mmgun.store.sqlite import IDEMPOTENCY_WINDOW, VACUUM_MARGIN, SQLiteStore, SyncRunner, WriteLock, migrate, prepare
+from mmgun.web.app import Frontend
 
 from .helpers import CLIENT, CLIENT_LABEL, result, sync_store
 
@@ -405,6 +405,25 @@ class HealthTests(SynchronousTestCase):
         """issue 11 item 10: all well: 200."""
         self.assertEqual(Relay(self).api.healthz(), (200, {"status": "ok"}))
 
+    def test_check_asks_the_file_once(self) -> None:
+        """issue 11 item 10: one health check stats the database file once (write_problem), then pings."""
+        store, path = sync_store(self)
+        calls: list[str] = []
+
+        class Counting:
+            def write_problem(self) -> str | None:
+                calls.append("write_problem")
+                return store.write_problem()
+
+            async def ping(self) -> None:
+                calls.append("ping")
+                await store.ping()
+
+        clock = Clock()
+        health = Health(cast(Any, Counting()), path, clock, min_free_space=MB, statvfs=FakeStatvfs(1000 * MB))
+        self.assertIsNone(self.successResultOf(Deferred.fromCoroutine(health.check())))
+        self.assertEqual(calls, ["write_problem", "ping"])
+
 
 class IdempotencyOutlivesRetentionTests(SynchronousTestCase):
     """issue 11 item 4: an Idempotency-Key is honoured for 24 h whatever --retention is."""
@@ -485,6 +504,83 @@ class AutoVacuumTests(SynchronousTestCase):
         again = SQLiteStore.open_sync(path)
         again._runner.close()
         self.assertEqual(len([e for e in info.events if "converted" in e["log_format"]]), 1)
+
+    def old_database(self) -> str:
+        """A database made the old way (WAL first: auto_vacuum stays 0), with 2 MB in it."""
+        path = self.mktemp() + ".sqlite3"
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        migrate(conn)
+        body = b"x" * 20_000
+        for i in range(100):
+            conn.execute(
+                "INSERT INTO submissions (id, client, sender, created_at, message) VALUES (?, 'c', 'a@b.example', 1.0, ?)",
+                (f"s{i}", body),
+            )
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+        self.assertEqual(self.auto_vacuum(path), 0)
+        return path
+
+    def test_conversion_skipped_without_room_for_the_copy(self) -> None:
+        """
+        issue 11 item 15: VACUUM in WAL mode writes about the whole database into the -wal:
+        with no more than twice the database's size (plus a margin) free, the conversion is
+        skipped with a warning rather than filling the disk; with room, it is done.
+        """
+        path = self.old_database()
+        size = os.path.getsize(path)
+        asked: list[str] = []
+
+        def tight(folder: str) -> int:
+            asked.append(folder)
+            return 2 * size + VACUUM_MARGIN
+
+        warnings = LogCapture(self, LogLevel.warn)
+        prepare(path, free_space=tight)
+        self.assertEqual(asked, [os.path.dirname(os.path.abspath(path))])
+        self.assertEqual(self.auto_vacuum(path), 0)
+        (warning,) = [e for e in warnings.events if "not converted" in e["log_format"]]
+        self.assertEqual(warning["needed"], 2 * size + VACUUM_MARGIN)
+        self.assertFalse(os.path.exists(path + "-wal") and os.path.getsize(path + "-wal") > size // 2)
+        prepare(path, free_space=lambda folder: 2 * size + VACUUM_MARGIN + 1)
+        self.assertEqual(self.auto_vacuum(path), 2)
+
+    def test_conversion_rechecked_under_the_lock(self) -> None:
+        """
+        issue 11 item 15: two processes start together on an old database; the other one
+        converts it while this one waits for the write lock. This one checks again under
+        the lock and does not VACUUM a second time.
+        """
+        path = self.old_database()
+        other_process = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(other_process.close)
+
+        class RacedLock(WriteLock):
+            """The second wait for the lock (the conversion's) is the one the other process wins."""
+
+            acquired = 0
+
+            def acquire(self) -> None:
+                self.acquired += 1
+                if self.acquired == 2:
+                    other_process.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                    other_process.execute("VACUUM")
+                super().acquire()
+
+        info = LogCapture(self, LogLevel.info)
+        asked: list[str] = []
+
+        def plenty(folder: str) -> int:
+            asked.append(folder)
+            return 10**12
+
+        lock = RacedLock(path)
+        prepare(path, free_space=plenty, lock=lock)
+        self.assertEqual(lock.acquired, 2)
+        self.assertEqual(self.auto_vacuum(path), 2)
+        self.assertEqual(asked, [], "looked at the free space: it was about to convert again")
+        self.assertEqual([e for e in info.events if "convert" in e["log_format"]], [])
 
     def test_cleaner_vacuum_frees_pages(self) -> None:
         """issue 11 item 15: after the cleaner deletes rows, its incremental vacuum hands the pages back."""

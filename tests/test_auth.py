@@ -10,8 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mmgun.auth import KEY_CACHE_SECONDS, key_hash, new_key
 from mmgun.clients import Clients
-from mmgun.frontend import Frontend
 from mmgun.limits import QueueCap, RateLimiter
+from mmgun.web.app import Frontend
 
 from .helpers import CLIENT, APIClient, result, sync_store
 
@@ -211,7 +211,7 @@ class HTTPHardeningTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_oversized_body_is_not_buffered(self) -> None:
-        from mmgun.frontend import LimitedRequest
+        from mmgun.web.site import LimitedRequest
 
         buffered: list[int] = []
 

@@ -1,4 +1,4 @@
-"""The HTTP API, through StubTreq against the real Klein app and a real SQLite file."""
+"""The HTTP API, through StubTreq against the real root resource and a real SQLite file."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any
 
 from twisted.internet.error import ConnectionDone
 from twisted.trial.unittest import SynchronousTestCase
+
+from mmgun.message import BadRequest
 
 from .helpers import CLIENT, CLIENT_LABEL, OTHER_CLIENT, make_api, result
 
@@ -140,7 +142,7 @@ class ErrorTests(SynchronousTestCase):
         self.assertError(self.api.request("POST", "/send", body), 400, "subject")
 
     def test_invalid_sender(self) -> None:
-        for bad in ("nobody", "a b@c.example", "Alice <a@b.example>", "a@b.example\r\nBcc: x@y.example", "a@", "@b.example", "a@b", "a@-b.example", "a\x00@b.example", 7):
+        for bad in ("nobody", "a b@c.example", "Alice <a@b.example> trailing", "Alice <a@b.example\r\n>", "a@b.example\r\nBcc: x@y.example", "a@", "@b.example", "a@b", "a@-b.example", "a\x00@b.example", 7):
             self.assertError(self.api.send(sender=bad), 400, "sender")
 
     def test_invalid_recipient_named_with_index(self) -> None:
@@ -208,7 +210,7 @@ class IndexTests(SynchronousTestCase):
 
 
 class DirectSendTests(SynchronousTestCase):
-    """POST /send is served by the API root itself, not through Klein's routing."""
+    """POST /send answered by the root resource, written to the request directly."""
 
     def request(self) -> Any:
         from io import BytesIO
@@ -252,15 +254,93 @@ class DirectSendTests(SynchronousTestCase):
         self.assertEqual((request.responseCode, request.finished), (200, 1))
         self.assertEqual(json.loads(b"".join(request.written))["result"], "queued")
 
-    def test_klein_route_alone_still_serves_send(self) -> None:
+
+def _mailgun_shape(message: str) -> dict[str, Any]:
+    return {"message": message}
+
+
+class RoutingTests(SynchronousTestCase):
+    """issue 12 (frontend): one route per endpoint; a second API on the port answers errors in its own shape."""
+
+    def setUp(self) -> None:
         from treq.testing import StubTreq
 
-        api, _, _ = make_api(self)
-        stub = StubTreq(api.frontend.app.resource())
-        body = {"client_id": CLIENT, "sender": "me@example.com", "recipients": ["a@b.example"], "subject": "s", "body": "b"}
-        # StubTreq copies treq's functions onto itself in __init__: type checkers do not see them.
-        d = stub.post("http://mmgun.test/send", json=body)  # type: ignore[attr-defined]
-        stub.flush()
+        from mmgun.web.app import Area, Root, Route, routes
+
+        self.api, self.store, self.clock = make_api(self)
+        self.seen: list[dict[str, Any]] = []
+        frontend = self.api.frontend
+
+        async def messages(request: Any, domain: str) -> bytes:
+            self.seen.append({"domain": domain})
+            if domain == "bad.example":
+                raise BadRequest("field 'from' is missing")
+            return json.dumps({"message": "Queued. Thank you."}).encode()
+
+        endpoints, areas = routes(frontend.json_api)
+        second = Route("/v3/{domain}/messages", {b"POST": messages}, _mailgun_shape, submission=True)
+        self.root = Root([*endpoints, second], [*areas, Area(b"/v3/", _mailgun_shape)], store=self.store, metrics=frontend.metrics)
+        self.treq = StubTreq(self.root)
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any, Any]:
+        d = self.treq.request(method, "http://mmgun.test" + path, data=body)  # type: ignore[attr-defined]
+        self.treq.flush()
         response = self.successResultOf(d)
-        self.assertEqual(response.code, 200)
-        self.assertEqual(self.successResultOf(response.json())["result"], "queued")
+        return response.code, json.loads(self.successResultOf(response.content())), response.headers
+
+    def rejected(self) -> dict[str, float]:
+        return {
+            sample.labels["reason"]: sample.value
+            for metric in self.api.frontend.metrics.rejected.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        }
+
+    def test_a_path_routed_twice_is_refused(self) -> None:
+        """issue 12 (frontend, one path per endpoint): a table routing one path twice does not build."""
+        from mmgun.web.app import Root, Route
+
+        async def handler(request: Any) -> bytes:
+            return b""
+
+        routes = [Route("/send", {b"POST": handler}, _mailgun_shape), Route("/send", {b"GET": handler}, _mailgun_shape)]
+        with self.assertRaises(ValueError):
+            Root(routes, [], store=self.store, metrics=self.api.frontend.metrics)
+
+    def test_each_json_endpoint_is_one_route(self) -> None:
+        """issue 12 (frontend, one path per endpoint): the JSON API is these five routes, /send among them once."""
+        self.assertEqual(
+            self.api.frontend.resource().operations(),
+            {("GET", "/"), ("POST", "/send"), ("POST", "/status"), ("GET", "/healthz"), ("GET", "/metrics")},
+        )
+
+    def test_second_api_gets_its_path_parameter(self) -> None:
+        """issue 12 (frontend ready for a second API): /v3/{domain}/messages reaches its handler with the domain."""
+        code, body, _ = self.request("POST", "/v3/mg.example/messages", b"")
+        self.assertEqual((code, body, self.seen), (200, {"message": "Queued. Thank you."}, [{"domain": "mg.example"}]))
+
+    def test_second_api_errors_in_its_own_shape(self) -> None:
+        """issue 12 (frontend, one place for errors): 400, 405 and 404 under /v3/ in {"message"}; the JSON API keeps its shape."""
+        code, body, _ = self.request("POST", "/v3/bad.example/messages", b"")
+        self.assertEqual((code, body), (400, {"message": "field 'from' is missing"}))
+        code, body, headers = self.request("GET", "/v3/mg.example/messages")
+        self.assertEqual((code, body, headers.getRawHeaders(b"allow")), (405, {"message": "method GET not allowed here"}, [b"POST"]))
+        code, body, _ = self.request("POST", "/v3/mg.example/nothing")
+        self.assertEqual((code, body), (404, {"message": "no such endpoint"}))
+        # The JSON API keeps its own shape beside it.
+        code, body, _ = self.request("POST", "/v3x", b"")
+        self.assertEqual((code, body), (404, {"result": "error", "message": "no such endpoint"}))
+        code, body, _ = self.request("POST", "/send", b"{")
+        self.assertEqual((code, body["result"]), (400, "error"))
+
+    def test_rejections_of_submission_endpoints_are_counted_by_reason(self) -> None:
+        """issue 12 (frontend): mmgun_submissions_rejected_total counts the errors of both APIs' submission routes, no others."""
+        self.request("POST", "/send", b"{")
+        self.request("POST", "/send", json.dumps({"sender": "a@b.example"}).encode())
+        self.request("GET", "/send")
+        self.request("POST", "/v3/bad.example/messages", b"")
+        self.request("GET", "/v3/mg.example/messages")
+        # Not submission endpoints: not counted.
+        self.request("POST", "/status", b"{")
+        self.request("POST", "/send/", b"{")
+        self.assertEqual(self.rejected(), {"invalid": 2.0, "unauthorized": 1.0, "method": 2.0})

@@ -7,7 +7,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mmgun.auth import TOUCH_INTERVAL, key_hash, new_key
 from mmgun.clients import Clients
-from mmgun.frontend import Frontend
+from mmgun.web.app import Frontend
 
 from .helpers import CLIENT, APIClient, result, sync_store
 

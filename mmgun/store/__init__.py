@@ -93,6 +93,18 @@ class NewSubmission:
     idempotency_key: str | None = None
     #: Digest of the request, compared when an idempotency key is replayed.
     request_hash: str | None = None
+    #: Do not deliver before this POSIX time; None (or a time not after created_at): at once.
+    #: The envelopes enter the queue then: their first attempt, their queue lifetime and
+    #: their age count from it.
+    send_at: float | None = None
+    #: The client's tags, kept with the submission and shown by /status.
+    tags: tuple[str, ...] = ()
+    #: The client's metadata: a JSON object as text (the store keeps it as it is), or None.
+    metadata: str | None = None
+
+    def starts_at(self) -> float:
+        """When the envelopes are first due: send_at when it is later than created_at."""
+        return self.send_at if self.send_at is not None and self.send_at > self.created_at else self.created_at
 
     def envelopes(self) -> dict[str, list[str]]:
         """Recipients grouped by domain (already case-folded and IDNA-encoded)."""
@@ -105,7 +117,7 @@ class NewSubmission:
 @attrs.frozen
 class RecipientState:
     address: str
-    #: queued, deferred, sent or failed.
+    #: queued, deferred, sent or failed; scheduled: queued, its submission's send_at not reached yet.
     status: str
     attempts: int
     last_reply: str | None
@@ -116,6 +128,11 @@ class RecipientState:
 class SubmissionState:
     id: str
     recipients: tuple[RecipientState, ...]
+    tags: tuple[str, ...] = ()
+    #: The metadata JSON object as text, as it was queued; None when there was none.
+    metadata: str | None = None
+    #: The send_at it was queued with (a time later than its creation), else None.
+    send_at: float | None = None
 
     @property
     def status(self) -> str:
@@ -123,9 +140,14 @@ class SubmissionState:
 
 
 def submission_status(statuses: Iterable[str]) -> str:
-    """queued while any recipient is unfinished; then sent, failed or partial."""
+    """
+    scheduled while every recipient waits for send_at; queued while any recipient is
+    unfinished; then sent, failed or partial.
+    """
     seen = set(statuses)
-    if seen & {"queued", "deferred"}:
+    if seen == {"scheduled"}:
+        return "scheduled"
+    if seen & {"queued", "deferred", "scheduled"}:
         return "queued"
     if seen == {"sent"}:
         return "sent"
@@ -185,10 +207,14 @@ class QueueEntry:
     last_reply: str | None
     created_at: float
     leased: bool
+    #: Never attempted and its submission's send_at is still ahead.
+    scheduled: bool = False
 
     @property
     def status(self) -> str:
-        return "deferred" if self.attempts else "queued"
+        if self.attempts:
+            return "deferred"
+        return "scheduled" if self.scheduled else "queued"
 
 
 @attrs.frozen
@@ -200,7 +226,8 @@ class QueueStats:
     unfinished_envelopes: int
     #: Unfinished envelopes whose lease has not expired: a sender is delivering them now.
     in_delivery: int
-    #: created_at of the oldest unfinished envelope; None when the queue is empty.
+    #: created_at of the oldest unfinished envelope (a scheduled one counts from its send_at, once
+    #: reached); None when there is none.
     oldest_created_at: float | None
     #: (domain, pending recipients), the largest backlogs first.
     domains: tuple[tuple[str, int], ...]
@@ -215,7 +242,8 @@ class QueueDepth:
     unfinished_envelopes: int
     #: Unfinished envelopes whose lease has not expired.
     in_delivery: int
-    #: created_at of the oldest unfinished envelope; None when the queue is empty.
+    #: created_at of the oldest unfinished envelope (a scheduled one counts from its send_at, once
+    #: reached); None when there is none.
     oldest_created_at: float | None
 
 
@@ -253,8 +281,11 @@ class Store(Protocol):
         :class:`IdempotencyConflict`.
         """
 
-    async def submission(self, client: str, submission_id: str) -> SubmissionState | None:
-        """The state of one of ``client``'s submissions, or None (also for another client's)."""
+    async def submission(self, client: str, submission_id: str, now: float | None = None) -> SubmissionState | None:
+        """
+        The state of one of ``client``'s submissions, or None (also for another client's).
+        With ``now``, a queued recipient whose submission's send_at is after it is "scheduled".
+        """
 
     async def claim(
         self,
@@ -290,7 +321,10 @@ class Store(Protocol):
         """Make the unfinished envelopes leased under ``identity`` due now, unleased; how many."""
 
     async def due_unattempted(self, now: float) -> int:
-        """Make never-attempted unleased envelopes due later than ``now`` due now (after a wall-clock step back)."""
+        """
+        Make never-attempted unleased envelopes due later than ``now`` due now (after a
+        wall-clock step back); never one whose submission's send_at is after ``now``.
+        """
 
     async def renew(self, envelopes: Sequence[ClaimedEnvelope], until: float) -> None:
         """Extend the leases of envelopes still being delivered."""
@@ -325,7 +359,7 @@ class Store(Protocol):
     # -- the operator (mmgun queue / stats) and the metrics -----------------------
 
     async def queue_entries(self, now: float, status: str | None = None, domain: str | None = None) -> list[QueueEntry]:
-        """Unfinished envelopes, oldest first."""
+        """Unfinished envelopes, oldest first; ``status``: None, queued, scheduled or deferred (as QueueEntry.status)."""
 
     async def queue_stats(self, now: float, top_domains: int = 20) -> QueueStats:
         """Counts by status, queue age, backlog per domain, in one read."""

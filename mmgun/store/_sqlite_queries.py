@@ -76,6 +76,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             WHERE finished_at IS NOT NULL AND idempotency_key IS NULL
         """,
     ),
+    (
+        # Issue 12: scheduled sending, tags and metadata. send_at is NULL unless later than
+        # created_at; the envelopes' first next_attempt (and created_at) is send_at then.
+        "ALTER TABLE submissions ADD COLUMN send_at REAL",
+        # A JSON array of strings; NULL when there are none.
+        "ALTER TABLE submissions ADD COLUMN tags TEXT",
+        # A JSON object, as the client gave it; NULL when there is none.
+        "ALTER TABLE submissions ADD COLUMN metadata TEXT",
+    ),
 )
 
 CONNECTION_PRAGMAS = (
@@ -108,8 +117,8 @@ FIND_IDEMPOTENT = """
 """
 FORGET_IDEMPOTENCY_KEY = "UPDATE submissions SET idempotency_key = NULL WHERE id = ?"
 INSERT_SUBMISSION = """
-    INSERT INTO submissions (id, client, sender, created_at, idempotency_key, request_hash, message)
-    VALUES (?, ?, ?, ?, ?, ?, ?)
+    INSERT INTO submissions (id, client, sender, created_at, idempotency_key, request_hash, message, send_at, tags, metadata)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 INSERT_ENVELOPE = """
     INSERT INTO envelopes (submission_id, domain, next_attempt, created_at) VALUES (?, ?, ?, ?)
@@ -119,7 +128,7 @@ INSERT_RECIPIENT = """
     VALUES (?, ?, ?, ?, 'queued', ?)
 """
 
-SUBMISSION_OWNER = "SELECT 1 FROM submissions WHERE id = ? AND client = ?"
+SUBMISSION_OWNER = "SELECT send_at, tags, metadata FROM submissions WHERE id = ? AND client = ?"
 SUBMISSION_RECIPIENTS = """
     SELECT address, status, attempts, last_reply, updated_at FROM recipients
     WHERE submission_id = ? ORDER BY envelope_id, position
@@ -180,10 +189,12 @@ RECLAIM_IDENTITY = """
     WHERE done = 0 AND lease IS NOT NULL AND substr(lease, 1, ?) = ?
 """
 # After the wall clock stepped back: envelopes never attempted and not leased are due
-# now, not when the clock has caught up with the time they were queued at.
+# now, not when the clock has caught up with the time they were queued at — but never
+# before their submission's send_at.
 DUE_UNATTEMPTED = """
     UPDATE envelopes SET next_attempt = :now
     WHERE done = 0 AND attempts = 0 AND lease IS NULL AND next_attempt > :now
+      AND NOT EXISTS (SELECT 1 FROM submissions s WHERE s.id = envelopes.submission_id AND s.send_at > :now)
 """
 
 # Lets the cleaner hand free pages back to the file system. Takes effect only on a new file
@@ -214,14 +225,17 @@ FREELIST_COUNT = "PRAGMA freelist_count"
 # "In delivery" everywhere below: a lease that has not expired (an expired one is a sender
 # that died: the envelope is simply due).
 
-# :status is NULL, 'queued' (never attempted) or 'deferred' (attempted); :domain is NULL or one domain.
+# :status is NULL, 'queued' (never attempted), 'scheduled' (never attempted, send_at still
+# ahead) or 'deferred' (attempted); :domain is NULL or one domain.
 QUEUE_ENVELOPES = """
     SELECT e.id, e.submission_id, s.client, e.domain, e.attempts, e.next_attempt,
-        e.lease IS NOT NULL AND e.next_attempt > :now, e.created_at
+        e.lease IS NOT NULL AND e.next_attempt > :now, e.created_at,
+        e.attempts = 0 AND coalesce(s.send_at > :now, 0)
     FROM envelopes e JOIN submissions s ON s.id = e.submission_id
     WHERE e.done = 0
       AND (:domain IS NULL OR e.domain = :domain)
-      AND (:status IS NULL OR (:status = 'deferred') = (e.attempts > 0))
+      AND (:status IS NULL OR :status = CASE
+          WHEN e.attempts > 0 THEN 'deferred' WHEN coalesce(s.send_at > :now, 0) THEN 'scheduled' ELSE 'queued' END)
     ORDER BY e.id
 """
 QUEUE_RECIPIENTS = """
@@ -255,8 +269,11 @@ FINISH_FAILED_ENVELOPES = """
     WHERE id IN (SELECT value FROM json_each(?)) AND done = 0
 """
 RECIPIENTS_BY_STATUS = "SELECT status, count(*) FROM recipients GROUP BY status ORDER BY status"
+# The oldest: among the envelopes already in the queue (a scheduled envelope's created_at is
+# its send_at, still ahead), so a message scheduled for next week is no old backlog.
 UNFINISHED_SUMMARY = """
-    SELECT count(*), coalesce(sum(lease IS NOT NULL AND next_attempt > ?), 0), min(created_at)
+    SELECT count(*), coalesce(sum(lease IS NOT NULL AND next_attempt > :now), 0),
+        min(CASE WHEN created_at <= :now THEN created_at END)
     FROM envelopes WHERE done = 0
 """
 # For the /metrics gauges every few seconds: walks only unfinished envelopes (the partial

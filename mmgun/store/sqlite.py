@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
+import attrs
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
@@ -416,6 +417,8 @@ class PoolRunner:
         if reactor is not None:
             kwargs["cp_reactor"] = reactor
         self._lock = WriteLock(path)
+        #: The database's real path: two paths to one file share what is named after it.
+        self.database = os.path.realpath(path)
         #: The file the pool's connection opened, and how writes to it go.
         self.file = DatabaseFile(path)
         self._pool = adbapi.ConnectionPool(
@@ -466,6 +469,8 @@ class SyncRunner:
     def __init__(self, path: str) -> None:
         self._conn = connect(path)
         self._lock = WriteLock(path)
+        #: The database's real path: two paths to one file share what is named after it.
+        self.database = os.path.realpath(path)
         self.file = DatabaseFile(path)
         self.file.opened(self._conn)
 
@@ -490,8 +495,24 @@ class SyncRunner:
         self._lock.close()
 
 
-def prepare(path: str) -> None:
-    """Create the database file's folder and schema; called once at start-up, before any pool."""
+#: Free space beyond twice the database's size that the one-time VACUUM asks for.
+VACUUM_MARGIN = 64 << 20
+
+
+def free_bytes(folder: str) -> int:
+    """Free space on the file system of ``folder``, as an unprivileged process sees it."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def prepare(
+    path: str, *, free_space: Callable[[str], int] = free_bytes, lock: WriteLock | None = None
+) -> None:
+    """
+    Create the database file's folder and schema, and convert an old database to
+    incremental auto-vacuum once; called once at start-up, before any pool. ``free_space``
+    (bytes free in a folder) and ``lock`` are for tests.
+    """
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
@@ -501,13 +522,16 @@ def prepare(path: str) -> None:
         _setup(conn)
     except (OSError, sqlite3.Error) as e:
         raise StorageError(f"cannot open database {path}: {e}") from e
-    lock = WriteLock(path)
+    lock = lock if lock is not None else WriteLock(path)
     try:
         with lock:
             migrate(conn)
         if conn.execute(Q.AUTO_VACUUM_MODE).fetchone()[0] == 0:
             with lock:
-                _convert_to_incremental_vacuum(conn, path)
+                # Again, holding the lock: another process starting with this one may have
+                # converted it while we waited (and two VACUUMs would rewrite it twice).
+                if _auto_vacuum_mode(path) == 0:
+                    _convert_to_incremental_vacuum(conn, path, free_space)
     except sqlite3.Error as e:
         raise StorageError(f"cannot prepare database {path}: {e}") from e
     finally:
@@ -515,13 +539,49 @@ def prepare(path: str) -> None:
         lock.close()
 
 
-def _convert_to_incremental_vacuum(conn: sqlite3.Connection, path: str) -> None:
+def _auto_vacuum_mode(path: str) -> int:
+    """
+    The database's auto_vacuum mode as it is now, on a new connection: a connection that
+    has read it answers from its cache until its next read of a table, even after another
+    connection's VACUUM changed it.
+    """
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+    try:
+        return int(conn.execute(Q.AUTO_VACUUM_MODE).fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _convert_to_incremental_vacuum(conn: sqlite3.Connection, path: str, free_space: Callable[[str], int]) -> None:
     """
     Once, for a database made before auto_vacuum was set in the right order: without it
     the cleaner's incremental_vacuum frees nothing and the file never shrinks. VACUUM
     rewrites the whole file (outside any transaction, holding the write lock), so other
-    writers wait meanwhile; if it fails (say, no room for the copy), mmgun runs unconverted.
+    writers wait meanwhile. In WAL mode it writes a copy of about the whole database into
+    the -wal (and builds it in a temporary file first), so it is skipped, with a warning,
+    unless the file system has more than twice the database's size free plus
+    VACUUM_MARGIN: a full disk at start-up would leave no room to record results. If it is
+    skipped or fails, mmgun runs unconverted and tries again at its next start.
     """
+    # The database as it is now: the file, and the pages of it still in the -wal.
+    size = sum(os.path.getsize(name) for name in (path, path + "-wal") if os.path.exists(name))
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free: int | None = free_space(folder)
+    except OSError as e:
+        _log.warn("cannot read the free space of {folder}: {error}", folder=folder, error=str(e))
+        free = None
+    needed = 2 * size + VACUUM_MARGIN
+    if free is None or free <= needed:
+        _log.warn(
+            "database {path} not converted to incremental auto-vacuum: the conversion needs more than "
+            "{needed} bytes free on its file system ({free} free); the file will not shrink after cleaning. "
+            "It is tried again at the next start.",
+            path=path,
+            needed=needed,
+            free="unknown" if free is None else free,
+        )
+        return
     (pages,) = conn.execute(Q.PAGE_COUNT).fetchone()
     _log.info("converting database {path} to incremental auto-vacuum ({pages} pages; once)", path=path, pages=pages)
     try:
@@ -611,8 +671,8 @@ class SQLiteStore:
     async def add_submission(self, submission: NewSubmission) -> str:
         return await self._submissions.submit(submission)
 
-    async def submission(self, client: str, submission_id: str) -> SubmissionState | None:
-        return await self._runner.read(_submission_txn, client, submission_id)
+    async def submission(self, client: str, submission_id: str, now: float | None = None) -> SubmissionState | None:
+        return await self._runner.read(_submission_txn, client, submission_id, now)
 
     # -- delivery ------------------------------------------------------------
 
@@ -642,8 +702,7 @@ class SQLiteStore:
         """
         if identity in self._identities:
             return True
-        # The WriteLock's path is the database's real path: two paths to one file share it.
-        path = f"{self._runner._lock._database}-sender-{identity}.lock"
+        path = f"{self._runner.database}-sender-{identity}.lock"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
@@ -743,8 +802,8 @@ class SQLiteStore:
         return cls(SyncRunner(path))
 
     async def queue_entries(self, now: float, status: str | None = None, domain: str | None = None) -> list[QueueEntry]:
-        """Unfinished envelopes, oldest first; ``status`` is None, "queued" or "deferred"."""
-        if status not in (None, "queued", "deferred"):
+        """Unfinished envelopes, oldest first; ``status`` is None, "queued", "scheduled" or "deferred"."""
+        if status not in (None, "queued", "scheduled", "deferred"):
             raise ValueError(f"no queue status {status!r}")
         return await self._runner.read(_queue_entries_txn, now, status, domain)
 
@@ -834,12 +893,26 @@ def _add_one(conn: sqlite3.Connection, s: NewSubmission) -> str:
                     raise IdempotencyConflict(s.idempotency_key)
                 return str(existing_id)
             conn.execute(Q.FORGET_IDEMPOTENCY_KEY, (existing_id,))
+    start = s.starts_at()
     conn.execute(
         Q.INSERT_SUBMISSION,
-        (s.id, s.client, s.sender, s.created_at, s.idempotency_key, s.request_hash, s.message),
+        (
+            s.id,
+            s.client,
+            s.sender,
+            s.created_at,
+            s.idempotency_key,
+            s.request_hash,
+            s.message,
+            start if start > s.created_at else None,
+            json.dumps(list(s.tags)) if s.tags else None,
+            s.metadata,
+        ),
     )
     for domain, addresses in s.envelopes().items():
-        envelope_id = conn.execute(Q.INSERT_ENVELOPE, (s.id, domain, s.created_at, s.created_at)).lastrowid
+        # A scheduled envelope enters the queue at send_at: not claimed before, and its
+        # queue lifetime and age count from then.
+        envelope_id = conn.execute(Q.INSERT_ENVELOPE, (s.id, domain, start, start)).lastrowid
         conn.executemany(
             Q.INSERT_RECIPIENT,
             [(envelope_id, i, s.id, a, s.created_at) for i, a in enumerate(addresses)],
@@ -847,11 +920,21 @@ def _add_one(conn: sqlite3.Connection, s: NewSubmission) -> str:
     return s.id
 
 
-def _submission_txn(conn: sqlite3.Connection, client: str, submission_id: str) -> SubmissionState | None:
-    if conn.execute(Q.SUBMISSION_OWNER, (submission_id, client)).fetchone() is None:
+def _submission_txn(
+    conn: sqlite3.Connection, client: str, submission_id: str, now: float | None
+) -> SubmissionState | None:
+    head = conn.execute(Q.SUBMISSION_OWNER, (submission_id, client)).fetchone()
+    if head is None:
         return None
+    send_at, tags, metadata = head
     rows = conn.execute(Q.SUBMISSION_RECIPIENTS, (submission_id,)).fetchall()
-    return SubmissionState(submission_id, tuple(RecipientState(*row) for row in rows))
+    recipients = tuple(RecipientState(*row) for row in rows)
+    if send_at is not None and now is not None and send_at > now:
+        # Nothing is attempted before send_at: a queued recipient is waiting for it.
+        recipients = tuple(attrs.evolve(r, status="scheduled") if r.status == "queued" else r for r in recipients)
+    return SubmissionState(
+        submission_id, recipients, tags=tuple(json.loads(tags)) if tags else (), metadata=metadata, send_at=send_at
+    )
 
 
 def _claim_txn(
@@ -983,21 +1066,22 @@ def _queue_entries_txn(conn: sqlite3.Connection, now: float, status: str | None,
             last_reply=replies[eid][1] if eid in replies else None,
             created_at=created_at,
             leased=bool(leased),
+            scheduled=bool(scheduled),
         )
-        for eid, sid, client, domain, attempts, next_attempt, leased, created_at in rows
+        for eid, sid, client, domain, attempts, next_attempt, leased, created_at, scheduled in rows
     ]
 
 
 def _queue_stats_txn(conn: sqlite3.Connection, now: float, top_domains: int) -> QueueStats:
     recipients = tuple(conn.execute(Q.RECIPIENTS_BY_STATUS).fetchall())
-    unfinished, in_delivery, oldest = conn.execute(Q.UNFINISHED_SUMMARY, (now,)).fetchone()
+    unfinished, in_delivery, oldest = conn.execute(Q.UNFINISHED_SUMMARY, {"now": now}).fetchone()
     domains = tuple(conn.execute(Q.BACKLOG_BY_DOMAIN, (top_domains,)).fetchall())
     return QueueStats(recipients, unfinished, in_delivery, oldest, domains)
 
 
 def _queue_depth_txn(conn: sqlite3.Connection, now: float) -> QueueDepth:
     recipients = tuple(conn.execute(Q.PENDING_BY_STATUS).fetchall())
-    unfinished, in_delivery, oldest = conn.execute(Q.UNFINISHED_SUMMARY, (now,)).fetchone()
+    unfinished, in_delivery, oldest = conn.execute(Q.UNFINISHED_SUMMARY, {"now": now}).fetchone()
     return QueueDepth(recipients, unfinished, in_delivery, oldest)
 
 

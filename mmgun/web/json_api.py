@@ -1,0 +1,137 @@
+"""
+The seed's JSON API: ``GET /``, ``POST /send``, ``POST /status``, ``GET /healthz``,
+``GET /metrics`` (routed by :mod:`.app`). Its shapes are a contract (docs/openapi.yaml):
+every answer is JSON, and every error ``{"result": "error", "message": ...}`` with the
+right status code (:func:`error_document`); an error changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+
+from ..health import Health, database_problem
+from ..message import BadRequest, check_fields, parse_json_object, parse_send
+from ..metrics import Metrics
+from ..store import Store, SubmissionState
+from .errors import HTTPError, json_response
+from .settings import WebSettings
+from .site import read_body
+from .submit import NO_CLIENT_ID, Pipeline, idempotency_key
+
+API_VERSION = "1"
+STATUS_FIELDS = ("submission_id",)
+
+
+def error_document(message: str) -> dict[str, Any]:
+    """The JSON API's shape of an error."""
+    return {"result": "error", "message": message}
+
+
+def iso8601(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def status_document(state: SubmissionState) -> dict[str, Any]:
+    return {
+        "result": "success",
+        "status": state.status,
+        "tags": list(state.tags),
+        "metadata": json.loads(state.metadata) if state.metadata else {},
+        "send_at": iso8601(state.send_at) if state.send_at is not None else None,
+        "recipients": [
+            {
+                "address": r.address,
+                "status": r.status,
+                "attempts": r.attempts,
+                "last_reply": r.last_reply,
+                "updated_at": iso8601(r.updated_at),
+            }
+            for r in state.recipients
+        ],
+    }
+
+
+def _looks_like_id(value: str) -> bool:
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+class JSONAPI:
+    """The JSON API's handlers; each answers a body, or raises for :mod:`.errors` to answer."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        store: Store,
+        settings: WebSettings,
+        *,
+        metrics: Metrics,
+        health: Health | None,
+        wall: Callable[[], float],
+    ) -> None:
+        #: Wall-clock time: /status tells scheduled recipients by it.
+        self._wall = wall
+        self._pipeline = pipeline
+        self._store = store
+        self._settings = settings
+        self._metrics = metrics
+        #: Whether this process can accept mail now (free space, the database's file); None: ask only the store.
+        self._health = health
+
+    async def index(self, request: IRequest) -> bytes:
+        return json_response(
+            request,
+            200,
+            {
+                "service": "mmgun",
+                "api_version": API_VERSION,
+                "endpoints": {"POST /send": "queue a message", "POST /status": "a submission's status"},
+            },
+        )
+
+    async def send(self, request: IRequest) -> bytes:
+        """POST /send: the one route that has to be fast (see :class:`.app.Root`)."""
+        obj = self._read_json(request)
+        client = await self._pipeline.authenticate(request, obj.pop("client_id", NO_CLIENT_ID))
+        key = idempotency_key(request)
+        send = parse_send(obj, self._settings.max_recipients)
+        submission_id = await self._pipeline.submit(client, send, key)
+        return json_response(request, 200, {"result": "queued", "submission_id": submission_id})
+
+    async def status(self, request: IRequest) -> bytes:
+        obj = self._read_json(request)
+        client = await self._pipeline.authenticate(request, obj.pop("client_id", NO_CLIENT_ID))
+        check_fields(obj, STATUS_FIELDS)
+        submission_id = obj["submission_id"]
+        if not isinstance(submission_id, str):
+            raise BadRequest("field 'submission_id' must be a string")
+        state = None
+        if _looks_like_id(submission_id):
+            state = await self._store.submission(client, submission_id, now=self._wall())
+        if state is None:
+            raise HTTPError(404, "no such submission")
+        return json_response(request, 200, status_document(state))
+
+    async def healthz(self, request: IRequest) -> bytes:
+        """200 only if this process can accept mail now (see :class:`mmgun.health.Health`); else 503 with the reason."""
+        if self._health is not None:
+            problem = await self._health.check()
+        else:
+            problem = await database_problem(self._store)
+        if problem is not None:
+            return json_response(request, 503, {"status": "unavailable", "message": problem})
+        return json_response(request, 200, {"status": "ok"})
+
+    def prometheus(self, request: IRequest) -> IResource:
+        """GET /metrics: prometheus_client's resource renders it (from a thread)."""
+        from prometheus_client.twisted import MetricsResource
+
+        return MetricsResource(self._metrics.registry)
+
+    def _read_json(self, request: IRequest) -> dict[str, Any]:
+        return parse_json_object(read_body(request, self._settings.max_message_size))
