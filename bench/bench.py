@@ -10,6 +10,11 @@ and reports, as a table and as JSON in bench/out/<timestamp>.json:
   relay    N POSTs over C keep-alive connections: ingest rate and latency, end-to-end rate
            (first POST to the moment the sink holds every accepted recipient), CPU seconds
            per 1000 messages and peak RSS of every mmgun process, duplicates and losses.
+  ingest   the same POSTs to the frontend(s) alone (no sender): the API's rate.
+  --content text,rich
+           relay and ingest with the ~1 KB text message (text, the default), and/or with
+           issue 12's rich one (rich: that text as the alternative of a ~30 KB HTML part,
+           and a ~100 KB attachment; --rich-messages of them per run).
   backlog  envelopes already queued (written through mmgun's store) before the sender
            starts: drain rate, CPU and peak RSS, at each --backlog-sizes (1k and 100k).
   --compare-postfix
@@ -43,6 +48,7 @@ REPO = HERE.parent
 CLIENT_ID = "demo-client-0123456789abcdef"
 TOPOLOGIES = ("all", "split", "two-senders", "two-frontends")
 MODES = ("relay", "ingest", "backlog")
+CONTENTS = ("text", "rich")
 #: Options that throttle a client; set to "off" when this mmgun has them (they guard
 #: production from abuse and would measure the limiter instead of the relay).
 LIMITS_OFF = {"rate-limit": "0", "max-queued": "0"}
@@ -430,15 +436,18 @@ class Profiles:
 # -- the relay run ------------------------------------------------------------------------------
 
 
-def relay_run(setup: Setup, topology: str, index: int, recipients: str, label: str = "relay") -> dict[str, Any]:
+def relay_run(
+    setup: Setup, topology: str, index: int, recipients: str, label: str = "relay", content: str = "text"
+) -> dict[str, Any]:
     """
-    POST --messages messages and wait until the sink holds every accepted recipient.
-    With label "ingest" only a frontend runs (no sender): the ingest path alone, checked
-    against the database instead of the sink.
+    POST --messages messages (--rich-messages of the rich ``content``) and wait until the
+    sink holds every accepted recipient. With label "ingest" only a frontend runs (no
+    sender): the ingest path alone, checked against the database instead of the sink.
     """
     args = setup.args
     deliver = label != "ingest"
-    run = Path(tempfile.mkdtemp(prefix=f"{label}-{topology}-{index}-", dir=setup.folder))
+    messages = args.rich_messages if content == "rich" else args.messages
+    run = Path(tempfile.mkdtemp(prefix=f"{label}-{content}-{topology}-{index}-", dir=setup.folder))
     (run / "clients").write_text(CLIENT_ID + "\n")
     database = run / "mmgun.sqlite3"
     sink = Sink(run)
@@ -460,10 +469,11 @@ def relay_run(setup: Setup, topology: str, index: int, recipients: str, label: s
                 PYTHON,
                 str(HERE / "loadgen.py"),
                 f"--port={frontend.port}",
-                f"--messages={args.messages}",
+                f"--messages={messages}",
                 f"--concurrency={args.concurrency}",
                 f"--recipients={recipients}",
                 f"--body-size={args.body_size}",
+                f"--content={content}",
                 f"--client-id={CLIENT_ID}",
                 f"--deadline={args.time_limit}",
                 f"--result={result_file}",
@@ -515,10 +525,12 @@ def relay_run(setup: Setup, topology: str, index: int, recipients: str, label: s
         ours = sum(cpu.values())
         return {
             "label": label,
+            "content": content,
             "topology": topology,
             "run": index,
             "folder": str(run),
-            "messages": args.messages,
+            "messages": messages,
+            "database_mib": mib(sum(f.stat().st_size for f in run.glob("mmgun.sqlite3*")) // 1024),
             "concurrency": args.concurrency,
             "recipients_per_message": recipients,
             "accepted": accepted,
@@ -551,6 +563,10 @@ def relay_run(setup: Setup, topology: str, index: int, recipients: str, label: s
             if daemon.process.poll() is None:
                 procs.stop_process(daemon.process)
         sink.stop()
+        if not args.keep:
+            # A rich run's database is ~170 KB a message: free the disk now, not at the end.
+            for path in run.glob("mmgun.sqlite3*"):
+                path.unlink()
 
 
 def queued_in_database(database: Path, expected: set[str]) -> dict[str, Any]:
@@ -775,6 +791,11 @@ def _postfix_problems(maillog: Path) -> dict[str, Any]:
 
 
 # -- medians and the report ---------------------------------------------------------------------
+
+
+def content_key(name: str, content: str) -> str:
+    """A summary's row: the topology (or process) alone for the text message, as before; marked for the rich one."""
+    return name if content == "text" else f"{name}, rich"
 
 
 def median_of(runs: list[dict[str, Any]], path: str) -> Any:
@@ -1019,6 +1040,8 @@ def evaluate(summary: dict[str, Any], all_runs: list[dict[str, Any]]) -> list[di
         )
     relay = {**summary.get("relay", {}), **summary.get("ingest", {})}
     for topology, s in relay.items():
+        if topology.endswith(", rich"):
+            continue  # the targets are the ~1 KB text message's
         if s["ingest_rate"] is not None and s["p99_ms"] is not None:
             ok = s["ingest_rate"] >= 3000 and s["p99_ms"] < 50
             targets.append(
@@ -1116,6 +1139,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--recipients", default="1-3", help="recipients per message, N or LOW-HIGH (default 1-3)")
     parser.add_argument("--body-size", type=int, default=1000, help="characters of message body (default 1000)")
     parser.add_argument(
+        "--content",
+        default="text",
+        help="comma-separated, for relay and ingest: text (a ~1 KB text body), rich (that text beside a ~30 KB "
+        "HTML part, and a ~100 KB attachment) (default text)",
+    )
+    parser.add_argument("--rich-messages", type=int, help="POSTs per run of the rich content (default 5,000)")
+    parser.add_argument(
         "--stall", type=float, default=30.0, help="give up waiting for deliveries after this many seconds without one"
     )
     parser.add_argument(
@@ -1154,6 +1184,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.runs = 1 if args.quick else 3
     if args.messages is None:
         args.messages = 2000 if args.quick else 20_000
+    if args.rich_messages is None:
+        args.rich_messages = 500 if args.quick else 5_000
+    args.contents = [c.strip() for c in args.content.split(",") if c.strip()]
+    for content in args.contents:
+        if content not in CONTENTS:
+            parser.error(f"--content: {content!r} is not one of {', '.join(CONTENTS)}")
     if args.backlog_sizes is None:
         args.backlog_sizes = "1000,10000" if args.quick else "1000,100000"
     args.topologies = (
@@ -1168,8 +1204,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for mode in args.modes:
         if mode not in MODES:
             parser.error(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
-    if args.runs < 1 or args.messages < 1 or args.concurrency < 1:
-        parser.error("--runs, --messages and --concurrency must be at least 1")
+    if args.runs < 1 or args.messages < 1 or args.rich_messages < 1 or args.concurrency < 1:
+        parser.error("--runs, --messages, --rich-messages and --concurrency must be at least 1")
     args.sizes = [int(s) for s in args.backlog_sizes.split(",") if s.strip()]
     return args
 
@@ -1191,7 +1227,7 @@ def main(argv: list[str]) -> int:
         "git": git_state(),
         "durability": "SQLite WAL, synchronous=FULL (mmgun's only setting): each acknowledged POST is fsync'd",
         "mmgun_flags": setup.limit_flags() + setup.extra,
-        "options": {k: v for k, v in vars(args).items() if k not in ("topologies", "modes", "sizes")},
+        "options": {k: v for k, v in vars(args).items() if k not in ("topologies", "modes", "sizes", "contents")},
         "runs": [],
         "summary": {},
     }
@@ -1215,29 +1251,31 @@ def main(argv: list[str]) -> int:
     try:
         if "relay" in args.modes:
             summary["relay"] = {}
-            for topology in args.topologies:
+            for content, topology in [(c, t) for c in args.contents for t in args.topologies]:
                 done = []
+                name = content_key(topology, content)
                 for index in range(args.runs):
-                    run = record(relay_run(setup, topology, index + 1, args.recipients))
+                    run = record(relay_run(setup, topology, index + 1, args.recipients, content=content))
                     done.append(run)
                     print(
-                        f"  relay {topology} #{index + 1}: {run['accepted']:,} accepted at {fmt(run['ingest_rate'])}/s "
+                        f"  relay {name} #{index + 1}: {run['accepted']:,} accepted at {fmt(run['ingest_rate'])}/s "
                         f"(p50 {fmt(run['latency_ms']['p50'], 1)} ms, p99 {fmt(run['latency_ms']['p99'], 1)} ms), "
                         f"end-to-end {fmt(run['e2e_rate'])}/s, dup {run['duplicates']}, lost {run['lost']}, "
                         f"{run['delivery']['outcome']}; machine {run['machine_busy_cores']} cores busy, "
                         f"{run['other_cpu_seconds']} CPU-s not ours",
                         flush=True,
                     )
-                summary["relay"][topology] = summarize_relay(done)
+                summary["relay"][name] = summarize_relay(done)
         if "ingest" in args.modes:
             summary["ingest"] = {}
             ingest = {"frontend only": "frontend"}
             if "two-frontends" in args.topologies:
                 ingest["two frontends only"] = "two-frontends"
-            for title, topology in ingest.items():
+            for content, (title, topology) in [(c, i) for c in args.contents for i in ingest.items()]:
                 done = []
+                title = content_key(title, content)
                 for index in range(args.runs):
-                    run = record(relay_run(setup, topology, index + 1, args.recipients, label="ingest"))
+                    run = record(relay_run(setup, topology, index + 1, args.recipients, label="ingest", content=content))
                     done.append(run)
                     print(
                         f"  ingest ({title}) #{index + 1}: {run['accepted']:,} accepted at {fmt(run['ingest_rate'])}/s "

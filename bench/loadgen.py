@@ -4,7 +4,13 @@ The benchmark's load generator: POSTs N messages to mmgun's /send over C
 keep-alive HTTP/1.1 connections (one request in flight on each), and records
 the latency and the answer of every request.
 
-    loadgen.py --port P --messages N --concurrency C --result FILE [--recipients 1-3]
+    loadgen.py --port P --messages N --concurrency C --result FILE [--recipients 1-3] [--content text|rich]
+
+``--content text`` (the default) sends the seed's message: a ~1 KB plain-text body.
+``--content rich`` sends issue 12's: the same text body as the text alternative of a
+~30 KB HTML part (--html-size; table markup with inline styles, lines longer than 76, so
+it travels quoted-printable as real newsletters do) and a ~100 KB attachment of random
+bytes (--attachment-size; incompressible, like a PDF or a JPEG; base64 in the JSON).
 
 Request i goes to recipients whose addresses are unique in the run
 (``r<i>x<j>@alpha.bench.test`` / ``@beta.bench.test``), so the sink can tell
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import functools
 import json
 import random
@@ -56,12 +63,54 @@ def make_body(rng: random.Random, size: int) -> str:
     return "\n".join(lines)
 
 
+def make_html(rng: random.Random, size: int) -> str:
+    """
+    About ``size`` characters of newsletter-like HTML: a table of rows with inline styles,
+    each line 120-200 characters (so mmgun sends it quoted-printable, as it would a real one).
+    """
+    style = "padding:8px 16px;font-family:Helvetica,Arial,sans-serif;font-size:14px;line-height:20px;color:#333333"
+    lines = ['<!DOCTYPE html><html><head><meta charset="utf-8"><title>bench</title></head>', "<body><table>"]
+    total = sum(len(line) + 1 for line in lines)
+    while total < size:
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14)))
+        line = f'<tr><td style="{style}"><a href="https://example.com/{rng.randrange(10**6)}">{words}</a></td></tr>'
+        lines.append(line)
+        total += len(line) + 1
+    lines.append("</table></body></html>")
+    return "\n".join(lines)
+
+
+#: A request as the pieces written for it (so that the large shared part of a rich request is held once).
+Request = tuple[bytes, ...]
+
+
 def build_requests(
-    count: int, client_id: str, host: str, recipients: tuple[int, int], body_size: int, seed: int
-) -> tuple[list[bytes], list[list[str]]]:
+    count: int,
+    client_id: str,
+    host: str,
+    recipients: tuple[int, int],
+    body_size: int,
+    seed: int,
+    content: str = "text",
+    html_size: int = 30_000,
+    attachment_size: int = 100_000,
+) -> tuple[list[Request], list[list[str]]]:
     rng = random.Random(seed)
     bodies = [make_body(rng, body_size) for _ in range(64)]
-    requests, addresses = [], []
+    # A rich request's HTML part and attachment: the end of its JSON object, one of four, shared.
+    tails = [b"}"]
+    if content == "rich":
+        tails = []
+        for variant in range(4):
+            attachment = {
+                "filename": f"invoice-{variant}.pdf",
+                "content_type": "application/pdf",
+                "content": base64.b64encode(rng.randbytes(attachment_size)).decode("ascii"),
+            }
+            html = json.dumps(make_html(rng, html_size))
+            tails.append(f', "html": {html}, "attachments": [{json.dumps(attachment)}]}}'.encode())
+    requests: list[Request] = []
+    addresses = []
     for i in range(count):
         rcpts = make_recipients(i, rng.randint(*recipients), rng)
         document = {
@@ -71,12 +120,13 @@ def build_requests(
             "subject": f"bench message {i}",
             "body": bodies[i % len(bodies)],
         }
-        payload = json.dumps(document).encode("utf-8")
+        payload = json.dumps(document).encode("utf-8")[:-1]  # without its closing brace
+        tail = tails[i % len(tails)]
         head = (
             f"POST /send HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n"
+            f"Content-Length: {len(payload) + len(tail)}\r\n\r\n"
         ).encode("ascii")
-        requests.append(head + payload)
+        requests.append((head + payload, tail))
         addresses.append(rcpts)
     return requests, addresses
 
@@ -84,7 +134,7 @@ def build_requests(
 class Shared:
     """The work queue and the results, shared by every connection of the run."""
 
-    def __init__(self, requests: list[bytes], deadline: float) -> None:
+    def __init__(self, requests: list[Request], deadline: float) -> None:
         self.requests = requests
         self.next = 0
         self.deadline = deadline
@@ -136,7 +186,7 @@ class Client(asyncio.Protocol):
             self._shared.first_send = self._sent_at
         self._timer = self._loop.call_later(self._timeout, self._timed_out)
         assert self._transport is not None
-        self._transport.write(self._shared.requests[index])
+        self._transport.writelines(self._shared.requests[index])
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -226,7 +276,7 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[index]
 
 
-async def run(args: argparse.Namespace, requests: list[bytes], addresses: list[list[str]]) -> dict[str, Any]:
+async def run(args: argparse.Namespace, requests: list[Request], addresses: list[list[str]]) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     shared = Shared(requests, time.monotonic() + args.deadline)
     futures = []
@@ -271,6 +321,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--recipients", default="1-3", help="recipients per message: N or LOW-HIGH")
     parser.add_argument("--body-size", type=int, default=1000, help="characters of body text")
+    parser.add_argument(
+        "--content", choices=("text", "rich"), default="text", help="the message: text (default) or rich (see above)"
+    )
+    parser.add_argument("--html-size", type=int, default=30_000, help="characters of HTML (rich; default 30,000)")
+    parser.add_argument(
+        "--attachment-size", type=int, default=100_000, help="octets of attachment (rich; default 100,000)"
+    )
     parser.add_argument("--client-id", default="demo-client-0123456789abcdef")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds for one request")
@@ -290,6 +347,9 @@ def main(argv: list[str]) -> None:
         (int(low), int(high or low)),
         args.body_size,
         args.seed,
+        args.content,
+        args.html_size,
+        args.attachment_size,
     )
     if args.ready:
         # Building 20k requests takes a moment: the bench starts its clocks after it.

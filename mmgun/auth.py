@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .clients import Clients
+from .limits import LogTally
 from .store import StoredKey
 
 _log = Logger()
@@ -36,6 +37,9 @@ CLIENT_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 KEY_CACHE_SECONDS = 2.0
 #: last_used_at is written at most this often per key.
 TOUCH_INTERVAL = 60.0
+#: The ids of all keys are read at most this often, for the key ids sent from an address
+#: blocked for failed attempts: a key created since is refused from there for this long.
+KEY_IDS_INTERVAL = 5.0
 
 
 class AuthenticationFailed(Exception):
@@ -96,7 +100,21 @@ class _CachedKey:
 
 
 class Authenticator:
-    """Turns credentials into a client label, or raises AuthenticationFailed."""
+    """
+    Turns credentials into a client label, or raises AuthenticationFailed.
+
+    A key id is looked up in the store at most once per :data:`KEY_CACHE_SECONDS`
+    (found or not). Random key ids miss that cache, and a key from an address blocked
+    for failed attempts is still checked (so that the valid keys behind a shared address
+    keep working); so, from such an address, a key id is looked up only if it is the id
+    of a real key (valid or revoked), as told by the set of all key ids, read at most
+    once per :data:`KEY_IDS_INTERVAL` seconds (when a blocked address sends an id not in
+    it) and completed by each key found. Any other key id is refused without a read.
+    Guessing from blocked addresses, however fast and from however many, thus costs at
+    most one read of the key ids per 5 s, besides one read per real key id per 2 s.
+    The price: a key created less than 5 s ago may be refused from a blocked address
+    (429) until the next read of the key ids.
+    """
 
     def __init__(
         self,
@@ -116,16 +134,24 @@ class Authenticator:
         self._wall = wall if wall is not None else clock.seconds
         self._cache: dict[str, _CachedKey] = {}
         self._touched: dict[str, float] = {}
+        #: The ids of all keys when last read, and the ids found since.
+        self._key_ids: set[str] = set()
+        self._key_ids_read = float("-inf")
 
-    async def authenticate(self, authorization: bytes | None, client_id: object) -> str:
+    async def authenticate(self, authorization: bytes | None, client_id: object, *, blocked_source: str | None = None) -> str:
+        """
+        The client label for ``authorization`` (an API key) or else ``client_id``.
+        ``blocked_source``: the caller's address when it is blocked for failed attempts
+        (an unknown key id from it is looked up only as the class docstring says).
+        """
         if authorization is not None:
-            return await self._by_key(key_from_authorization(authorization))
+            return await self._by_key(key_from_authorization(authorization), blocked_source)
         label = self._clients().authenticate(client_id)
         if label is None:
             raise AuthenticationFailed()
         return label
 
-    async def _by_key(self, key: str) -> str:
+    async def _by_key(self, key: str, blocked_source: str | None) -> str:
         match = _KEY.fullmatch(key)
         if match is None:
             raise AuthenticationFailed()
@@ -133,10 +159,14 @@ class Authenticator:
         now = self._clock.seconds()
         cached = self._cache.get(key_id)
         if cached is None or now - cached.fetched_at >= KEY_CACHE_SECONDS:
+            if blocked_source is not None and not await self._exists(key_id, now):
+                raise AuthenticationFailed()
             cached = _CachedKey(await self._store.find_key(key_id), now)
             if len(self._cache) > 10_000:
                 self._cache.clear()
             self._cache[key_id] = cached
+            if cached.stored is not None:
+                self._key_ids.add(key_id)
         stored = cached.stored
         # Compare even for an unknown id, so that timing does not tell the two apart.
         expected = stored.key_hash if stored is not None else b"\0" * 32
@@ -144,6 +174,13 @@ class Authenticator:
             raise AuthenticationFailed(key_id if stored is not None else None)
         self._touch(key_id, now)
         return stored.client
+
+    async def _exists(self, key_id: str, now: float) -> bool:
+        """Whether ``key_id`` names a real key, as far as the last read of the key ids tells."""
+        if key_id not in self._key_ids and now - self._key_ids_read >= KEY_IDS_INTERVAL:
+            self._key_ids_read = now  # before the read: concurrent requests do not read again
+            self._key_ids = await self._store.key_ids()
+        return key_id in self._key_ids
 
     def _touch(self, key_id: str, now: float) -> None:
         if now - self._touched.get(key_id, float("-inf")) < TOUCH_INTERVAL:
@@ -158,7 +195,7 @@ class Authenticator:
         Deferred.fromCoroutine(self._store.touch_keys([(key_id, self._wall())])).addErrback(failed)
 
 
-class KeyFailures:
+class KeyFailures(LogTally):
     """
     Failed attempts per existing API key id, logged as a warning at most once per
     ``interval`` seconds per key id (with the count since the last line): someone
@@ -167,25 +204,12 @@ class KeyFailures:
     """
 
     def __init__(self, clock: IReactorTime, interval: float = 60.0, max_keys: int = 10_000) -> None:
-        self._clock = clock
-        self._interval = interval
-        self._max_keys = max_keys
-        #: key id -> [failures not yet logged, when last logged]
-        self._seen: dict[str, list[float]] = {}
+        super().__init__(
+            clock,
+            "{count} failed authentication attempts with API key id {key_id} (latest from {source})",
+            interval,
+            max_keys,
+        )
 
     def failed(self, key_id: str, source: str) -> None:
-        now = self._clock.seconds()
-        entry = self._seen.get(key_id)
-        if entry is None:
-            if len(self._seen) >= self._max_keys:
-                self._seen.clear()
-            entry = self._seen[key_id] = [0, float("-inf")]
-        entry[0] += 1
-        if now - entry[1] >= self._interval:
-            _log.warn(
-                "{count} failed authentication attempts with API key id {key_id} (latest from {source})",
-                count=int(entry[0]),
-                key_id=key_id,
-                source=source,
-            )
-            entry[0], entry[1] = 0, now
+        self.note(key_id, key_id=key_id, source=source)

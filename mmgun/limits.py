@@ -1,7 +1,11 @@
-"""Abuse limits: token buckets per client or per source address, and a cap on queued recipients."""
+"""
+Abuse limits: token buckets per client or per source address, a cap on queued
+recipients, and a tally that logs refusals a few lines a minute.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import attrs
@@ -62,6 +66,39 @@ class RateLimiter:
         now = self._clock.seconds()
         tokens = min(bucket.burst, bucket.tokens + (now - bucket.updated) * bucket.rate)
         return 0.0 if tokens >= 1 else (1 - tokens) / bucket.rate
+
+
+class LogTally:
+    """
+    Counts events and logs them as a warning at most once per ``interval`` seconds per
+    key, with the count since that key's last line: a flood (refused connections, failed
+    attempts with one API key id) is a few lines a minute, not one per event. At most
+    ``max_keys`` keys are remembered (then all are forgotten: a key's next event logs).
+    """
+
+    def __init__(self, clock: IReactorTime, text: str, interval: float = 60.0, max_keys: int = 10_000) -> None:
+        self._clock = clock
+        self._text = text
+        self._interval = interval
+        self._max_keys = max_keys
+        #: key -> (events not yet logged, when last logged)
+        self._seen: dict[Hashable, tuple[int, float]] = {}
+        #: Every event since the start, for tests and operators.
+        self.total = 0
+
+    def note(self, key: Hashable = None, /, **fields: object) -> None:
+        """One event for ``key``; ``fields`` fill ``text`` (besides ``count``) when a line is logged."""
+        self.total += 1
+        now = self._clock.seconds()
+        entry = self._seen.get(key)
+        if entry is None and len(self._seen) >= self._max_keys:
+            self._seen.clear()
+        pending, logged = entry if entry is not None else (0, float("-inf"))
+        pending += 1
+        if now - logged >= self._interval:
+            _log.warn(self._text, count=pending, **fields)
+            pending, logged = 0, now
+        self._seen[key] = (pending, logged)
 
 
 class QueueCap(TimerService):

@@ -15,6 +15,19 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 ENDPOINTS = ("/", "/send", "/status", "/healthz", "/metrics")
+#: The Mailgun v3 endpoints, labelled by their pattern (a label per domain would grow without bound).
+V3_ENDPOINTS = {"messages": "/v3/{domain}/messages", "messages.mime": "/v3/{domain}/messages.mime"}
+
+
+def endpoint_label(path: str) -> str:
+    """The endpoint label of a request's path: itself for the JSON API, the pattern for v3, else "other"."""
+    if path in ENDPOINTS:
+        return path
+    if path.startswith("/v3/"):
+        segments = path.split("/")
+        if len(segments) == 4 and segments[2]:
+            return V3_ENDPOINTS.get(segments[3], "other")
+    return "other"
 
 
 class QueueCollector(Collector):
@@ -58,7 +71,7 @@ class Metrics:
 
     def http_request(self, path: bytes, code: int, seconds: float) -> None:
         endpoint = path.decode("ascii", "replace")
-        key = (endpoint if endpoint in ENDPOINTS else "other", code)
+        key = (endpoint_label(endpoint), code)
         child = self._http.get(key)
         if child is None:
             child = self._http[key] = self.http_latency.labels(key[0], str(code))

@@ -27,6 +27,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from mmgun import admin
 from mmgun.auth import key_hash, new_key
@@ -47,6 +49,7 @@ from mmgun.store import EnvelopeOutcome, RecipientOutcome
 from mmgun.store.sqlite import SQLiteStore
 from mmgun.tap import Options as TapOptions
 from mmgun.web.app import Frontend
+from mmgun.web.site import FrontendChannel, FrontendSite
 
 from .helpers import CLIENT, OTHER_CLIENT, APIClient, result, sync_store
 
@@ -128,6 +131,43 @@ class RequestDeadlineTests(SynchronousTestCase):
         self.assertTrue(transport.disconnected)
         self.assertEqual(self.clock.seconds() - started, self.TIMEOUT)
 
+    def test_pipelined_request_deadline_waits_for_the_previous_answer(self) -> None:
+        """
+        issue 11 item 9: a keep-alive client pipelines its next request while the first
+        is still being answered, and the answer takes longer than --request-timeout (a
+        busy database): the next request's deadline starts when it is replayed after the
+        answer, so the slow answer is not cut off and the next request is served.
+        """
+        held: list[Any] = []
+
+        class Slow(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> Any:
+                held.append(request)
+                return NOT_DONE_YET
+
+        site = FrontendSite(Slow(), self.frontend.settings, clock=self.clock, metrics=self.frontend.metrics)
+        address = IPv4Address("TCP", "192.0.2.7", 40000)
+        protocol = site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        self.addCleanup(lambda: protocol.connectionLost(None) if protocol in site.channels else None)
+        protocol.dataReceived(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(len(held), 1)
+        protocol.dataReceived(b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n")  # buffered while /first is answered
+        self.clock.advance(self.TIMEOUT + 10)
+        self.assertFalse(transport.disconnecting, "the answer to /first is not cut off by /second's deadline")
+        self.assertEqual(site.too_slow.total, 0)
+        held[0].write(b"one")
+        held[0].finish()
+        self.assertEqual([r.path for r in held], [b"/first", b"/second"])
+        held[1].write(b"two")
+        held[1].finish()
+        answer = transport.value()
+        self.assertEqual(answer.count(b"HTTP/1.1 200 "), 2, answer)
+        self.assertFalse(transport.disconnecting)
+
     def test_drops_are_logged_a_few_lines_not_one_per_connection(self) -> None:
         """issue 11 item 9: a thousand dropped connections make one warning a minute, with the count."""
         events = _logged(self)
@@ -154,10 +194,15 @@ class ConnectionCapTests(SynchronousTestCase):
         self.site = frontend.site()
 
     def open(self, address: Any) -> Any:
+        """The connection's channel; None if it was refused (and then its transport is aborted at once)."""
         protocol = self.site.buildProtocol(address)
-        if protocol is not None:
-            protocol.makeConnection(StringTransport(peerAddress=address))
-            self.addCleanup(lambda: protocol.connectionLost(None) if protocol in self.site.channels else None)
+        transport = StringTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        if not isinstance(protocol, FrontendChannel):
+            self.assertTrue(transport.disconnected, "a refused connection is aborted as soon as it is made")
+            self.assertNotIn(protocol, self.site.channels)
+            return None
+        self.addCleanup(lambda: protocol.connectionLost(None) if protocol in self.site.channels else None)
         return protocol
 
     def test_connections_over_the_per_source_cap_are_refused(self) -> None:
@@ -314,6 +359,115 @@ class ConnectionFloodOnRealSocketsTests(TestCase):
         return Deferred.fromCoroutine(self._flood())
 
 
+def _write_self_signed(folder: str, hostname: str = "localhost") -> tuple[str, str]:
+    """A fresh self-signed key and certificate in ``folder``, as PEM files for an ``ssl:`` listener: (key, cert)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)  # the client checks it against its own clock
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    key_path, cert_path = os.path.join(folder, "key.pem"), os.path.join(folder, "cert.pem")
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+class ConnectionCapOnTLSTests(TestCase):
+    """
+    A real ``ssl:`` listener: Twisted's TLS wrapper wraps whatever the site's
+    buildProtocol returns, so a refusal must be a protocol that closes, not None.
+    """
+
+    async def _flood(self) -> None:
+        from twisted.internet import reactor as global_reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString, wrapClientTLS
+        from twisted.internet.ssl import CertificateOptions
+        from twisted.internet.task import deferLater
+
+        reactor: Any = global_reactor
+        folder = self.mktemp()
+        os.makedirs(folder)
+        key, cert = _write_self_signed(folder)
+        store, _ = sync_store(self)
+        clients = Clients.from_ids([CLIENT])
+        frontend = Frontend(store, lambda: clients, reactor, hostname="h", max_connections_per_source=2, request_timeout=30)
+        site = frontend.site()
+        endpoint = serverFromString(reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+        port = await endpoint.listen(site)
+        number = port.getHost().port
+        opened: list[Any] = []
+
+        async def close() -> None:
+            for protocol in opened:
+                if protocol.transport is not None:
+                    protocol.transport.abortConnection()
+            await port.stopListening()
+            for channel in list(site.channels):
+                cast(Any, channel.transport).abortConnection()
+            deadline = reactor.seconds() + 5
+            while site.channels and reactor.seconds() < deadline:
+                await deferLater(reactor, 0.01, lambda: None)
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(close()))
+
+        async def connect(source: str, data: bytes, tls: bool = False) -> _Raw:
+            protocol = _Raw(data)
+            endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", number, timeout=5, bindAddress=(source, 0))
+            if tls:
+                endpoint = wrapClientTLS(CertificateOptions(), endpoint)  # no verification: a self-signed test cert
+            await connectProtocol(endpoint, protocol)
+            opened.append(protocol)
+            return protocol
+
+        async def until(condition: Any, what: str) -> None:
+            deadline = reactor.seconds() + 10
+            while not condition():
+                if reactor.seconds() > deadline:
+                    self.fail(f"timed out waiting for {what}")
+                await deferLater(reactor, 0.01, lambda: None)
+
+        # The attacker: raw TCP connections that never start the handshake.
+        for _ in range(2):
+            await connect("127.0.0.1", b"")
+        await until(lambda: site.connections_from(IPv4Address("TCP", "127.0.0.1", 0)) == 2, "2 connections")
+        # The third is closed by the server at once (request_timeout is 30 s: not by the deadline).
+        third = await connect("127.0.0.1", b"")
+        started = reactor.seconds()
+        self.assertEqual(await third.closed.addTimeout(10, reactor), b"")
+        self.assertLess(reactor.seconds() - started, 5)
+        self.assertEqual(site.refused.total, 1)
+        self.assertEqual(site.connections_from(IPv4Address("TCP", "127.0.0.1", 0)), 2)
+        # Another address is still served over TLS.
+        legitimate = await connect("127.0.0.2", b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", tls=True)
+        answer = await legitimate.closed.addTimeout(10, reactor)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:100])
+
+    def test_connection_over_the_cap_on_a_tls_listener_is_closed(self) -> Deferred[None]:
+        """
+        issue 11 item 9: a flood on an ``ssl:`` listener: the connection over the
+        per-source cap is closed at once without a logged traceback (trial fails a test
+        that logs an error), and another address still gets 200 over TLS.
+        """
+        return Deferred.fromCoroutine(self._flood())
+
+
 # -- item 13: a byte budget per client ----------------------------------------------------------------
 
 
@@ -430,6 +584,64 @@ class SharedAddressTests(SynchronousTestCase):
         text = repr(events)
         self.assertNotIn(self.key, text)
         self.assertNotIn(wrong, text)
+
+    def count_key_reads(self) -> list[str]:
+        """The store's reads of API keys from now on: each looked-up key id, or "all" for a read of every key id."""
+        reads: list[str] = []
+        find_key, key_ids = self.store.find_key, self.store.key_ids
+
+        async def counted_find(key_id: str) -> Any:
+            reads.append(key_id)
+            return await find_key(key_id)
+
+        async def counted_ids() -> set[str]:
+            reads.append("all")
+            return await key_ids()
+
+        self.store.find_key = counted_find  # type: ignore[method-assign]
+        self.store.key_ids = counted_ids  # type: ignore[method-assign]
+        return reads
+
+    def test_random_key_ids_from_a_blocked_address_cost_few_store_reads(self) -> None:
+        """
+        issue 11 item 14: keys from a blocked address are still checked, but 1,000 random
+        key ids from it cost one database read (of the key ids), not 1,000 on the pool
+        thread /send shares, while the valid key is still admitted from the same address.
+        """
+        reads = self.count_key_reads()
+        self.assertEqual(self.bad_keys(11), [401] * 10 + [429])
+        self.assertEqual(len(reads), 11, "before the block each unknown key id is looked up; then the key ids are read")
+        self.assertEqual(reads[-1], "all")
+        reads.clear()
+        self.assertEqual(self.bad_keys(1000), [429] * 1000)
+        self.assertEqual(reads, [])
+        self.assertEqual(self.send({"Authorization": f"Bearer {self.key}"}), 200)
+        self.assertEqual(reads, [self.key_id])
+        # A minute of guessing: per 6 s, the one failed attempt the block lets through
+        # and one read of the key ids.
+        reads.clear()
+        for _ in range(10):
+            self.clock.advance(6)
+            self.assertEqual(self.bad_keys(100), [401] + [429] * 99)
+        self.assertEqual(len(reads), 20, reads)
+        self.assertEqual(self.send({"Authorization": f"Bearer {self.key}"}), 200)
+
+    def test_new_key_from_a_blocked_address_is_admitted_within_seconds(self) -> None:
+        """
+        issue 11 item 14: under a sustained guessing flood from its address, a key created
+        meanwhile (never seen by this process) is admitted once the key ids are read again,
+        at most 5 s later: the bound on store reads locks no valid key out.
+        """
+        self.assertEqual(self.bad_keys(11), [401] * 10 + [429])
+        key_id, key = new_key()
+        result(self, self.store.add_key("acme", key_id, key_hash(key), self.clock.seconds()))
+        codes = []
+        for _ in range(6):
+            self.assertEqual(set(self.bad_keys(100)), {429})
+            codes.append(self.send({"Authorization": f"Bearer {key}"}))
+            self.clock.advance(1)
+        self.assertEqual(codes[-1], 200, codes)
+        self.assertEqual(codes[0], 429, "created after the last read of the key ids (the documented price)")
 
     def test_client_id_stays_blocked_per_address(self) -> None:
         """

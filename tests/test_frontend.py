@@ -10,8 +10,6 @@ from typing import Any
 from twisted.internet.error import ConnectionDone
 from twisted.trial.unittest import SynchronousTestCase
 
-from mmgun.message import BadRequest
-
 from .helpers import CLIENT, CLIENT_LABEL, OTHER_CLIENT, make_api, result
 
 
@@ -260,33 +258,31 @@ def _mailgun_shape(message: str) -> dict[str, Any]:
 
 
 class RoutingTests(SynchronousTestCase):
-    """issue 12 (frontend): one route per endpoint; a second API on the port answers errors in its own shape."""
+    """issue 12 (frontend): one route per endpoint; the Mailgun v3 API, a Klein app mounted under /v3/, answers errors in its own shape."""
 
     def setUp(self) -> None:
-        from treq.testing import StubTreq
+        import base64
 
-        from mmgun.web.app import Area, Root, Route, routes
+        from mmgun.auth import key_hash, new_key
+
+        from .test_mailgun_api import like_the_frontend
 
         self.api, self.store, self.clock = make_api(self)
-        self.seen: list[dict[str, Any]] = []
-        frontend = self.api.frontend
+        result(self, self.store.add_client("acme", self.clock.seconds()))
+        key_id, key = new_key()
+        result(self, self.store.add_key("acme", key_id, key_hash(key), self.clock.seconds()))
+        self.auth = {"Authorization": "Basic " + base64.b64encode(f"api:{key}".encode()).decode()}
+        self.treq = like_the_frontend(self.api.treq)
 
-        async def messages(request: Any, domain: str) -> bytes:
-            self.seen.append({"domain": domain})
-            if domain == "bad.example":
-                raise BadRequest("field 'from' is missing")
-            return json.dumps({"message": "Queued. Thank you."}).encode()
-
-        endpoints, areas = routes(frontend.json_api)
-        second = Route("/v3/{domain}/messages", {b"POST": messages}, _mailgun_shape, submission=True)
-        self.root = Root([*endpoints, second], [*areas, Area(b"/v3/", _mailgun_shape)], store=self.store, metrics=frontend.metrics)
-        self.treq = StubTreq(self.root)
-
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any, Any]:
-        d = self.treq.request(method, "http://mmgun.test" + path, data=body)  # type: ignore[attr-defined]
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
+        d = self.treq.request(method, "http://mmgun.test" + path, data=body, headers={**self.auth, **(headers or {})})  # type: ignore[attr-defined]
         self.treq.flush()
         response = self.successResultOf(d)
         return response.code, json.loads(self.successResultOf(response.content())), response.headers
+
+    def form(self, domain: str) -> tuple[bytes, dict[str, str]]:
+        body = f"from=ada%40{domain}&to=b%40x.example&subject=s&text=t".encode()
+        return body, {"Content-Type": "application/x-www-form-urlencoded"}
 
     def rejected(self) -> dict[str, float]:
         return {
@@ -297,7 +293,7 @@ class RoutingTests(SynchronousTestCase):
         }
 
     def test_a_path_routed_twice_is_refused(self) -> None:
-        """issue 12 (frontend, one path per endpoint): a table routing one path twice does not build."""
+        """issue 12 (frontend, one path per endpoint): a table routing one path twice does not build, nor one with a pattern."""
         from mmgun.web.app import Root, Route
 
         async def handler(request: Any) -> bytes:
@@ -306,23 +302,34 @@ class RoutingTests(SynchronousTestCase):
         routes = [Route("/send", {b"POST": handler}, _mailgun_shape), Route("/send", {b"GET": handler}, _mailgun_shape)]
         with self.assertRaises(ValueError):
             Root(routes, [], store=self.store, metrics=self.api.frontend.metrics)
+        with self.assertRaises(ValueError):
+            Root([Route("/v3/{domain}/messages", {b"POST": handler}, _mailgun_shape)], [], store=self.store, metrics=self.api.frontend.metrics)
 
-    def test_each_json_endpoint_is_one_route(self) -> None:
-        """issue 12 (frontend, one path per endpoint): the JSON API is these five routes, /send among them once."""
+    def test_each_endpoint_is_one_route(self) -> None:
+        """issue 12 (frontend, one path per endpoint): the JSON API's five routes, /send among them once, and the two mounted v3 ones."""
         self.assertEqual(
             self.api.frontend.resource().operations(),
-            {("GET", "/"), ("POST", "/send"), ("POST", "/status"), ("GET", "/healthz"), ("GET", "/metrics")},
+            {
+                ("GET", "/"), ("POST", "/send"), ("POST", "/status"), ("GET", "/healthz"), ("GET", "/metrics"),
+                ("POST", "/v3/{domain}/messages"), ("POST", "/v3/{domain}/messages.mime"),
+            },
         )
 
     def test_second_api_gets_its_path_parameter(self) -> None:
         """issue 12 (frontend ready for a second API): /v3/{domain}/messages reaches its handler with the domain."""
-        code, body, _ = self.request("POST", "/v3/mg.example/messages", b"")
-        self.assertEqual((code, body, self.seen), (200, {"message": "Queued. Thank you."}, [{"domain": "mg.example"}]))
+        body, headers = self.form("mg.example")
+        code, answer, _ = self.request("POST", "/v3/mg.example/messages", body, headers)
+        self.assertEqual((code, answer["message"]), (200, "Queued. Thank you."))
+        code, answer, _ = self.request("POST", "/v3/other.example/messages", body, headers)
+        self.assertEqual(code, 400)
+        self.assertIn("(other.example)", answer["message"])
 
     def test_second_api_errors_in_its_own_shape(self) -> None:
-        """issue 12 (frontend, one place for errors): 400, 405 and 404 under /v3/ in {"message"}; the JSON API keeps its shape."""
+        """issue 12 (frontend, one place for errors): 400, 401, 405 and 404 under /v3/ in {"message"}; the JSON API keeps its shape."""
         code, body, _ = self.request("POST", "/v3/bad.example/messages", b"")
-        self.assertEqual((code, body), (400, {"message": "field 'from' is missing"}))
+        self.assertEqual((code, body), (400, {"message": "header 'Content-Type' must be multipart/form-data or application/x-www-form-urlencoded"}))
+        code, body, headers = self.request("POST", "/v3/bad.example/messages", b"", {"Authorization": "Basic eA=="})
+        self.assertEqual((code, body, headers.getRawHeaders(b"www-authenticate")), (401, {"message": "authentication failed"}, [b'Basic realm="mmgun", charset="UTF-8"']))
         code, body, headers = self.request("GET", "/v3/mg.example/messages")
         self.assertEqual((code, body, headers.getRawHeaders(b"allow")), (405, {"message": "method GET not allowed here"}, [b"POST"]))
         code, body, _ = self.request("POST", "/v3/mg.example/nothing")
@@ -336,11 +343,12 @@ class RoutingTests(SynchronousTestCase):
     def test_rejections_of_submission_endpoints_are_counted_by_reason(self) -> None:
         """issue 12 (frontend): mmgun_submissions_rejected_total counts the errors of both APIs' submission routes, no others."""
         self.request("POST", "/send", b"{")
-        self.request("POST", "/send", json.dumps({"sender": "a@b.example"}).encode())
+        self.request("POST", "/send", json.dumps({"sender": "a@b.example"}).encode(), {"Authorization": "Basic eA=="})
         self.request("GET", "/send")
         self.request("POST", "/v3/bad.example/messages", b"")
         self.request("GET", "/v3/mg.example/messages")
         # Not submission endpoints: not counted.
         self.request("POST", "/status", b"{")
         self.request("POST", "/send/", b"{")
+        self.request("POST", "/v3/mg.example/nothing", b"")
         self.assertEqual(self.rejected(), {"invalid": 2.0, "unauthorized": 1.0, "method": 2.0})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable, Collection
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -268,6 +269,26 @@ class ConformanceTests(SynchronousTestCase):
         self.check("post", "/send", 400, {**MESSAGE, "client_id": CLIENT}, headers=self.bearer)
         self.check("post", "/send", 400, MESSAGE, headers={**self.bearer, "Idempotency-Key": "x" * 256})
 
+    @scenario("post", "/send", 400)
+    def test_send_invalid_new_fields(self) -> None:
+        """issue 12: each new field's limits as the document states them: 400 naming the field."""
+        part = {"filename": "a.png", "content_type": "image/png", "content": "iVBORw0KGgo="}
+        no_text = {k: v for k, v in MESSAGE.items() if k != "body"}
+        cases = {
+            "'body'": {**no_text, "html": None},
+            "headers": {**MESSAGE, "headers": {"Content-Type": "text/html"}},
+            "attachments[0].content": {**MESSAGE, "attachments": [{**part, "content": "iVBORw0KGgo"}]},
+            "attachments[0].filename": {**MESSAGE, "attachments": [{**part, "filename": "../a.png"}]},
+            "attachments[0].content_type": {**MESSAGE, "attachments": [{**part, "content_type": "multipart/mixed"}]},
+            "inline[0]": {**no_text, "html": "<p>no image</p>", "inline": [{**part, "content_id": "a@b"}]},
+            "tags": {**MESSAGE, "tags": ["a", "b", "c", "d"]},
+            "send_at": {**MESSAGE, "send_at": datetime.fromtimestamp(self.clock.seconds() + 8 * 86400, UTC).isoformat()},
+            "cc[0]": {**MESSAGE, "cc": ["Bob <bob@x.example"]},
+        }
+        for field, document in cases.items():
+            answer = self.check("post", "/send", 400, document, headers=self.bearer)
+            self.assertIn(field, answer["message"])
+
     @scenario("post", "/send", 401)
     def test_send_unauthenticated(self) -> None:
         self.check("post", "/send", 401, MESSAGE)
@@ -284,6 +305,59 @@ class ConformanceTests(SynchronousTestCase):
     @scenario("post", "/send", 413)
     def test_send_too_large(self) -> None:
         self.check("post", "/send", 413, {**MESSAGE, "body": "x" * MAX_MESSAGE_SIZE}, headers=self.bearer)
+
+    @scenario("post", "/send", 413)
+    def test_send_built_message_too_large(self) -> None:
+        """issue 12: a request under --max-message-size whose built message is over it is 413, and nothing is queued."""
+        # "=" is three octets quoted-printable, and the attachment a third larger in base64.
+        document = {
+            **MESSAGE,
+            "body": "=" * 900,
+            "attachments": [{"filename": "a.bin", "content_type": "application/octet-stream", "content": base64.b64encode(bytes(1200)).decode()}],
+        }
+        self.assertLess(len(json.dumps(document)), MAX_MESSAGE_SIZE)
+        answer = self.check("post", "/send", 413, document, headers=self.bearer)
+        self.assertRegex(answer["message"], r"^the message built from this request would be [0-9]+ octets, more than the maximum of 4096$")
+        self.assertEqual(self.frontend.metrics.accepted._value.get(), 0)
+
+    @scenario("post", "/send", 200)
+    @scenario("post", "/status", 200)
+    def test_send_every_feature_then_status(self) -> None:
+        """
+        issue 12: the document's example with every new field is queued as it stands; with a
+        send_at ahead, /status shows the submission and each recipient scheduled, with its
+        tags, metadata and send_at; once send_at has passed, queued.
+        """
+        examples = SPEC["paths"]["/send"]["post"]["requestBody"]["content"]["application/json"]["examples"]
+        everything = dict(examples["everything"]["value"])
+        send_at = self.clock.seconds() + 3600
+        everything["send_at"] = datetime.fromtimestamp(send_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        submission_id = self.check("post", "/send", 200, everything, headers=self.bearer)["submission_id"]
+        status = self.check("post", "/status", 200, {"submission_id": submission_id}, headers=self.bearer)
+        self.assertEqual(status["status"], "scheduled")
+        self.assertEqual(status["tags"], everything["tags"])
+        self.assertEqual(status["metadata"], everything["metadata"])
+        self.assertEqual(status["send_at"], datetime.fromtimestamp(send_at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+        # To, Cc and Bcc are all envelope recipients, by bare address.
+        self.assertEqual(
+            sorted((r["address"], r["status"]) for r in status["recipients"]),
+            [("ada@another.com", "scheduled"), ("archive@example.com", "scheduled"), ("bob@third.com", "scheduled")],
+        )
+        self.clock.advance(3600)
+        status = self.check("post", "/status", 200, {"submission_id": submission_id}, headers=self.bearer)
+        self.assertEqual((status["status"], {r["status"] for r in status["recipients"]}), ("queued", {"queued"}))
+        self.assertEqual(status["send_at"], datetime.fromtimestamp(send_at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+
+    @scenario("post", "/send", 200)
+    def test_every_send_example_is_accepted(self) -> None:
+        """issue 12: each example of /send in the document is a message the app queues (with a key for credentials)."""
+        examples = SPEC["paths"]["/send"]["post"]["requestBody"]["content"]["application/json"]["examples"]
+        for name, example in examples.items():
+            document = {k: v for k, v in example["value"].items() if k != "client_id"}
+            submission_id = self.check("post", "/send", 200, document, headers=self.bearer)["submission_id"]
+            status = self.check("post", "/status", 200, {"submission_id": submission_id}, headers=self.bearer)
+            # Without a send_at ahead (the example's has passed): sent at once, no send_at shown.
+            self.assertEqual((status["status"], status["send_at"]), ("queued", None), name)
 
     @scenario("post", "/send", 429)
     def test_send_rate_limited(self) -> None:
@@ -389,3 +463,114 @@ class MetricsConformanceTests(TestCase):
         self.assertEqual(response.code, 200)
         conforms(self, resolve(SPEC["paths"]["/metrics"]["get"]["responses"]["200"]), response, body)
         self.assertIn(b"mmgun_submissions_accepted_total 1.0", body)
+
+
+class MailgunConformanceTests(SynchronousTestCase):
+    """issue 12 (v3 API): every documented code of the two v3 operations, checked against the document."""
+
+    MIME = b"From: Ada <ada@example.com>\r\nTo: b@x.example\r\nSubject: s\r\n\r\nhello\r\n"
+
+    def setUp(self) -> None:
+        self.store, _ = sync_store(self)
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        result(self, self.store.add_client("acme", self.clock.seconds()))
+        key_id, self.key = new_key()
+        result(self, self.store.add_key("acme", key_id, key_hash(self.key), self.clock.seconds()))
+        self.use()
+
+    def use(self, failing: Collection[str] = frozenset(), error: type[Exception] = RuntimeError, **options: Any) -> None:
+        """As ConformanceTests.use; the stub's Site leaves form bodies to the API, as the frontend's does."""
+        from .test_mailgun_api import like_the_frontend
+
+        clients = Clients.from_ids([CLIENT])
+        store = _FailingStore(self.store, set(failing), error) if failing else self.store
+        self.frontend = Frontend(
+            store, lambda: clients, self.clock, hostname="mmgun.test", max_message_size=MAX_MESSAGE_SIZE, **options
+        )
+        self.treq = like_the_frontend(StubTreq(self.frontend.resource()))
+
+    def request(self, method: str, path: str, *, raw: bytes | None = None, headers: dict[str, str] | None = None) -> Any:
+        d = self.treq.request(method, "http://mmgun.test" + path, data=raw, headers=headers or {})  # type: ignore[attr-defined]
+        self.treq.flush()
+        response = self.successResultOf(d)
+        response.body = self.successResultOf(response.content())
+        return response
+
+    def status(self, message_id: str) -> dict[str, Any]:
+        response = self.request("POST", "/status", raw=json.dumps({"message_id": message_id}).encode(), headers={"Authorization": f"Bearer {self.key}"})
+        self.assertEqual(response.code, 200)
+        conforms(self, resolve(SPEC["paths"]["/status"]["post"]["responses"]["200"]), response, response.body)
+        document: dict[str, Any] = json.loads(response.body)
+        return document
+
+    def check_v3(self, operation: str, code: int, fields: list[tuple[str, Any]], *, domain: str = "example.com", auth: bool = True) -> Any:
+        from .test_mailgun_api import basic, form_data
+
+        body, content_type = form_data(fields)
+        headers = {"Content-Type": content_type, **(basic(self.key) if auth else {})}
+        response = self.request("POST", f"/v3/{domain}/{operation}", raw=body, headers=headers)
+        self.assertEqual(response.code, code, response.body)
+        documented = SPEC["paths"][f"/v3/{{domain}}/{operation}"]["post"]["responses"]
+        self.assertIn(str(code), documented)
+        conforms(self, resolve(documented[str(code)]), response, response.body)
+        return json.loads(response.body)
+
+    def both(self, code: int, message: list[tuple[str, Any]], mime: list[tuple[str, Any]], **kwargs: Any) -> list[Any]:
+        return [self.check_v3("messages", code, message, **kwargs), self.check_v3("messages.mime", code, mime, **kwargs)]
+
+    def fields(self, **extra: Any) -> list[tuple[str, Any]]:
+        return [("from", "Ada <ada@example.com>"), ("to", "b@x.example"), ("subject", "s"), ("text", "hello"), *extra.items()]
+
+    def mime_fields(self) -> list[tuple[str, Any]]:
+        return [("to", "b@x.example"), ("message", ("message.eml", self.MIME))]
+
+    @scenario("post", "/v3/{domain}/messages", 200)
+    @scenario("post", "/v3/{domain}/messages.mime", 200)
+    @scenario("post", "/status", 200)
+    def test_queued_then_status_by_message_id(self) -> None:
+        for answer in self.both(200, self.fields(), self.mime_fields()):
+            status = self.status(answer["id"])
+            self.assertEqual([r["address"] for r in status["recipients"]], ["b@x.example"])
+
+    @scenario("post", "/v3/{domain}/messages", 400)
+    @scenario("post", "/v3/{domain}/messages.mime", 400)
+    def test_invalid(self) -> None:
+        answers = self.both(400, self.fields(), self.mime_fields(), domain="other.example")
+        self.assertIn("sending domain", answers[0]["message"])
+        self.both(400, [("from", "x")], [("to", "b@x.example")])
+
+    @scenario("post", "/v3/{domain}/messages", 401)
+    @scenario("post", "/v3/{domain}/messages.mime", 401)
+    def test_unauthenticated(self) -> None:
+        self.both(401, self.fields(), self.mime_fields(), auth=False)
+
+    @scenario("post", "/v3/{domain}/messages", 404)
+    @scenario("post", "/v3/{domain}/messages.mime", 404)
+    def test_no_domain(self) -> None:
+        self.both(404, self.fields(), self.mime_fields(), domain="")
+
+    @scenario("post", "/v3/{domain}/messages", 413)
+    @scenario("post", "/v3/{domain}/messages.mime", 413)
+    def test_too_large(self) -> None:
+        self.both(413, self.fields(text="x" * MAX_MESSAGE_SIZE), [("to", "b@x.example"), ("message", ("m.eml", self.MIME + b"x" * MAX_MESSAGE_SIZE))])
+
+    @scenario("post", "/v3/{domain}/messages", 429)
+    @scenario("post", "/v3/{domain}/messages.mime", 429)
+    def test_rate_limited(self) -> None:
+        self.use(rate_limit=0.001, rate_burst=1)
+        self.check_v3("messages", 200, self.fields())
+        self.both(429, self.fields(), self.mime_fields())
+
+    @scenario("post", "/v3/{domain}/messages", 500)
+    @scenario("post", "/v3/{domain}/messages.mime", 500)
+    def test_internal_error(self) -> None:
+        self.use(failing={"add_submission"})
+        self.assertEqual(self.both(500, self.fields(), self.mime_fields()), [{"message": "internal error"}] * 2)
+        self.flushLoggedErrors(RuntimeError)
+
+    @scenario("post", "/v3/{domain}/messages", 503)
+    @scenario("post", "/v3/{domain}/messages.mime", 503)
+    def test_database_full(self) -> None:
+        self.use(failing={"add_submission"}, error=DatabaseFull)
+        self.both(503, self.fields(), self.mime_fields())

@@ -101,6 +101,11 @@ class NewSubmission:
     tags: tuple[str, ...] = ()
     #: The client's metadata: a JSON object as text (the store keeps it as it is), or None.
     metadata: str | None = None
+    #: The message's Message-ID header ("<...@host>"): /status finds the submission by it.
+    message_id: str | None = None
+    #: Mailgun's o:testmode: recorded, never delivered. Finished at once: every recipient
+    #: "sent" with a last_reply saying so, no envelope due, the message not kept.
+    test_mode: bool = False
 
     def starts_at(self) -> float:
         """When the envelopes are first due: send_at when it is later than created_at."""
@@ -287,6 +292,18 @@ class Store(Protocol):
         With ``now``, a queued recipient whose submission's send_at is after it is "scheduled".
         """
 
+    async def add_batch(self, submissions: Sequence[NewSubmission]) -> list[str]:
+        """
+        Queue several submissions (without idempotency keys) in one transaction: all of
+        them or, raising, none. Their ids, once committed.
+        """
+
+    async def submissions_by_message_id(self, client: str, message_id: str, now: float | None = None) -> list[SubmissionState]:
+        """
+        The states of ``client``'s submissions whose message has this Message-ID (several
+        for a batch send), in the order they were queued; empty for another client's.
+        """
+
     async def claim(
         self,
         owner: str,
@@ -393,6 +410,9 @@ class Store(Protocol):
         """True if the key was active; Conflict if there is no such key."""
 
     async def find_key(self, key_id: str) -> StoredKey | None: ...
+
+    async def key_ids(self) -> set[str]:
+        """The id of every API key, revoked ones too."""
 
     async def touch_keys(self, used: Sequence[tuple[str, float]]) -> None: ...
 

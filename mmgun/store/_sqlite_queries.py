@@ -85,6 +85,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # A JSON object, as the client gave it; NULL when there is none.
         "ALTER TABLE submissions ADD COLUMN metadata TEXT",
     ),
+    (
+        # Issue 12: the Message-ID header of the submission's message ("<...@host>"), so that
+        # the id Mailgun's v3 API answers finds the submission in /status. A batch send
+        # (recipient-variables) is several submissions sharing one Message-ID.
+        "ALTER TABLE submissions ADD COLUMN message_id TEXT",
+        "CREATE INDEX submissions_message_id ON submissions (client, message_id) WHERE message_id IS NOT NULL",
+    ),
 )
 
 CONNECTION_PRAGMAS = (
@@ -117,8 +124,10 @@ FIND_IDEMPOTENT = """
 """
 FORGET_IDEMPOTENCY_KEY = "UPDATE submissions SET idempotency_key = NULL WHERE id = ?"
 INSERT_SUBMISSION = """
-    INSERT INTO submissions (id, client, sender, created_at, idempotency_key, request_hash, message, send_at, tags, metadata)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    INSERT INTO submissions (
+        id, client, sender, created_at, idempotency_key, request_hash, message, send_at, tags, metadata, message_id, finished_at
+    )
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 INSERT_ENVELOPE = """
     INSERT INTO envelopes (submission_id, domain, next_attempt, created_at) VALUES (?, ?, ?, ?)
@@ -127,8 +136,18 @@ INSERT_RECIPIENT = """
     INSERT INTO recipients (envelope_id, position, submission_id, address, status, updated_at)
     VALUES (?, ?, ?, ?, 'queued', ?)
 """
+# A test-mode submission (Mailgun's o:testmode) is finished when it is queued: its
+# envelopes done, its recipients "sent" with a reply saying that nothing was delivered.
+INSERT_ENVELOPE_DONE = """
+    INSERT INTO envelopes (submission_id, domain, done, next_attempt, created_at) VALUES (?, ?, 1, ?, ?)
+"""
+INSERT_RECIPIENT_TEST_MODE = """
+    INSERT INTO recipients (envelope_id, position, submission_id, address, status, last_reply, updated_at)
+    VALUES (?, ?, ?, ?, 'sent', ?, ?)
+"""
 
 SUBMISSION_OWNER = "SELECT send_at, tags, metadata FROM submissions WHERE id = ? AND client = ?"
+SUBMISSIONS_BY_MESSAGE_ID = "SELECT id FROM submissions WHERE client = ? AND message_id = ? ORDER BY rowid"
 SUBMISSION_RECIPIENTS = """
     SELECT address, status, attempts, last_reply, updated_at FROM recipients
     WHERE submission_id = ? ORDER BY envelope_id, position
@@ -302,6 +321,7 @@ LIST_KEYS = """
 REVOKE_KEY = "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL"
 KEY_EXISTS = "SELECT 1 FROM api_keys WHERE key_id = ?"
 FIND_KEY = "SELECT client_id, key_hash, revoked_at IS NOT NULL FROM api_keys WHERE key_id = ?"
+ALL_KEY_IDS = "SELECT key_id FROM api_keys"
 TOUCH_KEY = "UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE key_id = ?"
 # Pending recipients per client: walks only unfinished envelopes (the partial index), never the history.
 QUEUED_BY_CLIENT = """

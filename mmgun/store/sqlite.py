@@ -674,6 +674,14 @@ class SQLiteStore:
     async def submission(self, client: str, submission_id: str, now: float | None = None) -> SubmissionState | None:
         return await self._runner.read(_submission_txn, client, submission_id, now)
 
+    async def add_batch(self, submissions: Sequence[NewSubmission]) -> list[str]:
+        if any(s.idempotency_key is not None for s in submissions):
+            raise ValueError("a batch takes no idempotency keys")
+        return await self._runner.write(_add_batch_txn, list(submissions))
+
+    async def submissions_by_message_id(self, client: str, message_id: str, now: float | None = None) -> list[SubmissionState]:
+        return await self._runner.read(_submissions_by_message_id_txn, client, message_id, now)
+
     # -- delivery ------------------------------------------------------------
 
     async def claim(
@@ -848,6 +856,10 @@ class SQLiteStore:
     async def find_key(self, key_id: str) -> StoredKey | None:
         return await self._runner.read(_find_key_txn, key_id)
 
+    async def key_ids(self) -> set[str]:
+        """The id of every API key, revoked ones too (one read, for :class:`mmgun.auth.Authenticator`)."""
+        return await self._runner.read(_key_ids_txn)
+
     async def touch_keys(self, used: Sequence[tuple[str, float]]) -> None:
         """Record when keys were last used (batched by the caller)."""
         await self._runner.write(_touch_keys_txn, used)
@@ -883,6 +895,14 @@ def _add_submissions_txn(conn: sqlite3.Connection, batch: list[NewSubmission]) -
     return results
 
 
+def _add_batch_txn(conn: sqlite3.Connection, batch: list[NewSubmission]) -> list[str]:
+    return [_add_one(conn, submission) for submission in batch]
+
+
+#: The last_reply of a test-mode recipient.
+TEST_MODE_REPLY = "not delivered: test mode (o:testmode)"
+
+
 def _add_one(conn: sqlite3.Connection, s: NewSubmission) -> str:
     if s.idempotency_key is not None:
         row = conn.execute(Q.FIND_IDEMPOTENT, (s.client, s.idempotency_key)).fetchone()
@@ -903,12 +923,22 @@ def _add_one(conn: sqlite3.Connection, s: NewSubmission) -> str:
             s.created_at,
             s.idempotency_key,
             s.request_hash,
-            s.message,
+            None if s.test_mode else s.message,
             start if start > s.created_at else None,
             json.dumps(list(s.tags)) if s.tags else None,
             s.metadata,
+            s.message_id,
+            s.created_at if s.test_mode else None,
         ),
     )
+    if s.test_mode:
+        for domain, addresses in s.envelopes().items():
+            envelope_id = conn.execute(Q.INSERT_ENVELOPE_DONE, (s.id, domain, start, start)).lastrowid
+            conn.executemany(
+                Q.INSERT_RECIPIENT_TEST_MODE,
+                [(envelope_id, i, s.id, a, TEST_MODE_REPLY, s.created_at) for i, a in enumerate(addresses)],
+            )
+        return s.id
     for domain, addresses in s.envelopes().items():
         # A scheduled envelope enters the queue at send_at: not claimed before, and its
         # queue lifetime and age count from then.
@@ -935,6 +965,13 @@ def _submission_txn(
     return SubmissionState(
         submission_id, recipients, tags=tuple(json.loads(tags)) if tags else (), metadata=metadata, send_at=send_at
     )
+
+
+def _submissions_by_message_id_txn(
+    conn: sqlite3.Connection, client: str, message_id: str, now: float | None
+) -> list[SubmissionState]:
+    ids = [row[0] for row in conn.execute(Q.SUBMISSIONS_BY_MESSAGE_ID, (client, message_id))]
+    return [state for state in (_submission_txn(conn, client, i, now) for i in ids) if state is not None]
 
 
 def _claim_txn(
@@ -1143,6 +1180,10 @@ def _revoke_key_txn(conn: sqlite3.Connection, key_id: str, now: float) -> bool:
 def _find_key_txn(conn: sqlite3.Connection, key_id: str) -> StoredKey | None:
     row = conn.execute(Q.FIND_KEY, (key_id,)).fetchone()
     return None if row is None else StoredKey(row[0], bytes(row[1]), bool(row[2]))
+
+
+def _key_ids_txn(conn: sqlite3.Connection) -> set[str]:
+    return {key_id for (key_id,) in conn.execute(Q.ALL_KEY_IDS)}
 
 
 def _touch_keys_txn(conn: sqlite3.Connection, used: Sequence[tuple[str, float]]) -> None:

@@ -1,15 +1,17 @@
 """
 The frontend's root resource and the table of every endpoint on the port.
 
-Each endpoint is one :class:`Route` — a path, a handler per method, the error shape of
-the API it belongs to — and is served only through it. :class:`Root` finds the route
-(a dictionary lookup for a literal path, so the hot ``POST /send`` costs no more than a
-comparison), runs the handler, and answers every failure through :mod:`.errors` in the
-route's shape: 404 for a path no route has (in the shape of the API owning that part of
-the URL space), 405 with ``Allow`` for a method the route lacks.
+The JSON API's endpoints are each one :class:`Route` — a literal path, a handler per
+method, the API's error shape — served only through it: :class:`Root` finds the route by
+a dictionary lookup (so the hot ``POST /send`` costs no more than a comparison), runs the
+handler, and answers every failure through :mod:`.errors` in the route's shape: 404 for
+a path no route has, 405 with ``Allow`` for a method the route lacks.
 
-No Klein here: its routing (werkzeug binds its URL map for every request, and the answer
-goes through more Deferreds) cost about a tenth of a ``POST /send``.
+An :class:`Area` with a ``resource`` is mounted: every request under its prefix goes to
+that resource, which routes and answers it itself. The Mailgun v3 API is mounted so, as a
+Klein app (:mod:`.mailgun`), under ``/v3/``. The JSON API is not a Klein app: Klein's
+routing (werkzeug binds its URL map for every request, and the answer goes through more
+Deferreds) cost about a tenth of a ``POST /send``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ..health import Health
 from ..limits import QueueCap, RateLimiter
 from ..metrics import Metrics
 from ..store import Store
-from . import json_api
+from . import json_api, mailgun
 from .errors import ErrorShape, error_answer, method_not_allowed, no_such_endpoint, render_error
 from .settings import WebSettings
 from .site import FrontendSite
@@ -41,17 +43,14 @@ from .submit import Pipeline
 
 _log = Logger()
 
-#: A handler gets the request and the route's path parameters as keyword arguments; it
-#: answers a body (a coroutine) or, for an answer it does not write itself, a resource.
+#: A handler gets the request; it answers a body (a coroutine) or, for an answer it does
+#: not write itself, a resource.
 Handler = Callable[..., Coroutine[Any, Any, bytes] | IResource]
 
 
 @attrs.frozen
 class Route:
-    """
-    One endpoint: ``path`` is literal but for ``{name}`` segments, each matching one
-    non-empty segment, passed to the handler as ``name=``. A GET handler answers HEAD too.
-    """
+    """One endpoint at a literal ``path``. A GET handler answers HEAD too."""
 
     path: str
     methods: Mapping[bytes, Handler]
@@ -70,34 +69,27 @@ class Route:
 
 @attrs.frozen
 class Area:
-    """A part of the URL space an API owns: a path there that no route has is its 404."""
+    """
+    A part of the URL space an API owns: a path there that no route has is its 404; with
+    a ``resource``, every request there is that resource's to answer (a mounted app).
+    """
 
     prefix: bytes
     shape: ErrorShape
+    resource: IResource | None = None
+    #: The mounted resource's (method, path) operations, for :meth:`Root.operations`.
+    operations: frozenset[tuple[str, str]] = frozenset()
 
 
 class _Compiled:
-    """A route ready to serve: its handlers, its ``Allow``, and its path's segments."""
+    """A route ready to serve: its handlers and its ``Allow``."""
 
     def __init__(self, route: Route) -> None:
+        if "{" in route.path:
+            raise ValueError(f"a route's path is literal (mount an app for patterns): {route.path}")
         self.route = route
         self.handlers = route.handlers
         self.allowed = tuple(sorted(self.handlers))
-        self.segments = tuple(route.path.split("/")[1:])
-        self.literal = "{" not in route.path
-
-    def match(self, segments: list[str]) -> dict[str, str] | None:
-        if len(segments) != len(self.segments):
-            return None
-        params = {}
-        for pattern, segment in zip(self.segments, segments, strict=True):
-            if pattern.startswith("{"):
-                if not segment:
-                    return None
-                params[pattern[1:-1]] = segment
-            elif pattern != segment:
-                return None
-        return params
 
 
 class Root(Resource):
@@ -114,30 +106,32 @@ class Root(Resource):
         paths = [route.route.path for route in self._routes]
         if len(set(paths)) != len(paths):
             raise ValueError(f"a path is routed twice: {sorted(paths)}")
-        self._literal = {c.route.path.encode("utf-8"): c for c in self._routes if c.literal}
-        self._patterns = [c for c in self._routes if not c.literal]
+        self._literal = {c.route.path.encode("utf-8"): c for c in self._routes}
         self._areas = sorted(areas, key=lambda area: len(area.prefix), reverse=True)
+        self._mounts = [area for area in self._areas if area.resource is not None]
         self._store = store
         self._metrics = metrics
 
     def operations(self) -> set[tuple[str, str]]:
         """Every (method, path) routed, without the HEAD each GET implies: for the OpenAPI document's test."""
-        return {(method.decode("ascii"), c.route.path) for c in self._routes for method in c.route.methods}
+        routed = {(method.decode("ascii"), c.route.path) for c in self._routes for method in c.route.methods}
+        return routed.union(*(area.operations for area in self._mounts))
 
     def render(self, request: Request) -> int:
         compiled = self._literal.get(request.path)
-        params: dict[str, str] = {}
         if compiled is None:
-            found = self._find(request)
-            if found is None:
+            for area in self._mounts:
+                if request.path.startswith(area.prefix):
+                    return cast(int, cast(IResource, area.resource).render(request))
+            compiled = self._find(request)
+            if compiled is None:
                 return self._refuse(request, None, self._area(request.path), Failure(no_such_endpoint()))
-            compiled, params = found
         handler = compiled.handlers.get(request.method)
         if handler is None:
             error = method_not_allowed(request.method, compiled.allowed)
             return self._refuse(request, compiled.route, compiled.route.shape, Failure(error))
         try:
-            answer = handler(request, **params) if params else handler(request)
+            answer = handler(request)
         except Exception:
             return self._refuse(request, compiled.route, compiled.route.shape, Failure())
         # (A plain type check: zope's providedBy on every request would cost ~1 µs.)
@@ -145,7 +139,7 @@ class Root(Resource):
             return self._respond(request, compiled.route, answer)
         return cast(IResource, answer).render(request)
 
-    def _find(self, request: Request) -> tuple[_Compiled, dict[str, str]] | None:
+    def _find(self, request: Request) -> _Compiled | None:
         """
         The route of a path that is not literally one: percent-decoded, and with an empty
         first segment dropped (``//send`` is ``/send``), as Klein's routing used to see it.
@@ -155,15 +149,7 @@ class Root(Resource):
         except UnicodeDecodeError:
             return None
         path = path if path.startswith("/") else "/" + path
-        compiled = self._literal.get(path.encode("utf-8"))
-        if compiled is not None:
-            return compiled, {}
-        segments = path.split("/")[1:]
-        for compiled in self._patterns:
-            params = compiled.match(segments)
-            if params is not None:
-                return compiled, params
-        return None
+        return self._literal.get(path.encode("utf-8"))
 
     def _area(self, path: bytes) -> ErrorShape:
         for area in self._areas:
@@ -205,16 +191,19 @@ def _text(path: bytes) -> str:
     return path.decode("ascii", "replace")
 
 
-def routes(api: json_api.JSONAPI) -> tuple[list[Route], list[Area]]:
-    """Every endpoint on the port, and whose 404 each part of the URL space is."""
+def routes(api: json_api.JSONAPI, v3: mailgun.MailgunAPI | None = None) -> tuple[list[Route], list[Area]]:
+    """Every endpoint on the port, and whose 404 each part of the URL space is; the v3 API mounted under /v3/."""
     shape = json_api.error_document
+    areas = [Area(b"/", shape)]
+    if v3 is not None:
+        areas.append(Area(b"/v3/", mailgun.error_document, v3.resource(), frozenset(v3.operations())))
     return [
         Route("/", {b"GET": api.index}, shape),
         Route("/send", {b"POST": api.send}, shape, submission=True),
         Route("/status", {b"POST": api.status}, shape),
         Route("/healthz", {b"GET": api.healthz}, shape),
         Route("/metrics", {b"GET": api.prometheus}, shape),
-    ], [Area(b"/", shape)]
+    ], areas
 
 
 class Frontend:
@@ -260,7 +249,10 @@ class Frontend:
         self.json_api = json_api.JSONAPI(
             self.pipeline, store, self.settings, metrics=self.metrics, health=health, wall=wall if wall is not None else clock.seconds
         )
-        endpoints, areas = routes(self.json_api)
+        self.mailgun = mailgun.MailgunAPI(
+            self.pipeline, store, self.settings, metrics=self.metrics, wall=wall if wall is not None else clock.seconds
+        )
+        endpoints, areas = routes(self.json_api, self.mailgun)
         self._root = Root(endpoints, areas, store=store, metrics=self.metrics)
 
     def resource(self) -> Root:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import attrs
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
@@ -25,7 +26,9 @@ from .site import read_body
 from .submit import NO_CLIENT_ID, Pipeline, idempotency_key
 
 API_VERSION = "1"
-STATUS_FIELDS = ("submission_id",)
+STATUS_FIELDS = ("submission_id", "message_id")
+#: Longer than any Message-ID mmgun makes (make_msgid's are about 60 characters and a host name).
+MAX_MESSAGE_ID = 998
 
 
 def error_document(message: str) -> dict[str, Any]:
@@ -37,7 +40,14 @@ def iso8601(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def status_document(state: SubmissionState) -> dict[str, Any]:
+def status_document(state: SubmissionState, *more: SubmissionState) -> dict[str, Any]:
+    """
+    One submission's status; with ``more`` (the submissions of one batch send, found by
+    their shared Message-ID), one document: every recipient of them all, in order.
+    """
+    if more:
+        recipients = tuple(r for s in (state, *more) for r in s.recipients)
+        state = attrs.evolve(state, recipients=recipients)
     return {
         "result": "success",
         "status": state.status,
@@ -106,13 +116,26 @@ class JSONAPI:
     async def status(self, request: IRequest) -> bytes:
         obj = self._read_json(request)
         client = await self._pipeline.authenticate(request, obj.pop("client_id", NO_CLIENT_ID))
-        check_fields(obj, STATUS_FIELDS)
-        submission_id = obj["submission_id"]
-        if not isinstance(submission_id, str):
-            raise BadRequest("field 'submission_id' must be a string")
+        check_fields(obj, STATUS_FIELDS, ())
+        if not obj:
+            raise BadRequest("missing field 'submission_id' (or 'message_id')")
+        if len(obj) > 1:
+            raise BadRequest("give either field 'submission_id' or field 'message_id', not both")
+        ((field, value),) = obj.items()
+        if not isinstance(value, str):
+            raise BadRequest(f"field {field!r} must be a string")
+        if field == "message_id":
+            # The Message-ID the v3 API answers ("<...@host>"); accepted without its brackets too.
+            message_id = value if value.startswith("<") else f"<{value}>"
+            states = []
+            if len(message_id) <= MAX_MESSAGE_ID:
+                states = await self._store.submissions_by_message_id(client, message_id, now=self._wall())
+            if not states:
+                raise HTTPError(404, "no such submission")
+            return json_response(request, 200, status_document(*states))
         state = None
-        if _looks_like_id(submission_id):
-            state = await self._store.submission(client, submission_id, now=self._wall())
+        if _looks_like_id(value):
+            state = await self._store.submission(client, value, now=self._wall())
         if state is None:
             raise HTTPError(404, "no such submission")
         return json_response(request, 200, status_document(state))

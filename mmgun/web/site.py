@@ -12,17 +12,16 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.internet.protocol import Protocol
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from ..limits import LogTally
 from ..metrics import Metrics
 from .errors import HTTPError
 from .settings import WebSettings
-
-_log = Logger()
 
 
 def source_key(address: object) -> str | None:
@@ -43,31 +42,6 @@ def source_key(address: object) -> str | None:
     if ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ipaddress.IPv6Network((ip, 64), strict=False))
-
-
-class _Tally:
-    """
-    Counts events of one kind and logs them at most once per ``interval`` seconds, with
-    the count since the last line: a flood of refused connections is a few lines a
-    minute, not one per connection.
-    """
-
-    def __init__(self, clock: IReactorTime, text: str, interval: float = 60.0) -> None:
-        self._clock = clock
-        self._text = text
-        self._interval = interval
-        self._logged = float("-inf")
-        self._pending = 0
-        #: Every event since the start, for tests and operators.
-        self.total = 0
-
-    def note(self, **fields: object) -> None:
-        self.total += 1
-        self._pending += 1
-        now = self._clock.seconds()
-        if now - self._logged >= self._interval:
-            _log.warn(self._text, count=self._pending, **fields)
-            self._logged, self._pending = now, 0
 
 
 class FrontendChannel(HTTPChannel):
@@ -150,6 +124,18 @@ class FrontendChannel(HTTPChannel):
             transport.abortConnection()
 
 
+class _Refused(Protocol):
+    """
+    A connection over a cap: aborted as soon as it is made. Returning None from
+    buildProtocol closes a plain TCP connection, but a wrapping factory (the TLS of an
+    ``ssl:`` listener) wraps the None, fails on it and leaves the socket open.
+    """
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.abortConnection()
+
+
 class LimitedRequest(Request):
     """
     A request on a :class:`FrontendChannel`: buffers at most ``max_message_size`` bytes
@@ -221,8 +207,8 @@ class FrontendSite(Site):
     :class:`LimitedRequest`), caps how many are open (in all and per source), and knows
     them and the requests in flight for a graceful stop.
 
-    A connection over a cap is closed as soon as it is accepted (``buildProtocol``
-    returns None) and counted in ``refused``; so one address cannot take every file
+    A connection over a cap is aborted as soon as it is accepted (also under TLS: before
+    the handshake) and counted in ``refused``; so one address cannot take every file
     descriptor of the process, and another client still gets in.
     """
 
@@ -239,11 +225,11 @@ class FrontendSite(Site):
         self.channels: set[FrontendChannel] = set()
         self.in_flight = 0
         self._per_source: dict[str | None, int] = {}
-        self.refused = _Tally(
+        self.refused = LogTally(
             clock,
             "refused {count} HTTP connections over the connection caps since the last report (latest from {source}: {reason})",
         )
-        self.too_slow = _Tally(
+        self.too_slow = LogTally(
             clock,
             "dropped {count} HTTP connections whose request did not arrive within {timeout}s since the last report (latest from {source})",
         )
@@ -267,15 +253,15 @@ class FrontendSite(Site):
         return self.in_flight > 0
 
     def buildProtocol(self, addr: Any) -> Any:
-        """A :class:`FrontendChannel` from ``addr``, or None (the connection is closed) over a cap."""
+        """A :class:`FrontendChannel` from ``addr``; over a cap, a protocol that aborts the connection at once."""
         source = source_key(addr)
         if len(self.channels) >= self.max_connections:
             self.refused.note(source=source or "local", reason=f"{self.max_connections} connections open")
-            return None
+            return _Refused()
         from_source = self._per_source.get(source, 0)
         if source is not None and from_source >= self.max_connections_per_source:
             self.refused.note(source=source, reason=f"{self.max_connections_per_source} connections open from there")
-            return None
+            return _Refused()
         channel = FrontendChannel(self, source)
         self.channels.add(channel)
         self._per_source[source] = from_source + 1

@@ -9,8 +9,9 @@ An API reads its request, calls :meth:`Pipeline.authenticate`, parses, then call
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -19,7 +20,7 @@ from ..auth import AuthenticationFailed, Authenticator, KeyFailures
 from ..clients import Clients
 from ..health import Health
 from ..limits import QueueCap, RateLimiter
-from ..message import BadRequest, SendRequest, build_message
+from ..message import MAX_SCHEDULE, BadRequest, MessageTooLarge, SendRequest, build_message, new_message_id
 from ..metrics import Metrics
 from ..store import NewSubmission, Store
 from .errors import too_many, unauthorized, unavailable
@@ -29,6 +30,8 @@ from .site import source_key
 _log = Logger()
 
 MAX_IDEMPOTENCY_KEY = 255
+#: A batch's built messages together: at most this many times the maximum message size.
+MAX_BATCH_FACTOR = 10
 #: :meth:`Pipeline.authenticate`'s ``client_id`` when the request has no such field.
 NO_CLIENT_ID: object = object()
 
@@ -41,6 +44,29 @@ def idempotency_key(request: IRequest) -> str | None:
     if not 0 < len(raw) <= MAX_IDEMPOTENCY_KEY or not all(0x20 <= b < 0x7F for b in raw):
         raise BadRequest(f"header 'Idempotency-Key' must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters")
     return raw.decode("ascii")
+
+
+@attrs.frozen
+class RawMessage:
+    """
+    A complete message given by the client (Mailgun's messages.mime), already checked:
+    queued as it is for these envelope addresses.
+    """
+
+    sender: str
+    recipients: tuple[str, ...]
+    message: bytes
+    tags: tuple[str, ...] = ()
+    metadata: str | None = None
+    send_at: float | None = None
+
+    def schedule(self, now: float, field: str = "send_at") -> float | None:
+        """As :meth:`mmgun.message.SendRequest.schedule`."""
+        if self.send_at is None or self.send_at <= now:
+            return None
+        if self.send_at > now + MAX_SCHEDULE:
+            raise BadRequest(f"field {field!r} is more than 7 days ahead")
+        return self.send_at
 
 
 class Pipeline:
@@ -91,7 +117,9 @@ class Pipeline:
           admitted. Its secret is 256 random bits: being told whether a guess was right
           helps nobody, so the block need not hide the answer. A failed key attempt
           counts against the address (and, for an existing key id, is logged as a
-          warning naming the key id); from a blocked address it answers 429.
+          warning naming the key id); from a blocked address it answers 429. The store
+          reads a blocked address can cause with random key ids are bounded
+          (:class:`mmgun.auth.Authenticator`).
         - A ``client_id`` of the deprecated clients file may be short and chosen by a
           person: from a blocked address it is not even checked (429), or the block
           would not slow the guessing down. A client using one behind a shared address
@@ -101,12 +129,13 @@ class Pipeline:
         authorization = request.getHeader(b"authorization")
         if authorization is not None and client_id is not NO_CLIENT_ID:
             raise BadRequest("use either an Authorization header or the client_id field, not both")
-        if authorization is None:
-            wait = self._auth_failures.blocked(address)
-            if wait:
-                raise too_many("too many failed authentication attempts", wait)
+        blocked = self._auth_failures.blocked(address)
+        if authorization is None and blocked:
+            raise too_many("too many failed authentication attempts", blocked)
         try:
-            return await self._auth.authenticate(authorization, None if client_id is NO_CLIENT_ID else client_id)
+            return await self._auth.authenticate(
+                authorization, None if client_id is NO_CLIENT_ID else client_id, blocked_source=address if blocked else None
+            )
         except AuthenticationFailed as e:
             if e.key_id is not None:
                 self._key_failures.failed(e.key_id, address)
@@ -115,15 +144,51 @@ class Pipeline:
                 raise too_many("too many failed authentication attempts", wait) from None
             raise unauthorized() from None
 
-    async def submit(self, client: str, send: SendRequest, key: str | None) -> str:
+    async def submit(
+        self,
+        client: str,
+        send: SendRequest | RawMessage,
+        key: str | None,
+        *,
+        message_id: str | None = None,
+        test_mode: bool = False,
+        schedule_field: str = "send_at",
+    ) -> str:
         """
         Admit, build and store ``send`` for ``client``; the submission's id (an earlier
         one's for a replay of ``key``). Raises what :func:`.errors.error_answer` answers:
         503 (no room now), 429 (rate limit, queue caps), 409 (``key`` used for another
         request), StorageError.
+
+        ``message_id`` (:func:`mmgun.message.new_message_id`) is the message's Message-ID,
+        stored with it (/status finds the submission by it); None: a fresh one.
+        ``test_mode``: recorded, never delivered (see :class:`mmgun.store.NewSubmission`).
+        ``schedule_field`` names ``send_at`` in the error for one too far ahead.
+        """
+        (submission_id,) = await self.submit_batch(
+            client, [send], key, message_id=message_id, test_mode=test_mode, schedule_field=schedule_field
+        )
+        return submission_id
+
+    async def submit_batch(
+        self,
+        client: str,
+        sends: Sequence[SendRequest | RawMessage],
+        key: str | None = None,
+        *,
+        message_id: str | None = None,
+        test_mode: bool = False,
+        schedule_field: str = "send_at",
+    ) -> list[str]:
+        """
+        :meth:`submit` for several messages of one request (Mailgun's batch sending): one
+        rate-limit token, every message admitted by the queue caps, all of them stored in
+        one transaction or none; they share ``message_id``. Their built messages together
+        may not pass :data:`MAX_BATCH_FACTOR` times the maximum message size (413), so a
+        request's memory stays bounded. ``key`` only with a single message.
         """
         now = self._wall()
-        send_at = send.schedule(now)  # 400 when more than 7 days ahead: before any limit is spent
+        send_at = [send.schedule(now, schedule_field) for send in sends]  # 400 before any limit is spent
         if self._health is not None:
             problem = self._health.admission()
             if problem is not None:
@@ -131,40 +196,73 @@ class Pipeline:
         wait = self._rate.take(client)
         if wait:
             raise too_many("rate limit exceeded for this client", wait)
-        message = build_message(send, hostname=self._settings.hostname, now=now, max_size=self._settings.max_message_size)
-        if self._queue_cap is not None:
-            refused = self._queue_cap.admit(client, len(send.recipients), len(message))
-            if refused is not None:
-                raise too_many(refused, self._queue_cap.step)
-        submission = NewSubmission(
-            id=os.urandom(16).hex(),
-            client=client,
-            sender=send.sender,
-            recipients=send.recipients,
-            message=message,
-            created_at=now,
-            idempotency_key=key,
-            request_hash=send.digest() if key is not None else None,
-            send_at=send_at,
-            tags=send.tags,
-            metadata=send.metadata,
-        )
+        hostname = self._settings.hostname
+        message_id = message_id if message_id is not None else new_message_id(hostname)
+        limit = self._settings.max_message_size
+        messages: list[bytes] = []
+        total = 0
+        for send in sends:
+            if isinstance(send, RawMessage):
+                message = send.message  # its Message-ID is message_id: the caller checked it
+            else:
+                message = build_message(send, hostname=hostname, now=now, max_size=limit, message_id=message_id)
+            total += len(message)
+            if len(sends) > 1 and total > MAX_BATCH_FACTOR * limit:
+                raise MessageTooLarge(
+                    f"the {len(sends)} messages of this batch would be more than {MAX_BATCH_FACTOR * limit} octets together"
+                    f" ({MAX_BATCH_FACTOR} times the maximum message size)"
+                )
+            messages.append(message)
+        submissions = [
+            NewSubmission(
+                id=os.urandom(16).hex(),
+                client=client,
+                sender=send.sender,
+                recipients=send.recipients,
+                message=message,
+                created_at=now,
+                idempotency_key=key,
+                request_hash=send.digest() if key is not None and isinstance(send, SendRequest) else None,
+                send_at=at,
+                tags=send.tags,
+                metadata=send.metadata,
+                message_id=message_id,
+                test_mode=test_mode,
+            )
+            for send, message, at in zip(sends, messages, send_at, strict=True)
+        ]
+        # A test-mode message queues nothing: the queue caps do not count it.
+        cap = None if test_mode else self._queue_cap
+        admitted: list[NewSubmission] = []
+        if cap is not None:
+            for submission in submissions:
+                refused = cap.admit(client, len(submission.recipients), len(submission.message))
+                if refused is not None:
+                    for earlier in admitted:
+                        cap.forget(client, len(earlier.recipients), len(earlier.message))
+                    raise too_many(refused, cap.step)
+                admitted.append(submission)
         try:
-            submission_id = await self._store.add_submission(submission)
+            if len(submissions) == 1:
+                ids = [await self._store.add_submission(submissions[0])]
+            else:
+                ids = await self._store.add_batch(submissions)
         except BaseException:
-            if self._queue_cap is not None:
-                self._queue_cap.forget(client, len(send.recipients), len(message))
+            for submission in admitted:
+                cap.forget(client, len(submission.recipients), len(submission.message))  # type: ignore[union-attr]
             raise
-        if submission_id != submission.id and self._queue_cap is not None:
-            self._queue_cap.forget(client, len(send.recipients), len(message))  # a replay queues nothing
-        if submission_id == submission.id:
+        for submission, submission_id in zip(submissions, ids, strict=True):
+            if submission_id != submission.id:
+                if cap is not None:
+                    cap.forget(client, len(submission.recipients), len(submission.message))  # a replay queues nothing
+                _log.info("idempotent replay of submission {submission} from {client}", submission=submission_id, client=client)
+                continue
             self._metrics.accepted.inc()
             _log.info(
-                "accepted submission {submission} from {client}: {recipients} recipients",
+                "accepted submission {submission} from {client}: {recipients} recipients{test}",
                 submission=submission_id,
                 client=client,
-                recipients=len(send.recipients),
+                recipients=len(submission.recipients),
+                test=" (test mode: not delivered)" if test_mode else "",
             )
-        else:
-            _log.info("idempotent replay of submission {submission} from {client}", submission=submission_id, client=client)
-        return submission_id
+        return ids

@@ -1,0 +1,588 @@
+"""
+Mailgun's v3 messages API on mmgun's port, so that Mailgun's clients (its SDKs, Django's
+anymail, nodemailer's transports) move to mmgun by changing a base URL and a key:
+
+- ``POST /v3/{domain}/messages``: a message from form fields (``from``, ``to``, ``cc``,
+  ``bcc``, ``subject``, ``text``, ``html``, ``attachment``, ``inline``, ``h:*``, ``v:*``,
+  ``o:tag``, ``o:deliverytime``, ``o:testmode``, ``recipient-variables``);
+- ``POST /v3/{domain}/messages.mime``: a complete MIME message (``message``) for the
+  envelope recipients ``to``.
+
+Both take ``multipart/form-data`` or ``application/x-www-form-urlencoded`` (read by
+:mod:`.forms`), authenticate with HTTP Basic ``api:<key>`` (mmgun's API keys), and answer
+``200 {"id": "<Message-ID>", "message": "Queued. Thank you."}``; ``POST /status`` with
+``{"message_id": ...}`` finds the submission by that id. Every error is Mailgun's
+``{"message": ...}`` with the status code :func:`.errors.error_answer` chose.
+
+A Klein app, mounted by :class:`.app.Root` under ``/v3/``; its ``handle_errors`` renders
+every failure through :mod:`.errors`.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import re
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
+
+from ..message import (
+    MAX_HEADER_VALUE,
+    MAX_METADATA,
+    MAX_PARTS,
+    MAX_SUBJECT,
+    BadRequest,
+    Mailbox,
+    MessageTooLarge,
+    Part,
+    SendRequest,
+    check_content_id,
+    check_headers,
+    check_metadata,
+    check_subject,
+    check_tags,
+    check_text,
+    compose,
+    make_part,
+    new_message_id,
+    normalize_address,
+    parse_address_list,
+    parse_date,
+    parse_json_object,
+    parse_mailbox,
+)
+from ..metrics import Metrics
+from ..store import Store
+from .errors import error_answer, json_response, method_not_allowed, no_such_endpoint, render_error
+from .forms import Field, read_form
+from .settings import WebSettings
+from .site import read_body
+from .submit import Pipeline, RawMessage
+
+_log = Logger()
+
+QUEUED = "Queued. Thank you."
+
+#: Mailgun's options that ask for something mmgun does not do, and whose absence harms
+#: nobody: accepted (any value) and ignored. mmgun tracks no opens or clicks, and signs
+#: nothing (sign at the MTA that relays for your domain, or wait for DKIM in mmgun).
+IGNORED_OPTIONS = frozenset(
+    {
+        "o:tracking",
+        "o:tracking-clicks",
+        "o:tracking-opens",
+        "o:tracking-pixel-location-top",
+        "o:dkim",
+        "o:secondary-dkim",
+        "o:secondary-dkim-public",
+        "o:skip-verification",
+    }
+)
+#: Mailgun's fields that mmgun cannot honour, and whose silent absence would send other
+#: mail than was asked for (or at another time, or from elsewhere): refused, 400 naming them.
+#: o:require-tls is refused only when true.
+UNSUPPORTED = frozenset(
+    {
+        "o:sending-ip",
+        "o:sending-ip-pool",
+        "o:deliverytime-optimize-period",
+        "o:time-zone-localize",
+        "o:archive-to",
+        "o:suppress-headers",
+        "template",
+        "amp-html",
+    }
+)
+_TRUE = frozenset({"yes", "true", "1"})
+_FALSE = frozenset({"no", "false", "0"})
+#: The fields of /messages (beside h:*, v:*, o:*), and those of /messages.mime.
+MESSAGE_FIELDS = frozenset(
+    {"from", "to", "cc", "bcc", "subject", "text", "html", "attachment", "inline", "recipient-variables"}
+)
+MIME_FIELDS = frozenset({"to", "message"})
+#: Field names of :func:`mmgun.message.compose`'s errors, as this API calls them.
+_NAMES = {
+    "recipients": "to",
+    "body": "text",
+    "html": "html",
+    "cc": "cc",
+    "bcc": "bcc",
+    "reply_to": "h:Reply-To",
+    "attachments": "attachment",
+    "inline": "inline",
+    "headers": "h:",
+}
+#: Where Mailgun substitutes a recipient's variables (batch sending).
+_VARIABLE = re.compile(r"%recipient\.([A-Za-z0-9_.-]{1,128})%")
+#: Built-in table only: the host's /etc/mime.types would make the result differ between machines.
+_TYPES = mimetypes.MimeTypes(filenames=())
+#: A Message-ID as RFC 5322 3.6.4 allows it (id-left "@" id-right, no white space or brackets inside).
+_MSG_ID = re.compile(r"<[!-;=?-~]{1,900}@[!-;=?-Z^-~]{1,253}>|<[!-;=?-~]{1,900}@\[[!-Z^-~]{1,253}\]>")
+_FIELD_NAME = re.compile(rb"[!-9;-~]+")
+#: Header fields a message may have at most once (RFC 5322 3.6).
+_ONCE = ("from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id")
+
+
+def error_document(message: str) -> dict[str, Any]:
+    """Mailgun's shape of an error."""
+    return {"message": message}
+
+
+def field_limit(name: str) -> int | None:
+    """The most bytes a field's value may have while it is read (UTF-8: up to 4 bytes a character)."""
+    if name.startswith("h:"):
+        return 4 * MAX_HEADER_VALUE
+    if name.startswith("v:"):
+        return MAX_METADATA
+    if name.startswith("o:"):
+        return 1024
+    if name == "subject":
+        return 4 * MAX_SUBJECT
+    if name == "from":
+        return 2048
+    return None
+
+
+def sending_domain(domain: str) -> str:
+    """The URL's {domain}, IDNA-encoded and lower-cased as an address's domain is."""
+    try:
+        return normalize_address(f"postmaster@{domain}", "domain").rpartition("@")[2]
+    except BadRequest:
+        raise BadRequest(f"the domain in the URL ({domain!r}) is not a valid domain name") from None
+
+
+def _check_domain(sender: str, domain: str, field: str) -> None:
+    expected = sending_domain(domain)
+    actual = sender.rpartition("@")[2]
+    if actual != expected:
+        raise BadRequest(
+            f"field {field!r}: the sender's domain ({actual}) is not the sending domain of the URL ({expected})"
+        )
+
+
+class _Form:
+    """A form's fields by name, each taken at most once by the parser (what is left is unknown)."""
+
+    def __init__(self, fields: Sequence[Field]) -> None:
+        self.groups: dict[str, list[Field]] = {}
+        for field in fields:
+            self.groups.setdefault(field.name, []).append(field)
+
+    def take(self, name: str) -> list[Field]:
+        return self.groups.pop(name, [])
+
+    def prefixed(self, prefix: str) -> list[Field]:
+        names = [name for name in self.groups if name.startswith(prefix)]
+        return [field for name in names for field in self.groups.pop(name)]
+
+    def text(self, name: str, required: bool = False) -> str | None:
+        values = self.take(name)
+        if len(values) > 1:
+            raise BadRequest(f"field {name!r} is given more than once")
+        if not values:
+            if required:
+                raise BadRequest(f"missing field {name!r}")
+            return None
+        return _text(values[0])
+
+    def texts(self, name: str) -> list[str]:
+        return [_text(field) for field in self.take(name)]
+
+    def check_unknown(self, allowed: frozenset[str]) -> None:
+        for name in self.groups:
+            if name in UNSUPPORTED or name.startswith("t:"):
+                raise BadRequest(f"field {name!r} is not supported by mmgun")
+            if name not in allowed:
+                raise BadRequest(f"unknown field {name!r}")
+
+
+def _text(field: Field) -> str:
+    if field.filename is not None:
+        raise BadRequest(f"field {field.name!r} must be a text field, not a file")
+    return field.text()
+
+
+def _boolean(value: str, field: str) -> bool:
+    lower = value.strip().lower()
+    if lower in _TRUE:
+        return True
+    if lower in _FALSE:
+        return False
+    raise BadRequest(f"field {field!r} must be yes or no (or true or false)")
+
+
+def _addresses(form: _Form, name: str, limit: int) -> list[Mailbox]:
+    mailboxes: list[Mailbox] = []
+    for value in form.texts(name):
+        for item in parse_address_list(value, name):
+            mailboxes.append(parse_mailbox(item, name))
+            if len(mailboxes) > limit:
+                raise BadRequest(f"field {name!r} lists more than {limit} addresses")
+    return mailboxes
+
+
+def _content_type(field: Field) -> str:
+    """The file's declared type; without one, the type its file name's extension stands for."""
+    if field.content_type:
+        return field.content_type
+    guessed, _ = _TYPES.guess_type(field.filename or "", strict=True)
+    return guessed or "application/octet-stream"
+
+
+def _files(form: _Form, name: str, *, inline: bool) -> list[Part]:
+    parts = []
+    for i, field in enumerate(form.take(name)):
+        where = f"{name}[{i}]"
+        if field.filename is None:
+            raise BadRequest(f"field {where!r} must be a file (a part with a filename)")
+        content_id = None
+        if inline:
+            # As Mailgun: an inline file's name is its content id, cid:NAME in the HTML.
+            content_id = check_content_id(field.filename, f"{where}.filename")
+        parts.append(make_part(field.filename, _content_type(field), field.value, where, content_id))
+    return parts
+
+
+class _Options:
+    """The o:, v: and h: fields common to both endpoints."""
+
+    def __init__(self, form: _Form, *, headers: bool) -> None:
+        tags = form.texts("o:tag")
+        self.tags = check_tags(tags, "o:tag") if tags else ()
+        when = form.text("o:deliverytime")
+        self.send_at = parse_date(when, "o:deliverytime") if when is not None else None
+        testmode = form.text("o:testmode")
+        self.test_mode = testmode is not None and _boolean(testmode, "o:testmode")
+        require_tls = form.text("o:require-tls")
+        if require_tls is not None and _boolean(require_tls, "o:require-tls"):
+            raise BadRequest("field 'o:require-tls' cannot be honoured by mmgun (it does not require TLS per message)")
+        for name in IGNORED_OPTIONS:
+            for field in form.take(name):
+                _text(field)
+        variables: dict[str, str] = {}
+        for field in form.prefixed("v:"):
+            key = field.name[2:]
+            if not key or key in variables:
+                raise BadRequest(f"field {field.name!r} is empty or given more than once")
+            variables[key] = _text(field)
+        self.metadata = check_metadata(variables, "v:") if variables else None
+        self.headers: tuple[tuple[str, str], ...] = ()
+        if headers:
+            pairs = []
+            for field in form.prefixed("h:"):
+                pairs.append((field.name[2:], _text(field)))
+            self.headers = check_headers(pairs, "h:")
+
+
+def _recipient_variables(value: str) -> dict[str, dict[str, Any]]:
+    """A JSON object of objects, keyed by address (normalized)."""
+    try:
+        obj = parse_json_object(value.encode("utf-8"))
+    except BadRequest as e:
+        raise BadRequest(f"field 'recipient-variables': {e}") from None
+    variables: dict[str, dict[str, Any]] = {}
+    for address, values in obj.items():
+        if not isinstance(values, dict):
+            raise BadRequest("field 'recipient-variables' must be a JSON object of objects (address to its variables)")
+        variables[normalize_address(address, "recipient-variables")] = values
+    return variables
+
+
+def _substitute(text: str, variables: dict[str, Any]) -> str:
+    def value(match: re.Match[str]) -> str:
+        found = variables.get(match.group(1))
+        if found is None:
+            return ""
+        return found if isinstance(found, str) else json.dumps(found, ensure_ascii=False)
+
+    return _VARIABLE.sub(value, text)
+
+
+def parse_messages(fields: Sequence[Field], domain: str, max_recipients: int) -> tuple[list[SendRequest], _Options]:
+    """
+    The message(s) of a /v3/{domain}/messages form: one, or with ``recipient-variables``
+    one per To address, addressed to it alone, its ``%recipient.NAME%`` replaced in the
+    subject, text and HTML (by "" where it has no such variable).
+    """
+    form = _Form(fields)
+    sender = parse_mailbox(form.text("from", required=True) or "", "from")
+    _check_domain(sender.address, domain, "from")
+    to = _addresses(form, "to", max_recipients)
+    cc = _addresses(form, "cc", max_recipients)
+    bcc = _addresses(form, "bcc", max_recipients)
+    subject = check_subject(form.text("subject", required=True) or "", "subject")
+    text = form.text("text")
+    html = form.text("html")
+    text = check_text(text, "text") if text is not None else None
+    html = check_text(html, "html") if html is not None else None
+    attachments = _files(form, "attachment", inline=False)
+    inline = _files(form, "inline", inline=True)
+    variables_text = form.text("recipient-variables")
+    options = _Options(form, headers=True)
+    form.check_unknown(MESSAGE_FIELDS)
+    if not to:
+        raise BadRequest("missing field 'to'")
+
+    def one(to: Sequence[Mailbox], subject: str, text: str | None, html: str | None) -> SendRequest:
+        return compose(
+            sender=sender,
+            to=to,
+            cc=cc,
+            bcc=bcc,
+            subject=subject,
+            body=text,
+            html=html,
+            attachments=attachments,
+            inline=inline,
+            headers=options.headers,
+            tags=options.tags,
+            metadata=options.metadata,
+            send_at=options.send_at,
+            max_recipients=max_recipients,
+            names=_NAMES,
+        )
+
+    if variables_text is None:
+        return [one(to, subject, text, html)], options
+    variables = _recipient_variables(variables_text)
+    if cc or bcc:
+        raise BadRequest("fields 'cc' and 'bcc' cannot be combined with 'recipient-variables' (each To address gets its own message)")
+    sends = []
+    seen: set[str] = set()
+    for mailbox in to:
+        if mailbox.address in seen:
+            continue
+        seen.add(mailbox.address)
+        mine = variables.get(mailbox.address, {})
+        try:
+            sends.append(
+                one(
+                    [mailbox],
+                    check_subject(_substitute(subject, mine), "subject"),
+                    check_text(_substitute(text, mine), "text") if text is not None else None,
+                    check_text(_substitute(html, mine), "html") if html is not None else None,
+                )
+            )
+        except BadRequest as e:
+            raise BadRequest(f"{e} (with the 'recipient-variables' of {mailbox.address})") from None
+    return sends, options
+
+
+def parse_mime(
+    fields: Sequence[Field], domain: str, max_recipients: int, *, hostname: str, now: float, max_size: int
+) -> tuple[RawMessage, str, _Options]:
+    """The message of a /v3/{domain}/messages.mime form, checked (:func:`check_mime`), and its Message-ID."""
+    form = _Form(fields)
+    files = form.take("message")
+    if not files:
+        raise BadRequest("missing field 'message'")
+    if len(files) > 1:
+        raise BadRequest("field 'message' is given more than once")
+    to = _addresses(form, "to", max_recipients)
+    options = _Options(form, headers=False)
+    if form.prefixed("h:"):
+        raise BadRequest("fields 'h:*' are not taken by messages.mime: put the header fields in the message")
+    form.check_unknown(MIME_FIELDS)
+    if not to:
+        raise BadRequest("missing field 'to'")
+    message, message_id, sender = check_mime(files[0].value, hostname=hostname, now=now, max_size=max_size)
+    _check_domain(sender, domain, "message")
+    raw = RawMessage(
+        sender=sender,
+        recipients=tuple(dict.fromkeys(m.address for m in to)),
+        message=message,
+        tags=options.tags,
+        metadata=options.metadata,
+        send_at=options.send_at,
+    )
+    return raw, message_id, options
+
+
+def check_mime(raw: bytes, *, hostname: str, now: float, max_size: int) -> tuple[bytes, str, str]:
+    """
+    A complete message as mmgun queues it, its Message-ID, and the address of its From.
+
+    Its line breaks are made CRLF (SMTP's, and what mmgun sends). Its header fields are
+    checked as mmgun's own: each a field name and printable ASCII (RFC 2047 for anything
+    else), lines of at most 998 octets, no NUL; From (one mailbox, whose address is the
+    envelope sender), Sender, Reply-To, To, Cc, Subject, Date and Message-ID at most once;
+    a Date and a Message-ID are added at the top when missing; Bcc fields are removed
+    (Bcc recipients are in ``to``, never in a header). The body is kept as it is but for
+    its line breaks: 8-bit octets allowed, no NUL, lines of at most 998 octets.
+    """
+    field = "message"
+    text = re.sub(rb"\r\n|\r|\n", b"\r\n", raw)
+    if text.startswith(b"\r\n"):
+        raise BadRequest(f"field {field!r} has no header")
+    head, blank, body = text.partition(b"\r\n\r\n")
+    if not blank:
+        head = head.removesuffix(b"\r\n")
+    if b"\0" in text:
+        raise BadRequest(f"field {field!r} holds a NUL octet")
+    if re.search(rb"[^\r\n]{999}", text):
+        raise BadRequest(f"field {field!r} has a line longer than 998 octets")
+    fields: list[list[bytes]] = []
+    for number, line in enumerate(head.split(b"\r\n"), 1):
+        if not line.isascii() or any(b < 0x20 and b != 0x09 for b in line) or b"\x7f" in line:
+            raise BadRequest(f"field {field!r}: header line {number} holds octets other than printable ASCII (encode them as RFC 2047 says)")
+        if line[:1] in (b" ", b"\t"):
+            if not fields:
+                raise BadRequest(f"field {field!r}: its first header line is a continuation line")
+            fields[-1].append(line)
+            continue
+        name, colon, _ = line.partition(b":")
+        if not colon or not _FIELD_NAME.fullmatch(name):
+            raise BadRequest(f"field {field!r}: header line {number} is not a header field (Name: value)")
+        fields.append([line])
+    values: dict[str, list[str]] = {}
+    kept: list[bytes] = []
+    for lines in fields:
+        name, _, first = lines[0].partition(b":")
+        lower = name.decode("ascii").lower()
+        value = b" ".join([first.strip(b" \t"), *(line.strip(b" \t") for line in lines[1:])]).decode("ascii")
+        values.setdefault(lower, []).append(value)
+        if lower != "bcc":
+            kept.extend(lines)
+    for once in _ONCE:
+        if len(values.get(once, ())) > 1:
+            raise BadRequest(f"field {field!r} has more than one {once} header field")
+    froms = values.get("from")
+    if not froms:
+        raise BadRequest(f"field {field!r} has no From header field")
+    mailboxes = parse_address_list(froms[0], f"{field}: From")
+    if len(mailboxes) != 1:
+        raise BadRequest(f"field {field!r}: its From header field must name exactly one mailbox")
+    sender = parse_mailbox(mailboxes[0], f"{field}: From").address
+    added: list[bytes] = []
+    if "date" not in values:
+        added.append(b"Date: " + format_datetime(datetime.fromtimestamp(int(now), UTC)).encode("ascii"))
+    if "message-id" in values:
+        message_id = values["message-id"][0].strip()
+        if not _MSG_ID.fullmatch(message_id):
+            raise BadRequest(f"field {field!r}: its Message-ID is not <id-left@id-right>")
+    else:
+        message_id = new_message_id(hostname)
+        added.append(b"Message-ID: " + message_id.encode("ascii"))
+    message = b"\r\n".join(added + kept) + b"\r\n\r\n" + body
+    if len(message) > max_size:
+        raise MessageTooLarge(f"the message would be {len(message)} octets, more than the maximum of {max_size}")
+    return message, message_id, sender
+
+
+def _shielded(work: Coroutine[Any, Any, bytes], on_lost: Callable[[Failure], None]) -> Deferred[bytes]:
+    """
+    ``work``'s result, in a Deferred whose cancelling (Klein cancels a handler's Deferred
+    when its client goes away) does not reach ``work``: a submission being committed is
+    kept, and its outcome handed to ``on_lost`` if it fails after the client has gone.
+    """
+    outer: Deferred[bytes] = Deferred(lambda d: None)
+
+    def done(result: bytes | Failure) -> None:
+        if outer.called:
+            if isinstance(result, Failure):
+                on_lost(result)
+            return
+        if isinstance(result, Failure):
+            outer.errback(result)
+        else:
+            outer.callback(result)
+
+    Deferred.fromCoroutine(work).addBoth(done)
+    return outer
+
+
+class MailgunAPI:
+    """The v3 endpoints: a Klein app (:meth:`resource`) on the shared :class:`.submit.Pipeline`."""
+
+    app = Klein()
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        store: Store,
+        settings: WebSettings,
+        *,
+        metrics: Metrics,
+        wall: Callable[[], float],
+    ) -> None:
+        self._pipeline = pipeline
+        self._store = store
+        self._settings = settings
+        self._metrics = metrics
+        self._wall = wall
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    def operations(self) -> set[tuple[str, str]]:
+        """Every (method, path) routed, in the OpenAPI document's spelling."""
+        return {("POST", "/v3/{domain}/messages"), ("POST", "/v3/{domain}/messages.mime")}
+
+    @app.route("/v3/<domain>/messages", methods=["POST"])
+    def messages(self, request: IRequest, domain: str) -> Deferred[bytes]:
+        return _shielded(self._messages(request, domain), self._lost(request))
+
+    @app.route("/v3/<domain>/messages.mime", methods=["POST"])
+    def messages_mime(self, request: IRequest, domain: str) -> Deferred[bytes]:
+        return _shielded(self._messages_mime(request, domain), self._lost(request))
+
+    @app.handle_errors(Exception)
+    def error(self, request: IRequest, failure: Failure) -> bytes:
+        """Every failure of this app, in Mailgun's shape through the one mapping (:func:`.errors.error_answer`)."""
+        error = failure.value
+        counted = True
+        if isinstance(error, (NotFound, RequestRedirect)):
+            failure, counted = Failure(no_such_endpoint()), False
+        elif isinstance(error, MethodNotAllowed):
+            allowed = tuple(sorted(m.encode("ascii") for m in (error.valid_methods or ())))
+            failure = Failure(method_not_allowed(request.method, allowed))
+        answer = error_answer(failure, self._store, request.path)
+        if counted:
+            self._metrics.rejected.labels(answer.reason).inc()
+        return render_error(request, answer, error_document)
+
+    def _lost(self, request: IRequest) -> Callable[[Failure], None]:
+        path = request.path
+
+        def lost(failure: Failure) -> None:
+            error_answer(failure, self._store, path)  # logs what is not the client's doing
+
+        return lost
+
+    async def _read(self, request: IRequest) -> tuple[str, list[Field]]:
+        client = await self._pipeline.authenticate(request)
+        if request.getHeader(b"idempotency-key") is not None:
+            raise BadRequest("header 'Idempotency-Key' is not supported by the v3 API (use POST /send)")
+        body = read_body(request, self._settings.max_message_size)
+        return client, read_form(request.getHeader(b"content-type"), body, field_limit, MAX_PARTS)
+
+    async def _messages(self, request: IRequest, domain: str) -> bytes:
+        client, fields = await self._read(request)
+        sends, options = parse_messages(fields, domain, self._settings.max_recipients)
+        message_id = new_message_id(self._settings.hostname)
+        await self._pipeline.submit_batch(
+            client, sends, message_id=message_id, test_mode=options.test_mode, schedule_field="o:deliverytime"
+        )
+        return json_response(request, 200, {"id": message_id, "message": QUEUED})
+
+    async def _messages_mime(self, request: IRequest, domain: str) -> bytes:
+        client, fields = await self._read(request)
+        settings = self._settings
+        raw, message_id, options = parse_mime(
+            fields, domain, settings.max_recipients, hostname=settings.hostname, now=self._wall(), max_size=settings.max_message_size
+        )
+        await self._pipeline.submit(
+            client, raw, None, message_id=message_id, test_mode=options.test_mode, schedule_field="o:deliverytime"
+        )
+        return json_response(request, 200, {"id": message_id, "message": QUEUED})
+
