@@ -30,13 +30,10 @@ from . import mime
 
 MAX_DEPTH = 32
 MAX_SUBJECT = 998
-#: A body of printable ASCII in lines this short goes as it is; any other, quoted-printable.
-MAX_LINE = mime.BODY_LINE
 #: RFC 5322 atext, the characters of a dot-atom local part.
 _ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-#: The seed's fields; the others of /send are optional.
-SUBMIT_FIELDS = ("sender", "recipients", "subject", "body")
+#: The seed's fields but its body; the others of /send are optional.
 REQUIRED_FIELDS = ("sender", "recipients", "subject")
 OPTIONAL_FIELDS = ("body", "html", "cc", "bcc", "reply_to", "attachments", "inline", "headers", "tags", "metadata", "send_at")
 SEND_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
@@ -75,7 +72,7 @@ FORBIDDEN_HEADERS = frozenset(
     }
 )
 #: RFC 5322 field-name: printable ASCII but ":".
-_FIELD_NAME = re.compile(r"[!-9;-~]+")
+FIELD_NAME = re.compile(r"[!-9;-~]+")
 #: RFC 6838 restricted-name, for a media type's type and subtype.
 _RESTRICTED_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
 #: RFC 2045 token; an attribute without RFC 2231's "*", "'" and "%".
@@ -224,20 +221,21 @@ class SendRequest:
         return h.hexdigest()
 
     def schedule(self, now: float, field: str = "send_at") -> float | None:
-        """
-        When the first delivery attempt may be made: None for at once (no ``send_at``, or
-        one that has passed), else ``send_at``. BadRequest (naming ``field``) if it is more
-        than 7 days after ``now``.
-        """
-        if self.send_at is None or self.send_at <= now:
-            return None
-        if self.send_at > now + MAX_SCHEDULE:
-            raise BadRequest(f"field {field!r} is more than 7 days ahead")
-        return self.send_at
+        """:func:`schedule` of this message's ``send_at``."""
+        return schedule(self.send_at, now, field)
 
 
-#: The message model, as the plan calls it.
-MessageSpec = SendRequest
+def schedule(send_at: float | None, now: float, field: str = "send_at") -> float | None:
+    """
+    When the first delivery attempt may be made: None for at once (no ``send_at``, or
+    one that has passed), else ``send_at``. BadRequest (naming ``field``) if it is more
+    than 7 days after ``now``.
+    """
+    if send_at is None or send_at <= now:
+        return None
+    if send_at > now + MAX_SCHEDULE:
+        raise BadRequest(f"field {field!r} is more than 7 days ahead")
+    return send_at
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -370,6 +368,7 @@ def compose(
     metadata: str | None = None,
     send_at: float | None = None,
     names: Mapping[str, str] | None = None,
+    check_references: bool = True,
 ) -> SendRequest:
     """
     The checks that span fields, on values each already checked on its own (by
@@ -379,7 +378,9 @@ def compose(
     at most 100 parts; every inline part's content id unique and referenced as ``cid:``
     in the HTML; a Reply-To among ``headers`` taken as ``reply_to``. ``names`` maps the
     JSON API's field names (recipients, body, html, cc, bcc, reply_to, attachments,
-    inline, headers) to the caller's for the error messages.
+    inline, headers) to the caller's for the error messages. ``check_references=False``
+    leaves the ``cid:`` references to the caller (who checks them with
+    :func:`check_inline_references` in the HTML it substitutes).
     """
 
     def name(field: str) -> str:
@@ -403,8 +404,8 @@ def compose(
         if part.content_id in seen:
             raise BadRequest(f"field {field!r} repeats content_id {part.content_id!r}")
         seen.add(part.content_id)
-        if html is None or not _references(html, part.content_id):
-            raise BadRequest(f"field {field!r}: content_id {part.content_id!r} is not referenced as cid:{part.content_id} in {name('html')!r}")
+    if check_references and inline:
+        check_inline_references(html, inline, names)
     kept = []
     for header, value in headers:
         if header.lower() == "reply-to":
@@ -448,9 +449,26 @@ def _unique(mailboxes: Iterable[Mailbox]) -> tuple[Mailbox, ...]:
     return tuple(seen.values())
 
 
-def _references(html: str, content_id: str) -> bool:
-    """Whether ``html`` holds ``cid:<content_id>`` (RFC 2392), not merely a longer id starting with it."""
-    return re.search("(?i:cid:)" + re.escape(content_id) + f"(?!{_CID_CHAR})", html) is not None
+#: A ``cid:`` URL (RFC 2392) and the whole id after it; a lookahead, so that one found
+#: inside another's id ("cid:a:cid:b" refers to b too) is not skipped.
+_CID_URL = re.compile(f"(?i:cid:)(?=({_CID_CHAR}+))")
+
+
+def cid_references(html: str) -> set[str]:
+    """Every content id ``html`` refers to as ``cid:<id>``: one scan, however many inline parts there are."""
+    return set(_CID_URL.findall(html))
+
+
+def check_inline_references(html: str | None, inline: Sequence[Part], names: Mapping[str, str] | None = None) -> None:
+    """Every inline part's content id referred to as ``cid:<id>`` in ``html`` (not merely a longer id starting with it)."""
+    references = cid_references(html) if html is not None else set()
+    for i, part in enumerate(inline):
+        if part.content_id not in references:
+            inline_name = names.get("inline", "inline") if names else "inline"
+            html_name = names.get("html", "html") if names else "html"
+            raise BadRequest(
+                f"field '{inline_name}[{i}]': content_id {part.content_id!r} is not referenced as cid:{part.content_id} in {html_name!r}"
+            )
 
 
 def _mailbox_list(obj: dict[str, Any], field: str, limit: int, required: bool = False) -> list[Mailbox]:
@@ -493,6 +511,12 @@ def _controls(value: str, tab: bool = True) -> bool:
 
 
 def check_subject(subject: str, field: str) -> str:
+    """
+    A Subject from any API, also after a batch send's substitutions: one line of Unicode
+    text (a lone surrogate cannot be encoded, so it is refused here, not at encoding).
+    """
+    if _has_surrogates(subject):
+        raise BadRequest(f"field {field!r} is not valid Unicode text")
     if _controls(subject):
         raise BadRequest(f"field {field!r} must not contain CR, LF, NUL or other control characters or line separators")
     if len(subject) > MAX_SUBJECT:
@@ -674,7 +698,7 @@ def check_headers(pairs: Iterable[tuple[str, Any]], field: str) -> tuple[tuple[s
         if len(result) >= MAX_HEADERS:
             raise BadRequest(f"field {field!r} sets more than {MAX_HEADERS} headers")
         where = f"{field}{name}" if field.endswith(":") else f"{field}.{name}"
-        if not isinstance(name, str) or len(name) > MAX_HEADER_NAME or not _FIELD_NAME.fullmatch(name):
+        if not isinstance(name, str) or len(name) > MAX_HEADER_NAME or not FIELD_NAME.fullmatch(name):
             raise BadRequest(f"field {field!r}: {name!r} is not a header field name (printable ASCII but ':', at most {MAX_HEADER_NAME})")
         lower = name.lower()
         if lower in FORBIDDEN_HEADERS or lower.startswith("content-"):

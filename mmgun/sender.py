@@ -132,6 +132,8 @@ class _Message:
     message: bytes
     #: wire_form(message), made when the first of its envelopes is sent.
     wire: bytes | None = None
+    #: Whether the message has a byte of 0x80 or more (Transaction.eight_bit), made with ``wire``.
+    eight_bit: bool = False
     #: Envelopes in flight that carry it.
     refs: int = 0
 
@@ -714,9 +716,7 @@ class Sender(Service):
         try:
             await self._connections.acquire()
             try:
-                transactions = [
-                    Transaction(e.id, e.sender, e.recipients, e.message, wire=self._wire(e)) for e in envelopes
-                ]
+                transactions = [self._transaction(e) for e in envelopes]
                 return await self._session(
                     self._reactor, host.name, host.address, host.port, transactions, self._smtp, on_result=on_result
                 )
@@ -727,14 +727,20 @@ class Sender(Service):
             if not per_host.waiting and per_host.tokens == per_host.limit:
                 self._per_host.pop(host.address, None)
 
-    def _wire(self, envelope: ClaimedEnvelope) -> bytes:
-        """The wire form of an envelope's message, made once per submission in flight."""
+    def _transaction(self, envelope: ClaimedEnvelope) -> Transaction:
+        """
+        An envelope's transaction, with its message's wire form and whether it is 8-bit,
+        both made once per submission in flight.
+        """
         entry = self._messages.get(envelope.submission_id)
         if entry is None or entry.message is not envelope.message:
-            return wire_form(envelope.message)
+            return Transaction(envelope.id, envelope.sender, envelope.recipients, envelope.message)
         if entry.wire is None:
             entry.wire = wire_form(entry.message)
-        return entry.wire
+            entry.eight_bit = not entry.message.isascii()
+        return Transaction(
+            envelope.id, envelope.sender, envelope.recipients, entry.message, wire=entry.wire, eight_bit=entry.eight_bit
+        )
 
     def _outcome(self, envelope: ClaimedEnvelope, results: dict[str, tuple[str, str]]) -> EnvelopeOutcome:
         """Apply the retry schedule and the queue lifetime to one envelope's results."""

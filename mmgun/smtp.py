@@ -31,6 +31,11 @@ therefore holds at most about 256 KiB of its own in the transport's buffer
 towards a slow MX: with C{--max-connections} 100, about 25 MiB in all. Without
 PIPELINING, every command waits for the previous one's reply.
 
+A message with a byte of 0x80 or more goes out with C{MAIL FROM:<...>
+BODY=8BITMIME} when the server's EHLO reply lists 8BITMIME (RFC 6152); when
+it does not (or after the HELO fallback), that transaction is not sent: its
+recipients fail permanently (554 5.6.3). It is not converted to 7 bit.
+
 The caller gets one L{TransactionResult} per L{Transaction}, or
 L{SessionFailed} when nothing was attempted on this host.
 """
@@ -146,6 +151,12 @@ class Transaction:
     #: C{wire_form(message)}, when the caller already has it: the sender computes it
     #: once per message, not once per transaction (a 2 MB message to 1,000 domains).
     wire: bytes | None = attrs.field(default=None, kw_only=True, repr=False)
+    #: Whether the message has a byte of 0x80 or more, so that it goes out only as
+    #: C{BODY=8BITMIME} (RFC 6152), to a server that offers it. Like C{wire}, the sender
+    #: gives it once per message; made from C{message} when not given.
+    eight_bit: bool = attrs.field(
+        default=attrs.Factory(lambda self: not self.message.isascii(), takes_self=True), kw_only=True
+    )
 
     def payload(self) -> bytes:
         """The DATA payload: L{wire_form} of the message."""
@@ -285,9 +296,15 @@ def _rcpt_command(recipient: str) -> bytes:
     return b"RCPT TO:<" + recipient.encode("ascii") + b">"
 
 
+def _mail_command(transaction: Transaction) -> bytes:
+    """MAIL FROM, with C{BODY=8BITMIME} for an 8-bit message (RFC 6152 3); a 7-bit one has no BODY parameter."""
+    command = b"MAIL FROM:<" + transaction.mail_from.encode("ascii") + b">"
+    return command + b" BODY=8BITMIME" if transaction.eight_bit else command
+
+
 def _group(transaction: Transaction) -> bytes:
     """MAIL FROM, a RCPT TO per distinct recipient, DATA: one pipelined group (RFC 2920 3.1: DATA last)."""
-    lines = [b"MAIL FROM:<" + transaction.mail_from.encode("ascii") + b">\r\n"]
+    lines = [_mail_command(transaction) + b"\r\n"]
     lines.extend(_rcpt_command(recipient) + b"\r\n" for recipient in dict.fromkeys(transaction.recipients))
     lines.append(b"DATA\r\n")
     return b"".join(lines)
@@ -410,6 +427,8 @@ class _ESMTPSession(ESMTPClient):
         self._finished = False
         # RFC 2920: set from each EHLO reply (the one after STARTTLS too).
         self._pipelining = False
+        # RFC 6152: likewise; without it an 8-bit message is not sent (_refuse_eight_bit).
+        self._eight_bit_mime = False
         # Replies to pipelined RCPTs still to be read after a refused MAIL.
         self._unread_rcpt_replies = 0
         # A 354 came in; the body goes out on the reactor's next turn (_body_turn).
@@ -541,6 +560,7 @@ class _ESMTPSession(ESMTPClient):
     def smtpState_helo(self, code: int, resp: bytes) -> None:
         self._phase = _Phase.HELO
         self._pipelining = False
+        self._eight_bit_mime = False
         super().smtpState_helo(code, resp)
         # Left alone, a refused HELO would be answered with another HELO.
         self._failresponse = self._helo_refused
@@ -561,6 +581,7 @@ class _ESMTPSession(ESMTPClient):
         """
         keywords = {line.split(None, 1)[0].upper() for line in resp.split(b"\n")[1:] if line.strip()}
         self._pipelining = b"PIPELINING" in keywords
+        self._eight_bit_mime = b"8BITMIME" in keywords
         if self._tlsMode or self._tls is None:
             self.smtpState_from(code, resp)
         elif b"STARTTLS" in keywords:
@@ -596,6 +617,7 @@ class _ESMTPSession(ESMTPClient):
         self._phase = _Phase.TLS
         # RFC 3207 4.2: forget what the clear-text EHLO reply said.
         self._pipelining = False
+        self._eight_bit_mime = False
         try:
             assert self._tls is not None, "STARTTLS is only sent with a TLS context"
             ITLSTransport(self.transport).startTLS(self._tls)
@@ -622,6 +644,7 @@ class _ESMTPSession(ESMTPClient):
 
     def smtpState_from(self, code: int, resp: object) -> None:
         """Start the next transaction (after EHLO/HELO, RSET or a finished one)."""
+        self._refuse_eight_bit()
         if self._next_index >= len(self._transactions):
             self._finish(None, then="quit")
             return
@@ -648,7 +671,30 @@ class _ESMTPSession(ESMTPClient):
             self._connected().write(b"RSET\r\n" + group if rset else group)
         else:
             assert not rset
-            self.sendLine(b"MAIL FROM:<" + transaction.mail_from.encode("ascii") + b">")
+            self.sendLine(_mail_command(transaction))
+
+    def _sendable(self, transaction: Transaction) -> bool:
+        return self._eight_bit_mime or not transaction.eight_bit
+
+    def _refuse_eight_bit(self) -> None:
+        """
+        Settle the transactions next in line whose message is 8-bit while the server
+        did not offer 8BITMIME (or was greeted with HELO): failed, permanently, with
+        nothing sent. RFC 6152 3 forbids sending them as they are; converting them to
+        7 bit (as Postfix does) is not done here.
+        """
+        while self._next_index < len(self._transactions):
+            transaction = self._transactions[self._next_index]
+            if self._sendable(transaction):
+                return
+            self._next_index += 1
+            self._started += 1
+            progress = _Progress(transaction, tuple(dict.fromkeys(transaction.recipients)))
+            reply = Reply(554, f"5.6.3 message has 8-bit content and {self._host} does not offer 8BITMIME")
+            for recipient in progress.recipients:
+                progress.outcomes[recipient] = RecipientResult("failed", reply)
+            progress.last_reply = reply
+            self._complete(progress)
 
     def _expect_mail_reply(self, code: int = 0, resp: object = b"") -> None:
         self._phase = _Phase.MAIL
@@ -763,7 +809,7 @@ class _ESMTPSession(ESMTPClient):
         # wire_form() output is empty or ends with CRLF.
         self._body_sent = True
         data = [self._progress().transaction.payload(), b".\r\n"]
-        if self._next_index < len(self._transactions):
+        if self._next_index < len(self._transactions) and self._sendable(self._transactions[self._next_index]):
             # RFC 2920 3.1: the message content may lead a group, so the next
             # transaction's commands save a write and a round trip. No RSET: the
             # reply to "." ends this transaction whatever it is (RFC 5321 4.1.1.4).
@@ -817,6 +863,8 @@ class _ESMTPSession(ESMTPClient):
         self._complete(progress)
 
     def _next_transaction(self, *, rset: bool) -> None:
+        if not self._group_sent:
+            self._refuse_eight_bit()
         if self._next_index >= len(self._transactions):
             self._finish(None, then="quit")
         elif self._group_sent:

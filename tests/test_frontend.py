@@ -8,8 +8,10 @@ from email.policy import default
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from . import test_mailgun_api
 from .helpers import CLIENT, CLIENT_LABEL, OTHER_CLIENT, make_api, result
 
 
@@ -352,3 +354,97 @@ class RoutingTests(SynchronousTestCase):
         self.request("POST", "/send/", b"{")
         self.request("POST", "/v3/mg.example/nothing", b"")
         self.assertEqual(self.rejected(), {"invalid": 2.0, "unauthorized": 1.0, "method": 2.0})
+
+
+class UnencodableInputTests(test_mailgun_api.V3Tests):
+    """issue 12 review: text that cannot be encoded (lone surrogates, non-UTF-8 URLs) is a 4xx in the area's shape, never a 500 or a logged error."""
+
+    def test_lone_surrogate_in_subject_is_refused_by_check_subject(self) -> None:
+        """issue 12 review H1: check_subject, shared by both APIs, refuses a lone surrogate (as _string did only for JSON fields)."""
+        from mmgun.message import BadRequest, check_subject
+
+        with self.assertRaises(BadRequest) as caught:
+            check_subject("Hi \ud800", "subject")
+        self.assertEqual(caught.exception.status, 400)
+        self.assertIn("'subject'", str(caught.exception))
+        self.assertEqual(check_subject("Hi \u00e9\U0001f600", "subject"), "Hi \u00e9\U0001f600")
+
+    def test_lone_surrogate_through_a_recipient_variable_is_400(self) -> None:
+        """issue 12 review H1: a recipient variable "\\ud800" (JSON escape) substituted into the subject is a 400 naming the field; nothing queued, nothing logged."""
+        variables = json.dumps({"bob@x.example": {"name": "\ud800"}})
+        self.assertIn("\\ud800", variables)  # sent as JSON's escape, which json.loads makes a lone surrogate
+        message = self.refused(self.message(subject="Hi %recipient.name%", recipient_variables=variables))
+        self.assertIn("'subject'", message)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_status_with_a_lone_surrogate_message_id_is_404(self) -> None:
+        """issue 12 review H2: POST /status {"message_id": "\\ud800"} (and other shapes no Message-ID has) is a 404, not a 500 from SQLite's encoder."""
+        code, answer = self.post(self.message())
+        self.assertEqual(code, 200, answer)
+        for message_id in ("\ud800", "<\ud800@x.example>", "<a\ud800@x.example>", "no-at-sign", "<a b@x.example>", "<a@b>>"):
+            self.assertEqual(self.status(message_id), (404, {"result": "error", "message": "no such submission"}), repr(message_id))
+        self.assertEqual(self.status(answer["id"])[0], 200)
+        self.assertEqual(self.status(answer["id"][1:-1])[0], 200)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def raw_request(self, path: bytes, host: bytes = b"mmgun.test") -> tuple[int, Any, Any]:
+        """A request for ``path`` exactly as given (no client-side URL normalization), through the real Site."""
+        from twisted.internet.testing import StringTransport
+        from twisted.web.http import HTTPChannel
+
+        site = self.api.frontend.site()
+        channel = site.buildProtocol(None)
+        assert isinstance(channel, HTTPChannel)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        body = b"from=ada%40example.com&to=b%40x.example&subject=s&text=t"
+        channel.dataReceived(
+            b"POST " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n" + b"Authorization: " + basic_header(self.keys["acme"]) + b"\r\n\r\n" + body
+        )
+        response = transport.value()
+        head, _, content = response.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        headers = {line.split(b":", 1)[0].lower(): line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")[1:]}
+        channel.connectionLost(Failure(ConnectionDone()))
+        return status, content, headers
+
+    def test_non_utf8_path_under_v3_is_404_in_mailguns_shape(self) -> None:
+        """issue 12 review M3: /v3/%FF/messages is Mailgun's {"message"} 404 (as the JSON API answers a non-UTF-8 path), not Klein's text/html 400; no error logged; nothing queued."""
+        for path in (b"/v3/%FF/messages", b"/v3/example.com/messages%C3", b"/v3/%ED%A0%80/messages.mime"):
+            status, content, headers = self.raw_request(path)
+            self.assertEqual((status, headers[b"content-type"]), (404, b"application/json"), path)
+            self.assertEqual(json.loads(_chunked(content, headers)), {"message": "no such endpoint"}, path)
+        # The JSON API's answer to a non-UTF-8 path, for comparison: 404 in its own shape.
+        status, content, headers = self.raw_request(b"/%FF")
+        self.assertEqual((status, json.loads(_chunked(content, headers))), (404, {"result": "error", "message": "no such endpoint"}))
+        # And the same form at a good path is queued.
+        self.assertEqual(self.raw_request(b"/v3/example.com/messages")[0], 200)
+        self.assertEqual(len(self.queued()), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_non_utf8_host_under_v3_is_400_in_mailguns_shape(self) -> None:
+        """issue 12 review M3: a Host header that is not UTF-8 (Klein decodes it too) is a 400 {"message"}; no error logged; nothing queued."""
+        status, content, headers = self.raw_request(b"/v3/example.com/messages", host=b"mmgun\xff.test")
+        self.assertEqual((status, headers[b"content-type"]), (400, b"application/json"))
+        self.assertEqual(json.loads(_chunked(content, headers)), {"message": "header 'Host' is not UTF-8"})
+        self.assertEqual(self.queued(), [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+def basic_header(key: str) -> bytes:
+    return test_mailgun_api.basic(key)["Authorization"].encode()
+
+
+def _chunked(content: bytes, headers: dict[bytes, bytes]) -> bytes:
+    """The body of an HTTP/1.1 response, chunked or not."""
+    if headers.get(b"transfer-encoding") != b"chunked":
+        return content
+    out = b""
+    while True:
+        size_line, _, content = content.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return out
+        out += content[:size]
+        content = content[size + 2 :]

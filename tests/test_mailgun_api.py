@@ -11,18 +11,24 @@ import base64
 import email
 import json
 import os
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
 from email.message import EmailMessage
 from email.policy import default
 from typing import Any
 from urllib.parse import quote
 
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from mmgun.auth import key_hash, new_key
-from mmgun.message import MAX_PARTS
+from mmgun.message import MAX_PARTS, BadRequest, MessageTooLarge
 from mmgun.metrics import Metrics
-from mmgun.web.forms import MAX_FIELDS
+from mmgun.web.forms import MAX_FIELDS, Field, read_urlencoded
+from mmgun.web.mailgun import Batch, check_mime, parse_messages
 
 from .helpers import make_api, result
 
@@ -64,6 +70,47 @@ def like_the_frontend(stub: StubTreq) -> StubTreq:
 
 def urlencoded(fields: list[tuple[str, str]]) -> bytes:
     return "&".join(f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in fields).encode("ascii")
+
+
+def form_fields(fields: list[tuple[str, FieldValue]]) -> list[Field]:
+    """``fields`` as the form reader gives them to the API."""
+    out = []
+    for name, value in fields:
+        if isinstance(value, tuple):
+            out.append(Field(name, value[1], value[0], value[2] if len(value) > 2 else None))
+        else:
+            out.append(Field(name, value.encode("utf-8") if isinstance(value, str) else value))
+    return out
+
+
+def peak_memory(work: Callable[[], Any]) -> tuple[Any, int]:
+    """``work()``'s result, and the most memory it held at once beyond what it started with (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        value = work()
+        return value, tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+
+
+def regex_calls(work: Callable[[], Any]) -> tuple[Any, int]:
+    """``work()``'s result, and how many times it called a compiled regular expression's search, match or findall."""
+    calls = 0
+    names = {"search", "match", "fullmatch", "findall", "finditer", "sub", "subn"}
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        if event == "c_call" and getattr(arg, "__name__", "") in names and type(getattr(arg, "__self__", None)).__name__ == "Pattern":
+            calls += 1
+
+    sys.setprofile(profile)
+    try:
+        value = work()
+    finally:
+        sys.setprofile(None)
+    return value, calls
 
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) + b"\r\n--not-a-boundary\r\n"
@@ -374,10 +421,39 @@ class MessagesTests(V3Tests):
         self.assertRegex(message, r"^the message built from this request would be [0-9]+ octets, more than the maximum of 65536$")
 
     def test_batch_total_is_bounded(self) -> None:
-        """issue 12 (limits): a batch's messages together may not pass ten times --max-message-size (memory stays bounded): 413, nothing queued."""
-        to = ", ".join(f"r{i}@x.example" for i in range(12))
-        message = self.refused(self.message(to=to, text="x" * 60_000, recipient_variables="{}")[0:1] + [("to", to), ("subject", "s"), ("text", "y" * 60_000), ("recipient-variables", "{}")], 413)
-        self.assertIn("messages of this batch would be more than", message)
+        """
+        issue 12 review (C1, low): a batch of 50 messages of 60 KB (3 MB, more than ten
+        times --max-message-size of 64 KiB) is refused before any of them is made: 413,
+        nothing queued, and the request's peak memory stays far below the 3 MB it asked for.
+        """
+        to = ", ".join(f"r{i}@x.example" for i in range(50))
+        fields = [("from", "ada@example.com"), ("to", to), ("subject", "s"), ("text", "%recipient.n%" + "y" * 60_000), ("recipient-variables", "{}")]
+        message, peak = peak_memory(lambda: self.refused(fields, 413))
+        self.assertEqual(message, "the 50 messages of this batch would be more than 655360 octets together (10 times the maximum message size)")
+        self.assertLess(peak, 1_500_000)
+
+    def test_batch_built_total_refused_before_the_next_message(self) -> None:
+        """
+        issue 12 review (C1): when only the built messages pass the batch total (UTF-8
+        text grows as quoted-printable), the batch is refused as soon as they do: the
+        messages after that one are never made.
+        """
+        to = ", ".join(f"r{i}@x.example" for i in range(20))
+        fields = [("from", "ada@example.com"), ("to", to), ("subject", "s"), ("text", "\u00e9" * 10_000), ("recipient-variables", "{}")]
+        batch, options = parse_messages(form_fields(fields), "example.com", 50, 64 * 1024)
+        assert isinstance(batch, Batch)
+        made = []
+
+        def counted() -> Any:
+            for send in batch:
+                made.append(send)
+                yield send
+
+        pipeline = self.api.frontend.pipeline
+        d = Deferred.fromCoroutine(pipeline.submit_batch("acme", counted(), send_at=None))
+        self.assertIn("messages of this batch would be more than 655360 octets", str(self.failureResultOf(d, MessageTooLarge).value))
+        self.assertLess(len(made), 20)
+        self.assertEqual(self.queued(), [])
 
     def test_idempotency_key_refused(self) -> None:
         """issue 12 (v3 API): an Idempotency-Key is not silently ignored on the v3 API: 400."""
@@ -475,6 +551,17 @@ class MimeTests(V3Tests):
         self.assertTrue(envelope.message.startswith(b"Message-ID: <own.1@example.com>\r\nDate: Thu"))
         self.assertEqual(self.status("<own.1@example.com>")[0], 200)
 
+    def test_same_message_posted_twice_shows_the_later_post(self) -> None:
+        """issue 12 (messages.mime): the same .eml (its own Message-ID) posted twice: /status shows the later post, not a merge of both."""
+        message = b"Message-ID: <own.2@example.com>\r\nDate: Thu, 14 Jan 2027 08:00:00 +0000\r\n" + self.MIME
+        self.assertEqual(self.post_mime(self.mime(message, "first@x.example", o__tag="first"))[0], 200)
+        self.clock.advance(1)
+        self.assertEqual(self.post_mime(self.mime(message, "second@x.example", o__tag="second"))[0], 200)
+        code, status = self.status("<own.2@example.com>")
+        self.assertEqual(code, 200)
+        self.assertEqual([r["address"] for r in status["recipients"]], ["second@x.example"])
+        self.assertEqual(status["tags"], ["second"])
+
     def test_headers_checked(self) -> None:
         """issue 12 (messages.mime): header lines checked as mmgun's own (8-bit, NUL, no From, two Froms, a bad Message-ID, a long line, the sender's domain): 400 naming 'message'."""
         cases = [
@@ -500,6 +587,20 @@ class MimeTests(V3Tests):
         """issue 12 (messages.mime): a message over --max-message-size is 413 (its request is: it is not buffered)."""
         message = b"From: ada@example.com\r\n\r\n" + (b"x" * 900 + b"\r\n") * 73
         self.assertEqual(self.refused_mime(self.mime(message), 413), "request body larger than 65536 bytes")
+
+    def test_added_headers_pass_the_limit(self) -> None:
+        """issue 12 review (low): a message that fits the request, but not once its line breaks are CRLF and its Date and Message-ID added, is check_mime's own 413."""
+        head = b"From: ada@example.com\n\n"
+        lines = (65536 - 40 - len(head) - 2) // 3  # "x\n" becomes "x\r\n": 40 octets short of the limit
+        message = head + b"x\n" * lines
+        normalized = len(message) + message.count(b"\n")
+        self.assertLessEqual(normalized, 65536)
+        refused = self.refused_mime(self.mime(message), 413)
+        size = int(refused.split()[4])
+        self.assertEqual(refused, f"the message would be {size} octets, more than the maximum of 65536")
+        # Only the Date and Message-ID lines were added (the Message-ID's length varies).
+        self.assertGreater(size - normalized, len(b"Date: Fri, 15 Jan 2027 08:00:00 +0000\r\nMessage-ID: <@mmgun.test>\r\n"))
+        self.assertLess(size - normalized, 200)
 
     def test_testmode(self) -> None:
         """issue 12 (messages.mime): o:testmode records it, never delivered."""
@@ -569,3 +670,119 @@ class ClientGoneTests(V3Tests):
         self.assertEqual((channel.transport.written.getvalue(), request.finished), (b"", 0))
         self.assertEqual([e.recipients for e in self.queued()], [("bob@x.example",)])
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class ReviewAttackTests(V3Tests):
+    """issue 12 review: the CPU and memory blow-ups found in the v3 API, each performed."""
+
+    def options(self) -> dict[str, Any]:
+        return {"max_message_size": 1024 * 1024, "max_recipients": 200}
+
+    def test_variable_amplification_refused_before_it_is_built(self) -> None:
+        """
+        issue 12 review C1: a 126 KB request whose text names a 100 KB variable 2000 times
+        (200 MB once substituted) is a 413 naming the recipient, found by measuring, never
+        by building: the request's peak memory stays under 5 MB.
+        """
+        fields = self.message(
+            text="%recipient.a%" * 2000,
+            recipient_variables=json.dumps({"bob@x.example": {"a": "x" * 100_000}}),
+        )
+        message, peak = peak_memory(lambda: self.refused(fields, 413))
+        self.assertEqual(
+            message,
+            "the message built from this request would be more than 1048576 octets, the maximum (with the 'recipient-variables' of bob@x.example)",
+        )
+        self.assertLess(peak, 5_000_000)
+
+    def test_batch_of_large_copies_refused_before_they_are_made(self) -> None:
+        """
+        issue 12 review C1: 200 recipients of a 512 KB text with a variable (100 MB of
+        per-recipient copies) are a 413 before the first copy is made: peak memory under 5 MB.
+        """
+        to = ", ".join(f"r{i}@x.example" for i in range(200))
+        fields = self.message(to=to, text="%recipient.n%" + "y" * 512 * 1024, recipient_variables="{}")
+        message, peak = peak_memory(lambda: self.refused(fields, 413))
+        self.assertIn("the 200 messages of this batch would be more than 10485760 octets together", message)
+        self.assertLess(peak, 5_000_000)
+
+    def test_inline_references_scanned_once(self) -> None:
+        """
+        issue 12 review C2: 100 inline parts and a 200 KB HTML, sent to 100 recipients in
+        a batch: the HTML is scanned for cid: references once, not once per part and
+        recipient (10,000 scans before).
+        """
+        html = "<p>" + "x" * 200_000 + "".join(f'<img src="cid:i{i}.png">' for i in range(100))
+        to = ", ".join(f"r{i}@x.example" for i in range(100))
+        fields = self.message(to=to, html=html, recipient_variables="{}") + [("inline", (f"i{i}.png", b"\x89PNG")) for i in range(100)]
+        (batch, _), plain = regex_calls(lambda: parse_messages(form_fields(fields), "example.com", 200, 64 * 1024 * 1024))
+        assert isinstance(batch, Batch)
+        self.assertEqual(len(batch), 100)
+        self.assertLess(plain, 1000)  # the addresses' and fields' own checks; 10,000+ scans of the HTML before
+        # What is left per recipient is one scan of its own HTML, when variables change it.
+        html_fields = self.message(to=to, html=html + "%recipient.n%", recipient_variables="{}") + fields[-100:]
+        _, calls = regex_calls(lambda: parse_messages(form_fields(html_fields), "example.com", 200, 64 * 1024 * 1024))
+        self.assertLess(calls - plain, 300)
+
+    def test_json_api_inline_references_scanned_once(self) -> None:
+        """issue 12 review C2: compose with 100 inline parts scans the HTML once (it was once per part)."""
+        from mmgun.message import Mailbox, Part, compose
+
+        html = "x" * 100_000 + "".join(f"cid:i{i}.png " for i in range(100))
+        inline = [Part(f"i{i}.png", "image/png", b"x", f"i{i}.png") for i in range(100)]
+        send, calls = regex_calls(
+            lambda: compose(sender=Mailbox("a@example.com"), to=[Mailbox("b@x.example")], subject="s", body=None, html=html, inline=inline, max_recipients=1)
+        )
+        self.assertEqual(len(send.inline), 100)
+        self.assertLessEqual(calls, 2)
+
+    def test_long_line_check_is_linear(self) -> None:
+        """
+        issue 12 review C3: messages.mime's line-length check on 1 MB of 998-octet lines
+        (quadratic before: a scan of up to 999 octets from every offset, ~3 s here, 32 s
+        for 10 MB) takes well under half a second of this thread's CPU.
+        """
+        raw = b"From: ada@example.com\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1000
+        started = time.thread_time()
+        message, _, _ = check_mime(raw, hostname="mmgun.test", now=0, max_size=2 * 1024 * 1024)
+        self.assertLess(time.thread_time() - started, 0.5)
+        self.assertTrue(message.endswith(raw.split(b"\r\n\r\n", 1)[1]))
+        raised = self.assertRaises(BadRequest, check_mime, raw + b"y" * 999, hostname="mmgun.test", now=0, max_size=2 * 1024 * 1024)
+        self.assertEqual(str(raised), "field 'message' has a line longer than 998 octets")
+
+    def test_address_fields_limited_while_read(self) -> None:
+        """
+        issue 12 review M1: a `to` longer than max_recipients x 320 bytes (+1 KB) is
+        refused while it is read; repeated `to` fields under that limit each, but over it
+        together, are refused before any is parsed.
+        """
+        most = 200 * 320 + 1024
+        self.assertEqual(self.refused(self.message(to="," * (most + 1))), f"field 'to' is longer than {most} bytes")
+        fields = self.message(to="," * 1000) + [("to", "," * 1000)] * 80
+        self.assertEqual(self.refused(fields), f"field 'to' is longer than {most} characters (all its values together)")
+
+    def test_recipient_variables_entries_limited(self) -> None:
+        """issue 12 review M1: recipient-variables with more entries than max_recipients is a 400 before any key is normalized."""
+        variables: dict[str, dict[str, str]] = {f"r{i}@x.example": {} for i in range(201)}
+        self.assertEqual(
+            self.refused(self.message(recipient_variables=json.dumps(variables))),
+            "field 'recipient-variables' has more than 200 entries (one per To address)",
+        )
+
+    def test_non_finite_variable_refused(self) -> None:
+        """issue 12 review (low): 1e400 in recipient-variables is a 400, not substituted as Infinity."""
+        fields = self.message(text="n=%recipient.n%", recipient_variables='{"bob@x.example": {"n": 1e400}}')
+        self.assertEqual(self.refused(fields), "field 'recipient-variables' holds a number too large for JSON (such as 1e400)")
+
+    def test_urlencoded_fields_counted_before_split(self) -> None:
+        """issue 12 review M2: a 1 MB urlencoded body of 'ab&ab&...' is refused without splitting it (12 MB of pieces before)."""
+        body = b"ab&" * 350_000
+        raised, peak = peak_memory(lambda: self.assertRaises(BadRequest, read_urlencoded, body))
+        self.assertEqual(str(raised), f"request body holds more than {MAX_FIELDS} form fields")
+        self.assertLess(peak, 100_000)
+
+    def test_parser_errors_are_plain_sentences(self) -> None:
+        """issue 12 review M4: a part header that is not UTF-8 is a plain sentence, without the parser's Python internals."""
+        raw, ctype = form_data(self.message())
+        raw = raw.replace(b'name="text"', b'name="t\xffext"')
+        self.assertEqual(self.refused(raw=raw, content_type=ctype), "request body is not valid multipart/form-data: Segment header failed to decode")

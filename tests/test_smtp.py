@@ -144,7 +144,8 @@ class FakeMX(LineReceiver):
     replies too. C{commands} records (over TLS?, line); C{payloads} the raw
     DATA payloads, terminator included.
 
-    Only with C{pipelining} does EHLO list PIPELINING. Without a script, RCPT
+    Only with C{pipelining} does EHLO list PIPELINING; unless C{eight_bit_mime}
+    is false, it lists 8BITMIME. Without a script, RCPT
     outside a transaction (no MAIL accepted) gets 503 and DATA without an
     accepted RCPT 554, as from a real server reading pipelined commands.
     """
@@ -160,6 +161,7 @@ class FakeMX(LineReceiver):
         tls: ServerTLS | None = None,
         garble_tls: bool = False,
         pipelining: bool = False,
+        eight_bit_mime: bool = True,
     ) -> None:
         self.replies = {verb: list(r) if isinstance(r, list) else r for verb, r in (replies or {}).items()}
         self.greeting = greeting
@@ -171,6 +173,7 @@ class FakeMX(LineReceiver):
         self._payload: list[bytes] | None = None
         self._garbling = False
         self.pipelining = pipelining
+        self.eight_bit_mime = eight_bit_mime
         self._in_transaction = False
         self._accepted_rcpts = 0
 
@@ -218,10 +221,10 @@ class FakeMX(LineReceiver):
         verb = line.split(b" ")[0].split(b":")[0].upper()
         if verb == b"EHLO":
             offer = self.tls_options is not None or self.garble_tls
-            extensions = [b"mx.example", *([b"PIPELINING"] if self.pipelining else []), b"8BITMIME"] + (
+            extensions = [b"mx.example", *([b"PIPELINING"] if self.pipelining else []), *([b"8BITMIME"] if self.eight_bit_mime else [])] + (
                 [b"STARTTLS"] if offer and not self.tls_active else []
             )
-            default = b"\r\n".join(b"250-" + e for e in extensions[:-1]) + b"\r\n250 " + extensions[-1]
+            default = b"".join(b"250-" + e + b"\r\n" for e in extensions[:-1]) + b"250 " + extensions[-1]
             self.send(self.reply_for(verb, line, default))
         elif verb == b"STARTTLS":
             reply = self.reply_for(verb, line, b"220 2.0.0 Ready to start TLS")

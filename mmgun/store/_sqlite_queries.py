@@ -147,7 +147,17 @@ INSERT_RECIPIENT_TEST_MODE = """
 """
 
 SUBMISSION_OWNER = "SELECT send_at, tags, metadata FROM submissions WHERE id = ? AND client = ?"
-SUBMISSIONS_BY_MESSAGE_ID = "SELECT id FROM submissions WHERE client = ? AND message_id = ? ORDER BY rowid"
+# The newest submission with that Message-ID, or the newest batch (a batch's submissions are
+# stored in one transaction, with one created_at): a client that posts the same message twice
+# (messages.mime keeps the message's own Message-ID) sees the later post, not a merge of both.
+SUBMISSIONS_BY_MESSAGE_ID = """
+    SELECT id FROM submissions
+    WHERE client = :client AND message_id = :message_id
+      AND created_at = (
+          SELECT max(created_at) FROM submissions WHERE client = :client AND message_id = :message_id
+      )
+    ORDER BY rowid LIMIT :limit
+"""
 SUBMISSION_RECIPIENTS = """
     SELECT address, status, attempts, last_reply, updated_at FROM recipients
     WHERE submission_id = ? ORDER BY envelope_id, position

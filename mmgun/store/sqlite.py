@@ -61,6 +61,8 @@ IDEMPOTENCY_WINDOW = 24 * 3600.0
 #: Most submissions committed in one transaction.
 MAX_GROUP = 512
 BUSY_TIMEOUT = 30.0
+#: Most submissions one /status by Message-ID reads (a batch has one per recipient).
+MAX_BY_MESSAGE_ID = 10_000
 #: A writer waiting for another process's WriteLock tries again after these pauses (doubling).
 _FIRST_PAUSE = 0.0001
 _LAST_PAUSE = 0.001
@@ -970,7 +972,8 @@ def _submission_txn(
 def _submissions_by_message_id_txn(
     conn: sqlite3.Connection, client: str, message_id: str, now: float | None
 ) -> list[SubmissionState]:
-    ids = [row[0] for row in conn.execute(Q.SUBMISSIONS_BY_MESSAGE_ID, (client, message_id))]
+    parameters = {"client": client, "message_id": message_id, "limit": MAX_BY_MESSAGE_ID}
+    ids = [row[0] for row in conn.execute(Q.SUBMISSIONS_BY_MESSAGE_ID, parameters)]
     return [state for state in (_submission_txn(conn, client, i, now) for i in ids) if state is not None]
 
 

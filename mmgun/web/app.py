@@ -36,7 +36,7 @@ from ..limits import QueueCap, RateLimiter
 from ..metrics import Metrics
 from ..store import Store
 from . import json_api, mailgun
-from .errors import ErrorShape, error_answer, method_not_allowed, no_such_endpoint, render_error
+from .errors import ErrorShape, HTTPError, error_answer, method_not_allowed, no_such_endpoint, render_error
 from .settings import WebSettings
 from .site import FrontendSite
 from .submit import Pipeline
@@ -122,6 +122,10 @@ class Root(Resource):
         if compiled is None:
             for area in self._mounts:
                 if request.path.startswith(area.prefix):
+                    problem = _not_utf8(request)
+                    if problem is not None:
+                        # Klein would answer its own text/html 400 and log an error.
+                        return self._refuse(request, None, area.shape, Failure(problem))
                     return cast(int, cast(IResource, area.resource).render(request))
             compiled = self._find(request)
             if compiled is None:
@@ -185,6 +189,23 @@ class Root(Resource):
         if route is not None and route.submission:
             self._metrics.rejected.labels(answer.reason).inc()
         return render_error(request, answer, shape)
+
+
+def _not_utf8(request: Request) -> HTTPError | None:
+    """
+    Why a mounted app cannot route ``request`` (Klein needs its path and host name as
+    text): a path that is not UTF-8 once percent-decoded names no endpoint, as for the
+    JSON API (:meth:`Root._find`); a host name that is not UTF-8 is a bad request.
+    """
+    try:
+        b"/".join(request.postpath or ()).decode("utf-8")
+    except UnicodeDecodeError:
+        return no_such_endpoint()
+    try:
+        request.getRequestHostname().decode("utf-8")
+    except UnicodeDecodeError:
+        return HTTPError(400, "header 'Host' is not UTF-8")
+    return None
 
 
 def _text(path: bytes) -> str:

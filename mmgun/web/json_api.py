@@ -21,6 +21,7 @@ from ..message import BadRequest, check_fields, parse_json_object, parse_send
 from ..metrics import Metrics
 from ..store import Store, SubmissionState
 from .errors import HTTPError, json_response
+from .mailgun import _MSG_ID as MESSAGE_ID
 from .settings import WebSettings
 from .site import read_body
 from .submit import NO_CLIENT_ID, Pipeline, idempotency_key
@@ -128,7 +129,9 @@ class JSONAPI:
             # The Message-ID the v3 API answers ("<...@host>"); accepted without its brackets too.
             message_id = value if value.startswith("<") else f"<{value}>"
             states = []
-            if len(message_id) <= MAX_MESSAGE_ID:
+            # Only a Message-ID's shape can find one (and text the database cannot
+            # encode, a lone surrogate, never reaches it).
+            if len(message_id) <= MAX_MESSAGE_ID and MESSAGE_ID.fullmatch(message_id):
                 states = await self._store.submissions_by_message_id(client, message_id, now=self._wall())
             if not states:
                 raise HTTPError(404, "no such submission")

@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 import mimetypes
 import re
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
+import attrs
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -37,6 +38,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
 from ..message import (
+    FIELD_NAME,
     MAX_HEADER_VALUE,
     MAX_METADATA,
     MAX_PARTS,
@@ -48,6 +50,7 @@ from ..message import (
     SendRequest,
     check_content_id,
     check_headers,
+    check_inline_references,
     check_metadata,
     check_subject,
     check_tags,
@@ -64,10 +67,10 @@ from ..message import (
 from ..metrics import Metrics
 from ..store import Store
 from .errors import error_answer, json_response, method_not_allowed, no_such_endpoint, render_error
-from .forms import Field, read_form
+from .forms import Field, FieldLimit, read_form
 from .settings import WebSettings
 from .site import read_body
-from .submit import Pipeline, RawMessage
+from .submit import MAX_BATCH_FACTOR, Pipeline, RawMessage
 
 _log = Logger()
 
@@ -128,7 +131,13 @@ _VARIABLE = re.compile(r"%recipient\.([A-Za-z0-9_.-]{1,128})%")
 _TYPES = mimetypes.MimeTypes(filenames=())
 #: A Message-ID as RFC 5322 3.6.4 allows it (id-left "@" id-right, no white space or brackets inside).
 _MSG_ID = re.compile(r"<[!-;=?-~]{1,900}@[!-;=?-Z^-~]{1,253}>|<[!-;=?-~]{1,900}@\[[!-Z^-~]{1,253}\]>")
-_FIELD_NAME = re.compile(rb"[!-9;-~]+")
+#: A line of more than 998 octets (RFC 5322 2.1.1), anchored at a line's start so the
+#: search is linear (unanchored, it would rescan each long line from every offset).
+_LONG_LINE = re.compile(rb"(?m)^[^\r\n]{999}")
+#: Bytes one address of a to, cc or bcc field may take on average while the field is read
+#: (254 for the address, the rest for a display name and the separator); the fields of one
+#: name together get ``max_recipients`` times this, plus room for one long display name.
+ADDRESS_BYTES = 320
 #: Header fields a message may have at most once (RFC 5322 3.6).
 _ONCE = ("from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id")
 
@@ -136,6 +145,23 @@ _ONCE = ("from", "sender", "reply-to", "to", "cc", "subject", "date", "message-i
 def error_document(message: str) -> dict[str, Any]:
     """Mailgun's shape of an error."""
     return {"message": message}
+
+
+def address_bytes(max_recipients: int) -> int:
+    """The most bytes the values of one address field (to, cc, bcc: every repeat together) may have."""
+    return max_recipients * ADDRESS_BYTES + 1024
+
+
+def field_limits(max_recipients: int) -> FieldLimit:
+    """:func:`field_limit`, with the address fields limited by ``max_recipients``."""
+    addresses = address_bytes(max_recipients)
+
+    def limit(name: str) -> int | None:
+        if name in ("to", "cc", "bcc"):
+            return addresses
+        return field_limit(name)
+
+    return limit
 
 
 def field_limit(name: str) -> int | None:
@@ -223,7 +249,12 @@ def _boolean(value: str, field: str) -> bool:
 
 def _addresses(form: _Form, name: str, limit: int) -> list[Mailbox]:
     mailboxes: list[Mailbox] = []
-    for value in form.texts(name):
+    values = form.texts(name)
+    # Each value is limited while it is read; their repeats are too, before any is parsed.
+    most = address_bytes(limit)
+    if sum(len(value) for value in values) > most:
+        raise BadRequest(f"field {name!r} is longer than {most} characters (all its values together)")
+    for value in values:
         for item in parse_address_list(value, name):
             mailboxes.append(parse_mailbox(item, name))
             if len(mailboxes) > limit:
@@ -284,35 +315,108 @@ class _Options:
             self.headers = check_headers(pairs, "h:")
 
 
-def _recipient_variables(value: str) -> dict[str, dict[str, Any]]:
-    """A JSON object of objects, keyed by address (normalized)."""
+def _recipient_variables(value: str, max_recipients: int) -> dict[str, dict[str, Any]]:
+    """
+    A JSON object of at most ``max_recipients`` objects, keyed by address (normalized);
+    its numbers finite (1e400 would be substituted as "Infinity").
+    """
     try:
         obj = parse_json_object(value.encode("utf-8"))
     except BadRequest as e:
         raise BadRequest(f"field 'recipient-variables': {e}") from None
+    if len(obj) > max_recipients:
+        raise BadRequest(f"field 'recipient-variables' has more than {max_recipients} entries (one per To address)")
     variables: dict[str, dict[str, Any]] = {}
     for address, values in obj.items():
         if not isinstance(values, dict):
             raise BadRequest("field 'recipient-variables' must be a JSON object of objects (address to its variables)")
         variables[normalize_address(address, "recipient-variables")] = values
+    try:
+        json.dumps(obj, allow_nan=False)
+    except ValueError:
+        raise BadRequest("field 'recipient-variables' holds a number too large for JSON (such as 1e400)") from None
     return variables
 
 
-def _substitute(text: str, variables: dict[str, Any]) -> str:
-    def value(match: re.Match[str]) -> str:
-        found = variables.get(match.group(1))
-        if found is None:
-            return ""
-        return found if isinstance(found, str) else json.dumps(found, ensure_ascii=False)
+class _Template:
+    """
+    A subject, text or HTML with ``%recipient.NAME%`` in it, measured once, so that its
+    size once substituted is known before it is built (a 1 KB text naming a 100 KB
+    variable 2000 times would be 200 MB).
+    """
 
-    return _VARIABLE.sub(value, text)
+    def __init__(self, text: str) -> None:
+        self.text = text
+        #: How often each variable occurs.
+        self.counts: dict[str, int] = {}
+        references = 0
+        for match in _VARIABLE.finditer(text):
+            self.counts[match.group(1)] = self.counts.get(match.group(1), 0) + 1
+            references += len(match.group(0))  # ASCII: as many octets as characters
+        self.characters = len(text) - references
+        self.octets = len(text.encode("utf-8")) - references
+
+    def size(self, lengths: dict[str, int], base: int) -> int:
+        """The length substituted: ``base`` (characters or octets) plus each variable's ``lengths`` as often as it occurs."""
+        return base + sum(count * lengths[name] for name, count in self.counts.items())
+
+    def substitute(self, values: dict[str, str]) -> str:
+        if not self.counts:
+            return self.text
+        return _VARIABLE.sub(lambda match: values[match.group(1)], self.text)
 
 
-def parse_messages(fields: Sequence[Field], domain: str, max_recipients: int) -> tuple[list[SendRequest], _Options]:
+@attrs.frozen
+class Batch:
+    """
+    Mailgun's batch sending, checked: one message per To address, made only when
+    iterated (:meth:`mmgun.web.submit.Pipeline.submit_batch` builds each in turn and
+    keeps the bytes alone), from a template composed and checked once.
+    """
+
+    template: SendRequest
+    subject: _Template
+    text: _Template | None
+    html: _Template | None
+    #: Each recipient with the text of every variable the templates name.
+    recipients: tuple[tuple[Mailbox, dict[str, str]], ...]
+
+    def __len__(self) -> int:
+        return len(self.recipients)
+
+    def __iter__(self) -> Iterator[SendRequest]:
+        for mailbox, values in self.recipients:
+            yield attrs.evolve(
+                self.template,
+                recipients=(mailbox.address,),
+                to=(mailbox,),
+                subject=self.subject.substitute(values),
+                body=None if self.text is None else self.text.substitute(values),
+                html=None if self.html is None else self.html.substitute(values),
+            )
+
+
+def _value_text(variables: dict[str, Any], name: str) -> str:
+    """A variable as substituted: a string as it is, null or a missing one as "", another value as JSON."""
+    found = variables.get(name)
+    if found is None:
+        return ""
+    return found if isinstance(found, str) else json.dumps(found, ensure_ascii=False)
+
+
+def parse_messages(
+    fields: Sequence[Field], domain: str, max_recipients: int, max_size: int
+) -> tuple[list[SendRequest] | Batch, _Options]:
     """
     The message(s) of a /v3/{domain}/messages form: one, or with ``recipient-variables``
-    one per To address, addressed to it alone, its ``%recipient.NAME%`` replaced in the
-    subject, text and HTML (by "" where it has no such variable).
+    a :class:`Batch` of one per To address, addressed to it alone, its ``%recipient.NAME%``
+    replaced in the subject, text and HTML (by "" where it has no such variable).
+
+    A batch is checked whole before any message of it is made: each recipient's
+    variables as the fields they are substituted into, and the sizes the substituted
+    texts will have (with the parts, a lower bound of the built message): 413 when one
+    message would pass ``max_size``, or all of them together
+    :data:`~mmgun.web.submit.MAX_BATCH_FACTOR` times it.
     """
     form = _Form(fields)
     sender = parse_mailbox(form.text("from", required=True) or "", "from")
@@ -333,7 +437,7 @@ def parse_messages(fields: Sequence[Field], domain: str, max_recipients: int) ->
     if not to:
         raise BadRequest("missing field 'to'")
 
-    def one(to: Sequence[Mailbox], subject: str, text: str | None, html: str | None) -> SendRequest:
+    def one(to: Sequence[Mailbox], *, check_references: bool = True) -> SendRequest:
         return compose(
             sender=sender,
             to=to,
@@ -350,32 +454,61 @@ def parse_messages(fields: Sequence[Field], domain: str, max_recipients: int) ->
             send_at=options.send_at,
             max_recipients=max_recipients,
             names=_NAMES,
+            check_references=check_references,
         )
 
     if variables_text is None:
-        return [one(to, subject, text, html)], options
-    variables = _recipient_variables(variables_text)
+        return [one(to)], options
+    variables = _recipient_variables(variables_text, max_recipients)
     if cc or bcc:
         raise BadRequest("fields 'cc' and 'bcc' cannot be combined with 'recipient-variables' (each To address gets its own message)")
-    sends = []
-    seen: set[str] = set()
+    templates = {"subject": _Template(subject)}
+    if text is not None:
+        templates["text"] = _Template(text)
+    if html is not None:
+        templates["html"] = _Template(html)
+    html_varies = "html" in templates and bool(templates["html"].counts)
+    # The template checked once: the cid: references only when the HTML has no variables
+    # (they may make or break one, so each recipient's HTML is checked below).
+    template = one(to[:1], check_references=not html_varies)
+    names = {name for t in templates.values() for name in t.counts}
+    mailboxes: dict[str, Mailbox] = {}
     for mailbox in to:
-        if mailbox.address in seen:
-            continue
-        seen.add(mailbox.address)
-        mine = variables.get(mailbox.address, {})
+        mailboxes.setdefault(mailbox.address, mailbox)  # the first one's display name
+    parts = sum(len(part.content) for part in (*attachments, *inline))
+    batch_limit = MAX_BATCH_FACTOR * max_size
+    recipients = []
+    total = 0
+    for mailbox in mailboxes.values():
+        values = {name: _value_text(variables.get(mailbox.address, {}), name) for name in names}
         try:
-            sends.append(
-                one(
-                    [mailbox],
-                    check_subject(_substitute(subject, mine), "subject"),
-                    check_text(_substitute(text, mine), "text") if text is not None else None,
-                    check_text(_substitute(html, mine), "html") if html is not None else None,
-                )
-            )
+            characters = {name: len(value) for name, value in values.items()}
+            octets = {name: len(value.encode("utf-8", "surrogatepass")) for name, value in values.items()}
+            for name in templates["subject"].counts:
+                check_subject(values[name], "subject")
+            if templates["subject"].size(characters, templates["subject"].characters) > MAX_SUBJECT:
+                raise BadRequest(f"field 'subject' is longer than {MAX_SUBJECT} characters")
+            size = parts
+            for field in ("text", "html"):
+                if field in templates:
+                    for name in templates[field].counts:
+                        check_text(values[name], field)
+                    size += templates[field].size(octets, templates[field].octets)
+            if size > max_size:
+                raise MessageTooLarge(f"the message built from this request would be more than {max_size} octets, the maximum")
+            if html_varies and inline:
+                check_inline_references(templates["html"].substitute(values), inline, _NAMES)
         except BadRequest as e:
-            raise BadRequest(f"{e} (with the 'recipient-variables' of {mailbox.address})") from None
-    return sends, options
+            raise type(e)(f"{e} (with the 'recipient-variables' of {mailbox.address})") from None
+        total += size
+        if total > batch_limit:
+            raise MessageTooLarge(
+                f"the {len(mailboxes)} messages of this batch would be more than {batch_limit} octets together"
+                f" ({MAX_BATCH_FACTOR} times the maximum message size)"
+            )
+        recipients.append((mailbox, values))
+    batch = Batch(template, templates["subject"], templates.get("text"), templates.get("html"), tuple(recipients))
+    return batch, options
 
 
 def parse_mime(
@@ -429,7 +562,7 @@ def check_mime(raw: bytes, *, hostname: str, now: float, max_size: int) -> tuple
         head = head.removesuffix(b"\r\n")
     if b"\0" in text:
         raise BadRequest(f"field {field!r} holds a NUL octet")
-    if re.search(rb"[^\r\n]{999}", text):
+    if _LONG_LINE.search(text):
         raise BadRequest(f"field {field!r} has a line longer than 998 octets")
     fields: list[list[bytes]] = []
     for number, line in enumerate(head.split(b"\r\n"), 1):
@@ -441,7 +574,7 @@ def check_mime(raw: bytes, *, hostname: str, now: float, max_size: int) -> tuple
             fields[-1].append(line)
             continue
         name, colon, _ = line.partition(b":")
-        if not colon or not _FIELD_NAME.fullmatch(name):
+        if not colon or not FIELD_NAME.fullmatch(name.decode("ascii")):
             raise BadRequest(f"field {field!r}: header line {number} is not a header field (Name: value)")
         fields.append([line])
     values: dict[str, list[str]] = {}
@@ -564,14 +697,15 @@ class MailgunAPI:
         if request.getHeader(b"idempotency-key") is not None:
             raise BadRequest("header 'Idempotency-Key' is not supported by the v3 API (use POST /send)")
         body = read_body(request, self._settings.max_message_size)
-        return client, read_form(request.getHeader(b"content-type"), body, field_limit, MAX_PARTS)
+        return client, read_form(request.getHeader(b"content-type"), body, field_limits(self._settings.max_recipients), MAX_PARTS)
 
     async def _messages(self, request: IRequest, domain: str) -> bytes:
         client, fields = await self._read(request)
-        sends, options = parse_messages(fields, domain, self._settings.max_recipients)
-        message_id = new_message_id(self._settings.hostname)
+        settings = self._settings
+        sends, options = parse_messages(fields, domain, settings.max_recipients, settings.max_message_size)
+        message_id = new_message_id(settings.hostname)
         await self._pipeline.submit_batch(
-            client, sends, message_id=message_id, test_mode=options.test_mode, schedule_field="o:deliverytime"
+            client, sends, send_at=options.send_at, message_id=message_id, test_mode=options.test_mode, schedule_field="o:deliverytime"
         )
         return json_response(request, 200, {"id": message_id, "message": QUEUED})
 

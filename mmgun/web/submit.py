@@ -9,7 +9,7 @@ An API reads its request, calls :meth:`Pipeline.authenticate`, parses, then call
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -20,7 +20,7 @@ from ..auth import AuthenticationFailed, Authenticator, KeyFailures
 from ..clients import Clients
 from ..health import Health
 from ..limits import QueueCap, RateLimiter
-from ..message import MAX_SCHEDULE, BadRequest, MessageTooLarge, SendRequest, build_message, new_message_id
+from ..message import BadRequest, MessageTooLarge, SendRequest, build_message, new_message_id, schedule
 from ..metrics import Metrics
 from ..store import NewSubmission, Store
 from .errors import too_many, unauthorized, unavailable
@@ -59,14 +59,6 @@ class RawMessage:
     tags: tuple[str, ...] = ()
     metadata: str | None = None
     send_at: float | None = None
-
-    def schedule(self, now: float, field: str = "send_at") -> float | None:
-        """As :meth:`mmgun.message.SendRequest.schedule`."""
-        if self.send_at is None or self.send_at <= now:
-            return None
-        if self.send_at > now + MAX_SCHEDULE:
-            raise BadRequest(f"field {field!r} is more than 7 days ahead")
-        return self.send_at
 
 
 class Pipeline:
@@ -165,30 +157,50 @@ class Pipeline:
         ``test_mode``: recorded, never delivered (see :class:`mmgun.store.NewSubmission`).
         ``schedule_field`` names ``send_at`` in the error for one too far ahead.
         """
-        (submission_id,) = await self.submit_batch(
-            client, [send], key, message_id=message_id, test_mode=test_mode, schedule_field=schedule_field
+        (submission_id,) = await self._submit(
+            client, [send], key, send.send_at, message_id=message_id, test_mode=test_mode, schedule_field=schedule_field
         )
         return submission_id
 
     async def submit_batch(
         self,
         client: str,
-        sends: Sequence[SendRequest | RawMessage],
-        key: str | None = None,
+        sends: Iterable[SendRequest],
         *,
+        send_at: float | None,
         message_id: str | None = None,
         test_mode: bool = False,
         schedule_field: str = "send_at",
     ) -> list[str]:
         """
-        :meth:`submit` for several messages of one request (Mailgun's batch sending): one
-        rate-limit token, every message admitted by the queue caps, all of them stored in
-        one transaction or none; they share ``message_id``. Their built messages together
-        may not pass :data:`MAX_BATCH_FACTOR` times the maximum message size (413), so a
-        request's memory stays bounded. ``key`` only with a single message.
+        :meth:`submit` for several messages of one request (Mailgun's batch sending), all
+        to be sent at ``send_at`` (theirs): one rate-limit token, every message admitted
+        by the queue caps, all of them stored in one transaction or none; they share
+        ``message_id``.
+
+        ``sends`` is iterated once, after admission, and each message built before the next
+        is taken: an iterable that makes them on demand (:class:`.mailgun.Batch`) holds one
+        at a time, beside the built bytes. Those together may not pass
+        :data:`MAX_BATCH_FACTOR` times the maximum message size: 413 as soon as they would,
+        before another is made, so a request's memory stays bounded.
         """
+        return await self._submit(
+            client, sends, None, send_at, message_id=message_id, test_mode=test_mode, schedule_field=schedule_field
+        )
+
+    async def _submit(
+        self,
+        client: str,
+        sends: Iterable[SendRequest | RawMessage],
+        key: str | None,
+        send_at: float | None,
+        *,
+        message_id: str | None,
+        test_mode: bool,
+        schedule_field: str,
+    ) -> list[str]:
         now = self._wall()
-        send_at = [send.schedule(now, schedule_field) for send in sends]  # 400 before any limit is spent
+        at = schedule(send_at, now, schedule_field)  # 400 before any limit is spent
         if self._health is not None:
             problem = self._health.admission()
             if problem is not None:
@@ -199,7 +211,7 @@ class Pipeline:
         hostname = self._settings.hostname
         message_id = message_id if message_id is not None else new_message_id(hostname)
         limit = self._settings.max_message_size
-        messages: list[bytes] = []
+        submissions: list[NewSubmission] = []
         total = 0
         for send in sends:
             if isinstance(send, RawMessage):
@@ -207,30 +219,28 @@ class Pipeline:
             else:
                 message = build_message(send, hostname=hostname, now=now, max_size=limit, message_id=message_id)
             total += len(message)
-            if len(sends) > 1 and total > MAX_BATCH_FACTOR * limit:
+            if total > MAX_BATCH_FACTOR * limit:
                 raise MessageTooLarge(
-                    f"the {len(sends)} messages of this batch would be more than {MAX_BATCH_FACTOR * limit} octets together"
+                    f"the messages of this batch would be more than {MAX_BATCH_FACTOR * limit} octets together"
                     f" ({MAX_BATCH_FACTOR} times the maximum message size)"
                 )
-            messages.append(message)
-        submissions = [
-            NewSubmission(
-                id=os.urandom(16).hex(),
-                client=client,
-                sender=send.sender,
-                recipients=send.recipients,
-                message=message,
-                created_at=now,
-                idempotency_key=key,
-                request_hash=send.digest() if key is not None and isinstance(send, SendRequest) else None,
-                send_at=at,
-                tags=send.tags,
-                metadata=send.metadata,
-                message_id=message_id,
-                test_mode=test_mode,
+            submissions.append(
+                NewSubmission(
+                    id=os.urandom(16).hex(),
+                    client=client,
+                    sender=send.sender,
+                    recipients=send.recipients,
+                    message=message,
+                    created_at=now,
+                    idempotency_key=key,
+                    request_hash=send.digest() if key is not None and isinstance(send, SendRequest) else None,
+                    send_at=at,
+                    tags=send.tags,
+                    metadata=send.metadata,
+                    message_id=message_id,
+                    test_mode=test_mode,
+                )
             )
-            for send, message, at in zip(sends, messages, send_at, strict=True)
-        ]
         # A test-mode message queues nothing: the queue caps do not count it.
         cap = None if test_mode else self._queue_cap
         admitted: list[NewSubmission] = []
