@@ -10,6 +10,12 @@
     mmgun keys create CLIENT        a new API key, printed once
     mmgun keys list CLIENT          key ids, created/last used/revoked (never the keys)
     mmgun keys revoke KEY_ID        refused by every running frontend within seconds
+    mmgun domains add DOMAIN --client ID [--ed25519]   a sending domain and its DKIM key(s)
+    mmgun domains list [--client ID] [--json] | show DOMAIN [--json] | remove DOMAIN
+    mmgun domains dns DOMAIN        the DNS records to publish, in zone-file syntax
+    mmgun domains verify DOMAIN [--nameserver HOST[:PORT]]   does DNS match the keys?
+    mmgun domains rotate DOMAIN     a new key per algorithm, under a new selector
+    mmgun domains retire DOMAIN SELECTOR   stop publishing an old key
 
 An ID is an envelope id (a number, as ``mmgun queue`` shows) or a submission id (all of its
 unfinished envelopes). The command is one more connection to the daemon's SQLite file: in
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -37,7 +44,7 @@ from twisted.python.failure import Failure
 from .auth import check_client_id, key_hash, new_key
 from .clients import ClientsFileError, load_clients
 from .config import OPTIONS, env_name
-from .store import Conflict, InDelivery, NotInQueue, QueueEntry, QueueStats, StorageError
+from .store import Conflict, DomainKey, InDelivery, NotInQueue, QueueEntry, QueueStats, SendingDomain, StorageError
 from .store.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
@@ -95,7 +102,7 @@ def main(
     except NotInQueue as e:
         _error(err, f"mmgun: not in the queue: {', '.join(e.ids)} (no unfinished envelope or submission has that id); nothing changed")
         return 1
-    except (AdminError, StorageError, ClientsFileError) as e:
+    except (AdminError, StorageError, ClientsFileError, Conflict) as e:
         _error(err, f"mmgun: {e}")
         return 1
     except BrokenPipeError:
@@ -199,6 +206,7 @@ def _parser(out: TextIO) -> _Parser:
     revoke = keys_actions.add_parser("revoke", parents=[database], help="revoke a key: refused within seconds")
     revoke.add_argument("key_id", metavar="KEY_ID")
     revoke.set_defaults(run=_keys_revoke)
+    _domains_parser(commands, database, parser_class)
     check = clients_actions.add_parser("check", help="validate the clients file")
     check.add_argument(
         "--clients",
@@ -438,6 +446,394 @@ def _keys_revoke(args: argparse.Namespace, context: _Context) -> int:
     revoked = _write(args, context, lambda store: store.revoke_key(args.key_id, context.now()))
     context.out.write(f"revoked key {args.key_id}\n" if revoked else f"key {args.key_id} was already revoked\n")
     return 0
+
+
+# -- sending domains and DKIM keys (issue 13) ---------------------------------------------
+
+#: A host name as DNS holds it once IDNA-encoded: LDH labels of 1-63 octets, at least two,
+#: a top-level label that is not all digits (so no IP address), 253 octets at most.
+_DOMAIN = re.compile(r"(?=.{1,253}\Z)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+(?!\d+\Z)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+#: Algorithms signed with, in signing order: RSA always, Ed25519 (RFC 8463) on request.
+RSA, ED25519 = "rsa-sha256", "ed25519-sha256"
+
+
+def _domains_parser(commands: Any, database: _Parser, parser_class: type[_Parser]) -> None:
+    domains = commands.add_parser(
+        "domains",
+        help="sending domains and their DKIM keys",
+        description="The domains clients send as: mail whose From is at one is DKIM-signed with its newest keys.",
+    )
+    actions = domains.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=parser_class)
+    add = actions.add_parser("add", parents=[database], help="register a domain for a client and create its DKIM key(s)")
+    add.add_argument("domain", metavar="DOMAIN")
+    add.add_argument("--client", required=True, metavar="ID", help="the client (mmgun clients add) that sends as it")
+    add.add_argument("--ed25519", action="store_true", help="an Ed25519 key too (RFC 8463), signed alongside the RSA key")
+    add.set_defaults(run=_domains_add)
+    listing = actions.add_parser("list", parents=[database], help="the domains, with their active selectors")
+    listing.add_argument("--client", metavar="ID", help="only this client's domains")
+    listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    listing.set_defaults(run=_domains_list)
+    show = actions.add_parser("show", parents=[database], help="a domain and its keys, retired ones too (never a private key)")
+    show.add_argument("domain", metavar="DOMAIN")
+    show.add_argument("--json", action="store_true", help="a JSON object instead of text")
+    show.set_defaults(run=_domains_show)
+    remove = actions.add_parser("remove", parents=[database], help="forget a domain and its keys (queued mail keeps its signatures)")
+    remove.add_argument("domain", metavar="DOMAIN")
+    remove.set_defaults(run=_domains_remove)
+    dns_records = actions.add_parser("dns", parents=[database], help="the DNS records to publish, in zone-file syntax")
+    dns_records.add_argument("domain", metavar="DOMAIN")
+    dns_records.set_defaults(run=_domains_dns)
+    verify = actions.add_parser("verify", parents=[database], help="look the records up: does DNS match each key?")
+    verify.add_argument("domain", metavar="DOMAIN")
+    verify.add_argument(
+        "--nameserver",
+        action="append",
+        metavar="HOST[:PORT]",
+        help=f"DNS server to ask; repeatable (default: ${env_name('nameserver')}, comma-separated, else /etc/resolv.conf)",
+    )
+    verify.set_defaults(run=_domains_verify)
+    rotate = actions.add_parser("rotate", parents=[database], help="a new key per algorithm, under a new selector; signed with from now on")
+    rotate.add_argument("domain", metavar="DOMAIN")
+    rotate.set_defaults(run=_domains_rotate)
+    retire = actions.add_parser("retire", parents=[database], help="stop publishing an old key (after a rotate)")
+    retire.add_argument("domain", metavar="DOMAIN")
+    retire.add_argument("selector", metavar="SELECTOR")
+    retire.set_defaults(run=_domains_retire)
+
+
+def _sending_domain(value: str) -> str:
+    """The domain as mmgun keeps it: IDNA-encoded, lower case, no trailing dot; AdminError if it is no host name."""
+    try:
+        name = idna.encode(value.strip().removesuffix("."), uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError):
+        name = ""
+    if not _DOMAIN.match(name):
+        raise AdminError(f"not a domain name: {value!r}")
+    return name
+
+
+def _known_domain(store: SQLiteStore, name: str) -> Coroutine[Any, Any, SendingDomain]:
+    async def find() -> SendingDomain:
+        domain = await store.domain(name)
+        if domain is None:
+            raise AdminError(f"no sending domain {name} (see mmgun domains list)")
+        return domain
+
+    return find()
+
+
+def _new_keys(name: str, algorithms: Sequence[str], now: float, taken: Sequence[str]) -> list[DomainKey]:
+    from . import dkim  # Lazily: key generation needs cryptography's bindings, no other command does.
+
+    keys: list[DomainKey] = []
+    selectors = list(taken)
+    for algorithm in algorithms:
+        private_key, public_key = dkim.generate_key(algorithm)
+        selector = dkim.new_selector(now, selectors)
+        selectors.append(selector)
+        keys.append(DomainKey(name, selector, algorithm, private_key, public_key, now, None))
+    return keys
+
+
+def _key_list(keys: Sequence[DomainKey]) -> str:
+    return ", ".join(f"{k.selector} ({k.algorithm})" for k in keys) or "none"
+
+
+def _write_records(out: TextIO, name: str, keys: Sequence[DomainKey]) -> None:
+    from . import dkim
+
+    text = dkim.dns_records(name, keys)
+    out.write(text if text.endswith("\n") else text + "\n")
+
+
+def _domains_add(args: argparse.Namespace, context: _Context) -> int:
+    name = _sending_domain(args.domain)
+    try:
+        client = check_client_id(args.client)
+    except ValueError as e:
+        raise AdminError(str(e)) from None
+    now = context.now()
+    keys = _new_keys(name, [RSA, ED25519] if args.ed25519 else [RSA], now, ())
+
+    async def add(store: SQLiteStore) -> None:
+        await store.add_domain(name, client, now)
+        try:
+            for key in keys:
+                await store.add_domain_key(key)
+        except BaseException:
+            await store.remove_domain(name)  # No domain without its keys.
+            raise
+
+    _write(args, context, add)
+    context.out.write(f"added sending domain {name} for client {client}\nDKIM keys: {_key_list(keys)}\n")
+    context.out.write(
+        f"publish these DNS records (mmgun domains dns {name} prints them again, mmgun domains verify {name} checks them):\n\n"
+    )
+    _write_records(context.out, name, keys)
+    return 0
+
+
+def _key_document(key: DomainKey) -> dict[str, Any]:
+    # Never the private key, nor the public one: `mmgun domains dns` prints what is published.
+    return {
+        "selector": key.selector,
+        "algorithm": key.algorithm,
+        "created_at": _iso(key.created_at, precise=True),
+        "retired_at": None if key.retired_at is None else _iso(key.retired_at, precise=True),
+    }
+
+
+def _domain_document(domain: SendingDomain, keys: Sequence[DomainKey]) -> dict[str, Any]:
+    return {
+        "domain": domain.name,
+        "client": domain.client,
+        "created_at": _iso(domain.created_at, precise=True),
+        "keys": [_key_document(k) for k in keys],
+    }
+
+
+def _domains_list(args: argparse.Namespace, context: _Context) -> int:
+    async def read(store: SQLiteStore) -> list[tuple[SendingDomain, list[DomainKey]]]:
+        return [(d, await store.domain_keys(d.name)) for d in await store.domains(args.client)]
+
+    domains = _run(args, context, read)
+    if args.json:
+        json.dump([_domain_document(d, keys) for d, keys in domains], context.out, indent=2)
+        context.out.write("\n")
+    elif not domains:
+        context.out.write(f"client {args.client} has no sending domain\n" if args.client else "no sending domain\n")
+    else:
+        rows = [(d.name, d.client, _iso(d.created_at), _key_list(keys)) for d, keys in domains]
+        _write_table(context.out, ("DOMAIN", "CLIENT", "CREATED", "DKIM KEYS"), rows)
+    return 0
+
+
+def _domains_show(args: argparse.Namespace, context: _Context) -> int:
+    name = _sending_domain(args.domain)
+
+    async def read(store: SQLiteStore) -> tuple[SendingDomain, list[DomainKey], list[DomainKey]]:
+        domain = await _known_domain(store, name)
+        return domain, await store.domain_keys(name, include_retired=True), await store.signing_keys(name)
+
+    domain, keys, signing = _run(args, context, read)
+    if args.json:
+        document = _domain_document(domain, keys)
+        document["signing_selectors"] = [k.selector for k in signing]
+        json.dump(document, context.out, indent=2)
+        context.out.write("\n")
+        return 0
+    _write_table(context.out, None, [("domain", domain.name), ("client", domain.client), ("created", _iso(domain.created_at))])
+    rows = [
+        (
+            k.selector,
+            k.algorithm,
+            _iso(k.created_at),
+            f"retired {_iso(k.retired_at)}" if k.retired_at is not None else "signing" if k in signing else "published",
+        )
+        for k in keys
+    ]
+    context.out.write("DKIM keys (newest first):\n")
+    _write_table(context.out, ("SELECTOR", "ALGORITHM", "CREATED", "STATE"), rows, indent="  ")
+    return 0
+
+
+def _domains_remove(args: argparse.Namespace, context: _Context) -> int:
+    name = _sending_domain(args.domain)
+
+    async def remove(store: SQLiteStore) -> list[DomainKey]:
+        keys = await store.domain_keys(name, include_retired=True)
+        await store.remove_domain(name)
+        return keys
+
+    keys = _write(args, context, remove)
+    context.out.write(
+        f"removed sending domain {name} and its {_count(len(keys), 'DKIM key')}: new mail from {name} is not signed"
+        " (nor accepted under --sender-policy domains); queued mail keeps the signatures it got when it was queued,"
+        " so leave the DNS records published until it is delivered\n"
+    )
+    return 0
+
+
+def _domains_dns(args: argparse.Namespace, context: _Context) -> int:
+    name = _sending_domain(args.domain)
+
+    async def read(store: SQLiteStore) -> list[DomainKey]:
+        await _known_domain(store, name)
+        return await store.domain_keys(name)
+
+    _write_records(context.out, name, _run(args, context, read))
+    return 0
+
+
+def _domains_rotate(args: argparse.Namespace, context: _Context) -> int:
+    name = _sending_domain(args.domain)
+    now = context.now()
+
+    async def rotate(store: SQLiteStore) -> tuple[list[DomainKey], list[DomainKey], list[DomainKey]]:
+        await _known_domain(store, name)
+        every = await store.domain_keys(name, include_retired=True)
+        old = await store.signing_keys(name)
+        algorithms = [k.algorithm for k in old] or [RSA]
+        new = _new_keys(name, algorithms, now, [k.selector for k in every])
+        for key in new:
+            await store.add_domain_key(key)
+        return old, new, await store.domain_keys(name)
+
+    old, new, published = _write(args, context, rotate)
+    context.out.write(
+        f"new DKIM keys for {name}: {_key_list(new)}\n"
+        f"mail from {name} is signed with them from now on: publish their records now.\n"
+    )
+    if old:
+        retire = "; ".join(f"mmgun domains retire {name} {k.selector}" for k in old)
+        context.out.write(
+            f"the previous keys ({_key_list(old)}) stay published until you retire them, once the mail signed"
+            f" with them has been delivered and read (a few days): {retire}\n"
+        )
+    context.out.write("\n")
+    _write_records(context.out, name, published)
+    return 0
+
+
+def _domains_retire(args: argparse.Namespace, context: _Context) -> int:
+    name = _sending_domain(args.domain)
+
+    async def retire(store: SQLiteStore) -> bool:
+        await _known_domain(store, name)
+        return await store.retire_domain_key(name, args.selector, context.now())
+
+    if _write(args, context, retire):
+        context.out.write(
+            f"retired key {args.selector} of {name}: remove its record, {args.selector}._domainkey.{name}, from DNS\n"
+        )
+    else:
+        context.out.write(f"key {args.selector} of {name} was already retired\n")
+    return 0
+
+
+# -- domains verify --
+
+
+@attrs.frozen
+class _Check:
+    kind: str
+    name: str
+    what: str
+    outcome: str
+    ok: bool
+
+
+def _domains_verify(args: argparse.Namespace, context: _Context) -> int:
+    from . import dkim
+    from .mx import parse_hostport
+
+    name = _sending_domain(args.domain)
+    raw = args.nameserver or [v for v in context.environ.get(env_name("nameserver"), "").split(",") if v.strip()]
+    try:
+        servers = [parse_hostport(v, 53) for v in raw] or None
+    except ValueError as e:
+        raise _UsageError(f"mmgun domains verify: argument --nameserver: {e} (see mmgun domains verify --help)") from None
+
+    async def read(store: SQLiteStore) -> list[DomainKey]:
+        await _known_domain(store, name)
+        return await store.domain_keys(name)
+
+    keys = _run(args, context, read)
+    expected = [(k, _dkim_tags(dkim.expected_txt(k))) for k in keys]
+    checks = _react(lambda reactor: _verify(reactor, servers, name, expected))
+    _write_table(context.out, None, [(c.kind, c.name, c.what, c.outcome) for c in checks])
+    dkim_checks = [c for c in checks if c.kind == "DKIM"]
+    bad = sum(not c.ok for c in dkim_checks)
+    context.out.write(
+        f"-- {bad} of {_count(len(dkim_checks), 'DKIM record')} missing or different: publish what mmgun domains dns {name} prints\n"
+        if bad
+        else f"-- every DKIM record matches its key ({len(dkim_checks)})\n"
+    )
+    return 1 if bad else 0
+
+
+def _react(main: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    """Run the global reactor until C{main(reactor)} is done; its result (like task.react, without exiting)."""
+    from twisted.internet import reactor
+
+    outcome: list[Any] = []
+
+    def start() -> None:
+        d = Deferred.fromCoroutine(main(reactor))
+        d.addBoth(outcome.append)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    (result,) = outcome
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+def _dkim_tags(text: str) -> dict[str, str]:
+    """A DKIM key record's tags (RFC 6376 section 3.6.1); whitespace inside a value is not part of it."""
+    tags: dict[str, str] = {}
+    for part in text.split(";"):
+        tag, equals, value = part.partition("=")
+        if equals:
+            tags.setdefault(tag.strip(), "".join(value.split()))
+    return tags
+
+
+async def _verify(
+    reactor: Any, servers: list[tuple[str, int]] | None, name: str, expected: Sequence[tuple[DomainKey, dict[str, str]]]
+) -> list[_Check]:
+    from .mx import make_resolver
+
+    resolver = make_resolver(servers, reactor)
+    checks = []
+    for key, want in expected:
+        owner = f"{key.selector}._domainkey.{name}"
+        checks.append(_Check("DKIM", owner, key.algorithm, *_compare(await _txt(resolver, owner), want)))
+    for kind, owner, prefix in (("SPF", name, "v=spf1"), ("DMARC", f"_dmarc.{name}", "v=dmarc1")):
+        found = await _txt(resolver, owner)
+        if isinstance(found, str):
+            checks.append(_Check(kind, owner, "TXT", found, True))
+            continue
+        records = [r for r in found if r.strip().lower().startswith(prefix)]
+        outcome = f"present: {records[0]}" if len(records) == 1 else f"{len(records)} records (must be one)" if records else "none (see mmgun domains dns)"
+        checks.append(_Check(kind, owner, "TXT", outcome, len(records) == 1))
+    return checks
+
+
+async def _txt(resolver: Any, owner: str) -> list[str] | str:
+    """The TXT records at C{owner}, each one's strings joined; a str says why the lookup failed."""
+    from twisted.names import dns, error
+
+    try:
+        answers, _, _ = await resolver.lookupText(owner)
+    except error.DNSNameError:
+        return []
+    except Exception as e:
+        return f"LOOKUP FAILED: {type(e).__name__}"
+    return [b"".join(a.payload.data).decode("utf-8", "replace") for a in answers if a.type == dns.TXT]
+
+
+def _compare(found: list[str] | str, want: dict[str, str]) -> tuple[str, bool]:
+    if isinstance(found, str):
+        return found, False
+    records = [_dkim_tags(r) for r in found]
+    records = [r for r in records if "p" in r or r.get("v") == "DKIM1"]
+    if not records:
+        return "MISSING: no DKIM key record", False
+    if len(records) > 1:
+        return f"DIFFERS: {len(records)} key records (must be one)", False
+    (got,) = records
+    if got.get("v", "DKIM1") != "DKIM1":
+        return f"DIFFERS: v={got['v']}", False
+    if got.get("k", "rsa") != want.get("k", "rsa"):
+        return f"DIFFERS: k={got.get('k', 'rsa')}, the key is k={want.get('k', 'rsa')}", False
+    if not got.get("p"):
+        return "DIFFERS: empty p= (the key is published as revoked)", False
+    if got["p"] != want.get("p"):
+        return "DIFFERS: p= is another key", False
+    return "ok: matches the key", True
 
 
 # -- formatting ----------------------------------------------------------------------

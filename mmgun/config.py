@@ -17,6 +17,7 @@ from twisted.python import usage
 ROLES = ("frontend", "sender", "cleaner")
 TLS_MODES = ("opportunistic", "require", "verify")
 LOG_FORMATS = ("text", "json")
+SENDER_POLICIES = ("any", "domains")
 
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -142,6 +143,11 @@ OPTIONS: dict[str, tuple[str | None, Callable[[str], object], str]] = {
     ),
     "mx-address-limit": ("5", _positive_int, "most MX addresses tried in one delivery attempt"),
     "mx-session-limit": ("2", _positive_int, "most SMTP sessions opened in one delivery attempt"),
+    "sender-policy": (
+        "any",
+        _choice(SENDER_POLICIES),
+        "any: a client may send from any address; domains: only from its own sending domains (mmgun domains add), else 403",
+    ),
 }
 #: Boolean options (off unless given): name → help. In the environment: 1/true/yes or 0/false/no.
 FLAGS: dict[str, str] = {
@@ -197,6 +203,7 @@ class Config:
     mx_address_limit: int
     mx_session_limit: int
     allow_private_mx: bool
+    sender_policy: str
 
 
 class Options(usage.Options):

@@ -180,10 +180,14 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
     if "frontend" in config.roles:
         from .limits import QueueCap
         from .web.app import Frontend
+        from .web.signing import SigningPool
 
         holder = ClientsHolder(config.clients, clients, public=listens_beyond_loopback(config.listen))
         queue_cap = QueueCap(store, reactor, config.max_queued, max_bytes=config.max_queued_bytes)
         queue_cap.setServiceParent(root)
+        # Before the HTTP service, so stopped after it: requests in flight finish their signatures.
+        signing = SigningPool(reactor)
+        signing.setServiceParent(root)
         frontend = Frontend(
             store,
             holder,
@@ -193,6 +197,7 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
             queue_cap=queue_cap,
             health=Health(store, config.database, reactor, min_free_space=config.min_free_space),
             wall=time.time,
+            signing=signing.run,
         )
         ClientsReloader(holder, reactor).setServiceParent(root)
         QueueGauges(store, metrics, reactor, wall=time.time).setServiceParent(root)
@@ -224,6 +229,7 @@ def web_settings(config: Config, max_connections: int) -> WebSettings:
         rate_burst=config.rate_burst,
         max_connections=max_connections,
         max_connections_per_source=min(config.max_http_connections_per_source, max_connections),
+        sender_policy=config.sender_policy,
     )
 
 

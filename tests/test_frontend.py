@@ -273,6 +273,9 @@ class RoutingTests(SynchronousTestCase):
         result(self, self.store.add_client("acme", self.clock.seconds()))
         key_id, key = new_key()
         result(self, self.store.add_key("acme", key_id, key_hash(key), self.clock.seconds()))
+        # issue 13: /v3/{domain} is one of the client's sending domains.
+        for domain in ("mg.example", "other.example", "bad.example"):
+            result(self, self.store.add_domain(domain, "acme", self.clock.seconds()))
         self.auth = {"Authorization": "Basic " + base64.b64encode(f"api:{key}".encode()).decode()}
         self.treq = like_the_frontend(self.api.treq)
 

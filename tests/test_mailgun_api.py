@@ -127,6 +127,9 @@ class V3Tests(SynchronousTestCase):
             key_id, key = new_key()
             result(self, self.store.add_key(client, key_id, key_hash(key), self.clock.seconds()))
             self.keys[client] = key
+        # issue 13: /v3/{domain} must be one of the client's sending domains.
+        for domain, client in (("example.com", "acme"), ("xn--bcher-kva.example", "acme"), ("globex.example", "globex")):
+            result(self, self.store.add_domain(domain, client, self.clock.seconds()))
 
     def options(self) -> dict[str, Any]:
         return {"max_message_size": 64 * 1024, "max_recipients": 50}
@@ -243,8 +246,8 @@ class MessagesTests(V3Tests):
 
     def test_domain_must_be_the_senders(self) -> None:
         """issue 12 (v3 API): {domain} must be the from address's domain (case-insensitive, IDNA-normalized); 400 otherwise."""
-        message = self.refused(self.message(), path="/v3/other.example/messages")
-        self.assertEqual(message, "field 'from': the sender's domain (example.com) is not the sending domain of the URL (other.example)")
+        message = self.refused(self.message(), path="/v3/xn--bcher-kva.example/messages")
+        self.assertEqual(message, "field 'from': the sender's domain (example.com) is not the sending domain of the URL (xn--bcher-kva.example)")
         fields = [("from", "ada@BÜCHER.example"), ("to", "b@x.example"), ("subject", "s"), ("text", "t")]
         self.assertEqual(self.post(fields, path="/v3/xn--bcher-kva.example/messages")[0], 200)
         self.assertEqual(self.post(fields, path="/v3/b%C3%BCcher.EXAMPLE/messages")[0], 200)
@@ -450,7 +453,7 @@ class MessagesTests(V3Tests):
                 yield send
 
         pipeline = self.api.frontend.pipeline
-        d = Deferred.fromCoroutine(pipeline.submit_batch("acme", counted(), send_at=None))
+        d = Deferred.fromCoroutine(pipeline.submit_batch("acme", counted(), sender="ada@example.com", send_at=None))
         self.assertIn("messages of this batch would be more than 655360 octets", str(self.failureResultOf(d, MessageTooLarge).value))
         self.assertLess(len(made), 20)
         self.assertEqual(self.queued(), [])

@@ -7,8 +7,11 @@ in-process DNS server and an in-process SMTP server on 127.0.0.1, and two real c
   cc, bcc and tags;
 - ``POST /send`` sends a message with every feature of the JSON API at once.
 
-Each test checks the message that reaches the SMTP server part by part, byte-exact. The
-SDK is synchronous: it runs in a thread (deferToThread); the tests poll with a deadline.
+Each test checks the message that reaches the SMTP server part by part, byte-exact, and
+(issue 13) verifies its DKIM signatures — RSA and Ed25519, for the sending domain
+example.com — with dkimpy, whose DNS lookups go to the in-process DNS server serving the
+published TXT records. The SDK is synchronous: it runs in a thread (deferToThread), as do
+the verifications; the tests poll with a deadline.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from email.message import Message
 from email.policy import default
 from typing import Any
 
+import dkim as dkimpy
+import dns.message as dns_message
+import dns.query as dns_query
+import dns.rdatatype as dns_rdatatype
 import treq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -29,9 +36,11 @@ from twisted.names import dns
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
+from mmgun import dkim
 from mmgun.auth import key_hash, new_key
 from mmgun.config import Options
 from mmgun.service import make_service
+from mmgun.store import DomainKey
 from mmgun.store.sqlite import SQLiteStore
 from mmgun.testing.dnsserver import listen_dns
 from mmgun.testing.ports import port_number
@@ -70,13 +79,34 @@ def text_of(part: Message) -> str:
     return payload.decode(part.get_content_charset() or "ascii").replace("\r\n", "\n")
 
 
+def domain_keys(domain: str, now: float) -> list[DomainKey]:
+    """A new RSA and a new Ed25519 key for ``domain``, as ``mmgun domains add`` makes them."""
+    keys: list[DomainKey] = []
+    for algorithm in dkim.ALGORITHMS:
+        private, public = dkim.generate_key(algorithm)
+        selector = dkim.new_selector(now, [k.selector for k in keys])
+        keys.append(DomainKey(domain, selector, algorithm, private, public, now, None))
+    return keys
+
+
+def published(keys: list[DomainKey]) -> dict[str, Any]:
+    """The DKIM TXT records of ``keys``, as the zone of the DNS server serves them."""
+    return {
+        f"{key.selector}._domainkey.{key.domain}": [dns.Record_TXT(*(p.encode() for p in dkim.split_txt(dkim.expected_txt(key))), ttl=60)]
+        for key in keys
+    }
+
+
 class RelayTestCase(TestCase):
     """The whole relay, a DNS server and an SMTP server, all on 127.0.0.1 in this process."""
 
     def setUp(self) -> None:
         reactor = _reactor()
         self.pool = HTTPConnectionPool(reactor, persistent=False)
-        udp, tcp = listen_dns(reactor, ZONE)
+        # issue 13: example.com is acme's sending domain, with both kinds of key published.
+        self.domain_keys = domain_keys("example.com", time.time())
+        udp, tcp = listen_dns(reactor, {**ZONE, **published(self.domain_keys)})
+        self.dns_port = port_number(udp)
         self.addCleanup(udp.stopListening)
         self.addCleanup(tcp.stopListening)
         self.mailbox = Mailbox()
@@ -87,6 +117,10 @@ class RelayTestCase(TestCase):
         self.successResultOf(Deferred.fromCoroutine(store.add_client("acme", time.time())))
         key_id, self.key = new_key()
         self.successResultOf(Deferred.fromCoroutine(store.add_key("acme", key_id, key_hash(self.key), time.time())))
+        for domain in ("example.com", "other.example"):
+            self.successResultOf(Deferred.fromCoroutine(store.add_domain(domain, "acme", time.time())))
+        for key in self.domain_keys:
+            self.successResultOf(Deferred.fromCoroutine(store.add_domain_key(key)))
         store._runner.close()
         clients = self.mktemp()
         with open(clients, "w") as f:
@@ -107,6 +141,31 @@ class RelayTestCase(TestCase):
     @property
     def auth(self) -> dict[bytes | str, bytes | str]:
         return {"Authorization": "Basic " + base64.b64encode(f"api:{self.key}".encode()).decode()}
+
+    def txt(self, name: bytes, timeout: int = 5) -> bytes | None:
+        """dkimpy's DNS lookup, answered by the test's DNS server (dnspython, in the verifying thread)."""
+        query = dns_message.make_query(name.decode("ascii"), dns_rdatatype.TXT)
+        answer = dns_query.udp(query, "127.0.0.1", port=self.dns_port, timeout=timeout)
+        for rrset in answer.answer:
+            for record in rrset:
+                return b"".join(record.strings)
+        return None
+
+    def verify(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        """In a thread: every DKIM signature of ``data`` checked by dkimpy; (algorithm, selector) of each, top first."""
+        verifier = dkimpy.DKIM(data)
+        signatures = [value for name, value in verifier.headers if name.lower() == b"dkim-signature"]
+        checked = []
+        for index in range(len(signatures)):
+            self.assertTrue(verifier.verify(idx=index, dnsfunc=self.txt), f"signature {index} does not verify")
+            checked.append((verifier.signature_fields[b"a"], verifier.signature_fields[b"s"]))
+        return checked
+
+    async def assert_signed(self, data: bytes) -> None:
+        """issue 13: signed for example.com with its RSA key then its Ed25519 key, both verified by dkimpy."""
+        self.assertTrue(data.startswith(b"DKIM-Signature:"), data[:200])
+        checked = await deferToThread(self.verify, data)
+        self.assertEqual(checked, [(k.algorithm.encode(), k.selector.encode()) for k in self.domain_keys])
 
     async def status(self, document: dict[str, str]) -> dict[str, Any]:
         response = await treq.post(self.url + "/status", data=json.dumps(document).encode(), headers=self.auth, pool=self.pool)
@@ -175,6 +234,7 @@ class MailgunSDKTests(RelayTestCase):
         self.assertEqual({m.mail_from for m in received}, {"ada@example.com"})
         self.assertEqual(received[0].data, received[1].data)
         data = received[0].data
+        await self.assert_signed(data)
         self.assertNotIn(b"eve@", data)
         self.assertNotIn(b"\nBcc", data)
         message = email.message_from_bytes(data, policy=default)
@@ -207,7 +267,10 @@ class MailgunSDKTests(RelayTestCase):
         self.assertLessEqual(max(map(len, data.split(b"\r\n"))), 78)
 
     async def test_sdk_error_answers(self) -> None:
-        """issue 12 (v3 API): the SDK gets Mailgun's {"message"} errors: 401 for a wrong key, 400 for a domain mismatch."""
+        """
+        issue 12 (v3 API): the SDK gets Mailgun's {"message"} errors: 401 for a wrong key, 400 for
+        a domain mismatch; issue 13: 404 for a domain that is not the client's.
+        """
         from mailgun.client import Client
 
         def send(key: str, domain: str) -> Any:
@@ -220,6 +283,8 @@ class MailgunSDKTests(RelayTestCase):
         mismatch = await deferToThread(send, self.key, "other.example")
         self.assertEqual(mismatch.status_code, 400)
         self.assertIn("sending domain", mismatch.json()["message"])
+        unknown = await deferToThread(send, self.key, "unknown.example")
+        self.assertEqual((unknown.status_code, unknown.json()), (404, {"message": "Domain not found: unknown.example"}))
         self.assertEqual(self.mailbox.messages, [])
 
 
@@ -261,6 +326,7 @@ class EveryFeatureTests(RelayTestCase):
         self.assertEqual(sorted(r for m in received for r in m.recipients), ["bob@to.example", "carol@cc.example", "eve@bcc.example", "zoe@to.example"])
         self.assertEqual(len({m.data for m in received}), 1)
         data = received[0].data
+        await self.assert_signed(data)
         self.assertNotIn(b"eve@", data)
         self.assertTrue(data.isascii())
         self.assertLessEqual(max(map(len, data.split(b"\r\n"))), 78)

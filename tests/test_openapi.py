@@ -289,6 +289,13 @@ class ConformanceTests(SynchronousTestCase):
             answer = self.check("post", "/send", 400, document, headers=self.bearer)
             self.assertIn(field, answer["message"])
 
+    @scenario("post", "/send", 403)
+    def test_send_sender_refused(self) -> None:
+        """issue 13: with --sender-policy domains, a sender outside the client's sending domains is 403."""
+        self.use(sender_policy="domains")
+        answer = self.check("post", "/send", 403, MESSAGE, headers=self.bearer)
+        self.assertIn("example.com", answer["message"])
+
     @scenario("post", "/send", 401)
     def test_send_unauthenticated(self) -> None:
         self.check("post", "/send", 401, MESSAGE)
@@ -477,6 +484,9 @@ class MailgunConformanceTests(SynchronousTestCase):
         result(self, self.store.add_client("acme", self.clock.seconds()))
         key_id, self.key = new_key()
         result(self, self.store.add_key("acme", key_id, key_hash(self.key), self.clock.seconds()))
+        # issue 13: {domain} is one of the client's sending domains.
+        for domain in ("example.com", "other.example"):
+            result(self, self.store.add_domain(domain, "acme", self.clock.seconds()))
         self.use()
 
     def use(self, failing: Collection[str] = frozenset(), error: type[Exception] = RuntimeError, **options: Any) -> None:
@@ -549,6 +559,9 @@ class MailgunConformanceTests(SynchronousTestCase):
     @scenario("post", "/v3/{domain}/messages.mime", 404)
     def test_no_domain(self) -> None:
         self.both(404, self.fields(), self.mime_fields(), domain="")
+        # issue 13: a domain that is not one of the client's.
+        answers = self.both(404, self.fields(), self.mime_fields(), domain="unknown.example")
+        self.assertEqual(answers, [{"message": "Domain not found: unknown.example"}] * 2)
 
     @scenario("post", "/v3/{domain}/messages", 413)
     @scenario("post", "/v3/{domain}/messages.mime", 413)

@@ -17,6 +17,7 @@ __all__ = [
     "ClaimedEnvelope",
     "DatabaseFull",
     "DatabaseGone",
+    "DomainKey",
     "EnvelopeOutcome",
     "IdempotencyConflict",
     "InDelivery",
@@ -27,6 +28,7 @@ __all__ = [
     "QueueStats",
     "RecipientOutcome",
     "RecipientState",
+    "SendingDomain",
     "Store",
     "StorageError",
     "SubmissionState",
@@ -72,6 +74,40 @@ class KeyInfo:
     created_at: float
     last_used_at: float | None
     revoked_at: float | None
+
+
+@attrs.frozen
+class SendingDomain:
+    """A domain a client may send as (issue 13): the ``d=`` of its DKIM signatures."""
+
+    #: IDNA-encoded, lower case, no trailing dot.
+    name: str
+    client: str
+    created_at: float
+
+
+#: The DKIM algorithms of a DomainKey: RFC 6376's rsa-sha256 and RFC 8463's ed25519-sha256.
+DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+
+
+@attrs.frozen
+class DomainKey:
+    """
+    A sending domain's DKIM key. ``private_key`` is left out of the repr, so that logging
+    or printing a key never shows it; the admin command never lists it.
+    """
+
+    domain: str
+    #: The ``s=`` tag, e.g. "mmgun20261205a" (RFC 6376 selector syntax).
+    selector: str
+    #: "rsa-sha256" or "ed25519-sha256".
+    algorithm: str
+    #: PKCS#8 PEM.
+    private_key: bytes = attrs.field(repr=False)
+    #: The ``p=`` value: base64 of the DER SubjectPublicKeyInfo (RSA) or of the raw 32-byte key (Ed25519).
+    public_key: str
+    created_at: float
+    retired_at: float | None
 
 
 class IdempotencyConflict(Exception):
@@ -415,5 +451,33 @@ class Store(Protocol):
         """The id of every API key, revoked ones too."""
 
     async def touch_keys(self, used: Sequence[tuple[str, float]]) -> None: ...
+
+    # -- sending domains and DKIM keys (issue 13) --------------------------------
+
+    async def add_domain(self, name: str, client: str, now: float) -> None:
+        """Register ``name`` (already IDNA, lower case) for ``client``; Conflict if the client is unknown or the domain exists (for any client)."""
+
+    async def remove_domain(self, name: str) -> None:
+        """Forget the domain and its keys (private keys included); Conflict if unknown."""
+
+    async def domains(self, client: str | None = None) -> list[SendingDomain]:
+        """Every domain, or ``client``'s, by name."""
+
+    async def domain(self, name: str) -> SendingDomain | None: ...
+
+    async def add_domain_key(self, key: DomainKey) -> None:
+        """Conflict if the domain is unknown or already has a key with that selector."""
+
+    async def domain_keys(self, name: str, include_retired: bool = False) -> list[DomainKey]:
+        """The domain's keys, newest first (empty for an unknown domain)."""
+
+    async def retire_domain_key(self, name: str, selector: str, now: float) -> bool:
+        """
+        Stop signing with and publishing the key; True if it was active. Conflict if there
+        is no such key, or if it is the newest active key of its algorithm (rotate first).
+        """
+
+    async def signing_keys(self, name: str) -> list[DomainKey]:
+        """What to sign ``name``'s mail with now: the newest active key of each algorithm, RSA first."""
 
     async def close(self) -> None: ...

@@ -92,6 +92,30 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE submissions ADD COLUMN message_id TEXT",
         "CREATE INDEX submissions_message_id ON submissions (client, message_id) WHERE message_id IS NOT NULL",
     ),
+    (
+        # Issue 13: sending domains (IDNA, lower case), each of one client, and their DKIM keys.
+        # A private key is a PKCS#8 PEM: the database file is made readable by its owner only.
+        """
+        CREATE TABLE domains (
+            name TEXT PRIMARY KEY,
+            client_id TEXT NOT NULL REFERENCES clients (id),
+            created_at REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX domains_client ON domains (client_id)",
+        """
+        CREATE TABLE domain_keys (
+            domain TEXT NOT NULL REFERENCES domains (name) ON DELETE CASCADE,
+            selector TEXT NOT NULL,
+            algorithm TEXT NOT NULL,
+            private_key BLOB NOT NULL,
+            public_key TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            retired_at REAL,
+            PRIMARY KEY (domain, selector)
+        ) WITHOUT ROWID
+        """,
+    ),
 )
 
 CONNECTION_PRAGMAS = (
@@ -349,3 +373,26 @@ QUEUED_BYTES_BY_CLIENT = """
     WHERE s.id IN (SELECT submission_id FROM envelopes WHERE done = 0)
     GROUP BY s.client
 """
+
+# -- sending domains and their DKIM keys (issue 13) -------------------------------
+INSERT_DOMAIN = "INSERT INTO domains (name, client_id, created_at) VALUES (?, ?, ?)"
+FIND_DOMAIN = "SELECT name, client_id, created_at FROM domains WHERE name = ?"
+ALL_DOMAINS = "SELECT name, client_id, created_at FROM domains ORDER BY name"
+CLIENT_DOMAINS = "SELECT name, client_id, created_at FROM domains WHERE client_id = ? ORDER BY name"
+DELETE_DOMAIN_KEYS = "DELETE FROM domain_keys WHERE domain = ?"
+DELETE_DOMAIN = "DELETE FROM domains WHERE name = ?"
+INSERT_DOMAIN_KEY = """
+    INSERT INTO domain_keys (domain, selector, algorithm, private_key, public_key, created_at, retired_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+DOMAIN_KEY_EXISTS = "SELECT 1 FROM domain_keys WHERE domain = ? AND selector = ?"
+# Newest first; a selector breaks a tie (two keys made in one second).
+DOMAIN_KEYS = """
+    SELECT domain, selector, algorithm, private_key, public_key, created_at, retired_at FROM domain_keys
+    WHERE domain = ? ORDER BY created_at DESC, selector DESC
+"""
+ACTIVE_DOMAIN_KEYS = """
+    SELECT domain, selector, algorithm, private_key, public_key, created_at, retired_at FROM domain_keys
+    WHERE domain = ? AND retired_at IS NULL ORDER BY created_at DESC, selector DESC
+"""
+RETIRE_DOMAIN_KEY = "UPDATE domain_keys SET retired_at = ? WHERE domain = ? AND selector = ? AND retired_at IS NULL"

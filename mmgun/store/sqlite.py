@@ -35,6 +35,7 @@ from . import (
     Conflict,
     DatabaseFull,
     DatabaseGone,
+    DomainKey,
     EnvelopeOutcome,
     IdempotencyConflict,
     InDelivery,
@@ -45,6 +46,7 @@ from . import (
     QueueEntry,
     QueueStats,
     RecipientState,
+    SendingDomain,
     StorageError,
     StoredKey,
     SubmissionState,
@@ -517,6 +519,7 @@ def prepare(
     """
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _make_private(path)
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
         if conn.execute(Q.PAGE_COUNT).fetchone()[0] == 0:
             # A new file: auto_vacuum is fixed once journal_mode = WAL has written the header.
@@ -539,6 +542,32 @@ def prepare(
     finally:
         conn.close()
         lock.close()
+
+
+def _make_private(path: str) -> None:
+    """
+    The database holds DKIM private keys (issue 13): a new file is made readable and
+    writable by its owner only (SQLite gives its -wal and -shm the database's mode), and an
+    existing one, with its -wal and -shm, loses every permission of "others" (its group
+    keeps what the operator gave it: processes of one group may share the file).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)  # An empty file: SQLite makes it a new database.
+        return
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            st = os.stat(name)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o007:
+                os.chmod(name, stat.S_IMODE(st.st_mode) & ~0o007)
+                _log.warn("{path} was open to every user; now it is not (it holds DKIM private keys)", path=name)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            _log.warn("{path} is open to every user and cannot be changed ({error})", path=name, error=_os_reason(e))
 
 
 def _auto_vacuum_mode(path: str) -> int:
@@ -865,6 +894,32 @@ class SQLiteStore:
     async def touch_keys(self, used: Sequence[tuple[str, float]]) -> None:
         """Record when keys were last used (batched by the caller)."""
         await self._runner.write(_touch_keys_txn, used)
+
+    # -- sending domains and DKIM keys (issue 13) ------------------------------
+
+    async def add_domain(self, name: str, client: str, now: float) -> None:
+        await self._runner.write(_add_domain_txn, name, client, now)
+
+    async def remove_domain(self, name: str) -> None:
+        await self._runner.write(_remove_domain_txn, name)
+
+    async def domains(self, client: str | None = None) -> list[SendingDomain]:
+        return await self._runner.read(_domains_txn, client)
+
+    async def domain(self, name: str) -> SendingDomain | None:
+        return await self._runner.read(_domain_txn, name)
+
+    async def add_domain_key(self, key: DomainKey) -> None:
+        await self._runner.write(_add_domain_key_txn, key)
+
+    async def domain_keys(self, name: str, include_retired: bool = False) -> list[DomainKey]:
+        return await self._runner.read(_domain_keys_txn, name, include_retired)
+
+    async def retire_domain_key(self, name: str, selector: str, now: float) -> bool:
+        return await self._runner.write(_retire_domain_key_txn, name, selector, now)
+
+    async def signing_keys(self, name: str) -> list[DomainKey]:
+        return await self._runner.read(_signing_keys_txn, name)
 
     async def queued_by_client(self) -> dict[str, int]:
         """Pending (queued or deferred) recipients per client."""
@@ -1199,3 +1254,77 @@ def _queued_by_client_txn(conn: sqlite3.Connection) -> dict[str, int]:
 
 def _queued_bytes_by_client_txn(conn: sqlite3.Connection) -> dict[str, int]:
     return {client: size or 0 for client, size in conn.execute(Q.QUEUED_BYTES_BY_CLIENT)}
+
+
+def _add_domain_txn(conn: sqlite3.Connection, name: str, client: str, now: float) -> None:
+    if conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is None:
+        raise Conflict(f"no client {client} (add it first: mmgun clients add {client})")
+    row = conn.execute(Q.FIND_DOMAIN, (name,)).fetchone()
+    if row is not None:
+        raise Conflict(f"domain {name} is already registered (for client {row[1]})")
+    conn.execute(Q.INSERT_DOMAIN, (name, client, now))
+
+
+def _remove_domain_txn(conn: sqlite3.Connection, name: str) -> None:
+    if conn.execute(Q.FIND_DOMAIN, (name,)).fetchone() is None:
+        raise Conflict(f"no sending domain {name}")
+    conn.execute(Q.DELETE_DOMAIN_KEYS, (name,))
+    conn.execute(Q.DELETE_DOMAIN, (name,))
+
+
+def _domains_txn(conn: sqlite3.Connection, client: str | None) -> list[SendingDomain]:
+    rows = conn.execute(Q.ALL_DOMAINS) if client is None else conn.execute(Q.CLIENT_DOMAINS, (client,))
+    return [SendingDomain(*row) for row in rows]
+
+
+def _domain_txn(conn: sqlite3.Connection, name: str) -> SendingDomain | None:
+    row = conn.execute(Q.FIND_DOMAIN, (name,)).fetchone()
+    return None if row is None else SendingDomain(*row)
+
+
+def _add_domain_key_txn(conn: sqlite3.Connection, key: DomainKey) -> None:
+    if conn.execute(Q.FIND_DOMAIN, (key.domain,)).fetchone() is None:
+        raise Conflict(f"no sending domain {key.domain}")
+    if conn.execute(Q.DOMAIN_KEY_EXISTS, (key.domain, key.selector)).fetchone() is not None:
+        raise Conflict(f"domain {key.domain} already has a key with selector {key.selector}")
+    conn.execute(
+        Q.INSERT_DOMAIN_KEY,
+        (key.domain, key.selector, key.algorithm, key.private_key, key.public_key, key.created_at, key.retired_at),
+    )
+
+
+def _domain_key(row: tuple[Any, ...]) -> DomainKey:
+    domain, selector, algorithm, private_key, public_key, created_at, retired_at = row
+    return DomainKey(domain, selector, algorithm, bytes(private_key), public_key, created_at, retired_at)
+
+
+def _domain_keys_txn(conn: sqlite3.Connection, name: str, include_retired: bool) -> list[DomainKey]:
+    return [_domain_key(row) for row in conn.execute(Q.DOMAIN_KEYS if include_retired else Q.ACTIVE_DOMAIN_KEYS, (name,))]
+
+
+def _newest_by_algorithm(keys: list[DomainKey]) -> list[DomainKey]:
+    """The first (newest) of each algorithm in newest-first ``keys``, RSA first."""
+    newest: dict[str, DomainKey] = {}
+    for key in keys:
+        newest.setdefault(key.algorithm, key)
+    return sorted(newest.values(), key=lambda k: k.algorithm != "rsa-sha256")
+
+
+def _retire_domain_key_txn(conn: sqlite3.Connection, name: str, selector: str, now: float) -> bool:
+    keys = [_domain_key(row) for row in conn.execute(Q.DOMAIN_KEYS, (name,))]
+    key = next((k for k in keys if k.selector == selector), None)
+    if key is None:
+        raise Conflict(f"domain {name} has no key with selector {selector}")
+    if key.retired_at is not None:
+        return False
+    if key in _newest_by_algorithm([k for k in keys if k.retired_at is None]):
+        # Retiring it would sign with an older key, or not at all.
+        raise Conflict(
+            f"{selector} is the key {name} is signed with ({key.algorithm}); "
+            f"make a new one first (mmgun domains rotate {name}), then retire this one"
+        )
+    return conn.execute(Q.RETIRE_DOMAIN_KEY, (now, name, selector)).rowcount == 1
+
+
+def _signing_keys_txn(conn: sqlite3.Connection, name: str) -> list[DomainKey]:
+    return _newest_by_algorithm([_domain_key(row) for row in conn.execute(Q.ACTIVE_DOMAIN_KEYS, (name,))])

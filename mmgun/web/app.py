@@ -38,6 +38,7 @@ from ..store import Store
 from . import json_api, mailgun
 from .errors import ErrorShape, HTTPError, error_answer, method_not_allowed, no_such_endpoint, render_error
 from .settings import WebSettings
+from .signing import Runner, SignFunction
 from .site import FrontendSite
 from .submit import Pipeline
 
@@ -233,6 +234,9 @@ class Frontend:
     listens with the shared request limits. ``clients`` is a callable so the set can be
     reloaded while running.
 
+    ``signing`` runs the DKIM signatures (:class:`.signing.SigningPool`; default: on the
+    calling thread); ``sign`` replaces :func:`mmgun.dkim.sign` (tests).
+
     ``settings`` come from the Config (:func:`mmgun.service.make_service`); ``fields``
     (names of :class:`WebSettings` fields) override some of them, or make them all with
     the defaults when ``settings`` is None: ``Frontend(store, clients, clock,
@@ -251,6 +255,8 @@ class Frontend:
         auth_failures: RateLimiter | None = None,
         health: Health | None = None,
         wall: Callable[[], float] | None = None,
+        signing: Runner | None = None,
+        sign: SignFunction | None = None,
         **fields: Any,
     ) -> None:
         self.settings = WebSettings(**fields) if settings is None else attrs.evolve(settings, **fields)
@@ -266,6 +272,8 @@ class Frontend:
             auth_failures=auth_failures,
             health=health,
             wall=wall,
+            signing=signing,
+            sign=sign,
         )
         self.json_api = json_api.JSONAPI(
             self.pipeline, store, self.settings, metrics=self.metrics, health=health, wall=wall if wall is not None else clock.seconds

@@ -22,6 +22,7 @@ from twisted.web.iweb import IRequest
 
 from ..message import BadRequest
 from ..store import DatabaseFull, DatabaseGone, IdempotencyConflict, StorageError, Store
+from .signing import SenderRefused
 
 _log = Logger()
 
@@ -31,6 +32,8 @@ STORAGE_RETRY_AFTER = 30
 REASONS = {
     400: "invalid",
     401: "unauthorized",
+    403: "sender_refused",
+    404: "not_found",
     405: "method",
     409: "idempotency_conflict",
     413: "too_large",
@@ -98,6 +101,9 @@ def error_answer(failure: Failure, store: Store, path: bytes) -> ErrorAnswer:
     if isinstance(error, BadRequest):
         # 400, or 413 for a message that would be larger than --max-message-size once built.
         return ErrorAnswer(error.status, str(error))
+    if isinstance(error, SenderRefused):
+        # The sender policy (--sender-policy domains): the message names the sender's domain.
+        return ErrorAnswer(403, str(error))
     if isinstance(error, IdempotencyConflict):
         return ErrorAnswer(409, "Idempotency-Key was already used with a different request")
     if isinstance(error, StorageError):

@@ -8,6 +8,10 @@ anymail, nodemailer's transports) move to mmgun by changing a base URL and a key
 - ``POST /v3/{domain}/messages.mime``: a complete MIME message (``message``) for the
   envelope recipients ``to``.
 
+``{domain}`` is one of the calling client's sending domains (``mmgun domains add``);
+another client's, or an unknown one, is Mailgun's 404 ``Domain not found: ...`` (the same
+answer for both: nothing about other clients leaks). Its mail is signed with its keys.
+
 Both take ``multipart/form-data`` or ``application/x-www-form-urlencoded`` (read by
 :mod:`.forms`), authenticate with HTTP Basic ``api:<key>`` (mmgun's API keys), and answer
 ``200 {"id": "<Message-ID>", "message": "Queued. Thank you."}``; ``POST /status`` with
@@ -66,7 +70,7 @@ from ..message import (
 )
 from ..metrics import Metrics
 from ..store import Store
-from .errors import error_answer, json_response, method_not_allowed, no_such_endpoint, render_error
+from .errors import HTTPError, error_answer, json_response, method_not_allowed, no_such_endpoint, render_error
 from .forms import Field, FieldLimit, read_form
 from .settings import WebSettings
 from .site import read_body
@@ -78,7 +82,7 @@ QUEUED = "Queued. Thank you."
 
 #: Mailgun's options that ask for something mmgun does not do, and whose absence harms
 #: nobody: accepted (any value) and ignored. mmgun tracks no opens or clicks, and signs
-#: nothing (sign at the MTA that relays for your domain, or wait for DKIM in mmgun).
+#: every message of a sending domain with that domain's keys (``mmgun domains``), always.
 IGNORED_OPTIONS = frozenset(
     {
         "o:tracking",
@@ -692,25 +696,30 @@ class MailgunAPI:
 
         return lost
 
-    async def _read(self, request: IRequest) -> tuple[str, list[Field]]:
+    async def _read(self, request: IRequest, domain: str) -> tuple[str, list[Field]]:
         client = await self._pipeline.authenticate(request)
+        # Mailgun's answer for a domain not in the account: the same for another client's.
+        name = sending_domain(domain)
+        if not await self._pipeline.domains.owned(client, name):
+            raise HTTPError(404, f"Domain not found: {name}")
         if request.getHeader(b"idempotency-key") is not None:
             raise BadRequest("header 'Idempotency-Key' is not supported by the v3 API (use POST /send)")
         body = read_body(request, self._settings.max_message_size)
         return client, read_form(request.getHeader(b"content-type"), body, field_limits(self._settings.max_recipients), MAX_PARTS)
 
     async def _messages(self, request: IRequest, domain: str) -> bytes:
-        client, fields = await self._read(request)
+        client, fields = await self._read(request, domain)
         settings = self._settings
         sends, options = parse_messages(fields, domain, settings.max_recipients, settings.max_message_size)
+        sender = sends.template.sender if isinstance(sends, Batch) else sends[0].sender
         message_id = new_message_id(settings.hostname)
         await self._pipeline.submit_batch(
-            client, sends, send_at=options.send_at, message_id=message_id, test_mode=options.test_mode, schedule_field="o:deliverytime"
+            client, sends, sender=sender, send_at=options.send_at, message_id=message_id, test_mode=options.test_mode, schedule_field="o:deliverytime"
         )
         return json_response(request, 200, {"id": message_id, "message": QUEUED})
 
     async def _messages_mime(self, request: IRequest, domain: str) -> bytes:
-        client, fields = await self._read(request)
+        client, fields = await self._read(request, domain)
         settings = self._settings
         raw, message_id, options = parse_mime(
             fields, domain, settings.max_recipients, hostname=settings.hostname, now=self._wall(), max_size=settings.max_message_size

@@ -28,3 +28,5 @@ class WebSettings:
     #: Open HTTP connections in all, and from one source (an IPv4 address or an IPv6 /64).
     max_connections: int = 4000
     max_connections_per_source: int = 1000
+    #: Whose senders a client may use: "any" address, or only its own sending "domains" (403 otherwise).
+    sender_policy: str = "any"

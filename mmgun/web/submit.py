@@ -1,7 +1,8 @@
 """
 What every API on the port does with a submission once it has read it, whatever its
-wire format: authenticate the caller, admit the submission (free space, rate limit,
-queue caps), build the message, store it (with its Idempotency-Key), count and log it.
+wire format: authenticate the caller, admit the submission (free space, sender policy,
+rate limit, queue caps), build the message, sign it (DKIM, for the client's own sending
+domains: :mod:`.signing`), store it (with its Idempotency-Key), count and log it.
 An API reads its request, calls :meth:`Pipeline.authenticate`, parses, then calls
 :meth:`Pipeline.submit`; failures are raised for :mod:`.errors` to answer.
 """
@@ -25,6 +26,7 @@ from ..metrics import Metrics
 from ..store import NewSubmission, Store
 from .errors import too_many, unauthorized, unavailable
 from .settings import WebSettings
+from .signing import Runner, SendingDomains, SignFunction
 from .site import source_key
 
 _log = Logger()
@@ -81,7 +83,10 @@ class Pipeline:
         auth_failures: RateLimiter | None = None,
         health: Health | None = None,
         wall: Callable[[], float] | None = None,
+        signing: Runner | None = None,
+        sign: SignFunction | None = None,
     ) -> None:
+        """``signing`` runs each DKIM signature (:meth:`.signing.SigningPool.run`; default: inline); ``sign`` replaces :func:`mmgun.dkim.sign`."""
         self._store = store
         self._settings = settings
         self._metrics = metrics
@@ -94,6 +99,7 @@ class Pipeline:
         self._key_failures = KeyFailures(clock)
         #: Whether this process can accept mail now (free space); None: ask only the store.
         self._health = health
+        self.domains = SendingDomains(store, clock, policy=settings.sender_policy, run=signing, sign=sign)
 
     async def authenticate(self, request: IRequest, client_id: object = NO_CLIENT_ID) -> str:
         """
@@ -147,10 +153,13 @@ class Pipeline:
         schedule_field: str = "send_at",
     ) -> str:
         """
-        Admit, build and store ``send`` for ``client``; the submission's id (an earlier
-        one's for a replay of ``key``). Raises what :func:`.errors.error_answer` answers:
-        503 (no room now), 429 (rate limit, queue caps), 409 (``key`` used for another
-        request), StorageError.
+        Admit, build, sign and store ``send`` for ``client``; the submission's id (an
+        earlier one's for a replay of ``key``). Raises what :func:`.errors.error_answer`
+        answers: 503 (no room now), 403 (the sender policy), 429 (rate limit, queue caps),
+        413 (too large once signed), 409 (``key`` used for another request), StorageError.
+
+        The message is signed before it is stored (:meth:`.signing.SendingDomains.sign`):
+        what is queued is final, and no crash can leave it half-signed.
 
         ``message_id`` (:func:`mmgun.message.new_message_id`) is the message's Message-ID,
         stored with it (/status finds the submission by it); None: a fresh one.
@@ -158,7 +167,14 @@ class Pipeline:
         ``schedule_field`` names ``send_at`` in the error for one too far ahead.
         """
         (submission_id,) = await self._submit(
-            client, [send], key, send.send_at, message_id=message_id, test_mode=test_mode, schedule_field=schedule_field
+            client,
+            send.sender,
+            [send],
+            key,
+            send.send_at,
+            message_id=message_id,
+            test_mode=test_mode,
+            schedule_field=schedule_field,
         )
         return submission_id
 
@@ -167,6 +183,7 @@ class Pipeline:
         client: str,
         sends: Iterable[SendRequest],
         *,
+        sender: str,
         send_at: float | None,
         message_id: str | None = None,
         test_mode: bool = False,
@@ -174,9 +191,9 @@ class Pipeline:
     ) -> list[str]:
         """
         :meth:`submit` for several messages of one request (Mailgun's batch sending), all
-        to be sent at ``send_at`` (theirs): one rate-limit token, every message admitted
-        by the queue caps, all of them stored in one transaction or none; they share
-        ``message_id``.
+        from ``sender`` and to be sent at ``send_at`` (theirs): one rate-limit token, one
+        check of the sender policy, every message admitted by the queue caps, all of them
+        stored in one transaction or none; they share ``message_id``.
 
         ``sends`` is iterated once, after admission, and each message built before the next
         is taken: an iterable that makes them on demand (:class:`.mailgun.Batch`) holds one
@@ -185,12 +202,13 @@ class Pipeline:
         before another is made, so a request's memory stays bounded.
         """
         return await self._submit(
-            client, sends, None, send_at, message_id=message_id, test_mode=test_mode, schedule_field=schedule_field
+            client, sender, sends, None, send_at, message_id=message_id, test_mode=test_mode, schedule_field=schedule_field
         )
 
     async def _submit(
         self,
         client: str,
+        sender: str,
         sends: Iterable[SendRequest | RawMessage],
         key: str | None,
         send_at: float | None,
@@ -205,6 +223,8 @@ class Pipeline:
             problem = self._health.admission()
             if problem is not None:
                 raise unavailable(f"cannot queue messages now: {problem}")
+        # Before the rate limit: a refused sender spends no token.
+        domain = await self.domains.admit(client, sender)
         wait = self._rate.take(client)
         if wait:
             raise too_many("rate limit exceeded for this client", wait)
@@ -214,10 +234,17 @@ class Pipeline:
         submissions: list[NewSubmission] = []
         total = 0
         for send in sends:
+            if send.sender != sender:
+                raise ValueError("the messages of one submission have one sender")
             if isinstance(send, RawMessage):
                 message = send.message  # its Message-ID is message_id: the caller checked it
             else:
                 message = build_message(send, hostname=hostname, now=now, max_size=limit, message_id=message_id)
+            message = await self.domains.sign(client, domain, message, now)
+            if len(message) > limit:
+                raise MessageTooLarge(
+                    f"the message would be {len(message)} octets once signed (DKIM), more than the maximum of {limit}"
+                )
             total += len(message)
             if total > MAX_BATCH_FACTOR * limit:
                 raise MessageTooLarge(

@@ -1,0 +1,357 @@
+"""
+DKIM (RFC 6376) for mmgun's sending domains: keys, the DNS records to publish, and signing.
+
+Signatures are ``c=relaxed/relaxed`` with ``rsa-sha256`` (RSA 2048, PKCS#1 v1.5) or
+``ed25519-sha256`` (RFC 8463): the key operations are OpenSSL's, through the
+``cryptography`` package; the canonicalization (RFC 6376 3.4.2, 3.4.4) is ours, on bytes,
+and is tested against dkimpy's.
+
+What is signed is what a receiver sees: the message's wire form (every line break CRLF, a
+CRLF at the end; :func:`mmgun.smtp.wire_form` without the dot-stuffing that the receiver
+undoes), so a signature made here verifies after mmgun's SMTP client has sent the message.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import re
+import time
+from collections.abc import Collection, Iterator, Sequence
+from typing import Protocol
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+
+__all__ = [
+    "ALGORITHMS",
+    "ED25519_SHA256",
+    "RSA_SHA256",
+    "SIGNED_HEADERS",
+    "DKIMKey",
+    "dns_records",
+    "expected_txt",
+    "generate_key",
+    "new_selector",
+    "relaxed_body",
+    "relaxed_header",
+    "sign",
+    "split_txt",
+]
+
+RSA_SHA256 = "rsa-sha256"
+ED25519_SHA256 = "ed25519-sha256"
+#: Signing order too: RSA first (its signature is the topmost header), since many receivers verify only RSA.
+ALGORITHMS = (RSA_SHA256, ED25519_SHA256)
+_K_TAG = {RSA_SHA256: "rsa", ED25519_SHA256: "ed25519"}
+
+#: The fields signed when present (each instance of them), lower case, in h= order; From is
+#: listed once more than it occurs (oversigned), so no From can be added without breaking
+#: the signature (RFC 6376 8.15).
+SIGNED_HEADERS = (
+    b"from",
+    b"to",
+    b"cc",
+    b"subject",
+    b"date",
+    b"message-id",
+    b"reply-to",
+    b"mime-version",
+    b"content-type",
+    b"content-transfer-encoding",
+    b"list-unsubscribe",
+    b"list-unsubscribe-post",
+)
+
+# Lines are folded to at most this many octets (RFC 5322 2.1.1's "SHOULD").
+_LINE = 78
+# One character-string of a TXT record (RFC 1035 3.3.14).
+_TXT_STRING = 255
+
+_ANY_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+# A run of WSP that is not already one space (replacing only these is what makes it fast).
+_WSP_RUN = re.compile(rb"\t[ \t]*| [ \t]+")
+# A header field ends at a CRLF not followed by WSP (RFC 5322 2.2.3).
+_FIELD_END = re.compile(rb"\r\n(?![ \t])")
+_SELECTOR = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*", re.ASCII)
+
+
+class DKIMKey(Protocol):
+    """What signing and the DNS records need of a key: :class:`mmgun.store.DomainKey` has it."""
+
+    @property
+    def domain(self) -> str: ...
+
+    @property
+    def selector(self) -> str: ...
+
+    @property
+    def algorithm(self) -> str: ...
+
+    @property
+    def private_key(self) -> bytes: ...
+
+    @property
+    def public_key(self) -> str: ...
+
+    @property
+    def retired_at(self) -> float | None: ...
+
+
+# -- keys and DNS records ---------------------------------------------------------------------
+
+
+def generate_key(algorithm: str) -> tuple[bytes, str]:
+    """
+    A new key for ``algorithm`` (:data:`RSA_SHA256`: RSA 2048, e = 65537; :data:`ED25519_SHA256`):
+    the private key as unencrypted PKCS#8 PEM (to be stored readable only by mmgun's user, never
+    logged), and the ``p=`` value of its DNS record: base64 of the DER SubjectPublicKeyInfo
+    (RSA, RFC 6376 3.6.1) or of the raw 32-octet public key (Ed25519, RFC 8463 4).
+
+    ValueError for any other algorithm.
+    """
+    private: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    if algorithm == RSA_SHA256:
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    elif algorithm == ED25519_SHA256:
+        private = ed25519.Ed25519PrivateKey.generate()
+        public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    else:
+        raise ValueError(f"unknown DKIM algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return pem, base64.b64encode(public).decode("ascii")
+
+
+def _suffixes() -> Iterator[str]:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    yield from letters
+    for first in letters:
+        for second in letters:
+            yield first + second
+
+
+def new_selector(now: float, taken: Collection[str]) -> str:
+    """
+    A selector not in ``taken`` (compared case-insensitively): ``mmgun`` + the UTC date of
+    ``now`` + a letter, e.g. ``mmgun20261205a``, then ``b``…``z``, ``aa``…``zz`` for more keys
+    made the same day. Valid RFC 6376 3.1 selector syntax (one DNS label, lower case).
+
+    ValueError if all 702 of the day's selectors are taken.
+    """
+    day = time.strftime("%Y%m%d", time.gmtime(now))
+    used = {selector.lower() for selector in taken}
+    for suffix in _suffixes():
+        selector = f"mmgun{day}{suffix}"
+        if selector not in used:
+            return selector
+    raise ValueError(f"every selector of {day} is taken")
+
+
+def expected_txt(key: DKIMKey) -> str:
+    """The value of the TXT record at ``<selector>._domainkey.<domain>`` (RFC 6376 3.6.1)."""
+    return f"v=DKIM1; k={_K_TAG[key.algorithm]}; p={key.public_key}"
+
+
+def split_txt(value: str) -> list[str]:
+    """``value`` cut into the character-strings of one TXT record (at most 255 octets each, RFC 1035 3.3.14)."""
+    return [value[i : i + _TXT_STRING] for i in range(0, len(value), _TXT_STRING)] or [""]
+
+
+def dns_records(domain: str, keys: Sequence[DKIMKey], *, relay_host: str | None = None) -> str:
+    """
+    The records to publish for ``domain`` (IDNA, no trailing dot), as zone-file text: one DKIM
+    TXT record per key not retired, split into 255-octet strings; retired keys as a comment
+    (their records may be removed); then the SPF and DMARC records to consider, commented out
+    because they are suggestions: a domain has one SPF record, which must list every host that
+    sends its mail, and a DMARC policy is the owner's decision. ``relay_host`` (this relay's
+    public host name) goes into the SPF suggestion; without it a placeholder does.
+    """
+    lines = [f"; DKIM: publish every record below (mmgun signs {domain}'s mail with the newest key of each algorithm)."]
+    for key in keys:
+        name = f"{key.selector}._domainkey.{domain}."
+        if key.retired_at is not None:
+            lines.append(f"; retired, no longer used to sign: {name} ({key.algorithm}) may be removed")
+            continue
+        strings = split_txt(expected_txt(key))
+        if len(strings) == 1:
+            lines.append(f'{name} IN TXT "{strings[0]}"')
+        else:
+            lines.append(f"{name} IN TXT (")
+            lines += [f'    "{string}"' for string in strings]
+            lines.append("    )")
+    if not any(key.retired_at is None for key in keys):
+        lines.append(f"; (no active key: {domain}'s mail is not signed)")
+    host = relay_host if relay_host is not None else "<this relay's public host name>"
+    lines += [
+        ";",
+        "; Suggestions, not requirements: compare them with what the domain already publishes.",
+        "; SPF (RFC 7208): one record per domain, naming every host that sends its mail, this relay included:",
+        f'; {domain}. IN TXT "v=spf1 a:{host} ~all"',
+        "; DMARC (RFC 7489): start with p=none and read the reports, then move to quarantine or reject:",
+        f'; _dmarc.{domain}. IN TXT "v=DMARC1; p=none; rua=mailto:dmarc-reports@{domain}"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# -- canonicalization ---------------------------------------------------------------------------
+
+
+def relaxed_header(name: bytes, value: bytes) -> bytes:
+    """
+    One header field in relaxed canonical form (RFC 6376 3.4.2), CRLF included: the name in
+    lower case without trailing WSP, the value unfolded, each run of WSP made one space, no
+    WSP at either end. ``value`` is what follows the colon (line breaks CRLF).
+    """
+    value = _reduce_wsp(value.replace(b"\r\n", b"")).strip(b" \t")
+    return name.rstrip(b" \t").lower() + b":" + value + b"\r\n"
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """
+    The body in relaxed canonical form (RFC 6376 3.4.4), as a receiver computes it from the
+    wire: line breaks made CRLF and a CRLF added at the end if missing (as
+    :func:`mmgun.smtp.wire_form` does), then WSP at line ends removed, runs of WSP made one
+    space, empty lines at the end removed; an empty body stays empty.
+    """
+    body = _wire_lines(body)
+    body = _reduce_wsp(body).replace(b" \r\n", b"\r\n")
+    body = body.rstrip(b"\r\n")
+    # After _wire_lines every CR is part of a CRLF, so rstrip removed whole empty lines.
+    return body + b"\r\n" if body else b""
+
+
+def _reduce_wsp(data: bytes) -> bytes:
+    """Each run of WSP made one space; the regular expression only where there is such a run (rarely)."""
+    if b"\t" in data or b"  " in data:
+        return _WSP_RUN.sub(b" ", data)
+    return data
+
+
+def _wire_lines(data: bytes) -> bytes:
+    """Every line break CRLF, and a CRLF at the end of non-empty ``data``."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        data = _ANY_LINE_BREAK.sub(b"\r\n", data)
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
+def _split(message: bytes) -> tuple[list[bytes], bytes]:
+    """The header fields (each without its final CRLF) and the body of the wire form of ``message``."""
+    wire = _wire_lines(message)
+    if wire.startswith(b"\r\n"):
+        return [], wire[2:]
+    end = wire.find(b"\r\n\r\n")
+    if end < 0:
+        head, body = wire[:-2], b""
+    else:
+        head, body = wire[:end], wire[end + 4 :]
+    return (_FIELD_END.split(head) if head else []), body
+
+
+# -- signing --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _load_private_key(pem: bytes) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
+    # Parsing and checking an RSA key costs more than signing with it: keep the parsed keys.
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+        raise ValueError("a DKIM key is RSA or Ed25519")
+    return key
+
+
+def _fold(pieces: Sequence[tuple[str, str]]) -> list[str]:
+    """
+    The header's lines: each piece is (separator, text), joined to the line being built with
+    its separator while the line stays within 78 octets, else starting a new line with one
+    space (folding white space, which relaxed canonicalization turns back into that space
+    for a separator of " ", and which RFC 6376 allows around h='s colons).
+    """
+    lines: list[str] = []
+    line = "DKIM-Signature:"
+    for separator, text in pieces:
+        if len(line) + len(separator) + len(text) <= _LINE:
+            line += separator + text
+        else:
+            lines.append(line)
+            line = " " + text
+    lines.append(line)
+    return lines
+
+
+def _signature_header(key: DKIMKey, now: float, names: Sequence[bytes], body_hash: str, headers: bytes) -> bytes:
+    pieces = [
+        (" ", "v=1;"),
+        (" ", f"a={key.algorithm};"),
+        (" ", "c=relaxed/relaxed;"),
+        (" ", f"d={key.domain};"),
+        (" ", f"s={key.selector};"),
+        (" ", f"t={int(now)};"),
+    ]
+    pieces += [("" if i else " ", (":" if i else "h=") + name.decode("ascii")) for i, name in enumerate(names)]
+    pieces[-1] = (pieces[-1][0], pieces[-1][1] + ";")
+    pieces += [(" ", f"bh={body_hash};"), (" ", "b=")]
+    lines = _fold(pieces)
+    # What is signed: the signed fields, then this field with an empty b= and no final CRLF (RFC 6376 3.7).
+    unsigned = "\r\n".join(lines).encode("ascii")
+    name, _, value = unsigned.partition(b":")
+    data = headers + relaxed_header(name, value)[:-2]
+    private = _load_private_key(key.private_key)
+    if isinstance(private, rsa.RSAPrivateKey):
+        if key.algorithm != RSA_SHA256:
+            raise ValueError(f"key {key.selector} of {key.domain} is RSA, not {key.algorithm}")
+        signature = private.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    else:
+        if key.algorithm != ED25519_SHA256:
+            raise ValueError(f"key {key.selector} of {key.domain} is Ed25519, not {key.algorithm}")
+        # RFC 8463 3: Ed25519 signs the SHA-256 hash of the canonicalized data.
+        signature = private.sign(hashlib.sha256(data).digest())
+    b = base64.b64encode(signature).decode("ascii")
+    # The value follows "b=" on its line, then fills 78-octet continuation lines.
+    room = max(_LINE - len(lines[-1]), 0)
+    lines[-1] += b[:room]
+    lines += [" " + b[i : i + _LINE - 1] for i in range(room, len(b), _LINE - 1)]
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def sign(message: bytes, keys: Sequence[DKIMKey], now: float) -> bytes:
+    """
+    ``message`` with one DKIM-Signature field per key prepended, the RSA one topmost; the
+    message itself is unchanged (a DKIM-Signature it already carries, e.g. another domain's,
+    is kept and not signed over). No keys: ``message`` as it is.
+
+    Each signature: ``c=relaxed/relaxed``, ``d=`` the key's domain (the caller's choice: the
+    From domain), ``s=`` its selector, ``t=`` ``now``, ``h=`` every instance of
+    :data:`SIGNED_HEADERS` present with From once more (oversigned), ``bh=`` over the whole
+    body (no ``l=``). Folded to lines of at most 78 octets with CRLF. Computed over the wire
+    form of ``message`` (see the module docstring).
+
+    ValueError if a key's private key does not match its algorithm.
+    """
+    if not keys:
+        return message
+    fields, body = _split(message)
+    present: dict[bytes, list[bytes]] = {}
+    for field in fields:
+        name, colon, value = field.partition(b":")
+        if colon:
+            present.setdefault(name.rstrip(b" \t").lower(), []).append(relaxed_header(name, value))
+    names: list[bytes] = []
+    signed: list[bytes] = []
+    for name in SIGNED_HEADERS:
+        instances = present.get(name, [])
+        # RFC 6376 5.4.2: instances are signed from the bottom up.
+        names += [name] * (len(instances) + (name == b"from"))
+        signed += reversed(instances)
+    headers = b"".join(signed)
+    body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest()).decode("ascii")
+    ordered = sorted(keys, key=lambda key: ALGORITHMS.index(key.algorithm) if key.algorithm in ALGORITHMS else len(ALGORITHMS))
+    return b"".join(_signature_header(key, now, names, body_hash, headers) for key in ordered) + message
