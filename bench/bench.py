@@ -11,6 +11,12 @@ and reports, as a table and as JSON in bench/out/<timestamp>.json:
            (first POST to the moment the sink holds every accepted recipient), CPU seconds
            per 1000 messages and peak RSS of every mmgun process, duplicates and losses.
   ingest   the same POSTs to the frontend(s) alone (no sender): the API's rate.
+  --dkim none,rsa,rsa+ed25519
+           relay and ingest with DKIM signing (issue 13): each run's fresh database gets a
+           client, an API key and (rsa, rsa+ed25519) the sending domain of the load's sender
+           (`mmgun domains add [--ed25519]`) before mmgun starts; the load authenticates with
+           the key. none is the same without the domain (unsigned). The variants of a run
+           index run back to back (interleaved), so a busier machine hits them alike.
   --content text,rich
            relay and ingest with the ~1 KB text message (text, the default), and/or with
            issue 12's rich one (rich: that text as the alternative of a ~30 KB HTML part,
@@ -49,6 +55,11 @@ CLIENT_ID = "demo-client-0123456789abcdef"
 TOPOLOGIES = ("all", "split", "two-senders", "two-frontends")
 MODES = ("relay", "ingest", "backlog")
 CONTENTS = ("text", "rich")
+#: --dkim variants: the keys `mmgun domains add` makes (RSA 2048 always; Ed25519 alongside with --ed25519).
+DKIM_VARIANTS = ("none", "rsa", "rsa+ed25519")
+#: The client that owns the signing domain in a --dkim run (clients-file ids cannot own domains).
+DKIM_CLIENT = "bench"
+DKIM_SENDER = "bench@sender.bench.test"
 #: Options that throttle a client; set to "off" when this mmgun has them (they guard
 #: production from abuse and would measure the limiter instead of the relay).
 LIMITS_OFF = {"rate-limit": "0", "max-queued": "0"}
@@ -84,6 +95,7 @@ import pyspy  # noqa: E402
 
 PYTHON = sys.executable
 TWISTD = str(Path(sys.executable).parent / "twistd")
+MMGUN = str(Path(sys.executable).parent / "mmgun")
 
 
 # -- the sink and the daemons ------------------------------------------------------------
@@ -436,13 +448,63 @@ class Profiles:
 # -- the relay run ------------------------------------------------------------------------------
 
 
+def prepare_dkim(run: Path, database: Path, dkim: str) -> str:
+    """
+    A client, an API key and (unless ``dkim`` is none) the sender's domain with its keys,
+    made with `mmgun` in the run's database (which the first command creates) before the
+    daemons start. Returns the key (a throwaway: the database goes with the run).
+    """
+
+    def admin(*words: str) -> str:
+        command = [MMGUN, *words, f"--database={database}"]
+        result = subprocess.run(command, cwd=run, capture_output=True, text=True, timeout=60, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command[:4])} failed ({result.returncode}): {result.stderr.strip()[-300:]}")
+        return result.stdout
+
+    admin("clients", "add", DKIM_CLIENT)
+    key = next(
+        (line.split()[1] for line in admin("keys", "create", DKIM_CLIENT).splitlines() if line.startswith("key:")),
+        None,
+    )
+    if key is None:
+        raise RuntimeError("`mmgun keys create` printed no key")
+    if dkim != "none":
+        domain = DKIM_SENDER.rpartition("@")[2]
+        flags = ["--ed25519"] if dkim == "rsa+ed25519" else []
+        admin("domains", "add", domain, f"--client={DKIM_CLIENT}", *flags)
+    return key
+
+
+def signed_in_database(database: Path) -> dict[str, int]:
+    """How many stored messages carry an rsa-sha256 and an ed25519-sha256 signature (a --dkim run's check)."""
+    import sqlite3
+
+    counts = {}
+    with sqlite3.connect(database) as conn:
+        for algorithm in ("rsa-sha256", "ed25519-sha256"):
+            (count,) = conn.execute(
+                "SELECT count(*) FROM submissions WHERE instr(message, ?) > 0", (f"a={algorithm};".encode(),)
+            ).fetchone()
+            counts[algorithm] = count
+    return counts
+
+
 def relay_run(
-    setup: Setup, topology: str, index: int, recipients: str, label: str = "relay", content: str = "text"
+    setup: Setup,
+    topology: str,
+    index: int,
+    recipients: str,
+    label: str = "relay",
+    content: str = "text",
+    dkim: str | None = None,
 ) -> dict[str, Any]:
     """
     POST --messages messages (--rich-messages of the rich ``content``) and wait until the
     sink holds every accepted recipient. With label "ingest" only a frontend runs (no
     sender): the ingest path alone, checked against the database instead of the sink.
+    With ``dkim`` (a --dkim variant) the load authenticates with an API key whose client
+    owns (unless none) the sender's domain: see :func:`prepare_dkim`.
     """
     args = setup.args
     deliver = label != "ingest"
@@ -450,6 +512,7 @@ def relay_run(
     run = Path(tempfile.mkdtemp(prefix=f"{label}-{content}-{topology}-{index}-", dir=setup.folder))
     (run / "clients").write_text(CLIENT_ID + "\n")
     database = run / "mmgun.sqlite3"
+    api_key = prepare_dkim(run, database, dkim) if dkim is not None else None
     sink = Sink(run)
     daemons: list[Daemon] = []
     loadgen = None
@@ -474,7 +537,7 @@ def relay_run(
                 f"--recipients={recipients}",
                 f"--body-size={args.body_size}",
                 f"--content={content}",
-                f"--client-id={CLIENT_ID}",
+                *([f"--api-key={api_key}", f"--sender={DKIM_SENDER}"] if api_key else [f"--client-id={CLIENT_ID}"]),
                 f"--deadline={args.time_limit}",
                 f"--result={result_file}",
                 "--ready",
@@ -516,6 +579,7 @@ def relay_run(
         found = analyse(dump, expected if deliver else set())
         if not deliver:
             found.update(queued_in_database(database, expected))
+        signed = signed_in_database(database) if dkim is not None and not deliver else None
         times = found.pop("times")
         accepted = ingest["accepted"]
         end = found["complete_at"] if found["lost"] == 0 else delivery.get("last")
@@ -526,6 +590,8 @@ def relay_run(
         return {
             "label": label,
             "content": content,
+            "dkim": dkim,
+            "signed": signed,
             "topology": topology,
             "run": index,
             "folder": str(run),
@@ -793,9 +859,13 @@ def _postfix_problems(maillog: Path) -> dict[str, Any]:
 # -- medians and the report ---------------------------------------------------------------------
 
 
-def content_key(name: str, content: str) -> str:
-    """A summary's row: the topology (or process) alone for the text message, as before; marked for the rich one."""
-    return name if content == "text" else f"{name}, rich"
+def content_key(name: str, content: str, dkim: str | None = None) -> str:
+    """
+    A summary's row: the topology (or process) alone for the text message, as before;
+    marked for the rich one, and with the --dkim variant when there is one.
+    """
+    key = name if content == "text" else f"{name}, rich"
+    return key if dkim is None else f"{key}, dkim {dkim}"
 
 
 def median_of(runs: list[dict[str, Any]], path: str) -> Any:
@@ -809,11 +879,18 @@ def median_of(runs: list[dict[str, Any]], path: str) -> Any:
     return round(statistics.median(values), 3) if values else None
 
 
+def _spread(runs: list[dict[str, Any]], key: str) -> list[float] | None:
+    """The lowest and highest of a figure over the runs (what the median hides)."""
+    values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+    return [min(values), max(values)] if values else None
+
+
 def summarize_relay(runs: list[dict[str, Any]]) -> dict[str, Any]:
     names = list(runs[0]["peak_rss_mib"]) if runs else []
     return {
         "runs": len(runs),
         "ingest_rate": median_of(runs, "ingest_rate"),
+        "ingest_rate_range": _spread(runs, "ingest_rate"),
         "p50_ms": median_of(runs, "latency_ms.p50"),
         "p99_ms": median_of(runs, "latency_ms.p99"),
         "e2e_rate": median_of(runs, "e2e_rate"),
@@ -927,6 +1004,7 @@ def render(summary: dict[str, Any]) -> str:
                 name,
                 fmt(s["runs"]),
                 fmt(s["ingest_rate"]),
+                "–".join(fmt(v) for v in s["ingest_rate_range"]) if s.get("ingest_rate_range") else "—",
                 fmt(s["p50_ms"], 1),
                 fmt(s["p99_ms"], 1),
                 per_process({k: v for k, v in s["cpu_per_1000"].items() if k not in ("sink", "loadgen")}, 2),
@@ -944,6 +1022,7 @@ def render(summary: dict[str, Any]) -> str:
                     "process",
                     "runs",
                     "ingest/s",
+                    "min–max/s",
                     "p50 ms",
                     "p99 ms",
                     "CPU s/1k",
@@ -1040,7 +1119,7 @@ def evaluate(summary: dict[str, Any], all_runs: list[dict[str, Any]]) -> list[di
         )
     relay = {**summary.get("relay", {}), **summary.get("ingest", {})}
     for topology, s in relay.items():
-        if topology.endswith(", rich"):
+        if ", rich" in topology:
             continue  # the targets are the ~1 KB text message's
         if s["ingest_rate"] is not None and s["p99_ms"] is not None:
             ok = s["ingest_rate"] >= 3000 and s["p99_ms"] < 50
@@ -1051,6 +1130,19 @@ def evaluate(summary: dict[str, Any], all_runs: list[dict[str, Any]]) -> list[di
                     "met": "yes" if ok else "NO",
                 }
             )
+    for key, s in relay.items():
+        base, _, variant = key.partition(", dkim ")
+        unsigned = relay.get(f"{base}, dkim none")
+        if variant in ("", "none") or not unsigned or not s["ingest_rate"] or not unsigned["ingest_rate"]:
+            continue
+        ratio = s["ingest_rate"] / unsigned["ingest_rate"]
+        targets.append(
+            {
+                "target": f"ingest signed ≥ 80% of unsigned ({key})",
+                "measured": f"{s['ingest_rate']:,.0f} vs {unsigned['ingest_rate']:,.0f}/s ({ratio:.0%})",
+                "met": "yes" if ratio >= 0.8 else "NO",
+            }
+        )
     backlog = summary.get("backlog", {})
     for key, s in backlog.items():
         queued = int(key.split("/")[0])
@@ -1144,6 +1236,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="comma-separated, for relay and ingest: text (a ~1 KB text body), rich (that text beside a ~30 KB "
         "HTML part, and a ~100 KB attachment) (default text)",
     )
+    parser.add_argument(
+        "--dkim",
+        help=f"comma-separated, for relay and ingest: {', '.join(DKIM_VARIANTS)} — sign with the sender domain's "
+        "keys (none: the same API-key client, no domain), the variants interleaved run by run (default: "
+        "no domain, no key: the clients-file id)",
+    )
     parser.add_argument("--rich-messages", type=int, help="POSTs per run of the rich content (default 5,000)")
     parser.add_argument(
         "--stall", type=float, default=30.0, help="give up waiting for deliveries after this many seconds without one"
@@ -1190,6 +1288,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for content in args.contents:
         if content not in CONTENTS:
             parser.error(f"--content: {content!r} is not one of {', '.join(CONTENTS)}")
+    args.dkims = [None] if args.dkim is None else [v.strip() for v in args.dkim.split(",") if v.strip()]
+    for dkim in args.dkims:
+        if dkim is not None and dkim not in DKIM_VARIANTS:
+            parser.error(f"--dkim: {dkim!r} is not one of {', '.join(DKIM_VARIANTS)}")
     if args.backlog_sizes is None:
         args.backlog_sizes = "1000,10000" if args.quick else "1000,100000"
     args.topologies = (
@@ -1227,7 +1329,7 @@ def main(argv: list[str]) -> int:
         "git": git_state(),
         "durability": "SQLite WAL, synchronous=FULL (mmgun's only setting): each acknowledged POST is fsync'd",
         "mmgun_flags": setup.limit_flags() + setup.extra,
-        "options": {k: v for k, v in vars(args).items() if k not in ("topologies", "modes", "sizes", "contents")},
+        "options": {k: v for k, v in vars(args).items() if k not in ("topologies", "modes", "sizes", "contents", "dkims")},
         "runs": [],
         "summary": {},
     }
@@ -1252,11 +1354,11 @@ def main(argv: list[str]) -> int:
         if "relay" in args.modes:
             summary["relay"] = {}
             for content, topology in [(c, t) for c in args.contents for t in args.topologies]:
-                done = []
-                name = content_key(topology, content)
-                for index in range(args.runs):
-                    run = record(relay_run(setup, topology, index + 1, args.recipients, content=content))
-                    done.append(run)
+                relay_done: dict[str | None, list[dict[str, Any]]] = {v: [] for v in args.dkims}
+                for index, dkim in [(i, v) for i in range(args.runs) for v in args.dkims]:
+                    name = content_key(topology, content, dkim)
+                    run = record(relay_run(setup, topology, index + 1, args.recipients, content=content, dkim=dkim))
+                    relay_done[dkim].append(run)
                     print(
                         f"  relay {name} #{index + 1}: {run['accepted']:,} accepted at {fmt(run['ingest_rate'])}/s "
                         f"(p50 {fmt(run['latency_ms']['p50'], 1)} ms, p99 {fmt(run['latency_ms']['p99'], 1)} ms), "
@@ -1265,25 +1367,34 @@ def main(argv: list[str]) -> int:
                         f"{run['other_cpu_seconds']} CPU-s not ours",
                         flush=True,
                     )
-                summary["relay"][name] = summarize_relay(done)
+                for dkim, done in relay_done.items():
+                    summary["relay"][content_key(topology, content, dkim)] = summarize_relay(done)
         if "ingest" in args.modes:
             summary["ingest"] = {}
             ingest = {"frontend only": "frontend"}
             if "two-frontends" in args.topologies:
                 ingest["two frontends only"] = "two-frontends"
             for content, (title, topology) in [(c, i) for c in args.contents for i in ingest.items()]:
-                done = []
-                title = content_key(title, content)
-                for index in range(args.runs):
-                    run = record(relay_run(setup, topology, index + 1, args.recipients, label="ingest", content=content))
-                    done.append(run)
+                ingest_done: dict[str | None, list[dict[str, Any]]] = {v: [] for v in args.dkims}
+                for index, dkim in [(i, v) for i in range(args.runs) for v in args.dkims]:
+                    name = content_key(title, content, dkim)
+                    run = record(
+                        relay_run(setup, topology, index + 1, args.recipients, label="ingest", content=content, dkim=dkim)
+                    )
+                    ingest_done[dkim].append(run)
+                    frontend_cpu = sum(v for k, v in run["cpu_per_1000"].items() if k.startswith("frontend"))
+                    signed = run["signed"]
                     print(
-                        f"  ingest ({title}) #{index + 1}: {run['accepted']:,} accepted at {fmt(run['ingest_rate'])}/s "
+                        f"  ingest ({name}) #{index + 1}: {run['accepted']:,} accepted at {fmt(run['ingest_rate'])}/s "
                         f"(p50 {fmt(run['latency_ms']['p50'], 1)} ms, p99 {fmt(run['latency_ms']['p99'], 1)} ms), "
-                        f"dup {run['duplicates']}, lost {run['lost']} (in the database)",
+                        f"frontend CPU {frontend_cpu:.2f} s/1k, "
+                        + (f"signed rsa {signed['rsa-sha256']:,} ed25519 {signed['ed25519-sha256']:,}, " if signed else "")
+                        + f"dup {run['duplicates']}, lost {run['lost']} (in the database); "
+                        f"{run['other_cpu_seconds']} CPU-s not ours",
                         flush=True,
                     )
-                summary["ingest"][title] = summarize_relay(done)
+                for dkim, done in ingest_done.items():
+                    summary["ingest"][content_key(title, content, dkim)] = summarize_relay(done)
         if "backlog" in args.modes:
             summary["backlog"] = {}
             for size in args.sizes:

@@ -5,6 +5,11 @@ keep-alive HTTP/1.1 connections (one request in flight on each), and records
 the latency and the answer of every request.
 
     loadgen.py --port P --messages N --concurrency C --result FILE [--recipients 1-3] [--content text|rich]
+               [--api-key KEY --sender ADDRESS]
+
+Authentication: the deprecated ``client_id`` field (--client-id, a clients-file id), or
+with --api-key an ``Authorization: Bearer`` header instead (a key of ``mmgun keys create``;
+what the DKIM runs use, their client owning the sending domain of --sender).
 
 ``--content text`` (the default) sends the seed's message: a ~1 KB plain-text body.
 ``--content rich`` sends issue 12's: the same text body as the text alternative of a
@@ -94,6 +99,8 @@ def build_requests(
     content: str = "text",
     html_size: int = 30_000,
     attachment_size: int = 100_000,
+    api_key: str | None = None,
+    sender: str = "bench@sender.bench.test",
 ) -> tuple[list[Request], list[list[str]]]:
     rng = random.Random(seed)
     bodies = [make_body(rng, body_size) for _ in range(64)]
@@ -109,13 +116,14 @@ def build_requests(
             }
             html = json.dumps(make_html(rng, html_size))
             tails.append(f', "html": {html}, "attachments": [{json.dumps(attachment)}]}}'.encode())
+    authorization = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
     requests: list[Request] = []
     addresses = []
     for i in range(count):
         rcpts = make_recipients(i, rng.randint(*recipients), rng)
-        document = {
-            "client_id": client_id,
-            "sender": "bench@sender.bench.test",
+        document: dict[str, Any] = {} if api_key else {"client_id": client_id}
+        document |= {
+            "sender": sender,
             "recipients": rcpts,
             "subject": f"bench message {i}",
             "body": bodies[i % len(bodies)],
@@ -123,7 +131,7 @@ def build_requests(
         payload = json.dumps(document).encode("utf-8")[:-1]  # without its closing brace
         tail = tails[i % len(tails)]
         head = (
-            f"POST /send HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"POST /send HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{authorization}"
             f"Content-Length: {len(payload) + len(tail)}\r\n\r\n"
         ).encode("ascii")
         requests.append((head + payload, tail))
@@ -329,6 +337,8 @@ def main(argv: list[str]) -> None:
         "--attachment-size", type=int, default=100_000, help="octets of attachment (rich; default 100,000)"
     )
     parser.add_argument("--client-id", default="demo-client-0123456789abcdef")
+    parser.add_argument("--api-key", help="authenticate with this key (Bearer) instead of --client-id")
+    parser.add_argument("--sender", default="bench@sender.bench.test", help="the sender (From) address")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds for one request")
     parser.add_argument("--deadline", type=float, default=300.0, help="no new request after this many seconds")
@@ -350,6 +360,8 @@ def main(argv: list[str]) -> None:
         args.content,
         args.html_size,
         args.attachment_size,
+        args.api_key,
+        args.sender,
     )
     if args.ready:
         # Building 20k requests takes a moment: the bench starts its clocks after it.

@@ -492,7 +492,9 @@ def _domains_parser(commands: Any, database: _Parser, parser_class: type[_Parser
         help=f"DNS server to ask; repeatable (default: ${env_name('nameserver')}, comma-separated, else /etc/resolv.conf)",
     )
     verify.set_defaults(run=_domains_verify)
-    rotate = actions.add_parser("rotate", parents=[database], help="a new key per algorithm, under a new selector; signed with from now on")
+    rotate = actions.add_parser(
+        "rotate", parents=[database], help="a new key per algorithm, under a new selector; signed with, beside the old, from now on"
+    )
     rotate.add_argument("domain", metavar="DOMAIN")
     rotate.set_defaults(run=_domains_rotate)
     retire = actions.add_parser("retire", parents=[database], help="stop publishing an old key (after a rotate)")
@@ -682,13 +684,15 @@ def _domains_rotate(args: argparse.Namespace, context: _Context) -> int:
     old, new, published = _write(args, context, rotate)
     context.out.write(
         f"new DKIM keys for {name}: {_key_list(new)}\n"
-        f"mail from {name} is signed with them from now on: publish their records now.\n"
+        f"publish their records now: mail from {name} is signed with them from now on.\n"
     )
     if old:
         retire = "; ".join(f"mmgun domains retire {name} {k.selector}" for k in old)
         context.out.write(
-            f"the previous keys ({_key_list(old)}) stay published until you retire them, once the mail signed"
-            f" with them has been delivered and read (a few days): {retire}\n"
+            f"mail is signed with both the old and the new key until you retire the old one, so it passes"
+            f" while DNS catches up. The previous keys ({_key_list(old)}) stay published until you retire them,"
+            f" once the new records are in DNS and the mail signed with the old ones has been delivered and"
+            f" read (a few days): {retire}\n"
         )
     context.out.write("\n")
     _write_records(context.out, name, published)

@@ -17,8 +17,9 @@ import base64
 import functools
 import hashlib
 import re
+import secrets
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,12 +29,14 @@ __all__ = [
     "ALGORITHMS",
     "ED25519_SHA256",
     "RSA_SHA256",
+    "OVERSIGNED_HEADERS",
     "SIGNED_HEADERS",
     "DKIMKey",
     "dns_records",
     "expected_txt",
     "generate_key",
     "new_selector",
+    "random_token",
     "relaxed_body",
     "relaxed_header",
     "sign",
@@ -46,9 +49,9 @@ ED25519_SHA256 = "ed25519-sha256"
 ALGORITHMS = (RSA_SHA256, ED25519_SHA256)
 _K_TAG = {RSA_SHA256: "rsa", ED25519_SHA256: "ed25519"}
 
-#: The fields signed when present (each instance of them), lower case, in h= order; From is
-#: listed once more than it occurs (oversigned), so no From can be added without breaking
-#: the signature (RFC 6376 8.15).
+#: The fields signed when present (each instance of them), lower case, in h= order; those
+#: of :data:`OVERSIGNED_HEADERS` are listed once more than they occur (whether they occur or
+#: not), so none of them can be added without breaking the signature (RFC 6376 8.15).
 SIGNED_HEADERS = (
     b"from",
     b"to",
@@ -63,6 +66,9 @@ SIGNED_HEADERS = (
     b"list-unsubscribe",
     b"list-unsubscribe-post",
 )
+#: The fields a receiver shows or replies to, which must not be added to a signed message:
+#: a second From, or a To, Cc, Subject or Reply-To the message did not have.
+OVERSIGNED_HEADERS = frozenset({b"from", b"to", b"cc", b"subject", b"reply-to"})
 
 # Lines are folded to at most this many octets (RFC 5322 2.1.1's "SHOULD").
 _LINE = 78
@@ -128,29 +134,37 @@ def generate_key(algorithm: str) -> tuple[bytes, str]:
     return pem, base64.b64encode(public).decode("ascii")
 
 
-def _suffixes() -> Iterator[str]:
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    yield from letters
-    for first in letters:
-        for second in letters:
-            yield first + second
+#: The alphabet and length of a selector's random part: 36**6 (about 2e9) values, so two
+#: deployments signing one domain, or a domain removed and added again the same day, do not
+#: pick the same selector (whose old p= DNS caches may still serve).
+_TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+_TOKEN_LENGTH = 6
+#: Draws of a random part before :func:`new_selector` gives up (only a broken ``token`` gets there).
+_SELECTOR_TRIES = 100
 
 
-def new_selector(now: float, taken: Collection[str]) -> str:
+def random_token() -> str:
+    """A selector's random part: six lower-case letters and digits from the OS's CSPRNG."""
+    return "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(_TOKEN_LENGTH))
+
+
+def new_selector(now: float, taken: Collection[str], token: Callable[[], str] = random_token) -> str:
     """
     A selector not in ``taken`` (compared case-insensitively): ``mmgun`` + the UTC date of
-    ``now`` + a letter, e.g. ``mmgun20261205a``, then ``b``…``z``, ``aa``…``zz`` for more keys
-    made the same day. Valid RFC 6376 3.1 selector syntax (one DNS label, lower case).
+    ``now`` + ``-`` + a random part, e.g. ``mmgun20261205-k3f9q2``. The random part keeps a
+    selector from being reused with another key (a domain removed and added again, two
+    deployments signing one domain), which receivers' DNS caches would answer with the old
+    ``p=``. Valid RFC 6376 3.1 selector syntax (one DNS label: letters, digits, hyphens; lower case).
 
-    ValueError if all 702 of the day's selectors are taken.
+    ValueError if ``token`` gives only taken selectors, :data:`_SELECTOR_TRIES` times.
     """
     day = time.strftime("%Y%m%d", time.gmtime(now))
     used = {selector.lower() for selector in taken}
-    for suffix in _suffixes():
-        selector = f"mmgun{day}{suffix}"
+    for _ in range(_SELECTOR_TRIES):
+        selector = f"mmgun{day}-{token()}".lower()
         if selector not in used:
             return selector
-    raise ValueError(f"every selector of {day} is taken")
+    raise ValueError(f"no free selector for {day} after {_SELECTOR_TRIES} tries")
 
 
 def expected_txt(key: DKIMKey) -> str:
@@ -172,7 +186,7 @@ def dns_records(domain: str, keys: Sequence[DKIMKey], *, relay_host: str | None 
     sends its mail, and a DMARC policy is the owner's decision. ``relay_host`` (this relay's
     public host name) goes into the SPF suggestion; without it a placeholder does.
     """
-    lines = [f"; DKIM: publish every record below (mmgun signs {domain}'s mail with the newest key of each algorithm)."]
+    lines = [f"; DKIM: publish every record below (mmgun signs {domain}'s mail with the newest two keys of each algorithm)."]
     for key in keys:
         name = f"{key.selector}._domainkey.{domain}."
         if key.retired_at is not None:
@@ -330,7 +344,7 @@ def sign(message: bytes, keys: Sequence[DKIMKey], now: float) -> bytes:
 
     Each signature: ``c=relaxed/relaxed``, ``d=`` the key's domain (the caller's choice: the
     From domain), ``s=`` its selector, ``t=`` ``now``, ``h=`` every instance of
-    :data:`SIGNED_HEADERS` present with From once more (oversigned), ``bh=`` over the whole
+    :data:`SIGNED_HEADERS` present, those of :data:`OVERSIGNED_HEADERS` once more (oversigned), ``bh=`` over the whole
     body (no ``l=``). Folded to lines of at most 78 octets with CRLF. Computed over the wire
     form of ``message`` (see the module docstring).
 
@@ -349,7 +363,7 @@ def sign(message: bytes, keys: Sequence[DKIMKey], now: float) -> bytes:
     for name in SIGNED_HEADERS:
         instances = present.get(name, [])
         # RFC 6376 5.4.2: instances are signed from the bottom up.
-        names += [name] * (len(instances) + (name == b"from"))
+        names += [name] * (len(instances) + (name in OVERSIGNED_HEADERS))
         signed += reversed(instances)
     headers = b"".join(signed)
     body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest()).decode("ascii")

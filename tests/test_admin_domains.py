@@ -150,18 +150,31 @@ class RotateTests(DomainsCase):
         self.domains("add", "example.com", "--client", "acme", "--ed25519")
         self.old = self.keys()
 
-    def test_rotate_signs_with_new_keys_and_keeps_old_published(self) -> None:
-        """issue 13 rotate: a new key per algorithm under new selectors; signed with at once; the old stay in dns."""
+    def test_rotate_signs_with_new_and_old_keys_and_keeps_old_published(self) -> None:
+        """
+        issue 13 review, rotate: a new key per algorithm under new selectors; mail is signed with
+        the new and the old key of each algorithm (the new record may not be in DNS yet) until the
+        old one is retired; show calls both signing; the old stay in dns.
+        """
         out = self.domains("rotate", "example.com", now=NOW + 86400)
+        self.assertIn("signed with both the old and the new key until you retire the old one", out)
         signing = result(self, self.store.signing_keys("example.com"))
-        self.assertEqual([k.algorithm for k in signing], ["rsa-sha256", "ed25519-sha256"])
-        self.assertFalse({k.selector for k in signing} & {k.selector for k in self.old})
+        self.assertEqual([k.algorithm for k in signing], ["rsa-sha256", "rsa-sha256", "ed25519-sha256", "ed25519-sha256"])
+        new = [k for k in signing if k not in self.old]
+        self.assertEqual(len(new), 2)
+        self.assertFalse({k.selector for k in new} & {k.selector for k in self.old})
+        self.assertEqual({k.selector for k in signing}, {k.selector for k in new + self.old})
         records = self.domains("dns", "example.com")
-        for key in self.old + signing:
+        for key in signing:
             self.assertIn(f"{key.selector}._domainkey.example.com. IN TXT", records)
+            self.assertRegex(self.domains("show", "example.com"), rf"{key.selector}\s+{key.algorithm}\s+\S+\s+signing")
         for key in self.old:
             self.assertIn(f"mmgun domains retire example.com {key.selector}", out)
         self.assertNoPrivateKey(out)
+        self.domains("retire", "example.com", self.old[0].selector, now=NOW + 2 * 86400)
+        after = result(self, self.store.signing_keys("example.com"))
+        self.assertNotIn(self.old[0].selector, {k.selector for k in after})
+        self.assertEqual(len(after), 3)
 
     def test_retire_unpublishes_the_old_key(self) -> None:
         """issue 13 retire: after retire, the old key is no longer in dns, and show lists it as retired."""

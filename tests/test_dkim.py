@@ -65,8 +65,8 @@ def make_key(algorithm: str, selector: str, domain: str = DOMAIN) -> Key:
     return Key(domain, selector, algorithm, pem, p)
 
 
-RSA = make_key(mdkim.RSA_SHA256, "mmgun20251205a")
-ED = make_key(mdkim.ED25519_SHA256, "mmgun20251205b")
+RSA = make_key(mdkim.RSA_SHA256, "mmgun20251205-k3f9q2")
+ED = make_key(mdkim.ED25519_SHA256, "mmgun20251205-p7x0m4")
 KEYS = (ED, RSA)  # deliberately not RSA first: sign() orders them
 
 
@@ -179,11 +179,12 @@ class KeyTests(SynchronousTestCase):
 
     def test_new_selector(self) -> None:
         """
-        issue 13 "rotate": a new selector is never one already taken (case-insensitively), and
-        has RFC 6376 3.1 selector syntax.
+        issue 13 review, "rotate": a new selector is ``mmgun<date>-<random>``, never one already
+        taken (case-insensitively), and has RFC 6376 3.1 selector syntax.
         """
-        self.assertEqual(mdkim.new_selector(NOW, []), "mmgun20251205a")
-        self.assertEqual(mdkim.new_selector(NOW, ["MMGUN20251205A", "mmgun20251205b"]), "mmgun20251205c")
+        self.assertRegex(mdkim.new_selector(NOW, []), r"\Ammgun20251205-[a-z0-9]{6}\Z")
+        tokens = iter(["k3f9q2", "K3F9Q2", "a0b1c2"])
+        self.assertEqual(mdkim.new_selector(NOW, ["MMGUN20251205-K3F9Q2"], lambda: next(tokens)), "mmgun20251205-a0b1c2")
         taken = [mdkim.new_selector(NOW, [])]
         for _ in range(100):
             taken.append(mdkim.new_selector(NOW, taken))
@@ -192,18 +193,22 @@ class KeyTests(SynchronousTestCase):
             self.assertRegex(selector, r"\A[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\Z")
             self.assertLessEqual(len(selector), 63)
 
+    def test_selector_not_reused_the_same_day(self) -> None:
+        """
+        issue 13 review: a domain added, removed (its selectors forgotten) and added again the
+        same day, or signed by two deployments that do not know each other's selectors, gets a
+        new selector — a reused one would be answered from DNS caches with the old key's p=.
+        """
+        first = mdkim.new_selector(NOW, [])
+        again = {mdkim.new_selector(NOW, []) for _ in range(20)}
+        self.assertNotIn(first, again)
+        self.assertEqual(len(again), 20)
+
     def test_selectors_run_out(self) -> None:
         """
-        issue 13 "rotate": when every selector of the day is taken, an error, not a duplicate.
+        issue 13 "rotate": when the random part only gives taken selectors, an error, not a duplicate.
         """
-        taken: list[str] = []
-        while True:
-            try:
-                taken.append(mdkim.new_selector(NOW, taken))
-            except ValueError:
-                break
-        self.assertEqual(len(taken), len(set(taken)))
-        self.assertEqual(len(taken), 26 + 26 * 26)
+        self.assertRaises(ValueError, mdkim.new_selector, NOW, ["mmgun20251205-aaaaaa"], lambda: "aaaaaa")
 
     def test_expected_txt(self) -> None:
         """
@@ -254,7 +259,7 @@ class DNSRecordsTests(SynchronousTestCase):
         issue 13 "rotate": a retired key's record is no longer listed to publish.
         """
         old = attrs.evolve(RSA, retired_at=NOW)
-        new = make_key(mdkim.RSA_SHA256, "mmgun20251206a")
+        new = make_key(mdkim.RSA_SHA256, "mmgun20251206-r2d8e5")
         records = published(mdkim.dns_records(DOMAIN, [new, old]))
         self.assertEqual(list(records), [f"{new.selector}._domainkey.example.com."])
 
@@ -376,8 +381,9 @@ class SigningTests(SynchronousTestCase):
 
     def test_tags(self) -> None:
         """
-        issue 13 "Signing": c=relaxed/relaxed, d= the domain, s= the selector, t= now, From
-        oversigned, the listed fields present signed, bh= over the whole body (no l=).
+        issue 13 "Signing" (and review): c=relaxed/relaxed, d= the domain, s= the selector, t= now,
+        From, To, Cc, Subject and Reply-To oversigned, the listed fields present signed, bh= over
+        the whole body (no l=); dkimpy verifies it.
         """
         message = send(
             request(
@@ -397,7 +403,8 @@ class SigningTests(SynchronousTestCase):
         self.assertEqual(
             sorted(t[b"h"].split(b":")),
             sorted(
-                [b"from", b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to", b"mime-version"]
+                [b"from", b"from", b"to", b"to", b"cc", b"cc", b"subject", b"subject", b"date", b"message-id"]
+                + [b"reply-to", b"reply-to", b"mime-version"]
                 + [b"content-type", b"content-transfer-encoding", b"list-unsubscribe", b"list-unsubscribe-post"]
             ),
         )
@@ -533,6 +540,26 @@ class SigningTests(SynchronousTestCase):
         head, body = signed.split(b"\r\n\r\n", 1)
         self.assertEqual(verify_each(b"From: ceo@example.com\r\n" + signed), [False, False])
         self.assertEqual(verify_each(head + b"\r\nFrom: ceo@example.com\r\n\r\n" + body), [False, False])
+
+    def test_added_reply_to_subject_to_cc_break_signature(self) -> None:
+        """
+        issue 13 review (attack): To, Cc, Subject and Reply-To are oversigned too (listed in h=
+        once more than they occur, absent ones once), so a Reply-To or Cc added to a message that
+        had none, or a second Subject or To, breaks both signatures — a relay on the way cannot
+        redirect replies or change what the reader sees and keep the signature.
+        """
+        signed = mdkim.sign(send(request()), KEYS, NOW)
+        self.assertNotIn(b"\r\nReply-To:", signed)
+        self.assertEqual(verify_each(signed), [True, True])
+        head, body = signed.split(b"\r\n\r\n", 1)
+        for added in (
+            b"Reply-To: thief@evil.example",
+            b"Subject: urgent: wire the money",
+            b"To: someone@evil.example",
+            b"Cc: someone@evil.example",
+        ):
+            self.assertEqual(verify_each(head + b"\r\n" + added + b"\r\n\r\n" + body), [False, False], added)
+            self.assertEqual(verify_each(added + b"\r\n" + signed), [False, False], added)
 
     def test_tampering_detected(self) -> None:
         """

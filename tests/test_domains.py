@@ -87,12 +87,19 @@ class KeyTests(DomainCase):
         self.addCleanup(other._runner.close)
         self.assertEqual(self.call(other.domain_keys("example.com")), [key("s1")])
 
-    def test_newest_first_and_signing_keys_newest_of_each_algorithm_rsa_first(self) -> None:
-        """issue 13 rotate: messages are signed with the newest key of each algorithm, RSA before Ed25519."""
+    def test_newest_first_and_signing_keys_newest_two_of_each_algorithm_rsa_first(self) -> None:
+        """
+        issue 13 review, rotate: messages are signed with every active key, the newest two of each
+        algorithm, RSA before Ed25519 — right after a rotate the new record may not be in DNS yet,
+        and the old key's signature keeps DMARC passing until it is.
+        """
         for k in (key("a"), key("b", "ed25519-sha256"), key("c", at=T0 + 10), key("d", "ed25519-sha256", T0 + 10)):
             self.call(self.store.add_domain_key(k))
         self.assertEqual([k.selector for k in self.call(self.store.domain_keys("example.com"))], ["d", "c", "b", "a"])
-        self.assertEqual([k.selector for k in self.call(self.store.signing_keys("example.com"))], ["c", "d"])
+        self.assertEqual([k.selector for k in self.call(self.store.signing_keys("example.com"))], ["c", "a", "d", "b"])
+        # A third rotate without retiring: the oldest stays published but is no longer signed with.
+        self.call(self.store.add_domain_key(key("e", at=T0 + 20)))
+        self.assertEqual([k.selector for k in self.call(self.store.signing_keys("example.com"))], ["e", "c", "d", "b"])
 
     def test_retired_key_not_published_nor_signed_with(self) -> None:
         """issue 13 rotate/retire: a retired key leaves domain_keys (what dns publishes) but stays listed with include_retired."""

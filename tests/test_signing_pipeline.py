@@ -8,6 +8,7 @@ dkimpy, its DNS lookup answered from the keys).
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -116,6 +117,25 @@ class SigningTests(SigningTestCase):
         self.assertTrue(stored.endswith(self.signed[0]))
         self.assertEqual(verify_all(stored), [b"example.com", b"example.com"])
 
+    def test_rotated_domain_signed_with_old_and_new_keys(self) -> None:
+        """
+        issue 13 review (rotate): after a rotate the new selector's record may not be in DNS yet,
+        so mail is signed with the new and the old RSA key (and the Ed25519 key): each signature
+        verifies, the new RSA one topmost; a receiver that cannot find the new record still
+        finds an aligned signature that passes.
+        """
+        (old_rsa, ed) = keys_for("example.com")
+        private, public = dkim.generate_key(dkim.RSA_SHA256)
+        taken = [k.selector for keys in _KEYS.values() for k in keys]
+        new_rsa = DomainKey("example.com", dkim.new_selector(NOW, taken), dkim.RSA_SHA256, private, public, NOW + 1, None)
+        _KEYS.setdefault("example.com (rotated)", []).append(new_rsa)
+        result(self, self.store.add_domain_key(new_rsa))
+        self.assertEqual(self.send()[0], 200)
+        (stored,) = self.queued()
+        self.assertEqual(verify_all(stored), [b"example.com"] * 3)
+        selectors = re.findall(rb"\bs=([^;]+);", stored)
+        self.assertEqual(selectors, [s.selector.encode() for s in (new_rsa, old_rsa, ed)])
+
     def test_signed_before_it_is_stored(self) -> None:
         """issue 13 (signing): what add_submission receives is already signed; a signer that fails stores nothing (no half-signed message)."""
         store = self.api.frontend.pipeline._store
@@ -214,12 +234,57 @@ class SenderPolicyTests(SigningTestCase):
         """issue 13 (sender policy): the default 'any' keeps the seed's quick start: any sender is taken."""
         self.assertEqual(self.send("me@anything.example")[0], 200)
 
-    def test_refused_sender_spends_no_rate_token(self) -> None:
-        """issue 13 (sender policy): a 403 comes before the rate limit: refused attempts do not use up the client's burst."""
+    def test_refused_sender_spends_a_rate_token(self) -> None:
+        """
+        issue 13 review (sender policy): the rate token is taken before the policy check, so a
+        refused sender spends one too. Were it free, a client could send random From domains
+        without end, each a store read (and an entry churning the domain cache); now, once its
+        burst is spent, it gets 429 without the store being asked.
+        """
         self.use(sender_policy="domains", rate_limit=0.001, rate_burst=1)
-        for _ in range(3):
-            self.assertEqual(self.send("ada@unregistered.example")[0], 403)
-        self.assertEqual(self.send()[0], 200)
+        looked_up: list[str] = []
+        original = self.store.domain
+
+        async def counting(name: str) -> Any:
+            looked_up.append(name)
+            return await original(name)
+
+        self.patch(self.store, "domain", counting)
+        self.assertEqual(self.send("ada@random1.example")[0], 403)
+        self.assertEqual(looked_up, ["random1.example"])
+        for n in range(2, 5):
+            self.assertEqual(self.send(f"ada@random{n}.example")[0], 429)
+        self.assertEqual(looked_up, ["random1.example"])
+        self.assertEqual(self.send()[0], 429)
+        self.assertEqual(self.queued(), [])
+
+    def test_mime_sender_and_resent_fields_checked(self) -> None:
+        """
+        issue 13 review (sender policy): with 'domains', messages.mime's Sender, Resent-From and
+        Resent-Sender fields must be at the client's domains too (403 like From): a client may not
+        claim another's domain in them; its own domains pass; the 'any' policy ignores them.
+        """
+        self.use(sender_policy="domains")
+
+        def mime(extra: bytes) -> tuple[int, Any]:
+            message = b"From: ada@example.com\r\n" + extra + b"Subject: s\r\n\r\nhi\r\n"
+            return self.v3([("to", "b@x.example"), ("message", ("m.eml", message))], "/v3/example.com/messages.mime")
+
+        for extra, domain in (
+            (b"Sender: ada@globex.example\r\n", "globex.example"),
+            (b"Resent-From: Ada <ada@example.com>, eve@unregistered.example\r\n", "unregistered.example"),
+            (b"Resent-Sender:\r\n eve@GLOBEX.example\r\n", "globex.example"),
+            (b"Resent-From: ada@example.com\r\nResent-From: eve@globex.example\r\n", "globex.example"),
+        ):
+            code, answer = mime(extra)
+            self.assertEqual(code, 403, (extra, answer))
+            self.assertIn(f"({domain}) is not one of this client's sending domains", answer["message"])
+        self.assertEqual(self.queued(), [])
+        own = b"Sender: ada@bare.example\r\nResent-From: A <a@EXAMPLE.com>\r\nResent-Sender: b@bare.example\r\n"
+        self.assertEqual(mime(own)[0], 200)
+        self.assertEqual(len(self.queued()), 1)
+        self.use(sender_policy="any")
+        self.assertEqual(mime(b"Sender: ada@globex.example\r\n")[0], 200)
 
     def test_option(self) -> None:
         """issue 13 (sender policy): --sender-policy / MMGUN_SENDER_POLICY reach the frontend's settings; any other value is refused."""

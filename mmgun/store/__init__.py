@@ -98,7 +98,7 @@ class DomainKey:
     """
 
     domain: str
-    #: The ``s=`` tag, e.g. "mmgun20261205a" (RFC 6376 selector syntax).
+    #: The ``s=`` tag, e.g. "mmgun20261205-k3f9q2" (RFC 6376 selector syntax).
     selector: str
     #: "rsa-sha256" or "ed25519-sha256".
     algorithm: str
@@ -478,6 +478,7 @@ class Store(Protocol):
         """
 
     async def signing_keys(self, name: str) -> list[DomainKey]:
-        """What to sign ``name``'s mail with now: the newest active key of each algorithm, RSA first."""
+        """What to sign ``name``'s mail with now: the newest two active keys of each algorithm (a rotate signs with
+        the old and the new key until the old is retired), RSA first, newest first within an algorithm."""
 
     async def close(self) -> None: ...

@@ -1326,5 +1326,17 @@ def _retire_domain_key_txn(conn: sqlite3.Connection, name: str, selector: str, n
     return conn.execute(Q.RETIRE_DOMAIN_KEY, (now, name, selector)).rowcount == 1
 
 
+#: Active keys signed with per algorithm: the newest and the one before it, so that after a
+#: rotate mail still passes at receivers whose DNS does not have the new record yet.
+SIGNING_KEYS_PER_ALGORITHM = 2
+
+
 def _signing_keys_txn(conn: sqlite3.Connection, name: str) -> list[DomainKey]:
-    return _newest_by_algorithm([_domain_key(row) for row in conn.execute(Q.ACTIVE_DOMAIN_KEYS, (name,))])
+    """The active keys to sign with: the newest two of each algorithm, RSA first, then newest first."""
+    chosen: list[DomainKey] = []
+    counts: dict[str, int] = {}
+    for key in (_domain_key(row) for row in conn.execute(Q.ACTIVE_DOMAIN_KEYS, (name,))):
+        if counts.get(key.algorithm, 0) < SIGNING_KEYS_PER_ALGORITHM:
+            counts[key.algorithm] = counts.get(key.algorithm, 0) + 1
+            chosen.append(key)
+    return sorted(chosen, key=lambda k: k.algorithm != "rsa-sha256")

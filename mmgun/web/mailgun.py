@@ -536,6 +536,7 @@ def parse_mime(
     _check_domain(sender, domain, "message")
     raw = RawMessage(
         sender=sender,
+        other_senders=other_senders(message),
         recipients=tuple(dict.fromkeys(m.address for m in to)),
         message=message,
         tags=options.tags,
@@ -543,6 +544,36 @@ def parse_mime(
         send_at=options.send_at,
     )
     return raw, message_id, options
+
+
+#: Header fields that name a sender beside From (RFC 5322 3.6.2, 3.6.6): the sender policy checks them too.
+_OTHER_SENDER_FIELDS = frozenset({b"sender", b"resent-from", b"resent-sender"})
+
+
+def other_senders(message: bytes) -> tuple[str, ...]:
+    """
+    The addresses of the Sender, Resent-From and Resent-Sender fields of ``message`` (as
+    :func:`check_mime` made it: CRLF, ASCII header), each once, in order. An item that is
+    no plain mailbox (a group, a comment) is given as it is: its "domain" then belongs to
+    no client, so the ``domains`` sender policy refuses it rather than let it by unchecked.
+    """
+    head = message.partition(b"\r\n\r\n")[0]
+    found: dict[str, None] = {}
+    for field in re.split(rb"\r\n(?![ \t])", head):
+        name, colon, value = field.partition(b":")
+        if not colon or name.rstrip(b" \t").lower() not in _OTHER_SENDER_FIELDS:
+            continue
+        text = re.sub(r"\r\n[ \t]", " ", value.decode("ascii")).strip()
+        try:
+            items = parse_address_list(text, "message")
+        except BadRequest:
+            items = [text]
+        for item in items:
+            try:
+                found[parse_mailbox(item, "message").address] = None
+            except BadRequest:
+                found[item] = None
+    return tuple(found)
 
 
 def check_mime(raw: bytes, *, hostname: str, now: float, max_size: int) -> tuple[bytes, str, str]:

@@ -13,7 +13,7 @@ relay never lends a domain's DKIM reputation (and DMARC alignment) to someone el
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -116,6 +116,7 @@ class SendingDomains:
         sender whose domain is not ``client``'s raises :class:`SenderRefused`. The sender
         is the envelope sender, which every API makes the From header's address too
         (/send's ``sender``, v3's ``from``, messages.mime's From): one check covers both.
+        messages.mime's Sender and Resent-* fields: :meth:`admit_others`.
         """
         domain = sender.rpartition("@")[2]
         state = await self.lookup(domain)
@@ -125,6 +126,22 @@ class SendingDomains:
                 " (this relay's sender policy is 'domains')"
             )
         return state
+
+    async def admit_others(self, client: str, senders: Iterable[str]) -> None:
+        """
+        With the ``domains`` policy, raise :class:`SenderRefused` unless every one of
+        ``senders`` (a message's Sender, Resent-From and Resent-Sender addresses) is at one
+        of ``client``'s domains; with ``any``, nothing. Checked one domain at a time, each
+        once, stopping at the first refused: at most one lookup of a domain not ``client``'s.
+        """
+        if self.policy != "domains":
+            return
+        for domain in dict.fromkeys(sender.rpartition("@")[2] for sender in senders):
+            if (await self.lookup(domain)).client != client:
+                raise SenderRefused(
+                    f"the domain of the message's Sender or Resent-* field ({domain}) is not one of this"
+                    " client's sending domains (this relay's sender policy is 'domains')"
+                )
 
     async def sign(self, client: str, state: DomainState, message: bytes, now: float) -> bytes:
         """``message`` signed with ``state``'s keys when its domain is ``client``'s and has keys; else as it is."""

@@ -1,7 +1,7 @@
 """
 What every API on the port does with a submission once it has read it, whatever its
-wire format: authenticate the caller, admit the submission (free space, sender policy,
-rate limit, queue caps), build the message, sign it (DKIM, for the client's own sending
+wire format: authenticate the caller, admit the submission (free space, rate limit,
+sender policy, queue caps), build the message, sign it (DKIM, for the client's own sending
 domains: :mod:`.signing`), store it (with its Idempotency-Key), count and log it.
 An API reads its request, calls :meth:`Pipeline.authenticate`, parses, then calls
 :meth:`Pipeline.submit`; failures are raised for :mod:`.errors` to answer.
@@ -10,7 +10,7 @@ An API reads its request, calls :meth:`Pipeline.authenticate`, parses, then call
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -61,6 +61,8 @@ class RawMessage:
     tags: tuple[str, ...] = ()
     metadata: str | None = None
     send_at: float | None = None
+    #: The addresses of its Sender, Resent-From and Resent-Sender fields: the sender policy checks them too.
+    other_senders: tuple[str, ...] = ()
 
 
 class Pipeline:
@@ -175,6 +177,7 @@ class Pipeline:
             message_id=message_id,
             test_mode=test_mode,
             schedule_field=schedule_field,
+            other_senders=send.other_senders if isinstance(send, RawMessage) else (),
         )
         return submission_id
 
@@ -216,6 +219,7 @@ class Pipeline:
         message_id: str | None,
         test_mode: bool,
         schedule_field: str,
+        other_senders: Sequence[str] = (),
     ) -> list[str]:
         now = self._wall()
         at = schedule(send_at, now, schedule_field)  # 400 before any limit is spent
@@ -223,11 +227,14 @@ class Pipeline:
             problem = self._health.admission()
             if problem is not None:
                 raise unavailable(f"cannot queue messages now: {problem}")
-        # Before the rate limit: a refused sender spends no token.
-        domain = await self.domains.admit(client, sender)
+        # The rate token first: the sender policy reads the store (once per domain, then its
+        # cache), so a refused sender spends a token too, or random sender domains would make
+        # unlimited store reads and churn the domain cache.
         wait = self._rate.take(client)
         if wait:
             raise too_many("rate limit exceeded for this client", wait)
+        domain = await self.domains.admit(client, sender)
+        await self.domains.admit_others(client, other_senders)
         hostname = self._settings.hostname
         message_id = message_id if message_id is not None else new_message_id(hostname)
         limit = self._settings.max_message_size
