@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from treq.testing import StubTreq
@@ -120,3 +121,46 @@ def serve(case: Any, frontend: Any) -> str:
 
     case.addCleanup(lambda: Deferred.fromCoroutine(close()))
     return f"http://127.0.0.1:{port_number(port)}"
+
+
+async def wait_until(predicate: Callable[[], object], what: str, deadline: float = 30.0, interval: float = 0.05) -> None:
+    """
+    Poll ``predicate`` on the real reactor every ``interval`` seconds until it holds;
+    fail with "timed out waiting for ``what``" after ``deadline`` seconds.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    end = reactor.seconds() + deadline
+    while not predicate():
+        if reactor.seconds() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, interval, lambda: None)
+
+
+def start_mmgun(case: Any, dns_port: int, smtp_port: int, *extra: str, allow_private_mx: bool = False) -> str:
+    """
+    Start mmgun in this process on the real reactor (frontend and sender roles, fast
+    retries, the test DNS server on 127.0.0.1:``dns_port``, delivering to ``smtp_port``),
+    with ``extra`` command-line options; the cleanup stops it. Returns the HTTP API's URL.
+    """
+    from twisted.internet import reactor
+
+    from mmgun.config import Options
+    from mmgun.service import make_service
+
+    clients = case.mktemp()
+    with open(clients, "w") as f:
+        f.write(CLIENT + "\n")
+    options = Options({})
+    options.parseOptions([
+        "--listen", "tcp:0:interface=127.0.0.1", "--database", case.mktemp(), "--clients", clients,
+        "--role", "frontend", "--role", "sender",
+        "--nameserver", f"127.0.0.1:{dns_port}", "--smtp-port", str(smtp_port),
+        "--helo", "mmgun.test", "--poll-interval", "0.05", "--retry-min", "0.2s", "--retry-max", "0.4s",
+        "--smtp-timeout", "10s", *(["--allow-private-mx"] if allow_private_mx else []), *extra,
+    ])  # fmt: skip
+    service = make_service(options.config, reactor)
+    service.startService()
+    case.addCleanup(service.stopService)
+    return http_url(service)

@@ -51,7 +51,7 @@ from mmgun.tap import Options as TapOptions
 from mmgun.web.app import Frontend
 from mmgun.web.site import FrontendChannel, FrontendSite
 
-from .helpers import CLIENT, OTHER_CLIENT, APIClient, result, sync_store
+from .helpers import CLIENT, OTHER_CLIENT, APIClient, result, sync_store, wait_until
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 MESSAGE = {"sender": "me@example.com", "recipients": ["a@x.example"], "subject": "s", "body": "b"}
@@ -333,17 +333,10 @@ class ConnectionFloodOnRealSocketsTests(TestCase):
             clients_open.append(protocol)
             return protocol
 
-        async def until(condition: Any, what: str) -> None:
-            deadline = reactor.seconds() + 10
-            while not condition():
-                if reactor.seconds() > deadline:
-                    self.fail(f"timed out waiting for {what}")
-                await deferLater(reactor, 0.01, lambda: None)
-
         # The attacker: five connections from 127.0.0.1, each with one byte of a request line.
         for _ in range(5):
             await connect("127.0.0.1", b"G")
-        await until(lambda: site.connections_from(IPv4Address("TCP", "127.0.0.1", 0)) == 5, "5 connections")
+        await wait_until(lambda: site.connections_from(IPv4Address("TCP", "127.0.0.1", 0)) == 5, "5 connections", deadline=10, interval=0.01)
         # Its sixth is closed at once, without an answer.
         sixth = await connect("127.0.0.1", b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertEqual(await sixth.closed.addTimeout(10, reactor), b"")
@@ -436,17 +429,10 @@ class ConnectionCapOnTLSTests(TestCase):
             opened.append(protocol)
             return protocol
 
-        async def until(condition: Any, what: str) -> None:
-            deadline = reactor.seconds() + 10
-            while not condition():
-                if reactor.seconds() > deadline:
-                    self.fail(f"timed out waiting for {what}")
-                await deferLater(reactor, 0.01, lambda: None)
-
         # The attacker: raw TCP connections that never start the handshake.
         for _ in range(2):
             await connect("127.0.0.1", b"")
-        await until(lambda: site.connections_from(IPv4Address("TCP", "127.0.0.1", 0)) == 2, "2 connections")
+        await wait_until(lambda: site.connections_from(IPv4Address("TCP", "127.0.0.1", 0)) == 2, "2 connections", deadline=10, interval=0.01)
         # The third is closed by the server at once (request_timeout is 30 s: not by the deadline).
         third = await connect("127.0.0.1", b"")
         started = reactor.seconds()

@@ -26,7 +26,6 @@ from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from mmgun.config import Options
 from mmgun.mx import (
     ANY_ADDRESS,
     BoundedResolver,
@@ -41,13 +40,12 @@ from mmgun.mx import (
     make_resolver,
     non_public_reason,
 )
-from mmgun.service import make_service
 from mmgun.smtp import SessionFailed, _reply, wire_form
 from mmgun.testing.dnsserver import SERVFAIL, TRUNCATED, ZoneResolver, listen_dns
 from mmgun.testing.ports import port_number
 from mmgun.testing.smtpserver import Mailbox, smtp_server_factory
 
-from .helpers import CLIENT, http_url
+from .helpers import CLIENT, start_mmgun
 from .test_smtp import FakeMX, Session, transaction
 
 DEADLINE = 30.0
@@ -143,23 +141,6 @@ class InternalMXTests(TestCase):
         else:
             self.addCleanup(v6.stopListening)
 
-    def start_mmgun(self, *extra: str) -> str:
-        clients = self.mktemp()
-        with open(clients, "w") as f:
-            f.write(CLIENT + "\n")
-        options = Options({})
-        options.parseOptions([
-            "--listen", "tcp:0:interface=127.0.0.1", "--database", self.mktemp(), "--clients", clients,
-            "--role", "frontend", "--role", "sender",
-            "--nameserver", f"127.0.0.1:{self.dns_port}", "--smtp-port", str(self.smtp_port),
-            "--helo", "mmgun.test", "--poll-interval", "0.05", "--retry-min", "0.2s", "--retry-max", "0.4s",
-            "--smtp-timeout", "10s", *extra,
-        ])
-        service = make_service(options.config, _reactor())
-        service.startService()
-        self.addCleanup(service.stopService)
-        return http_url(service)
-
     async def send(self, url: str, recipients: list[str]) -> dict[str, Any]:
         """POST /send, then poll /status until the submission is final (up to DEADLINE)."""
         response = await treq.post(url + "/send", data=json.dumps({
@@ -185,7 +166,7 @@ class InternalMXTests(TestCase):
         10.0.0.1, ::1 and ::ffff:127.0.0.1 are never connected to; each
         recipient fails permanently, with a reply saying why.
         """
-        url = self.start_mmgun()
+        url = start_mmgun(self, self.dns_port, self.smtp_port)
         status = await self.send(url, list(EXPECTED_REFUSALS))
         self.assertEqual(status["status"], "failed")
         self.assertEqual(
@@ -200,7 +181,7 @@ class InternalMXTests(TestCase):
         issue 11 item 6: with --allow-private-mx the same loopback MX gets the
         mail (so the test above would see a connection if one were made).
         """
-        url = self.start_mmgun("--allow-private-mx")
+        url = start_mmgun(self, self.dns_port, self.smtp_port, allow_private_mx=True)
         status = await self.send(url, ["a@loop.example", "f@bare.example"])
         self.assertEqual(status["status"], "sent")
         self.assertEqual(
@@ -210,7 +191,7 @@ class InternalMXTests(TestCase):
 
     async def test_relay_host_on_loopback_exempt(self) -> None:
         """issue 11 item 6: --relay-host, chosen by the operator, may be on loopback without the flag."""
-        url = self.start_mmgun("--relay-host", f"127.0.0.1:{self.smtp_port}")
+        url = start_mmgun(self, self.dns_port, self.smtp_port, "--relay-host", f"127.0.0.1:{self.smtp_port}")
         status = await self.send(url, ["a@loop.example"])
         self.assertEqual(status["status"], "sent")
         self.assertEqual([tuple(m.recipients) for m in self.mailbox.messages], [("a@loop.example",)])

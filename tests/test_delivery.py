@@ -16,13 +16,11 @@ from twisted.names import dns
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from mmgun.config import Options
-from mmgun.service import make_service
 from mmgun.testing.dnsserver import Records, listen_dns
 from mmgun.testing.ports import port_number
 from mmgun.testing.smtpserver import Mailbox, smtp_server_factory
 
-from .helpers import CLIENT, http_url
+from .helpers import CLIENT, start_mmgun
 
 ZONE: Records = {
     "alpha.example": [dns.Record_MX(10, b"mx.alpha.example", ttl=60)],
@@ -55,23 +53,6 @@ class DeliveryTests(TestCase):
         second = reactor.listenTCP(self.smtp_port, smtp_server_factory(reactor, self.mail["127.0.0.3"], tls=False), interface="127.0.0.3")
         self.addCleanup(second.stopListening)
 
-    def start_mmgun(self, *extra: str) -> str:
-        clients = self.mktemp()
-        with open(clients, "w") as f:
-            f.write(CLIENT + "\n")
-        options = Options({})
-        options.parseOptions([
-            "--listen", "tcp:0:interface=127.0.0.1", "--database", self.mktemp(), "--clients", clients,
-            "--role", "frontend", "--role", "sender",
-            "--nameserver", f"127.0.0.1:{self.dns_port}", "--smtp-port", str(self.smtp_port),
-            "--helo", "mmgun.test", "--poll-interval", "0.05", "--retry-min", "0.2s", "--retry-max", "0.4s",
-            "--smtp-timeout", "10s", "--allow-private-mx", *extra,
-        ])
-        service = make_service(options.config, reactor)
-        service.startService()
-        self.addCleanup(service.stopService)
-        return http_url(service)
-
     async def post(self, url: str, body: dict[str, Any]) -> tuple[int, Any]:
         response = await treq.post(url, data=json.dumps(body).encode(), pool=self.pool)
         return response.code, json.loads(await response.content())
@@ -89,7 +70,7 @@ class DeliveryTests(TestCase):
             await deferLater(reactor, 0.05, lambda: None)
 
     async def _three_domains(self) -> None:
-        url = self.start_mmgun()
+        url = start_mmgun(self, self.dns_port, self.smtp_port, allow_private_mx=True)
         recipients = ["ok@alpha.example", "tempfail-1@beta.example", "reject@beta.example", "x@gamma.example", "y@nullmx.example", "z@amx.example"]
         code, sent = await self.post(url + "/send", {
             "client_id": CLIENT, "sender": "me@example.com", "recipients": recipients,
@@ -127,7 +108,7 @@ class DeliveryTests(TestCase):
         return Deferred.fromCoroutine(self._three_domains())
 
     async def _relay_host(self) -> None:
-        url = self.start_mmgun("--relay-host", f"127.0.0.3:{self.smtp_port}")
+        url = start_mmgun(self, self.dns_port, self.smtp_port, "--relay-host", f"127.0.0.3:{self.smtp_port}", allow_private_mx=True)
         code, sent = await self.post(url + "/send", {
             "client_id": CLIENT, "sender": "me@example.com", "recipients": ["a@alpha.example", "b@nullmx.example"],
             "subject": "s", "body": "b",

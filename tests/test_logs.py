@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from mmgun.logs import _SecondCache, format_classic, twistd_text_observer
 from mmgun.tap import _log_through
 
-from .test_operations import TWISTD, wait_until
+from .helpers import wait_until
+from .test_operations import TWISTD
 
 T = 1_764_400_000.25
 

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.service import IServiceCollection
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
@@ -24,7 +24,7 @@ from mmgun.service import ClientsHolder, ClientsReloader, QueueGauges, make_serv
 from mmgun.testing.ports import port_number
 from mmgun.testing.smtpserver import Mailbox, smtp_server_factory
 
-from .helpers import CLIENT, OTHER_CLIENT, http_url, make_api, result, sync_store
+from .helpers import CLIENT, OTHER_CLIENT, http_url, make_api, result, sync_store, wait_until
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -35,15 +35,6 @@ def metric_values(text: str) -> dict[tuple[str, tuple], float]:
         for sample in family.samples:
             values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return values
-
-
-async def wait_until(predicate, what: str, deadline: float = 30.0) -> None:
-    """Poll ``predicate`` until it holds, failing after ``deadline`` seconds."""
-    end = reactor.seconds() + deadline
-    while not predicate():
-        if reactor.seconds() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.05, lambda: None)
 
 
 class HealthTests(SynchronousTestCase):

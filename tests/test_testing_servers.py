@@ -15,7 +15,6 @@ import signal
 import sys
 import tempfile
 from collections import deque
-from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import ProcessProtocol, connectionDone
 from twisted.internet.ssl import CertificateOptions
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.mail.smtp import ESMTPSenderFactory
 from twisted.names import client, dns, error
@@ -46,6 +45,8 @@ from mmgun.testing import (
     port_number,
     smtp_server_factory,
 )
+
+from .helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 ZONE_FILE = ROOT / "e2e-tests" / "zone.txt"
@@ -90,21 +91,12 @@ async def send_with_twisted(
     )
     connector = _reactor().connectTCP("127.0.0.1", port, factory)
     await sent
-    await eventually(
-        lambda: connector.state == "disconnected", "the client to disconnect"
+    await wait_until(
+        lambda: connector.state == "disconnected",
+        "the client to disconnect",
+        deadline=DEADLINE,
+        interval=0.01,
     )
-
-
-async def eventually(predicate: Callable[[], bool], what: str) -> None:
-    """
-    Poll C{predicate} on the real reactor until it holds or L{DEADLINE} passes.
-    """
-    reactor = _reactor()
-    deadline = reactor.seconds() + DEADLINE
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.01, lambda: None)
 
 
 class ScriptClient(LineOnlyReceiver):
@@ -162,7 +154,7 @@ class RealSMTPTests(TestCase):
     async def _server_idle(self) -> None:
         connections = self.factory.server.connections
         self.factory.server.abort_connections()
-        await eventually(lambda: not connections, "server connections to close")
+        await wait_until(lambda: not connections, "server connections to close", deadline=DEADLINE, interval=0.01)
 
     async def connect(self, port: int) -> ScriptClient:
         endpoint = TCP4ClientEndpoint(_reactor(), "127.0.0.1", port)
@@ -529,9 +521,11 @@ class DNSServerTests(TestCase):
         # client.Resolver declares "connections = None" in its class body; __init__ sets a list.
         for protocol in self.resolver.connections:  # type: ignore[attr-defined]
             protocol.transport.loseConnection()
-        await eventually(
+        await wait_until(
             lambda: not self.resolver.connections and not server.connections,
             "DNS TCP connections to close",
+            deadline=DEADLINE,
+            interval=0.01,
         )
 
     def test_same_port_number(self) -> None:
@@ -711,9 +705,11 @@ class StubScriptTests(TestCase):
                 await process.ended
 
         self.addCleanup(stop)
-        await eventually(
+        await wait_until(
             lambda: os.path.exists(port_file) or process.ended.called,
             f"{script} to start",
+            deadline=DEADLINE,
+            interval=0.01,
         )
         self.assertFalse(process.ended.called, process.output.decode())
         self.transport = transport
@@ -745,9 +741,11 @@ class StubScriptTests(TestCase):
             b"Subject: e2e\n\nsecret body\n",
             tls=False,
         )
-        await eventually(
+        await wait_until(
             lambda: any(n.endswith(".eml") for n in os.listdir(maildir)),
             "a message file",
+            deadline=DEADLINE,
+            interval=0.01,
         )
         await self.terminate(process)
         self.assertIn(b"accepted", process.output)
