@@ -19,17 +19,22 @@ import hashlib
 import re
 import secrets
 import time
-from collections.abc import Callable, Collection, Sequence
-from typing import Protocol
+from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
+
 __all__ = [
     "ALGORITHMS",
+    "BODY_CHUNK",
     "ED25519_SHA256",
     "RSA_SHA256",
     "OVERSIGNED_HEADERS",
+    "body_hash",
     "SIGNED_HEADERS",
     "DKIMKey",
     "dns_records",
@@ -38,6 +43,7 @@ __all__ = [
     "new_selector",
     "random_token",
     "relaxed_body",
+    "relaxed_body_chunks",
     "relaxed_header",
     "sign",
     "split_txt",
@@ -74,8 +80,13 @@ OVERSIGNED_HEADERS = frozenset({b"from", b"to", b"cc", b"subject", b"reply-to"})
 _LINE = 78
 # One character-string of a TXT record (RFC 1035 3.3.14).
 _TXT_STRING = 255
+#: The octets of a body canonicalized and hashed at a time (see :func:`relaxed_body_chunks`).
+BODY_CHUNK = 64 * 1024
 
 _ANY_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+# The end of the header section: a line break and an empty line (atomic groups, so a CRLF is
+# never taken for a CR and an LF).
+_BLANK_LINE = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
 # A run of WSP that is not already one space (replacing only these is what makes it fast).
 _WSP_RUN = re.compile(rb"\t[ \t]*| [ \t]+")
 # A header field ends at a CRLF not followed by WSP (RFC 5322 2.2.3).
@@ -226,18 +237,74 @@ def relaxed_header(name: bytes, value: bytes) -> bytes:
     return name.rstrip(b" \t").lower() + b":" + value + b"\r\n"
 
 
-def relaxed_body(body: bytes) -> bytes:
+def relaxed_body(body: bytes, chunk_size: int | None = None) -> bytes:
     """
     The body in relaxed canonical form (RFC 6376 3.4.4), as a receiver computes it from the
     wire: line breaks made CRLF and a CRLF added at the end if missing (as
     :func:`mmgun.smtp.wire_form` does), then WSP at line ends removed, runs of WSP made one
-    space, empty lines at the end removed; an empty body stays empty.
+    space, empty lines at the end removed; an empty body stays empty. The pieces of
+    :func:`relaxed_body_chunks`, joined.
     """
-    body = _wire_lines(body)
-    body = _reduce_wsp(body).replace(b" \r\n", b"\r\n")
-    body = body.rstrip(b"\r\n")
-    # After _wire_lines every CR is part of a CRLF, so rstrip removed whole empty lines.
-    return body + b"\r\n" if body else b""
+    return b"".join(relaxed_body_chunks(body, chunk_size if chunk_size is not None else BODY_CHUNK))
+
+
+def body_hash(body: bytes, chunk_size: int = BODY_CHUNK, new: Callable[[], Hash] = hashlib.sha256) -> bytes:
+    """
+    The digest of :func:`relaxed_body` of ``body`` (the ``bh=`` value, before base64), fed to
+    the hash piece by piece as :func:`relaxed_body_chunks` makes them, so signing a large body
+    in a thread never holds the GIL for more than one piece at a time.
+    """
+    hasher = new()
+    for piece in relaxed_body_chunks(body, chunk_size):
+        hasher.update(piece)
+    return hasher.digest()
+
+
+def relaxed_body_chunks(body: bytes, chunk_size: int = BODY_CHUNK) -> Iterator[bytes]:
+    """
+    :func:`relaxed_body` of ``body`` in pieces, each made from at most ``chunk_size`` + 1
+    octets of ``body`` (a CRLF is never cut), with the same result once joined: a run of WSP
+    at the end of a piece is carried over to the next as one space (dropped if a line break
+    follows, RFC 6376 3.4.4 a), and the CRLFs at the end of a piece are held back until
+    something other than empty lines follows (3.4.4 b: empty lines at the end of the body are
+    not part of it). No piece is empty.
+    """
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be positive")
+    end = len(body)
+    start = 0
+    space = b""  # b" " when the previous piece ended in a run of WSP, not yet written
+    held = 0  # CRLFs at the end of what was read, written only if non-empty lines follow
+    written = False
+    while start < end:
+        cut = min(start + chunk_size, end)
+        if body[cut - 1 : cut] == b"\r" and body[cut : cut + 1] == b"\n":
+            cut += 1
+        piece = space + body[start:cut]
+        start = cut
+        if cut == end:
+            if piece[-1:] not in (b"\r", b"\n"):
+                piece += b"\r\n"  # the wire form ends with a CRLF
+            space = b""
+        else:
+            stripped = piece.rstrip(b" \t")
+            space = b" " if len(stripped) < len(piece) else b""
+            piece = stripped
+        # A bare CR at the end of a piece is one (a CR followed by LF is never cut off its LF).
+        piece = _reduce_wsp(_line_breaks(piece)).replace(b" \r\n", b"\r\n")
+        # After _line_breaks every CR is part of a CRLF, so rstrip takes whole empty lines.
+        text = piece.rstrip(b"\r\n")
+        if text:
+            while held:
+                # Counted, not concatenated: a body of many empty lines costs linear time.
+                count = min(held, max(chunk_size // 2, 1))
+                yield b"\r\n" * count
+                held -= count
+            yield text
+            written = True
+        held += (len(piece) - len(text)) // 2
+    if written:
+        yield b"\r\n"
 
 
 def _reduce_wsp(data: bytes) -> bytes:
@@ -247,26 +314,36 @@ def _reduce_wsp(data: bytes) -> bytes:
     return data
 
 
-def _wire_lines(data: bytes) -> bytes:
-    """Every line break CRLF, and a CRLF at the end of non-empty ``data``."""
+def _line_breaks(data: bytes) -> bytes:
+    """Every line break (CRLF, or a bare CR or LF) made CRLF."""
     crlf = data.count(b"\r\n")
     if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
-        data = _ANY_LINE_BREAK.sub(b"\r\n", data)
+        return _ANY_LINE_BREAK.sub(b"\r\n", data)
+    return data
+
+
+def _wire_lines(data: bytes) -> bytes:
+    """Every line break CRLF, and a CRLF at the end of non-empty ``data``."""
+    data = _line_breaks(data)
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data
 
 
 def _split(message: bytes) -> tuple[list[bytes], bytes]:
-    """The header fields (each without its final CRLF) and the body of the wire form of ``message``."""
-    wire = _wire_lines(message)
-    if wire.startswith(b"\r\n"):
-        return [], wire[2:]
-    end = wire.find(b"\r\n\r\n")
-    if end < 0:
-        head, body = wire[:-2], b""
+    """
+    The header fields of the wire form of ``message`` (each without its final CRLF), and its
+    body as it is in ``message`` (line breaks not made CRLF yet: :func:`relaxed_body_chunks`
+    does that piece by piece, so a large body is never rewritten in one go).
+    """
+    if message[:1] in (b"\r", b"\n"):
+        return [], message[2:] if message.startswith(b"\r\n") else message[1:]
+    blank = _BLANK_LINE.search(message)
+    if blank is None:
+        head, body = message, b""
     else:
-        head, body = wire[:end], wire[end + 4 :]
+        head, body = message[: blank.start()], message[blank.end() :]
+    head = _wire_lines(head)[:-2]
     return (_FIELD_END.split(head) if head else []), body
 
 
@@ -366,6 +443,6 @@ def sign(message: bytes, keys: Sequence[DKIMKey], now: float) -> bytes:
         names += [name] * (len(instances) + (name in OVERSIGNED_HEADERS))
         signed += reversed(instances)
     headers = b"".join(signed)
-    body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest()).decode("ascii")
+    bh = base64.b64encode(body_hash(body)).decode("ascii")
     ordered = sorted(keys, key=lambda key: ALGORITHMS.index(key.algorithm) if key.algorithm in ALGORITHMS else len(ALGORITHMS))
-    return b"".join(_signature_header(key, now, names, body_hash, headers) for key in ordered) + message
+    return b"".join(_signature_header(key, now, names, bh, headers) for key in ordered) + message

@@ -13,6 +13,7 @@ memory to mmgun's ESMTP server) before they are verified.
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -307,6 +308,19 @@ bodies = st.lists(
     st.sampled_from([b"a", b"Z", b".", b" ", b"\t", b"  ", b"\r\n", b"\n", b"\r", b"\xc3\xa9", b"\x00", b"=\r\n"]),
     max_size=40,
 ).map(b"".join)
+# Header sections with any line breaks, folds, and no blank line or several.
+raw_heads = st.lists(
+    st.sampled_from([b"A: b", b"C:", b" d", b"\t", b"\r\n", b"\n", b"\r", b"x"]),
+    max_size=12,
+).map(b"".join)
+# Bodies heavy in what chunking must get right: WSP runs, line breaks, empty lines at the end.
+wsp_bodies = st.tuples(
+    st.lists(
+        st.sampled_from([b"a", b"b", b" ", b"\t", b"   ", b" \t ", b"\r\n", b"\n", b"\r", b"\r\n\r\n", b" \r\n"]),
+        max_size=60,
+    ).map(b"".join),
+    st.lists(st.sampled_from([b"\r\n", b"\n", b" \r\n", b"\t\r\n", b"\r"]), max_size=8).map(b"".join),
+).map(b"".join)
 
 
 class CanonicalizationTests(SynchronousTestCase):
@@ -358,6 +372,69 @@ class CanonicalizationTests(SynchronousTestCase):
         issue 13 "Speed": on a body already in wire form, ours equals dkimpy's without any help.
         """
         self.assertEqual(mdkim.relaxed_body(body), dkimpy_body(body))
+
+    @PROPERTY
+    @given(wsp_bodies, st.integers(min_value=1, max_value=9))
+    def test_chunked_body_as_whole(self, body: bytes, chunk_size: int) -> None:
+        """
+        issue 13 "Speed": the body canonicalized and hashed in tiny pieces (1 to 9 octets, so
+        pieces end inside WSP runs, between CR and LF, and among the empty lines at the end)
+        gives dkimpy's canonical body and its SHA-256, as the body in one piece does.
+        """
+        expected = dkimpy_body(receiver_body(body))
+        pieces = list(mdkim.relaxed_body_chunks(body, chunk_size))
+        self.assertNotIn(b"", pieces)
+        self.assertEqual(b"".join(pieces), expected)
+        self.assertEqual(mdkim.relaxed_body(body, chunk_size), expected)
+        self.assertEqual(mdkim.body_hash(body, chunk_size), hashlib.sha256(expected).digest())
+
+    def test_large_body_hashed_in_bounded_pieces(self) -> None:
+        """
+        issue 13 "Speed": a 1 MB body of whitespace-heavy lines (and a run of empty lines) is
+        fed to the hash in many pieces of bounded size, never all at once, so signing it in a
+        thread lets the reactor thread run between pieces; the hash is the whole body's.
+        """
+        lines = (b"word \t  word\t\t \r\n   \r\n" * 40_000)[:1_000_000]
+        body = lines + b"\r\n" * 100_000 + b"end  \n\n"
+        updates: list[int] = []
+
+        class Recording:
+            def __init__(self) -> None:
+                self.hasher = hashlib.sha256()
+
+            def update(self, data: bytes) -> None:
+                updates.append(len(data))
+                self.hasher.update(data)
+
+            def digest(self) -> bytes:
+                return self.hasher.digest()
+
+        digest = mdkim.body_hash(body, new=Recording)  # type: ignore[arg-type]
+        self.assertEqual(digest, hashlib.sha256(dkimpy_body(receiver_body(body))).digest())
+        self.assertGreaterEqual(len(updates), len(body) // mdkim.BODY_CHUNK)
+        self.assertGreaterEqual(len(updates), 16)
+        # A piece is canonicalized from at most BODY_CHUNK + 2 octets (its line breaks made CRLF).
+        self.assertLessEqual(max(updates), 2 * (mdkim.BODY_CHUNK + 2) + 2)
+
+    @PROPERTY
+    @given(raw_heads, wsp_bodies)
+    def test_split_as_wire_form(self, head: bytes, body: bytes) -> None:
+        """
+        issue 13 "Signing": the header fields and body that sign() takes from a raw message
+        (any line breaks) are those of its wire form, without making the whole body CRLF first.
+        """
+        message = head + body
+        wire = receiver_body(message)
+        if wire.startswith(b"\r\n"):
+            fields, wire_body = [], wire[2:]
+        elif (end := wire.find(b"\r\n\r\n")) >= 0:
+            fields, wire_body = re.split(rb"\r\n(?![ \t])", wire[:end]), wire[end + 4 :]
+        else:
+            fields, wire_body = (re.split(rb"\r\n(?![ \t])", wire[:-2]) if wire else []), b""
+        got_fields, got_body = mdkim._split(message)
+        self.assertEqual(got_fields, fields)
+        self.assertEqual(mdkim.relaxed_body(got_body), mdkim.relaxed_body(wire_body))
+        self.assertEqual(mdkim.relaxed_body(got_body), dkimpy_body(wire_body))
 
 
 # -- signing ------------------------------------------------------------------------------------
