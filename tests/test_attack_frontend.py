@@ -48,6 +48,7 @@ from mmgun.service import (
 from mmgun.store import EnvelopeOutcome, RecipientOutcome
 from mmgun.store.sqlite import SQLiteStore
 from mmgun.tap import Options as TapOptions
+from mmgun.testing.smtpserver import self_signed_context
 from mmgun.web.app import Frontend
 from mmgun.web.site import FrontendChannel, FrontendSite
 
@@ -352,36 +353,6 @@ class ConnectionFloodOnRealSocketsTests(TestCase):
         return Deferred.fromCoroutine(self._flood())
 
 
-def _write_self_signed(folder: str, hostname: str = "localhost") -> tuple[str, str]:
-    """A fresh self-signed key and certificate in ``folder``, as PEM files for an ``ssl:`` listener: (key, cert)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.UTC)  # the client checks it against its own clock
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = os.path.join(folder, "key.pem"), os.path.join(folder, "cert.pem")
-    with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
 class ConnectionCapOnTLSTests(TestCase):
     """
     A real ``ssl:`` listener: Twisted's TLS wrapper wraps whatever the site's
@@ -390,19 +361,17 @@ class ConnectionCapOnTLSTests(TestCase):
 
     async def _flood(self) -> None:
         from twisted.internet import reactor as global_reactor
-        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString, wrapClientTLS
+        from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint, connectProtocol, wrapClientTLS
         from twisted.internet.ssl import CertificateOptions
         from twisted.internet.task import deferLater
 
         reactor: Any = global_reactor
-        folder = self.mktemp()
-        os.makedirs(folder)
-        key, cert = _write_self_signed(folder)
         store, _ = sync_store(self)
         clients = Clients.from_ids([CLIENT])
         frontend = Frontend(store, lambda: clients, reactor, hostname="h", max_connections_per_source=2, request_timeout=30)
         site = frontend.site()
-        endpoint = serverFromString(reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+        # What an `ssl:` --listen builds: an SSL4ServerEndpoint, with a self-signed test certificate.
+        endpoint = SSL4ServerEndpoint(reactor, 0, self_signed_context("localhost"), interface="127.0.0.1")
         port = await endpoint.listen(site)
         number = port.getHost().port
         opened: list[Any] = []
