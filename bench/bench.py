@@ -308,6 +308,19 @@ def stop_daemons(daemons: list[Daemon]) -> dict[str, Any]:
 # -- measuring ------------------------------------------------------------------------------
 
 
+def helper_pids(daemons: list[Daemon]) -> dict[str, int]:
+    """
+    The live child processes of the daemons (a frontend's DKIM signing process), by
+    "<daemon>-signer" (then -signer2, …): watched like the daemons, as /proc/PID/stat's
+    cutime/cstime count a child only once it has been reaped.
+    """
+    found: dict[str, int] = {}
+    for daemon in daemons:
+        for n, pid in enumerate(procs.descendants(daemon.pid)):
+            found[f"{daemon.name}-signer{n + 1 if n else ''}"] = pid
+    return found
+
+
 class Snapshot:
     """CPU of the watched processes and of the whole machine at one moment."""
 
@@ -549,7 +562,9 @@ def relay_run(
         assert loadgen.stdin is not None and loadgen.stdout is not None
         if loadgen.stdout.readline().strip() != "ready":
             raise RuntimeError("the load generator did not start")
-        pids = {d.name: d.pid for d in daemons} | {"sink": sink.process.pid, "loadgen": loadgen.pid}
+        # A frontend's DKIM signing process (mmgun.signer) is its child: its CPU is counted as "<name>-signer".
+        helpers = helper_pids(daemons)
+        pids = {d.name: d.pid for d in daemons} | helpers | {"sink": sink.process.pid, "loadgen": loadgen.pid}
         profiles = Profiles(setup, run, daemons)
         before = Snapshot(pids)
         loadgen.stdin.write("go\n")
@@ -559,7 +574,7 @@ def relay_run(
         except subprocess.TimeoutExpired:
             loadgen.kill()
             raise RuntimeError("the load generator overran its time limit") from None
-        after_ingest = Snapshot({d.name: d.pid for d in daemons})
+        after_ingest = Snapshot({d.name: d.pid for d in daemons} | helpers)
         if loadgen.returncode != 0:
             raise RuntimeError(f"the load generator failed with status {loadgen.returncode}")
         ingest = json.loads(result_file.read_text())
@@ -568,7 +583,7 @@ def relay_run(
             delivery = wait_delivered(sink, len(expected), args.stall, args.time_limit)
         else:
             delivery = {"outcome": "not delivered (ingest only)", **sink.stats()}
-        after = Snapshot({d.name: d.pid for d in daemons} | {"sink": sink.process.pid})
+        after = Snapshot({d.name: d.pid for d in daemons} | helpers | {"sink": sink.process.pid})
         # The load generator exited before the drain ended: it reported its own total.
         after.cpu["loadgen"] = ingest.get("cpu_seconds", before.cpu.get("loadgen", 0.0))
         peak = {d.name: mib(procs.status_kib(d.pid, "VmHWM")) for d in daemons}
@@ -887,6 +902,8 @@ def _spread(runs: list[dict[str, Any]], key: str) -> list[float] | None:
 
 def summarize_relay(runs: list[dict[str, Any]]) -> dict[str, Any]:
     names = list(runs[0]["peak_rss_mib"]) if runs else []
+    # The daemons, their helper processes ("frontend-signer"), then the sink and the load generator.
+    cpu_names = list(dict.fromkeys([*names, *(runs[0]["cpu_per_1000"] if runs else {}), "sink", "loadgen"]))
     return {
         "runs": len(runs),
         "ingest_rate": median_of(runs, "ingest_rate"),
@@ -895,7 +912,7 @@ def summarize_relay(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "p99_ms": median_of(runs, "latency_ms.p99"),
         "e2e_rate": median_of(runs, "e2e_rate"),
         "e2e_recipient_rate": median_of(runs, "e2e_recipient_rate"),
-        "cpu_per_1000": {n: median_of(runs, f"cpu_per_1000.{n}") for n in [*names, "sink", "loadgen"]},
+        "cpu_per_1000": {n: median_of(runs, f"cpu_per_1000.{n}") for n in cpu_names},
         "peak_rss_mib": {n: max((r["peak_rss_mib"][n] or 0) for r in runs) for n in names},
         "machine_busy_cores": median_of(runs, "machine_busy_cores"),
         "other_cpu_seconds": median_of(runs, "other_cpu_seconds"),

@@ -16,6 +16,11 @@
     mmgun domains verify DOMAIN [--nameserver HOST[:PORT]]   does DNS match the keys?
     mmgun domains rotate DOMAIN     a new key per algorithm, under a new selector
     mmgun domains retire DOMAIN SELECTOR   stop publishing an old key
+    mmgun suppressions list|add|remove --client ID --kind bounce|unsubscribe|complaint [ADDRESS] [--tag T]
+                                    the addresses a client's mail is not sent to
+    mmgun webhooks add --client ID [--domain D] --url URL [--events delivered,permanent_fail,temporary_fail]
+    mmgun webhooks list [--client ID] [--json] | remove WEBHOOK_ID
+    mmgun webhooks key --client ID [--rotate]   the client's webhook signing key, printed when made
 
 An ID is an envelope id (a number, as ``mmgun queue`` shows) or a submission id (all of its
 unfinished envelopes). The command is one more connection to the daemon's SQLite file: in
@@ -30,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -44,7 +50,19 @@ from twisted.python.failure import Failure
 from .auth import check_client_id, key_hash, new_key
 from .clients import ClientsFileError, load_clients
 from .config import OPTIONS, env_name
-from .store import Conflict, DomainKey, InDelivery, NotInQueue, QueueEntry, QueueStats, SendingDomain, StorageError
+from .message import BadRequest, check_tags, normalize_address
+from .store import (
+    SUPPRESSION_KINDS,
+    Conflict,
+    DomainKey,
+    InDelivery,
+    NotInQueue,
+    QueueEntry,
+    QueueStats,
+    SendingDomain,
+    StorageError,
+    Suppression,
+)
 from .store.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
@@ -207,6 +225,8 @@ def _parser(out: TextIO) -> _Parser:
     revoke.add_argument("key_id", metavar="KEY_ID")
     revoke.set_defaults(run=_keys_revoke)
     _domains_parser(commands, database, parser_class)
+    _suppressions_parser(commands, database, parser_class)
+    _webhooks_parser(commands, database, parser_class)
     check = clients_actions.add_parser("check", help="validate the clients file")
     check.add_argument(
         "--clients",
@@ -445,6 +465,262 @@ def _keys_list(args: argparse.Namespace, context: _Context) -> int:
 def _keys_revoke(args: argparse.Namespace, context: _Context) -> int:
     revoked = _write(args, context, lambda store: store.revoke_key(args.key_id, context.now()))
     context.out.write(f"revoked key {args.key_id}\n" if revoked else f"key {args.key_id} was already revoked\n")
+    return 0
+
+
+# -- suppression lists (issue 14) ---------------------------------------------------------
+
+
+def _suppressions_parser(commands: Any, database: _Parser, parser_class: type[_Parser]) -> None:
+    suppressions = commands.add_parser(
+        "suppressions",
+        help="a client's suppression lists: addresses its mail is not sent to",
+        description=(
+            "A recipient on one of its client's lists is failed at once (last_reply \"suppressed: ...\"). Bounces are"
+            " added when an MX says the mailbox does not exist; unsubscribes and complaints through the API or here."
+        ),
+    )
+    actions = suppressions.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=parser_class)
+    which = parser_class(add_help=False)
+    which.add_argument("--client", metavar="ID", required=True, help="the client whose list it is")
+    which.add_argument("--kind", required=True, choices=SUPPRESSION_KINDS, help="which list")
+    listing = actions.add_parser("list", parents=[database, which], help="a list, in address order")
+    listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    listing.set_defaults(run=_suppressions_list)
+    add = actions.add_parser("add", parents=[database, which], help="add an address (again: replace its entry)")
+    add.add_argument("address", metavar="ADDRESS")
+    add.add_argument("--tag", action="append", metavar="TAG", help="unsubscribe: stop only mail with this tag (repeatable; default: all mail)")
+    add.add_argument("--error", metavar="TEXT", help="bounce: why, shown in the last_reply of the recipients it stops")
+    add.set_defaults(run=_suppressions_add)
+    remove = actions.add_parser("remove", parents=[database, which], help="remove an address: its mail is sent again")
+    remove.add_argument("address", metavar="ADDRESS")
+    remove.set_defaults(run=_suppressions_remove)
+
+
+def _suppression_address(value: str) -> str:
+    """As the HTTP APIs keep it: checked as a recipient is, lower case."""
+    try:
+        return normalize_address(value, "ADDRESS").lower()
+    except BadRequest:
+        raise AdminError(f"{value!r} is not a valid email address (local@domain)") from None
+
+
+def _suppression_document(entry: Suppression) -> dict[str, Any]:
+    """As GET /suppressions shows it."""
+    document: dict[str, Any] = {"kind": entry.kind, "address": entry.address, "created_at": _iso(entry.created_at, precise=True)}
+    if entry.kind == "bounce":
+        document.update(code=entry.code, error=entry.error)
+    elif entry.kind == "unsubscribe":
+        document["tags"] = list(entry.tags) or ["*"]
+    return document
+
+
+def _suppression_detail(entry: Suppression) -> str:
+    if entry.kind == "bounce":
+        return " ".join(part for part in (entry.code, entry.error) if part)
+    if entry.kind == "unsubscribe":
+        return f"only mail tagged {', '.join(entry.tags)}" if entry.tags else "all mail"
+    return ""
+
+
+def _suppressions_list(args: argparse.Namespace, context: _Context) -> int:
+    async def read(store: SQLiteStore) -> list[Suppression]:
+        entries: list[Suppression] = []
+        while True:
+            page = await store.suppressions(args.client, args.kind, after=entries[-1].address if entries else None, limit=1000)
+            entries += page
+            if len(page) < 1000:
+                return entries
+
+    entries = _run(args, context, read)
+    if args.json:
+        json.dump([_suppression_document(e) for e in entries], context.out, indent=2)
+        context.out.write("\n")
+    elif not entries:
+        context.out.write(f"client {args.client}'s {args.kind} list is empty\n")
+    else:
+        rows = [(e.address, _iso(e.created_at), _suppression_detail(e)) for e in entries]
+        _write_table(context.out, ("ADDRESS", "ADDED", "DETAIL"), rows)
+    return 0
+
+
+def _suppressions_add(args: argparse.Namespace, context: _Context) -> int:
+    address = _suppression_address(args.address)
+    if args.tag and args.kind != "unsubscribe":
+        raise AdminError("--tag limits an unsubscribe (--kind unsubscribe) only")
+    if args.error is not None and args.kind != "bounce":
+        raise AdminError("--error describes a bounce (--kind bounce) only")
+    try:
+        tags = tuple(t for tag in args.tag or () for t in check_tags([tag], "--tag"))
+    except BadRequest as e:
+        raise AdminError(str(e)) from None
+    tags = () if "*" in tags else tuple(dict.fromkeys(tags))
+    code = "550" if args.kind == "bounce" else None
+    entry = Suppression(args.client, args.kind, address, context.now(), code=code, error=args.error or None, tags=tags)
+    _run(args, context, lambda store: store.add_suppressions([entry]))
+    limited = f" (only mail tagged {', '.join(tags)})" if tags else ""
+    context.out.write(f"added {address} to client {args.client}'s {args.kind} list{limited}\n")
+    return 0
+
+
+def _suppressions_remove(args: argparse.Namespace, context: _Context) -> int:
+    address = _suppression_address(args.address)
+    if not _run(args, context, lambda store: store.remove_suppression(args.client, args.kind, address)):
+        raise AdminError(f"{address} is not on client {args.client}'s {args.kind} list; nothing changed")
+    context.out.write(f"removed {address} from client {args.client}'s {args.kind} list\n")
+    return 0
+
+
+# -- webhooks (issue 14) ------------------------------------------------------------------
+
+
+def _webhooks_parser(commands: Any, database: _Parser, parser_class: type[_Parser]) -> None:
+    from .store import WEBHOOK_EVENTS
+
+    names = ",".join(WEBHOOK_EVENTS)
+    webhooks = commands.add_parser(
+        "webhooks",
+        help="webhooks: URLs a client's events are POSTed to, signed with its key",
+        description=(
+            "A webhook receives, from when it is added, the client's events of the kinds named (of one sending domain,"
+            " or all), POSTed as Mailgun does: JSON signed with the client's webhook signing key."
+        ),
+    )
+    actions = webhooks.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=parser_class)
+    add = actions.add_parser("add", parents=[database], help="add a webhook (and the client's signing key, if it has none)")
+    add.add_argument("--client", metavar="ID", required=True, help="the client whose events it receives")
+    add.add_argument("--domain", metavar="DOMAIN", help="only the events of mail from this sending domain (default: all)")
+    add.add_argument("--url", required=True, help="http or https; user:password@ is sent as HTTP Basic authentication")
+    add.add_argument("--events", metavar="NAMES", default=names, help=f"comma-separated, of {names} (default: all)")
+    add.set_defaults(run=_webhooks_add)
+    listing = actions.add_parser("list", parents=[database], help="the webhooks (passwords in URLs shown as ***)")
+    listing.add_argument("--client", metavar="ID", help="only this client's webhooks")
+    listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    listing.set_defaults(run=_webhooks_list)
+    remove = actions.add_parser("remove", parents=[database], help="remove a webhook and the retries waiting for it")
+    remove.add_argument("webhook_id", metavar="WEBHOOK_ID")
+    remove.set_defaults(run=_webhooks_remove)
+    key = actions.add_parser("key", parents=[database], help="make the client's signing key if it has none (--rotate: a new one), print it")
+    key.add_argument("--client", metavar="ID", required=True)
+    key.add_argument("--rotate", action="store_true", help="replace the key: POSTs are signed with the new one within seconds")
+    key.set_defaults(run=_webhooks_key)
+
+
+def _webhook_events(value: str) -> tuple[str, ...]:
+    from .store import WEBHOOK_EVENTS
+
+    names = [n.strip().lower() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in WEBHOOK_EVENTS]
+    if unknown or not names:
+        raise AdminError(
+            f"--events: {', '.join(unknown) or 'none given'}: a webhook receives {', '.join(WEBHOOK_EVENTS)}"
+            " (mmgun makes no accepted webhooks, and no opened, clicked, complained or unsubscribed events)"
+        )
+    return tuple(n for n in WEBHOOK_EVENTS if n in names)
+
+
+def _webhook_document(webhook: Any) -> dict[str, Any]:
+    from .webhooks import redact_url
+
+    return {
+        "id": webhook.id,
+        "client": webhook.client,
+        "domain": webhook.domain,
+        "url": redact_url(webhook.url),
+        "events": list(webhook.events),
+        "created_at": _iso(webhook.created_at, precise=True),
+    }
+
+
+def _print_new_key(out: TextIO, client: str, key: str, made: str) -> None:
+    out.write(
+        f"webhook signing key of client {client} ({made}; shown only now, mmgun webhooks key --client {client} --rotate"
+        f" replaces it):\n{key}\n"
+    )
+
+
+def _webhooks_add(args: argparse.Namespace, context: _Context) -> int:
+    from .store import Webhook
+    from .webhooks import WebhookURLError, new_signing_key, parse_url, redact_url
+
+    try:
+        receiver = parse_url(args.url)
+    except WebhookURLError as e:
+        raise AdminError(f"--url: {e}") from None
+    events = _webhook_events(args.events)
+    domain = _sending_domain(args.domain) if args.domain is not None else None
+    now = context.now()
+    webhook = Webhook(f"wh-{secrets.token_hex(6)}", args.client, domain, args.url, events, now)
+    new_key = new_signing_key()
+
+    async def add(store: SQLiteStore) -> bool:
+        if domain is not None:
+            registered = await store.domain(domain)
+            if registered is not None and registered.client != args.client:
+                raise AdminError(f"sending domain {domain} is client {registered.client}'s, not {args.client}'s")
+        made = await store.webhook_key(args.client) is None
+        if made:
+            # Another process may have made one meanwhile: the stored key is the one to print.
+            made = await store.set_webhook_key(args.client, new_key, now, replace=False) == new_key
+        await store.add_webhook(webhook)
+        return made
+
+    made = _write(args, context, add)
+    scope = f"mail from {domain}" if domain else "every domain"
+    context.out.write(
+        f"added webhook {webhook.id} for client {args.client}: {redact_url(args.url)}\n"
+        f"events: {', '.join(events)} ({scope}), from now on; POSTed to {receiver}\n"
+    )
+    if made:
+        _print_new_key(context.out, args.client, new_key, "made now")
+    return 0
+
+
+def _webhooks_list(args: argparse.Namespace, context: _Context) -> int:
+    from .webhooks import redact_url
+
+    webhooks = _run(args, context, lambda store: store.webhooks(args.client))
+    if args.json:
+        json.dump([_webhook_document(w) for w in webhooks], context.out, indent=2)
+        context.out.write("\n")
+    elif not webhooks:
+        context.out.write(f"client {args.client} has no webhook\n" if args.client else "no webhook\n")
+    else:
+        rows = [
+            (w.id, w.client, w.domain or "*", ",".join(w.events), _iso(w.created_at), redact_url(w.url)) for w in webhooks
+        ]
+        _write_table(context.out, ("ID", "CLIENT", "DOMAIN", "EVENTS", "CREATED", "URL"), rows)
+    return 0
+
+
+def _webhooks_remove(args: argparse.Namespace, context: _Context) -> int:
+    if not _write(args, context, lambda store: store.remove_webhook(args.webhook_id)):
+        raise AdminError(f"no webhook {args.webhook_id} (see mmgun webhooks list); nothing changed")
+    context.out.write(f"removed webhook {args.webhook_id}: its events are no longer POSTed, its retries are dropped\n")
+    return 0
+
+
+def _webhooks_key(args: argparse.Namespace, context: _Context) -> int:
+    from .webhooks import new_signing_key
+
+    key = new_signing_key()
+    now = context.now()
+
+    async def make(store: SQLiteStore) -> bool:
+        if not args.rotate and await store.webhook_key(args.client) is not None:
+            return False
+        await store.set_webhook_key(args.client, key, now)
+        return True
+
+    if not _write(args, context, make):
+        context.out.write(
+            f"client {args.client} has a webhook signing key (shown only when made): --rotate replaces it\n"
+        )
+        return 0
+    if args.rotate:
+        _print_new_key(context.out, args.client, key, "rotated: POSTs are signed with it within seconds, give it to the receivers now")
+    else:
+        _print_new_key(context.out, args.client, key, "made now")
     return 0
 
 

@@ -46,9 +46,16 @@ class Cleaner(TimerService):
                 total += deleted
                 if deleted < BATCH:
                     break
-            if total:
+            events = 0
+            while True:
+                # Events are kept --retention after they happen (issue 14).
+                deleted = await self._store.clean_events(before, BATCH)
+                events += deleted
+                if deleted < BATCH:
+                    break
+            if total or events:
                 await self._store.vacuum(VACUUM_PAGES)
-                _log.info("cleaner deleted {count} finished submissions", count=total)
+                _log.info("cleaner deleted {count} finished submissions and {events} events", count=total, events=events)
         except Exception:
             _log.failure("cleaning pass failed; the next one will try again")
         return total

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 from twisted.python import usage
 
-ROLES = ("frontend", "sender", "cleaner")
+ROLES = ("frontend", "sender", "cleaner", "webhooks")
 TLS_MODES = ("opportunistic", "require", "verify")
 LOG_FORMATS = ("text", "json")
 SENDER_POLICIES = ("any", "domains")
@@ -136,6 +136,11 @@ OPTIONS: dict[str, tuple[str | None, Callable[[str], object], str]] = {
     "max-queued-bytes": ("1G", parse_size, "per-client cap on the bytes of messages still queued (0: no cap)"),
     "max-http-connections": ("4000", _positive_int, "most HTTP connections open at once (all sources)"),
     "max-http-connections-per-source": ("1000", _positive_int, "most HTTP connections open at once from one address"),
+    "max-auth-failures": (
+        "10",
+        _positive_int,
+        "failed authentications from one address before it is slowed to this many a minute (429 meanwhile)",
+    ),
     "sender-id": (
         None,
         _identity,
@@ -152,10 +157,11 @@ OPTIONS: dict[str, tuple[str | None, Callable[[str], object], str]] = {
 #: Boolean options (off unless given): name → help. In the environment: 1/true/yes or 0/false/no.
 FLAGS: dict[str, str] = {
     "allow-private-mx": "relay to MX hosts on loopback, private, link-local or this host's own addresses (test setups, private networks)",
+    "webhook-allow-private": "POST webhooks to receivers on loopback, private, link-local or this host's own addresses (test setups, private networks)",
 }
 #: Repeatable options: name → (converter, help).
 MULTI_OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
-    "role": (_choice(ROLES), "frontend, sender or cleaner; repeatable (default: all three)"),
+    "role": (_choice(ROLES), "frontend, sender, cleaner or webhooks; repeatable (default: all four)"),
     "nameserver": (_hostport, "DNS server HOST[:PORT]; repeatable (default: /etc/resolv.conf)"),
 }
 
@@ -198,11 +204,13 @@ class Config:
     max_queued_bytes: int
     max_http_connections: int
     max_http_connections_per_source: int
+    max_auth_failures: int
     #: None: the host name (resolved by the sender, which falls back to a fresh id when it is taken).
     sender_id: str | None
     mx_address_limit: int
     mx_session_limit: int
     allow_private_mx: bool
+    webhook_allow_private: bool
     sender_policy: str
 
 
@@ -229,7 +237,7 @@ class Options(usage.Options):
             self[name] = []
 
     def opt_role(self, value: str) -> None:
-        """frontend, sender or cleaner; repeatable (default: all three) (env MMGUN_ROLE, comma-separated)"""
+        """frontend, sender, cleaner or webhooks; repeatable (default: all four) (env MMGUN_ROLE, comma-separated)"""
         self["role"].append(value)
 
     def opt_nameserver(self, value: str) -> None:

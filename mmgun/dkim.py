@@ -20,10 +20,11 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+import attrs
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
@@ -45,7 +46,11 @@ __all__ = [
     "relaxed_body",
     "relaxed_body_chunks",
     "relaxed_header",
+    "SignRequest",
+    "Unsigned",
+    "prepare",
     "sign",
+    "sign_digest",
     "split_txt",
 ]
 
@@ -75,11 +80,14 @@ SIGNED_HEADERS = (
 #: The fields a receiver shows or replies to, which must not be added to a signed message:
 #: a second From, or a To, Cc, Subject or Reply-To the message did not have.
 OVERSIGNED_HEADERS = frozenset({b"from", b"to", b"cc", b"subject", b"reply-to"})
+_SIGNED = frozenset(SIGNED_HEADERS)
 
 # Lines are folded to at most this many octets (RFC 5322 2.1.1's "SHOULD").
 _LINE = 78
 # One character-string of a TXT record (RFC 1035 3.3.14).
 _TXT_STRING = 255
+# The octets of a SHA-256 digest: what each private-key operation signs.
+_DIGEST_SIZE = 32
 #: The octets of a body canonicalized and hashed at a time (see :func:`relaxed_body_chunks`).
 BODY_CHUNK = 64 * 1024
 
@@ -338,6 +346,14 @@ def _split(message: bytes) -> tuple[list[bytes], bytes]:
     """
     if message[:1] in (b"\r", b"\n"):
         return [], message[2:] if message.startswith(b"\r\n") else message[1:]
+    end = message.find(b"\r\n\r\n")
+    if end > 0:
+        head = message[:end]
+        crlf = head.count(b"\r\n")
+        if head.count(b"\r") == crlf and head.count(b"\n") == crlf:
+            # The usual case (mmgun builds CRLF messages): no other line break before the first
+            # CRLF CRLF, so no earlier blank line and nothing to rewrite in the header.
+            return _FIELD_END.split(head), message[end + 4 :]
     blank = _BLANK_LINE.search(message)
     if blank is None:
         head, body = message, b""
@@ -378,7 +394,8 @@ def _fold(pieces: Sequence[tuple[str, str]]) -> list[str]:
     return lines
 
 
-def _signature_header(key: DKIMKey, now: float, names: Sequence[bytes], body_hash: str, headers: bytes) -> bytes:
+def _signature_lines(key: DKIMKey, now: float, names: Sequence[bytes], body_hash: str) -> list[str]:
+    """The field's lines with an empty ``b=`` (to be filled by :meth:`Unsigned.finish`)."""
     pieces = [
         (" ", "v=1;"),
         (" ", f"a={key.algorithm};"),
@@ -390,27 +407,105 @@ def _signature_header(key: DKIMKey, now: float, names: Sequence[bytes], body_has
     pieces += [("" if i else " ", (":" if i else "h=") + name.decode("ascii")) for i, name in enumerate(names)]
     pieces[-1] = (pieces[-1][0], pieces[-1][1] + ";")
     pieces += [(" ", f"bh={body_hash};"), (" ", "b=")]
-    lines = _fold(pieces)
-    # What is signed: the signed fields, then this field with an empty b= and no final CRLF (RFC 6376 3.7).
-    unsigned = "\r\n".join(lines).encode("ascii")
-    name, _, value = unsigned.partition(b":")
-    data = headers + relaxed_header(name, value)[:-2]
-    private = _load_private_key(key.private_key)
-    if isinstance(private, rsa.RSAPrivateKey):
-        if key.algorithm != RSA_SHA256:
-            raise ValueError(f"key {key.selector} of {key.domain} is RSA, not {key.algorithm}")
-        signature = private.sign(data, padding.PKCS1v15(), hashes.SHA256())
-    else:
-        if key.algorithm != ED25519_SHA256:
-            raise ValueError(f"key {key.selector} of {key.domain} is Ed25519, not {key.algorithm}")
-        # RFC 8463 3: Ed25519 signs the SHA-256 hash of the canonicalized data.
-        signature = private.sign(hashlib.sha256(data).digest())
+    return _fold(pieces)
+
+
+def _with_signature(lines: Sequence[str], signature: bytes) -> bytes:
+    """The field: ``lines`` with the base64 signature after ``b=``, then on 78-octet continuation lines."""
     b = base64.b64encode(signature).decode("ascii")
-    # The value follows "b=" on its line, then fills 78-octet continuation lines.
-    room = max(_LINE - len(lines[-1]), 0)
-    lines[-1] += b[:room]
-    lines += [" " + b[i : i + _LINE - 1] for i in range(room, len(b), _LINE - 1)]
-    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+    last = lines[-1]
+    room = max(_LINE - len(last), 0)
+    filled = [*lines[:-1], last + b[:room]]
+    filled += [" " + b[i : i + _LINE - 1] for i in range(room, len(b), _LINE - 1)]
+    return ("\r\n".join(filled) + "\r\n").encode("ascii")
+
+
+def sign_digest(private_pem: bytes, algorithm: str, digest: bytes) -> bytes:
+    """
+    The private-key operation of one signature: ``digest`` (the SHA-256 of the data to sign,
+    :attr:`SignRequest.digest`) signed with ``private_pem`` (PKCS#8 PEM) for ``algorithm``.
+    RSA: PKCS#1 v1.5 over the prehashed digest, the same signature as over the data itself;
+    Ed25519: the 32-octet digest itself is the message (RFC 8463 3). Parsed keys are cached.
+
+    ValueError if the key is not of ``algorithm`` (or not a key), or ``digest`` is not 32 octets.
+    """
+    if len(digest) != _DIGEST_SIZE:
+        raise ValueError(f"a SHA-256 digest is {_DIGEST_SIZE} octets, not {len(digest)}")
+    private = _load_private_key(private_pem)
+    if isinstance(private, rsa.RSAPrivateKey):
+        if algorithm != RSA_SHA256:
+            raise ValueError(f"an RSA key cannot sign {algorithm}")
+        return private.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    if algorithm != ED25519_SHA256:
+        raise ValueError(f"an Ed25519 key cannot sign {algorithm}")
+    return private.sign(digest)
+
+
+class SignRequest(NamedTuple):
+    """One private-key operation :func:`sign_digest` does: what :func:`prepare` leaves to do."""
+
+    private_key: bytes
+    algorithm: str
+    digest: bytes
+
+
+@attrs.frozen
+class Unsigned:
+    """
+    A message with its DKIM-Signature fields made but for their signatures: :attr:`requests`
+    (one per key, in field order) are to be signed (:func:`sign_digest`, anywhere: another
+    thread or process), then :meth:`finish` makes the signed message.
+    """
+
+    message: bytes
+    requests: tuple[SignRequest, ...]
+    _lines: tuple[tuple[str, ...], ...] = attrs.field(repr=False)
+
+    def finish(self, signatures: Sequence[bytes]) -> bytes:
+        """The message with its signature fields prepended; ``signatures`` answer :attr:`requests`, in order."""
+        if len(signatures) != len(self.requests):
+            raise ValueError(f"{len(signatures)} signatures for {len(self.requests)} requests")
+        return b"".join(_with_signature(lines, signature) for lines, signature in zip(self._lines, signatures, strict=True)) + self.message
+
+
+def prepare(message: bytes, keys: Sequence[DKIMKey], now: float) -> Unsigned:
+    """
+    Everything of :func:`sign` but the private-key operations: the split, the relaxed
+    canonicalization, the body hash, the fields (folded, ``b=`` empty) and the SHA-256 of
+    what each key signs. Cheap (about 0.06 ms for a 1 KB message); the private-key
+    operations (0.3 ms each for RSA 2048) are the :attr:`Unsigned.requests`.
+    """
+    if not keys:
+        return Unsigned(message, (), ())
+    fields, body = _split(message)
+    present: dict[bytes, list[bytes]] = {}
+    for field in fields:
+        name, colon, value = field.partition(b":")
+        if colon:
+            lower = name.rstrip(b" \t").lower()
+            if lower in _SIGNED:
+                present.setdefault(lower, []).append(relaxed_header(name, value))
+    names: list[bytes] = []
+    signed: list[bytes] = []
+    for name in SIGNED_HEADERS:
+        instances = present.get(name, [])
+        # RFC 6376 5.4.2: instances are signed from the bottom up.
+        names += [name] * (len(instances) + (name in OVERSIGNED_HEADERS))
+        signed += reversed(instances)
+    headers = b"".join(signed)
+    bh = base64.b64encode(body_hash(body)).decode("ascii")
+    ordered = sorted(keys, key=lambda key: ALGORITHMS.index(key.algorithm) if key.algorithm in ALGORITHMS else len(ALGORITHMS))
+    requests: list[SignRequest] = []
+    all_lines: list[tuple[str, ...]] = []
+    for key in ordered:
+        lines = _signature_lines(key, now, names, bh)
+        # What is signed: the signed fields, then this field with an empty b= and no final CRLF (RFC 6376 3.7).
+        unsigned = "\r\n".join(lines).encode("ascii")
+        name, _, value = unsigned.partition(b":")
+        digest = hashlib.sha256(headers + relaxed_header(name, value)[:-2]).digest()
+        requests.append(SignRequest(key.private_key, key.algorithm, digest))
+        all_lines.append(tuple(lines))
+    return Unsigned(message, tuple(requests), tuple(all_lines))
 
 
 def sign(message: bytes, keys: Sequence[DKIMKey], now: float) -> bytes:
@@ -425,24 +520,10 @@ def sign(message: bytes, keys: Sequence[DKIMKey], now: float) -> bytes:
     body (no ``l=``). Folded to lines of at most 78 octets with CRLF. Computed over the wire
     form of ``message`` (see the module docstring).
 
+    :func:`prepare`, :func:`sign_digest` for each of its requests, then :meth:`Unsigned.finish`,
+    all on the calling thread (the frontend does the middle part in :mod:`mmgun.signer`'s process).
+
     ValueError if a key's private key does not match its algorithm.
     """
-    if not keys:
-        return message
-    fields, body = _split(message)
-    present: dict[bytes, list[bytes]] = {}
-    for field in fields:
-        name, colon, value = field.partition(b":")
-        if colon:
-            present.setdefault(name.rstrip(b" \t").lower(), []).append(relaxed_header(name, value))
-    names: list[bytes] = []
-    signed: list[bytes] = []
-    for name in SIGNED_HEADERS:
-        instances = present.get(name, [])
-        # RFC 6376 5.4.2: instances are signed from the bottom up.
-        names += [name] * (len(instances) + (name in OVERSIGNED_HEADERS))
-        signed += reversed(instances)
-    headers = b"".join(signed)
-    bh = base64.b64encode(body_hash(body)).decode("ascii")
-    ordered = sorted(keys, key=lambda key: ALGORITHMS.index(key.algorithm) if key.algorithm in ALGORITHMS else len(ALGORITHMS))
-    return b"".join(_signature_header(key, now, names, bh, headers) for key in ordered) + message
+    unsigned = prepare(message, keys, now)
+    return unsigned.finish([sign_digest(*request) for request in unsigned.requests])

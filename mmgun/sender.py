@@ -54,6 +54,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger, LogLevel
 
+from .bounces import mailbox_gone
 from .metrics import Metrics
 from .mx import MXHost, PermanentDNSError, TemporaryDNSError
 from .smtp import SessionFailed, SMTPSettings, Transaction, TransactionResult, send_session, wire_form
@@ -513,9 +514,9 @@ class Sender(Service):
         commits: list[Deferred[None]] = []
         settled: set[int] = set()
 
-        def settle(envelope: ClaimedEnvelope, results: dict[str, tuple[str, str]]) -> None:
+        def settle(envelope: ClaimedEnvelope, results: dict[str, tuple[str, str]], mx_host: str | None = None) -> None:
             settled.add(envelope.id)
-            commits.append(Deferred.fromCoroutine(self._record([self._outcome(envelope, results)])))
+            commits.append(Deferred.fromCoroutine(self._record([self._outcome(envelope, results, mx_host)])))
 
         try:
             await self._attempt(hosts, envelopes, settled, settle)
@@ -637,7 +638,7 @@ class Sender(Service):
         hosts: tuple[MXHost, ...],
         envelopes: list[ClaimedEnvelope],
         settled: set[int],
-        settle: Callable[[ClaimedEnvelope, dict[str, tuple[str, str]]], None],
+        settle: Callable[[ClaimedEnvelope, dict[str, tuple[str, str]], str | None], None],
     ) -> None:
         """
         Try the hosts in order until every envelope has a result, at most
@@ -680,7 +681,7 @@ class Sender(Service):
                     mx=host.name,
                     outcomes={a: str(r.reply.code) for a, r in result.recipients.items()},
                 )
-                settle(envelope, {a: (r.outcome, str(r.reply)) for a, r in result.recipients.items()})
+                settle(envelope, {a: (r.outcome, str(r.reply)) for a, r in result.recipients.items()}, host.name)
 
             try:
                 session_results = await self._send(host, remaining, on_result)
@@ -706,7 +707,7 @@ class Sender(Service):
                     last_reply = str(next(iter(result.recipients.values())).reply)
         for envelope in envelopes:
             if envelope.id not in settled:
-                settle(envelope, {a: ("deferred", last_reply) for a in envelope.recipients})
+                settle(envelope, {a: ("deferred", last_reply) for a in envelope.recipients}, None)
 
     async def _send(
         self, host: MXHost, envelopes: list[ClaimedEnvelope], on_result: Callable[[TransactionResult], None]
@@ -742,15 +743,24 @@ class Sender(Service):
             envelope.id, envelope.sender, envelope.recipients, entry.message, wire=entry.wire, eight_bit=entry.eight_bit
         )
 
-    def _outcome(self, envelope: ClaimedEnvelope, results: dict[str, tuple[str, str]]) -> EnvelopeOutcome:
-        """Apply the retry schedule and the queue lifetime to one envelope's results."""
+    def _outcome(
+        self, envelope: ClaimedEnvelope, results: dict[str, tuple[str, str]], mx_host: str | None = None
+    ) -> EnvelopeOutcome:
+        """
+        Apply the retry schedule and the queue lifetime to one envelope's results (the
+        replies of ``mx_host``, when an MX gave them: a "no such mailbox" among them puts the
+        address on the client's bounce list).
+        """
         now = self._wall()
         expires = envelope.created_at + self._settings.queue_lifetime
         recipients = []
         for address in envelope.recipients:
             status, reply = results.get(address, ("deferred", "451 4.3.0 no result; will retry"))
+            reason = None
             if status == "deferred" and now >= expires:
                 status, reply = "failed", f"expired: not delivered within the queue lifetime; last reply: {reply}"
-            recipients.append(RecipientOutcome(address, status, reply))
+                reason = "expired"
+            bounce = status == "failed" and reason is None and mx_host is not None and mailbox_gone(reply)
+            recipients.append(RecipientOutcome(address, status, reply, reason=reason, mx_host=mx_host, bounce=bounce))
         next_attempt = min(now + retry_delay(envelope.attempts + 1, self._settings, self._rng), expires)
         return EnvelopeOutcome(envelope, tuple(recipients), next_attempt)

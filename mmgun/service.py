@@ -179,15 +179,15 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
 
     if "frontend" in config.roles:
         from .limits import QueueCap
+        from .signer import SignerProcess
         from .web.app import Frontend
-        from .web.signing import SigningPool
 
         holder = ClientsHolder(config.clients, clients, public=listens_beyond_loopback(config.listen))
         queue_cap = QueueCap(store, reactor, config.max_queued, max_bytes=config.max_queued_bytes)
         queue_cap.setServiceParent(root)
         # Before the HTTP service, so stopped after it: requests in flight finish their signatures.
-        signing = SigningPool(reactor)
-        signing.setServiceParent(root)
+        signer = SignerProcess(reactor)
+        signer.setServiceParent(root)
         frontend = Frontend(
             store,
             holder,
@@ -197,7 +197,7 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
             queue_cap=queue_cap,
             health=Health(store, config.database, reactor, min_free_space=config.min_free_space),
             wall=time.time,
-            signing=signing.run,
+            signer=signer,
         )
         ClientsReloader(holder, reactor).setServiceParent(root)
         QueueGauges(store, metrics, reactor, wall=time.time).setServiceParent(root)
@@ -212,6 +212,8 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
         Cleaner(
             store, reactor, interval=config.clean_interval, retention=config.retention, wall=time.time
         ).setServiceParent(root)
+    if "webhooks" in config.roles:
+        make_webhooks(config, store, reactor).setServiceParent(root)
     if "frontend" in config.roles:
         # Added last, so stopped first: no new request is accepted while deliveries drain.
         http.setServiceParent(root)
@@ -230,6 +232,7 @@ def web_settings(config: Config, max_connections: int) -> WebSettings:
         max_connections=max_connections,
         max_connections_per_source=min(config.max_http_connections_per_source, max_connections),
         sender_policy=config.sender_policy,
+        max_auth_failures=config.max_auth_failures,
     )
 
 
@@ -457,6 +460,27 @@ def make_sender(config: Config, store: Store, reactor: Any, metrics: Metrics | N
         store, router, reactor, smtp, settings, metrics=metrics, owner=config.sender_id, wall=time.time
     ).setServiceParent(sender)
     return sender
+
+
+def make_webhooks(config: Config, store: Store, reactor: Any) -> OrderedService:
+    """The webhooks role: a dispatcher POSTing every webhook's events (issue 14)."""
+    from .dispatcher import WebhookDispatcher
+    from .sender import default_identity
+    from .webhooks import WebhookClient
+
+    client = WebhookClient(reactor, allow_private=config.webhook_allow_private)
+    service = OrderedService()
+    # Stopped after the dispatcher: then the idle connections to receivers are closed.
+    _OnStop(client.close).setServiceParent(service)
+    WebhookDispatcher(
+        store,
+        client,
+        reactor,
+        wall=time.time,
+        owner=config.sender_id or default_identity(),
+        grace=min(config.shutdown_timeout, 10.0),
+    ).setServiceParent(service)
+    return service
 
 
 class _OnStop(Service):

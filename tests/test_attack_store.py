@@ -594,7 +594,8 @@ class AutoVacuumTests(SynchronousTestCase):
         conn = sqlite3.connect(path)
         self.addCleanup(conn.close)
         (full,) = conn.execute("PRAGMA page_count").fetchone()
-        self.assertGreaterEqual(conn.execute("PRAGMA freelist_count").fetchone()[0], 200)
+        # 200 bodies of 6 KB freed: most pages free (the delivery events reuse a few).
+        self.assertGreaterEqual(conn.execute("PRAGMA freelist_count").fetchone()[0], 150)
         clock.advance(8 * DAY)
         self.assertEqual(self.successResultOf(Cleaner(store, clock, interval=60, retention=7 * DAY).clean()), 200)
         (freelist,) = conn.execute("PRAGMA freelist_count").fetchone()

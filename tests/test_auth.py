@@ -127,6 +127,21 @@ class FailedAuthenticationLimitTests(KeyTests):
         self.assertEqual(self.send(bad), UNAUTHORIZED)
 
 
+class FailedAuthenticationOptionTests(KeyTests):
+    def options(self) -> dict:
+        return {"max_auth_failures": 3}
+
+    def test_max_auth_failures_sets_the_limit(self) -> None:
+        """--max-auth-failures: three failures, then 429 until a twentieth of a minute has passed."""
+        bad = {"Authorization": "Bearer nope"}
+        self.assertEqual([self.send(bad) for _ in range(3)], [UNAUTHORIZED] * 3)
+        self.assertEqual(self.send(bad)[0], 429)
+        self.clock.advance(19)
+        self.assertEqual(self.send(bad)[0], 429)
+        self.clock.advance(1)
+        self.assertEqual(self.send(bad), UNAUTHORIZED)
+
+
 class RateLimitTests(KeyTests):
     def options(self) -> dict:
         return {"rate_limit": 1.0, "rate_burst": 2}

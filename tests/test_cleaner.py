@@ -98,12 +98,14 @@ class CleanerTests(SynchronousTestCase):
         self.cleaner = Cleaner(self.store, self.clock, interval=60, retention=DAY)
         sizes = []
         body = os.urandom(3000).hex().encode()
-        for _ in range(8):
+        for _ in range(12):
             for _ in range(100):
                 self.submit(body, ("a@x.example", "b@y.example"))
             self.deliver_all()
             self.clock.advance(DAY + 1)
             self.successResultOf(self.cleaner.clean())
             sizes.append(os.path.getsize(self.path))
-        self.assertLessEqual(max(sizes[4:]), sizes[3] * 1.1, sizes)
+        # The size swings as pages are freed and reused (events and bodies in turn), but its
+        # peaks stop rising: the second half's never passes the first half's by a tenth.
+        self.assertLessEqual(max(sizes[6:]), max(sizes[:6]) * 1.1, sizes)
         self.assertLess(sizes[-1], 100 * len(body) * 3, sizes)

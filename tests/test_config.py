@@ -20,7 +20,7 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual(config.listen, "tcp:8080:interface=127.0.0.1")
         self.assertEqual(config.database, "var/mmgun.sqlite3")
         self.assertEqual(config.clients, "conf/clients")
-        self.assertEqual(config.roles, ("frontend", "sender", "cleaner"))
+        self.assertEqual(config.roles, ("frontend", "sender", "cleaner", "webhooks"))
         self.assertEqual(config.max_message_size, 10 * 1024 * 1024)
         self.assertEqual(config.max_recipients, 1000)
         self.assertEqual((config.retry_min, config.retry_max, config.queue_lifetime), (300.0, 3600.0, 5 * 86400.0))

@@ -21,8 +21,8 @@ from typing import Any
 import attrs
 import dkim
 import dns.resolver as dnspython_resolver
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from dkim.canonicalization import Relaxed
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet.address import IPv4Address
@@ -679,6 +679,49 @@ class SigningTests(SynchronousTestCase):
         except BadRequest:
             return  # a request mmgun refuses (e.g. control characters) has nothing to sign
         self.assertVerifies(mdkim.sign(message, KEYS, NOW))
+
+    @settings(PROPERTY, max_examples=60)
+    @given(data=st.binary(max_size=3000))
+    def test_sign_digest_as_signing_the_data(self, data: bytes) -> None:
+        """
+        issue 13 (speed, the signing process): sign_digest over the SHA-256 of the data is the very
+        signature cryptography makes over the data itself (RSA PKCS#1 v1.5: deterministic), and
+        Ed25519's is over the 32-octet digest (RFC 8463 3), as before the split.
+        """
+        digest = hashlib.sha256(data).digest()
+        rsa_key, ed_key = (serialization.load_pem_private_key(k.private_key, None) for k in (RSA, ED))
+        assert isinstance(rsa_key, rsa.RSAPrivateKey) and isinstance(ed_key, ed25519.Ed25519PrivateKey)
+        self.assertEqual(
+            mdkim.sign_digest(RSA.private_key, mdkim.RSA_SHA256, digest), rsa_key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+        )
+        self.assertEqual(mdkim.sign_digest(ED.private_key, mdkim.ED25519_SHA256, digest), ed_key.sign(digest))
+        self.assertRaises(ValueError, mdkim.sign_digest, ED.private_key, mdkim.RSA_SHA256, digest)
+        self.assertRaises(ValueError, mdkim.sign_digest, RSA.private_key, mdkim.RSA_SHA256, digest[:31])
+
+    @settings(PROPERTY, max_examples=40)
+    @given(
+        subject=st.text(st.characters(blacklist_categories=["Cs", "Cc"]), max_size=80),
+        body=st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=300),
+        keys=st.sampled_from([KEYS, (RSA,), (ED,), (RSA, ED)]),
+    )
+    def test_prepare_and_finish_as_sign(self, subject: str, body: str, keys: Sequence[Key]) -> None:
+        """
+        issue 13 (speed, the signing process): prepare, then the requests signed apart (as the
+        child does), then finish gives dkim.sign's bytes, RSA request first, each signature in
+        its own field's b=; finish refuses a missing signature.
+        """
+        try:
+            message = send(request(subject=subject, body=body))
+        except BadRequest:
+            return
+        unsigned = mdkim.prepare(message, keys, NOW)
+        self.assertEqual([r.algorithm for r in unsigned.requests], sorted((k.algorithm for k in keys), key=mdkim.ALGORITHMS.index))
+        signatures = [mdkim.sign_digest(*r) for r in unsigned.requests]
+        signed = unsigned.finish(signatures)
+        self.assertEqual(signed, mdkim.sign(message, keys, NOW))
+        self.assertEqual(verify_each(signed), [True] * len(keys))
+        self.assertEqual([tags(signed, i)[b"b"] for i in range(len(keys))], [base64.b64encode(s) for s in signatures])
+        self.assertRaises(ValueError, unsigned.finish, signatures[:-1])
 
 
 # -- across mmgun's SMTP client -----------------------------------------------------------------

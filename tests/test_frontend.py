@@ -317,6 +317,14 @@ class RoutingTests(SynchronousTestCase):
             {
                 ("GET", "/"), ("POST", "/send"), ("POST", "/status"), ("GET", "/healthz"), ("GET", "/metrics"),
                 ("POST", "/v3/{domain}/messages"), ("POST", "/v3/{domain}/messages.mime"),
+                # issue 14: the event log and the suppression lists.
+                ("GET", "/events"), ("GET", "/v3/{domain}/events"), ("GET", "/v3/{domain}/events/{page}"),
+                ("GET", "/suppressions"), ("POST", "/suppressions"), ("DELETE", "/suppressions"),
+                *((method, "/v3/{domain}/{table}") for method in ("GET", "POST", "DELETE")),
+                *((method, "/v3/{domain}/{table}/{address}") for method in ("GET", "DELETE")),
+                # issue 14: the domain webhooks.
+                *((method, "/v3/domains/{domain}/webhooks") for method in ("GET", "POST")),
+                *((method, "/v3/domains/{domain}/webhooks/{webhook}") for method in ("GET", "PUT", "DELETE")),
             },
         )
 

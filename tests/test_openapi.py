@@ -587,3 +587,401 @@ class MailgunConformanceTests(SynchronousTestCase):
     def test_database_full(self) -> None:
         self.use(failing={"add_submission"}, error=DatabaseFull)
         self.both(503, self.fields(), self.mime_fields())
+
+
+class EventsConformanceTests(SynchronousTestCase):
+    """issue 14 (event log): every documented code of GET /events and GET /v3/{domain}/events[/{page}], checked against the document."""
+
+    def setUp(self) -> None:
+        self.store, _ = sync_store(self)
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        result(self, self.store.add_client("acme", self.clock.seconds()))
+        key_id, self.key = new_key()
+        result(self, self.store.add_key("acme", key_id, key_hash(self.key), self.clock.seconds()))
+        result(self, self.store.add_domain("example.com", "acme", self.clock.seconds()))
+        self.use()
+        # One test-mode message: an accepted and a delivered event, with tags and metadata.
+        from .test_mailgun_api import form_data
+
+        body, content_type = form_data([("from", "ada@example.com"), ("to", "b@x.example"), ("subject", "s"), ("text", "t"), ("o:testmode", "yes"), ("o:tag", "t1"), ("v:k", "v")])
+        response = self.request("POST", "/v3/example.com/messages", raw=body, headers={"Content-Type": content_type, **self.auth})
+        self.assertEqual(response.code, 200, response.body)
+
+    def use(self, failing: Collection[str] = frozenset(), error: type[Exception] = RuntimeError) -> None:
+        clients = Clients.from_ids([CLIENT])
+        store = _FailingStore(self.store, set(failing), error) if failing else self.store
+        self.frontend = Frontend(store, lambda: clients, self.clock, hostname="mmgun.test")
+        self.treq = StubTreq(self.frontend.resource())
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def request(self, method: str, path: str, *, raw: bytes | None = None, headers: dict[str, str] | None = None) -> Any:
+        d = self.treq.request(method, "http://mmgun.test" + path, data=raw, headers=headers or {})  # type: ignore[attr-defined]
+        self.treq.flush()
+        response = self.successResultOf(d)
+        response.body = self.successResultOf(response.content())
+        return response
+
+    def check(self, operation: str, path: str, code: int, *, auth: bool = True) -> Any:
+        response = self.request("GET", path, headers=self.auth if auth else {})
+        self.assertEqual(response.code, code, response.body)
+        documented = SPEC["paths"][operation]["get"]["responses"]
+        self.assertIn(str(code), documented)
+        conforms(self, resolve(documented[str(code)]), response, response.body)
+        return json.loads(response.body)
+
+    def token(self) -> str:
+        page = self.check("/v3/{domain}/events", "/v3/example.com/events", 200)
+        return str(page["paging"]["next"]).rpartition("/")[2]
+
+    @scenario("get", "/events", 200)
+    @scenario("get", "/v3/{domain}/events", 200)
+    @scenario("get", "/v3/{domain}/events/{page}", 200)
+    def test_events(self) -> None:
+        feed = self.check("/events", "/events?limit=10", 200)
+        self.assertEqual([i["event"] for i in feed["items"]], ["accepted", "delivered"])
+        page = self.check("/v3/{domain}/events", "/v3/example.com/events?ascending=yes&limit=1&event=delivered", 200)
+        self.assertEqual(page["items"], feed["items"][1:])
+        token = page["paging"]["previous"].rpartition("/")[2]
+        self.check("/v3/{domain}/events/{page}", f"/v3/example.com/events/{token}", 200)
+
+    @scenario("get", "/events", 400)
+    @scenario("get", "/v3/{domain}/events", 400)
+    @scenario("get", "/v3/{domain}/events/{page}", 400)
+    def test_invalid(self) -> None:
+        self.check("/events", "/events?after=x", 400)
+        self.check("/v3/{domain}/events", "/v3/example.com/events?limit=301", 400)
+        self.check("/v3/{domain}/events/{page}", "/v3/example.com/events/AAAA", 400)
+
+    @scenario("get", "/events", 401)
+    @scenario("get", "/v3/{domain}/events", 401)
+    @scenario("get", "/v3/{domain}/events/{page}", 401)
+    def test_unauthenticated(self) -> None:
+        token = self.token()
+        self.check("/events", "/events", 401, auth=False)
+        self.check("/v3/{domain}/events", "/v3/example.com/events", 401, auth=False)
+        self.check("/v3/{domain}/events/{page}", f"/v3/example.com/events/{token}", 401, auth=False)
+
+    @scenario("get", "/v3/{domain}/events", 404)
+    @scenario("get", "/v3/{domain}/events/{page}", 404)
+    def test_not_a_domain_of_the_client(self) -> None:
+        token = self.token()
+        self.check("/v3/{domain}/events", "/v3/other.example/events", 404)
+        self.check("/v3/{domain}/events/{page}", f"/v3/other.example/events/{token}", 404)
+
+    @scenario("get", "/events", 429)
+    @scenario("get", "/v3/{domain}/events", 429)
+    @scenario("get", "/v3/{domain}/events/{page}", 429)
+    def test_after_repeated_authentication_failures(self) -> None:
+        token = self.token()
+        for _ in range(10):
+            self.request("GET", "/events", headers={"Authorization": "Bearer mmk_0123456789abcdef_" + "x" * 43})
+        self.check("/events", "/events", 429, auth=False)
+        self.check("/v3/{domain}/events", "/v3/example.com/events", 429, auth=False)
+        self.check("/v3/{domain}/events/{page}", f"/v3/example.com/events/{token}", 429, auth=False)
+
+    @scenario("get", "/events", 500)
+    @scenario("get", "/v3/{domain}/events", 500)
+    @scenario("get", "/v3/{domain}/events/{page}", 500)
+    def test_internal_error(self) -> None:
+        token = self.token()
+        self.use(failing={"events"})
+        self.check("/events", "/events", 500)
+        self.check("/v3/{domain}/events", "/v3/example.com/events", 500)
+        self.check("/v3/{domain}/events/{page}", f"/v3/example.com/events/{token}", 500)
+        self.flushLoggedErrors(RuntimeError)
+
+    @scenario("get", "/events", 503)
+    @scenario("get", "/v3/{domain}/events", 503)
+    @scenario("get", "/v3/{domain}/events/{page}", 503)
+    def test_database_unavailable(self) -> None:
+        token = self.token()
+        self.use(failing={"events"}, error=DatabaseFull)
+        self.check("/events", "/events", 503)
+        self.check("/v3/{domain}/events", "/v3/example.com/events", 503)
+        self.check("/v3/{domain}/events/{page}", f"/v3/example.com/events/{token}", 503)
+
+
+class SuppressionsConformanceTests(SynchronousTestCase):
+    """issue 14 (suppression lists): every documented code of /suppressions and /v3/{domain}/{table}[/{address}], checked against the document."""
+
+    #: (method, documented path, a URL of it) of every suppression operation.
+    OPERATIONS = [
+        ("get", "/suppressions", "/suppressions?kind=bounce"),
+        ("post", "/suppressions", "/suppressions"),
+        ("delete", "/suppressions", "/suppressions?kind=bounce&all=true"),
+        ("get", "/v3/{domain}/{table}", "/v3/example.com/bounces"),
+        ("post", "/v3/{domain}/{table}", "/v3/example.com/bounces"),
+        ("delete", "/v3/{domain}/{table}", "/v3/example.com/bounces"),
+        ("get", "/v3/{domain}/{table}/{address}", "/v3/example.com/bounces/a@x.example"),
+        ("delete", "/v3/{domain}/{table}/{address}", "/v3/example.com/bounces/a@x.example"),
+    ]
+    METHODS = ("suppressions", "suppression", "add_suppressions", "remove_suppression", "clear_suppressions")
+
+    def setUp(self) -> None:
+        self.store, _ = sync_store(self)
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        result(self, self.store.add_client("acme", self.clock.seconds()))
+        key_id, self.key = new_key()
+        result(self, self.store.add_key("acme", key_id, key_hash(self.key), self.clock.seconds()))
+        result(self, self.store.add_domain("example.com", "acme", self.clock.seconds()))
+        self.use()
+
+    def use(self, failing: Collection[str] = frozenset(), error: type[Exception] = RuntimeError) -> None:
+        from .test_mailgun_api import like_the_frontend
+
+        clients = Clients.from_ids([CLIENT])
+        store = _FailingStore(self.store, set(failing), error) if failing else self.store
+        self.frontend = Frontend(store, lambda: clients, self.clock, hostname="mmgun.test", max_message_size=MAX_MESSAGE_SIZE)
+        self.treq = like_the_frontend(StubTreq(self.frontend.resource()))
+
+    def check(self, method: str, path: str, url: str, code: int, *, body: bytes | None = None, auth: str | None = "key") -> Any:
+        from .test_mailgun_api import basic, form_data
+
+        headers: dict[str, str] = {}
+        if body is None and method == "post":
+            if path == "/suppressions":
+                body, headers["Content-Type"] = json.dumps({"kind": "bounce", "address": "a@x.example"}).encode(), "application/json"
+            else:
+                body, headers["Content-Type"] = form_data([("address", "a@x.example")])
+        elif body is not None:
+            headers["Content-Type"] = "application/json"
+        if auth is not None:
+            headers.update(basic(self.key if auth == "key" else new_key()[1]))
+        d = self.treq.request(method.upper(), "http://mmgun.test" + url, data=body, headers=headers)  # type: ignore[attr-defined]
+        self.treq.flush()
+        response = self.successResultOf(d)
+        content = self.successResultOf(response.content())
+        self.assertEqual(response.code, code, (method, url, content))
+        documented = SPEC["paths"][path][method]["responses"]
+        self.assertIn(str(code), documented)
+        conforms(self, resolve(documented[str(code)]), response, content)
+        return json.loads(content)
+
+    @scenario("post", "/suppressions", 200)
+    @scenario("post", "/v3/{domain}/{table}", 200)
+    @scenario("get", "/suppressions", 200)
+    @scenario("get", "/v3/{domain}/{table}", 200)
+    @scenario("get", "/v3/{domain}/{table}/{address}", 200)
+    @scenario("delete", "/v3/{domain}/{table}/{address}", 200)
+    @scenario("delete", "/v3/{domain}/{table}", 200)
+    @scenario("delete", "/suppressions", 200)
+    def test_each_operation(self) -> None:
+        (get, post, delete, v3_get, v3_post, v3_delete, v3_get_one, v3_delete_one) = self.OPERATIONS
+        self.check(*post, 200)
+        self.check(*v3_post[:2], v3_post[2], 200)
+        self.check(*v3_post[:2], v3_post[2], 200, body=json.dumps([{"address": "b@x.example", "code": 550}]).encode())
+        self.assertEqual(len(self.check(*get, 200)["items"]), 2)
+        self.assertEqual(len(self.check(*v3_get, 200)["items"]), 2)
+        self.assertEqual(self.check(*v3_get_one, 200)["code"], "550")
+        self.check(*v3_delete_one, 200)
+        self.check(*v3_delete, 200)
+        self.assertEqual(self.check(*delete, 200)["removed"], 0)
+
+    @scenario("get", "/suppressions", 400)
+    @scenario("post", "/suppressions", 400)
+    @scenario("delete", "/suppressions", 400)
+    @scenario("get", "/v3/{domain}/{table}", 400)
+    @scenario("post", "/v3/{domain}/{table}", 400)
+    @scenario("delete", "/v3/{domain}/{table}", 400)
+    @scenario("get", "/v3/{domain}/{table}/{address}", 400)
+    @scenario("delete", "/v3/{domain}/{table}/{address}", 400)
+    def test_invalid(self) -> None:
+        for method, path, url in self.OPERATIONS:
+            if method == "post":
+                self.check(method, path, url, 400, body=json.dumps([{"address": "not an address"}] if path != "/suppressions" else {"kind": "spam"}).encode())
+            else:
+                self.check(method, path, url + ("&" if "?" in url else "?") + "color=red", 400)
+
+    @scenario("get", "/suppressions", 401)
+    @scenario("post", "/suppressions", 401)
+    @scenario("delete", "/suppressions", 401)
+    @scenario("get", "/v3/{domain}/{table}", 401)
+    @scenario("post", "/v3/{domain}/{table}", 401)
+    @scenario("delete", "/v3/{domain}/{table}", 401)
+    @scenario("get", "/v3/{domain}/{table}/{address}", 401)
+    @scenario("delete", "/v3/{domain}/{table}/{address}", 401)
+    def test_unauthenticated(self) -> None:
+        for operation in self.OPERATIONS:
+            self.check(*operation, 401, auth=None)
+
+    @scenario("get", "/suppressions", 429)
+    @scenario("post", "/suppressions", 429)
+    @scenario("delete", "/suppressions", 429)
+    @scenario("get", "/v3/{domain}/{table}", 429)
+    @scenario("post", "/v3/{domain}/{table}", 429)
+    @scenario("delete", "/v3/{domain}/{table}", 429)
+    @scenario("get", "/v3/{domain}/{table}/{address}", 429)
+    @scenario("delete", "/v3/{domain}/{table}/{address}", 429)
+    def test_after_repeated_authentication_failures(self) -> None:
+        for _ in range(10):
+            self.check(*self.OPERATIONS[0], 401, auth="wrong")
+        for operation in self.OPERATIONS:
+            self.check(*operation, 429, auth="wrong")
+
+    @scenario("delete", "/suppressions", 404)
+    @scenario("get", "/v3/{domain}/{table}", 404)
+    @scenario("post", "/v3/{domain}/{table}", 404)
+    @scenario("delete", "/v3/{domain}/{table}", 404)
+    @scenario("get", "/v3/{domain}/{table}/{address}", 404)
+    @scenario("delete", "/v3/{domain}/{table}/{address}", 404)
+    def test_not_found(self) -> None:
+        self.check("delete", "/suppressions", "/suppressions?kind=bounce&address=a@x.example", 404)
+        for method, path, url in self.OPERATIONS[3:]:
+            self.assertEqual(self.check(method, path, url.replace("example.com", "unknown.example"), 404), {"message": "Domain not found: unknown.example"})
+        self.assertEqual(self.check(*self.OPERATIONS[6], 404), {"message": "Address not found in bounces table"})
+
+    @scenario("post", "/suppressions", 413)
+    @scenario("post", "/v3/{domain}/{table}", 413)
+    def test_too_large(self) -> None:
+        from mmgun.web.suppressions_api import MAX_BODY
+
+        for method, path, url in (self.OPERATIONS[1], self.OPERATIONS[4]):
+            self.check(method, path, url, 413, body=b" " * (MAX_BODY + 1))
+
+    @scenario("get", "/suppressions", 500)
+    @scenario("post", "/suppressions", 500)
+    @scenario("delete", "/suppressions", 500)
+    @scenario("get", "/v3/{domain}/{table}", 500)
+    @scenario("post", "/v3/{domain}/{table}", 500)
+    @scenario("delete", "/v3/{domain}/{table}", 500)
+    @scenario("get", "/v3/{domain}/{table}/{address}", 500)
+    @scenario("delete", "/v3/{domain}/{table}/{address}", 500)
+    def test_internal_error(self) -> None:
+        self.use(failing=self.METHODS)
+        for operation in self.OPERATIONS:
+            self.assertEqual(self.check(*operation, 500)["message"], "internal error")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), len(self.OPERATIONS))
+
+    @scenario("get", "/suppressions", 503)
+    @scenario("post", "/suppressions", 503)
+    @scenario("delete", "/suppressions", 503)
+    @scenario("get", "/v3/{domain}/{table}", 503)
+    @scenario("post", "/v3/{domain}/{table}", 503)
+    @scenario("delete", "/v3/{domain}/{table}", 503)
+    @scenario("get", "/v3/{domain}/{table}/{address}", 503)
+    @scenario("delete", "/v3/{domain}/{table}/{address}", 503)
+    def test_database_full(self) -> None:
+        self.use(failing=self.METHODS, error=DatabaseFull)
+        for operation in self.OPERATIONS:
+            self.check(*operation, 503)
+
+
+class WebhooksConformanceTests(SuppressionsConformanceTests):
+    """issue 14 (webhooks): every documented code of /v3/domains/{domain}/webhooks[/{webhook}], checked against the document."""
+
+    OPERATIONS = [
+        ("get", "/v3/domains/{domain}/webhooks", "/v3/domains/example.com/webhooks"),
+        ("post", "/v3/domains/{domain}/webhooks", "/v3/domains/example.com/webhooks"),
+        ("get", "/v3/domains/{domain}/webhooks/{webhook}", "/v3/domains/example.com/webhooks/delivered"),
+        ("put", "/v3/domains/{domain}/webhooks/{webhook}", "/v3/domains/example.com/webhooks/delivered"),
+        ("delete", "/v3/domains/{domain}/webhooks/{webhook}", "/v3/domains/example.com/webhooks/delivered"),
+    ]
+    METHODS = ("webhooks", "webhook_key", "add_webhook", "update_webhook", "remove_webhook")
+
+    def check(self, method: str, path: str, url: str, code: int, *, body: bytes | None = None, auth: str | None = "key", form: Any = None) -> Any:
+        from .test_mailgun_api import basic, form_data
+
+        headers: dict[str, str] = {}
+        if body is None and method in ("post", "put"):
+            fields = form if form is not None else [("id", "delivered"), ("url", "https://app.example/h")] if method == "post" else [("url", "https://app.example/new")]
+            body, headers["Content-Type"] = form_data(fields)
+        elif body is not None:
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        if auth is not None:
+            headers.update(basic(self.key if auth == "key" else new_key()[1]))
+        d = self.treq.request(method.upper(), "http://mmgun.test" + url, data=body, headers=headers)  # type: ignore[attr-defined]
+        self.treq.flush()
+        response = self.successResultOf(d)
+        content = self.successResultOf(response.content())
+        self.assertEqual(response.code, code, (method, url, content))
+        documented = SPEC["paths"][path][method]["responses"]
+        self.assertIn(str(code), documented)
+        conforms(self, resolve(documented[str(code)]), response, content)
+        return json.loads(content)
+
+    @scenario("get", "/v3/domains/{domain}/webhooks", 200)
+    @scenario("post", "/v3/domains/{domain}/webhooks", 200)
+    @scenario("get", "/v3/domains/{domain}/webhooks/{webhook}", 200)
+    @scenario("put", "/v3/domains/{domain}/webhooks/{webhook}", 200)
+    @scenario("delete", "/v3/domains/{domain}/webhooks/{webhook}", 200)
+    def test_each_operation(self) -> None:
+        listing, create, get, put, delete = self.OPERATIONS
+        self.assertEqual(self.check(*listing, 200), {"webhooks": {}})
+        self.check(*create, 200)
+        self.assertEqual(self.check(*listing, 200)["webhooks"], {"delivered": {"urls": ["https://app.example/h"]}})
+        self.assertEqual(self.check(*get, 200), {"webhook": {"urls": ["https://app.example/h"]}})
+        self.assertEqual(self.check(*put, 200)["webhook"], {"urls": ["https://app.example/new"]})
+        self.assertEqual(self.check(*delete, 200)["webhook"], {"urls": ["https://app.example/new"]})
+
+    @scenario("get", "/v3/domains/{domain}/webhooks", 400)
+    @scenario("post", "/v3/domains/{domain}/webhooks", 400)
+    @scenario("get", "/v3/domains/{domain}/webhooks/{webhook}", 400)
+    @scenario("put", "/v3/domains/{domain}/webhooks/{webhook}", 400)
+    @scenario("delete", "/v3/domains/{domain}/webhooks/{webhook}", 400)
+    def test_invalid(self) -> None:
+        for method, path, url in self.OPERATIONS:
+            if method == "post":
+                self.check(method, path, url, 400, form=[("id", "opened"), ("url", "https://app.example/h")])
+            elif method == "put":
+                self.check(*self.OPERATIONS[1], 200)
+                self.check(method, path, url, 400, form=[("url", "gopher://app.example/")])
+            else:
+                self.check(method, path, url + "?color=red", 400)
+
+    @scenario("get", "/v3/domains/{domain}/webhooks", 401)
+    @scenario("post", "/v3/domains/{domain}/webhooks", 401)
+    @scenario("get", "/v3/domains/{domain}/webhooks/{webhook}", 401)
+    @scenario("put", "/v3/domains/{domain}/webhooks/{webhook}", 401)
+    @scenario("delete", "/v3/domains/{domain}/webhooks/{webhook}", 401)
+    def test_unauthenticated(self) -> None:
+        for operation in self.OPERATIONS:
+            self.check(*operation, 401, auth=None)
+
+    @scenario("get", "/v3/domains/{domain}/webhooks", 429)
+    @scenario("post", "/v3/domains/{domain}/webhooks", 429)
+    @scenario("get", "/v3/domains/{domain}/webhooks/{webhook}", 429)
+    @scenario("put", "/v3/domains/{domain}/webhooks/{webhook}", 429)
+    @scenario("delete", "/v3/domains/{domain}/webhooks/{webhook}", 429)
+    def test_after_repeated_authentication_failures(self) -> None:
+        super().test_after_repeated_authentication_failures()
+
+    @scenario("get", "/v3/domains/{domain}/webhooks", 404)
+    @scenario("post", "/v3/domains/{domain}/webhooks", 404)
+    @scenario("get", "/v3/domains/{domain}/webhooks/{webhook}", 404)
+    @scenario("put", "/v3/domains/{domain}/webhooks/{webhook}", 404)
+    @scenario("delete", "/v3/domains/{domain}/webhooks/{webhook}", 404)
+    def test_not_found(self) -> None:
+        for method, path, url in self.OPERATIONS:
+            self.assertEqual(self.check(method, path, url.replace("example.com", "unknown.example"), 404), {"message": "Domain not found: unknown.example"})
+        for operation in self.OPERATIONS[2:]:
+            self.assertEqual(self.check(*operation, 404), {"message": "Webhook not found"})
+
+    @scenario("post", "/v3/domains/{domain}/webhooks", 413)
+    @scenario("put", "/v3/domains/{domain}/webhooks/{webhook}", 413)
+    def test_too_large(self) -> None:
+        from mmgun.web.webhooks_api import MAX_BODY
+
+        self.check(*self.OPERATIONS[1], 200)
+        for method, path, url in (self.OPERATIONS[1], self.OPERATIONS[3]):
+            self.check(method, path, url, 413, body=b"url=" + b"x" * MAX_BODY)
+
+    @scenario("get", "/v3/domains/{domain}/webhooks", 500)
+    @scenario("post", "/v3/domains/{domain}/webhooks", 500)
+    @scenario("get", "/v3/domains/{domain}/webhooks/{webhook}", 500)
+    @scenario("put", "/v3/domains/{domain}/webhooks/{webhook}", 500)
+    @scenario("delete", "/v3/domains/{domain}/webhooks/{webhook}", 500)
+    def test_internal_error(self) -> None:
+        super().test_internal_error()
+
+    @scenario("get", "/v3/domains/{domain}/webhooks", 503)
+    @scenario("post", "/v3/domains/{domain}/webhooks", 503)
+    @scenario("get", "/v3/domains/{domain}/webhooks/{webhook}", 503)
+    @scenario("put", "/v3/domains/{domain}/webhooks/{webhook}", 503)
+    @scenario("delete", "/v3/domains/{domain}/webhooks/{webhook}", 503)
+    def test_database_full(self) -> None:
+        super().test_database_full()

@@ -8,8 +8,8 @@ dkimpy, its DNS lookup answered from the keys).
 
 from __future__ import annotations
 
+import os
 import re
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,10 +20,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from mmgun import dkim
 from mmgun.auth import key_hash, new_key
 from mmgun.config import Options
+from mmgun.dkim import SignRequest
 from mmgun.service import web_settings
+from mmgun.signer import InProcessSigner, SignerProcess
 from mmgun.store import DomainKey
 from mmgun.web import signing
-from mmgun.web.signing import SigningPool
+from mmgun.web.signing import DomainState, SendingDomains
 
 from .helpers import make_api, result
 from .test_mailgun_api import basic, form_data, like_the_frontend
@@ -62,19 +64,27 @@ def verify_all(message: bytes) -> list[bytes]:
     return domains
 
 
+class CountingSigner(InProcessSigner):
+    """Signs in this process, and keeps each batch of requests it was given (one per message)."""
+
+    def __init__(self) -> None:
+        self.batches: list[Sequence[SignRequest]] = []
+
+    def sign(self, requests: Sequence[SignRequest]) -> Any:
+        self.batches.append(requests)
+        return super().sign(requests)
+
+
 class SigningTestCase(SynchronousTestCase):
     """acme owns example.com (with keys) and bare.example (no keys); globex owns globex.example (with keys)."""
 
     def setUp(self) -> None:
-        self.signed: list[bytes] = []
+        self.signer = CountingSigner()
+        self.signed = self.signer.batches
         self.use()
 
     def use(self, **options: Any) -> None:
-        def counting(message: bytes, keys: Sequence[DomainKey], now: float) -> bytes:
-            self.signed.append(message)
-            return dkim.sign(message, keys, now)
-
-        self.api, self.store, self.clock = make_api(self, sign=counting, wall=lambda: NOW, **{"max_message_size": 64 * 1024, **options})
+        self.api, self.store, self.clock = make_api(self, signer=self.signer, wall=lambda: NOW, **{"max_message_size": 64 * 1024, **options})
         like_the_frontend(self.api.treq)
         self.keys = {}
         for client in ("acme", "globex"):
@@ -112,9 +122,9 @@ class SigningTests(SigningTestCase):
         self.assertEqual(code, 200, answer)
         (stored,) = self.queued()
         self.assertEqual(len(self.signed), 1)
+        self.assertEqual([r.algorithm for r in self.signed[0]], [dkim.RSA_SHA256, dkim.ED25519_SHA256])
         self.assertTrue(stored.startswith(b"DKIM-Signature: v=1; a=rsa-sha256"), stored[:80])
         self.assertEqual(stored.count(b"DKIM-Signature:"), 2)
-        self.assertTrue(stored.endswith(self.signed[0]))
         self.assertEqual(verify_all(stored), [b"example.com", b"example.com"])
 
     def test_rotated_domain_signed_with_old_and_new_keys(self) -> None:
@@ -150,10 +160,10 @@ class SigningTests(SigningTestCase):
         self.assertEqual(self.send()[0], 200)
         self.assertTrue(given[0].startswith(b"DKIM-Signature:"))
 
-        def broken(message: bytes, keys: Sequence[DomainKey], now: float) -> bytes:
+        def broken(requests: Sequence[SignRequest]) -> Any:
             raise RuntimeError("signer crashed (test)")
 
-        self.patch(self.api.frontend.pipeline.domains, "_sign", broken)
+        self.patch(self.signer, "sign", broken)
         self.assertEqual(self.send()[0], 500)
         self.flushLoggedErrors(RuntimeError)
         self.assertEqual(len(given), 1)
@@ -196,9 +206,11 @@ class SigningTests(SigningTestCase):
 
     def test_too_large_once_signed(self) -> None:
         """issue 13 (signing): a message that fits --max-message-size unsigned but not signed is 413; the same size unsigned is taken."""
-        self.assertEqual(self.send(body="x" * 2000)[0], 200)
-        signed, unsigned = len(self.queued()[0]), len(self.signed[0])
         # Same lengths: example.com and examplf.com (unregistered: never signed).
+        self.assertEqual(self.send("ada@examplf.com", body="x" * 2000)[0], 200)
+        self.assertEqual(self.send(body="x" * 2000)[0], 200)
+        unsigned, signed = (len(m) for m in self.queued())
+        self.assertGreater(signed, unsigned + 500)
         self.use(max_message_size=unsigned + (signed - unsigned) // 2)
         self.assertEqual(self.send("ada@examplf.com", body="x" * 2000)[0], 200)
         code, answer = self.send(body="x" * 2000)
@@ -342,22 +354,31 @@ class CacheTests(SigningTestCase):
         self.assertLessEqual(len(self.api.frontend.pipeline.domains._cache), 5)
 
 
-class SigningPoolTests(TestCase):
-    async def test_signs_in_a_pool_thread(self) -> None:
-        """issue 13 (signing): the service's pool runs a signature off the reactor thread and hands the result back."""
+class SignerProcessTests(TestCase):
+    async def test_signs_in_the_helper_process(self) -> None:
+        """
+        issue 13 (speed): the frontend's SendingDomains with the service's SignerProcess: the
+        private-key operations happen in the child (this process's sign_digest made to fail),
+        and the message verifies with dkimpy.
+        """
         from twisted.internet import reactor
 
-        pool = SigningPool(reactor, size=2)
-        pool.startService()
-        self.addCleanup(pool.stopService)
-        key = keys_for("example.com")
+        service = SignerProcess(reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertNotIn(service.pid, (None, os.getpid()))
+        domains = SendingDomains(self.store(), reactor, signer=service)
         message = b"From: ada@example.com\r\nSubject: s\r\n\r\nhi\r\n"
-        threads = []
 
-        def work() -> bytes:
-            threads.append(threading.current_thread())
-            return dkim.sign(message, key, NOW)
+        def not_here(*args: Any) -> bytes:
+            raise AssertionError("signed in the frontend process")
 
-        signed = await pool.run(work)
-        self.assertNotEqual(threads, [threading.main_thread()])
+        self.patch(dkim, "sign_digest", not_here)
+        signed = await domains.sign("acme", DomainState("acme", tuple(keys_for("example.com"))), message, NOW)
+        self.assertTrue(signed.endswith(message))
         self.assertEqual(verify_all(signed), [b"example.com", b"example.com"])
+
+    def store(self) -> Any:
+        from .helpers import sync_store
+
+        return sync_store(self)[0]

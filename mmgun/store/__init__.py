@@ -19,6 +19,11 @@ __all__ = [
     "DatabaseGone",
     "DomainKey",
     "EnvelopeOutcome",
+    "Event",
+    "EventCursor",
+    "Suppression",
+    "Webhook",
+    "WebhookRetry",
     "IdempotencyConflict",
     "InDelivery",
     "NewSubmission",
@@ -108,6 +113,135 @@ class DomainKey:
     public_key: str
     created_at: float
     retired_at: float | None
+
+
+#: The kinds of event (Mailgun's names). "rejected" is not produced: mmgun refuses before it accepts.
+EVENT_KINDS = ("accepted", "delivered", "failed")
+#: The kinds of suppression list, in the order a recipient on several is reported.
+SUPPRESSION_KINDS = ("bounce", "complaint", "unsubscribe")
+
+
+@attrs.frozen(order=True)
+class EventCursor:
+    """A place in a client's event feed: the commit's number and the event's id within it."""
+
+    seq: int
+    id: int
+
+    def __str__(self) -> str:
+        return f"{self.seq}-{self.id}"
+
+    @classmethod
+    def parse(cls, text: str) -> EventCursor:
+        """The cursor :meth:`__str__` made; ValueError for anything else."""
+        seq, dash, ident = text.partition("-")
+        if not (dash and seq.isascii() and seq.isdigit() and ident.isascii() and ident.isdigit()):
+            raise ValueError(f"not an event cursor: {text!r}")
+        if len(seq) > 18 or len(ident) > 18:
+            raise ValueError(f"not an event cursor: {text!r}")
+        return cls(int(seq), int(ident))
+
+
+#: Before every event.
+FEED_START = EventCursor(0, 0)
+
+
+@attrs.frozen
+class Event:
+    """One state change of one recipient, with what its submission says about the message."""
+
+    cursor: EventCursor
+    client: str
+    #: The sender's domain.
+    domain: str
+    submission_id: str
+    recipient: str
+    #: accepted, delivered or failed (:data:`EVENT_KINDS`).
+    event: str
+    #: failed: temporary or permanent.
+    severity: str | None
+    #: failed permanently: bounce, expired, generic, deleted, suppress-bounce, …; delivered in test mode: testmode.
+    reason: str | None
+    #: delivered or failed: which attempt this was (1 for the first).
+    attempt: int | None
+    #: The SMTP reply, or why in words.
+    reply: str | None
+    mx_host: str | None
+    created_at: float
+    message_id: str | None
+    sender: str
+    tags: tuple[str, ...] = ()
+    #: The submission's metadata, a JSON object as the client gave it.
+    metadata: str | None = None
+
+
+@attrs.frozen
+class Suppression:
+    """An address a client's mail is no longer sent to."""
+
+    client: str
+    #: bounce, complaint or unsubscribe (:data:`SUPPRESSION_KINDS`).
+    kind: str
+    #: Lower case.
+    address: str
+    created_at: float
+    #: bounce: the reply's code ("550") and the reply.
+    code: str | None = None
+    error: str | None = None
+    #: unsubscribe: only mail with one of these tags is stopped; empty: all mail.
+    tags: tuple[str, ...] = ()
+
+
+#: What a webhook can subscribe to (Mailgun's webhook names), and the events each is. As at
+#: Mailgun, "accepted" is in the event log but no webhook's: it would double the POSTs per message
+#: for news the client already has (the 200 of its own request).
+WEBHOOK_EVENTS = {
+    "delivered": ("delivered", None),
+    "permanent_fail": ("failed", "permanent"),
+    "temporary_fail": ("failed", "temporary"),
+}
+
+
+def webhook_kind(event: str, severity: str | None) -> str | None:
+    """The webhook name (:data:`WEBHOOK_EVENTS`) an event is delivered under, or None."""
+    for name, (kind, level) in WEBHOOK_EVENTS.items():
+        if kind == event and level == severity:
+            return name
+    return None
+
+
+@attrs.frozen
+class Webhook:
+    """A receiver of a client's events: those of one sending domain (or all, domain None) of the kinds named."""
+
+    id: str
+    client: str
+    domain: str | None
+    url: str
+    #: Names from :data:`WEBHOOK_EVENTS`.
+    events: tuple[str, ...]
+    created_at: float
+    #: The last event of the feed this webhook has handled (posted, or put in its retries).
+    cursor: EventCursor = attrs.field(default=FEED_START)
+
+    def wants(self, event: Event) -> bool:
+        """Whether ``event`` is one this webhook receives."""
+        if self.domain is not None and event.domain != self.domain:
+            return False
+        return webhook_kind(event.event, event.severity) in self.events
+
+
+@attrs.frozen
+class WebhookRetry:
+    """An event a webhook's receiver did not take, due again at ``next_attempt``."""
+
+    webhook: Webhook
+    event: Event
+    #: Failed attempts so far (1 after the first).
+    attempts: int
+    first_attempt: float
+    next_attempt: float
+    last_error: str | None = None
 
 
 class IdempotencyConflict(Exception):
@@ -212,6 +346,8 @@ class ClaimedEnvelope:
     created_at: float
     #: Guards every later write: a sender whose lease was lost cannot overwrite the new owner's work.
     lease: str
+    #: The client whose submission this is (its events are the client's).
+    client: str = ""
 
 
 @attrs.frozen
@@ -220,6 +356,13 @@ class RecipientOutcome:
     #: sent, failed or deferred.
     status: str
     reply: str
+    #: Why a failed recipient failed, as its event says (bounce, expired, generic, …);
+    #: None: "bounce" for a 5xx reply, else "generic".
+    reason: str | None = None
+    #: The MX host that gave the reply, when one did.
+    mx_host: str | None = None
+    #: The reply says that the mailbox does not exist: the address joins the client's bounce list.
+    bounce: bool = False
 
 
 @attrs.frozen
@@ -406,6 +549,9 @@ class Store(Protocol):
         Idempotency-Key is still honoured at ``now`` (24 h); return how many.
         """
 
+    async def clean_events(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` of the oldest events, those from before ``before``; return how many."""
+
     async def vacuum(self, pages: int) -> None:
         """Give up to ``pages`` free pages back to the file system (a no-op where meaningless)."""
 
@@ -480,5 +626,107 @@ class Store(Protocol):
     async def signing_keys(self, name: str) -> list[DomainKey]:
         """What to sign ``name``'s mail with now: the newest two active keys of each algorithm (a rotate signs with
         the old and the new key until the old is retired), RSA first, newest first within an algorithm."""
+
+    # -- events and suppressions (issue 14) --------------------------------------------------------
+
+    async def events(
+        self,
+        client: str,
+        *,
+        start: EventCursor | None = None,
+        descending: bool = False,
+        limit: int = 100,
+        domain: str | None = None,
+        event: str | None = None,
+        severity: str | None = None,
+        recipient: str | None = None,
+        begin: float | None = None,
+        end: float | None = None,
+    ) -> list[Event]:
+        """
+        Up to ``limit`` of ``client``'s events in feed (commit) order, those after ``start``
+        (None: from the first); ``descending``: newest first, those before ``start`` (None:
+        from the last). Filters: the sender's ``domain``, the ``event`` kind, ``severity``,
+        ``recipient``, ``begin`` <= created_at <= ``end``. A reader that follows the feed
+        with the last cursor it saw gets every event once, in commit order, whatever commits
+        concurrently.
+        """
+
+    async def suppressions(
+        self, client: str, kind: str, *, after: str | None = None, limit: int = 100, descending: bool = False
+    ) -> list[Suppression]:
+        """``client``'s ``kind`` list in address order, from after the address ``after`` (before it, descending)."""
+
+    async def suppression(self, client: str, kind: str, address: str) -> Suppression | None:
+        """One entry of a list (``address`` in any case), or None."""
+
+    async def add_suppressions(self, entries: Sequence[Suppression]) -> None:
+        """Add (or replace) entries, in one transaction."""
+
+    async def remove_suppression(self, client: str, kind: str, address: str) -> bool:
+        """Remove one entry; whether there was one."""
+
+    async def clear_suppressions(self, client: str, kind: str) -> int:
+        """Empty one list; how many entries it had."""
+
+    # -- webhooks (issue 14) -----------------------------------------------------------------------
+
+    async def add_webhook(self, webhook: Webhook) -> Webhook:
+        """
+        Store a new webhook (its cursor ignored); it receives the events committed from now
+        on. Returns it with its starting cursor. Conflict if its id is taken.
+        """
+
+    async def webhooks(self, client: str | None = None) -> list[Webhook]:
+        """Every webhook (of ``client``), by creation."""
+
+    async def webhook(self, webhook_id: str) -> Webhook | None: ...
+
+    async def update_webhook(self, webhook_id: str, url: str, events: Sequence[str]) -> bool:
+        """Change a webhook's URL and events; whether it exists."""
+
+    async def remove_webhook(self, webhook_id: str) -> bool:
+        """Remove a webhook and the retries waiting for it; whether it existed."""
+
+    async def webhook_key(self, client: str) -> str | None:
+        """The client's webhook signing key, or None before one was made."""
+
+    async def set_webhook_key(self, client: str, key: str, now: float, *, replace: bool = True) -> str:
+        """
+        Set (or replace: rotate) the client's webhook signing key; the key in effect. With
+        ``replace`` False a key the client already has stays (two processes making a first
+        key at once agree on one).
+        """
+
+    async def release_webhooks(self, lease: str, now: float) -> None:
+        """
+        Give up ``lease``'s webhooks and the retries it holds (a clean stop): another
+        dispatcher takes them at once; the leased retries are due at ``now``.
+        """
+
+    async def lease_webhooks(self, lease: str, now: float, until: float) -> list[Webhook]:
+        """
+        Lease, until ``until``, every webhook not leased by another dispatcher (or whose
+        lease ran out before ``now``), renewing those already ``lease``'s; return them, with
+        their cursors: one dispatcher follows a webhook's feed at a time.
+        """
+
+    async def advance_webhook(
+        self, webhook_id: str, lease: str, cursor: EventCursor, failed: Sequence[tuple[int, float, float, str]]
+    ) -> bool:
+        """
+        In one transaction: move the webhook's cursor to ``cursor`` and keep each failed
+        event (event id, first attempt, next attempt, error) in its retries. False (and
+        nothing changed) when the lease is no longer ``lease``.
+        """
+
+    async def due_webhook_retries(self, lease: str, now: float, until: float, limit: int) -> list[WebhookRetry]:
+        """Lease up to ``limit`` retries due at ``now`` until ``until``; return them, oldest first."""
+
+    async def finish_webhook_retries(self, results: Sequence[tuple[WebhookRetry, float | None, str | None]], lease: str) -> None:
+        """
+        The outcome of leased retries: (retry, None, _) delivered or given up (deleted);
+        (retry, next attempt, error) failed again (attempts + 1). Only rows still under ``lease``.
+        """
 
     async def close(self) -> None: ...

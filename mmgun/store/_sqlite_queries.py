@@ -116,6 +116,83 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID
         """,
     ),
+    (
+        # Issue 14: the event log. Every transaction that writes events first takes the next
+        # number of feed_clock's one row and gives it to all of them (seq): the row is locked
+        # until that transaction commits, so seq order is commit order even where several
+        # writers commit at once (PostgreSQL), and a reader that follows (seq, id) never sees a
+        # later commit before an earlier one. Events are kept --retention after they happen
+        # (their submission, finished after its last event, is kept at least as long): no
+        # foreign key and no index on submission_id, which every event would pay for.
+        "CREATE TABLE feed_clock (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL)",
+        "INSERT INTO feed_clock (id, seq) VALUES (1, 0)",
+        """
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            seq INTEGER NOT NULL,
+            client TEXT NOT NULL,
+            domain TEXT NOT NULL,
+            submission_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            event TEXT NOT NULL,
+            severity TEXT,
+            reason TEXT,
+            attempt INTEGER,
+            reply TEXT,
+            mx_host TEXT,
+            created_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX events_feed ON events (client, seq, id)",
+        # Suppression lists, per client: kind is bounce, unsubscribe or complaint; address is
+        # lower case. An unsubscribe's tags (a JSON array) limit it to mail with one of them.
+        """
+        CREATE TABLE suppressions (
+            client TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            address TEXT NOT NULL,
+            code TEXT,
+            error TEXT,
+            tags TEXT,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (client, kind, address)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX suppressions_address ON suppressions (client, address)",
+        # Webhooks: each follows the event feed from its own cursor (cursor_seq, cursor_id: the
+        # last event handled); an event its receiver failed waits in webhook_retries.
+        """
+        CREATE TABLE webhooks (
+            id TEXT PRIMARY KEY,
+            client TEXT NOT NULL,
+            domain TEXT,
+            url TEXT NOT NULL,
+            events TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            cursor_seq INTEGER NOT NULL,
+            cursor_id INTEGER NOT NULL,
+            lease TEXT,
+            lease_until REAL
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX webhooks_client ON webhooks (client)",
+        """
+        CREATE TABLE webhook_retries (
+            webhook_id TEXT NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+            event_id INTEGER NOT NULL REFERENCES events (id) ON DELETE CASCADE,
+            attempts INTEGER NOT NULL,
+            first_attempt REAL NOT NULL,
+            next_attempt REAL NOT NULL,
+            last_error TEXT,
+            lease TEXT,
+            PRIMARY KEY (webhook_id, event_id)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX webhook_retries_due ON webhook_retries (next_attempt)",
+        "CREATE INDEX webhook_retries_event ON webhook_retries (event_id)",
+        # One webhook signing key per client (Mailgun's "HTTP webhook signing key").
+        "CREATE TABLE webhook_keys (client TEXT PRIMARY KEY, key TEXT NOT NULL, created_at REAL NOT NULL) WITHOUT ROWID",
+    ),
 )
 
 CONNECTION_PRAGMAS = (
@@ -170,6 +247,7 @@ INSERT_RECIPIENT_TEST_MODE = """
     VALUES (?, ?, ?, ?, 'sent', ?, ?)
 """
 
+SUBMISSION_SENDER = "SELECT client, sender FROM submissions WHERE id = ?"
 SUBMISSION_OWNER = "SELECT send_at, tags, metadata FROM submissions WHERE id = ? AND client = ?"
 # The newest submission with that Message-ID, or the newest batch (a batch's submissions are
 # stored in one transaction, with one created_at): a client that posts the same message twice
@@ -205,7 +283,7 @@ CLAIM = """
 """
 # :held is a JSON array of submission ids whose message the sender already holds (NULL for those).
 CLAIMED_SUBMISSIONS = """
-    SELECT id, sender, CASE WHEN id IN (SELECT value FROM json_each(:held)) THEN NULL ELSE message END
+    SELECT id, sender, client, CASE WHEN id IN (SELECT value FROM json_each(:held)) THEN NULL ELSE message END
     FROM submissions WHERE id IN (SELECT value FROM json_each(:ids))
 """
 PENDING_RECIPIENTS = """
@@ -313,10 +391,6 @@ COUNT_IN_DELIVERY = """
     WHERE done = 0 AND lease IS NOT NULL AND next_attempt > :now
       AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))
 """
-FAIL_PENDING_RECIPIENTS = """
-    UPDATE recipients SET status = 'failed', last_reply = ?, updated_at = ?
-    WHERE envelope_id IN (SELECT value FROM json_each(?)) AND status IN ('queued', 'deferred')
-"""
 FINISH_FAILED_ENVELOPES = """
     UPDATE envelopes SET done = 1, lease = NULL
     WHERE id IN (SELECT value FROM json_each(?)) AND done = 0
@@ -396,3 +470,134 @@ ACTIVE_DOMAIN_KEYS = """
     WHERE domain = ? AND retired_at IS NULL ORDER BY created_at DESC, selector DESC
 """
 RETIRE_DOMAIN_KEY = "UPDATE domain_keys SET retired_at = ? WHERE domain = ? AND selector = ? AND retired_at IS NULL"
+
+# -- events (issue 14) ---------------------------------------------------------------------------
+
+NEXT_FEED_SEQ = "UPDATE feed_clock SET seq = seq + 1 WHERE id = 1 RETURNING seq"
+INSERT_EVENT = """
+    INSERT INTO events (
+        seq, client, domain, submission_id, recipient, event, severity, reason, attempt, reply, mx_host, created_at
+    )
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+# The oldest events, those of them from before :before: a range of the primary key, never a
+# scan for old rows among new ones.
+DELETE_OLD_EVENTS = """
+    DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT :limit) AND created_at < :before
+"""
+# Events of one client after (ascending) or before (descending) a feed position, with the
+# submission's Message-ID, sender, tags and metadata. Each filter is NULL when not used.
+_EVENT_COLUMNS = """
+    e.seq, e.id, e.client, e.domain, e.submission_id, e.recipient, e.event, e.severity, e.reason, e.attempt,
+    e.reply, e.mx_host, e.created_at, s.message_id, coalesce(s.sender, ''), s.tags, s.metadata
+"""
+_EVENT_FILTERS = """
+    e.client = :client
+    AND (:domain IS NULL OR e.domain = :domain)
+    AND (:event IS NULL OR e.event = :event)
+    AND (:severity IS NULL OR e.severity = :severity)
+    AND (:recipient IS NULL OR e.recipient = :recipient)
+    AND (:begin IS NULL OR e.created_at >= :begin)
+    AND (:end IS NULL OR e.created_at <= :end)
+"""
+EVENTS_AFTER = (
+    "SELECT" + _EVENT_COLUMNS + "FROM events e LEFT JOIN submissions s ON s.id = e.submission_id WHERE" + _EVENT_FILTERS
+    + " AND (e.seq > :seq OR (e.seq = :seq AND e.id > :id)) ORDER BY e.seq, e.id LIMIT :limit"
+)
+EVENTS_BEFORE = (
+    "SELECT" + _EVENT_COLUMNS + "FROM events e LEFT JOIN submissions s ON s.id = e.submission_id WHERE" + _EVENT_FILTERS
+    + " AND (e.seq < :seq OR (e.seq = :seq AND e.id < :id)) ORDER BY e.seq DESC, e.id DESC LIMIT :limit"
+)
+
+# -- suppressions (issue 14) ---------------------------------------------------------------------
+
+# The suppressions that stop mail to any of :addresses (a JSON array) of :client.
+SUPPRESSED_AMONG = """
+    SELECT address, kind, error, tags FROM suppressions
+    WHERE client = :client AND address IN (SELECT value FROM json_each(:addresses))
+"""
+# A bounce recorded by the sender: client from the submission; a newer bounce replaces an older.
+ADD_BOUNCE_FROM_SUBMISSION = """
+    INSERT INTO suppressions (client, kind, address, code, error, tags, created_at)
+    SELECT client, 'bounce', :address, :code, :error, NULL, :at FROM submissions WHERE id = :submission_id
+    ON CONFLICT (client, kind, address) DO UPDATE SET code = excluded.code, error = excluded.error,
+        created_at = excluded.created_at
+"""
+INSERT_RECIPIENT_FAILED = """
+    INSERT INTO recipients (envelope_id, position, submission_id, address, status, last_reply, updated_at)
+    VALUES (?, ?, ?, ?, 'failed', ?, ?)
+"""
+FAIL_PENDING_RECIPIENTS_RETURNING = """
+    UPDATE recipients SET status = 'failed', last_reply = :reply, updated_at = :now
+    WHERE envelope_id IN (SELECT value FROM json_each(:ids)) AND status IN ('queued', 'deferred')
+    RETURNING submission_id, address, attempts
+"""
+SUPPRESSIONS_AFTER = """
+    SELECT client, kind, address, created_at, code, error, tags FROM suppressions
+    WHERE client = :client AND kind = :kind AND address > :after ORDER BY address LIMIT :limit
+"""
+SUPPRESSIONS_BEFORE = """
+    SELECT client, kind, address, created_at, code, error, tags FROM suppressions
+    WHERE client = :client AND kind = :kind AND (:before IS NULL OR address < :before)
+    ORDER BY address DESC LIMIT :limit
+"""
+SUPPRESSION = """
+    SELECT client, kind, address, created_at, code, error, tags FROM suppressions
+    WHERE client = ? AND kind = ? AND address = ?
+"""
+UPSERT_SUPPRESSION = """
+    INSERT INTO suppressions (client, kind, address, code, error, tags, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (client, kind, address) DO UPDATE SET code = excluded.code, error = excluded.error,
+        tags = excluded.tags, created_at = excluded.created_at
+"""
+DELETE_SUPPRESSION = "DELETE FROM suppressions WHERE client = ? AND kind = ? AND address = ?"
+CLEAR_SUPPRESSIONS = "DELETE FROM suppressions WHERE client = ? AND kind = ?"
+
+# -- webhooks (issue 14) -------------------------------------------------------------------------
+
+# The feed's last commit number: a new webhook starts after every event committed so far.
+FEED_END = "SELECT seq FROM feed_clock WHERE id = 1"
+_WEBHOOK_COLUMNS = " id, client, domain, url, events, created_at, cursor_seq, cursor_id "
+INSERT_WEBHOOK = """
+    INSERT INTO webhooks (id, client, domain, url, events, created_at, cursor_seq, cursor_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+"""
+ALL_WEBHOOKS = "SELECT" + _WEBHOOK_COLUMNS + "FROM webhooks ORDER BY created_at, id"
+CLIENT_WEBHOOKS = "SELECT" + _WEBHOOK_COLUMNS + "FROM webhooks WHERE client = ? ORDER BY created_at, id"
+FIND_WEBHOOK = "SELECT" + _WEBHOOK_COLUMNS + "FROM webhooks WHERE id = ?"
+WEBHOOKS_AMONG = "SELECT" + _WEBHOOK_COLUMNS + "FROM webhooks WHERE id IN (SELECT value FROM json_each(?))"
+UPDATE_WEBHOOK = "UPDATE webhooks SET url = ?, events = ? WHERE id = ?"
+DELETE_WEBHOOK = "DELETE FROM webhooks WHERE id = ?"
+WEBHOOK_KEY = "SELECT key FROM webhook_keys WHERE client = ?"
+SET_WEBHOOK_KEY = """
+    INSERT INTO webhook_keys (client, key, created_at) VALUES (?, ?, ?)
+    ON CONFLICT (client) DO UPDATE SET key = excluded.key, created_at = excluded.created_at
+"""
+ADD_WEBHOOK_KEY = "INSERT INTO webhook_keys (client, key, created_at) VALUES (?, ?, ?) ON CONFLICT (client) DO NOTHING"
+RELEASE_WEBHOOKS = "UPDATE webhooks SET lease = NULL, lease_until = NULL WHERE lease = ?"
+RELEASE_WEBHOOK_RETRIES = "UPDATE webhook_retries SET lease = NULL, next_attempt = ? WHERE lease = ?"
+LEASE_WEBHOOKS = (
+    "UPDATE webhooks SET lease = :lease, lease_until = :until"
+    " WHERE lease IS NULL OR lease = :lease OR lease_until < :now RETURNING" + _WEBHOOK_COLUMNS
+)
+ADVANCE_WEBHOOK = "UPDATE webhooks SET cursor_seq = ?, cursor_id = ? WHERE id = ? AND lease = ?"
+INSERT_WEBHOOK_RETRY = """
+    INSERT INTO webhook_retries (webhook_id, event_id, attempts, first_attempt, next_attempt, last_error)
+    VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT (webhook_id, event_id) DO NOTHING
+"""
+# A lease moves next_attempt to the lease's end: a retry whose dispatcher died is due again then.
+LEASE_WEBHOOK_RETRIES = """
+    UPDATE webhook_retries SET lease = :lease, next_attempt = :until
+    WHERE (webhook_id, event_id) IN (
+        SELECT webhook_id, event_id FROM webhook_retries WHERE next_attempt <= :now ORDER BY next_attempt LIMIT :limit
+    )
+    RETURNING webhook_id, event_id, attempts, first_attempt, last_error
+"""
+DELETE_WEBHOOK_RETRY = "DELETE FROM webhook_retries WHERE webhook_id = ? AND event_id = ? AND lease = ?"
+WEBHOOK_RETRY_AGAIN = """
+    UPDATE webhook_retries SET attempts = attempts + 1, next_attempt = ?, last_error = ?, lease = NULL
+    WHERE webhook_id = ? AND event_id = ? AND lease = ?
+"""
+EVENTS_BY_ID = (
+    "SELECT" + _EVENT_COLUMNS + "FROM events e LEFT JOIN submissions s ON s.id = e.submission_id"
+    " WHERE e.id IN (SELECT value FROM json_each(?))"
+)

@@ -37,6 +37,8 @@ from . import (
     DatabaseGone,
     DomainKey,
     EnvelopeOutcome,
+    Event,
+    EventCursor,
     IdempotencyConflict,
     InDelivery,
     KeyInfo,
@@ -45,11 +47,15 @@ from . import (
     QueueDepth,
     QueueEntry,
     QueueStats,
+    RecipientOutcome,
     RecipientState,
     SendingDomain,
     StorageError,
     StoredKey,
     SubmissionState,
+    Suppression,
+    Webhook,
+    WebhookRetry,
     _sqlite_queries as Q,
 )
 
@@ -793,6 +799,9 @@ class SQLiteStore:
         """
         return await self._runner.write(_clean_txn, before, limit, now - IDEMPOTENCY_WINDOW)
 
+    async def clean_events(self, before: float, limit: int) -> int:
+        return await self._runner.write(_rowcount_txn, Q.DELETE_OLD_EVENTS, {"before": before, "limit": limit})
+
     async def vacuum(self, pages: int) -> None:
         """Return up to ``pages`` free pages to the file system."""
         await self._runner.autocommit(_vacuum, pages)
@@ -929,6 +938,104 @@ class SQLiteStore:
         """Message bytes of the unfinished submissions per client, each submission once."""
         return await self._runner.read(_queued_bytes_by_client_txn)
 
+    # -- events and suppressions ------------------------------------------------------------------
+
+    async def events(
+        self,
+        client: str,
+        *,
+        start: EventCursor | None = None,
+        descending: bool = False,
+        limit: int = 100,
+        domain: str | None = None,
+        event: str | None = None,
+        severity: str | None = None,
+        recipient: str | None = None,
+        begin: float | None = None,
+        end: float | None = None,
+    ) -> list[Event]:
+        if start is None:
+            start = EventCursor(2**62, 2**62) if descending else EventCursor(0, 0)
+        parameters = {
+            "client": client,
+            "seq": start.seq,
+            "id": start.id,
+            "limit": limit,
+            "domain": domain,
+            "event": event,
+            "severity": severity,
+            "recipient": recipient,
+            "begin": begin,
+            "end": end,
+        }
+        return await self._runner.read(_events_txn, Q.EVENTS_BEFORE if descending else Q.EVENTS_AFTER, parameters)
+
+    async def suppressions(
+        self, client: str, kind: str, *, after: str | None = None, limit: int = 100, descending: bool = False
+    ) -> list[Suppression]:
+        if descending:
+            query, parameters = Q.SUPPRESSIONS_BEFORE, {"client": client, "kind": kind, "before": after, "limit": limit}
+        else:
+            query, parameters = Q.SUPPRESSIONS_AFTER, {"client": client, "kind": kind, "after": after or "", "limit": limit}
+        return await self._runner.read(_suppressions_txn, query, parameters)
+
+    async def suppression(self, client: str, kind: str, address: str) -> Suppression | None:
+        found = await self._runner.read(_suppressions_txn, Q.SUPPRESSION, (client, kind, address.lower()))
+        return found[0] if found else None
+
+    async def add_suppressions(self, entries: Sequence[Suppression]) -> None:
+        await self._runner.write(_add_suppressions_txn, list(entries))
+
+    async def remove_suppression(self, client: str, kind: str, address: str) -> bool:
+        return bool(await self._runner.write(_rowcount_txn, Q.DELETE_SUPPRESSION, (client, kind, address.lower())))
+
+    async def clear_suppressions(self, client: str, kind: str) -> int:
+        return await self._runner.write(_rowcount_txn, Q.CLEAR_SUPPRESSIONS, (client, kind))
+
+    # -- webhooks ----------------------------------------------------------------------------------
+
+    async def add_webhook(self, webhook: Webhook) -> Webhook:
+        return await self._runner.write(_add_webhook_txn, webhook)
+
+    async def webhooks(self, client: str | None = None) -> list[Webhook]:
+        if client is None:
+            return await self._runner.read(_webhooks_txn, Q.ALL_WEBHOOKS, ())
+        return await self._runner.read(_webhooks_txn, Q.CLIENT_WEBHOOKS, (client,))
+
+    async def webhook(self, webhook_id: str) -> Webhook | None:
+        found = await self._runner.read(_webhooks_txn, Q.FIND_WEBHOOK, (webhook_id,))
+        return found[0] if found else None
+
+    async def update_webhook(self, webhook_id: str, url: str, events: Sequence[str]) -> bool:
+        changed = await self._runner.write(_rowcount_txn, Q.UPDATE_WEBHOOK, (url, json.dumps(list(events)), webhook_id))
+        return bool(changed)
+
+    async def remove_webhook(self, webhook_id: str) -> bool:
+        return bool(await self._runner.write(_rowcount_txn, Q.DELETE_WEBHOOK, (webhook_id,)))
+
+    async def webhook_key(self, client: str) -> str | None:
+        return await self._runner.read(_webhook_key_txn, client)
+
+    async def set_webhook_key(self, client: str, key: str, now: float, *, replace: bool = True) -> str:
+        return await self._runner.write(_set_webhook_key_txn, client, key, now, replace)
+
+    async def release_webhooks(self, lease: str, now: float) -> None:
+        await self._runner.write(_release_webhooks_txn, lease, now)
+
+    async def lease_webhooks(self, lease: str, now: float, until: float) -> list[Webhook]:
+        return await self._runner.write(_webhooks_txn, Q.LEASE_WEBHOOKS, {"lease": lease, "now": now, "until": until})
+
+    async def advance_webhook(
+        self, webhook_id: str, lease: str, cursor: EventCursor, failed: Sequence[tuple[int, float, float, str]]
+    ) -> bool:
+        return await self._runner.write(_advance_webhook_txn, webhook_id, lease, cursor, list(failed))
+
+    async def due_webhook_retries(self, lease: str, now: float, until: float, limit: int) -> list[WebhookRetry]:
+        return await self._runner.write(_due_webhook_retries_txn, lease, now, until, limit)
+
+    async def finish_webhook_retries(self, results: Sequence[tuple[WebhookRetry, float | None, str | None]], lease: str) -> None:
+        await self._runner.write(_finish_webhook_retries_txn, list(results), lease)
+
     async def close(self) -> None:
         self._runner.close()
         for fd in self._identities.values():
@@ -939,12 +1046,52 @@ class SQLiteStore:
 # -- transactions: plain functions on a connection, run inside BEGIN … COMMIT --
 
 
+class _Events:
+    """
+    The events one transaction writes. The transaction's feed number is taken when this is
+    made, before any savepoint, so that no rollback to a savepoint can give it back.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        (self.seq,) = conn.execute(Q.NEXT_FEED_SEQ).fetchone()
+
+    def add(self, rows: list[tuple[Any, ...]]) -> None:
+        """Rows made by :func:`_event`."""
+        if rows:
+            seq = self.seq
+            self._conn.executemany(Q.INSERT_EVENT, [(seq, *row) for row in rows])
+
+
+def _event(
+    client: str,
+    submission_id: str,
+    domain: str,
+    recipient: str,
+    event: str,
+    at: float,
+    *,
+    severity: str | None = None,
+    reason: str | None = None,
+    attempt: int | None = None,
+    reply: str | None = None,
+    mx_host: str | None = None,
+) -> tuple[Any, ...]:
+    """An event row for :meth:`_Events.add`: Q.INSERT_EVENT's parameters after seq."""
+    return (client, domain, submission_id, recipient, event, severity, reason, attempt, reply, mx_host, at)
+
+
+def _sender_domain(sender: str) -> str:
+    return sender.rpartition("@")[2].lower()
+
+
 def _add_submissions_txn(conn: sqlite3.Connection, batch: list[NewSubmission]) -> list[str | Exception]:
     results: list[str | Exception] = []
+    events = _Events(conn)
     for submission in batch:
         conn.execute(Q.SAVEPOINT)
         try:
-            results.append(_add_one(conn, submission))
+            results.append(_add_one(conn, submission, events))
         except IdempotencyConflict as e:
             conn.execute(Q.ROLLBACK_TO)
             results.append(e)
@@ -953,14 +1100,39 @@ def _add_submissions_txn(conn: sqlite3.Connection, batch: list[NewSubmission]) -
 
 
 def _add_batch_txn(conn: sqlite3.Connection, batch: list[NewSubmission]) -> list[str]:
-    return [_add_one(conn, submission) for submission in batch]
+    events = _Events(conn)
+    return [_add_one(conn, submission, events) for submission in batch]
 
 
 #: The last_reply of a test-mode recipient.
 TEST_MODE_REPLY = "not delivered: test mode (o:testmode)"
 
 
-def _add_one(conn: sqlite3.Connection, s: NewSubmission) -> str:
+def _suppressed(conn: sqlite3.Connection, s: NewSubmission) -> dict[str, tuple[str, str | None]]:
+    """The recipients of ``s`` on one of its client's suppression lists: address → (kind, the entry's error)."""
+    lowered = {address.lower(): address for address in s.recipients}
+    found: dict[str, tuple[str, str | None]] = {}
+    rows = conn.execute(Q.SUPPRESSED_AMONG, {"client": s.client, "addresses": json.dumps(sorted(lowered))}).fetchall()
+    for address, kind, error, tags in sorted(rows, key=lambda row: SUPPRESSION_ORDER.get(row[1], 99)):
+        if kind == "unsubscribe" and tags:
+            limited = set(json.loads(tags))
+            if "*" not in limited and not limited & set(s.tags):
+                continue
+        found.setdefault(lowered[address], (kind, error))
+    return found
+
+
+#: Which list a recipient on several is reported as failing on.
+SUPPRESSION_ORDER = {"bounce": 0, "complaint": 1, "unsubscribe": 2}
+
+
+def suppressed_reply(kind: str, error: str | None) -> str:
+    """The last_reply of a recipient not sent to because it is on a suppression list."""
+    reply = f"suppressed: the address is on this client's {kind} list"
+    return f"{reply} ({error})" if error else reply
+
+
+def _add_one(conn: sqlite3.Connection, s: NewSubmission, events: _Events) -> str:
     if s.idempotency_key is not None:
         row = conn.execute(Q.FIND_IDEMPOTENT, (s.client, s.idempotency_key)).fetchone()
         if row is not None:
@@ -971,6 +1143,9 @@ def _add_one(conn: sqlite3.Connection, s: NewSubmission) -> str:
                 return str(existing_id)
             conn.execute(Q.FORGET_IDEMPOTENCY_KEY, (existing_id,))
     start = s.starts_at()
+    suppressed = {} if s.test_mode else _suppressed(conn, s)
+    # Nothing left to deliver (test mode, or every recipient suppressed): finished when queued.
+    finished = s.test_mode or len(suppressed) == len(set(s.recipients))
     conn.execute(
         Q.INSERT_SUBMISSION,
         (
@@ -980,30 +1155,50 @@ def _add_one(conn: sqlite3.Connection, s: NewSubmission) -> str:
             s.created_at,
             s.idempotency_key,
             s.request_hash,
-            None if s.test_mode else s.message,
+            None if finished else s.message,
             start if start > s.created_at else None,
             json.dumps(list(s.tags)) if s.tags else None,
             s.metadata,
             s.message_id,
-            s.created_at if s.test_mode else None,
+            s.created_at if finished else None,
         ),
     )
+    domain = _sender_domain(s.sender)
+    rows = [_event(s.client, s.id, domain, address, "accepted", s.created_at) for address in s.recipients]
     if s.test_mode:
-        for domain, addresses in s.envelopes().items():
-            envelope_id = conn.execute(Q.INSERT_ENVELOPE_DONE, (s.id, domain, start, start)).lastrowid
+        for envelope_domain, addresses in s.envelopes().items():
+            envelope_id = conn.execute(Q.INSERT_ENVELOPE_DONE, (s.id, envelope_domain, start, start)).lastrowid
             conn.executemany(
                 Q.INSERT_RECIPIENT_TEST_MODE,
                 [(envelope_id, i, s.id, a, TEST_MODE_REPLY, s.created_at) for i, a in enumerate(addresses)],
             )
+        rows += [
+            _event(s.client, s.id, domain, a, "delivered", s.created_at, reason="testmode", attempt=0, reply=TEST_MODE_REPLY)
+            for a in s.recipients
+        ]
+        events.add(rows)
         return s.id
-    for domain, addresses in s.envelopes().items():
+    for envelope_domain, addresses in s.envelopes().items():
+        live = [a for a in addresses if a not in suppressed]
         # A scheduled envelope enters the queue at send_at: not claimed before, and its
-        # queue lifetime and age count from then.
-        envelope_id = conn.execute(Q.INSERT_ENVELOPE, (s.id, domain, start, start)).lastrowid
+        # queue lifetime and age count from then. One whose recipients are all suppressed is done.
+        insert = Q.INSERT_ENVELOPE if live else Q.INSERT_ENVELOPE_DONE
+        envelope_id = conn.execute(insert, (s.id, envelope_domain, start, start)).lastrowid
         conn.executemany(
             Q.INSERT_RECIPIENT,
-            [(envelope_id, i, s.id, a, s.created_at) for i, a in enumerate(addresses)],
+            [(envelope_id, i, s.id, a, s.created_at) for i, a in enumerate(addresses) if a not in suppressed],
         )
+        failed = []
+        for i, a in enumerate(addresses):
+            if a in suppressed:
+                kind, error = suppressed[a]
+                reply = suppressed_reply(kind, error)
+                failed.append((envelope_id, i, s.id, a, reply, s.created_at))
+                rows.append(
+                    _event(s.client, s.id, domain, a, "failed", s.created_at, severity="permanent", reason=f"suppress-{kind}", attempt=0, reply=reply)
+                )
+        conn.executemany(Q.INSERT_RECIPIENT_FAILED, failed)
+    events.add(rows)
     return s.id
 
 
@@ -1062,8 +1257,8 @@ def _claim_txn(
     submissions = json.dumps(sorted({row[1] for row in claimed}))
     # One bytes object per submission, shared by all its envelopes.
     details = {
-        sid: (sender, message or b"")
-        for sid, sender, message in conn.execute(Q.CLAIMED_SUBMISSIONS, {"ids": submissions, "held": json.dumps(held)})
+        sid: (sender, message or b"", client)
+        for sid, sender, client, message in conn.execute(Q.CLAIMED_SUBMISSIONS, {"ids": submissions, "held": json.dumps(held)})
     }
     pending: dict[int, list[str]] = {}
     for eid, address in conn.execute(Q.PENDING_RECIPIENTS, (ids,)):
@@ -1080,6 +1275,7 @@ def _claim_txn(
             attempts=attempts,
             created_at=created_at,
             lease=lease,
+            client=details[sid][2],
         )
         for eid, sid, domain, attempts, created_at in claimed
     ]
@@ -1098,12 +1294,41 @@ def _renew_txn(conn: sqlite3.Connection, rows: list[tuple[float, int, str]]) -> 
 
 
 def _record_many_txn(conn: sqlite3.Connection, batches: list[tuple[Sequence[EnvelopeOutcome], float]]) -> list[None]:
+    events = _Events(conn)
     for outcomes, now in batches:
-        _record_txn(conn, outcomes, now)
+        _record_txn(conn, outcomes, now, events)
     return [None] * len(batches)
 
 
-def _record_txn(conn: sqlite3.Connection, outcomes: Sequence[EnvelopeOutcome], now: float) -> None:
+def _outcome_event(envelope: ClaimedEnvelope, r: RecipientOutcome, attempt: int, now: float) -> tuple[Any, ...]:
+    if r.status == "sent":
+        kind, severity, reason = "delivered", None, None
+    elif r.status == "deferred":
+        kind, severity, reason = "failed", "temporary", None
+    else:
+        kind, severity = "failed", "permanent"
+        reason = r.reason if r.reason is not None else ("bounce" if r.reply[:1] == "5" else "generic")
+    return _event(
+        envelope.client,
+        envelope.submission_id,
+        _sender_domain(envelope.sender),
+        r.address,
+        kind,
+        now,
+        severity=severity,
+        reason=reason,
+        attempt=attempt,
+        reply=r.reply,
+        mx_host=r.mx_host,
+    )
+
+
+def _reply_code(reply: str) -> str | None:
+    code = reply[:3]
+    return code if len(code) == 3 and code.isdigit() else None
+
+
+def _record_txn(conn: sqlite3.Connection, outcomes: Sequence[EnvelopeOutcome], now: float, events: _Events) -> None:
     for outcome in outcomes:
         envelope = outcome.envelope
         if conn.execute(Q.LEASE_HELD, (envelope.id, envelope.lease)).fetchone() is None:
@@ -1113,6 +1338,23 @@ def _record_txn(conn: sqlite3.Connection, outcomes: Sequence[EnvelopeOutcome], n
         conn.executemany(
             Q.UPDATE_RECIPIENT,
             [(r.status, attempted, r.reply, now, envelope.id, r.address) for r in outcome.recipients],
+        )
+        # The pending recipients of an envelope have been attempted as often as it has.
+        attempt = envelope.attempts + attempted
+        events.add(
+            [
+                _outcome_event(envelope, r, attempt, now)
+                for r in outcome.recipients
+                if outcome.attempted or r.status != "deferred"
+            ]
+        )
+        bounced = [r for r in outcome.recipients if r.bounce and r.status == "failed"]
+        conn.executemany(
+            Q.ADD_BOUNCE_FROM_SUBMISSION,
+            [
+                {"address": r.address.lower(), "code": _reply_code(r.reply), "error": r.reply, "at": now, "submission_id": envelope.submission_id}
+                for r in bounced
+            ],
         )
         next_attempt = outcome.next_attempt if outcome.next_attempt is not None else now
         (done,) = conn.execute(Q.FINISH_ENVELOPE, (attempted, next_attempt, envelope.id, envelope.lease)).fetchone()
@@ -1204,7 +1446,15 @@ def _fail_queued_txn(conn: sqlite3.Connection, ids: list[str], now: float, reply
     if busy:
         raise InDelivery([eid for eid, _ in busy], max(until for _, until in busy))
     selection = json.dumps(sorted({row[0] for row in rows}))
-    failed = conn.execute(Q.FAIL_PENDING_RECIPIENTS, (reply, now, selection)).rowcount
+    changed = conn.execute(Q.FAIL_PENDING_RECIPIENTS_RETURNING, {"reply": reply, "now": now, "ids": selection}).fetchall()
+    failed = len(changed)
+    owners = {sid: conn.execute(Q.SUBMISSION_SENDER, (sid,)).fetchone() for sid in {row[0] for row in changed}}
+    _Events(conn).add(
+        [
+            _event(owners[sid][0], sid, _sender_domain(owners[sid][1]), address, "failed", now, severity="permanent", reason="deleted", attempt=attempts, reply=reply)
+            for sid, address, attempts in changed
+        ]
+    )
     finished = conn.execute(Q.FINISH_FAILED_ENVELOPES, (selection,)).rowcount
     for submission_id in sorted({row[1] for row in rows}):
         conn.execute(Q.FINISH_SUBMISSION, (now, submission_id, submission_id))
@@ -1340,3 +1590,138 @@ def _signing_keys_txn(conn: sqlite3.Connection, name: str) -> list[DomainKey]:
             counts[key.algorithm] = counts.get(key.algorithm, 0) + 1
             chosen.append(key)
     return sorted(chosen, key=lambda k: k.algorithm != "rsa-sha256")
+
+
+def _events_txn(conn: sqlite3.Connection, query: str, parameters: Any) -> list[Event]:
+    return [
+        Event(
+            EventCursor(seq, ident),
+            client,
+            domain,
+            submission_id,
+            recipient,
+            event,
+            severity,
+            reason,
+            attempt,
+            reply,
+            mx_host,
+            created_at,
+            message_id,
+            sender,
+            tuple(json.loads(tags)) if tags else (),
+            metadata,
+        )
+        for (
+            seq,
+            ident,
+            client,
+            domain,
+            submission_id,
+            recipient,
+            event,
+            severity,
+            reason,
+            attempt,
+            reply,
+            mx_host,
+            created_at,
+            message_id,
+            sender,
+            tags,
+            metadata,
+        ) in conn.execute(query, parameters)
+    ]
+
+
+def _suppressions_txn(conn: sqlite3.Connection, query: str, parameters: Any) -> list[Suppression]:
+    return [
+        Suppression(client, kind, address, created_at, code, error, tuple(json.loads(tags)) if tags else ())
+        for client, kind, address, created_at, code, error, tags in conn.execute(query, parameters)
+    ]
+
+
+def _add_suppressions_txn(conn: sqlite3.Connection, entries: list[Suppression]) -> None:
+    conn.executemany(
+        Q.UPSERT_SUPPRESSION,
+        [
+            (e.client, e.kind, e.address.lower(), e.code, e.error, json.dumps(list(e.tags)) if e.tags else None, e.created_at)
+            for e in entries
+        ],
+    )
+
+
+def _rowcount_txn(conn: sqlite3.Connection, query: str, parameters: Any) -> int:
+    return conn.execute(query, parameters).rowcount
+
+
+def _webhook(row: tuple[Any, ...]) -> Webhook:
+    ident, client, domain, url, events, created_at, cursor_seq, cursor_id = row
+    return Webhook(ident, client, domain, url, tuple(json.loads(events)), created_at, EventCursor(cursor_seq, cursor_id))
+
+
+def _webhooks_txn(conn: sqlite3.Connection, query: str, parameters: Any) -> list[Webhook]:
+    return [_webhook(row) for row in conn.execute(query, parameters)]
+
+
+def _add_webhook_txn(conn: sqlite3.Connection, webhook: Webhook) -> Webhook:
+    (seq,) = conn.execute(Q.FEED_END).fetchone()
+    # After every event of every commit so far: ids within a commit never reach 2**62.
+    cursor = EventCursor(seq, 2**62)
+    try:
+        conn.execute(
+            Q.INSERT_WEBHOOK,
+            (webhook.id, webhook.client, webhook.domain, webhook.url, json.dumps(list(webhook.events)), webhook.created_at, cursor.seq, cursor.id),
+        )
+    except sqlite3.IntegrityError as e:
+        raise Conflict(f"a webhook with id {webhook.id} exists") from e
+    return attrs.evolve(webhook, cursor=cursor)
+
+
+def _webhook_key_txn(conn: sqlite3.Connection, client: str) -> str | None:
+    row = conn.execute(Q.WEBHOOK_KEY, (client,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _set_webhook_key_txn(conn: sqlite3.Connection, client: str, key: str, now: float, replace: bool) -> str:
+    conn.execute(Q.SET_WEBHOOK_KEY if replace else Q.ADD_WEBHOOK_KEY, (client, key, now))
+    return str(conn.execute(Q.WEBHOOK_KEY, (client,)).fetchone()[0])
+
+
+def _release_webhooks_txn(conn: sqlite3.Connection, lease: str, now: float) -> None:
+    conn.execute(Q.RELEASE_WEBHOOKS, (lease,))
+    conn.execute(Q.RELEASE_WEBHOOK_RETRIES, (now, lease))
+
+
+def _advance_webhook_txn(
+    conn: sqlite3.Connection, webhook_id: str, lease: str, cursor: EventCursor, failed: list[tuple[int, float, float, str]]
+) -> bool:
+    if conn.execute(Q.ADVANCE_WEBHOOK, (cursor.seq, cursor.id, webhook_id, lease)).rowcount == 0:
+        return False
+    conn.executemany(Q.INSERT_WEBHOOK_RETRY, [(webhook_id, event_id, first, after, error) for event_id, first, after, error in failed])
+    return True
+
+
+def _due_webhook_retries_txn(conn: sqlite3.Connection, lease: str, now: float, until: float, limit: int) -> list[WebhookRetry]:
+    rows = conn.execute(Q.LEASE_WEBHOOK_RETRIES, {"lease": lease, "now": now, "until": until, "limit": limit}).fetchall()
+    if not rows:
+        return []
+    hooks = {w.id: w for w in _webhooks_txn(conn, Q.WEBHOOKS_AMONG, (json.dumps(sorted({r[0] for r in rows})),))}
+    events = {e.cursor.id: e for e in _events_txn(conn, Q.EVENTS_BY_ID, (json.dumps(sorted({r[1] for r in rows})),))}
+    retries = [
+        WebhookRetry(hooks[hook_id], events[event_id], attempts, first_attempt, until, last_error)
+        for hook_id, event_id, attempts, first_attempt, last_error in rows
+        if hook_id in hooks and event_id in events
+    ]
+    return sorted(retries, key=lambda r: (r.first_attempt, r.event.cursor))
+
+
+def _finish_webhook_retries_txn(
+    conn: sqlite3.Connection, results: list[tuple[WebhookRetry, float | None, str | None]], lease: str
+) -> None:
+    for retry, next_attempt, error in results:
+        key = (retry.webhook.id, retry.event.cursor.id, lease)
+        if next_attempt is None:
+            conn.execute(Q.DELETE_WEBHOOK_RETRY, key)
+        else:
+            conn.execute(Q.WEBHOOK_RETRY_AGAIN, (next_attempt, error, *key))

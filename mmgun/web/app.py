@@ -34,11 +34,11 @@ from ..clients import Clients
 from ..health import Health
 from ..limits import QueueCap, RateLimiter
 from ..metrics import Metrics
+from ..signer import Signer
 from ..store import Store
 from . import json_api, mailgun
 from .errors import ErrorShape, HTTPError, error_answer, method_not_allowed, no_such_endpoint, render_error
 from .settings import WebSettings
-from .signing import Runner, SignFunction
 from .site import FrontendSite
 from .submit import Pipeline
 
@@ -225,6 +225,8 @@ def routes(api: json_api.JSONAPI, v3: mailgun.MailgunAPI | None = None) -> tuple
         Route("/status", {b"POST": api.status}, shape),
         Route("/healthz", {b"GET": api.healthz}, shape),
         Route("/metrics", {b"GET": api.prometheus}, shape),
+        Route("/events", {b"GET": api.events}, shape),
+        Route("/suppressions", api.suppressions.methods(), shape),
     ], areas
 
 
@@ -234,8 +236,8 @@ class Frontend:
     listens with the shared request limits. ``clients`` is a callable so the set can be
     reloaded while running.
 
-    ``signing`` runs the DKIM signatures (:class:`.signing.SigningPool`; default: on the
-    calling thread); ``sign`` replaces :func:`mmgun.dkim.sign` (tests).
+    ``signer`` makes DKIM's private-key operations (:class:`mmgun.signer.SignerProcess`;
+    default: on the calling thread).
 
     ``settings`` come from the Config (:func:`mmgun.service.make_service`); ``fields``
     (names of :class:`WebSettings` fields) override some of them, or make them all with
@@ -255,8 +257,7 @@ class Frontend:
         auth_failures: RateLimiter | None = None,
         health: Health | None = None,
         wall: Callable[[], float] | None = None,
-        signing: Runner | None = None,
-        sign: SignFunction | None = None,
+        signer: Signer | None = None,
         **fields: Any,
     ) -> None:
         self.settings = WebSettings(**fields) if settings is None else attrs.evolve(settings, **fields)
@@ -272,8 +273,7 @@ class Frontend:
             auth_failures=auth_failures,
             health=health,
             wall=wall,
-            signing=signing,
-            sign=sign,
+            signer=signer,
         )
         self.json_api = json_api.JSONAPI(
             self.pipeline, store, self.settings, metrics=self.metrics, health=health, wall=wall if wall is not None else clock.seconds

@@ -21,10 +21,12 @@ from ..message import BadRequest, check_fields, parse_json_object, parse_send
 from ..metrics import Metrics
 from ..store import Store, SubmissionState
 from .errors import HTTPError, json_response
+from .events_api import EventsAPI
 from .mailgun import _MSG_ID as MESSAGE_ID
 from .settings import WebSettings
 from .site import read_body
 from .submit import NO_CLIENT_ID, Pipeline, idempotency_key
+from .suppressions_api import JSONSuppressions
 
 API_VERSION = "1"
 STATUS_FIELDS = ("submission_id", "message_id")
@@ -93,6 +95,9 @@ class JSONAPI:
         self._metrics = metrics
         #: Whether this process can accept mail now (free space, the database's file); None: ask only the store.
         self._health = health
+        self._events = EventsAPI(pipeline, store)
+        #: issue 14: /suppressions (routed by .app with its own methods).
+        self.suppressions = JSONSuppressions(pipeline, store, wall=wall)
 
     async def index(self, request: IRequest) -> bytes:
         return json_response(
@@ -152,6 +157,10 @@ class JSONAPI:
         if problem is not None:
             return json_response(request, 503, {"status": "unavailable", "message": problem})
         return json_response(request, 200, {"status": "ok"})
+
+    async def events(self, request: IRequest) -> bytes:
+        """GET /events?after=CURSOR&limit=N: the caller's event feed (issue 14; :mod:`.events_api`)."""
+        return await self._events.feed(request)
 
     def prometheus(self, request: IRequest) -> IResource:
         """GET /metrics: prometheus_client's resource renders it (from a thread)."""

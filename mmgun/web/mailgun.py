@@ -71,10 +71,13 @@ from ..message import (
 from ..metrics import Metrics
 from ..store import Store
 from .errors import HTTPError, error_answer, json_response, method_not_allowed, no_such_endpoint, render_error
+from .events_api import EventsAPI
 from .forms import Field, FieldLimit, read_form
 from .settings import WebSettings
 from .site import read_body
 from .submit import MAX_BATCH_FACTOR, Pipeline, RawMessage
+from .suppressions_api import V3Suppressions
+from .webhooks_api import V3Webhooks
 
 _log = Logger()
 
@@ -688,13 +691,25 @@ class MailgunAPI:
         self._settings = settings
         self._metrics = metrics
         self._wall = wall
+        self._events = EventsAPI(pipeline, store)
+        self._suppressions = V3Suppressions(pipeline, store, wall=wall, shape=error_document)
+        self._webhooks = V3Webhooks(pipeline, store, wall=wall, shape=error_document)
 
     def resource(self) -> Any:
         return self.app.resource()
 
     def operations(self) -> set[tuple[str, str]]:
         """Every (method, path) routed, in the OpenAPI document's spelling."""
-        return {("POST", "/v3/{domain}/messages"), ("POST", "/v3/{domain}/messages.mime")}
+        return {
+            ("POST", "/v3/{domain}/messages"),
+            ("POST", "/v3/{domain}/messages.mime"),
+            ("GET", "/v3/{domain}/events"),
+            ("GET", "/v3/{domain}/events/{page}"),
+            *((method, "/v3/{domain}/{table}") for method in ("GET", "POST", "DELETE")),
+            *((method, "/v3/{domain}/{table}/{address}") for method in ("GET", "DELETE")),
+            *((method, "/v3/domains/{domain}/webhooks") for method in ("GET", "POST")),
+            *((method, "/v3/domains/{domain}/webhooks/{webhook}") for method in ("GET", "PUT", "DELETE")),
+        }
 
     @app.route("/v3/<domain>/messages", methods=["POST"])
     def messages(self, request: IRequest, domain: str) -> Deferred[bytes]:
@@ -703,6 +718,40 @@ class MailgunAPI:
     @app.route("/v3/<domain>/messages.mime", methods=["POST"])
     def messages_mime(self, request: IRequest, domain: str) -> Deferred[bytes]:
         return _shielded(self._messages_mime(request, domain), self._lost(request))
+
+    @app.route("/v3/<domain>/<any(bounces, unsubscribes, complaints):table>", methods=["GET", "POST", "DELETE"])
+    def suppressions(self, request: IRequest, domain: str, table: str) -> Deferred[bytes]:
+        """issue 14: a suppression list (:mod:`.suppressions_api`): a page of it, entries added, all removed."""
+        return _shielded(self._suppressions.table(request, domain, table), self._lost(request))
+
+    @app.route("/v3/<domain>/<any(bounces, unsubscribes, complaints):table>/<path:address>", methods=["GET", "DELETE"])
+    def suppression(self, request: IRequest, domain: str, table: str, address: str) -> Deferred[bytes]:
+        return _shielded(self._suppressions.entry(request, domain, table, address), self._lost(request))
+
+    @app.route("/v3/domains/<domain>/webhooks", methods=["GET", "POST"])
+    def webhooks(self, request: IRequest, domain: str) -> Deferred[bytes]:
+        """issue 14: a sending domain's webhooks (:mod:`.webhooks_api`)."""
+        return _shielded(self._webhooks.collection(request, domain), self._lost(request))
+
+    @app.route("/v3/domains/<domain>/webhooks/<webhook>", methods=["GET", "PUT", "DELETE"])
+    def webhook(self, request: IRequest, domain: str, webhook: str) -> Deferred[bytes]:
+        return _shielded(self._webhooks.one(request, domain, webhook), self._lost(request))
+
+    @app.route("/v3/<domain>/events", methods=["GET"])
+    def events(self, request: IRequest, domain: str) -> Deferred[bytes]:
+        """issue 14: the event log of a sending domain (:mod:`.events_api`)."""
+        return Deferred.fromCoroutine(self._events_page(request, domain, None))
+
+    @app.route("/v3/<domain>/events/<page>", methods=["GET"])
+    def events_page(self, request: IRequest, domain: str, page: str) -> Deferred[bytes]:
+        return Deferred.fromCoroutine(self._events_page(request, domain, page))
+
+    async def _events_page(self, request: IRequest, domain: str, page: str | None) -> bytes:
+        client = await self._pipeline.authenticate(request)
+        name = sending_domain(domain)
+        if not await self._pipeline.domains.owned(client, name):
+            raise HTTPError(404, f"Domain not found: {name}")
+        return await self._events.v3(request, client, name, page)
 
     @app.handle_errors(Exception)
     def error(self, request: IRequest, failure: Failure) -> bytes:

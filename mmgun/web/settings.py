@@ -30,3 +30,5 @@ class WebSettings:
     max_connections_per_source: int = 1000
     #: Whose senders a client may use: "any" address, or only its own sending "domains" (403 otherwise).
     sender_policy: str = "any"
+    #: Failed authentications from one address before it is slowed to this many a minute.
+    max_auth_failures: int = 10

@@ -23,10 +23,11 @@ from ..health import Health
 from ..limits import QueueCap, RateLimiter
 from ..message import BadRequest, MessageTooLarge, SendRequest, build_message, new_message_id, schedule
 from ..metrics import Metrics
+from ..signer import Signer
 from ..store import NewSubmission, Store
 from .errors import too_many, unauthorized, unavailable
 from .settings import WebSettings
-from .signing import Runner, SendingDomains, SignFunction
+from .signing import SendingDomains
 from .site import source_key
 
 _log = Logger()
@@ -85,10 +86,9 @@ class Pipeline:
         auth_failures: RateLimiter | None = None,
         health: Health | None = None,
         wall: Callable[[], float] | None = None,
-        signing: Runner | None = None,
-        sign: SignFunction | None = None,
+        signer: Signer | None = None,
     ) -> None:
-        """``signing`` runs each DKIM signature (:meth:`.signing.SigningPool.run`; default: inline); ``sign`` replaces :func:`mmgun.dkim.sign`."""
+        """``signer`` makes DKIM's private-key operations (:class:`mmgun.signer.SignerProcess`; default: in this process)."""
         self._store = store
         self._settings = settings
         self._metrics = metrics
@@ -96,12 +96,13 @@ class Pipeline:
         self._auth = Authenticator(store, clients, clock, self._wall)
         self._rate = RateLimiter(settings.rate_limit, settings.rate_burst, clock)
         self._queue_cap = queue_cap
-        # Ten failures in a row, then one try every six seconds, per source address.
-        self._auth_failures = auth_failures if auth_failures is not None else RateLimiter(10 / 60, 10, clock)
+        # Ten failures in a row (by default), then one try every six seconds, per source address.
+        failures = settings.max_auth_failures
+        self._auth_failures = auth_failures if auth_failures is not None else RateLimiter(failures / 60, failures, clock)
         self._key_failures = KeyFailures(clock)
         #: Whether this process can accept mail now (free space); None: ask only the store.
         self._health = health
-        self.domains = SendingDomains(store, clock, policy=settings.sender_policy, run=signing, sign=sign)
+        self.domains = SendingDomains(store, clock, policy=settings.sender_policy, signer=signer)
 
     async def authenticate(self, request: IRequest, client_id: object = NO_CLIENT_ID) -> str:
         """

@@ -1,0 +1,354 @@
+"""
+The webhooks role: follow each webhook's event feed and POST the events it
+wants, at least once, with Mailgun's retries.
+
+Every ``interval`` the dispatcher leases the webhooks no other dispatcher
+holds (``"<sender-id>/<random>"``, for ``lease_time``; renewed every tick).
+For each one it holds and is not already following, it starts a task that
+reads the webhook's feed from its cursor a page (at most ``page_size``
+events) at a time, POSTs every event of the page the webhook wants (all at
+once: the :class:`~mmgun.webhooks.WebhookClient` bounds how many go out per
+receiver and in all), and only when every POST of the page has an outcome
+moves the cursor past the page, keeping the failed events as retries (due
+after :func:`~mmgun.webhooks.retry_delay`), in one transaction.  A crash or a
+stop before that moves nothing: the page is POSTed again by the next run (at
+least once; at most the pages in flight repeated).  The tasks are not
+awaited by the tick, so a hanging receiver holds up only its own webhook.
+
+Retries that are due are leased (their next attempt moved to the lease's
+end, so a dispatcher that dies leaves them due again then), POSTed, and
+finished one by one: deleted when delivered or when Mailgun's 8 hours are
+used up (logged, at warn), else rescheduled.
+
+A body is signed (with the client's webhook signing key, read through a
+cache of ``key_ttl`` seconds, made at first need) when its POST's turn
+comes, so its timestamp is fresh even after a wait.  No body, key or URL
+credentials are logged.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .events import event_data
+from .store import Event, Store, Webhook, WebhookRetry
+from .webhooks import Delivery, WebhookClient, WebhookURLError, new_signing_key, parse_url, retry_delay, signed_body
+
+_log = Logger()
+
+
+class WebhookDispatcher(Service):
+    """
+    @param store: Where the webhooks, their feeds, retries and keys are.
+    @param client: POSTs the bodies (its limits bound the concurrency).
+    @param clock: Runs the loop and measures the grace at stop (the reactor).
+    @param wall: Wall-clock time, for stored times and signature timestamps.
+    @param owner: This process's identity (C{--sender-id}); the lease is
+        C{owner/<random>}.
+    @param max_retries: Retries leased per tick, and in flight at most.
+    @param grace: Seconds C{stopService} lets POSTs in flight finish before
+        it cancels them (their pages are then POSTed again by the next run).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        client: WebhookClient,
+        clock: IReactorTime,
+        *,
+        wall: Callable[[], float],
+        owner: str,
+        interval: float = 1.0,
+        lease_time: float = 30.0,
+        page_size: int = 500,
+        key_ttl: float = 5.0,
+        max_retries: int = 500,
+        grace: float = 10.0,
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._clock = clock
+        self._wall = wall
+        self.lease = f"{owner}/{secrets.token_hex(6)}"
+        self._interval = interval
+        self._lease_time = lease_time
+        self._page_size = page_size
+        self._key_ttl = key_ttl
+        self._max_retries = max_retries
+        self._grace = grace
+        #: The webhooks held, as the last lease returned them (URL and events changes show up there).
+        self._held: dict[str, Webhook] = {}
+        #: Webhook id → the task following its feed.
+        self._following: dict[str, Deferred[None]] = {}
+        #: (webhook id, event id) → the task POSTing that retry.
+        self._retrying: dict[tuple[str, int], Deferred[None]] = {}
+        self._keys: dict[str, tuple[str, float]] = {}
+        self._ticking: Deferred[None] | None = None
+        #: No new page or retry is started.
+        self._stopping = False
+        #: The grace is over: what is in flight is being cancelled, and no outcome is recorded.
+        self._cancelling = False
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = clock
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = self._cancelling = False
+        self._loop.start(self._interval, now=True).addErrback(lambda f: _log.failure("webhook dispatcher loop stopped", f))
+        _log.info("webhook dispatcher started as {lease}", lease=self.lease)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._stopping = True
+        if self._loop.running:
+            self._loop.stop()
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        tasks = self._tasks()
+        if tasks:
+            gate: Deferred[None] = Deferred()
+
+            def open_gate(_: object = None) -> None:
+                if not gate.called:
+                    gate.callback(None)
+
+            DeferredList(tasks).addBoth(open_gate)
+            timer = self._clock.callLater(self._grace, open_gate)
+            await gate
+            if timer.active():
+                timer.cancel()
+        left = self._tasks()
+        if left:
+            _log.info(
+                "stopping with {count} webhook deliveries unfinished: they are POSTed again after the lease ends",
+                count=len(left),
+            )
+            self._cancelling = True
+            for task in left:
+                task.cancel()
+            await DeferredList(left, consumeErrors=True)
+        # What this run held is another dispatcher's at once (a restart need not wait for the lease to end).
+        try:
+            await self._store.release_webhooks(self.lease, self._wall())
+        except Exception:
+            _log.failure("could not give up the webhook leases; they end by themselves within {seconds} s", seconds=self._lease_time)
+
+    def _tasks(self) -> list[Deferred[Any]]:
+        tasks: list[Deferred[Any]] = list(self._following.values()) + list(self._retrying.values())
+        if self._ticking is not None:
+            tasks.append(self._ticking)
+        return tasks
+
+    def settled(self) -> Deferred[None]:
+        """Fires when every task running now (and those they start) has ended: for tests and benchmarks."""
+
+        async def wait() -> None:
+            while tasks := self._tasks():
+                await DeferredList(tasks, consumeErrors=True)
+
+        return Deferred.fromCoroutine(wait())
+
+    @property
+    def busy(self) -> bool:
+        """Whether a tick, a feed or a retry is under way."""
+        return bool(self._tasks())
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def tick(self) -> Deferred[None]:
+        """Renew the leases, start following the webhooks not followed yet, start the retries due. Never fails."""
+        if self._ticking is not None or self._stopping:
+            return Deferred.fromCoroutine(_nothing())
+        d = self._ticking = Deferred.fromCoroutine(self._tick())
+
+        def done(_: object) -> None:
+            self._ticking = None
+
+        return d.addBoth(done)
+
+    async def _tick(self) -> None:
+        now = self._wall()
+        until = now + self._lease_time
+        try:
+            held = await self._store.lease_webhooks(self.lease, now, until)
+        except Exception:
+            _log.failure("leasing webhooks failed; the next tick tries again")
+            return
+        self._held = {w.id: w for w in held}
+        for webhook in held:
+            if webhook.id not in self._following and not self._stopping:
+                self._start(self._following, webhook.id, self._follow(webhook))
+        room = self._max_retries - len(self._retrying)
+        if room <= 0 or self._stopping:
+            return
+        try:
+            due = await self._store.due_webhook_retries(self.lease, now, until, room)
+        except Exception:
+            _log.failure("leasing webhook retries failed; the next tick tries again")
+            return
+        for retry in due:
+            key = (retry.webhook.id, retry.event.cursor.id)
+            # A retry still waiting for its turn when its lease ran out is leased again: POSTed once.
+            if key not in self._retrying and not self._stopping:
+                self._start(self._retrying, key, self._retry(retry))
+
+    def _start(self, tasks: dict[Any, Deferred[None]], key: Any, work: Any) -> None:
+        d: Deferred[None] = Deferred.fromCoroutine(work)
+        tasks[key] = d
+
+        def done(_: object) -> None:
+            tasks.pop(key, None)
+
+        d.addBoth(done)
+
+    # -- the feed ---------------------------------------------------------------------
+
+    async def _follow(self, webhook: Webhook) -> None:
+        """POST the webhook's events page by page until its feed is caught up. Never fails."""
+        cursor = webhook.cursor
+        try:
+            while not self._stopping:
+                current = self._held.get(webhook.id)
+                if current is None:  # removed, or the lease was lost
+                    return
+                page = await self._store.events(current.client, start=cursor, domain=current.domain, limit=self._page_size)
+                if not page:
+                    return
+                failed = await self._post_page(current, page)
+                if self._cancelling:
+                    return  # the outcomes were cut short: the next run POSTs the page again
+                if not await self._store.advance_webhook(current.id, self.lease, page[-1].cursor, failed):
+                    _log.warn(
+                        "webhook {webhook} was removed, or leased by another dispatcher (which POSTs these events again)",
+                        webhook=current.id,
+                    )
+                    self._held.pop(current.id, None)
+                    return
+                cursor = page[-1].cursor
+                if len(page) < self._page_size:
+                    return
+        except Exception:
+            if not self._cancelling:
+                _log.failure("following the feed of webhook {webhook} failed; the next tick tries again", webhook=webhook.id)
+
+    async def _post_page(self, webhook: Webhook, page: list[Event]) -> list[tuple[int, float, float, str]]:
+        wanted = [e for e in page if webhook.wants(e)]
+        if not wanted:
+            return []
+        first = self._wall()
+        deliveries: list[Delivery] = await gatherResults(
+            [Deferred.fromCoroutine(self._post(webhook, event)) for event in wanted], consumeErrors=True
+        )
+        failed = []
+        delay = retry_delay(1)
+        assert delay is not None
+        for event, delivery in zip(wanted, deliveries, strict=True):
+            if not delivery.ok:
+                failed.append((event.cursor.id, first, self._wall() + delay, delivery.reason))
+        if failed:
+            _log.info(
+                "webhook {webhook} to {receiver}: {failed} of {count} events not delivered (e.g. {reason}); retried from {delay:g}s",
+                webhook=webhook.id,
+                receiver=_receiver(webhook.url),
+                failed=len(failed),
+                count=len(wanted),
+                reason=failed[0][3],
+                delay=delay,
+            )
+        return failed
+
+    async def _post(self, webhook: Webhook, event: Event) -> Delivery:
+        try:
+            key = await self._key(webhook.client)
+        except Exception as e:
+            _log.failure("reading the webhook signing key of client {client} failed", client=webhook.client)
+            return Delivery(False, None, f"no signing key ({type(e).__name__})")
+        data = event_data(event)
+        return await self._client.post(webhook.url, lambda: signed_body(key, data, self._wall))
+
+    async def _key(self, client: str) -> str:
+        cached = self._keys.get(client)
+        now = self._clock.seconds()
+        if cached is not None and now - cached[1] < self._key_ttl:
+            return cached[0]
+        key = await self._store.webhook_key(client)
+        if key is None:
+            # Had another process made one at the same time, the one stored first is every process's.
+            key = await self._store.set_webhook_key(client, new_signing_key(), self._wall(), replace=False)
+            _log.info(
+                "made a webhook signing key for client {client} (show it with: mmgun webhooks key --client {client})",
+                client=client,
+            )
+        self._keys[client] = (key, now)
+        return key
+
+    # -- retries ----------------------------------------------------------------------
+
+    async def _retry(self, retry: WebhookRetry) -> None:
+        """POST one due retry and record its outcome. Never fails."""
+        try:
+            delivery = await self._post(retry.webhook, retry.event)
+            if self._cancelling:
+                return  # leased until its lease's end, when it is due again
+            result: tuple[WebhookRetry, float | None, str | None]
+            if delivery.ok:
+                result = (retry, None, None)
+            else:
+                attempts = retry.attempts + 1
+                delay = retry_delay(attempts)
+                if delay is None:
+                    _log.warn(
+                        "gave up webhook {webhook} event {event} to {receiver} after {attempts} attempts since"
+                        " {first_attempt}: {reason}",
+                        webhook=retry.webhook.id,
+                        event=str(retry.event.cursor),
+                        receiver=_receiver(retry.webhook.url),
+                        attempts=attempts,
+                        first_attempt=retry.first_attempt,
+                        reason=delivery.reason,
+                    )
+                    result = (retry, None, delivery.reason)
+                else:
+                    result = (retry, self._wall() + delay, delivery.reason)
+                    _log.info(
+                        "webhook {webhook} event {event} to {receiver} failed again ({attempts} attempts): {reason};"
+                        " next in {delay:g}s",
+                        webhook=retry.webhook.id,
+                        event=str(retry.event.cursor),
+                        receiver=_receiver(retry.webhook.url),
+                        attempts=attempts,
+                        reason=delivery.reason,
+                        delay=delay,
+                    )
+            await self._store.finish_webhook_retries([result], self.lease)
+        except Exception:
+            if self._cancelling:
+                return
+            _log.failure(
+                "retrying webhook {webhook} event {event} failed; it is due again when its lease ends",
+                webhook=retry.webhook.id,
+                event=str(retry.event.cursor),
+            )
+
+
+def _receiver(url: str) -> str:
+    """What logs name a webhook's receiver by: scheme, host and port (never its credentials, path or query)."""
+    try:
+        return str(parse_url(url))
+    except WebhookURLError:
+        return "(invalid URL)"
+
+
+async def _nothing() -> None:
+    return None

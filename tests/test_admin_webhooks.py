@@ -1,0 +1,113 @@
+"""
+Issue 14, webhooks: ``mmgun webhooks add|list|remove|key`` in-process through main() on a
+real database.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from mmgun.store import Webhook
+
+from .helpers import result
+from .test_admin import NOW, AdminCase, make_store
+
+
+class WebhooksAdminTests(AdminCase):
+    def setUp(self) -> None:
+        self.directory, self.path, self.store = make_store(self)
+
+    def webhooks(self, *args: str) -> str:
+        return self.ok("webhooks", *args, "--database", self.path)
+
+    def webhooks_fail(self, *args: str) -> str:
+        return self.fails("webhooks", *args, "--database", self.path)
+
+    def stored(self) -> list[Webhook]:
+        found: list[Webhook] = result(self, self.store.webhooks())
+        return found
+
+    def test_add_stores_the_webhook_and_prints_the_new_key_once(self) -> None:
+        """
+        issue 14 dispatcher item 3: add stores the webhook (all three events by
+        default) and, the client having no signing key, makes one and prints it; a
+        second add does not print the key again.
+        """
+        out = self.webhooks("add", "--client", "acme", "--url", "https://app.example/hooks/mail")
+        (hook,) = self.stored()
+        key = result(self, self.store.webhook_key("acme"))
+        self.assertEqual((hook.client, hook.domain, hook.url), ("acme", None, "https://app.example/hooks/mail"))
+        self.assertEqual(hook.events, ("delivered", "permanent_fail", "temporary_fail"))
+        self.assertRegex(hook.id, r"^wh-[0-9a-f]{12}$")
+        self.assertIn(f"added webhook {hook.id} for client acme: https://app.example/hooks/mail\n", out)
+        self.assertIn("POSTed to https://app.example:443", out)
+        self.assertRegex(key, r"^[0-9a-f]{64}$")
+        self.assertTrue(out.endswith(f"\n{key}\n"))
+        again = self.webhooks("add", "--client", "acme", "--url", "https://app.example/other", "--events", "delivered")
+        self.assertNotIn(key, again)
+        self.assertNotIn("signing key", again)
+        self.assertEqual(result(self, self.store.webhook_key("acme")), key)
+
+    def test_bad_urls_and_events_refused(self) -> None:
+        """
+        issue 14 dispatcher item 3: a URL that is not http(s) with a host, or with a
+        user name alone, and event names mmgun never makes (opened, clicked, accepted)
+        are refused in one line, naming what is allowed; nothing is stored.
+        """
+        for url in ("ftp://app.example/", "https:///nohost", "https://user@app.example/", "app.example/hooks"):
+            line = self.webhooks_fail("add", "--client", "acme", "--url", url)
+            self.assertTrue(line.startswith("mmgun: --url: "), line)
+        for events in ("opened", "delivered,clicked", "accepted", ","):
+            line = self.webhooks_fail("add", "--client", "acme", "--url", "https://app.example/", "--events", events)
+            self.assertIn("a webhook receives delivered, permanent_fail, temporary_fail", line)
+        self.assertEqual(self.stored(), [])
+        self.assertIsNone(result(self, self.store.webhook_key("acme")))
+
+    def test_domain_of_another_client_refused(self) -> None:
+        """issue 14 dispatcher item 3: --domain may not be a sending domain registered to another client."""
+        result(self, self.store.add_client("zeta", NOW))
+        result(self, self.store.add_domain("other.example", "zeta", NOW))
+        line = self.webhooks_fail("add", "--client", "acme", "--domain", "Other.Example", "--url", "https://app.example/")
+        self.assertEqual(line, "mmgun: sending domain other.example is client zeta's, not acme's")
+        self.webhooks("add", "--client", "zeta", "--domain", "Other.Example.", "--url", "https://app.example/")
+        self.assertEqual([h.domain for h in self.stored()], ["other.example"])
+
+    def test_list_hides_passwords_and_remove(self) -> None:
+        """
+        issue 14 dispatcher item 3 (lead's change): list shows a URL's password as ***
+        (table and JSON), filters by client; remove deletes, and says so for an
+        unknown id.
+        """
+        self.webhooks("add", "--client", "acme", "--url", "https://anymail:s3cret@app.example/anymail/mailgun/tracking/")
+        self.webhooks("add", "--client", "zeta", "--url", "http://zeta.example/h", "--events", "permanent_fail", "--domain", "z.example")
+        table = self.webhooks("list")
+        self.assertNotIn("s3cret", table)
+        self.assertIn("https://anymail:***@app.example/anymail/mailgun/tracking/", table)
+        self.assertEqual(table.splitlines()[0].split(), ["ID", "CLIENT", "DOMAIN", "EVENTS", "CREATED", "URL"])
+        documents = json.loads(self.webhooks("list", "--client", "zeta", "--json"))
+        self.assertEqual(
+            [(d["client"], d["domain"], d["events"], d["url"]) for d in documents],
+            [("zeta", "z.example", ["permanent_fail"], "http://zeta.example/h")],
+        )
+        hook_id = documents[0]["id"]
+        self.assertEqual(self.webhooks("remove", hook_id), f"removed webhook {hook_id}: its events are no longer POSTed, its retries are dropped\n")
+        self.assertEqual([h.client for h in self.stored()], ["acme"])
+        self.assertEqual(self.webhooks_fail("remove", hook_id), f"mmgun: no webhook {hook_id} (see mmgun webhooks list); nothing changed")
+        self.assertEqual(self.webhooks("list", "--client", "zeta"), "client zeta has no webhook\n")
+
+    def test_key_shown_when_made_or_rotated_only(self) -> None:
+        """
+        issue 14 dispatcher item 3: key makes and prints a key for a client that has
+        none; asked again it does not print it; --rotate replaces and prints the new one.
+        """
+        made = self.webhooks("key", "--client", "acme")
+        first = result(self, self.store.webhook_key("acme"))
+        self.assertIn(f"\n{first}\n", made)
+        again = self.webhooks("key", "--client", "acme")
+        self.assertNotIn(first, again)
+        self.assertEqual(again, "client acme has a webhook signing key (shown only when made): --rotate replaces it\n")
+        rotated = self.webhooks("key", "--client", "acme", "--rotate")
+        second = result(self, self.store.webhook_key("acme"))
+        self.assertNotEqual(first, second)
+        self.assertEqual(re.findall(r"^[0-9a-f]{64}$", rotated, re.MULTILINE), [second])
