@@ -17,6 +17,16 @@ and reports, as a table and as JSON in bench/out/<timestamp>.json:
            (`mmgun domains add [--ed25519]`) before mmgun starts; the load authenticates with
            the key. none is the same without the domain (unsigned). The variants of a run
            index run back to back (interleaved), so a busier machine hits them alike.
+  --webhook [off,on,no-role]
+           relay with issue 14's webhooks: "on" gives the run's database (before mmgun
+           starts) a webhook of the load's client (an API-key client, as --dkim none) for
+           delivered, permanent_fail and temporary_fail, POSTing to bench/webhook_sink.py on
+           127.0.0.1 (mmgun runs with --webhook-allow-private); the run also reports the POSTs
+           received and the webhook lag (last delivery to last POST). The rate still ends at
+           the last delivery. "off": the same client, no webhook (the webhooks role idles);
+           "no-role": no webhooks role at all; "on-apart": "on" with the webhooks role in a
+           process of its own beside the topology's. `--webhook` alone is "on"; several
+           variants run interleaved, as --dkim's.
   --content text,rich
            relay and ingest with the ~1 KB text message (text, the default), and/or with
            issue 12's rich one (rich: that text as the alternative of a ~30 KB HTML part,
@@ -60,6 +70,10 @@ DKIM_VARIANTS = ("none", "rsa", "rsa+ed25519")
 #: The client that owns the signing domain in a --dkim run (clients-file ids cannot own domains).
 DKIM_CLIENT = "bench"
 DKIM_SENDER = "bench@sender.bench.test"
+#: --webhook variants: a webhook subscribed to every event, none (the role idles), no webhooks role.
+WEBHOOK_VARIANTS = ("off", "on", "no-role", "on-apart")
+#: What the bench's webhook subscribes to: every event a relay run can make after acceptance.
+WEBHOOK_EVENTS = "delivered,permanent_fail,temporary_fail"
 #: Options that throttle a client; set to "off" when this mmgun has them (they guard
 #: production from abuse and would measure the limiter instead of the relay).
 LIMITS_OFF = {"rate-limit": "0", "max-queued": "0"}
@@ -102,12 +116,12 @@ MMGUN = str(Path(sys.executable).parent / "mmgun")
 
 
 class Sink:
-    """bench/sink.py in its own process, driven over its stdin/stdout."""
+    """bench/sink.py (or another ``script`` of its protocol) in its own process, driven over its stdin/stdout."""
 
-    def __init__(self, folder: Path) -> None:
-        self._err = open(folder / "sink.err", "w")
+    def __init__(self, folder: Path, script: str = "sink.py") -> None:
+        self._err = open(folder / f"{Path(script).stem}.err", "w")
         self.process = subprocess.Popen(
-            [PYTHON, str(HERE / "sink.py")],
+            [PYTHON, str(HERE / script)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._err,
@@ -215,9 +229,16 @@ def ingest_processes(topology: str) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def start_daemon(
-    setup: Setup, run: Path, name: str, roles: tuple[str, ...], database: Path, sink_port: int, shared_port: int | None = None
+    setup: Setup,
+    run: Path,
+    name: str,
+    roles: tuple[str, ...],
+    database: Path,
+    sink_port: int,
+    shared_port: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> Daemon:
-    """One mmgun process; frontends given a ``shared_port`` listen on it with SO_REUSEPORT."""
+    """One mmgun process; frontends given a ``shared_port`` listen on it with SO_REUSEPORT; ``extra``: more options."""
     port = (shared_port or procs.free_port()) if (not roles or "frontend" in roles) else None
     command = [
         TWISTD,
@@ -231,6 +252,7 @@ def start_daemon(
         *[f"--role={role}" for role in roles],
         *setup.limit_flags(),
         *setup.extra,
+        *extra,
     ]
     if port is not None:
         command.append(f"--listen={'reuseport' if shared_port else 'tcp'}:{port}:interface=127.0.0.1")
@@ -461,6 +483,70 @@ class Profiles:
 # -- the relay run ------------------------------------------------------------------------------
 
 
+def mmgun_admin(run: Path, database: Path, *words: str) -> str:
+    """Run `mmgun WORDS --database=DATABASE` (an admin command) in ``run``; its output."""
+    command = [MMGUN, *words, f"--database={database}"]
+    result = subprocess.run(command, cwd=run, capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} failed ({result.returncode}): {result.stderr.strip()[-300:]}")
+    return result.stdout
+
+
+def prepare_webhook(run: Path, database: Path, port: int) -> None:
+    """The --dkim client's webhook for every relay event, to the webhook sink on ``port`` (issue 14)."""
+    mmgun_admin(
+        run,
+        database,
+        "webhooks",
+        "add",
+        f"--client={DKIM_CLIENT}",
+        f"--url=http://127.0.0.1:{port}/hooks/mail",
+        f"--events={WEBHOOK_EVENTS}",
+    )
+
+
+def webhook_processes(processes: list[tuple[str, tuple[str, ...]]], webhook: str | None) -> list[tuple[str, tuple[str, ...]]]:
+    """
+    A topology's processes for a --webhook variant: "no-role" takes the webhooks role
+    from a one-process topology (whose empty roles mean all four); "on" and "off" give it
+    to the first process of the others (which list their roles without it); "on-apart"
+    takes it from every process and adds a "webhooks" process with that role alone.
+    """
+    if webhook is None:
+        return processes
+    result = []
+    for n, (name, roles) in enumerate(processes):
+        if webhook in ("no-role", "on-apart") and not roles:
+            roles = ("frontend", "sender", "cleaner")
+        elif webhook in ("on", "off") and roles and n == 0 and "webhooks" not in roles:
+            roles = (*roles, "webhooks")
+        result.append((name, roles))
+    if webhook == "on-apart":
+        result.append(("webhooks", ("webhooks",)))
+    return result
+
+
+def wait_posts(sink: Sink, expected: int, stall: float, limit: float) -> dict[str, Any]:
+    """Poll the webhook sink until it has ``expected`` POSTs, it stalls ``stall`` s, or ``limit`` s pass."""
+    deadline = time.monotonic() + limit
+    last_count, last_progress = -1, time.monotonic()
+    while True:
+        stats = sink.stats()
+        if stats["posts"] >= expected:
+            stats["outcome"] = "complete"
+            return stats
+        now = time.monotonic()
+        if stats["posts"] != last_count:
+            last_count, last_progress = stats["posts"], now
+        elif now - last_progress > stall:
+            stats["outcome"] = f"stalled for {stall:g} s"
+            return stats
+        if now > deadline:
+            stats["outcome"] = f"time limit of {limit:g} s"
+            return stats
+        time.sleep(0.05)
+
+
 def prepare_dkim(run: Path, database: Path, dkim: str) -> str:
     """
     A client, an API key and (unless ``dkim`` is none) the sender's domain with its keys,
@@ -469,11 +555,7 @@ def prepare_dkim(run: Path, database: Path, dkim: str) -> str:
     """
 
     def admin(*words: str) -> str:
-        command = [MMGUN, *words, f"--database={database}"]
-        result = subprocess.run(command, cwd=run, capture_output=True, text=True, timeout=60, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command[:4])} failed ({result.returncode}): {result.stderr.strip()[-300:]}")
-        return result.stdout
+        return mmgun_admin(run, database, *words)
 
     admin("clients", "add", DKIM_CLIENT)
     key = next(
@@ -511,13 +593,16 @@ def relay_run(
     label: str = "relay",
     content: str = "text",
     dkim: str | None = None,
+    webhook: str | None = None,
 ) -> dict[str, Any]:
     """
     POST --messages messages (--rich-messages of the rich ``content``) and wait until the
     sink holds every accepted recipient. With label "ingest" only a frontend runs (no
     sender): the ingest path alone, checked against the database instead of the sink.
     With ``dkim`` (a --dkim variant) the load authenticates with an API key whose client
-    owns (unless none) the sender's domain: see :func:`prepare_dkim`.
+    owns (unless none) the sender's domain: see :func:`prepare_dkim`. With ``webhook`` (a
+    --webhook variant) the client is made as for --dkim none if need be, and "on" gives it
+    a webhook to a bench/webhook_sink.py, whose POSTs are awaited after the last delivery.
     """
     args = setup.args
     deliver = label != "ingest"
@@ -525,16 +610,23 @@ def relay_run(
     run = Path(tempfile.mkdtemp(prefix=f"{label}-{content}-{topology}-{index}-", dir=setup.folder))
     (run / "clients").write_text(CLIENT_ID + "\n")
     database = run / "mmgun.sqlite3"
+    if webhook is not None and dkim is None:
+        dkim = "none"  # the webhook's client must be a stored one, whose API key the load uses
     api_key = prepare_dkim(run, database, dkim) if dkim is not None else None
     sink = Sink(run)
+    hooks = Sink(run, "webhook_sink.py") if webhook in ("on", "on-apart") else None
     daemons: list[Daemon] = []
     loadgen = None
     try:
+        if hooks is not None:
+            prepare_webhook(run, database, int(hooks.port))
         processes = topology_processes(topology) if deliver else ingest_processes(topology)
+        processes = webhook_processes(processes, webhook if deliver else None)
+        extra = ("--webhook-allow-private",) if webhook is not None else ()
         frontends = [name for name, roles in processes if not roles or "frontend" in roles]
         shared_port = procs.free_port() if len(frontends) > 1 else None
         for name, roles in processes:
-            daemons.append(start_daemon(setup, run, name, roles, database, sink.port, shared_port))
+            daemons.append(start_daemon(setup, run, name, roles, database, sink.port, shared_port, extra))
             # The first process creates the schema; the others start once it answers.
             wait_ready(daemons[-1])
         frontend = next(d for d in daemons if d.port is not None)
@@ -565,6 +657,8 @@ def relay_run(
         # A frontend's DKIM signing process (mmgun.signer) is its child: its CPU is counted as "<name>-signer".
         helpers = helper_pids(daemons)
         pids = {d.name: d.pid for d in daemons} | helpers | {"sink": sink.process.pid, "loadgen": loadgen.pid}
+        if hooks is not None:
+            pids["webhook-sink"] = hooks.process.pid
         profiles = Profiles(setup, run, daemons)
         before = Snapshot(pids)
         loadgen.stdin.write("go\n")
@@ -583,7 +677,15 @@ def relay_run(
             delivery = wait_delivered(sink, len(expected), args.stall, args.time_limit)
         else:
             delivery = {"outcome": "not delivered (ingest only)", **sink.stats()}
-        after = Snapshot({d.name: d.pid for d in daemons} | helpers | {"sink": sink.process.pid})
+        # The webhook's POSTs (one delivered event per recipient) come after the deliveries:
+        # the CPU figures include them; the rate does not wait for them.
+        posted = wait_posts(hooks, len(expected), args.stall, args.time_limit) if hooks is not None else None
+        after = Snapshot(
+            {d.name: d.pid for d in daemons}
+            | helpers
+            | {"sink": sink.process.pid}
+            | ({"webhook-sink": hooks.process.pid} if hooks is not None else {})
+        )
         # The load generator exited before the drain ended: it reported its own total.
         after.cpu["loadgen"] = ingest.get("cpu_seconds", before.cpu.get("loadgen", 0.0))
         peak = {d.name: mib(procs.status_kib(d.pid, "VmHWM")) for d in daemons}
@@ -602,10 +704,24 @@ def relay_run(
         cpu = after.since(before)
         machine_busy = after.machine_busy - before.machine_busy
         ours = sum(cpu.values())
+        webhook_lag = (
+            posted["last"] - found["complete_at"]
+            if posted is not None and posted.get("last") is not None and found["complete_at"] is not None
+            else None
+        )
         return {
             "label": label,
             "content": content,
             "dkim": dkim,
+            "webhook": webhook,
+            "webhook_posts": posted["posts"] if posted is not None else None,
+            "webhook_outcome": posted["outcome"] if posted is not None else None,
+            "webhook_connections": posted["connections"] if posted is not None else None,
+            "webhook_keepalive_reuses": posted["keepalive_reuses"] if posted is not None else None,
+            "webhook_lag_s": round(webhook_lag, 3) if webhook_lag is not None else None,
+            "webhook_first_post_after_first_delivery_s": round(posted["first"] - found["first_arrival"], 3)
+            if posted is not None and posted.get("first") is not None and found["first_arrival"] is not None
+            else None,
             "signed": signed,
             "topology": topology,
             "run": index,
@@ -644,6 +760,8 @@ def relay_run(
             if daemon.process.poll() is None:
                 procs.stop_process(daemon.process)
         sink.stop()
+        if hooks is not None:
+            hooks.stop()
         if not args.keep:
             # A rich run's database is ~170 KB a message: free the disk now, not at the end.
             for path in run.glob("mmgun.sqlite3*"):
@@ -874,13 +992,14 @@ def _postfix_problems(maillog: Path) -> dict[str, Any]:
 # -- medians and the report ---------------------------------------------------------------------
 
 
-def content_key(name: str, content: str, dkim: str | None = None) -> str:
+def content_key(name: str, content: str, dkim: str | None = None, webhook: str | None = None) -> str:
     """
     A summary's row: the topology (or process) alone for the text message, as before;
-    marked for the rich one, and with the --dkim variant when there is one.
+    marked for the rich one, and with the --dkim and --webhook variants when there are.
     """
     key = name if content == "text" else f"{name}, rich"
-    return key if dkim is None else f"{key}, dkim {dkim}"
+    key = key if dkim is None else f"{key}, dkim {dkim}"
+    return key if webhook is None else f"{key}, webhook {webhook}"
 
 
 def median_of(runs: list[dict[str, Any]], path: str) -> Any:
@@ -911,6 +1030,7 @@ def summarize_relay(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "p50_ms": median_of(runs, "latency_ms.p50"),
         "p99_ms": median_of(runs, "latency_ms.p99"),
         "e2e_rate": median_of(runs, "e2e_rate"),
+        "e2e_rate_range": _spread(runs, "e2e_rate"),
         "e2e_recipient_rate": median_of(runs, "e2e_recipient_rate"),
         "cpu_per_1000": {n: median_of(runs, f"cpu_per_1000.{n}") for n in cpu_names},
         "peak_rss_mib": {n: max((r["peak_rss_mib"][n] or 0) for r in runs) for n in names},
@@ -921,6 +1041,17 @@ def summarize_relay(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "strays": sum(r["strays"] for r in runs),
         "http_errors": sum(sum(r["http_errors"].values()) for r in runs),
         "accepted": sum(r["accepted"] for r in runs),
+        **(
+            {
+                "webhook_posts": [r.get("webhook_posts") for r in runs],
+                "webhook_expected": [r["accepted_recipients"] for r in runs],
+                "webhook_lag_s": median_of(runs, "webhook_lag_s"),
+                "webhook_lag_s_range": _spread(runs, "webhook_lag_s"),
+                "webhook_connections": [r.get("webhook_connections") for r in runs],
+            }
+            if runs and runs[0].get("webhook_posts") is not None
+            else {}
+        ),
     }
 
 
@@ -1012,6 +1143,26 @@ def render(summary: dict[str, Any]) -> str:
                     "http err",
                 ],
                 rows,
+            )
+        )
+    hooked = {k: s for k, s in relay.items() if "webhook_posts" in s}
+    if hooked:
+        out.append("\nwebhooks (POSTs received of expected per run; lag: last delivery to last POST, median and min–max)")
+        out.append(
+            table(
+                ["topology", "e2e msg/s (min–max)", "POSTs", "expected", "connections", "lag s", "lag min–max s"],
+                [
+                    [
+                        key,
+                        f"{fmt(s['e2e_rate'])} ({'–'.join(fmt(v) for v in s['e2e_rate_range'] or [])})",
+                        ",".join(fmt(v) for v in s["webhook_posts"]),
+                        ",".join(fmt(v) for v in s["webhook_expected"]),
+                        ",".join(fmt(v) for v in s["webhook_connections"]),
+                        fmt(s["webhook_lag_s"], 2),
+                        "–".join(fmt(v, 2) for v in s["webhook_lag_s_range"] or []),
+                    ]
+                    for key, s in hooked.items()
+                ],
             )
         )
     ingest = summary.get("ingest", {})
@@ -1160,6 +1311,30 @@ def evaluate(summary: dict[str, Any], all_runs: list[dict[str, Any]]) -> list[di
                 "met": "yes" if ratio >= 0.8 else "NO",
             }
         )
+    for key, s in summary.get("relay", {}).items():
+        base, _, variant = key.partition(", webhook ")
+        if variant not in ("on", "on-apart") or not s["e2e_rate"]:
+            continue
+        for other in ("off", "no-role"):
+            without = relay.get(f"{base}, webhook {other}")
+            if without and without["e2e_rate"]:
+                ratio = s["e2e_rate"] / without["e2e_rate"]
+                targets.append(
+                    {
+                        "target": f"end-to-end with webhook {variant} ≥ 85% of webhook {other} ({base})",
+                        "measured": f"{s['e2e_rate']:,.0f} vs {without['e2e_rate']:,.0f}/s ({ratio:.0%})",
+                        "met": "yes" if ratio >= 0.85 else "NO",
+                    }
+                )
+        expected = sum(s["webhook_expected"])
+        received = sum(v or 0 for v in s["webhook_posts"])
+        targets.append(
+            {
+                "target": f"every delivered event POSTed to the webhook ({base}, {variant})",
+                "measured": f"{received:,} POSTs for {expected:,} delivered recipients",
+                "met": "yes" if received >= expected else "NO",
+            }
+        )
     backlog = summary.get("backlog", {})
     for key, s in backlog.items():
         queued = int(key.split("/")[0])
@@ -1259,6 +1434,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "keys (none: the same API-key client, no domain), the variants interleaved run by run (default: "
         "no domain, no key: the clients-file id)",
     )
+    parser.add_argument(
+        "--webhook",
+        nargs="?",
+        const="on",
+        help=f"comma-separated, for relay: {', '.join(WEBHOOK_VARIANTS)} — on: a webhook for every event to "
+        "bench/webhook_sink.py (issue 14); off: the same API-key client, no webhook; no-role: no webhooks role; "
+        "on-apart: on, with the webhooks role in a process of its own; "
+        "interleaved run by run (default: none of these, as make bench; alone: on)",
+    )
     parser.add_argument("--rich-messages", type=int, help="POSTs per run of the rich content (default 5,000)")
     parser.add_argument(
         "--stall", type=float, default=30.0, help="give up waiting for deliveries after this many seconds without one"
@@ -1309,6 +1493,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for dkim in args.dkims:
         if dkim is not None and dkim not in DKIM_VARIANTS:
             parser.error(f"--dkim: {dkim!r} is not one of {', '.join(DKIM_VARIANTS)}")
+    args.webhooks = [None] if args.webhook is None else [v.strip() for v in args.webhook.split(",") if v.strip()]
+    for webhook in args.webhooks:
+        if webhook is not None and webhook not in WEBHOOK_VARIANTS:
+            parser.error(f"--webhook: {webhook!r} is not one of {', '.join(WEBHOOK_VARIANTS)}")
     if args.backlog_sizes is None:
         args.backlog_sizes = "1000,10000" if args.quick else "1000,100000"
     args.topologies = (
@@ -1346,7 +1534,7 @@ def main(argv: list[str]) -> int:
         "git": git_state(),
         "durability": "SQLite WAL, synchronous=FULL (mmgun's only setting): each acknowledged POST is fsync'd",
         "mmgun_flags": setup.limit_flags() + setup.extra,
-        "options": {k: v for k, v in vars(args).items() if k not in ("topologies", "modes", "sizes", "contents", "dkims")},
+        "options": {k: v for k, v in vars(args).items() if k not in ("topologies", "modes", "sizes", "contents", "dkims", "webhooks")},
         "runs": [],
         "summary": {},
     }
@@ -1371,21 +1559,33 @@ def main(argv: list[str]) -> int:
         if "relay" in args.modes:
             summary["relay"] = {}
             for content, topology in [(c, t) for c in args.contents for t in args.topologies]:
-                relay_done: dict[str | None, list[dict[str, Any]]] = {v: [] for v in args.dkims}
-                for index, dkim in [(i, v) for i in range(args.runs) for v in args.dkims]:
-                    name = content_key(topology, content, dkim)
-                    run = record(relay_run(setup, topology, index + 1, args.recipients, content=content, dkim=dkim))
-                    relay_done[dkim].append(run)
+                variants = [(v, w) for v in args.dkims for w in args.webhooks]
+                relay_done: dict[tuple[str | None, str | None], list[dict[str, Any]]] = {v: [] for v in variants}
+                for index, (dkim, webhook) in [(i, v) for i in range(args.runs) for v in variants]:
+                    name = content_key(topology, content, dkim, webhook)
+                    run = record(
+                        relay_run(
+                            setup, topology, index + 1, args.recipients, content=content, dkim=dkim, webhook=webhook
+                        )
+                    )
+                    relay_done[(dkim, webhook)].append(run)
                     print(
                         f"  relay {name} #{index + 1}: {run['accepted']:,} accepted at {fmt(run['ingest_rate'])}/s "
                         f"(p50 {fmt(run['latency_ms']['p50'], 1)} ms, p99 {fmt(run['latency_ms']['p99'], 1)} ms), "
                         f"end-to-end {fmt(run['e2e_rate'])}/s, dup {run['duplicates']}, lost {run['lost']}, "
                         f"{run['delivery']['outcome']}; machine {run['machine_busy_cores']} cores busy, "
-                        f"{run['other_cpu_seconds']} CPU-s not ours",
+                        f"{run['other_cpu_seconds']} CPU-s not ours"
+                        + (
+                            f"; webhook {run['webhook_posts']:,} POSTs of {run['accepted_recipients']:,} "
+                            f"({run['webhook_outcome']}) on {run['webhook_connections']} connections, "
+                            f"lag {fmt(run['webhook_lag_s'], 2)} s"
+                            if run["webhook_posts"] is not None
+                            else ""
+                        ),
                         flush=True,
                     )
-                for dkim, done in relay_done.items():
-                    summary["relay"][content_key(topology, content, dkim)] = summarize_relay(done)
+                for (dkim, webhook), done in relay_done.items():
+                    summary["relay"][content_key(topology, content, dkim, webhook)] = summarize_relay(done)
         if "ingest" in args.modes:
             summary["ingest"] = {}
             ingest = {"frontend only": "frontend"}

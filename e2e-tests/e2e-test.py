@@ -1,15 +1,17 @@
 """
-End-to-end tests: mmgun as three twistd processes (frontend, sender, cleaner) on one
-SQLite file, a DNS stub serving zone.txt and two SMTP stubs (127.0.0.2, 127.0.0.3) that
-write what they accept to one maildir each.
+End-to-end tests: mmgun as four twistd processes (frontend, sender, cleaner, webhooks) on
+one SQLite file, a DNS stub serving zone.txt and two SMTP stubs (127.0.0.2, 127.0.0.3) that
+write what they accept to one maildir each; the webhook test starts its own receiver
+(webhookstub.py).
 
 run.sh starts all of that and runs this file in a pytest session of its own:
 
     e2e-tests/run.sh                     # or: make e2e
 
 It hands over what the tests need in E2E_* environment variables (see L{Run}). The tests
-only talk to mmgun over HTTP and read the maildirs; they start and stop extra sender
-processes themselves, with run.sh's exact command line.
+talk to mmgun over HTTP and with the operator's command (mmgun webhooks …), and read the
+maildirs; they start and stop extra sender processes themselves, with run.sh's exact
+command line, and restart the webhooks process with its own.
 
 Every test tags its addresses with a fresh C{+tag}, so the maildirs can be shared (and the
 SMTP stubs' per-address fault counters start from zero). Nothing waits a fixed time: every
@@ -18,12 +20,17 @@ wait polls, with a short pause between polls, until its condition holds or DEADL
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
+import hashlib
+import hmac
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -35,13 +42,15 @@ from typing import Any, TypeVar
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, succeed
 from twisted.internet.task import deferLater
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 # run.sh's readiness poller, beside this file (pytest puts its folder on sys.path).
-from waitfor import alive
+from waitfor import alive, free_port
+
+from mmgun.clients import client_label
 
 T = TypeVar("T")
 
@@ -73,12 +82,20 @@ class Run:
     #: Two accepted client ids (E2E_CLIENT, E2E_OTHER_CLIENT).
     client: str
     other_client: str
+    #: A third, whose events only the webhook test makes (E2E_WEBHOOK_CLIENT).
+    webhook_client: str
     #: The maildir of each SMTP stub, by its address (E2E_MAILDIR_A, E2E_MAILDIR_B).
     maildirs: dict[str, Path]
     #: The PID of the sender run.sh started (in the file E2E_SENDER_PIDFILE).
     sender_pid: int
     #: That sender's command line (NUL-separated in the file E2E_SENDER_ARGV).
     sender_argv: list[str]
+    #: The PID of run.sh's --role webhooks process (in the file E2E_WEBHOOKS_PIDFILE).
+    webhooks_pid: int
+    #: Its command line (NUL-separated in the file E2E_WEBHOOKS_ARGV).
+    webhooks_argv: list[str]
+    #: The folder of the run's database, port files and maildirs (E2E_STATE).
+    state: Path
     #: Where the tests list the PIDs of processes they started and have not stopped yet
     #: (E2E_TEST_PIDS), so that run.sh stops them if a test could not.
     test_pids: Path
@@ -90,14 +107,21 @@ class Run:
         env = os.environ
         if "E2E_URL" not in env:
             pytest.exit("run the end-to-end tests with e2e-tests/run.sh (or make e2e)", returncode=2)
-        argv = Path(env["E2E_SENDER_ARGV"]).read_bytes().split(b"\0")[:-1]
+
+        def argv(name: str) -> list[str]:
+            return [os.fsdecode(arg) for arg in Path(env[name]).read_bytes().split(b"\0")[:-1]]
+
         return cls(
             url=env["E2E_URL"],
             client=env["E2E_CLIENT"],
             other_client=env["E2E_OTHER_CLIENT"],
+            webhook_client=env["E2E_WEBHOOK_CLIENT"],
             maildirs={"127.0.0.2": Path(env["E2E_MAILDIR_A"]), "127.0.0.3": Path(env["E2E_MAILDIR_B"])},
             sender_pid=int(Path(env["E2E_SENDER_PIDFILE"]).read_text()),
-            sender_argv=[os.fsdecode(arg) for arg in argv],
+            sender_argv=argv("E2E_SENDER_ARGV"),
+            webhooks_pid=int(Path(env["E2E_WEBHOOKS_PIDFILE"]).read_text()),
+            webhooks_argv=argv("E2E_WEBHOOKS_ARGV"),
+            state=Path(env["E2E_STATE"]),
             test_pids=Path(env["E2E_TEST_PIDS"]),
             logs=Path(env["E2E_LOGS"]),
         )
@@ -137,13 +161,20 @@ async def eventually(what: str, probe: Callable[[], Awaitable[T | None]], deadli
 
 
 class API:
-    """The two endpoints, over one pool of persistent connections."""
+    """The two endpoints, over one pool of persistent connections, as one client (default: the first)."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, client: str | None = None, pool: HTTPConnectionPool | None = None) -> None:
         self.run = run
-        self.pool = HTTPConnectionPool(_reactor(), persistent=True)
-        self.pool.maxPersistentPerHost = CONCURRENCY
-        self.pool.retryAutomatically = False
+        self.client = client or run.client
+        if pool is None:
+            pool = HTTPConnectionPool(_reactor(), persistent=True)
+            pool.maxPersistentPerHost = CONCURRENCY
+            pool.retryAutomatically = False
+        self.pool = pool
+
+    def as_client(self, client: str) -> API:
+        """The same endpoints, over the same connections, as another client."""
+        return API(self.run, client, self.pool)
 
     async def post(self, path: str, document: dict[str, Any]) -> tuple[int, bytes]:
         response = await treq.post(
@@ -160,11 +191,11 @@ class API:
         return code, json.loads(body)
 
     async def send(self, sender: str, recipients: Sequence[str], subject: str = "e2e", body: str = "hello\n") -> str:
-        """Queue one message as the first client; return its submission id."""
+        """Queue one message as this client; return its submission id."""
         code, answer = await self.post_json(
             "/send",
             {
-                "client_id": self.run.client,
+                "client_id": self.client,
                 "sender": sender,
                 "recipients": list(recipients),
                 "subject": subject,
@@ -186,7 +217,7 @@ class API:
 
     async def status(self, submission_id: str) -> dict[str, Any]:
         code, answer = await self.post_json(
-            "/status", {"client_id": self.run.client, "submission_id": submission_id}
+            "/status", {"client_id": self.client, "submission_id": submission_id}
         )
         assert code == 200, (code, answer)
         return answer
@@ -277,36 +308,43 @@ def envelopes(mails: Iterable[Mail]) -> list[tuple[str, str, tuple[str, ...]]]:
 @dataclass
 class Senders:
     """
-    The sender processes: run.sh's and those the tests start (with the same command line).
+    The sender processes: run.sh's and those the tests start (with the same command line);
+    and the other processes the tests start (L{spawn}: a webhook receiver, a webhooks role).
 
-    A test that needs a quiet queue stops them all; a test that starts one also stops it,
-    else the session's end does.
+    A test that needs a quiet queue stops all the senders; a test that starts a process also
+    stops it, else the session's end does.
     """
 
     run: Run
     #: Sender processes running now: PID → the Popen if a test started it.
     running: dict[int, subprocess.Popen[bytes] | None] = field(default_factory=dict)
+    #: Other processes a test started, running now: PID → its Popen.
+    others: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.running[self.run.sender_pid] = None
 
     def start(self, name: str, *options: str) -> int:
         """Start one more sender (run.sh's command line, then C{options}), logging to logs/NAME.log; return its PID."""
-        with open(self.run.logs / f"{name}.log", "ab") as log:
-            process = subprocess.Popen(
-                [*self.run.sender_argv, *options],
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        process = self._popen(name, [*self.run.sender_argv, *options])
         self.running[process.pid] = process
         self._save()
         return process.pid
 
+    def spawn(self, name: str, argv: Sequence[str]) -> int:
+        """Start another process (not a sender: L{stop_all} leaves it), logging to logs/NAME.log; return its PID."""
+        process = self._popen(name, argv)
+        self.others[process.pid] = process
+        self._save()
+        return process.pid
+
+    def _popen(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        with open(self.run.logs / f"{name}.log", "ab") as log:
+            return subprocess.Popen(list(argv), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
     async def stop(self, pid: int, sig: signal.Signals = signal.SIGTERM) -> None:
-        """Send C{sig} to a sender and wait until it has exited."""
-        process = self.running.pop(pid, None)
+        """Send C{sig} to a process (a sender, or one run.sh or L{spawn} started) and wait until it has exited."""
+        process = self.running.pop(pid, None) or self.others.pop(pid, None)
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
@@ -317,7 +355,7 @@ class Senders:
                 return True if process.poll() is not None else None
             return True if not alive(pid) else None
 
-        await eventually(f"sender {pid} to exit after {sig.name}", gone)
+        await eventually(f"process {pid} to exit after {sig.name}", gone)
         self._save()
 
     async def stop_all(self) -> None:
@@ -325,7 +363,7 @@ class Senders:
             await self.stop(pid)
 
     def _save(self) -> None:
-        started = [pid for pid, process in self.running.items() if process is not None]
+        started = [pid for pid, process in self.running.items() if process is not None] + list(self.others)
         self.run.test_pids.write_text("".join(f"{pid}\n" for pid in started))
 
 
@@ -348,9 +386,9 @@ def api(run: Run) -> Iterable[API]:
 def senders(run: Run) -> Iterable[Senders]:
     senders = Senders(run)
     yield senders
-    for pid, process in list(senders.running.items()):
-        if process is not None:
-            pytest_twisted.blockon(Deferred.fromCoroutine(senders.stop(pid)))
+    started = [pid for pid, process in senders.running.items() if process is not None] + list(senders.others)
+    for pid in started:
+        pytest_twisted.blockon(Deferred.fromCoroutine(senders.stop(pid)))
 
 
 @pytest.fixture
@@ -696,3 +734,184 @@ async def test_two_senders_with_one_identity_deliver_nothing_twice(
     assert set(counts) == set(addresses) | set(more)
     assert {a: n for a, n in counts.items() if n != 1} == {}
     assert all(r["attempts"] == 1 for s in statuses for r in s["recipients"])
+
+
+# -- webhooks ------------------------------------------------------------------------------------
+
+#: Messages of the webhook test, one recipient each: every tenth is refused (550: a
+#: permanent_fail event), every tenth but five is greylisted once (a temporary_fail event,
+#: then a delivered one), the others are delivered.
+WEBHOOK_MESSAGES = 30
+#: The receiver answers each POST this long after it arrived: with mmgun's 4 POSTs at a time
+#: per receiver, the retries take about 2 s, so the kill -9 lands while some are in flight.
+WEBHOOK_ANSWER_SECONDS = 0.2
+#: POSTs the receiver must have seen before the kill.
+WEBHOOK_KILL_AFTER = 8
+#: The restarted webhooks process must have POSTed everything well before run.sh's
+#: --lease-time of 3 s had run out five times (the dispatcher's old fixed lease was 30 s).
+WEBHOOK_RESUME_LIMIT = 15.0
+#: The events POSTed twice after the kill -9: at most those in flight (4 per receiver) and
+#: those answered whose outcome was not committed yet, with room for a slow commit.
+WEBHOOK_DUPLICATE_LIMIT = 8
+
+
+async def mmgun_admin(run: Run, *args: str) -> str:
+    """Run the operator's command (``mmgun ARGS --database <the run's>``); its stdout, failing on an error."""
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    database = run.sender_argv[run.sender_argv.index("--database") + 1]
+    command = str(ROOT / ".venv" / "bin" / "mmgun")
+    out, err, code = await getProcessOutputAndValue(command, [*args, "--database", database], env=dict(os.environ), path=str(ROOT))
+    assert code == 0, (args, code, err.decode(errors="replace"))
+    return out.decode()
+
+
+def mailgun_signature_ok(key: str, signature: dict[str, str]) -> bool:
+    """Mailgun's rule, written here from its documentation: hex HMAC-SHA256 of timestamp + token under the key."""
+    expected = hmac.new(key.encode(), (signature["timestamp"] + signature["token"]).encode(), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, signature["signature"])
+
+
+def received(path: Path) -> list[dict[str, Any]]:
+    """The receiver's records so far (a line being written is not one yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+
+
+def expected_events(statuses: Iterable[dict[str, Any]]) -> Counter[tuple[str, str, str | None]]:
+    """What each recipient's final status says the webhook must have received: (recipient, event, severity)."""
+    expected: Counter[tuple[str, str, str | None]] = Counter()
+    for status in statuses:
+        for r in status["recipients"]:
+            expected[(r["address"], "failed", "temporary")] += r["attempts"] - 1
+            final = ("delivered", None) if r["status"] == "sent" else ("failed", "permanent")
+            expected[(r["address"], *final)] += 1
+    return +expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_webhooks_survive_receiver_outage_and_kill_9(
+    run: Run, api: API, senders: Senders, tag: str, report: Callable[[str], None]
+) -> None:
+    """
+    issue 14 (Proof: "retries across a receiver outage and across a mmgun restart"): a
+    webhook's events are made while its receiver is down (port closed) and wait in the
+    store; the receiver comes back and ``mmgun webhooks flush`` makes them due now (not in
+    Mailgun's 5 minutes); the --role webhooks process is killed -9 while those POSTs are in
+    flight and restarted with its command line. The receiver gets every event at least once,
+    each body signed with the key ``mmgun webhooks add`` printed (checked with Mailgun's rule,
+    written here), with the URL's password as Basic authentication; the only events it gets
+    twice are some of those that had reached it before the kill.
+    """
+    port = free_port()
+    password = uuid.uuid4().hex
+    url = f"http://e2e:{password}@127.0.0.1:{port}/hook/{tag}"
+    # Inside mmgun a clients-file client is known by its label, never by its (secret) id.
+    added = await mmgun_admin(run, "webhooks", "add", "--client", client_label(run.webhook_client), "--url", url)
+    hook_id = re.search(r"^added webhook (wh-[0-9a-f]+) ", added, re.MULTILINE)
+    key = re.search(r"^[0-9a-f]{64}$", added, re.MULTILINE)
+    assert hook_id and key, "mmgun webhooks add printed no webhook id or no new signing key"
+    assert password not in added
+    # For scan-logs.py: neither may ever be in a log.
+    with open(run.state / "secrets", "a") as secrets_file:
+        secrets_file.write(f"{key[0]}\n{password}\n")
+    receiver_url = f"http://127.0.0.1:{port}"
+    webhooks_log = run.logs / "webhooks.log"
+    if not senders.running:  # an earlier test stopped them
+        senders.start("sender-webhooks")
+
+    # The outage: nothing listens on the port.
+    sender = f"from+{tag}@example.test"
+
+    def address(i: int) -> str:
+        local = "reject" if i % 10 == 0 else "tempfail-1" if i % 10 == 5 else "ok"
+        return f"{local}+n{i}-{tag}@alpha.test"
+
+    # The webhook client's own mail: no other test's events go to its webhook.
+    hooks_api = api.as_client(run.webhook_client)
+    ids = await hooks_api.send_many((sender, [address(i)]) for i in range(WEBHOOK_MESSAGES))
+    statuses = await hooks_api.final_statuses(ids)
+    expected = expected_events(statuses)
+    total = sum(expected.values())
+
+    not_delivered = re.compile(
+        rf"webhook {hook_id[1]} to {re.escape(receiver_url)}: (\d+) of (\d+) events not delivered"
+    )
+
+    async def all_refused() -> int | None:
+        failed = sum(int(m[0]) for m in not_delivered.findall(webhooks_log.read_text(errors="replace")))
+        return failed if failed >= total else None
+
+    refused = await eventually(f"the webhook's {total} POSTs to fail (receiver down)", all_refused)
+    assert refused == total, f"{refused} POSTs failed, {total} events expected"
+
+    # The receiver comes back; the waiting events are made due now.
+    record = run.state / f"webhooks-{tag}.jsonl"
+    port_file = run.state / f"webhookstub-{tag}.port"
+    receiver = senders.spawn(
+        "webhookstub",
+        [sys.executable, str(ROOT / "e2e-tests" / "webhookstub.py"), "--listen", f"127.0.0.1:{port}",
+         "--record", str(record), "--delay-seconds", f"{WEBHOOK_ANSWER_SECONDS:g}", "--port-file", str(port_file)],
+    )
+    await eventually("the webhook receiver to listen", lambda: succeed(True if port_file.exists() else None))
+    assert received(record) == [], "the receiver got POSTs before the flush: the retries were due already"
+    flushed = await mmgun_admin(run, "webhooks", "flush", hook_id[1])
+    assert flushed == f"flushed {total} waiting webhook events: due now\n", flushed
+
+    # kill -9 of the webhooks process while the retries are POSTed.
+    async def some_received() -> int | None:
+        count = len(received(record))
+        return count if count >= WEBHOOK_KILL_AFTER else None
+
+    await eventually("the first retried POSTs to arrive", some_received)
+    await senders.stop(run.webhooks_pid, signal.SIGKILL)
+    clock = _reactor()
+    killed = clock.seconds()
+    at_kill = {json.loads(r["body"])["event-data"]["id"] for r in received(record)}
+    assert len(at_kill) < total, "every event was delivered before the kill"
+    senders.spawn("webhooks-restarted", run.webhooks_argv)
+
+    # Everything arrives; then nothing is left waiting (so nothing more will come).
+    async def all_received() -> int | None:
+        count = len({json.loads(r["body"])["event-data"]["id"] for r in received(record)})
+        return count if count >= total else None
+
+    await eventually("every event to reach the receiver", all_received)
+    resumed = clock.seconds() - killed
+
+    async def outbox_empty() -> bool | None:
+        answer = await mmgun_admin(run, "webhooks", "flush", hook_id[1])
+        return True if answer == "flushed 0 waiting webhook events: due now\n" else None
+
+    await eventually("the webhook's retries to be finished", outbox_empty)
+    records = received(record)
+    await senders.stop(receiver)
+    await mmgun_admin(run, "webhooks", "remove", hook_id[1])
+
+    authorization = "Basic " + base64.b64encode(f"e2e:{password}".encode()).decode()
+    tokens = set()
+    by_id: dict[str, dict[str, Any]] = {}
+    copies: Counter[str] = Counter()
+    for r in records:
+        assert (r["method"], r["path"], r["authorization"]) == ("POST", f"/hook/{tag}", authorization)
+        body = json.loads(r["body"])
+        assert mailgun_signature_ok(key[0], body["signature"]), body["signature"]
+        assert re.fullmatch(r"[0-9a-f]{50}", body["signature"]["token"])
+        tokens.add(body["signature"]["token"])
+        data = body["event-data"]
+        assert by_id.setdefault(data["id"], data) == data, "one event id, two different bodies"
+        copies[data["id"]] += 1
+    got = Counter((d["recipient"], d["event"], d.get("severity")) for d in by_id.values())
+    duplicates = {i for i, n in copies.items() if n > 1}
+    report(
+        f"{WEBHOOK_MESSAGES} messages, {total} webhook events refused during the outage, flushed; "
+        f"kill -9 after {len(at_kill)} had reached the receiver; all {len(by_id)} received "
+        f"{resumed:.1f}s after the kill (--lease-time 3s), {len(duplicates)} of them twice"
+    )
+    assert resumed < WEBHOOK_RESUME_LIMIT, f"{resumed:.1f}s from the kill to the last event: the leases were not --lease-time's"
+    assert len(tokens) == len(records), "a token was used twice"
+    assert got == expected, f"missing: {expected - got}, unexpected: {got - expected}"
+    assert max(copies.values()) <= 2, copies.most_common(3)
+    assert duplicates <= at_kill, f"POSTed twice but not in flight at the kill: {sorted(duplicates - at_kill)}"
+    assert len(duplicates) <= WEBHOOK_DUPLICATE_LIMIT, f"{len(duplicates)} events POSTed twice after the kill -9"

@@ -7,13 +7,15 @@
 #   - dnsstub.py serving zone.txt on 127.0.0.1 (port 0, read back from its port file);
 #   - two smtpstub.py processes on one port: 127.0.0.2 (STARTTLS offered) picks the port,
 #     127.0.0.3 (clear text) reuses it; each writes what it accepts to its own maildir;
-#   - mmgun as three twistd processes on one SQLite file: --role frontend on a free port
-#     (ready when GET / answers 200), then --role sender and --role cleaner, with short
-#     retry, lease and poll times;
+#   - mmgun as four twistd processes on one SQLite file: --role frontend on a free port
+#     (ready when GET / answers 200), then --role sender, --role cleaner and --role webhooks,
+#     with short retry, lease and poll times, and --webhook-allow-private (the tests' webhook
+#     receivers are on loopback);
 # then runs e2e-test.py in a pytest session of its own, with pytest-twisted (150 s at most).
 # The tests find everything through E2E_* environment variables (see e2e-test.py); they
 # start and kill more senders themselves, with the command line run.sh leaves in
-# $STATE/sender.argv.
+# $STATE/sender.argv; the webhooks process, which a test kills, they restart with
+# $STATE/webhooks.argv.
 #
 # Everything this script starts is stopped by PID (SIGTERM, then SIGKILL after 15 s) when it
 # exits, fails or is interrupted; so are processes the tests started and listed in
@@ -137,13 +139,15 @@ cd "$ROOT"
 
 CLIENT=e2e-client-$("$PY" -c 'import secrets; print(secrets.token_hex(8))')
 OTHER_CLIENT=e2e-other-client-$("$PY" -c 'import secrets; print(secrets.token_hex(8))')
-printf '# e2e clients\n%s\n%s\n' "$CLIENT" "$OTHER_CLIENT" >"$STATE/clients"
+# The webhook test's own client: its webhook receives no other test's events.
+WEBHOOK_CLIENT=e2e-webhook-client-$("$PY" -c 'import secrets; print(secrets.token_hex(8))')
+printf '# e2e clients\n%s\n%s\n%s\n' "$CLIENT" "$OTHER_CLIENT" "$WEBHOOK_CLIENT" >"$STATE/clients"
 
 # mmgun's options, but for the ports that are only known later (see sender below).
 MMGUN=("$TWISTD" -n --pidfile= mmgun
     --database "$STATE/mmgun.sqlite3" --clients "$STATE/clients" --helo mmgun.test
     --poll-interval 0.1 --retry-min 1s --retry-max 2s --lease-time 3s --smtp-timeout 10s
-    --shutdown-timeout 2s --clean-interval 1s --allow-private-mx)
+    --shutdown-timeout 2s --clean-interval 1s --allow-private-mx --webhook-allow-private)
 
 start_dns() {
     start dnsstub "$PY" "$HERE/dnsstub.py" --listen 127.0.0.1:0 --zone "$HERE/zone.txt" \
@@ -213,15 +217,26 @@ printf '%s\n' "$STARTED" >"$STATE/sender.pid"
 # The tests start more senders, and restart this one, with exactly this command line.
 printf '%s\0' "${SENDER[@]}" >"$STATE/sender.argv"
 start cleaner "${MMGUN[@]}" --role cleaner
+# The webhooks role in a process of its own, as an operator may run it: a test kills -9 exactly
+# the process POSTing webhooks (not the frontend it talks to, nor the sender other tests stop)
+# and restarts it with this command line.
+WEBHOOKS=("${MMGUN[@]}" --role webhooks)
+start webhooks "${WEBHOOKS[@]}"
+printf '%s\n' "$STARTED" >"$STATE/webhooks.pid"
+printf '%s\0' "${WEBHOOKS[@]}" >"$STATE/webhooks.argv"
 log "ready: DNS 127.0.0.1:$DNS_PORT, SMTP 127.0.0.2-3:$SMTP_PORT, HTTP 127.0.0.1:$HTTP_PORT"
 
 export E2E_URL="http://127.0.0.1:$HTTP_PORT"
 export E2E_CLIENT=$CLIENT
 export E2E_OTHER_CLIENT=$OTHER_CLIENT
+export E2E_WEBHOOK_CLIENT=$WEBHOOK_CLIENT
 export E2E_MAILDIR_A=$STATE/mail-127.0.0.2
 export E2E_MAILDIR_B=$STATE/mail-127.0.0.3
 export E2E_SENDER_PIDFILE=$STATE/sender.pid
 export E2E_SENDER_ARGV=$STATE/sender.argv
+export E2E_WEBHOOKS_PIDFILE=$STATE/webhooks.pid
+export E2E_WEBHOOKS_ARGV=$STATE/webhooks.argv
+export E2E_STATE=$STATE
 export E2E_TEST_PIDS=$STATE/test-pids
 export E2E_LOGS=$LOGS
 

@@ -20,6 +20,7 @@
                                     the addresses a client's mail is not sent to
     mmgun webhooks add --client ID [--domain D] --url URL [--events delivered,permanent_fail,temporary_fail]
     mmgun webhooks list [--client ID] [--json] | remove WEBHOOK_ID
+    mmgun webhooks flush [WEBHOOK_ID...]   events waiting for a retry due now (like queue flush)
     mmgun webhooks key --client ID [--rotate]   the client's webhook signing key, printed when made
 
 An ID is an envelope id (a number, as ``mmgun queue`` shows) or a submission id (all of its
@@ -600,6 +601,9 @@ def _webhooks_parser(commands: Any, database: _Parser, parser_class: type[_Parse
     remove = actions.add_parser("remove", parents=[database], help="remove a webhook and the retries waiting for it")
     remove.add_argument("webhook_id", metavar="WEBHOOK_ID")
     remove.set_defaults(run=_webhooks_remove)
+    flush = actions.add_parser("flush", parents=[database], help="make the events waiting for a retry due now")
+    flush.add_argument("webhook_ids", nargs="*", metavar="WEBHOOK_ID", help="only these webhooks' (default: every webhook's)")
+    flush.set_defaults(run=_webhooks_flush)
     key = actions.add_parser("key", parents=[database], help="make the client's signing key if it has none (--rotate: a new one), print it")
     key.add_argument("--client", metavar="ID", required=True)
     key.add_argument("--rotate", action="store_true", help="replace the key: POSTs are signed with the new one within seconds")
@@ -697,6 +701,21 @@ def _webhooks_remove(args: argparse.Namespace, context: _Context) -> int:
     if not _write(args, context, lambda store: store.remove_webhook(args.webhook_id)):
         raise AdminError(f"no webhook {args.webhook_id} (see mmgun webhooks list); nothing changed")
     context.out.write(f"removed webhook {args.webhook_id}: its events are no longer POSTed, its retries are dropped\n")
+    return 0
+
+
+def _webhooks_flush(args: argparse.Namespace, context: _Context) -> int:
+    now = context.now()
+
+    async def flush(store: SQLiteStore) -> tuple[int, int]:
+        unknown = [i for i in args.webhook_ids if await store.webhook(i) is None]
+        if unknown:
+            raise AdminError(f"no webhook {', '.join(unknown)} (see mmgun webhooks list); nothing changed")
+        return await store.flush_webhook_retries(now, args.webhook_ids or None)
+
+    flushed, in_delivery = _run(args, context, flush)
+    left = f"; {in_delivery} being POSTed, left to the dispatcher" if in_delivery else ""
+    context.out.write(f"flushed {_count(flushed, 'waiting webhook event')}: due now{left}\n")
     return 0
 
 

@@ -122,7 +122,7 @@ OPTIONS: dict[str, tuple[str | None, Callable[[str], object], str]] = {
     "max-connections": ("100", _positive_int, "most outgoing SMTP sessions at once"),
     "max-per-destination": ("10", _positive_int, "most SMTP sessions to one MX host at once"),
     "smtp-timeout": ("300s", parse_duration, "timeout of each SMTP command (connect: 30s)"),
-    "lease-time": ("60s", parse_duration, "a sender's claim on an envelope; renewed while it works, taken over after a crash"),
+    "lease-time": ("60s", parse_duration, "a sender's claim on an envelope, and a webhooks process's on its webhooks; renewed while it works, taken over after a crash"),
     "tls": ("opportunistic", _choice(TLS_MODES), "STARTTLS: opportunistic, require or verify"),
     "clean-interval": ("60s", parse_duration, "how often the cleaner runs"),
     "retention": ("7d", parse_duration, "keep finished submissions' status this long"),

@@ -39,10 +39,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .events import event_data
-from .store import Event, Store, Webhook, WebhookRetry
+from .store import LAST_ID, Event, Store, Webhook, WebhookRetry
 from .webhooks import Delivery, WebhookClient, WebhookURLError, new_signing_key, parse_url, retry_delay, signed_body
 
 _log = Logger()
+
+
+#: A cursor with this id is the end of the feed (Store.events_page): no event's id reaches it.
+CAUGHT_UP = LAST_ID
 
 
 class WebhookDispatcher(Service):
@@ -222,22 +226,27 @@ class WebhookDispatcher(Service):
                 current = self._held.get(webhook.id)
                 if current is None:  # removed, or the lease was lost
                     return
-                page = await self._store.events(current.client, start=cursor, domain=current.domain, limit=self._page_size)
-                if not page:
+                # A page of the events this webhook's domain filter keeps, out of a bounded
+                # stretch of the client's feed, and how far that stretch went: the cursor
+                # moves past other domains' events too, so they are never read again.
+                page, reached = await self._store.events_page(
+                    current.client, start=cursor, domain=current.domain, limit=self._page_size
+                )
+                if reached == cursor:
                     return
                 failed = await self._post_page(current, page)
                 if self._cancelling:
                     return  # the outcomes were cut short: the next run POSTs the page again
-                if not await self._store.advance_webhook(current.id, self.lease, page[-1].cursor, failed):
+                if not await self._store.advance_webhook(current.id, self.lease, reached, failed):
                     _log.warn(
                         "webhook {webhook} was removed, or leased by another dispatcher (which POSTs these events again)",
                         webhook=current.id,
                     )
                     self._held.pop(current.id, None)
                     return
-                cursor = page[-1].cursor
-                if len(page) < self._page_size:
-                    return
+                cursor = reached
+                if reached.id >= CAUGHT_UP:
+                    return  # the end of the feed as it was read: nothing more for now
         except Exception:
             if not self._cancelling:
                 _log.failure("following the feed of webhook {webhook} failed; the next tick tries again", webhook=webhook.id)

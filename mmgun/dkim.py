@@ -51,6 +51,7 @@ __all__ = [
     "prepare",
     "sign",
     "sign_digest",
+    "signature_fields",
     "split_txt",
 ]
 
@@ -461,11 +462,15 @@ class Unsigned:
     requests: tuple[SignRequest, ...]
     _lines: tuple[tuple[str, ...], ...] = attrs.field(repr=False)
 
-    def finish(self, signatures: Sequence[bytes]) -> bytes:
-        """The message with its signature fields prepended; ``signatures`` answer :attr:`requests`, in order."""
+    def fields(self, signatures: Sequence[bytes]) -> bytes:
+        """The DKIM-Signature fields to prepend to the message (CRLF after each); ``signatures`` answer :attr:`requests`, in order."""
         if len(signatures) != len(self.requests):
             raise ValueError(f"{len(signatures)} signatures for {len(self.requests)} requests")
-        return b"".join(_with_signature(lines, signature) for lines, signature in zip(self._lines, signatures, strict=True)) + self.message
+        return b"".join(_with_signature(lines, signature) for lines, signature in zip(self._lines, signatures, strict=True))
+
+    def finish(self, signatures: Sequence[bytes]) -> bytes:
+        """The message with its signature fields prepended (:meth:`fields`)."""
+        return self.fields(signatures) + self.message
 
 
 def prepare(message: bytes, keys: Sequence[DKIMKey], now: float) -> Unsigned:
@@ -521,9 +526,19 @@ def sign(message: bytes, keys: Sequence[DKIMKey], now: float) -> bytes:
     form of ``message`` (see the module docstring).
 
     :func:`prepare`, :func:`sign_digest` for each of its requests, then :meth:`Unsigned.finish`,
-    all on the calling thread (the frontend does the middle part in :mod:`mmgun.signer`'s process).
+    all on the calling thread (the frontend has :mod:`mmgun.signer`'s child process make
+    :func:`signature_fields` instead, for messages of up to 256 KiB).
 
     ValueError if a key's private key does not match its algorithm.
     """
+    return message if not keys else signature_fields(message, keys, now) + message
+
+
+def signature_fields(message: bytes, keys: Sequence[DKIMKey], now: float) -> bytes:
+    """
+    The DKIM-Signature fields :func:`sign` prepends to ``message`` (b"" without keys):
+    :func:`prepare`, :func:`sign_digest` of each request, :meth:`Unsigned.fields`. What
+    :mod:`mmgun.signer`'s child process answers for a message.
+    """
     unsigned = prepare(message, keys, now)
-    return unsigned.finish([sign_digest(*request) for request in unsigned.requests])
+    return unsigned.fields([sign_digest(*request) for request in unsigned.requests])

@@ -514,9 +514,14 @@ class Sender(Service):
         commits: list[Deferred[None]] = []
         settled: set[int] = set()
 
-        def settle(envelope: ClaimedEnvelope, results: dict[str, tuple[str, str]], mx_host: str | None = None) -> None:
+        def settle(
+            envelope: ClaimedEnvelope,
+            results: dict[str, tuple[str, str]],
+            mx_host: str | None = None,
+            refused_at_rcpt: frozenset[str] = frozenset(),
+        ) -> None:
             settled.add(envelope.id)
-            commits.append(Deferred.fromCoroutine(self._record([self._outcome(envelope, results, mx_host)])))
+            commits.append(Deferred.fromCoroutine(self._record([self._outcome(envelope, results, mx_host, refused_at_rcpt)])))
 
         try:
             await self._attempt(hosts, envelopes, settled, settle)
@@ -638,7 +643,7 @@ class Sender(Service):
         hosts: tuple[MXHost, ...],
         envelopes: list[ClaimedEnvelope],
         settled: set[int],
-        settle: Callable[[ClaimedEnvelope, dict[str, tuple[str, str]], str | None], None],
+        settle: Callable[[ClaimedEnvelope, dict[str, tuple[str, str]], str | None, frozenset[str]], None],
     ) -> None:
         """
         Try the hosts in order until every envelope has a result, at most
@@ -681,7 +686,12 @@ class Sender(Service):
                     mx=host.name,
                     outcomes={a: str(r.reply.code) for a, r in result.recipients.items()},
                 )
-                settle(envelope, {a: (r.outcome, str(r.reply)) for a, r in result.recipients.items()}, host.name)
+                settle(
+                    envelope,
+                    {a: (r.outcome, str(r.reply)) for a, r in result.recipients.items()},
+                    host.name,
+                    frozenset(a for a, r in result.recipients.items() if r.at_rcpt),
+                )
 
             try:
                 session_results = await self._send(host, remaining, on_result)
@@ -707,7 +717,7 @@ class Sender(Service):
                     last_reply = str(next(iter(result.recipients.values())).reply)
         for envelope in envelopes:
             if envelope.id not in settled:
-                settle(envelope, {a: ("deferred", last_reply) for a in envelope.recipients}, None)
+                settle(envelope, {a: ("deferred", last_reply) for a in envelope.recipients}, None, frozenset())
 
     async def _send(
         self, host: MXHost, envelopes: list[ClaimedEnvelope], on_result: Callable[[TransactionResult], None]
@@ -744,12 +754,17 @@ class Sender(Service):
         )
 
     def _outcome(
-        self, envelope: ClaimedEnvelope, results: dict[str, tuple[str, str]], mx_host: str | None = None
+        self,
+        envelope: ClaimedEnvelope,
+        results: dict[str, tuple[str, str]],
+        mx_host: str | None = None,
+        refused_at_rcpt: frozenset[str] = frozenset(),
     ) -> EnvelopeOutcome:
         """
         Apply the retry schedule and the queue lifetime to one envelope's results (the
-        replies of ``mx_host``, when an MX gave them: a "no such mailbox" among them puts the
-        address on the client's bounce list).
+        replies of ``mx_host``, when an MX gave them: a "no such mailbox" in answer to a
+        recipient's own RCPT TO — those in ``refused_at_rcpt`` — puts the address on the
+        client's bounce list; a refusal of MAIL FROM or of the message does not).
         """
         now = self._wall()
         expires = envelope.created_at + self._settings.queue_lifetime
@@ -760,7 +775,7 @@ class Sender(Service):
             if status == "deferred" and now >= expires:
                 status, reply = "failed", f"expired: not delivered within the queue lifetime; last reply: {reply}"
                 reason = "expired"
-            bounce = status == "failed" and reason is None and mx_host is not None and mailbox_gone(reply)
+            bounce = status == "failed" and reason is None and address in refused_at_rcpt and mailbox_gone(reply)
             recipients.append(RecipientOutcome(address, status, reply, reason=reason, mx_host=mx_host, bounce=bounce))
         next_attempt = min(now + retry_delay(envelope.attempts + 1, self._settings, self._rng), expires)
         return EnvelopeOutcome(envelope, tuple(recipients), next_attempt)

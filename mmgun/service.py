@@ -478,6 +478,10 @@ def make_webhooks(config: Config, store: Store, reactor: Any) -> OrderedService:
         reactor,
         wall=time.time,
         owner=config.sender_id or default_identity(),
+        # --lease-time bounds how long a killed dispatcher's webhooks and retries wait for another
+        # (as a killed sender's envelopes); ticking (renewing) at least 3 times per lease.
+        lease_time=config.lease_time,
+        interval=min(1.0, config.lease_time / 3),
         grace=min(config.shutdown_timeout, 10.0),
     ).setServiceParent(service)
     return service

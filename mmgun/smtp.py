@@ -165,10 +165,16 @@ class Transaction:
 
 @attrs.frozen
 class RecipientResult:
-    """C{outcome} is "sent", "failed" (permanent) or "deferred" (try again later)."""
+    """
+    C{outcome} is "sent", "failed" (permanent) or "deferred" (try again later);
+    C{at_rcpt}: the reply answered this recipient's own RCPT TO (not MAIL FROM or the
+    message, whose refusal says nothing about the address).
+    """
 
     outcome: str
     reply: Reply
+    #: Not part of equality: a result is its outcome and reply; this says which command drew it.
+    at_rcpt: bool = attrs.field(default=False, eq=False)
 
 
 @attrs.frozen
@@ -743,7 +749,7 @@ class _ESMTPSession(ESMTPClient):
             progress.accepted.append(recipient)
         else:
             reply = _reply(code, resp)
-            progress.outcomes[recipient] = RecipientResult(_outcome_for(code), reply)
+            progress.outcomes[recipient] = RecipientResult(_outcome_for(code), reply, at_rcpt=True)
             progress.last_reply = reply
         if progress.next_recipient < len(progress.recipients):
             if not self._pipelining:

@@ -12,6 +12,7 @@ from mmgun.store import Webhook
 
 from .helpers import result
 from .test_admin import NOW, AdminCase, make_store
+from .test_store_events import submission
 
 
 class WebhooksAdminTests(AdminCase):
@@ -111,3 +112,54 @@ class WebhooksAdminTests(AdminCase):
         second = result(self, self.store.webhook_key("acme"))
         self.assertNotEqual(first, second)
         self.assertEqual(re.findall(r"^[0-9a-f]{64}$", rotated, re.MULTILINE), [second])
+
+
+class WebhooksFlushTests(AdminCase):
+    """C{mmgun webhooks flush}: the webhook counterpart of C{mmgun queue flush} (issue 14, e2e-webhooks)."""
+
+    def setUp(self) -> None:
+        self.directory, self.path, self.store = make_store(self)
+
+    def waiting(self, hook_id: str, client: str, recipients: tuple[str, ...], *, lease: str) -> list[int]:
+        """A webhook whose receiver refused an event per recipient: each waits for its retry at NOW + 300."""
+        hook = result(self, self.store.add_webhook(Webhook(hook_id, client, None, "https://app.example/h", ("delivered",), NOW - 10)))
+        result(self, self.store.add_submission(submission(recipients, at=NOW - 5, client=client)))
+        events = result(self, self.store.events(client, start=hook.cursor))
+        result(self, self.store.lease_webhooks(lease, NOW - 5, NOW + 25))
+        failed = [(e.cursor.id, NOW - 4, NOW + 300, "connection refused") for e in events]
+        self.assertTrue(result(self, self.store.advance_webhook(hook_id, lease, events[-1].cursor, failed)))
+        return [e.cursor.id for e in events]
+
+    def due(self, at: float, lease: str = "d9") -> list[tuple[str, str]]:
+        retries = result(self, self.store.due_webhook_retries(lease, at, at + 30, 100))
+        return sorted((r.webhook.id, r.event.recipient) for r in retries)
+
+    def test_flush_makes_waiting_retries_due_now_and_spares_those_in_delivery(self) -> None:
+        """
+        issue 14 (retries across a receiver outage): after an outage the operator makes
+        the waiting events due now instead of in 5 minutes: all, or one webhook's; a
+        retry a dispatcher is POSTing (leased) is left to it and counted; attempts are
+        not touched; an unknown webhook id changes nothing.
+        """
+        self.waiting("w1", "acme", ("a@x.example", "b@x.example"), lease="d1")
+        self.waiting("w2", "zeta", ("c@x.example",), lease="d1")
+        self.assertEqual(self.due(NOW), [])
+        self.assertEqual(
+            self.webhooks_fail("flush", "w1", "nope"), "mmgun: no webhook nope (see mmgun webhooks list); nothing changed"
+        )
+        self.assertEqual(self.due(NOW), [])
+
+        self.assertEqual(self.webhooks("flush", "w1"), "flushed 2 waiting webhook events: due now\n")
+        self.assertEqual(self.due(NOW), [("w1", "a@x.example"), ("w1", "b@x.example")])  # leased by d9 now
+        self.assertEqual(
+            self.webhooks("flush"), "flushed 1 waiting webhook event: due now; 2 being POSTed, left to the dispatcher\n"
+        )
+        (retry,) = result(self, self.store.due_webhook_retries("d8", NOW, NOW + 30, 100))
+        self.assertEqual((retry.webhook.id, retry.event.recipient, retry.attempts), ("w2", "c@x.example", 1))
+        self.assertEqual(self.webhooks("flush"), "flushed 0 waiting webhook events: due now; 3 being POSTed, left to the dispatcher\n")
+
+    def webhooks(self, *args: str) -> str:
+        return self.ok("webhooks", *args, "--database", self.path)
+
+    def webhooks_fail(self, *args: str) -> str:
+        return self.fails("webhooks", *args, "--database", self.path)

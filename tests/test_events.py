@@ -369,6 +369,9 @@ class PagingTests(SynchronousTestCase):
         cases = [
             ("/v3/example.com/events/not-a-token", "page token"),
             ("/v3/example.com/events/" + base64.urlsafe_b64encode(b'{"p":"1-1"}').decode().rstrip("="), "page token"),
+            # Crafted tokens whose fields have the wrong types (once a 500).
+            ("/v3/example.com/events/" + base64.urlsafe_b64encode(b'{"p":1,"a":true,"b":false,"l":1,"f":{}}').decode().rstrip("="), "page token"),
+            ("/v3/example.com/events/" + base64.urlsafe_b64encode(b'[1,2]').decode().rstrip("="), "page token"),
             ("/v3/example.com/events?limit=301", "'limit'"),
             ("/v3/example.com/events?limit=0", "'limit'"),
             ("/v3/example.com/events?begin=yesterday", "'begin'"),

@@ -688,7 +688,7 @@ class EventsConformanceTests(SynchronousTestCase):
     @scenario("get", "/v3/{domain}/events/{page}", 500)
     def test_internal_error(self) -> None:
         token = self.token()
-        self.use(failing={"events"})
+        self.use(failing={"events", "events_page"})
         self.check("/events", "/events", 500)
         self.check("/v3/{domain}/events", "/v3/example.com/events", 500)
         self.check("/v3/{domain}/events/{page}", f"/v3/example.com/events/{token}", 500)
@@ -699,7 +699,7 @@ class EventsConformanceTests(SynchronousTestCase):
     @scenario("get", "/v3/{domain}/events/{page}", 503)
     def test_database_unavailable(self) -> None:
         token = self.token()
-        self.use(failing={"events"}, error=DatabaseFull)
+        self.use(failing={"events", "events_page"}, error=DatabaseFull)
         self.check("/events", "/events", 503)
         self.check("/v3/{domain}/events", "/v3/example.com/events", 503)
         self.check("/v3/{domain}/events/{page}", f"/v3/example.com/events/{token}", 503)

@@ -50,6 +50,8 @@ class ScriptedSessions:
         self.replies: dict[str, list[Reply]] = {}
         self.hold: Deferred | None = None
         self.report_each = True
+        #: Whether a refusal answers the recipient's RCPT TO (False: MAIL FROM's or the message's).
+        self.at_rcpt = True
         #: (key, status seen in the store) when each on_result came: proves commits happen mid-session.
 
     async def __call__(self, reactor, host, address, port, transactions, settings, on_result=None):
@@ -65,7 +67,7 @@ class ScriptedSessions:
                 script = self.replies.get(rcpt.split("@")[0])
                 reply = script.pop(0) if script else Reply(250, "2.0.0 Ok")
                 outcome = {2: "sent", 5: "failed"}.get(reply.code // 100, "deferred")
-                recipients[rcpt] = RecipientResult(outcome, reply)
+                recipients[rcpt] = RecipientResult(outcome, reply, at_rcpt=self.at_rcpt and outcome != "sent")
             results.append(TransactionResult(t.key, True, recipients))
             if on_result is not None and self.report_each:
                 on_result(results[-1])
@@ -117,6 +119,19 @@ class SenderTests(SynchronousTestCase):
         state = self.state(sid)
         self.assertEqual([(r.status, r.last_reply) for r in state.recipients], [("sent", "250 2.0.0 Ok"), ("failed", "550 5.1.1 no such user"), ("deferred", "451 4.3.0 try again")])
         self.assertEqual(state.status, "queued")
+
+    def test_no_such_mailbox_at_rcpt_joins_the_bounce_list(self) -> None:
+        """issue 14 (suppression): a 5.1.1 answer to RCPT TO lists the address; the same text refusing the message does not."""
+        self.smtp.replies = {"gone": [Reply(550, "5.1.1 no such user")], "full": [Reply(552, "5.2.2 mailbox full")]}
+        self.submit("gone@a.example", "full@a.example")
+        self.poll()
+        self.assertIsNotNone(result(self, self.store.suppression("c1", "bounce", "gone@a.example")))
+        self.assertIsNone(result(self, self.store.suppression("c1", "bounce", "full@a.example")))
+        self.smtp.at_rcpt = False
+        self.smtp.replies = {"spam": [Reply(550, "5.1.1 message refused by the content filter")]}
+        self.submit("spam@a.example")
+        self.poll()
+        self.assertIsNone(result(self, self.store.suppression("c1", "bounce", "spam@a.example")))
 
     def test_deferred_recipient_retried_alone_on_schedule(self) -> None:
         self.smtp.replies = {"later": [Reply(451, "4.3.0 try again")]}

@@ -20,7 +20,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from mmgun import dkim
 from mmgun.auth import key_hash, new_key
 from mmgun.config import Options
-from mmgun.dkim import SignRequest
 from mmgun.service import web_settings
 from mmgun.signer import InProcessSigner, SignerProcess
 from mmgun.store import DomainKey
@@ -65,14 +64,14 @@ def verify_all(message: bytes) -> list[bytes]:
 
 
 class CountingSigner(InProcessSigner):
-    """Signs in this process, and keeps each batch of requests it was given (one per message)."""
+    """Signs in this process, and keeps the keys of each message it was given."""
 
     def __init__(self) -> None:
-        self.batches: list[Sequence[SignRequest]] = []
+        self.batches: list[Sequence[Any]] = []
 
-    def sign(self, requests: Sequence[SignRequest]) -> Any:
-        self.batches.append(requests)
-        return super().sign(requests)
+    def sign_message(self, message: bytes, keys: Sequence[Any], now: float) -> Any:
+        self.batches.append(keys)
+        return super().sign_message(message, keys, now)
 
 
 class SigningTestCase(SynchronousTestCase):
@@ -122,7 +121,7 @@ class SigningTests(SigningTestCase):
         self.assertEqual(code, 200, answer)
         (stored,) = self.queued()
         self.assertEqual(len(self.signed), 1)
-        self.assertEqual([r.algorithm for r in self.signed[0]], [dkim.RSA_SHA256, dkim.ED25519_SHA256])
+        self.assertEqual(sorted(k.algorithm for k in self.signed[0]), sorted([dkim.RSA_SHA256, dkim.ED25519_SHA256]))
         self.assertTrue(stored.startswith(b"DKIM-Signature: v=1; a=rsa-sha256"), stored[:80])
         self.assertEqual(stored.count(b"DKIM-Signature:"), 2)
         self.assertEqual(verify_all(stored), [b"example.com", b"example.com"])
@@ -160,10 +159,10 @@ class SigningTests(SigningTestCase):
         self.assertEqual(self.send()[0], 200)
         self.assertTrue(given[0].startswith(b"DKIM-Signature:"))
 
-        def broken(requests: Sequence[SignRequest]) -> Any:
+        def broken(message: bytes, keys: Sequence[Any], now: float) -> Any:
             raise RuntimeError("signer crashed (test)")
 
-        self.patch(self.signer, "sign", broken)
+        self.patch(self.signer, "sign_message", broken)
         self.assertEqual(self.send()[0], 500)
         self.flushLoggedErrors(RuntimeError)
         self.assertEqual(len(given), 1)

@@ -652,6 +652,18 @@ class DeliveryTests(SynchronousTestCase):
             },
         )
 
+    def test_only_a_rcpt_reply_is_about_the_address(self) -> None:
+        """issue 14 (suppression): a refused MAIL FROM (even 5.1.x) is not an answer to any recipient's RCPT TO."""
+        session = Session([transaction("env1", "b@example.net", "c@example.net")])
+        server = FakeMX({b"MAIL": [b"550 5.1.0 <me@example.com>: Sender address rejected"]})
+        session.accept(server)
+        [result] = self.successResultOf(session.result)
+        self.assertEqual({r.at_rcpt for r in result.recipients.values()}, {False})
+        session = Session([transaction("env1", "nobody@example.net", "b@example.net")])
+        session.accept(FakeMX({b"RCPT": lambda line: b"550 5.1.1 User unknown" if b"nobody" in line else None}))
+        [result] = self.successResultOf(session.result)
+        self.assertEqual({a: r.at_rcpt for a, r in result.recipients.items()}, {"nobody@example.net": True, "b@example.net": False})
+
     def test_data_451_deferred(self) -> None:
         session = Session([transaction(), transaction("env2")])
         server = FakeMX({b".": [b"451 4.3.0 Temporary failure"]})

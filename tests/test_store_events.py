@@ -13,6 +13,7 @@ import uuid
 from twisted.trial.unittest import SynchronousTestCase
 
 from mmgun.store import (
+    LAST_ID,
     EnvelopeOutcome,
     EventCursor,
     NewSubmission,
@@ -164,6 +165,25 @@ class SuppressionTests(SynchronousTestCase):
         self.assertEqual({r.status for r in result(self, self.store.submission("c1", s1.id)).recipients}, {"queued"})
         self.assertEqual([r.status for r in result(self, self.store.submission("c1", s2.id)).recipients], ["failed"])
 
+    def test_every_spelling_of_a_suppressed_address_is_stopped(self) -> None:
+        """issue 14 (review): bob@ and Bob@ in one submission are both the suppressed address."""
+        result(self, self.store.add_suppressions([Suppression("c1", "bounce", "bob@x.example", 50.0)]))
+        s = submission(("bob@x.example", "Bob@x.example", "ok@x.example"))
+        result(self, self.store.add_submission(s))
+        statuses = {r.address: r.status for r in result(self, self.store.submission("c1", s.id)).recipients}
+        self.assertEqual(statuses, {"bob@x.example": "failed", "Bob@x.example": "failed", "ok@x.example": "queued"})
+
+    def test_clearing_a_long_list_goes_in_batches(self) -> None:
+        """issue 14 (review): emptying a list deletes it all, a bounded batch per transaction."""
+        from mmgun.store import sqlite as backend
+
+        self.patch(backend, "CLEAR_BATCH", 3)
+        result(self, self.store.add_suppressions([Suppression("c1", "complaint", f"u{i}@x.example", 1.0) for i in range(8)]))
+        result(self, self.store.add_suppressions([Suppression("c2", "complaint", "u0@x.example", 1.0)]))
+        self.assertEqual(result(self, self.store.clear_suppressions("c1", "complaint")), 8)
+        self.assertEqual(result(self, self.store.suppressions("c1", "complaint")), [])
+        self.assertEqual(len(result(self, self.store.suppressions("c2", "complaint"))), 1)
+
     def test_crud(self) -> None:
         """issue 14 (suppression): add replaces, get is case-insensitive, paging by address, remove and clear."""
         entries = [Suppression("c1", "bounce", f"u{i}@x.example", 10.0 + i) for i in range(5)]
@@ -178,6 +198,19 @@ class SuppressionTests(SynchronousTestCase):
         self.assertFalse(result(self, self.store.remove_suppression("c1", "bounce", "u4@x.example")))
         self.assertEqual(result(self, self.store.clear_suppressions("c2", "bounce")), 0)
         self.assertEqual(result(self, self.store.clear_suppressions("c1", "bounce")), 4)
+
+
+class EventRetentionTests(SynchronousTestCase):
+    def test_old_events_go_even_behind_a_later_stamped_one(self) -> None:
+        """issue 14 (review): an event stamped later than its neighbours (another host's clock) does not stop the cleaning."""
+        store, _ = sync_store(self)
+        for at in [100.0, 100.0, 500.0] + [100.0] * 20:
+            result(self, store.add_submission(submission(("a@x.example",), at=at)))
+        deleted = result(self, store.clean_events(200.0, 5)) + result(self, store.clean_events(200.0, 5))
+        self.assertEqual(deleted, 10)
+        while result(self, store.clean_events(200.0, 5)):
+            pass
+        self.assertEqual([e.created_at for e in result(self, store.events("c1", limit=100))], [500.0])
 
 
 class WebhookStoreTests(SynchronousTestCase):
@@ -252,3 +285,39 @@ class WebhookStoreTests(SynchronousTestCase):
         result(self, self.store.release_webhooks("d1", 105.0))
         self.assertEqual([w.id for w in result(self, self.store.lease_webhooks("d2", 106.0, 136.0))], ["w1"])
         self.assertEqual(len(result(self, self.store.due_webhook_retries("d2", 106.0, 166.0, 10))), 1)
+
+
+class BoundedPageTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.store, self.path = sync_store(self)
+
+    def test_a_filter_that_matches_little_reads_a_bounded_stretch(self) -> None:
+        """issue 14 (review): a filter matching one event in 30 looks at `scan` events a call and says how far it got."""
+        for i in range(30):
+            recipient = "needle@x.example" if i == 25 else f"hay{i}@x.example"
+            result(self, self.store.add_submission(submission((recipient,))))
+        everything = result(self, self.store.events("c1", limit=100))
+        page, reached = result(self, self.store.events_page("c1", recipient="needle@x.example", limit=5, scan=10))
+        self.assertEqual((page, reached), ([], everything[9].cursor))
+        page, reached = result(self, self.store.events_page("c1", start=reached, recipient="needle@x.example", limit=5, scan=10))
+        self.assertEqual((page, reached), ([], everything[19].cursor))
+        page, reached = result(self, self.store.events_page("c1", start=reached, recipient="needle@x.example", limit=5, scan=10))
+        self.assertEqual([e.recipient for e in page], ["needle@x.example"])
+        self.assertEqual(reached, everything[29].cursor)
+        # Fewer than `scan` left: the end of the feed as read, after every event committed then.
+        page, reached = result(self, self.store.events_page("c1", start=reached, recipient="needle@x.example", limit=5, scan=10))
+        self.assertEqual((page, reached), ([], EventCursor(everything[-1].cursor.seq, LAST_ID)))
+        result(self, self.store.add_submission(submission(("late@x.example",))))
+        page, _ = result(self, self.store.events_page("c1", start=reached, limit=5))
+        self.assertEqual([e.recipient for e in page], ["late@x.example"])
+        # Backwards: from the end, the same bound.
+        page, reached = result(self, self.store.events_page("c1", descending=True, recipient="hay0@x.example", limit=5, scan=10))
+        self.assertEqual((page, reached), ([], everything[21].cursor))
+
+    def test_a_full_page_reaches_its_last_event(self) -> None:
+        """issue 14 (review): when the limit is found first, the reading stops at the last event returned."""
+        for i in range(6):
+            result(self, self.store.add_submission(submission((f"r{i}@x.example",))))
+        page, reached = result(self, self.store.events_page("c1", limit=4, scan=100))
+        self.assertEqual(len(page), 4)
+        self.assertEqual(reached, page[-1].cursor)

@@ -198,6 +198,22 @@ class DeliveryTests(DispatchCase):
         await self.tick(dispatcher)
         self.assertEqual(len(every.received), 3)
 
+    async def test_a_domain_webhook_moves_past_other_domains_events(self) -> None:
+        """issue 14 (review): a webhook of a quiet domain does not read a busy domain's events again every tick."""
+        hooks = Hooks(lambda: self.key())
+        self.webhook(self.serve(hooks), "quiet", domain="quiet.example")
+        dispatcher = self.dispatcher()
+        await dispatcher.settled()
+        self.delivered("a@x.example", "b@x.example")
+        await self.tick(dispatcher)
+        events = result(self, self.store.events("acme", limit=100))
+        cursor = result(self, self.store.webhook("quiet")).cursor
+        self.assertGreater(cursor, events[-1].cursor)
+        self.assertEqual(hooks.received, [])
+        self.mail({"c@x.example": ("sent", "250 ok")}, sender="app@quiet.example")
+        await self.tick(dispatcher)
+        self.assertEqual(hooks.recipients(), ["c@x.example"])
+
     async def test_new_events_follow_within_a_tick(self) -> None:
         """issue 14 dispatcher item 1: an event committed after the dispatcher started is POSTed at the next tick."""
         hooks = Hooks(lambda: self.key())

@@ -144,6 +144,11 @@ class EventCursor:
 
 #: Before every event.
 FEED_START = EventCursor(0, 0)
+#: An id no event reaches (and the largest EventCursor.parse takes): (seq, LAST_ID) is after
+#: every event of commit seq and before those of the next.
+LAST_ID = 10**18 - 1
+#: After every event.
+FEED_END = EventCursor(LAST_ID, LAST_ID)
 
 
 @attrs.frozen
@@ -652,6 +657,30 @@ class Store(Protocol):
         concurrently.
         """
 
+    async def events_page(
+        self,
+        client: str,
+        *,
+        start: EventCursor | None = None,
+        descending: bool = False,
+        limit: int = 100,
+        scan: int = 5000,
+        domain: str | None = None,
+        event: str | None = None,
+        severity: str | None = None,
+        recipient: str | None = None,
+        begin: float | None = None,
+        end: float | None = None,
+    ) -> tuple[list[Event], EventCursor]:
+        """
+        As :meth:`events`, but the filters look at no more than ``scan`` of the client's
+        events from ``start`` on (a filter that matches little never walks the whole log),
+        and with the place the reading reached: the last event returned when ``limit`` were
+        found; else the last event looked at when ``scan`` were; else the end of the feed as
+        it was when read (ascending: after every event committed then, so that a reader that
+        starts there again misses nothing and rereads nothing; descending: the start).
+        """
+
     async def suppressions(
         self, client: str, kind: str, *, after: str | None = None, limit: int = 100, descending: bool = False
     ) -> list[Suppression]:
@@ -727,6 +756,13 @@ class Store(Protocol):
         """
         The outcome of leased retries: (retry, None, _) delivered or given up (deleted);
         (retry, next attempt, error) failed again (attempts + 1). Only rows still under ``lease``.
+        """
+
+    async def flush_webhook_retries(self, now: float, webhook_ids: Sequence[str] | None = None) -> tuple[int, int]:
+        """
+        Make the waiting retries (of the webhooks ``webhook_ids``, else of all) due at ``now``
+        (``mmgun webhooks flush``); those a dispatcher holds are left to it. Returns
+        (flushed, in delivery).
         """
 
     async def close(self) -> None: ...

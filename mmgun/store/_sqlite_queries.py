@@ -480,10 +480,14 @@ INSERT_EVENT = """
     )
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
-# The oldest events, those of them from before :before: a range of the primary key, never a
-# scan for old rows among new ones.
+# Up to :limit events from before :before among the oldest :window: a range of the primary key,
+# never a scan of the whole log for old rows among new ones, and a few events stamped later
+# than their neighbours (clocks of several hosts) cannot stop the cleaning.
 DELETE_OLD_EVENTS = """
-    DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT :limit) AND created_at < :before
+    DELETE FROM events WHERE id IN (
+        SELECT id FROM (SELECT id, created_at FROM events ORDER BY id LIMIT :window)
+        WHERE created_at < :before LIMIT :limit
+    )
 """
 # Events of one client after (ascending) or before (descending) a feed position, with the
 # submission's Message-ID, sender, tags and metadata. Each filter is NULL when not used.
@@ -508,6 +512,52 @@ EVENTS_BEFORE = (
     "SELECT" + _EVENT_COLUMNS + "FROM events e LEFT JOIN submissions s ON s.id = e.submission_id WHERE" + _EVENT_FILTERS
     + " AND (e.seq < :seq OR (e.seq = :seq AND e.id < :id)) ORDER BY e.seq DESC, e.id DESC LIMIT :limit"
 )
+
+# A bounded page: the filters are applied to at most :scan of the client's events after (or
+# before) the position — an index range — so that a filter that matches little never walks the
+# whole log; EVENTS_SCANNED_* say how far that range reached.
+_SCAN_AFTER = """
+    SELECT * FROM events WHERE client = :client AND (seq, id) > (:seq, :id) ORDER BY seq, id LIMIT :scan
+"""
+_SCAN_BEFORE = """
+    SELECT * FROM events WHERE client = :client AND (seq, id) < (:seq, :id) ORDER BY seq DESC, id DESC LIMIT :scan
+"""
+_PAGE_FILTERS = """
+    (:domain IS NULL OR e.domain = :domain)
+    AND (:event IS NULL OR e.event = :event)
+    AND (:severity IS NULL OR e.severity = :severity)
+    AND (:recipient IS NULL OR e.recipient = :recipient)
+    AND (:begin IS NULL OR e.created_at >= :begin)
+    AND (:end IS NULL OR e.created_at <= :end)
+"""
+EVENTS_PAGE_AFTER = (
+    "SELECT" + _EVENT_COLUMNS + "FROM (" + _SCAN_AFTER + ") e LEFT JOIN submissions s ON s.id = e.submission_id WHERE"
+    + _PAGE_FILTERS + " ORDER BY e.seq, e.id LIMIT :limit"
+)
+EVENTS_PAGE_BEFORE = (
+    "SELECT" + _EVENT_COLUMNS + "FROM (" + _SCAN_BEFORE + ") e LEFT JOIN submissions s ON s.id = e.submission_id WHERE"
+    + _PAGE_FILTERS + " ORDER BY e.seq DESC, e.id DESC LIMIT :limit"
+)
+EVENTS_SCANNED_LAST_AFTER = """
+    SELECT seq, id FROM (
+        SELECT seq, id FROM events WHERE client = :client AND (seq, id) > (:seq, :id) ORDER BY seq, id LIMIT :scan
+    ) ORDER BY seq DESC, id DESC LIMIT 1
+"""
+EVENTS_SCANNED_LAST_BEFORE = """
+    SELECT seq, id FROM (
+        SELECT seq, id FROM events WHERE client = :client AND (seq, id) < (:seq, :id) ORDER BY seq DESC, id DESC LIMIT :scan
+    ) ORDER BY seq, id LIMIT 1
+"""
+EVENTS_SCANNED_COUNT_AFTER = """
+    SELECT count(*) FROM (
+        SELECT 1 FROM events WHERE client = :client AND (seq, id) > (:seq, :id) ORDER BY seq, id LIMIT :scan
+    )
+"""
+EVENTS_SCANNED_COUNT_BEFORE = """
+    SELECT count(*) FROM (
+        SELECT 1 FROM events WHERE client = :client AND (seq, id) < (:seq, :id) ORDER BY seq DESC, id DESC LIMIT :scan
+    )
+"""
 
 # -- suppressions (issue 14) ---------------------------------------------------------------------
 
@@ -551,7 +601,11 @@ UPSERT_SUPPRESSION = """
         tags = excluded.tags, created_at = excluded.created_at
 """
 DELETE_SUPPRESSION = "DELETE FROM suppressions WHERE client = ? AND kind = ? AND address = ?"
-CLEAR_SUPPRESSIONS = "DELETE FROM suppressions WHERE client = ? AND kind = ?"
+CLEAR_SUPPRESSIONS = """
+    DELETE FROM suppressions WHERE (client, kind, address) IN (
+        SELECT client, kind, address FROM suppressions WHERE client = ? AND kind = ? LIMIT ?
+    )
+"""
 
 # -- webhooks (issue 14) -------------------------------------------------------------------------
 
@@ -596,6 +650,17 @@ DELETE_WEBHOOK_RETRY = "DELETE FROM webhook_retries WHERE webhook_id = ? AND eve
 WEBHOOK_RETRY_AGAIN = """
     UPDATE webhook_retries SET attempts = attempts + 1, next_attempt = ?, last_error = ?, lease = NULL
     WHERE webhook_id = ? AND event_id = ? AND lease = ?
+"""
+# mmgun webhooks flush: waiting retries due now; those a dispatcher holds (POSTing) are left to it.
+FLUSH_WEBHOOK_RETRIES = """
+    UPDATE webhook_retries SET next_attempt = :now
+    WHERE lease IS NULL AND next_attempt > :now
+      AND (:ids IS NULL OR webhook_id IN (SELECT value FROM json_each(:ids)))
+"""
+COUNT_WEBHOOK_RETRIES_IN_DELIVERY = """
+    SELECT count(*) FROM webhook_retries
+    WHERE lease IS NOT NULL AND next_attempt > :now
+      AND (:ids IS NULL OR webhook_id IN (SELECT value FROM json_each(:ids)))
 """
 EVENTS_BY_ID = (
     "SELECT" + _EVENT_COLUMNS + "FROM events e LEFT JOIN submissions s ON s.id = e.submission_id"

@@ -31,6 +31,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import (
+    FEED_END,
+    FEED_START,
+    LAST_ID,
     ClaimedEnvelope,
     Conflict,
     DatabaseFull,
@@ -69,6 +72,8 @@ IDEMPOTENCY_WINDOW = 24 * 3600.0
 #: Most submissions committed in one transaction.
 MAX_GROUP = 512
 BUSY_TIMEOUT = 30.0
+#: Most suppression entries deleted in one transaction by clear_suppressions.
+CLEAR_BATCH = 10_000
 #: Most submissions one /status by Message-ID reads (a batch has one per recipient).
 MAX_BY_MESSAGE_ID = 10_000
 #: A writer waiting for another process's WriteLock tries again after these pauses (doubling).
@@ -800,7 +805,8 @@ class SQLiteStore:
         return await self._runner.write(_clean_txn, before, limit, now - IDEMPOTENCY_WINDOW)
 
     async def clean_events(self, before: float, limit: int) -> int:
-        return await self._runner.write(_rowcount_txn, Q.DELETE_OLD_EVENTS, {"before": before, "limit": limit})
+        parameters = {"before": before, "limit": limit, "window": 10 * limit}
+        return await self._runner.write(_rowcount_txn, Q.DELETE_OLD_EVENTS, parameters)
 
     async def vacuum(self, pages: int) -> None:
         """Return up to ``pages`` free pages to the file system."""
@@ -955,7 +961,7 @@ class SQLiteStore:
         end: float | None = None,
     ) -> list[Event]:
         if start is None:
-            start = EventCursor(2**62, 2**62) if descending else EventCursor(0, 0)
+            start = FEED_END if descending else FEED_START
         parameters = {
             "client": client,
             "seq": start.seq,
@@ -969,6 +975,38 @@ class SQLiteStore:
             "end": end,
         }
         return await self._runner.read(_events_txn, Q.EVENTS_BEFORE if descending else Q.EVENTS_AFTER, parameters)
+
+    async def events_page(
+        self,
+        client: str,
+        *,
+        start: EventCursor | None = None,
+        descending: bool = False,
+        limit: int = 100,
+        scan: int = 5000,
+        domain: str | None = None,
+        event: str | None = None,
+        severity: str | None = None,
+        recipient: str | None = None,
+        begin: float | None = None,
+        end: float | None = None,
+    ) -> tuple[list[Event], EventCursor]:
+        if start is None:
+            start = FEED_END if descending else FEED_START
+        parameters = {
+            "client": client,
+            "seq": start.seq,
+            "id": start.id,
+            "limit": limit,
+            "scan": max(scan, limit),
+            "domain": domain,
+            "event": event,
+            "severity": severity,
+            "recipient": recipient,
+            "begin": begin,
+            "end": end,
+        }
+        return await self._runner.read(_events_page_txn, descending, parameters)
 
     async def suppressions(
         self, client: str, kind: str, *, after: str | None = None, limit: int = 100, descending: bool = False
@@ -990,7 +1028,13 @@ class SQLiteStore:
         return bool(await self._runner.write(_rowcount_txn, Q.DELETE_SUPPRESSION, (client, kind, address.lower())))
 
     async def clear_suppressions(self, client: str, kind: str) -> int:
-        return await self._runner.write(_rowcount_txn, Q.CLEAR_SUPPRESSIONS, (client, kind))
+        # In batches, each its own transaction: a list of millions never holds the write lock for long.
+        total = 0
+        while True:
+            deleted = await self._runner.write(_rowcount_txn, Q.CLEAR_SUPPRESSIONS, (client, kind, CLEAR_BATCH))
+            total += deleted
+            if deleted < CLEAR_BATCH:
+                return total
 
     # -- webhooks ----------------------------------------------------------------------------------
 
@@ -1035,6 +1079,9 @@ class SQLiteStore:
 
     async def finish_webhook_retries(self, results: Sequence[tuple[WebhookRetry, float | None, str | None]], lease: str) -> None:
         await self._runner.write(_finish_webhook_retries_txn, list(results), lease)
+
+    async def flush_webhook_retries(self, now: float, webhook_ids: Sequence[str] | None = None) -> tuple[int, int]:
+        return await self._runner.write(_flush_webhook_retries_txn, now, None if webhook_ids is None else list(webhook_ids))
 
     async def close(self) -> None:
         self._runner.close()
@@ -1110,15 +1157,19 @@ TEST_MODE_REPLY = "not delivered: test mode (o:testmode)"
 
 def _suppressed(conn: sqlite3.Connection, s: NewSubmission) -> dict[str, tuple[str, str | None]]:
     """The recipients of ``s`` on one of its client's suppression lists: address → (kind, the entry's error)."""
-    lowered = {address.lower(): address for address in s.recipients}
+    # Every spelling of an address is the address: "Bob@x" and "bob@x" are both stopped.
+    spellings: dict[str, list[str]] = {}
+    for address in s.recipients:
+        spellings.setdefault(address.lower(), []).append(address)
     found: dict[str, tuple[str, str | None]] = {}
-    rows = conn.execute(Q.SUPPRESSED_AMONG, {"client": s.client, "addresses": json.dumps(sorted(lowered))}).fetchall()
+    rows = conn.execute(Q.SUPPRESSED_AMONG, {"client": s.client, "addresses": json.dumps(sorted(spellings))}).fetchall()
     for address, kind, error, tags in sorted(rows, key=lambda row: SUPPRESSION_ORDER.get(row[1], 99)):
         if kind == "unsubscribe" and tags:
             limited = set(json.loads(tags))
             if "*" not in limited and not limited & set(s.tags):
                 continue
-        found.setdefault(lowered[address], (kind, error))
+        for spelling in spellings[address]:
+            found.setdefault(spelling, (kind, error))
     return found
 
 
@@ -1145,7 +1196,7 @@ def _add_one(conn: sqlite3.Connection, s: NewSubmission, events: _Events) -> str
     start = s.starts_at()
     suppressed = {} if s.test_mode else _suppressed(conn, s)
     # Nothing left to deliver (test mode, or every recipient suppressed): finished when queued.
-    finished = s.test_mode or len(suppressed) == len(set(s.recipients))
+    finished = s.test_mode or all(a in suppressed for a in s.recipients)
     conn.execute(
         Q.INSERT_SUBMISSION,
         (
@@ -1666,8 +1717,8 @@ def _webhooks_txn(conn: sqlite3.Connection, query: str, parameters: Any) -> list
 
 def _add_webhook_txn(conn: sqlite3.Connection, webhook: Webhook) -> Webhook:
     (seq,) = conn.execute(Q.FEED_END).fetchone()
-    # After every event of every commit so far: ids within a commit never reach 2**62.
-    cursor = EventCursor(seq, 2**62)
+    # After every event of every commit so far.
+    cursor = EventCursor(seq, LAST_ID)
     try:
         conn.execute(
             Q.INSERT_WEBHOOK,
@@ -1716,6 +1767,13 @@ def _due_webhook_retries_txn(conn: sqlite3.Connection, lease: str, now: float, u
     return sorted(retries, key=lambda r: (r.first_attempt, r.event.cursor))
 
 
+def _flush_webhook_retries_txn(conn: sqlite3.Connection, now: float, webhook_ids: list[str] | None) -> tuple[int, int]:
+    selection = {"now": now, "ids": None if webhook_ids is None else json.dumps(sorted(set(webhook_ids)))}
+    flushed = conn.execute(Q.FLUSH_WEBHOOK_RETRIES, selection).rowcount
+    (in_delivery,) = conn.execute(Q.COUNT_WEBHOOK_RETRIES_IN_DELIVERY, selection).fetchone()
+    return flushed, in_delivery
+
+
 def _finish_webhook_retries_txn(
     conn: sqlite3.Connection, results: list[tuple[WebhookRetry, float | None, str | None]], lease: str
 ) -> None:
@@ -1725,3 +1783,21 @@ def _finish_webhook_retries_txn(
             conn.execute(Q.DELETE_WEBHOOK_RETRY, key)
         else:
             conn.execute(Q.WEBHOOK_RETRY_AGAIN, (next_attempt, error, *key))
+
+
+def _events_page_txn(conn: sqlite3.Connection, descending: bool, parameters: dict[str, Any]) -> tuple[list[Event], EventCursor]:
+    if descending:
+        events = _events_txn(conn, Q.EVENTS_PAGE_BEFORE, parameters)
+    else:
+        # Read first, in this transaction's snapshot: no commit numbered up to it can appear later.
+        (feed_seq,) = conn.execute(Q.FEED_END).fetchone()
+        events = _events_txn(conn, Q.EVENTS_PAGE_AFTER, parameters)
+    if len(events) == parameters["limit"]:
+        return events, events[-1].cursor
+    (scanned,) = conn.execute(Q.EVENTS_SCANNED_COUNT_BEFORE if descending else Q.EVENTS_SCANNED_COUNT_AFTER, parameters).fetchone()
+    if scanned == parameters["scan"]:
+        seq, ident = conn.execute(Q.EVENTS_SCANNED_LAST_BEFORE if descending else Q.EVENTS_SCANNED_LAST_AFTER, parameters).fetchone()
+        return events, EventCursor(seq, ident)
+    if descending:
+        return events, EventCursor(0, 0)
+    return events, max(EventCursor(feed_seq, LAST_ID), EventCursor(parameters["seq"], parameters["id"]))

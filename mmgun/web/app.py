@@ -236,7 +236,7 @@ class Frontend:
     listens with the shared request limits. ``clients`` is a callable so the set can be
     reloaded while running.
 
-    ``signer`` makes DKIM's private-key operations (:class:`mmgun.signer.SignerProcess`;
+    ``signer`` DKIM-signs messages (:class:`mmgun.signer.SignerProcess`;
     default: on the calling thread).
 
     ``settings`` come from the Config (:func:`mmgun.service.make_service`); ``fields``

@@ -30,18 +30,19 @@ from twisted.web.iweb import IRequest
 
 from ..events import event_data
 from ..message import BadRequest, parse_date
-from ..store import FEED_START, Event, EventCursor, Store
+from ..store import FEED_END, FEED_START, Event, EventCursor, Store
 from .errors import json_response
 from .submit import Pipeline
 
 #: Mailgun's largest page, and its default.
 V3_MAX_LIMIT = 300
+#: The most events one v3 page's filters look at: a page may hold fewer than its limit (or
+#: none) and still have a next page, as Mailgun's may.
+V3_SCAN = 10_000
 V3_DEFAULT_LIMIT = 100
 #: The JSON API's.
 FEED_MAX_LIMIT = 1000
 FEED_DEFAULT_LIMIT = 100
-#: After every event (the start of a descending walk): the largest cursor EventCursor.parse takes.
-FEED_END = EventCursor(10**18 - 1, 10**18 - 1)
 #: Mailgun's event kinds: those mmgun never produces are accepted as filters and match nothing.
 MAILGUN_EVENTS = frozenset(
     {"accepted", "rejected", "delivered", "failed", "opened", "clicked", "unsubscribed", "complained", "stored"}
@@ -131,6 +132,8 @@ class _Page:
             raise bad
         try:
             document = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+            if not isinstance(document, dict) or not isinstance(document.get("p"), str):
+                raise bad
             position = EventCursor.parse(document["p"])
             ascending, back, limit, filters = document["a"], document["b"], document["l"], document["f"]
         except (ValueError, KeyError, TypeError, binascii.Error):
@@ -243,10 +246,18 @@ class EventsAPI:
         else:
             _parameters(request, frozenset())
             page = _Page.parse(token)
-        events = await self._read(client, domain, page)
-        if events:
+        events, reached = await self._read(client, domain, page)
+        if events and page.back:
+            # Read backwards from the position: the page before this one goes on from where
+            # the reading stopped, the next one from this page's last event.
             following = page.moved(events[-1].cursor, False)
-            preceding = page.moved(events[0].cursor, True)
+            preceding = page.moved(reached, True)
+        elif events or reached != page.position:
+            # The filters looked at a bounded stretch of the log: the next page goes on from
+            # where that stretch ended (past events that did not match), even if it found
+            # fewer than the limit — or none.
+            following = page.moved(reached, False)
+            preceding = page.moved(events[0].cursor, True) if events else page.moved(_step(page.position, page.ascending, forward=True), True)
         elif page.back:
             # Nothing before the position: the previous page is this one again, and the
             # next one starts with the event at the position (if there is one).
@@ -268,11 +279,14 @@ class EventsAPI:
         }
         return json_response(request, 200, {"items": [event_data(e) for e in events], "paging": paging})
 
-    async def _read(self, client: str, domain: str, page: _Page) -> list[Event]:
-        """The page's events in the walk's order; a ``back`` page reads the other way and turns round."""
+    async def _read(self, client: str, domain: str, page: _Page) -> tuple[list[Event], EventCursor]:
+        """
+        The page's events in the walk's order (a ``back`` page reads the other way and turns
+        round), and where the reading stopped (:meth:`mmgun.store.Store.events_page`).
+        """
         descending = page.ascending == page.back
         filters = page.filters
-        events = await self._store.events(
+        events, reached = await self._store.events_page(
             client,
             start=page.position,
             descending=descending,
@@ -283,5 +297,6 @@ class EventsAPI:
             recipient=filters.get("recipient"),
             begin=filters.get("begin"),
             end=filters.get("end"),
+            scan=V3_SCAN,
         )
-        return events[::-1] if page.back else events
+        return (events[::-1] if page.back else events), reached

@@ -2,11 +2,10 @@
 Sending domains as the frontend uses them: whose a domain is (the sender policy, the
 Mailgun endpoints' ``{domain}``) and the keys its mail is signed with, read from the
 store at most once per :data:`DOMAIN_CACHE_SECONDS` per domain; and the DKIM signing
-itself: :func:`mmgun.dkim.prepare` and :meth:`mmgun.dkim.Unsigned.finish` in this
-process (cheap, about 0.05 ms for 1 KB, and they need the message; on the reactor
-thread, but in a thread for a message of more than 256 KiB), the private-key operations
-in between by a :class:`mmgun.signer.Signer` (in the service: a helper process,
-:class:`mmgun.signer.SignerProcess`, so they never hold the frontend's GIL).
+itself, by a :class:`mmgun.signer.Signer` (in the service: a helper process,
+:class:`mmgun.signer.SignerProcess`, which makes the fields of a message of up to 256 KiB
+and the private-key operations of a larger one, so that signing holds the frontend's GIL
+only to write the message on a pipe and read the fields back).
 
 A message is signed only for the client its From domain is registered to: another
 client sending from that domain (``--sender-policy any``) gets no signature, so the
@@ -136,5 +135,4 @@ class SendingDomains:
         """
         if state.client != client or not state.keys:
             return message
-        unsigned = await self.signer.prepare(message, state.keys, now)
-        return unsigned.finish(await self.signer.sign(unsigned.requests))
+        return await self.signer.sign_message(message, state.keys, now)

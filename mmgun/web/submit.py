@@ -88,7 +88,7 @@ class Pipeline:
         wall: Callable[[], float] | None = None,
         signer: Signer | None = None,
     ) -> None:
-        """``signer`` makes DKIM's private-key operations (:class:`mmgun.signer.SignerProcess`; default: in this process)."""
+        """``signer`` DKIM-signs messages (:class:`mmgun.signer.SignerProcess`; default: in this process)."""
         self._store = store
         self._settings = settings
         self._metrics = metrics
