@@ -332,14 +332,19 @@ def stop_daemons(daemons: list[Daemon]) -> dict[str, Any]:
 
 def helper_pids(daemons: list[Daemon]) -> dict[str, int]:
     """
-    The live child processes of the daemons (a frontend's DKIM signing process), by
-    "<daemon>-signer" (then -signer2, …): watched like the daemons, as /proc/PID/stat's
-    cutime/cstime count a child only once it has been reaped.
+    The live child processes of the daemons (a frontend's DKIM signing process, the
+    supervised webhooks process), by "<daemon>-signer" and "<daemon>-webhooks" (then
+    -signer2, …): watched like the daemons, as /proc/PID/stat's cutime/cstime count a
+    child only once it has been reaped.
     """
     found: dict[str, int] = {}
     for daemon in daemons:
-        for n, pid in enumerate(procs.descendants(daemon.pid)):
-            found[f"{daemon.name}-signer{n + 1 if n else ''}"] = pid
+        counts: dict[str, int] = {}
+        for pid in procs.descendants(daemon.pid):
+            # The webhooks role beside others is a supervised `twistd mmgun --role=webhooks` child (issue 14).
+            kind = "webhooks" if b"--role=webhooks" in procs.cmdline(pid) else "signer"
+            counts[kind] = counts.get(kind, 0) + 1
+            found[f"{daemon.name}-{kind}{counts[kind] if counts[kind] > 1 else ''}"] = pid
     return found
 
 
@@ -654,7 +659,8 @@ def relay_run(
         assert loadgen.stdin is not None and loadgen.stdout is not None
         if loadgen.stdout.readline().strip() != "ready":
             raise RuntimeError("the load generator did not start")
-        # A frontend's DKIM signing process (mmgun.signer) is its child: its CPU is counted as "<name>-signer".
+        # A frontend's DKIM signing process (mmgun.signer) and the webhooks process of a daemon with other
+        # roles are its children: their CPU is counted as "<name>-signer" and "<name>-webhooks".
         helpers = helper_pids(daemons)
         pids = {d.name: d.pid for d in daemons} | helpers | {"sink": sink.process.pid, "loadgen": loadgen.pid}
         if hooks is not None:
@@ -688,7 +694,9 @@ def relay_run(
         )
         # The load generator exited before the drain ended: it reported its own total.
         after.cpu["loadgen"] = ingest.get("cpu_seconds", before.cpu.get("loadgen", 0.0))
-        peak = {d.name: mib(procs.status_kib(d.pid, "VmHWM")) for d in daemons}
+        peak = {d.name: mib(procs.status_kib(d.pid, "VmHWM")) for d in daemons} | {
+            name: mib(procs.status_kib(pid, "VmHWM")) for name, pid in helpers.items()
+        }
         profile = profiles.stop()
         logs = stop_daemons(daemons)
         dump = run / "sink.tsv"
@@ -1033,7 +1041,7 @@ def summarize_relay(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "e2e_rate_range": _spread(runs, "e2e_rate"),
         "e2e_recipient_rate": median_of(runs, "e2e_recipient_rate"),
         "cpu_per_1000": {n: median_of(runs, f"cpu_per_1000.{n}") for n in cpu_names},
-        "peak_rss_mib": {n: max((r["peak_rss_mib"][n] or 0) for r in runs) for n in names},
+        "peak_rss_mib": {n: max((r["peak_rss_mib"].get(n) or 0) for r in runs) for n in names},
         "machine_busy_cores": median_of(runs, "machine_busy_cores"),
         "other_cpu_seconds": median_of(runs, "other_cpu_seconds"),
         "duplicates": sum(r["duplicates"] for r in runs),
@@ -1064,7 +1072,7 @@ def summarize_backlog(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "rate_last_10pct": median_of(runs, "rate_last_10pct"),
         "first_message_after_s": median_of(runs, "first_message_after_s"),
         "cpu_per_1000": {n: median_of(runs, f"cpu_per_1000.{n}") for n in names},
-        "peak_rss_mib": {n: max((r["peak_rss_mib"][n] or 0) for r in runs) for n in names},
+        "peak_rss_mib": {n: max((r["peak_rss_mib"].get(n) or 0) for r in runs) for n in names},
         "machine_busy_cores": median_of(runs, "machine_busy_cores"),
         "other_cpu_seconds": median_of(runs, "other_cpu_seconds"),
         "duplicates": sum(r["duplicates"] for r in runs),

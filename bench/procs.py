@@ -46,6 +46,15 @@ def parent_pid(pid: int) -> int | None:
     return None if fields is None else int(fields[1])
 
 
+def cmdline(pid: int) -> bytes:
+    """A process's command line (arguments separated by NUL), or b"" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def descendants(root: int) -> list[int]:
     """Live processes below ``root`` (any depth)."""
     parents: dict[int, int] = {}

@@ -21,7 +21,7 @@
     mmgun webhooks add --client ID [--domain D] --url URL [--events delivered,permanent_fail,temporary_fail]
     mmgun webhooks list [--client ID] [--json] | remove WEBHOOK_ID
     mmgun webhooks flush [WEBHOOK_ID...]   events waiting for a retry due now (like queue flush)
-    mmgun webhooks key --client ID [--rotate]   the client's webhook signing key, printed when made
+    mmgun webhooks key --client ID [--rotate]   print the client's webhook signing key (--rotate: replace it)
 
 An ID is an envelope id (a number, as ``mmgun queue`` shows) or a submission id (all of its
 unfinished envelopes). The command is one more connection to the daemon's SQLite file: in
@@ -604,7 +604,7 @@ def _webhooks_parser(commands: Any, database: _Parser, parser_class: type[_Parse
     flush = actions.add_parser("flush", parents=[database], help="make the events waiting for a retry due now")
     flush.add_argument("webhook_ids", nargs="*", metavar="WEBHOOK_ID", help="only these webhooks' (default: every webhook's)")
     flush.set_defaults(run=_webhooks_flush)
-    key = actions.add_parser("key", parents=[database], help="make the client's signing key if it has none (--rotate: a new one), print it")
+    key = actions.add_parser("key", parents=[database], help="print the client's signing key, made if it has none (--rotate: a new one)")
     key.add_argument("--client", metavar="ID", required=True)
     key.add_argument("--rotate", action="store_true", help="replace the key: POSTs are signed with the new one within seconds")
     key.set_defaults(run=_webhooks_key)
@@ -638,9 +638,26 @@ def _webhook_document(webhook: Any) -> dict[str, Any]:
 
 def _print_new_key(out: TextIO, client: str, key: str, made: str) -> None:
     out.write(
-        f"webhook signing key of client {client} ({made}; shown only now, mmgun webhooks key --client {client} --rotate"
-        f" replaces it):\n{key}\n"
+        f"webhook signing key of client {client} ({made}; mmgun webhooks key --client {client} shows it again,"
+        f" --rotate replaces it):\n{key}\n"
     )
+
+
+#: The label mmgun knows a client of the (deprecated) clients file by (mmgun.clients.client_label).
+_CLIENTS_FILE_LABEL = re.compile(r"c-[0-9a-f]{16}")
+
+
+async def _known_client(store: SQLiteStore, client: str) -> None:
+    """
+    AdminError unless C{client} is in the database's clients table (C{mmgun clients add}) or
+    is a clients-file client's label: never a secret (an API key, a clients-file id), which
+    would be stored and never match.
+    """
+    if _CLIENTS_FILE_LABEL.fullmatch(client) is None and not await store.client_exists(client):
+        raise AdminError(
+            "no such client in the database: --client is an id added with mmgun clients add (or a clients-file"
+            " client's label, c- and 16 hex digits), never an API key or a clients-file id"
+        )
 
 
 def _webhooks_add(args: argparse.Namespace, context: _Context) -> int:
@@ -658,6 +675,7 @@ def _webhooks_add(args: argparse.Namespace, context: _Context) -> int:
     new_key = new_signing_key()
 
     async def add(store: SQLiteStore) -> bool:
+        await _known_client(store, args.client)
         if domain is not None:
             registered = await store.domain(domain)
             if registered is not None and registered.client != args.client:
@@ -725,15 +743,22 @@ def _webhooks_key(args: argparse.Namespace, context: _Context) -> int:
     key = new_signing_key()
     now = context.now()
 
-    async def make(store: SQLiteStore) -> bool:
-        if not args.rotate and await store.webhook_key(args.client) is not None:
-            return False
+    async def make(store: SQLiteStore) -> str | None:
+        await _known_client(store, args.client)
+        if not args.rotate:
+            existing = await store.webhook_key(args.client)
+            if existing is not None:
+                return existing
+            # Another process may make one meanwhile: the stored key is the one to print.
+            return await store.set_webhook_key(args.client, key, now, replace=False)
         await store.set_webhook_key(args.client, key, now)
-        return True
+        return None
 
-    if not _write(args, context, make):
+    shown = _write(args, context, make)
+    if shown is not None and shown != key:
+        # The key is kept in the database, which is the operator's: showing it again is no disclosure.
         context.out.write(
-            f"client {args.client} has a webhook signing key (shown only when made): --rotate replaces it\n"
+            f"webhook signing key of client {args.client} (stored in the database; --rotate replaces it):\n{shown}\n"
         )
         return 0
     if args.rotate:

@@ -9,6 +9,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from typing import Any
 
 import attrs
@@ -158,6 +159,7 @@ OPTIONS: dict[str, tuple[str | None, Callable[[str], object], str]] = {
 FLAGS: dict[str, str] = {
     "allow-private-mx": "relay to MX hosts on loopback, private, link-local or this host's own addresses (test setups, private networks)",
     "webhook-allow-private": "POST webhooks to receivers on loopback, private, link-local or this host's own addresses (test setups, private networks)",
+    "webhooks-in-process": "run the webhooks role in this process even beside other roles (default: a supervised child process POSTs the webhooks, off the relay's core; small deployments may keep one process)",
 }
 #: Repeatable options: name → (converter, help).
 MULTI_OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
@@ -212,6 +214,7 @@ class Config:
     allow_private_mx: bool
     webhook_allow_private: bool
     sender_policy: str
+    webhooks_in_process: bool
 
 
 class Options(usage.Options):
@@ -281,6 +284,33 @@ def resolve(given: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         helo=values.pop("helo") or socket.getfqdn(),
         **{name.replace("-", "_"): value for name, value in values.items()},
     )
+
+
+def environment(config: Config) -> dict[str, str]:
+    """
+    ``config`` as ``MMGUN_*`` variables from which :func:`resolve` (with no command-line
+    options) makes an equal Config: how a supervising process configures a child
+    (:mod:`mmgun.supervisor`). Every option is given (an option that is None is left
+    out, None being its default), so the caller must drop whatever ``MMGUN_*``
+    variables it inherited.
+    """
+    env: dict[str, str] = {}
+    for name in OPTIONS:
+        value = getattr(config, name.replace("-", "_"))
+        if value is not None:
+            env[env_name(name)] = _as_text(value)
+    for name in FLAGS:
+        env[env_name(name)] = "1" if getattr(config, name.replace("-", "_")) else "0"
+    env[env_name("role")] = ",".join(config.roles)
+    env[env_name("nameserver")] = ",".join(config.nameservers)
+    return env
+
+
+def _as_text(value: object) -> str:
+    """An option's value as its converter reads it back: floats in plain decimals (no exponent), exactly."""
+    if isinstance(value, float):
+        return format(Decimal(repr(value)), "f")
+    return str(value)
 
 
 def _convert(convert: Callable[[str], object], raw: str, source: str) -> object:

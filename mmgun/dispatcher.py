@@ -2,8 +2,10 @@
 The webhooks role: follow each webhook's event feed and POST the events it
 wants, at least once, with Mailgun's retries.
 
-Every ``interval`` the dispatcher leases the webhooks no other dispatcher
-holds (``"<sender-id>/<random>"``, for ``lease_time``; renewed every tick).
+Every ``interval`` the dispatcher leases the webhooks no dispatcher holds
+(``"<sender-id>/<random>"``, for ``lease_time``), writing no other row; at most
+every third of ``lease_time`` it also renews those it holds.  A webhook's row
+is read again before each page, so a removal or a URL change counts at once.
 For each one it holds and is not already following, it starts a task that
 reads the webhook's feed from its cursor a page (at most ``page_size``
 events) at a time, POSTs every event of the page the webhook wants (all at
@@ -16,9 +18,10 @@ least once; at most the pages in flight repeated).  The tasks are not
 awaited by the tick, so a hanging receiver holds up only its own webhook.
 
 Retries that are due are leased (their next attempt moved to the lease's
-end, so a dispatcher that dies leaves them due again then), POSTed, and
-finished one by one: deleted when delivered or when Mailgun's 8 hours are
-used up (logged, at warn), else rescheduled.
+end, so a dispatcher that dies leaves them due again then), POSTed, and the
+outcomes of those leased by one tick written in one transaction when all
+are known: deleted when delivered or when Mailgun's 8 hours are used up
+(logged, at warn), else rescheduled.
 
 A body is signed (with the client's webhook signing key, read through a
 cache of ``key_ttl`` seconds, made at first need) when its POST's turn
@@ -39,7 +42,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .events import event_data
-from .store import LAST_ID, Event, Store, Webhook, WebhookRetry
+from .store import LAST_ID, Event, EventCursor, Store, Webhook, WebhookRetry
 from .webhooks import Delivery, WebhookClient, WebhookURLError, new_signing_key, parse_url, retry_delay, signed_body
 
 _log = Logger()
@@ -88,13 +91,17 @@ class WebhookDispatcher(Service):
         self._key_ttl = key_ttl
         self._max_retries = max_retries
         self._grace = grace
-        #: The webhooks held, as the last lease returned them (URL and events changes show up there).
+        #: The webhooks held, as the last renewal or take returned them.
         self._held: dict[str, Webhook] = {}
+        #: Webhook id → where this run moved its cursor last (the held rows' cursors are as of the last renewal).
+        self._cursors: dict[str, EventCursor] = {}
         #: Webhook id → the task following its feed.
         self._following: dict[str, Deferred[None]] = {}
-        #: (webhook id, event id) → the task POSTing that retry.
+        #: (webhook id, event id) → the task POSTing that retry (with the others leased by the same tick).
         self._retrying: dict[tuple[str, int], Deferred[None]] = {}
         self._keys: dict[str, tuple[str, float]] = {}
+        #: When (C{clock}) the held leases were last renewed.
+        self._renewed: float | None = None
         self._ticking: Deferred[None] | None = None
         #: No new page or retry is started.
         self._stopping = False
@@ -108,6 +115,7 @@ class WebhookDispatcher(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = self._cancelling = False
+        self._renewed = None
         self._loop.start(self._interval, now=True).addErrback(lambda f: _log.failure("webhook dispatcher loop stopped", f))
         _log.info("webhook dispatcher started as {lease}", lease=self.lease)
 
@@ -149,7 +157,7 @@ class WebhookDispatcher(Service):
             _log.failure("could not give up the webhook leases; they end by themselves within {seconds} s", seconds=self._lease_time)
 
     def _tasks(self) -> list[Deferred[Any]]:
-        tasks: list[Deferred[Any]] = list(self._following.values()) + list(self._retrying.values())
+        tasks: list[Deferred[Any]] = list(self._following.values()) + list({id(d): d for d in self._retrying.values()}.values())
         if self._ticking is not None:
             tasks.append(self._ticking)
         return tasks
@@ -184,15 +192,26 @@ class WebhookDispatcher(Service):
     async def _tick(self) -> None:
         now = self._wall()
         until = now + self._lease_time
+        started = self._clock.seconds()
+        # Rewriting every held row each tick made a tick's cost grow with the webhooks: they are
+        # renewed every third of the lease; other ticks take only new (or lapsed) ones.
+        renew = self._renewed is None or started - self._renewed >= self._lease_time / 3
         try:
-            held = await self._store.lease_webhooks(self.lease, now, until)
+            held = await self._store.lease_webhooks(self.lease, now, until, renew=renew)
         except Exception:
             _log.failure("leasing webhooks failed; the next tick tries again")
             return
-        self._held = {w.id: w for w in held}
-        for webhook in held:
+        if renew:
+            self._held = {w.id: w for w in held}
+            self._cursors = {i: c for i, c in self._cursors.items() if i in self._held}
+            self._renewed = started
+        else:
+            self._held.update((w.id, w) for w in held)
+        for webhook in list(self._held.values()):
             if webhook.id not in self._following and not self._stopping:
-                self._start(self._following, webhook.id, self._follow(webhook))
+                # The later of the stored cursor and this run's: a renewal may have read the row just before an advance.
+                cursor = max(webhook.cursor, self._cursors.get(webhook.id, webhook.cursor))
+                self._start(self._following, webhook.id, self._follow(webhook, cursor))
         room = self._max_retries - len(self._retrying)
         if room <= 0 or self._stopping:
             return
@@ -201,11 +220,20 @@ class WebhookDispatcher(Service):
         except Exception:
             _log.failure("leasing webhook retries failed; the next tick tries again")
             return
-        for retry in due:
-            key = (retry.webhook.id, retry.event.cursor.id)
-            # A retry still waiting for its turn when its lease ran out is leased again: POSTed once.
-            if key not in self._retrying and not self._stopping:
-                self._start(self._retrying, key, self._retry(retry))
+        # A retry still waiting for its turn when its lease ran out is leased again: POSTed once.
+        batch = [r for r in due if (r.webhook.id, r.event.cursor.id) not in self._retrying]
+        if batch and not self._stopping:
+            task: Deferred[None] = Deferred.fromCoroutine(self._retry_batch(batch))
+            keys = [(r.webhook.id, r.event.cursor.id) for r in batch]
+            for key in keys:
+                self._retrying[key] = task
+
+            def done(_: object) -> None:
+                for key in keys:
+                    if self._retrying.get(key) is task:
+                        del self._retrying[key]
+
+            task.addBoth(done)
 
     def _start(self, tasks: dict[Any, Deferred[None]], key: Any, work: Any) -> None:
         d: Deferred[None] = Deferred.fromCoroutine(work)
@@ -218,13 +246,17 @@ class WebhookDispatcher(Service):
 
     # -- the feed ---------------------------------------------------------------------
 
-    async def _follow(self, webhook: Webhook) -> None:
+    async def _follow(self, webhook: Webhook, cursor: EventCursor) -> None:
         """POST the webhook's events page by page until its feed is caught up. Never fails."""
-        cursor = webhook.cursor
         try:
             while not self._stopping:
-                current = self._held.get(webhook.id)
-                if current is None:  # removed, or the lease was lost
+                if webhook.id not in self._held:  # the lease was lost
+                    return
+                # Read afresh for each page (one row, by key): a removal or a new URL counts at once,
+                # not at the next renewal of the lease.
+                current = await self._store.webhook(webhook.id)
+                if current is None:
+                    self._held.pop(webhook.id, None)
                     return
                 # A page of the events this webhook's domain filter keeps, out of a bounded
                 # stretch of the client's feed, and how far that stretch went: the cursor
@@ -244,7 +276,7 @@ class WebhookDispatcher(Service):
                     )
                     self._held.pop(current.id, None)
                     return
-                cursor = reached
+                cursor = self._cursors[current.id] = reached
                 if reached.id >= CAUGHT_UP:
                     return  # the end of the feed as it was read: nothing more for now
         except Exception:
@@ -284,7 +316,7 @@ class WebhookDispatcher(Service):
             _log.failure("reading the webhook signing key of client {client} failed", client=webhook.client)
             return Delivery(False, None, f"no signing key ({type(e).__name__})")
         data = event_data(event)
-        return await self._client.post(webhook.url, lambda: signed_body(key, data, self._wall))
+        return await self._client.post(webhook.url, lambda: signed_body(key, data, self._wall), client=webhook.client)
 
     async def _key(self, client: str) -> str:
         cached = self._keys.get(client)
@@ -304,51 +336,62 @@ class WebhookDispatcher(Service):
 
     # -- retries ----------------------------------------------------------------------
 
-    async def _retry(self, retry: WebhookRetry) -> None:
-        """POST one due retry and record its outcome. Never fails."""
+    async def _retry_batch(self, batch: list[WebhookRetry]) -> None:
+        """POST the retries one tick leased, all at once; record their outcomes in one transaction. Never fails."""
         try:
-            delivery = await self._post(retry.webhook, retry.event)
+            outcomes = await gatherResults([Deferred.fromCoroutine(self._retry(r)) for r in batch], consumeErrors=True)
             if self._cancelling:
-                return  # leased until its lease's end, when it is due again
-            result: tuple[WebhookRetry, float | None, str | None]
-            if delivery.ok:
-                result = (retry, None, None)
-            else:
-                attempts = retry.attempts + 1
-                delay = retry_delay(attempts)
-                if delay is None:
-                    _log.warn(
-                        "gave up webhook {webhook} event {event} to {receiver} after {attempts} attempts since"
-                        " {first_attempt}: {reason}",
-                        webhook=retry.webhook.id,
-                        event=str(retry.event.cursor),
-                        receiver=_receiver(retry.webhook.url),
-                        attempts=attempts,
-                        first_attempt=retry.first_attempt,
-                        reason=delivery.reason,
-                    )
-                    result = (retry, None, delivery.reason)
-                else:
-                    result = (retry, self._wall() + delay, delivery.reason)
-                    _log.info(
-                        "webhook {webhook} event {event} to {receiver} failed again ({attempts} attempts): {reason};"
-                        " next in {delay:g}s",
-                        webhook=retry.webhook.id,
-                        event=str(retry.event.cursor),
-                        receiver=_receiver(retry.webhook.url),
-                        attempts=attempts,
-                        reason=delivery.reason,
-                        delay=delay,
-                    )
-            await self._store.finish_webhook_retries([result], self.lease)
+                return  # leased until their lease's end, when they are due again
+            results = [o for o in outcomes if o is not None]
+            if results:
+                await self._store.finish_webhook_retries(results, self.lease)
         except Exception:
             if self._cancelling:
                 return
             _log.failure(
-                "retrying webhook {webhook} event {event} failed; it is due again when its lease ends",
+                "recording the outcomes of {count} webhook retries failed; they are due again when their lease ends",
+                count=len(batch),
+            )
+
+    async def _retry(self, retry: WebhookRetry) -> tuple[WebhookRetry, float | None, str | None] | None:
+        """POST one due retry; its outcome for L{finish_webhook_retries} (L{None}: left leased). Never fails."""
+        try:
+            delivery = await self._post(retry.webhook, retry.event)
+        except Exception:
+            if not self._cancelling:
+                _log.failure(
+                    "retrying webhook {webhook} event {event} failed; it is due again when its lease ends",
+                    webhook=retry.webhook.id,
+                    event=str(retry.event.cursor),
+                )
+            return None
+        if delivery.ok:
+            return (retry, None, None)
+        attempts = retry.attempts + 1
+        delay = retry_delay(attempts)
+        if delay is None:
+            _log.warn(
+                "gave up webhook {webhook} event {event} to {receiver} after {attempts} attempts since"
+                " {first_attempt}: {reason}",
                 webhook=retry.webhook.id,
                 event=str(retry.event.cursor),
+                receiver=_receiver(retry.webhook.url),
+                attempts=attempts,
+                first_attempt=retry.first_attempt,
+                reason=delivery.reason,
             )
+            return (retry, None, delivery.reason)
+        _log.info(
+            "webhook {webhook} event {event} to {receiver} failed again ({attempts} attempts): {reason};"
+            " next in {delay:g}s",
+            webhook=retry.webhook.id,
+            event=str(retry.event.cursor),
+            receiver=_receiver(retry.webhook.url),
+            attempts=attempts,
+            reason=delivery.reason,
+            delay=delay,
+        )
+        return (retry, self._wall() + delay, delivery.reason)
 
 
 def _receiver(url: str) -> str:

@@ -52,6 +52,8 @@ _timestamp = _SecondCache()
 
 def format_classic(event: LogEvent) -> str | None:
     """Exactly :func:`twisted.logger.formatEventAsClassicLogText`'s line, ``{time} [{namespace}#{level}] {text}``."""
+    if "mmgun_process" in event:
+        return _format_child(event)
     fmt = event.get("log_format")
     level = event.get("log_level")
     when = event.get("log_time")
@@ -73,6 +75,19 @@ def format_classic(event: LogEvent) -> str | None:
         return None
     line = f"{_timestamp(when)} [{event.get('log_namespace', '-')}#{level.name}] {text}"
     return line.replace("\n", "\n\t") + "\n"
+
+
+def _format_child(event: LogEvent) -> str | None:
+    """
+    An event a supervised child logged (:mod:`mmgun.supervisor`): twistd's line with the
+    child's role and pid after the namespace and level,
+    ``{time} [{namespace}#{level}] [{process} {pid}] {text}``.
+    """
+    line = formatEventAsClassicLogText(event)  # the child's JSON carries its fields flattened
+    if line is None:
+        return None
+    head, separator, text = line.partition("] ")
+    return f"{head}{separator}[{event['mmgun_process']} {event.get('mmgun_pid')}] {text}"
 
 
 def twistd_text_observer(twistd_options: Any) -> FileLogObserver | None:

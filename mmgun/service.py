@@ -213,7 +213,13 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
             store, reactor, interval=config.clean_interval, retention=config.retention, wall=time.time
         ).setServiceParent(root)
     if "webhooks" in config.roles:
-        make_webhooks(config, store, reactor).setServiceParent(root)
+        if config.roles == ("webhooks",) or config.webhooks_in_process:
+            make_webhooks(config, store, reactor).setServiceParent(root)
+        else:
+            from .supervisor import webhooks_process
+
+            # Beside other roles: a supervised child POSTs the webhooks, on another core (issue 14's speed).
+            webhooks_process(config, reactor).setServiceParent(root)
     if "frontend" in config.roles:
         # Added last, so stopped first: no new request is accepted while deliveries drain.
         http.setServiceParent(root)
@@ -465,10 +471,13 @@ def make_sender(config: Config, store: Store, reactor: Any, metrics: Metrics | N
 def make_webhooks(config: Config, store: Store, reactor: Any) -> OrderedService:
     """The webhooks role: a dispatcher POSTing every webhook's events (issue 14)."""
     from .dispatcher import WebhookDispatcher
+    from .mx import make_resolver, parse_hostport
     from .sender import default_identity
     from .webhooks import WebhookClient
 
-    client = WebhookClient(reactor, allow_private=config.webhook_allow_private)
+    # Receivers' names through mmgun's own resolver: /etc/hosts, then the --nameservers.
+    dns = make_resolver([parse_hostport(n, 53) for n in config.nameservers] or None, reactor)
+    client = WebhookClient(reactor, allow_private=config.webhook_allow_private, dns=dns)
     service = OrderedService()
     # Stopped after the dispatcher: then the idle connections to receivers are closed.
     _OnStop(client.close).setServiceParent(service)

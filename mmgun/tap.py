@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
@@ -63,6 +64,12 @@ def makeService(options: Options) -> IService:
         sys.stderr.write(f"mmgun: {e}\n")
         raise SystemExit(1) from None
     reactor.callWhenRunning(_stop_cleanly_on_signals, reactor)
+    from .supervisor import ParentWatch, ignore_terminal_signals, supervised
+
+    if supervised():
+        # A child of another mmgun process (mmgun.supervisor): it ends when that one closes our stdin or is gone.
+        ParentWatch(reactor).setServiceParent(service)
+        reactor.callWhenRunning(ignore_terminal_signals)
     parent = options.parent
     if options.config.log_format == "text" and parent is not None and "logfile" in parent and "nodaemon" in parent:
         # twistd's options (`twist` has neither and logs to standard output itself).
@@ -98,9 +105,15 @@ def _stop_cleanly_on_signals(reactor: Any) -> None:
     reactor runs, after its own handlers.
     """
 
+    def stop_reactor() -> None:
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass  # already stopping: a second signal, or (a supervised child) its input closed too
+
     def stop(signum: int, frame: object) -> None:
         _log.info("received signal {signal}: stopping", signal=signal.Signals(signum).name)
-        reactor.callFromThread(reactor.stop)
+        reactor.callFromThread(stop_reactor)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)

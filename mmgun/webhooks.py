@@ -11,7 +11,8 @@ key, of the timestamp (decimal seconds, as a string) followed by the token
 
 A webhook URL is the client's to choose, so the client could aim it at
 mmgun's own host or network (server-side request forgery).  L{WebhookAgent}
-therefore resolves the URL's host itself, refuses every address the
+therefore resolves the URL's host itself (with C{twisted.names}, bounded and
+with a deadline: L{DNSHostResolver}; no thread), refuses every address the
 L{mmgun.mx.AddressPolicy} refuses (by default L{mmgun.mx.PublicOnly}: no
 loopback, private, link-local, CGNAT, multicast, reserved or own address,
 IPv4-mapped forms included) before any connection is made, and connects to
@@ -22,8 +23,9 @@ URL's host name.
 A slow or hostile receiver costs little: every POST has a deadline covering
 connecting and the whole response, response bodies are read to at most
 L{RESPONSE_LIMIT} bytes and dropped, redirects are not followed (a 3xx is a
-failure), and at most C{max_per_receiver} POSTs go to one receiver and
-C{max_concurrent} in all at once.
+failure), and at most C{max_per_receiver} POSTs go to one receiver,
+C{max_per_client} for one client and C{max_concurrent} in all at once, a free
+turn going first to the client holding the fewest (L{FairSlots}).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import ipaddress
 import json
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any, cast
 from urllib.parse import unquote
@@ -49,7 +51,7 @@ from treq.cookies import IndexableCookieJar
 from twisted.internet import error as net_error
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IAddress,
@@ -59,13 +61,14 @@ from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IPushProducer,
-    IReactorPluggableNameResolver,
     IResolutionReceiver,
+    IResolver,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
+from twisted.names.resolve import ResolverChain
 from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
@@ -76,12 +79,13 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from .mx import ANY_ADDRESS, AddressPolicy, LocalAddresses, PublicOnly
+from .mx import ANY_ADDRESS, AddressPolicy, CachingResolver, LocalAddresses, PublicOnly, _addresses_from, make_resolver
 
 _log = Logger()
 
@@ -323,17 +327,25 @@ class _Addresses:
 
     def __init__(self) -> None:
         self.addresses: list[str] = []
-        self.done: Deferred[list[str]] = Deferred()
+        # Cancelled (the POST's deadline passed): the lookup is cancelled too, so it holds nothing.
+        self.done: Deferred[list[str]] = Deferred(self._cancel)
+        self._resolution: IHostResolution | None = None
+        self._cancelled = False
+
+    def _cancel(self, _: Deferred[list[str]]) -> None:
+        self._cancelled = True
+        if self._resolution is not None:
+            self._resolution.cancel()
 
     def resolutionBegan(self, resolutionInProgress: IHostResolution) -> None:
-        pass
+        self._resolution = resolutionInProgress
 
     def addressResolved(self, address: IAddress) -> None:
         if isinstance(address, (IPv4Address, IPv6Address)) and address.host not in self.addresses:
             self.addresses.append(address.host)
 
     def resolutionComplete(self) -> None:
-        if not self.done.called:  # not cancelled meanwhile
+        if not self.done.called and not self._cancelled:
             self.done.callback(self.addresses)
 
 
@@ -580,6 +592,146 @@ def _describe(error: BaseException) -> str:
     return f"failed ({type(error).__name__})"
 
 
+class FairSlots:
+    """
+    C{total} slots shared by owners (clients), at most C{per_owner} each.
+
+    A freed slot goes to the waiting owner (below its cap) that holds the
+    fewest slots, the one waiting longest among equals: an owner with work
+    gets a turn before one that already holds many, however many requests
+    the latter queued first.  Cancelling a waiting L{acquire} leaves the queue.
+    """
+
+    def __init__(self, total: int, per_owner: int) -> None:
+        if total < 1 or per_owner < 1:
+            raise ValueError("slots are at least 1")
+        self.total = total
+        self.per_owner = per_owner
+        #: Slots held, per owner holding any.
+        self.held: dict[str, int] = {}
+        self._in_use = 0
+        self._waiting: dict[str, list[tuple[int, Deferred[None]]]] = {}
+        self._arrivals = 0
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    def waiting(self, owner: str) -> int:
+        return len(self._waiting.get(owner, ()))
+
+    def acquire(self, owner: str) -> Deferred[None]:
+        """Fires when C{owner} has a slot (call L{release} once it is done)."""
+        if self._in_use < self.total and self.held.get(owner, 0) < self.per_owner:
+            self._take(owner)
+            return succeed(None)
+        self._arrivals += 1
+        entry: tuple[int, Deferred[None]] = (self._arrivals, Deferred(lambda d: self._cancel(owner, d)))
+        self._waiting.setdefault(owner, []).append(entry)
+        return entry[1]
+
+    def release(self, owner: str) -> None:
+        self._in_use -= 1
+        left = self.held[owner] - 1
+        if left:
+            self.held[owner] = left
+        else:
+            del self.held[owner]
+        while self._in_use < self.total:
+            eligible = [(self.held.get(o, 0), q[0][0], o) for o, q in self._waiting.items() if self.held.get(o, 0) < self.per_owner]
+            if not eligible:
+                return
+            _, _, chosen = min(eligible)
+            queue = self._waiting[chosen]
+            _, d = queue.pop(0)
+            if not queue:
+                del self._waiting[chosen]
+            self._take(chosen)
+            d.callback(None)
+
+    def _take(self, owner: str) -> None:
+        self._in_use += 1
+        self.held[owner] = self.held.get(owner, 0) + 1
+
+    def _cancel(self, owner: str, d: Deferred[None]) -> None:
+        queue = self._waiting.get(owner, [])
+        queue[:] = [entry for entry in queue if entry[1] is not d]
+        if not queue:
+            self._waiting.pop(owner, None)
+
+
+@implementer(IHostnameResolver)
+class DNSHostResolver:
+    """
+    Resolves receivers' host names with a C{twisted.names} resolver (e.g.
+    L{mmgun.mx.make_resolver}'s: C{/etc/hosts}, then the nameservers, with a
+    deadline), A and AAAA at once: no thread is held, unlike the reactor's
+    default resolver (C{getaddrinfo} on the shared thread pool, which a
+    cancelled POST cannot get back and which a hostile name that never answers
+    holds).  At most C{max_in_flight} names are looked up at once (the rest
+    wait their turn); cancelling a resolution (the POST's deadline passed)
+    cancels its lookups or its wait.
+    """
+
+    def __init__(self, resolver: IResolver, *, max_in_flight: int = 16) -> None:
+        self._resolver = resolver
+        self._turns = DeferredSemaphore(max_in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        return self._turns.limit - self._turns.tokens
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Sequence[type[IAddress]] | None = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        resolution = _DNSResolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
+        resolution.task = Deferred.fromCoroutine(self._resolve(resolutionReceiver, hostName, portNumber, addressTypes))
+        resolution.task.addErrback(lambda f: f.trap(CancelledError))
+        return resolution
+
+    async def _resolve(
+        self, receiver: IResolutionReceiver, name: str, port: int, types: Sequence[type[IAddress]] | None
+    ) -> None:
+        found: list[str] = []
+        try:
+            await self._turns.acquire()
+            try:
+                lookups: list[Deferred[Any]] = []
+                if types is None or IPv4Address in types:
+                    lookups.append(self._resolver.lookupAddress(name))  # type: ignore[call-arg]  # timeout: the resolver's
+                if types is None or IPv6Address in types:
+                    lookups.append(self._resolver.lookupIPV6Address(name))  # type: ignore[call-arg]  # timeout: the resolver's
+                # Cancelling this (the resolution) cancels every lookup; each failed one adds nothing.
+                for ok, answer in await DeferredList(lookups, consumeErrors=True):
+                    if ok:
+                        found.extend(_addresses_from(answer[0]))
+            finally:
+                self._turns.release()
+        finally:
+            # Also after a cancellation or an error: the receiver always hears the end (no addresses: not found).
+            for address in dict.fromkeys(found):
+                kind = IPv6Address if ":" in address else IPv4Address
+                receiver.addressResolved(kind("TCP", address, port))
+            receiver.resolutionComplete()
+
+
+@implementer(IHostResolution)
+class _DNSResolution:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.task: Deferred[None] | None = None
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
 class WebhookClient:
     """
     POSTs webhook bodies with treq through a L{WebhookAgent}, on C{reactor}.
@@ -589,12 +741,20 @@ class WebhookClient:
     @param timeout: Seconds for one POST from its start (connecting, TLS,
         sending, the whole response); waiting for a turn does not count.
     @param max_concurrent: POSTs in flight at once, all receivers together.
+    @param max_per_client: POSTs in flight at once for one client (the
+        C{client} of L{post}); freed turns go first to the waiting client
+        holding the fewest (L{FairSlots}), so one client's hanging receivers
+        hold at most this many of the C{max_concurrent}.
     @param max_per_receiver: POSTs in flight at once to one receiver (scheme,
         host, port); also the persistent connections kept open to it.
     @param trust_root: What HTTPS certificates must chain to (L{None}: the
         platform's trust store).
-    @param resolver: Resolves receivers' host names (default: the
-        reactor's C{nameResolver}).
+    @param resolver: Resolves receivers' host names (default: a
+        L{DNSHostResolver} over C{dns}).
+    @param dns: The C{twisted.names} resolver names are looked up with
+        (default: L{mmgun.mx.make_resolver}'s for C{/etc/hosts} and
+        C{/etc/resolv.conf}, stopped by L{close}).
+    @param max_lookups: Host names looked up at once (the default resolver's).
     """
 
     def __init__(
@@ -604,27 +764,36 @@ class WebhookClient:
         allow_private: bool,
         timeout: float = 10.0,
         max_concurrent: int = 32,
+        max_per_client: int = 8,
         max_per_receiver: int = 4,
         trust_root: IOpenSSLTrustRoot | None = None,
         resolver: IHostnameResolver | None = None,
+        dns: IResolver | None = None,
+        max_lookups: int = 16,
         policy: AddressPolicy | None = None,
     ) -> None:
         self._reactor = reactor
         self._timeout = timeout
         self._max_per_receiver = max_per_receiver
+        self._own_dns: IResolver | None = None
         if resolver is None:
-            resolver = IReactorPluggableNameResolver(reactor).nameResolver
+            if dns is None:
+                dns = self._own_dns = make_resolver(None, reactor)
+            resolver = DNSHostResolver(dns, max_in_flight=max_lookups)
         if policy is None:
             policy = ANY_ADDRESS if allow_private else PublicOnly(LocalAddresses(reactor))
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = max_per_receiver
         self._pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
         self._pool.retryAutomatically = False
+        self._pool._factory = _QuietHTTPFactory  # no "Starting factory" log lines per connection
         self.agent = WebhookAgent(
             reactor, resolver=resolver, policy=policy, pool=self._pool, connect_timeout=timeout, trust_root=trust_root
         )
         self._http = HTTPClient(self.agent, cookiejar=_no_cookies(), data_to_body_producer=_BytesProducer)
-        self._all = DeferredSemaphore(max_concurrent)
+        self.slots = FairSlots(max_concurrent, max_per_client)
+        #: POSTs that ended, by outcome (the dispatcher logs the failures).
+        self.delivered = self.failed = 0
         self._per_receiver: dict[Receiver, DeferredSemaphore] = {}
 
     def in_flight(self, url: str) -> int:
@@ -632,11 +801,11 @@ class WebhookClient:
         semaphore = self._per_receiver.get(parse_url(url))
         return 0 if semaphore is None else semaphore.limit - semaphore.tokens
 
-    async def post(self, url: str, body: bytes | Callable[[], bytes]) -> Delivery:
+    async def post(self, url: str, body: bytes | Callable[[], bytes], *, client: str = "") -> Delivery:
         """
         POST C{body} (JSON) to C{url}, once: no redirect is followed and
         nothing is retried here.  Waits for a turn first if C{url}'s receiver,
-        or all receivers together, have as many POSTs in flight as allowed.
+        C{client}, or all together, have as many POSTs in flight as allowed.
         C{body} may be a function making the body when the turn comes (so a
         signature's timestamp is not older than the POST).  A C{user:password}
         in the URL is sent as HTTP Basic authentication.  Never raises for
@@ -656,16 +825,19 @@ class WebhookClient:
             semaphore = self._per_receiver[receiver] = DeferredSemaphore(self._max_per_receiver)
         await semaphore.acquire()
         try:
-            await self._all.acquire()
+            await self.slots.acquire(client)
             try:
                 delivery = await self._attempt(uri, body if isinstance(body, bytes) else body(), headers)
             finally:
-                self._all.release()
+                self.slots.release(client)
         finally:
             semaphore.release()
             if semaphore.tokens == semaphore.limit and not semaphore.waiting:
                 self._per_receiver.pop(receiver, None)
-        _log.debug("webhook POST to {receiver}: {reason}", receiver=str(receiver), reason=delivery.reason)
+        if delivery.ok:
+            self.delivered += 1
+        else:
+            self.failed += 1
         return delivery
 
     async def _attempt(self, uri: _URIForm, body: bytes, headers: dict[bytes | str, bytes | str]) -> Delivery:
@@ -715,5 +887,27 @@ class WebhookClient:
         return Delivery(False, code, f"HTTP {code}")
 
     def close(self) -> Deferred[None]:
-        """Close the idle persistent connections (at shutdown)."""
+        """Close the idle persistent connections (at shutdown); stop the default resolver's timers."""
+        if self._own_dns is not None:
+            _stop_dns(self._own_dns)
         return self._pool.closeCachedConnections()
+
+
+class _QuietHTTPFactory(_HTTP11ClientFactory):
+    """The pool's factory, without a log line at every connection's start and end."""
+
+    noisy = False
+
+
+def _stop_dns(resolver: Any) -> None:
+    """Cancel the timers of a L{mmgun.mx.make_resolver} resolver (its cache's expiries, its resolv.conf re-reads)."""
+    if isinstance(resolver, CachingResolver):
+        resolver.clear()
+        _stop_dns(resolver.upstream)
+    elif isinstance(resolver, ResolverChain):
+        for each in resolver.resolvers:
+            _stop_dns(each)
+    else:
+        call = getattr(resolver, "_parseCall", None)
+        if call is not None and call.active():
+            call.cancel()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 
+from mmgun.clients import client_label
 from mmgun.store import Webhook
 
 from .helpers import result
@@ -18,6 +19,8 @@ from .test_store_events import submission
 class WebhooksAdminTests(AdminCase):
     def setUp(self) -> None:
         self.directory, self.path, self.store = make_store(self)
+        for client in ("acme", "zeta"):
+            result(self, self.store.add_client(client, NOW))
 
     def webhooks(self, *args: str) -> str:
         return self.ok("webhooks", *args, "--database", self.path)
@@ -67,7 +70,6 @@ class WebhooksAdminTests(AdminCase):
 
     def test_domain_of_another_client_refused(self) -> None:
         """issue 14 dispatcher item 3: --domain may not be a sending domain registered to another client."""
-        result(self, self.store.add_client("zeta", NOW))
         result(self, self.store.add_domain("other.example", "zeta", NOW))
         line = self.webhooks_fail("add", "--client", "acme", "--domain", "Other.Example", "--url", "https://app.example/")
         self.assertEqual(line, "mmgun: sending domain other.example is client zeta's, not acme's")
@@ -97,21 +99,57 @@ class WebhooksAdminTests(AdminCase):
         self.assertEqual(self.webhooks_fail("remove", hook_id), f"mmgun: no webhook {hook_id} (see mmgun webhooks list); nothing changed")
         self.assertEqual(self.webhooks("list", "--client", "zeta"), "client zeta has no webhook\n")
 
-    def test_key_shown_when_made_or_rotated_only(self) -> None:
+    def test_key_made_shown_again_and_rotated(self) -> None:
         """
-        issue 14 dispatcher item 3: key makes and prints a key for a client that has
-        none; asked again it does not print it; --rotate replaces and prints the new one.
+        issue 14 dispatcher item 3, issue 14 (review): key makes and prints a key for a
+        client that has none; asked again it prints the same stored key (the database is
+        the operator's); --rotate replaces and prints the new one.
         """
         made = self.webhooks("key", "--client", "acme")
         first = result(self, self.store.webhook_key("acme"))
         self.assertIn(f"\n{first}\n", made)
         again = self.webhooks("key", "--client", "acme")
-        self.assertNotIn(first, again)
-        self.assertEqual(again, "client acme has a webhook signing key (shown only when made): --rotate replaces it\n")
+        self.assertEqual(again, f"webhook signing key of client acme (stored in the database; --rotate replaces it):\n{first}\n")
+        self.assertEqual(result(self, self.store.webhook_key("acme")), first)
         rotated = self.webhooks("key", "--client", "acme", "--rotate")
         second = result(self, self.store.webhook_key("acme"))
         self.assertNotEqual(first, second)
         self.assertEqual(re.findall(r"^[0-9a-f]{64}$", rotated, re.MULTILINE), [second])
+
+    def test_key_made_by_the_api_is_shown(self) -> None:
+        """
+        issue 14 (review): a key made elsewhere (by the v3 API or the dispatcher, at a
+        client's first webhook) is shown by ``mmgun webhooks key`` as it is stored, not
+        replaced: receivers already checking it keep working.
+        """
+        stored = result(self, self.store.set_webhook_key("acme", "ab" * 32, NOW, replace=False))
+        out = self.webhooks("key", "--client", "acme")
+        self.assertEqual(out.splitlines()[-1], stored)
+        self.assertEqual(result(self, self.store.webhook_key("acme")), "ab" * 32)
+
+    def test_unknown_client_refused(self) -> None:
+        """
+        issue 14 (review): ``webhooks add`` and ``webhooks key`` with a --client that is
+        not in the clients table (e.g. a clients-file id, which is a secret, pasted as
+        the client) fail in one line and store nothing: no webhook, no key.
+        """
+        secret = "s3cret-clients-file-id-0123456789"
+        for args in (("add", "--client", secret, "--url", "https://app.example/h"), ("key", "--client", secret)):
+            line = self.webhooks_fail(*args)
+            self.assertEqual(
+                line,
+                "mmgun: no such client in the database: --client is an id added with mmgun clients add (or a"
+                " clients-file client's label, c- and 16 hex digits), never an API key or a clients-file id",
+            )
+            self.assertNotIn(secret, line)  # not echoed: it may be a secret
+        self.assertEqual(self.stored(), [])
+        self.assertIsNone(result(self, self.store.webhook_key(secret)))
+        self.assertFalse(result(self, self.store.client_exists(secret)))
+        self.assertTrue(result(self, self.store.client_exists("acme")))
+        # A clients-file client, by the label mmgun knows it by (as its events carry it), is accepted.
+        label = client_label(secret)
+        self.webhooks("add", "--client", label, "--url", "https://app.example/h")
+        self.assertEqual([h.client for h in self.stored()], [label])
 
 
 class WebhooksFlushTests(AdminCase):

@@ -239,6 +239,21 @@ class WebhookStoreTests(SynchronousTestCase):
         self.assertTrue(result(self, self.store.advance_webhook("w1", "d2", EventCursor(9, 9), [])))
         self.assertEqual(result(self, self.store.webhook("w1")).cursor, EventCursor(9, 9))
 
+    def test_taking_without_renewing_writes_only_unheld_webhooks(self) -> None:
+        """
+        issue 14 (review): lease_webhooks(renew=False) takes only the webhooks no
+        dispatcher holds (new or lapsed), writing no other row: its own keep their lease
+        end, another's are not taken before theirs lapses.
+        """
+        self.hook("w1")
+        self.assertEqual([w.id for w in result(self, self.store.lease_webhooks("d1", 100.0, 130.0))], ["w1"])
+        self.hook("w2")
+        self.assertEqual([w.id for w in result(self, self.store.lease_webhooks("d1", 110.0, 140.0, renew=False))], ["w2"])
+        self.assertEqual(result(self, self.store.lease_webhooks("d2", 120.0, 150.0, renew=False)), [])
+        # d1's take at 110 left w1's lease end at 130: it lapses at 131, not 140.
+        self.assertEqual([w.id for w in result(self, self.store.lease_webhooks("d2", 131.0, 161.0, renew=False))], ["w1"])
+        self.assertEqual(result(self, self.store.lease_webhooks("d1", 132.0, 162.0, renew=False)), [])
+
     def test_failed_events_wait_as_retries_until_done(self) -> None:
         """issue 14 (webhooks): an event the receiver refused is kept with its error, leased when due, then deleted or rescheduled."""
         hook = self.hook()

@@ -21,6 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from mmgun.dispatcher import WebhookDispatcher
 from mmgun.store import EnvelopeOutcome, NewSubmission, RecipientOutcome, Webhook, WebhookRetry
 from mmgun.store.sqlite import SQLiteStore
+from mmgun.web.signing import DOMAIN_CACHE_SECONDS
 from mmgun.webhooks import RETRY_SCHEDULE
 
 from .helpers import result, wait_until
@@ -463,3 +464,156 @@ class V3WebhooksAPITests(APICase):
             self.assertEqual(self.form(base, [("id", "delivered"), *fields])[0], 400, fields)
         self.assertEqual(self.stored() + self.stored("globex"), [])
         self.assertEqual(self.call("GET", base + "/opened")[0], 404)
+
+    def test_a_moved_domain_gets_the_new_owners_own_webhooks(self) -> None:
+        """
+        issue 14 (review): acme sets a delivered webhook for example.com; the domain then
+        moves to globex. globex's POST for the same kind succeeds (the ids are the
+        client's, so it no longer conflicts forever with acme's), its GET lists only its
+        own URL, and its PUT and DELETE change only its own webhooks: acme's stays, whole.
+        """
+        base = "/v3/domains/example.com/webhooks"
+        self.assertEqual(self.form(base, [("id", "delivered"), ("url", "https://acme.example/h")])[0], 200)
+        (acme_hook,) = self.stored("acme")
+        self.assertEqual(acme_hook.id, "v3:acme:example.com:delivered:0")
+        result(self, self.store.remove_domain("example.com"))
+        result(self, self.store.add_domain("example.com", "globex", self.clock.seconds()))
+        self.clock.advance(DOMAIN_CACHE_SECONDS)  # the API's cache of owners
+        self.assertEqual(self.call("GET", base)[0], 404)  # acme's no more
+        self.assertEqual(self.form(base, [("id", "delivered"), ("url", "https://globex.example/h")], client="globex")[0], 200)
+        self.assertEqual(self.call("GET", base, client="globex"), (200, {"webhooks": {"delivered": {"urls": ["https://globex.example/h"]}}}))
+        code, body = self.put(base + "/delivered", [("url", "https://globex.example/1"), ("url", "https://globex.example/2")], client="globex")
+        self.assertEqual((code, body["webhook"]), (200, {"urls": ["https://globex.example/1", "https://globex.example/2"]}))
+        self.assertEqual(
+            [(w.id, w.url) for w in self.stored("globex")],
+            [("v3:globex:example.com:delivered:0", "https://globex.example/1"), ("v3:globex:example.com:delivered:1", "https://globex.example/2")],
+        )
+        self.assertEqual(self.call("DELETE", base + "/delivered", client="globex")[0], 200)
+        self.assertEqual(self.stored("globex"), [])
+        self.assertEqual(self.stored("acme"), [acme_hook])
+
+    def test_ids_of_the_earlier_form_are_still_the_clients(self) -> None:
+        """
+        issue 14 (review): a webhook stored with an id of the earlier form
+        (v3:{domain}:{kind}:{n}) is still the client's to list, change and remove; a URL
+        added next to it gets a new, client-scoped id.
+        """
+        result(self, self.store.add_webhook(Webhook("v3:example.com:delivered:0", "acme", "example.com", "https://old.example/h", ("delivered",), 1.0)))
+        base = "/v3/domains/example.com/webhooks"
+        self.assertEqual(self.form(base, [("id", "delivered"), ("url", "https://x.example/")])[0], 400)  # exists
+        self.assertEqual(self.put(base + "/delivered", [("url", "https://old.example/new"), ("url", "https://b.example/")])[0], 200)
+        self.assertEqual(
+            [(w.id, w.url) for w in self.stored()],
+            [("v3:example.com:delivered:0", "https://old.example/new"), ("v3:acme:example.com:delivered:1", "https://b.example/")],
+        )
+        self.assertEqual(self.call("DELETE", base + "/delivered")[0], 200)
+        self.assertEqual(self.stored(), [])
+
+
+class ReviewTests(DispatchCase):
+    """issue 14 (review): fairness between clients, retries written per tick, leases written only when needed."""
+
+    async def test_one_clients_hanging_receivers_do_not_starve_another(self) -> None:
+        """
+        issue 14 (review): client "hog" has 9 webhooks on 9 receivers that hold every
+        request, 4 events each (36 POSTs, more than the 32 slots); acme's webhook gets
+        its event at once, the hog holding only its 8; when its receivers answer again,
+        the hog's events all arrive.
+        """
+        hogs = [Hooks(lambda: self.key("hog"), mode="hold") for _ in range(9)]
+        for n, hooks in enumerate(hogs):
+            self.webhook(self.serve(hooks), f"hog{n}", client="hog")
+        healthy = Hooks(lambda: self.key())
+        self.webhook(self.serve(healthy), "acme")
+        dispatcher = self.dispatcher(max_per_receiver=4)
+        self.delivered(*(f"h{n}@x.example" for n in range(4)), client="hog")
+        self.delivered("a1@x.example")
+        self.clock.advance(1)
+        await wait_until(lambda: len(healthy.answered) == 1 and sum(len(h.held) for h in hogs) == 8, "acme's event")
+        self.assertEqual(sum(len(h.received) for h in hogs), 8)
+        for hooks in hogs:
+            hooks.mode = "ok"
+            hooks.release_all()
+        await dispatcher.settled()
+        self.assertEqual([sorted(h.recipients()) for h in hogs], [[f"h{n}@x.example" for n in range(4)]] * 9)
+
+    async def test_retry_outcomes_written_in_one_transaction_per_tick(self) -> None:
+        """
+        issue 14 (review): five events refused by a receiver wait as retries; when they
+        are due, one tick POSTs them and records the five outcomes (two delivered, three
+        failed again) with one store write, not five.
+        """
+        hooks = Hooks(lambda: self.key(), mode="fail")
+        self.webhook(self.serve(hooks))
+        dispatcher = self.dispatcher()
+        self.delivered(*(f"m{n}@x.example" for n in range(5)))
+        await self.tick(dispatcher)
+        self.assertEqual(len(hooks.received), 5)
+        writes: list[int] = []
+        finish = self.store.finish_webhook_retries
+
+        async def counted(results: Any, lease: str) -> None:
+            writes.append(len(results))
+            await finish(results, lease)
+
+        self.store.finish_webhook_retries = counted  # type: ignore[method-assign]
+        hooks.mode = "ok"
+        hooks.hold_after = None
+        refuse = {"m1@x.example", "m3@x.example", "m4@x.example"}
+        original = hooks.render_POST
+
+        def some_fail(request: Request) -> bytes | int:
+            answer = original(request)
+            if hooks.received[-1]["recipient"] in refuse:
+                hooks.answered.pop()
+                request.setResponseCode(500)
+            return answer
+
+        hooks.render_POST = some_fail  # type: ignore[method-assign]
+        await self.tick(dispatcher, RETRY_SCHEDULE[0])
+        self.assertEqual(writes, [5])
+        self.assertEqual(sorted(hooks.recipients()), ["m0@x.example", "m2@x.example"])
+        waiting = self.retries()
+        self.assertEqual(sorted((r.event.recipient, r.attempts) for r in waiting), [(a, 2) for a in sorted(refuse)])
+
+    async def test_ticks_take_new_webhooks_and_renew_held_ones_every_third_of_the_lease(self) -> None:
+        """
+        issue 14 (review): ticks every second do not rewrite the rows of the webhooks the
+        dispatcher holds (their lease end moves only every lease/3, and never lapses); a
+        webhook added meanwhile is taken at the next tick and its events POSTed; one
+        another dispatcher holds is not touched.
+        """
+        import sqlite3
+
+        hooks = Hooks(lambda: self.key())
+        url = self.serve(hooks)
+        self.webhook(url, "theirs")
+        result(self, self.store.lease_webhooks("other", START, START + 10**6))
+        self.webhook(url, "w1")
+        db = sqlite3.connect(self.path)
+        self.addCleanup(db.close)
+
+        def leases() -> dict[str, tuple[str | None, float | None]]:
+            return {i: (lease, until) for i, lease, until in db.execute("SELECT id, lease, lease_until FROM webhooks")}
+
+        dispatcher = self.dispatcher(lease_time=30.0)
+        await dispatcher.settled()
+        ends: list[float | None] = [leases()["w1"][1]]
+        for second in range(1, 25):
+            await self.tick(dispatcher)
+            now = self.clock.seconds()
+            found = leases()
+            end = found["w1"][1]
+            assert end is not None
+            self.assertGreater(end, now + 15)  # never close to lapsing
+            ends.append(end)
+            if second == 12:
+                self.webhook(url, "w2")
+                self.delivered("new@x.example")
+            if second == 13:  # taken by the next tick
+                self.assertEqual(found["w2"], (dispatcher.lease, START + 13 + 30))
+        self.assertEqual(sorted(set(ends)), [START + 30, START + 40, START + 50])
+        found = leases()
+        self.assertEqual(found["w2"], (dispatcher.lease, START + 50))  # and renewed with the others
+        self.assertEqual(found["theirs"], ("other", START + 10**6))
+        self.assertEqual(hooks.recipients().count("new@x.example"), 2)  # w1 and w2

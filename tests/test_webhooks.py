@@ -24,6 +24,8 @@ from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.internet.ssl import Certificate
 from twisted.internet.task import LoopingCall
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -35,6 +37,7 @@ from mmgun.webhooks import (
     RESPONSE_LIMIT,
     RETRY_SCHEDULE,
     Delivery,
+    FairSlots,
     WebhookClient,
     WebhookURLError,
     parse_url,
@@ -693,3 +696,206 @@ class DeliveryTests(TestCase):
         self.assertFalse(by_address.ok)
         self.assertIn("TLS handshake failed", by_address.reason)
         self.assertEqual(len(recorder.requests), 1)
+
+
+# -- issue 14 (review): fairness, DNS, quiet logs ------------------------------------
+
+
+class FairSlotsTests(SynchronousTestCase):
+    def test_freed_slot_goes_to_the_client_holding_fewest(self) -> None:
+        """
+        issue 14 (review): with 4 slots, 3 per client, a client holding 3 with more
+        queued cannot take a 4th, and a slot freed goes to the waiting client holding
+        the fewest, though the other's request came first; a cancelled wait leaves the
+        queue and is never granted.
+        """
+        slots = FairSlots(4, 3)
+        hog = [slots.acquire("hog") for _ in range(6)]
+        self.assertEqual([d.called for d in hog], [True] * 3 + [False] * 3)
+        other = slots.acquire("acme")
+        self.assertTrue(other.called)  # the 4th slot: the hog is at its cap
+        late = [slots.acquire("acme"), slots.acquire("zeta")]
+        gone = slots.acquire("zeta")
+        gone.cancel()
+        self.failureResultOf(gone)
+        slots.release("hog")  # hog 2, acme 1, zeta 0: zeta's turn, though hog and acme asked first
+        self.assertEqual([d.called for d in late], [False, True])
+        slots.release("zeta")  # hog 2, acme 1: acme
+        self.assertTrue(late[0].called)
+        slots.release("acme")  # hog 2, acme 1, only the hog waiting: the hog's next
+        self.assertEqual([d.called for d in hog[3:]], [True, False, False])
+        slots.release("acme")  # the hog is at its cap: the slot stays free
+        self.assertEqual([d.called for d in hog[3:]], [True, False, False])
+        self.assertEqual((slots.in_use, slots.held, slots.waiting("hog")), (3, {"hog": 3}, 2))
+
+
+class FairnessTests(SynchronousTestCase):
+    def test_one_clients_hanging_receivers_do_not_starve_another(self) -> None:
+        """
+        issue 14 (review): one client's webhooks POST 36 events to 9 receivers that
+        never answer (3 kinds x 3 URLs, 4 per receiver: more than the 32 slots). It
+        holds 8 slots (its share), not 32; another client's POST connects at once.
+        """
+        reactor = MemoryReactorClock()
+        client = WebhookClient(reactor, allow_private=True, resolver=ScriptedResolver({}), timeout=5.0)
+        hog = [
+            Deferred.fromCoroutine(client.post(f"http://127.0.0.{n}:8080/hook", b"{}", client="hog"))
+            for n in range(1, 10)
+            for _ in range(4)
+        ]
+        self.assertEqual(len(reactor.tcpClients), 8)
+        self.assertEqual(client.slots.held, {"hog": 8})
+        Deferred.fromCoroutine(client.post("http://127.0.1.1:8080/hook", b"{}", client="acme"))
+        self.assertEqual(reactor.tcpClients[-1][:2], ("127.0.1.1", 8080))
+        self.assertEqual(client.slots.held, {"hog": 8, "acme": 1})
+        for _ in range(5):
+            reactor.advance(5.0)
+        self.assertTrue(all("within 5s" in self.successResultOf(d).reason for d in hog))
+        self.assertEqual(len(reactor.tcpClients), 37)
+
+
+class _DNSLookup:
+    def __init__(self, owner: HangingDNS, name: str) -> None:
+        self.name = name
+        self.d: Deferred[Any] = Deferred(lambda _: owner.cancelled.append(name))
+
+
+class HangingDNS:
+    """A twisted.names-style resolver whose lookups never answer (a hostile nameserver); records cancellations."""
+
+    def __init__(self) -> None:
+        self.lookups: list[_DNSLookup] = []
+        self.cancelled: list[str] = []
+
+    @property
+    def outstanding(self) -> int:
+        return sum(1 for lookup in self.lookups if not lookup.d.called)
+
+    def _lookup(self, name: str) -> Deferred[Any]:
+        lookup = _DNSLookup(self, name)
+        self.lookups.append(lookup)
+        return lookup.d
+
+    lookupAddress = lookupIPV6Address = _lookup
+
+
+class _UDPTransport:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def write(self, data: bytes, addr: Any = None) -> None:
+        self.sent.append((data, addr))
+
+    def stopListening(self) -> None:
+        pass
+
+
+class _UDPReactor(MemoryReactorClock):
+    """A MemoryReactorClock that also takes UDP listeners (twisted.names' query sockets) and records what they send."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udp: list[_UDPTransport] = []
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> _UDPTransport:
+        transport = _UDPTransport()
+        self.udp.append(transport)
+        protocol.makeConnection(transport)
+        return transport
+
+
+class DNSTests(SynchronousTestCase):
+    def test_hostile_lookups_are_bounded_and_cancelled_with_their_post(self) -> None:
+        """
+        issue 14 (review): 36 POSTs to names whose lookups never answer hold no
+        thread and at most max_lookups lookups at once; each POST ends at its deadline,
+        which covers the lookup, and cancels its lookups: none is left outstanding.
+        """
+        reactor = MemoryReactorClock()
+        dns = HangingDNS()
+        client = WebhookClient(reactor, allow_private=False, dns=cast(Any, dns), max_lookups=3, timeout=5.0)
+        posts = [Deferred.fromCoroutine(client.post(f"http://h{n}.hostile.example/hook", b"{}")) for n in range(36)]
+        self.assertEqual(dns.outstanding, 3 * 2)  # 3 names (A and AAAA each) of the 8 POSTs in flight
+        for _ in range(5):
+            reactor.advance(5.0)
+            self.assertLessEqual(dns.outstanding, 6)
+        reasons = {self.successResultOf(d).reason for d in posts}
+        self.assertEqual(reasons, {"no complete response within 5s"})
+        self.assertEqual(dns.outstanding, 0)
+        self.assertEqual(len(dns.cancelled), len(dns.lookups))
+        self.assertEqual(reactor.tcpClients, [])
+        self.assertEqual(reactor.getDelayedCalls(), [])  # no deadline left behind either
+
+    def test_names_from_twisted_names_checked_and_connected_to(self) -> None:
+        """
+        issue 14 (review): names resolved by twisted.names (here its /etc/hosts-format
+        resolver) are still screened: a name at a loopback address is refused without
+        connecting; a public one is connected to at the address looked up.
+        """
+        from twisted.names import hosts
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"{PUBLIC} hooks.test\n127.0.0.1 evil.test\n")
+        reactor = MemoryReactorClock()
+        client = WebhookClient(reactor, allow_private=False, dns=hosts.Resolver(path.encode()), timeout=5.0)
+        refused = self.successResultOf(post(client, "http://evil.test/hook"))
+        self.assertIn("evil.test: 127.0.0.1 (loopback)", refused.reason)
+        self.assertEqual(reactor.tcpClients, [])
+        d = post(client, "http://hooks.test:8080/hook")
+        self.assertEqual([(host, port) for host, port, *_ in reactor.tcpClients], [(PUBLIC, 8080)])
+        reactor.advance(5.0)
+        self.assertFalse(self.successResultOf(d).ok)
+
+    def test_default_resolver_is_twisted_names_not_the_thread_pool(self) -> None:
+        """
+        issue 14 (review): by default a name is looked up by twisted.names over UDP
+        (a query socket on the reactor), not with getaddrinfo on the reactor's threads;
+        close() leaves no resolver timer behind.
+        """
+        reactor = _UDPReactor()
+        reactor.getThreadPool = lambda: self.fail("the thread pool was used")  # type: ignore[attr-defined]
+        client = WebhookClient(reactor, allow_private=False, timeout=5.0)
+        d = post(client, "http://nowhere.invalid/hook")
+        asked = set()
+        for transport in reactor.udp:
+            for data, _ in transport.sent:
+                message = dns.Message()
+                message.fromStr(data)
+                asked |= {(q.name.name, q.type) for q in message.queries}
+        self.assertEqual(asked, {(b"nowhere.invalid", dns.A), (b"nowhere.invalid", dns.AAAA)})
+        reactor.advance(5.0)
+        self.assertIn("within 5s", self.successResultOf(d).reason)
+        client.close()
+        reactor.advance(60)
+        self.assertEqual([c for c in reactor.getDelayedCalls() if c.active()], [])
+
+
+class QuietLogTests(TestCase):
+    def setUp(self) -> None:
+        self.receivers = Receivers(self)
+
+    async def test_no_log_line_per_connection_or_per_post(self) -> None:
+        """
+        issue 14 (review): a delivered POST and a refused one, then the idle connection
+        closed: no "Starting factory"/"Stopping factory" line per connection and no line
+        per POST (the dispatcher logs failures); the outcomes are counted instead.
+        """
+        recorder = Recorder()
+        site, port = self.receivers.web(recorder)
+        closed = self.receivers.closed_port()
+        client = make_client(self)
+        events: list[Any] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.assertTrue((await post(client, f"http://127.0.0.1:{port}/hook")).ok)
+        self.assertFalse((await post(client, f"http://127.0.0.1:{closed}/hook")).ok)
+        await client.close()
+        await wait_until(lambda: not any(map(_connected, site.connections)), "the idle connection to close")
+        await wait_until(lambda: not client._pool._connections, "the client side to see it closed")
+        self.assertEqual(site.opened, 1)
+        texts = [formatEvent(e) for e in events]
+        # (The receivers' own server factories, the test's, may log.)
+        self.assertEqual([t for t in texts if "ClientFactory" in t or "webhook POST" in t or str(port) in t], [])
+        self.assertEqual((client.delivered, client.failed), (1, 1))

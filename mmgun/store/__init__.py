@@ -588,6 +588,9 @@ class Store(Protocol):
     async def add_client(self, client: str, now: float) -> None:
         """Conflict if the client exists."""
 
+    async def client_exists(self, client: str) -> bool:
+        """Whether ``client`` is in the clients table (``mmgun clients add``)."""
+
     async def add_key(self, client: str, key_id: str, key_hash: bytes, now: float) -> None:
         """Conflict if the client does not exist."""
 
@@ -733,11 +736,13 @@ class Store(Protocol):
         dispatcher takes them at once; the leased retries are due at ``now``.
         """
 
-    async def lease_webhooks(self, lease: str, now: float, until: float) -> list[Webhook]:
+    async def lease_webhooks(self, lease: str, now: float, until: float, *, renew: bool = True) -> list[Webhook]:
         """
         Lease, until ``until``, every webhook not leased by another dispatcher (or whose
         lease ran out before ``now``), renewing those already ``lease``'s; return them, with
-        their cursors: one dispatcher follows a webhook's feed at a time.
+        their cursors: one dispatcher follows a webhook's feed at a time. With ``renew``
+        False, only the webhooks no dispatcher holds are taken and returned (those already
+        ``lease``'s are neither written nor returned).
         """
 
     async def advance_webhook(

@@ -633,6 +633,12 @@ LEASE_WEBHOOKS = (
     "UPDATE webhooks SET lease = :lease, lease_until = :until"
     " WHERE lease IS NULL OR lease = :lease OR lease_until < :now RETURNING" + _WEBHOOK_COLUMNS
 )
+# Only the webhooks no dispatcher holds (new, released, or a lease that ran out): a tick
+# between renewals writes no row it already holds.
+TAKE_WEBHOOKS = (
+    "UPDATE webhooks SET lease = :lease, lease_until = :until"
+    " WHERE lease IS NULL OR lease_until < :now RETURNING" + _WEBHOOK_COLUMNS
+)
 ADVANCE_WEBHOOK = "UPDATE webhooks SET cursor_seq = ?, cursor_id = ? WHERE id = ? AND lease = ?"
 INSERT_WEBHOOK_RETRY = """
     INSERT INTO webhook_retries (webhook_id, event_id, attempts, first_attempt, next_attempt, last_error)

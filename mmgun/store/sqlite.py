@@ -889,6 +889,9 @@ class SQLiteStore:
     async def add_client(self, client: str, now: float) -> None:
         await self._runner.write(_add_client_txn, client, now)
 
+    async def client_exists(self, client: str) -> bool:
+        return await self._runner.read(_client_exists_txn, client)
+
     async def add_key(self, client: str, key_id: str, key_hash: bytes, now: float) -> None:
         await self._runner.write(_add_key_txn, client, key_id, key_hash, now)
 
@@ -1066,8 +1069,9 @@ class SQLiteStore:
     async def release_webhooks(self, lease: str, now: float) -> None:
         await self._runner.write(_release_webhooks_txn, lease, now)
 
-    async def lease_webhooks(self, lease: str, now: float, until: float) -> list[Webhook]:
-        return await self._runner.write(_webhooks_txn, Q.LEASE_WEBHOOKS, {"lease": lease, "now": now, "until": until})
+    async def lease_webhooks(self, lease: str, now: float, until: float, *, renew: bool = True) -> list[Webhook]:
+        query = Q.LEASE_WEBHOOKS if renew else Q.TAKE_WEBHOOKS
+        return await self._runner.write(_webhooks_txn, query, {"lease": lease, "now": now, "until": until})
 
     async def advance_webhook(
         self, webhook_id: str, lease: str, cursor: EventCursor, failed: Sequence[tuple[int, float, float, str]]
@@ -1516,6 +1520,10 @@ def _add_client_txn(conn: sqlite3.Connection, client: str, now: float) -> None:
     if conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is not None:
         raise Conflict(f"client {client} already exists")
     conn.execute(Q.INSERT_CLIENT, (client, now))
+
+
+def _client_exists_txn(conn: sqlite3.Connection, client: str) -> bool:
+    return conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is not None
 
 
 def _add_key_txn(conn: sqlite3.Connection, client: str, key_id: str, key_hash: bytes, now: float) -> None:

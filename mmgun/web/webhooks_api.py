@@ -13,8 +13,11 @@ The kinds are mmgun's :data:`mmgun.store.WEBHOOK_EVENTS` (delivered, permanent_f
 temporary_fail); Mailgun's others (accepted, opened, clicked, unsubscribed, complained) are
 refused with a 400 saying mmgun makes no such webhook. ``{domain}`` must be one of the
 caller's sending domains (404 ``Domain not found`` otherwise). Each URL of a kind is one
-stored webhook (id ``v3:{domain}:{kind}:{n}``, see ``mmgun webhooks list``) receiving that
-kind's events of mail from that domain; changing a URL keeps its place in the feed. Webhooks
+stored webhook (id ``v3:{client}:{domain}:{kind}:{n}``, see ``mmgun webhooks list``) receiving
+that kind's events of mail from that domain; changing a URL keeps its place in the feed. The
+endpoints see and change only the caller's webhooks: after a domain moves to another client,
+the new owner makes its own, and the old owner's (receiving only the old owner's events) are
+left to it and the operator. Webhooks
 the operator added for the domain (``mmgun webhooks add --domain``) are listed too, but are
 changed and removed only by the operator. URLs are shown as the client gave them (a
 ``user:password`` included, as Mailgun does: the client's own credentials, to the client).
@@ -47,8 +50,25 @@ MAX_BODY = 64 * 1024
 UNSUPPORTED = ("accepted", "opened", "clicked", "unsubscribed", "complained")
 
 
-def _ident(domain: str, kind: str, n: int) -> str:
-    return f"v3:{domain}:{kind}:{n}"
+def _ident(client: str, domain: str, kind: str, n: int) -> str:
+    # Client ids, clients-file labels and domain names have no ":".
+    return f"v3:{client}:{domain}:{kind}:{n}"
+
+
+def _own(hooks: Sequence[Webhook], client: str, domain: str, kind: str) -> list[tuple[int, Webhook]]:
+    """
+    The URLs of ``kind`` the client set through this API for ``domain`` (``hooks`` are the
+    client's), with their numbers, in order; ids of the earlier form ``v3:{domain}:{kind}:{n}``
+    (before ids named the client) count too.
+    """
+    found = []
+    for webhook in hooks:
+        parts = webhook.id.split(":")
+        if parts[0] != "v3" or not parts[-1].isdigit():
+            continue
+        if parts[1:-1] in ([client, domain, kind], [domain, kind]):
+            found.append((int(parts[-1]), webhook))
+    return sorted(found, key=lambda pair: pair[0])
 
 
 class V3Webhooks:
@@ -98,11 +118,11 @@ class V3Webhooks:
         kind = _kind(kinds[0])
         urls = _url_fields(fields, {"id"})
         hooks = await self._hooks(client, domain)
-        if any(w.id.startswith(_ident(domain, kind, 0)[:-1]) for w in hooks):
+        if _own(hooks, client, domain, kind):
             raise BadRequest(f"webhook {kind} of {domain} already exists: change its URLs with PUT")
         await self._ensure_key(client)
         for n, url in enumerate(urls):
-            await self._store.add_webhook(Webhook(_ident(domain, kind, n), client, domain, url, (kind,), self._wall()))
+            await self._store.add_webhook(Webhook(_ident(client, domain, kind, n), client, domain, url, (kind,), self._wall()))
         return json_response(request, 200, {"message": "Webhook has been created", "webhook": {"urls": urls}})
 
     async def _one(self, request: IRequest, domain: str, kind: str) -> bytes:
@@ -111,7 +131,7 @@ class V3Webhooks:
         if kind not in WEBHOOK_EVENTS:
             raise HTTPError(404, "Webhook not found")
         hooks = await self._hooks(client, name)
-        own = sorted((w for w in hooks if w.id.startswith(_ident(name, kind, 0)[:-1])), key=lambda w: w.id)
+        own = [w for _, w in _own(hooks, client, name, kind)]
         if request.method == b"GET":
             urls = _urls(hooks, kind)
             if not urls:
@@ -124,17 +144,17 @@ class V3Webhooks:
                 await self._store.remove_webhook(webhook.id)
             return json_response(request, 200, {"message": "Webhook has been deleted", "webhook": {"urls": [w.url for w in own]}})
         urls = _url_fields(_form(request), set())
-        taken = {w.id: w for w in own}
-        for n, url in enumerate(urls):
-            ident = _ident(name, kind, n)
-            if ident in taken:
+        numbers = {n for n, _ in _own(hooks, client, name, kind)}
+        fresh = (n for n in range(len(numbers) + len(urls)) if n not in numbers)
+        for i, url in enumerate(urls):
+            if i < len(own):
                 # The same place in the feed: the events not POSTed yet go to the new URL.
-                await self._store.update_webhook(ident, url, (kind,))
+                await self._store.update_webhook(own[i].id, url, (kind,))
             else:
+                ident = _ident(client, name, kind, next(fresh))
                 await self._store.add_webhook(Webhook(ident, client, name, url, (kind,), self._wall()))
-        for ident in taken:
-            if ident not in {_ident(name, kind, n) for n in range(len(urls))}:
-                await self._store.remove_webhook(ident)
+        for webhook in own[len(urls):]:
+            await self._store.remove_webhook(webhook.id)
         return json_response(request, 200, {"message": "Webhook has been updated", "webhook": {"urls": urls}})
 
     async def _ensure_key(self, client: str) -> None:
