@@ -24,7 +24,9 @@
     mmgun webhooks key --client ID [--rotate]   print the client's webhook signing key (--rotate: replace it)
 
 An ID is an envelope id (a number, as ``mmgun queue`` shows) or a submission id (all of its
-unfinished envelopes). The command is one more connection to the daemon's SQLite file: in
+unfinished envelopes). Each subcommand is a coroutine on the :class:`mmgun.store.Store` that
+:func:`mmgun.store.open_admin_store` gives, run to its end by :func:`_finish` (under the
+reactor when the store or DNS needs it). The command is one more connection to the daemon's SQLite file: in
 WAL mode its reads never wait for the daemon, and its writes are short ``BEGIN IMMEDIATE``
 transactions that wait out the daemon's (busy timeout). It never creates a database. Every
 failure is one line on stderr and a non-zero exit status: 1 for an error, 2 for bad usage.
@@ -62,9 +64,10 @@ from .store import (
     QueueStats,
     SendingDomain,
     StorageError,
+    Store,
     Suppression,
+    open_admin_store,
 )
-from .store.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -112,7 +115,7 @@ def main(
     context = _Context(out, time.time if now is None else now, os.environ if environ is None else environ)
     try:
         args = _parser(out).parse_args(argv)
-        return args.run(args, context)
+        return _finish(args.run(args, context))
     except _Exit as e:
         return e.status
     except _UsageError as e:
@@ -251,35 +254,25 @@ def _database(args: argparse.Namespace, context: _Context) -> str:
     return path
 
 
-def _open(args: argparse.Namespace, context: _Context) -> SQLiteStore:
-    return SQLiteStore.open_existing(_database(args, context))
+def _open(args: argparse.Namespace, context: _Context) -> Store:
+    return open_admin_store(_database(args, context))
 
 
-def _wait(coroutine: Coroutine[Any, Any, T]) -> T:
-    """The result of a call on a SQLiteStore.open_existing store, which has finished when it returns."""
-    outcome: list[Any] = []
-    Deferred.fromCoroutine(coroutine).addBoth(outcome.append)
-    (result,) = outcome
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
-
-
-def _run(args: argparse.Namespace, context: _Context, call: Callable[[SQLiteStore], Coroutine[Any, Any, T]]) -> T:
+async def _run(args: argparse.Namespace, context: _Context, call: Callable[[Store], Coroutine[Any, Any, T]]) -> T:
     store = _open(args, context)
     try:
-        return _wait(call(store))
+        return await call(store)
     finally:
-        _wait(store.close())
+        await store.close()
 
 
 # -- queue -------------------------------------------------------------------------
 
 
-def _queue(args: argparse.Namespace, context: _Context) -> int:
+async def _queue(args: argparse.Namespace, context: _Context) -> int:
     domain = _domain(args.domain) if args.domain is not None else None
     now = context.now()
-    entries = _run(args, context, lambda store: store.queue_entries(now, args.status, domain))
+    entries = await _run(args, context, lambda store: store.queue_entries(now, args.status, domain))
     if args.json:
         json.dump([_entry_document(e) for e in entries], context.out, indent=2)
         context.out.write("\n")
@@ -345,18 +338,18 @@ def _recipients(addresses: tuple[str, ...]) -> str:
     return f"{addresses[0]}, {addresses[1]} (+{len(addresses) - 2} more)"
 
 
-def _flush(args: argparse.Namespace, context: _Context) -> int:
+async def _flush(args: argparse.Namespace, context: _Context) -> int:
     now = context.now()
-    flushed, in_delivery = _run(args, context, lambda store: store.flush_deferred(now, args.ids or None))
+    flushed, in_delivery = await _run(args, context, lambda store: store.flush_deferred(now, args.ids or None))
     left = f"; {in_delivery} in delivery, left to the sender" if in_delivery else ""
     context.out.write(f"flushed {_count(flushed, 'deferred envelope')}{left}\n")
     return 0
 
 
-def _delete(args: argparse.Namespace, context: _Context) -> int:
+async def _delete(args: argparse.Namespace, context: _Context) -> int:
     now = context.now()
     try:
-        envelopes, recipients = _run(args, context, lambda store: store.fail_queued(args.ids, now, DELETED_REPLY))
+        envelopes, recipients = await _run(args, context, lambda store: store.fail_queued(args.ids, now, DELETED_REPLY))
     except InDelivery as e:
         raise AdminError(
             f"envelope {e} is being delivered now (lease until {_iso(e.until)}); nothing deleted, try again then"
@@ -368,9 +361,9 @@ def _delete(args: argparse.Namespace, context: _Context) -> int:
 # -- stats ---------------------------------------------------------------------------
 
 
-def _stats(args: argparse.Namespace, context: _Context) -> int:
+async def _stats(args: argparse.Namespace, context: _Context) -> int:
     now = context.now()
-    stats = _run(args, context, lambda store: store.queue_stats(now, TOP_DOMAINS))
+    stats = await _run(args, context, lambda store: store.queue_stats(now, TOP_DOMAINS))
     document = _stats_document(stats, now)
     if args.json:
         json.dump(document, context.out, indent=2)
@@ -404,43 +397,43 @@ def _stats_document(stats: QueueStats, now: float) -> dict[str, Any]:
 # -- clients -------------------------------------------------------------------------
 
 
-def _clients_check(args: argparse.Namespace, context: _Context) -> int:
+async def _clients_check(args: argparse.Namespace, context: _Context) -> int:
     path: str = args.clients or context.environ.get(env_name("clients")) or _default("clients")
     clients = load_clients(path)
     context.out.write(f"ok: {_count(len(clients), 'client')}\n")
     return 0
 
 
-def _write(args: argparse.Namespace, context: _Context, call: Callable[[SQLiteStore], Coroutine[Any, Any, T]]) -> T:
+async def _write(args: argparse.Namespace, context: _Context, call: Callable[[Store], Coroutine[Any, Any, T]]) -> T:
     """Like _run, but creates (or upgrades) the database: keys may be made before the daemon's first start."""
-    store = SQLiteStore.open_sync(_database(args, context))
+    store = open_admin_store(_database(args, context), create=True)
     try:
-        return _wait(call(store))
+        return await call(store)
     except Conflict as e:
         raise AdminError(str(e)) from None
     finally:
-        _wait(store.close())
+        await store.close()
 
 
-def _clients_add(args: argparse.Namespace, context: _Context) -> int:
+async def _clients_add(args: argparse.Namespace, context: _Context) -> int:
     try:
         client = check_client_id(args.client)
     except ValueError as e:
         raise AdminError(str(e)) from None
-    _write(args, context, lambda store: store.add_client(client, context.now()))
+    await _write(args, context, lambda store: store.add_client(client, context.now()))
     context.out.write(f"added client {client}; create a key with: mmgun keys create {client}\n")
     return 0
 
 
-def _keys_create(args: argparse.Namespace, context: _Context) -> int:
+async def _keys_create(args: argparse.Namespace, context: _Context) -> int:
     key_id, key = new_key()
-    _write(args, context, lambda store: store.add_key(args.client, key_id, key_hash(key), context.now()))
+    await _write(args, context, lambda store: store.add_key(args.client, key_id, key_hash(key), context.now()))
     context.out.write(f"key id: {key_id}\nkey:    {key}\n(the key is shown only now: store it safely)\n")
     return 0
 
 
-def _keys_list(args: argparse.Namespace, context: _Context) -> int:
-    keys = _write(args, context, lambda store: store.list_keys(args.client))
+async def _keys_list(args: argparse.Namespace, context: _Context) -> int:
+    keys = await _write(args, context, lambda store: store.list_keys(args.client))
     documents = [
         {
             "key_id": k.key_id,
@@ -463,8 +456,8 @@ def _keys_list(args: argparse.Namespace, context: _Context) -> int:
     return 0
 
 
-def _keys_revoke(args: argparse.Namespace, context: _Context) -> int:
-    revoked = _write(args, context, lambda store: store.revoke_key(args.key_id, context.now()))
+async def _keys_revoke(args: argparse.Namespace, context: _Context) -> int:
+    revoked = await _write(args, context, lambda store: store.revoke_key(args.key_id, context.now()))
     context.out.write(f"revoked key {args.key_id}\n" if revoked else f"key {args.key_id} was already revoked\n")
     return 0
 
@@ -524,8 +517,8 @@ def _suppression_detail(entry: Suppression) -> str:
     return ""
 
 
-def _suppressions_list(args: argparse.Namespace, context: _Context) -> int:
-    async def read(store: SQLiteStore) -> list[Suppression]:
+async def _suppressions_list(args: argparse.Namespace, context: _Context) -> int:
+    async def read(store: Store) -> list[Suppression]:
         entries: list[Suppression] = []
         while True:
             page = await store.suppressions(args.client, args.kind, after=entries[-1].address if entries else None, limit=1000)
@@ -533,7 +526,7 @@ def _suppressions_list(args: argparse.Namespace, context: _Context) -> int:
             if len(page) < 1000:
                 return entries
 
-    entries = _run(args, context, read)
+    entries = await _run(args, context, read)
     if args.json:
         json.dump([_suppression_document(e) for e in entries], context.out, indent=2)
         context.out.write("\n")
@@ -545,7 +538,7 @@ def _suppressions_list(args: argparse.Namespace, context: _Context) -> int:
     return 0
 
 
-def _suppressions_add(args: argparse.Namespace, context: _Context) -> int:
+async def _suppressions_add(args: argparse.Namespace, context: _Context) -> int:
     address = _suppression_address(args.address)
     if args.tag and args.kind != "unsubscribe":
         raise AdminError("--tag limits an unsubscribe (--kind unsubscribe) only")
@@ -558,15 +551,15 @@ def _suppressions_add(args: argparse.Namespace, context: _Context) -> int:
     tags = () if "*" in tags else tuple(dict.fromkeys(tags))
     code = "550" if args.kind == "bounce" else None
     entry = Suppression(args.client, args.kind, address, context.now(), code=code, error=args.error or None, tags=tags)
-    _run(args, context, lambda store: store.add_suppressions([entry]))
+    await _run(args, context, lambda store: store.add_suppressions([entry]))
     limited = f" (only mail tagged {', '.join(tags)})" if tags else ""
     context.out.write(f"added {address} to client {args.client}'s {args.kind} list{limited}\n")
     return 0
 
 
-def _suppressions_remove(args: argparse.Namespace, context: _Context) -> int:
+async def _suppressions_remove(args: argparse.Namespace, context: _Context) -> int:
     address = _suppression_address(args.address)
-    if not _run(args, context, lambda store: store.remove_suppression(args.client, args.kind, address)):
+    if not await _run(args, context, lambda store: store.remove_suppression(args.client, args.kind, address)):
         raise AdminError(f"{address} is not on client {args.client}'s {args.kind} list; nothing changed")
     context.out.write(f"removed {address} from client {args.client}'s {args.kind} list\n")
     return 0
@@ -647,7 +640,7 @@ def _print_new_key(out: TextIO, client: str, key: str, made: str) -> None:
 _CLIENTS_FILE_LABEL = re.compile(r"c-[0-9a-f]{16}")
 
 
-async def _known_client(store: SQLiteStore, client: str) -> None:
+async def _known_client(store: Store, client: str) -> None:
     """
     AdminError unless C{client} is in the database's clients table (C{mmgun clients add}) or
     is a clients-file client's label: never a secret (an API key, a clients-file id), which
@@ -660,7 +653,7 @@ async def _known_client(store: SQLiteStore, client: str) -> None:
         )
 
 
-def _webhooks_add(args: argparse.Namespace, context: _Context) -> int:
+async def _webhooks_add(args: argparse.Namespace, context: _Context) -> int:
     from .store import Webhook
     from .webhooks import WebhookURLError, new_signing_key, parse_url, redact_url
 
@@ -674,7 +667,7 @@ def _webhooks_add(args: argparse.Namespace, context: _Context) -> int:
     webhook = Webhook(f"wh-{secrets.token_hex(6)}", args.client, domain, args.url, events, now)
     new_key = new_signing_key()
 
-    async def add(store: SQLiteStore) -> bool:
+    async def add(store: Store) -> bool:
         await _known_client(store, args.client)
         if domain is not None:
             registered = await store.domain(domain)
@@ -687,7 +680,7 @@ def _webhooks_add(args: argparse.Namespace, context: _Context) -> int:
         await store.add_webhook(webhook)
         return made
 
-    made = _write(args, context, add)
+    made = await _write(args, context, add)
     scope = f"mail from {domain}" if domain else "every domain"
     context.out.write(
         f"added webhook {webhook.id} for client {args.client}: {redact_url(args.url)}\n"
@@ -698,10 +691,10 @@ def _webhooks_add(args: argparse.Namespace, context: _Context) -> int:
     return 0
 
 
-def _webhooks_list(args: argparse.Namespace, context: _Context) -> int:
+async def _webhooks_list(args: argparse.Namespace, context: _Context) -> int:
     from .webhooks import redact_url
 
-    webhooks = _run(args, context, lambda store: store.webhooks(args.client))
+    webhooks = await _run(args, context, lambda store: store.webhooks(args.client))
     if args.json:
         json.dump([_webhook_document(w) for w in webhooks], context.out, indent=2)
         context.out.write("\n")
@@ -715,35 +708,35 @@ def _webhooks_list(args: argparse.Namespace, context: _Context) -> int:
     return 0
 
 
-def _webhooks_remove(args: argparse.Namespace, context: _Context) -> int:
-    if not _write(args, context, lambda store: store.remove_webhook(args.webhook_id)):
+async def _webhooks_remove(args: argparse.Namespace, context: _Context) -> int:
+    if not await _write(args, context, lambda store: store.remove_webhook(args.webhook_id)):
         raise AdminError(f"no webhook {args.webhook_id} (see mmgun webhooks list); nothing changed")
     context.out.write(f"removed webhook {args.webhook_id}: its events are no longer POSTed, its retries are dropped\n")
     return 0
 
 
-def _webhooks_flush(args: argparse.Namespace, context: _Context) -> int:
+async def _webhooks_flush(args: argparse.Namespace, context: _Context) -> int:
     now = context.now()
 
-    async def flush(store: SQLiteStore) -> tuple[int, int]:
+    async def flush(store: Store) -> tuple[int, int]:
         unknown = [i for i in args.webhook_ids if await store.webhook(i) is None]
         if unknown:
             raise AdminError(f"no webhook {', '.join(unknown)} (see mmgun webhooks list); nothing changed")
         return await store.flush_webhook_retries(now, args.webhook_ids or None)
 
-    flushed, in_delivery = _run(args, context, flush)
+    flushed, in_delivery = await _run(args, context, flush)
     left = f"; {in_delivery} being POSTed, left to the dispatcher" if in_delivery else ""
     context.out.write(f"flushed {_count(flushed, 'waiting webhook event')}: due now{left}\n")
     return 0
 
 
-def _webhooks_key(args: argparse.Namespace, context: _Context) -> int:
+async def _webhooks_key(args: argparse.Namespace, context: _Context) -> int:
     from .webhooks import new_signing_key
 
     key = new_signing_key()
     now = context.now()
 
-    async def make(store: SQLiteStore) -> str | None:
+    async def make(store: Store) -> str | None:
         await _known_client(store, args.client)
         if not args.rotate:
             existing = await store.webhook_key(args.client)
@@ -754,7 +747,7 @@ def _webhooks_key(args: argparse.Namespace, context: _Context) -> int:
         await store.set_webhook_key(args.client, key, now)
         return None
 
-    shown = _write(args, context, make)
+    shown = await _write(args, context, make)
     if shown is not None and shown != key:
         # The key is kept in the database, which is the operator's: showing it again is no disclosure.
         context.out.write(
@@ -834,7 +827,7 @@ def _sending_domain(value: str) -> str:
     return name
 
 
-def _known_domain(store: SQLiteStore, name: str) -> Coroutine[Any, Any, SendingDomain]:
+def _known_domain(store: Store, name: str) -> Coroutine[Any, Any, SendingDomain]:
     async def find() -> SendingDomain:
         domain = await store.domain(name)
         if domain is None:
@@ -868,7 +861,7 @@ def _write_records(out: TextIO, name: str, keys: Sequence[DomainKey]) -> None:
     out.write(text if text.endswith("\n") else text + "\n")
 
 
-def _domains_add(args: argparse.Namespace, context: _Context) -> int:
+async def _domains_add(args: argparse.Namespace, context: _Context) -> int:
     name = _sending_domain(args.domain)
     try:
         client = check_client_id(args.client)
@@ -877,7 +870,7 @@ def _domains_add(args: argparse.Namespace, context: _Context) -> int:
     now = context.now()
     keys = _new_keys(name, [RSA, ED25519] if args.ed25519 else [RSA], now, ())
 
-    async def add(store: SQLiteStore) -> None:
+    async def add(store: Store) -> None:
         await store.add_domain(name, client, now)
         try:
             for key in keys:
@@ -886,7 +879,7 @@ def _domains_add(args: argparse.Namespace, context: _Context) -> int:
             await store.remove_domain(name)  # No domain without its keys.
             raise
 
-    _write(args, context, add)
+    await _write(args, context, add)
     context.out.write(f"added sending domain {name} for client {client}\nDKIM keys: {_key_list(keys)}\n")
     context.out.write(
         f"publish these DNS records (mmgun domains dns {name} prints them again, mmgun domains verify {name} checks them):\n\n"
@@ -914,11 +907,11 @@ def _domain_document(domain: SendingDomain, keys: Sequence[DomainKey]) -> dict[s
     }
 
 
-def _domains_list(args: argparse.Namespace, context: _Context) -> int:
-    async def read(store: SQLiteStore) -> list[tuple[SendingDomain, list[DomainKey]]]:
+async def _domains_list(args: argparse.Namespace, context: _Context) -> int:
+    async def read(store: Store) -> list[tuple[SendingDomain, list[DomainKey]]]:
         return [(d, await store.domain_keys(d.name)) for d in await store.domains(args.client)]
 
-    domains = _run(args, context, read)
+    domains = await _run(args, context, read)
     if args.json:
         json.dump([_domain_document(d, keys) for d, keys in domains], context.out, indent=2)
         context.out.write("\n")
@@ -930,14 +923,14 @@ def _domains_list(args: argparse.Namespace, context: _Context) -> int:
     return 0
 
 
-def _domains_show(args: argparse.Namespace, context: _Context) -> int:
+async def _domains_show(args: argparse.Namespace, context: _Context) -> int:
     name = _sending_domain(args.domain)
 
-    async def read(store: SQLiteStore) -> tuple[SendingDomain, list[DomainKey], list[DomainKey]]:
+    async def read(store: Store) -> tuple[SendingDomain, list[DomainKey], list[DomainKey]]:
         domain = await _known_domain(store, name)
         return domain, await store.domain_keys(name, include_retired=True), await store.signing_keys(name)
 
-    domain, keys, signing = _run(args, context, read)
+    domain, keys, signing = await _run(args, context, read)
     if args.json:
         document = _domain_document(domain, keys)
         document["signing_selectors"] = [k.selector for k in signing]
@@ -959,15 +952,15 @@ def _domains_show(args: argparse.Namespace, context: _Context) -> int:
     return 0
 
 
-def _domains_remove(args: argparse.Namespace, context: _Context) -> int:
+async def _domains_remove(args: argparse.Namespace, context: _Context) -> int:
     name = _sending_domain(args.domain)
 
-    async def remove(store: SQLiteStore) -> list[DomainKey]:
+    async def remove(store: Store) -> list[DomainKey]:
         keys = await store.domain_keys(name, include_retired=True)
         await store.remove_domain(name)
         return keys
 
-    keys = _write(args, context, remove)
+    keys = await _write(args, context, remove)
     context.out.write(
         f"removed sending domain {name} and its {_count(len(keys), 'DKIM key')}: new mail from {name} is not signed"
         " (nor accepted under --sender-policy domains); queued mail keeps the signatures it got when it was queued,"
@@ -976,22 +969,22 @@ def _domains_remove(args: argparse.Namespace, context: _Context) -> int:
     return 0
 
 
-def _domains_dns(args: argparse.Namespace, context: _Context) -> int:
+async def _domains_dns(args: argparse.Namespace, context: _Context) -> int:
     name = _sending_domain(args.domain)
 
-    async def read(store: SQLiteStore) -> list[DomainKey]:
+    async def read(store: Store) -> list[DomainKey]:
         await _known_domain(store, name)
         return await store.domain_keys(name)
 
-    _write_records(context.out, name, _run(args, context, read))
+    _write_records(context.out, name, await _run(args, context, read))
     return 0
 
 
-def _domains_rotate(args: argparse.Namespace, context: _Context) -> int:
+async def _domains_rotate(args: argparse.Namespace, context: _Context) -> int:
     name = _sending_domain(args.domain)
     now = context.now()
 
-    async def rotate(store: SQLiteStore) -> tuple[list[DomainKey], list[DomainKey], list[DomainKey]]:
+    async def rotate(store: Store) -> tuple[list[DomainKey], list[DomainKey], list[DomainKey]]:
         await _known_domain(store, name)
         every = await store.domain_keys(name, include_retired=True)
         old = await store.signing_keys(name)
@@ -1001,7 +994,7 @@ def _domains_rotate(args: argparse.Namespace, context: _Context) -> int:
             await store.add_domain_key(key)
         return old, new, await store.domain_keys(name)
 
-    old, new, published = _write(args, context, rotate)
+    old, new, published = await _write(args, context, rotate)
     context.out.write(
         f"new DKIM keys for {name}: {_key_list(new)}\n"
         f"publish their records now: mail from {name} is signed with them from now on.\n"
@@ -1019,14 +1012,14 @@ def _domains_rotate(args: argparse.Namespace, context: _Context) -> int:
     return 0
 
 
-def _domains_retire(args: argparse.Namespace, context: _Context) -> int:
+async def _domains_retire(args: argparse.Namespace, context: _Context) -> int:
     name = _sending_domain(args.domain)
 
-    async def retire(store: SQLiteStore) -> bool:
+    async def retire(store: Store) -> bool:
         await _known_domain(store, name)
         return await store.retire_domain_key(name, args.selector, context.now())
 
-    if _write(args, context, retire):
+    if await _write(args, context, retire):
         context.out.write(
             f"retired key {args.selector} of {name}: remove its record, {args.selector}._domainkey.{name}, from DNS\n"
         )
@@ -1047,7 +1040,7 @@ class _Check:
     ok: bool
 
 
-def _domains_verify(args: argparse.Namespace, context: _Context) -> int:
+async def _domains_verify(args: argparse.Namespace, context: _Context) -> int:
     from . import dkim
     from .mx import parse_hostport
 
@@ -1058,13 +1051,15 @@ def _domains_verify(args: argparse.Namespace, context: _Context) -> int:
     except ValueError as e:
         raise _UsageError(f"mmgun domains verify: argument --nameserver: {e} (see mmgun domains verify --help)") from None
 
-    async def read(store: SQLiteStore) -> list[DomainKey]:
+    async def read(store: Store) -> list[DomainKey]:
         await _known_domain(store, name)
         return await store.domain_keys(name)
 
-    keys = _run(args, context, read)
+    keys = await _run(args, context, read)
     expected = [(k, _dkim_tags(dkim.expected_txt(k))) for k in keys]
-    checks = _react(lambda reactor: _verify(reactor, servers, name, expected))
+    from twisted.internet import reactor
+
+    checks = await _verify(reactor, servers, name, expected)
     _write_table(context.out, None, [(c.kind, c.name, c.what, c.outcome) for c in checks])
     dkim_checks = [c for c in checks if c.kind == "DKIM"]
     bad = sum(not c.ok for c in dkim_checks)
@@ -1076,19 +1071,25 @@ def _domains_verify(args: argparse.Namespace, context: _Context) -> int:
     return 1 if bad else 0
 
 
-def _react(main: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
-    """Run the global reactor until C{main(reactor)} is done; its result (like task.react, without exiting)."""
-    from twisted.internet import reactor
-
+def _finish(command: Coroutine[Any, Any, T]) -> T:
+    """
+    The result of ``command`` (a subcommand's coroutine): at once when it finished without
+    waiting for anything (as on the synchronous SQLite store, so tests run commands in-process),
+    else by running the global reactor until it has (like task.react, without exiting). Any
+    store works: one whose calls finish on a later reactor turn, and the DNS of domains verify.
+    """
     outcome: list[Any] = []
+    d = Deferred.fromCoroutine(command)
+    d.addBoth(outcome.append)
+    if not outcome:
+        from twisted.internet import reactor
 
-    def start() -> None:
-        d = Deferred.fromCoroutine(main(reactor))
-        d.addBoth(outcome.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(start)
-    reactor.run()
+        # Stops at once if the reactor is running (the usual case), else as soon as it is.
+        d.addBoth(lambda _: reactor.callWhenRunning(reactor.stop))
+        reactor.run()
+        if not outcome:  # The reactor stopped first: a signal (SIGINT, SIGTERM).
+            d.cancel()
+            outcome[:] = [Failure(AdminError("interrupted before the command finished"))]
     (result,) = outcome
     if isinstance(result, Failure):
         result.raiseException()

@@ -12,8 +12,6 @@ _log = Logger()
 
 #: Submissions deleted per transaction: keeps each write lock short.
 BATCH = 500
-#: Free pages handed back to the file system per pass.
-VACUUM_PAGES = 2000
 
 
 class Cleaner(TimerService):
@@ -54,7 +52,8 @@ class Cleaner(TimerService):
                 if deleted < BATCH:
                     break
             if total or events:
-                await self._store.vacuum(VACUUM_PAGES)
+                # The backend's bounded housekeeping (SQLite: free pages back to the file system).
+                await self._store.upkeep()
                 _log.info("cleaner deleted {count} finished submissions and {events} events", count=total, events=events)
         except Exception:
             _log.failure("cleaning pass failed; the next one will try again")

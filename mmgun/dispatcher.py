@@ -18,10 +18,12 @@ least once; at most the pages in flight repeated).  The tasks are not
 awaited by the tick, so a hanging receiver holds up only its own webhook.
 
 Retries that are due are leased (their next attempt moved to the lease's
-end, so a dispatcher that dies leaves them due again then), POSTed, and the
-outcomes of those leased by one tick written in one transaction when all
-are known: deleted when delivered or when Mailgun's 8 hours are used up
-(logged, at warn), else rescheduled.
+end, so a dispatcher that dies leaves them due again then) and POSTed, each
+freeing its place as soon as its own POST ends; their outcomes are written in
+groups (at most ``RECORD_GROUP`` per transaction, within ``RECORD_DELAY``
+seconds, at once when no retry is left in flight), so a hanging receiver
+holds up only its own retries: deleted when delivered or when Mailgun's 8
+hours are used up (logged, at warn), else rescheduled.
 
 A body is signed (with the client's webhook signing key, read through a
 cache of ``key_ttl`` seconds, made at first need) when its POST's turn
@@ -37,7 +39,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -50,6 +52,14 @@ _log = Logger()
 
 #: A cursor with this id is the end of the feed (Store.events_page): no event's id reaches it.
 CAUGHT_UP = LAST_ID
+
+#: Retry outcomes are written at most this many per transaction, and at the latest this many
+#: seconds after the first of a group is known (at once when no retry is left in flight).
+RECORD_GROUP = 100
+RECORD_DELAY = 0.1
+
+#: A retry's outcome for Store.finish_webhook_retries: next attempt (None: delete) and reason.
+_Outcome = tuple[WebhookRetry, float | None, str | None]
 
 
 class WebhookDispatcher(Service):
@@ -97,8 +107,13 @@ class WebhookDispatcher(Service):
         self._cursors: dict[str, EventCursor] = {}
         #: Webhook id → the task following its feed.
         self._following: dict[str, Deferred[None]] = {}
-        #: (webhook id, event id) → the task POSTing that retry (with the others leased by the same tick).
-        self._retrying: dict[tuple[str, int], Deferred[None]] = {}
+        #: (webhook id, event id) → the task POSTing that retry, until its POST ends.
+        self._retrying: dict[tuple[str, int], Deferred[Any]] = {}
+        #: Outcomes of retries whose POSTs ended, not written yet (L{_record_soon}).
+        self._outcomes: list[_Outcome] = []
+        #: The write of outcomes under way, and the timer for the next one.
+        self._recording: Deferred[None] | None = None
+        self._record_timer: IDelayedCall | None = None
         self._keys: dict[str, tuple[str, float]] = {}
         #: When (C{clock}) the held leases were last renewed.
         self._renewed: float | None = None
@@ -150,6 +165,10 @@ class WebhookDispatcher(Service):
             for task in left:
                 task.cancel()
             await DeferredList(left, consumeErrors=True)
+        if self._record_timer is not None and self._record_timer.active():
+            self._record_timer.cancel()
+        self._record_timer = None
+        self._outcomes.clear()  # cut short: leased until their lease's end, when they are due again
         # What this run held is another dispatcher's at once (a restart need not wait for the lease to end).
         try:
             await self._store.release_webhooks(self.lease, self._wall())
@@ -157,9 +176,11 @@ class WebhookDispatcher(Service):
             _log.failure("could not give up the webhook leases; they end by themselves within {seconds} s", seconds=self._lease_time)
 
     def _tasks(self) -> list[Deferred[Any]]:
-        tasks: list[Deferred[Any]] = list(self._following.values()) + list({id(d): d for d in self._retrying.values()}.values())
+        tasks: list[Deferred[Any]] = list(self._following.values()) + list(self._retrying.values())
         if self._ticking is not None:
             tasks.append(self._ticking)
+        if self._recording is not None:
+            tasks.append(self._recording)
         return tasks
 
     def settled(self) -> Deferred[None]:
@@ -222,18 +243,64 @@ class WebhookDispatcher(Service):
             return
         # A retry still waiting for its turn when its lease ran out is leased again: POSTed once.
         batch = [r for r in due if (r.webhook.id, r.event.cursor.id) not in self._retrying]
-        if batch and not self._stopping:
-            task: Deferred[None] = Deferred.fromCoroutine(self._retry_batch(batch))
-            keys = [(r.webhook.id, r.event.cursor.id) for r in batch]
-            for key in keys:
+        for retry in batch:
+            if self._stopping:
+                break
+            key = (retry.webhook.id, retry.event.cursor.id)
+            task: Deferred[_Outcome | None] = Deferred.fromCoroutine(self._retry(retry))
+            if not task.called:
                 self._retrying[key] = task
+            task.addCallback(self._retried, key, task)
 
-            def done(_: object) -> None:
-                for key in keys:
-                    if self._retrying.get(key) is task:
-                        del self._retrying[key]
+    def _retried(self, outcome: _Outcome | None, key: tuple[str, int], task: Deferred[Any]) -> None:
+        """One retry's POST ended: free its entry at once, and have its outcome recorded with others."""
+        if self._retrying.get(key) is task:
+            del self._retrying[key]
+        if outcome is not None and not self._cancelling:
+            self._outcomes.append(outcome)
+        self._record_soon()
 
-            task.addBoth(done)
+    def _record_soon(self, due: bool = False) -> None:
+        """
+        Write the outcomes kept so far, in groups: at once when no retry is in flight any
+        more or C{RECORD_GROUP} are kept, else C{RECORD_DELAY} seconds after the first was
+        kept (C{due}); one write at a time, what ends during it written by the next.
+        """
+        if self._recording is not None or not self._outcomes or self._cancelling:
+            return
+        if not due and self._retrying and len(self._outcomes) < RECORD_GROUP:
+            if self._record_timer is None:
+                self._record_timer = self._clock.callLater(RECORD_DELAY, self._record_due)
+            return
+        if self._record_timer is not None:
+            if self._record_timer.active():
+                self._record_timer.cancel()
+            self._record_timer = None
+        writing: Deferred[None] = Deferred.fromCoroutine(self._record())
+        if not writing.called:
+            self._recording = writing
+
+    def _record_due(self) -> None:
+        self._record_timer = None
+        self._record_soon(due=True)
+
+    async def _record(self) -> None:
+        """Write kept outcomes, a group (at most C{RECORD_GROUP}) per transaction, until none is left. Never fails."""
+        try:
+            while self._outcomes and not self._cancelling:
+                group = self._outcomes[:RECORD_GROUP]
+                del self._outcomes[:RECORD_GROUP]
+                try:
+                    await self._store.finish_webhook_retries(group, self.lease)
+                except Exception:
+                    if self._cancelling:
+                        return
+                    _log.failure(
+                        "recording the outcomes of {count} webhook retries failed; they are due again when their lease ends",
+                        count=len(group),
+                    )
+        finally:
+            self._recording = None
 
     def _start(self, tasks: dict[Any, Deferred[None]], key: Any, work: Any) -> None:
         d: Deferred[None] = Deferred.fromCoroutine(work)
@@ -336,24 +403,7 @@ class WebhookDispatcher(Service):
 
     # -- retries ----------------------------------------------------------------------
 
-    async def _retry_batch(self, batch: list[WebhookRetry]) -> None:
-        """POST the retries one tick leased, all at once; record their outcomes in one transaction. Never fails."""
-        try:
-            outcomes = await gatherResults([Deferred.fromCoroutine(self._retry(r)) for r in batch], consumeErrors=True)
-            if self._cancelling:
-                return  # leased until their lease's end, when they are due again
-            results = [o for o in outcomes if o is not None]
-            if results:
-                await self._store.finish_webhook_retries(results, self.lease)
-        except Exception:
-            if self._cancelling:
-                return
-            _log.failure(
-                "recording the outcomes of {count} webhook retries failed; they are due again when their lease ends",
-                count=len(batch),
-            )
-
-    async def _retry(self, retry: WebhookRetry) -> tuple[WebhookRetry, float | None, str | None] | None:
+    async def _retry(self, retry: WebhookRetry) -> _Outcome | None:
         """POST one due retry; its outcome for L{finish_webhook_retries} (L{None}: left leased). Never fails."""
         try:
             delivery = await self._post(retry.webhook, retry.event)

@@ -13,7 +13,7 @@ to twisted.logger's own formatter.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, cast
 
 from twisted.logger import (
     FileLogObserver,
@@ -23,11 +23,28 @@ from twisted.logger import (
     formatTime,
     jsonFileLogObserver,
 )
+from zope.interface import directlyProvides
 
 
 def json_observer() -> ILogObserver:
-    """The log observer factory twistd's ``--logger`` takes; writes to standard output."""
-    return jsonFileLogObserver(sys.stdout, recordSeparator="")  # plain JSON Lines, no RS (RFC 7464) prefix
+    """
+    The log observer factory twistd's ``--logger`` takes; writes to standard output. A
+    failure's traceback goes along as text (``mmgun_traceback``): JSON keeps no exception,
+    and a supervised child's failures must still say what went wrong in its parent's log.
+    """
+    write = jsonFileLogObserver(sys.stdout, recordSeparator="")  # plain JSON Lines, no RS (RFC 7464) prefix
+
+    def observe(event: LogEvent) -> None:
+        failure = event.get("log_failure")
+        if failure is not None and "mmgun_traceback" not in event:
+            try:
+                event = {**event, "mmgun_traceback": failure.getTraceback()}
+            except Exception:
+                pass
+        write(event)
+
+    directlyProvides(observe, ILogObserver)
+    return cast(ILogObserver, observe)
 
 
 class _SecondCache:
@@ -87,6 +104,9 @@ def _format_child(event: LogEvent) -> str | None:
     if line is None:
         return None
     head, separator, text = line.partition("] ")
+    traceback = event.get("mmgun_traceback")
+    if isinstance(traceback, str):
+        text = text.rstrip("\n") + "\n\t" + traceback.rstrip("\n").replace("\n", "\n\t") + "\n"
     return f"{head}{separator}[{event['mmgun_process']} {event.get('mmgun_pid')}] {text}"
 
 

@@ -931,6 +931,8 @@ def make_resolver(
     nameservers: list[tuple[str, int]] | None,
     reactor: IReactorTime,
     timeout: Sequence[int] = DEFAULT_TIMEOUT,
+    *,
+    hosts_file: bool = False,
 ) -> CachingResolver:
     """
     A caching C{twisted.names} resolver, over L{BoundedResolver}s.
@@ -940,6 +942,8 @@ def make_resolver(
         C{/etc/resolv.conf}, with C{/etc/hosts} consulted first.
     @param reactor: Also an C{IReactorUDP} and C{IReactorTCP}.
     @param timeout: Seconds per round of queries before retrying.
+    @param hosts_file: Consult C{/etc/hosts} before the given nameservers too
+        (webhook receivers' names; MX lookups never use it).
     """
     upstream: IResolver
     if nameservers is not None:
@@ -948,6 +952,8 @@ def make_resolver(
         upstream = BoundedResolver(
             servers=list(nameservers), timeout=tuple(timeout), reactor=reactor
         )
+        if hosts_file:
+            upstream = resolve.ResolverChain([hosts_module.Resolver(b"/etc/hosts", ttl=300), upstream])
     else:
         upstream = resolve.ResolverChain(
             [

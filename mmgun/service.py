@@ -24,8 +24,7 @@ from twisted.web.server import Site
 from .clients import Clients, ClientsFileError, load_clients
 from .config import Config
 from .metrics import Metrics
-from .store import Store
-from .store.sqlite import SQLiteStore
+from .store import Store, open_store
 from .web.settings import WebSettings
 
 _log = Logger()
@@ -166,7 +165,7 @@ class QueueGauges(TimerService):
 def make_service(config: Config, reactor: Any, *, clients: Clients | None = None) -> OrderedService:
     root = OrderedService()
     metrics = Metrics()
-    store = SQLiteStore.open(config.database, reactor)
+    store = open_store(config.database, reactor)
     StoreService(store).setServiceParent(root)
     from .health import DatabaseWatch, Health
 
@@ -476,7 +475,7 @@ def make_webhooks(config: Config, store: Store, reactor: Any) -> OrderedService:
     from .webhooks import WebhookClient
 
     # Receivers' names through mmgun's own resolver: /etc/hosts, then the --nameservers.
-    dns = make_resolver([parse_hostport(n, 53) for n in config.nameservers] or None, reactor)
+    dns = make_resolver([parse_hostport(n, 53) for n in config.nameservers] or None, reactor, hosts_file=True)
     client = WebhookClient(reactor, allow_private=config.webhook_allow_private, dns=dns)
     service = OrderedService()
     # Stopped after the dispatcher: then the idle connections to receivers are closed.

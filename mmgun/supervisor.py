@@ -171,7 +171,7 @@ class _Child(ProcessProtocol):
     def _event(line: bytes) -> LogEvent | None:
         try:
             event = eventFromJSON(line.decode("utf-8"))
-        except ValueError:  # not UTF-8, not JSON
+        except Exception:  # not UTF-8, not JSON, or JSON the log reader chokes on: logged as a plain line
             return None
         return event if isinstance(event, dict) and "log_time" in event else None
 
@@ -223,6 +223,9 @@ class ChildProcess(Service):
         self._argv = list(argv)
         self._env = dict(env)
         self._stop_timeout = stop_timeout
+        # The folder relative paths (the database, the clients file) mean: where mmgun was
+        # started. twistd --rundir changes folder before the service starts; the child must not.
+        self._cwd = os.getcwd()
         self._publisher: ILogObserver = publisher if publisher is not None else globalLogPublisher
         self._child: _Child | None = None
         #: The wait before the next start after a death (None: the first death, or after a stable run).
@@ -239,7 +242,17 @@ class ChildProcess(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._shutting_down = False
+        add_trigger = getattr(self._reactor, "addSystemEventTrigger", None)
+        if add_trigger is not None:
+            # From here on a child that ends is not started again: under systemd's default
+            # KillMode the child gets SIGTERM too, while this process still drains HTTP.
+            add_trigger("before", "shutdown", self.shutting_down)
         self._spawn()
+
+    def shutting_down(self) -> None:
+        """The process is stopping: a child that ends now is not started again."""
+        self._shutting_down = True
 
     def _spawn(self) -> None:
         self._respawn = None
@@ -248,7 +261,7 @@ class ChildProcess(Service):
         child = _Child(self, self._clock.seconds())
         try:
             self._reactor.spawnProcess(
-                child, self._argv[0], self._argv, env=self._env, childFDs={0: "w", 1: "r", 2: "r"}
+                child, self._argv[0], self._argv, env=self._env, path=self._cwd, childFDs={0: "w", 1: "r", 2: "r"}
             )
         except Exception:
             _log.failure("could not start the {process} process", process=self.name)
@@ -261,6 +274,10 @@ class ChildProcess(Service):
         """Log an event of the child's here, saying whose it is."""
         event["mmgun_process"] = self.name
         event["mmgun_pid"] = pid
+        if isinstance(event.get("mmgun_traceback"), str):
+            # The child's failure came as text (mmgun.logs.json_observer): JSON keeps no
+            # exception, so the failure object here says only "unpersistable".
+            event.pop("log_failure", None)
         self._publisher(event)
 
     def _ended(self, child: _Child, reason: Failure) -> None:
@@ -273,6 +290,9 @@ class ChildProcess(Service):
             waiting, child.stopped = child.stopped, []
             for d in waiting:
                 d.callback(None)
+            return
+        if getattr(self, "_shutting_down", False):
+            _log.info("{process} process {pid} ended during shutdown ({reason})", process=self.name, pid=child.pid, reason=reason.getErrorMessage())
             return
         lived = self._clock.seconds() - child.started_at
         delay = self._next_delay(lived)

@@ -38,6 +38,7 @@ import ipaddress
 import json
 import re
 import secrets
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any, cast
@@ -51,7 +52,7 @@ from treq.cookies import IndexableCookieJar
 from twisted.internet import error as net_error
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IAddress,
@@ -68,6 +69,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
+from twisted.names import dns
 from twisted.names.resolve import ResolverChain
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -612,6 +614,7 @@ class FairSlots:
         self._in_use = 0
         self._waiting: dict[str, list[tuple[int, Deferred[None]]]] = {}
         self._arrivals = 0
+        self._handing_over = False
 
     @property
     def in_use(self) -> int:
@@ -622,7 +625,8 @@ class FairSlots:
 
     def acquire(self, owner: str) -> Deferred[None]:
         """Fires when C{owner} has a slot (call L{release} once it is done)."""
-        if self._in_use < self.total and self.held.get(owner, 0) < self.per_owner:
+        # While a release hands slots over, a new request joins the queue: the hand-over picks by the rules.
+        if not self._handing_over and self._in_use < self.total and self.held.get(owner, 0) < self.per_owner:
             self._take(owner)
             return succeed(None)
         self._arrivals += 1
@@ -631,23 +635,36 @@ class FairSlots:
         return entry[1]
 
     def release(self, owner: str) -> None:
+        """
+        Free one of C{owner}'s slots and hand free slots over.  A release made
+        while a hand-over runs (the granted request ended at once, e.g. a
+        refused address) only frees: the running hand-over grants the slot
+        (a trampoline), so a long queue of requests that end at once is served
+        in a loop, not by ever deeper recursion.
+        """
         self._in_use -= 1
         left = self.held[owner] - 1
         if left:
             self.held[owner] = left
         else:
             del self.held[owner]
-        while self._in_use < self.total:
-            eligible = [(self.held.get(o, 0), q[0][0], o) for o, q in self._waiting.items() if self.held.get(o, 0) < self.per_owner]
-            if not eligible:
-                return
-            _, _, chosen = min(eligible)
-            queue = self._waiting[chosen]
-            _, d = queue.pop(0)
-            if not queue:
-                del self._waiting[chosen]
-            self._take(chosen)
-            d.callback(None)
+        if self._handing_over:
+            return
+        self._handing_over = True
+        try:
+            while self._in_use < self.total:
+                eligible = [(self.held.get(o, 0), q[0][0], o) for o, q in self._waiting.items() if self.held.get(o, 0) < self.per_owner]
+                if not eligible:
+                    return
+                _, _, chosen = min(eligible)
+                queue = self._waiting[chosen]
+                _, d = queue.pop(0)
+                if not queue:
+                    del self._waiting[chosen]
+                self._take(chosen)
+                d.callback(None)
+        finally:
+            self._handing_over = False
 
     def _take(self, owner: str) -> None:
         self._in_use += 1
@@ -658,6 +675,47 @@ class FairSlots:
         queue[:] = [entry for entry in queue if entry[1] is not d]
         if not queue:
             self._waiting.pop(owner, None)
+
+
+class _Turns:
+    """
+    At most C{limit} holders at once, the others served first come first
+    served; cancelling a waiting L{acquire} leaves the queue.  Like
+    L{FairSlots}, a turn freed while turns are being handed over is handed
+    over by the loop already doing it (no recursion however many waiting
+    requests end at once).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self.waiting: deque[Deferred[None]] = deque()
+        self._handing_over = False
+
+    @property
+    def idle(self) -> bool:
+        return self.in_use == 0 and not self.waiting
+
+    def acquire(self) -> Deferred[None]:
+        if self.in_use < self.limit and not self.waiting and not self._handing_over:
+            self.in_use += 1
+            return succeed(None)
+        d: Deferred[None] = Deferred(self.waiting.remove)
+        self.waiting.append(d)
+        return d
+
+    def release(self) -> None:
+        self.in_use -= 1
+        if self._handing_over:
+            return
+        self._handing_over = True
+        try:
+            while self.in_use < self.limit and self.waiting:
+                d = self.waiting.popleft()
+                self.in_use += 1
+                d.callback(None)
+        finally:
+            self._handing_over = False
 
 
 @implementer(IHostnameResolver)
@@ -675,11 +733,11 @@ class DNSHostResolver:
 
     def __init__(self, resolver: IResolver, *, max_in_flight: int = 16) -> None:
         self._resolver = resolver
-        self._turns = DeferredSemaphore(max_in_flight)
+        self._turns = _Turns(max_in_flight)
 
     @property
     def in_flight(self) -> int:
-        return self._turns.limit - self._turns.tokens
+        return self._turns.in_use
 
     def resolveHostName(
         self,
@@ -700,6 +758,10 @@ class DNSHostResolver:
     ) -> None:
         found: list[str] = []
         try:
+            cached = self._cached(name, types)
+            if cached is not None:
+                found = cached
+                return
             await self._turns.acquire()
             try:
                 lookups: list[Deferred[Any]] = []
@@ -719,6 +781,29 @@ class DNSHostResolver:
                 kind = IPv6Address if ":" in address else IPv4Address
                 receiver.addressResolved(kind("TCP", address, port))
             receiver.resolutionComplete()
+
+
+    def _cached(self, name: str, types: Sequence[type[IAddress]] | None) -> list[str] | None:
+        """
+        C{name}'s addresses if every answer wanted is in the resolver's cache (a
+        L{mmgun.mx.CachingResolver}'s; a cached NODATA answer adds none), else L{None}.
+        """
+        if not isinstance(self._resolver, CachingResolver):
+            return None
+        wanted = [
+            kind
+            for kind, address in ((dns.A, IPv4Address), (dns.AAAA, IPv6Address))
+            if types is None or address in types
+        ]
+        found: list[str] = []
+        for kind in wanted:
+            answers: list[Any] = []
+            # A CacheResolver answers at once: a hit, or a DomainError for a miss.
+            self._resolver.cache.query(dns.Query(name, kind, dns.IN)).addCallbacks(answers.append, lambda _: None)
+            if not answers:
+                return None
+            found.extend(_addresses_from(answers[0][0]))
+        return found
 
 
 @implementer(IHostResolution)
@@ -754,7 +839,10 @@ class WebhookClient:
     @param dns: The C{twisted.names} resolver names are looked up with
         (default: L{mmgun.mx.make_resolver}'s for C{/etc/hosts} and
         C{/etc/resolv.conf}, stopped by L{close}).
-    @param max_lookups: Host names looked up at once (the default resolver's).
+    @param max_lookups: Host names looked up at once (the default resolver's;
+        default: C{max_concurrent}, so lookups never wait behind other
+        clients' slow names); names answered from C{dns}'s cache (a
+        L{mmgun.mx.CachingResolver}) take no lookup turn.
     """
 
     def __init__(
@@ -769,7 +857,7 @@ class WebhookClient:
         trust_root: IOpenSSLTrustRoot | None = None,
         resolver: IHostnameResolver | None = None,
         dns: IResolver | None = None,
-        max_lookups: int = 16,
+        max_lookups: int | None = None,
         policy: AddressPolicy | None = None,
     ) -> None:
         self._reactor = reactor
@@ -779,7 +867,9 @@ class WebhookClient:
         if resolver is None:
             if dns is None:
                 dns = self._own_dns = make_resolver(None, reactor)
-            resolver = DNSHostResolver(dns, max_in_flight=max_lookups)
+            # As many lookups as POSTs: a lookup runs only inside a POST's slot, so slow names use
+            # up their own clients' slots, never lookups that other clients' POSTs wait for.
+            resolver = DNSHostResolver(dns, max_in_flight=max_concurrent if max_lookups is None else max_lookups)
         if policy is None:
             policy = ANY_ADDRESS if allow_private else PublicOnly(LocalAddresses(reactor))
         self._pool = HTTPConnectionPool(reactor, persistent=True)
@@ -794,12 +884,13 @@ class WebhookClient:
         self.slots = FairSlots(max_concurrent, max_per_client)
         #: POSTs that ended, by outcome (the dispatcher logs the failures).
         self.delivered = self.failed = 0
-        self._per_receiver: dict[Receiver, DeferredSemaphore] = {}
+        self._per_receiver: dict[Receiver, _Turns] = {}
+        self._per_client: dict[str, _Turns] = {}
 
     def in_flight(self, url: str) -> int:
-        """POSTs to C{url}'s receiver now under way (not those waiting for a turn)."""
-        semaphore = self._per_receiver.get(parse_url(url))
-        return 0 if semaphore is None else semaphore.limit - semaphore.tokens
+        """POSTs to C{url}'s receiver now holding one of its turns (under way, or waiting for a slot of all)."""
+        turns = self._per_receiver.get(parse_url(url))
+        return 0 if turns is None else turns.in_use
 
     async def post(self, url: str, body: bytes | Callable[[], bytes], *, client: str = "") -> Delivery:
         """
@@ -820,20 +911,32 @@ class WebhookClient:
         headers = dict(_HEADERS)
         if credentials is not None:
             headers["Authorization"] = _basic_authorization(credentials)
-        semaphore = self._per_receiver.get(receiver)
-        if semaphore is None:
-            semaphore = self._per_receiver[receiver] = DeferredSemaphore(self._max_per_receiver)
-        await semaphore.acquire()
+        # The client's own cap first, then the receiver's turn, then a slot of all: a client at
+        # its cap waits holding nothing others need, and a POST waiting for a busy receiver holds
+        # none of the max_concurrent slots.
+        gate = self._per_client.get(client)
+        if gate is None:
+            gate = self._per_client[client] = _Turns(self.slots.per_owner)
+        await gate.acquire()
         try:
-            await self.slots.acquire(client)
+            turns = self._per_receiver.get(receiver)
+            if turns is None:
+                turns = self._per_receiver[receiver] = _Turns(self._max_per_receiver)
+            await turns.acquire()
             try:
-                delivery = await self._attempt(uri, body if isinstance(body, bytes) else body(), headers)
+                await self.slots.acquire(client)
+                try:
+                    delivery = await self._attempt(uri, body if isinstance(body, bytes) else body(), headers)
+                finally:
+                    self.slots.release(client)
             finally:
-                self.slots.release(client)
+                turns.release()
+                if turns.idle and self._per_receiver.get(receiver) is turns:
+                    del self._per_receiver[receiver]
         finally:
-            semaphore.release()
-            if semaphore.tokens == semaphore.limit and not semaphore.waiting:
-                self._per_receiver.pop(receiver, None)
+            gate.release()
+            if gate.idle and self._per_client.get(client) is gate:
+                del self._per_client[client]
         if delivery.ok:
             self.delivered += 1
         else:

@@ -31,9 +31,17 @@ from mmgun.store import (
     NewSubmission,
     RecipientOutcome,
     StorageError,
-    _sqlite_queries as Q,
 )
-from mmgun.store.sqlite import IDEMPOTENCY_WINDOW, VACUUM_MARGIN, SQLiteStore, SyncRunner, WriteLock, migrate, prepare
+from mmgun.store.sqlite import (
+    IDEMPOTENCY_WINDOW,
+    VACUUM_MARGIN,
+    SQLiteStore,
+    SyncRunner,
+    WriteLock,
+    migrate,
+    prepare,
+    queries as Q,
+)
 from mmgun.web.app import Frontend
 
 from .helpers import CLIENT, CLIENT_LABEL, result, sync_store

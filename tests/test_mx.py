@@ -667,3 +667,21 @@ class ParseHostPortTests(SynchronousTestCase):
         for value in ["", ":25", "host:", "host:0", "host:65536", "host:x", "[::1", "[::1]x",
                       "[host]:25", "a:b:c"]:
             self.assertRaises(ValueError, parse_hostport, value, 25)
+
+
+class HostsFileTests(SynchronousTestCase):
+    def test_hosts_file_before_the_given_nameservers_only_when_asked(self) -> None:
+        """issue 14 (review): webhook names in /etc/hosts resolve with --nameserver given; MX lookups never read it."""
+        from mmgun.mx import make_resolver
+
+        reactor = MemoryReactorClock()
+        with_hosts = make_resolver([("192.0.2.53", 53)], reactor, hosts_file=True)
+        answers, _, _ = self.successResultOf(with_hosts.lookupAddress("localhost"))
+        self.assertIn("127.0.0.1", [a.payload.dottedQuad() for a in answers if a.type == dns.A])
+        # Answered from the file: nothing but the cache's expiry is scheduled (no query under way).
+        scheduled = [c.func.__name__ for c in reactor.getDelayedCalls()]  # type: ignore[attr-defined]
+        self.assertEqual(scheduled, ["clearEntry"])
+        other = MemoryReactorClock()
+        without = make_resolver([("192.0.2.53", 53)], other)
+        # Straight to the nameserver — which this reactor cannot even send a datagram to.
+        self.failureResultOf(without.lookupAddress("localhost"), AttributeError)

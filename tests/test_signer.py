@@ -361,9 +361,13 @@ class StubReactor:
         self.child_keys: list[dict[int, Any]] = []
         self.failing = False
 
-    def spawnProcess(self, protocol: Any, executable: str, args: Sequence[str], env: Any = None, childFDs: Any = None) -> FakeProcess:
+    def spawnProcess(
+        self, protocol: Any, executable: str, args: Sequence[str], env: Any = None, path: Any = None, childFDs: Any = None
+    ) -> FakeProcess:
         if self.failing:
             raise OSError("cannot fork (test)")
+        #: The folder each child was started in.
+        self.paths = [*getattr(self, "paths", []), path]
         process = FakeProcess(1000 + len(self.spawned))
         self.spawned.append((protocol, process, list(args)))
         self.child_keys.append({})

@@ -24,7 +24,7 @@ class QueueTests(SynchronousTestCase):
         self.store, self.path = sync_store(self)
 
     def test_schema_versioned(self) -> None:
-        from mmgun.store import _sqlite_queries as Q
+        from mmgun.store.sqlite import queries as Q
 
         conn = sqlite3.connect(self.path)
         self.addCleanup(conn.close)
@@ -32,7 +32,7 @@ class QueueTests(SynchronousTestCase):
         self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone(), ("wal",))
 
     def test_forward_migration_keeps_data(self) -> None:
-        from mmgun.store import _sqlite_queries as Q
+        from mmgun.store.sqlite import queries as Q
 
         path = self.mktemp()
         conn = connect(path)
@@ -256,7 +256,7 @@ class QueueDepthTests(SynchronousTestCase):
 
     def test_reads_only_unfinished_envelopes(self) -> None:
         """Its queries walk the partial index of unfinished envelopes, never every recipient row."""
-        from mmgun.store import _sqlite_queries as Q
+        from mmgun.store.sqlite import queries as Q
 
         conn = connect(self.path)
         self.addCleanup(conn.close)

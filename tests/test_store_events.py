@@ -175,7 +175,7 @@ class SuppressionTests(SynchronousTestCase):
 
     def test_clearing_a_long_list_goes_in_batches(self) -> None:
         """issue 14 (review): emptying a list deletes it all, a bounded batch per transaction."""
-        from mmgun.store import sqlite as backend
+        from mmgun.store.sqlite import store as backend
 
         self.patch(backend, "CLEAR_BATCH", 3)
         result(self, self.store.add_suppressions([Suppression("c1", "complaint", f"u{i}@x.example", 1.0) for i in range(8)]))

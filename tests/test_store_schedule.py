@@ -14,8 +14,8 @@ import uuid
 from twisted.trial.unittest import SynchronousTestCase
 
 from mmgun.admin import main
-from mmgun.store import EnvelopeOutcome, NewSubmission, RecipientOutcome, _sqlite_queries as Q, submission_status
-from mmgun.store.sqlite import SQLiteStore, connect
+from mmgun.store import EnvelopeOutcome, NewSubmission, RecipientOutcome, submission_status
+from mmgun.store.sqlite import SQLiteStore, connect, queries as Q
 
 from .helpers import result, sync_store
 

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mmgun.dispatcher import WebhookDispatcher
+from mmgun.dispatcher import RECORD_DELAY, WebhookDispatcher
 from mmgun.store import EnvelopeOutcome, NewSubmission, RecipientOutcome, Webhook, WebhookRetry
 from mmgun.store.sqlite import SQLiteStore
 from mmgun.web.signing import DOMAIN_CACHE_SECONDS
@@ -575,6 +575,45 @@ class ReviewTests(DispatchCase):
         self.assertEqual(sorted(hooks.recipients()), ["m0@x.example", "m2@x.example"])
         waiting = self.retries()
         self.assertEqual(sorted((r.event.recipient, r.attempts) for r in waiting), [(a, 2) for a in sorted(refuse)])
+
+    async def test_retries_recorded_as_they_end_not_when_the_slowest_does(self) -> None:
+        """
+        review 2 item 2: acme's and zeta's events wait as retries; when they are due,
+        acme's receiver holds its POST while zeta's answers 200.  zeta's retry leaves the
+        in-flight set as soon as its POST ends and is recorded (deleted) within
+        RECORD_DELAY, one write, while acme's still hangs; acme's is recorded when it ends.
+        """
+        acme = Hooks(lambda: self.key(), mode="fail")
+        zeta = Hooks(lambda: self.key("zeta"), mode="fail")
+        self.webhook(self.serve(acme), "wa")
+        self.webhook(self.serve(zeta), "wz", client="zeta")
+        dispatcher = self.dispatcher()
+        self.delivered("a@x.example")
+        self.delivered("z@x.example", client="zeta")
+        await self.tick(dispatcher)
+        self.assertEqual((len(acme.received), len(zeta.received)), (1, 1))
+        writes: list[list[str]] = []
+        finish = self.store.finish_webhook_retries
+
+        async def counted(results: Any, lease: str) -> None:
+            writes.append([r.webhook.id for r, _, _ in results])
+            await finish(results, lease)
+
+        self.store.finish_webhook_retries = counted  # type: ignore[method-assign]
+        acme.mode, zeta.mode = "hold", "ok"
+        self.clock.advance(RETRY_SCHEDULE[0])
+        await wait_until(lambda: zeta.answered and not any(w == "wz" for w, _ in dispatcher._retrying), "zeta's retry to end")
+        self.assertEqual([w for w, _ in dispatcher._retrying], ["wa"])  # zeta's place is free already
+        self.assertEqual(writes, [])  # kept: acme's retry is still in flight
+        self.clock.advance(RECORD_DELAY)
+        self.assertEqual(writes, [["wz"]])
+        self.assertEqual(len(acme.held), 1)  # still hanging
+        db = result(self, self.store.due_webhook_retries("probe", START + 10**7, START + 10**7 + 1, 1000))
+        self.assertEqual([r.webhook.id for r in db], ["wa"])  # zeta's is deleted (delivered)
+        acme.release_all()
+        await dispatcher.settled()
+        self.assertEqual(writes, [["wz"], ["wa"]])
+        self.assertEqual(self.retries(), [])
 
     async def test_ticks_take_new_webhooks_and_renew_held_ones_every_third_of_the_lease(self) -> None:
         """

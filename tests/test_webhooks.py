@@ -899,3 +899,132 @@ class QuietLogTests(TestCase):
         # (The receivers' own server factories, the test's, may log.)
         self.assertEqual([t for t in texts if "ClientFactory" in t or "webhook POST" in t or str(port) in t], [])
         self.assertEqual((client.delivered, client.failed), (1, 1))
+
+
+# -- review 2: recursion, fairness order, DNS turns ------------------------------------
+
+
+class CachedAnswers:
+    """
+    A twisted.names-style upstream: every A question is answered C{address} (or
+    NODATA when L{None}), every other type NODATA (an SOA), when the test calls
+    L{answer_all}; records the names asked.
+    """
+
+    def __init__(self, address: str | None) -> None:
+        self.address = address
+        self.pending: list[Any] = []
+        self.asked: list[bytes] = []
+
+    def query(self, q: dns.Query, timeout: Any = None) -> Deferred[Any]:
+        self.asked.append(q.name.name)
+        d: Deferred[Any] = Deferred()
+        soa = dns.RRHeader(q.name.name, dns.SOA, dns.IN, 300, dns.Record_SOA(b"ns", b"h", minimum=300, ttl=300))
+        if q.type == dns.A and self.address is not None:
+            answer: Any = ([dns.RRHeader(q.name.name, dns.A, dns.IN, 300, dns.Record_A(self.address, 300))], [], [])
+        else:
+            answer = ([], [soa], [])
+        self.pending.append(lambda: d.callback(answer))
+        return d
+
+    def answer_all(self) -> None:
+        while self.pending:
+            self.pending.pop(0)()
+
+
+class ReviewTwoTests(SynchronousTestCase):
+    def _queued_posts_all_end(self, address: str | None, reason: str) -> None:
+        from mmgun.mx import CachingResolver
+
+        reactor = MemoryReactorClock()
+        upstream = CachedAnswers(address)
+        client = WebhookClient(reactor, allow_private=False, dns=CachingResolver(cast(Any, upstream), reactor))
+        posts = [Deferred.fromCoroutine(client.post("http://hook.example/x", b"{}", client="a")) for _ in range(500)]
+        posts += [Deferred.fromCoroutine(client.post(f"http://hook.example:{8000 + n}/x", b"{}", client="b")) for n in range(100)]
+        self.assertEqual(client.slots.held, {"a": 4, "b": 8})  # the rest queued behind the first lookups
+        upstream.answer_all()  # the first POSTs fail; every later one fails at once, from the cache
+        reasons = {self.successResultOf(d).reason for d in posts}
+        self.assertEqual(reasons, {reason})
+        self.assertEqual((client.slots.in_use, client.slots.held, client.failed), (0, {}, 600))
+        self.assertEqual((client._per_receiver, client._per_client), ({}, {}))
+        self.assertEqual(reactor.tcpClients, [])
+
+    def test_queued_posts_to_a_cached_refused_address_all_end(self) -> None:
+        """
+        review 2 item 1: 600 queued POSTs (two clients, one receiver and 100) to a name whose
+        cached answer is 10.0.0.1 each fail at once when their turn comes; the hand-overs
+        loop instead of recursing (no RecursionError), every POST ends refused and every
+        slot and turn is free afterwards.
+        """
+        self._queued_posts_all_end("10.0.0.1", "refused address hook.example: 10.0.0.1 (private) (see --webhook-allow-private)")
+
+    def test_queued_posts_to_a_cached_nodata_name_all_end(self) -> None:
+        """review 2 item 1: the same with a cached NODATA answer: every POST ends "has no address", every slot free."""
+        self._queued_posts_all_end(None, "hook.example has no address")
+
+    def test_client_at_its_cap_holds_no_turn_of_a_shared_receiver(self) -> None:
+        """
+        review 2 item 3: client A holds its 8 slots with POSTs to two receivers that never
+        answer and queues 4 more to a receiver it shares with B; A's queued POSTs take none
+        of the shared receiver's 4 turns, so B's POST to it connects at once.
+        """
+        reactor = MemoryReactorClock()
+
+        @implementer(IHostnameResolver)
+        class Hang:
+            def resolveHostName(
+                self,
+                receiver: IResolutionReceiver,
+                host: str,
+                portNumber: int = 0,
+                addressTypes: Any = None,
+                transportSemantics: str = "TCP",
+            ) -> IHostResolution:
+                resolution = _Resolution(host)
+                receiver.resolutionBegan(resolution)
+                if host == "shared.example":
+                    receiver.addressResolved(IPv4Address("TCP", PUBLIC, 80))
+                    receiver.resolutionComplete()
+                return resolution  # the slow ones never answer
+
+        client = WebhookClient(reactor, allow_private=True, resolver=Hang(), timeout=5.0)
+        for n in range(8):
+            Deferred.fromCoroutine(client.post(f"http://slow{n % 2}.example/", b"{}", client="A"))
+        for _ in range(4):
+            Deferred.fromCoroutine(client.post("http://shared.example/", b"{}", client="A"))
+        self.assertEqual(client.in_flight("http://shared.example/"), 0)
+        b = Deferred.fromCoroutine(client.post("http://shared.example/", b"{}", client="B"))
+        self.assertEqual(client.slots.held, {"A": 8, "B": 1})
+        self.assertEqual([host for host, *_ in reactor.tcpClients], [PUBLIC])
+        reactor.advance(5.0)
+        self.assertIn("within 5s", self.successResultOf(b).reason)
+
+    def test_cached_names_need_no_lookup_turn_and_turns_match_the_slots(self) -> None:
+        """
+        review 2 item 4: two hostile clients fill 16 POST slots with names whose lookups
+        never answer (32 lookups: A and AAAA); a third client's POST to a cached name is
+        answered (refused) at once, and a fourth's to a new name is looked up at once:
+        lookup turns default to the 32 slots, so the hostile names cannot use them all.
+        """
+        from mmgun.mx import CachingResolver
+
+        reactor = MemoryReactorClock()
+        upstream = CachedAnswers("10.0.0.1")
+        client = WebhookClient(reactor, allow_private=False, dns=CachingResolver(cast(Any, upstream), reactor), timeout=5.0)
+        cached = Deferred.fromCoroutine(client.post("http://cached.example/", b"{}", client="warm"))  # fills the cache
+        upstream.answer_all()
+        self.assertFalse(self.successResultOf(cached).ok)
+        upstream.asked.clear()
+        hostile = [
+            Deferred.fromCoroutine(client.post(f"http://h{n}.{who}.example/", b"{}", client=who))
+            for who in ("evil", "worse")
+            for n in range(8)
+        ]
+        self.assertEqual(len(upstream.pending), 32)
+        again = Deferred.fromCoroutine(client.post("http://cached.example/", b"{}", client="acme"))
+        self.assertIn("refused address cached.example: 10.0.0.1", self.successResultOf(again).reason)
+        self.assertNotIn(b"cached.example", upstream.asked)
+        Deferred.fromCoroutine(client.post("http://new.example/", b"{}", client="zeta"))
+        self.assertEqual(upstream.asked[-2:], [b"new.example", b"new.example"])
+        reactor.advance(5.0)
+        self.assertTrue(all("within 5s" in self.successResultOf(d).reason for d in hostile))

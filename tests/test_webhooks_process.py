@@ -347,6 +347,33 @@ class SupervisionTests(SynchronousTestCase):
     def spawns(self) -> int:
         return len(self.reactor.spawned)
 
+    def test_a_child_ending_during_shutdown_is_not_started_again(self) -> None:
+        """issue 14 (review): once the process is shutting down (systemd signalled the child too), no new child."""
+        self.service.shutting_down()
+        self.reactor.end()
+        self.clock.advance(60)
+        self.assertEqual(self.spawns(), 1)
+        self.assertEqual([e["log_level"].name for e in self.events if "ended" in e.get("log_format", "")], ["info"])
+
+    def test_child_starts_in_the_folder_mmgun_started_in(self) -> None:
+        """issue 14 (review): under twistd --rundir, a relative --database still means the parent's file for the child."""
+        here = os.getcwd()
+        elsewhere = self.mktemp()
+        os.makedirs(elsewhere)
+        os.chdir(elsewhere)  # as twistd --rundir does after makeService
+        self.addCleanup(os.chdir, here)
+        self.reactor.end()
+        self.clock.advance(1)
+        self.assertEqual(self.reactor.paths, [here, here])
+
+    def test_a_line_the_log_reader_chokes_on_is_kept_as_text(self) -> None:
+        """issue 14 (review): a JSON line eventFromJSON raises on (not ValueError) does not stop the reading of the child's log."""
+        protocol = self.reactor.spawned[-1][0]
+        # An unknown class UUID: eventFromJSON raises KeyError, not ValueError.
+        protocol.childDataReceived(1, b'{"log_time": 1, "x": {"__class_uuid__": "02E59486-F24D-46AD-8224-3ACDF2A5732B"}}\n')
+        protocol.childDataReceived(1, b'{"log_time": 2.0, "log_format": "after", "log_namespace": "n", "log_level": {"__class_uuid__": "02E59486-F24D-46AD-8224-3ACDF2A5732A", "name": "info"}}\n')
+        self.assertIn("after", [e.get("log_format") for e in self.logged])
+
     def test_back_off_of_restarts(self) -> None:
         """
         issue 14 (speed) item 1: a child that keeps dying is started again after 1, 2, 4, 8,
@@ -464,3 +491,35 @@ def walk(service: Any) -> Any:
     if isinstance(service, (MultiService, OrderedService)):
         for child in service:
             yield from walk(child)
+
+
+class ChildFailureTextTests(SynchronousTestCase):
+    def test_a_childs_failure_keeps_its_text_in_the_parents_log(self) -> None:
+        """issue 14 (review): a failure the child logs reaches the parent's text log with its exception and message."""
+        import io
+        import json
+
+        from twisted.logger import Logger as _Logger
+
+        from mmgun import logs
+        from mmgun.supervisor import ChildProcess
+
+        out = io.StringIO()
+        self.patch(logs.sys, "stdout", out)
+        child_log = _Logger(namespace="mmgun.dispatcher", observer=logs.json_observer())
+        try:
+            raise ZeroDivisionError("division by zero")
+        except ZeroDivisionError:
+            child_log.failure("following the feed failed")
+        line = out.getvalue().strip()
+        self.assertIn("ZeroDivisionError", json.loads(line)["mmgun_traceback"])
+        published: list[Any] = []
+        owner = ChildProcess("webhooks", cast(Any, StubReactor()), argv=["x"], env={}, stop_timeout=1.0, publisher=published.append)  # type: ignore[arg-type]
+        from twisted.logger import eventFromJSON
+
+        owner.publish(eventFromJSON(line), 4321)
+        text = logs.format_classic(published[0])
+        assert text is not None
+        self.assertIn("[webhooks 4321] following the feed failed", text)
+        self.assertIn("ZeroDivisionError: division by zero", text)
+        self.assertNotIn("unpersistable", text)

@@ -2,14 +2,17 @@
 The queue: the one interface through which every role reads and writes state.
 
 Everything that speaks SQL lives in this package. The rest of mmgun sees the
-:class:`Store` protocol and the plain records below, so that a PostgreSQL
-implementation is an addition next to :mod:`mmgun.store.sqlite`, not a rewrite.
+:class:`Store` protocol and the plain records below, and gets its store from
+:func:`open_store` or :func:`open_admin_store`, which choose the backend from
+``--database``; so that a PostgreSQL implementation is a subpackage next to
+:mod:`mmgun.store.sqlite`, not a rewrite. What every backend shares lives here
+(the records, the protocol) and in :mod:`mmgun.store.group` (group commit).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -37,8 +40,15 @@ __all__ = [
     "Store",
     "StorageError",
     "SubmissionState",
+    "UnsupportedDatabase",
+    "open_admin_store",
+    "open_store",
     "submission_status",
 ]
+
+
+#: How long an Idempotency-Key is remembered: a replay within it gets the original submission.
+IDEMPOTENCY_WINDOW = 24 * 3600.0
 
 
 class StorageError(Exception):
@@ -55,6 +65,10 @@ class DatabaseGone(StorageError):
 
 class DatabaseFull(StorageError):
     """The database or its file system is full (SQLITE_FULL); the write was rolled back and may be retried."""
+
+
+class UnsupportedDatabase(StorageError):
+    """``--database`` names a kind of database this mmgun cannot use (yet): one line for the operator."""
 
 
 class Conflict(Exception):
@@ -557,8 +571,13 @@ class Store(Protocol):
     async def clean_events(self, before: float, limit: int) -> int:
         """Delete up to ``limit`` of the oldest events, those from before ``before``; return how many."""
 
-    async def vacuum(self, pages: int) -> None:
-        """Give up to ``pages`` free pages back to the file system (a no-op where meaningless)."""
+    async def upkeep(self) -> None:
+        """
+        The backend's own housekeeping, run by the cleaner after a pass that deleted
+        something; bounded, so writers wait for it only briefly. SQLite hands a bounded
+        number of free pages back to the file system (incremental vacuum); a backend whose
+        database does its own (PostgreSQL's autovacuum) may do nothing.
+        """
 
     # -- the operator (mmgun queue / stats) and the metrics -----------------------
 
@@ -771,3 +790,41 @@ class Store(Protocol):
         """
 
     async def close(self) -> None: ...
+
+
+#: The URL schemes of a PostgreSQL ``--database`` (libpq takes both).
+_POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _check_backend(database: str) -> None:
+    """Raise UnsupportedDatabase unless ``database`` names a backend this mmgun has: a file path (SQLite)."""
+    if database.lower().startswith(_POSTGRESQL_SCHEMES):
+        raise UnsupportedDatabase(
+            "PostgreSQL databases (--database postgresql://…) are not supported yet; give the path of an SQLite file"
+        )
+
+
+def open_store(database: str, reactor: Any) -> Store:
+    """
+    The daemon's store on ``database`` (``--database``): a file path is an SQLite file,
+    created and migrated to the newest schema here, its transactions run on ``reactor``'s
+    thread pool. Raises StorageError (one line for the operator) when it cannot be used.
+    """
+    _check_backend(database)
+    from .sqlite import SQLiteStore
+
+    return SQLiteStore.open(database, reactor)
+
+
+def open_admin_store(database: str, *, create: bool = False) -> Store:
+    """
+    The ``mmgun`` command's store on ``database``. Without ``create`` it never creates the
+    database nor changes its schema (a typo in a path must not leave an empty queue behind):
+    StorageError unless the daemon has made it. With ``create`` (commands that add clients
+    or keys, which may run before the daemon's first start) it is created or upgraded.
+    Synchronous for now: its calls have finished when they return (the command runs no reactor).
+    """
+    _check_backend(database)
+    from .sqlite import SQLiteStore
+
+    return SQLiteStore.open_sync(database) if create else SQLiteStore.open_existing(database)

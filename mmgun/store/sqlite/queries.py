@@ -1,4 +1,4 @@
-"""Every SQL statement of the SQLite store, named. Nothing outside mmgun.store uses these."""
+"""Every SQL statement of the SQLite store, named. Nothing outside mmgun.store.sqlite uses these."""
 
 from __future__ import annotations
 

@@ -1,0 +1,764 @@
+"""
+The SQLite store's transactions: plain functions on a connection, run inside
+``BEGIN … COMMIT`` by a runner (:mod:`mmgun.store.sqlite.runners`), one per store
+method (:mod:`mmgun.store.sqlite.store`). Every statement comes from
+:mod:`mmgun.store.sqlite.queries`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from twisted.logger import Logger
+
+from .. import (
+    IDEMPOTENCY_WINDOW,
+    LAST_ID,
+    ClaimedEnvelope,
+    Conflict,
+    DomainKey,
+    EnvelopeOutcome,
+    Event,
+    EventCursor,
+    IdempotencyConflict,
+    InDelivery,
+    KeyInfo,
+    NewSubmission,
+    NotInQueue,
+    QueueDepth,
+    QueueEntry,
+    QueueStats,
+    RecipientOutcome,
+    RecipientState,
+    SendingDomain,
+    StoredKey,
+    SubmissionState,
+    Suppression,
+    Webhook,
+    WebhookRetry,
+)
+from . import queries as Q
+
+_log = Logger()
+
+#: Most submissions one /status by Message-ID reads (a batch has one per recipient).
+MAX_BY_MESSAGE_ID = 10_000
+
+
+class _Events:
+    """
+    The events one transaction writes. The transaction's feed number is taken when this is
+    made, before any savepoint, so that no rollback to a savepoint can give it back.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        (self.seq,) = conn.execute(Q.NEXT_FEED_SEQ).fetchone()
+
+    def add(self, rows: list[tuple[Any, ...]]) -> None:
+        """Rows made by :func:`_event`."""
+        if rows:
+            seq = self.seq
+            self._conn.executemany(Q.INSERT_EVENT, [(seq, *row) for row in rows])
+
+
+def _event(
+    client: str,
+    submission_id: str,
+    domain: str,
+    recipient: str,
+    event: str,
+    at: float,
+    *,
+    severity: str | None = None,
+    reason: str | None = None,
+    attempt: int | None = None,
+    reply: str | None = None,
+    mx_host: str | None = None,
+) -> tuple[Any, ...]:
+    """An event row for :meth:`_Events.add`: Q.INSERT_EVENT's parameters after seq."""
+    return (client, domain, submission_id, recipient, event, severity, reason, attempt, reply, mx_host, at)
+
+
+def _sender_domain(sender: str) -> str:
+    return sender.rpartition("@")[2].lower()
+
+
+def _add_submissions_txn(conn: sqlite3.Connection, batch: list[NewSubmission]) -> list[str | Exception]:
+    results: list[str | Exception] = []
+    events = _Events(conn)
+    for submission in batch:
+        conn.execute(Q.SAVEPOINT)
+        try:
+            results.append(_add_one(conn, submission, events))
+        except IdempotencyConflict as e:
+            conn.execute(Q.ROLLBACK_TO)
+            results.append(e)
+        conn.execute(Q.RELEASE)
+    return results
+
+
+def _add_batch_txn(conn: sqlite3.Connection, batch: list[NewSubmission]) -> list[str]:
+    events = _Events(conn)
+    return [_add_one(conn, submission, events) for submission in batch]
+
+
+#: The last_reply of a test-mode recipient.
+TEST_MODE_REPLY = "not delivered: test mode (o:testmode)"
+
+
+def _suppressed(conn: sqlite3.Connection, s: NewSubmission) -> dict[str, tuple[str, str | None]]:
+    """The recipients of ``s`` on one of its client's suppression lists: address → (kind, the entry's error)."""
+    # Every spelling of an address is the address: "Bob@x" and "bob@x" are both stopped.
+    spellings: dict[str, list[str]] = {}
+    for address in s.recipients:
+        spellings.setdefault(address.lower(), []).append(address)
+    found: dict[str, tuple[str, str | None]] = {}
+    rows = conn.execute(Q.SUPPRESSED_AMONG, {"client": s.client, "addresses": json.dumps(sorted(spellings))}).fetchall()
+    for address, kind, error, tags in sorted(rows, key=lambda row: SUPPRESSION_ORDER.get(row[1], 99)):
+        if kind == "unsubscribe" and tags:
+            limited = set(json.loads(tags))
+            if "*" not in limited and not limited & set(s.tags):
+                continue
+        for spelling in spellings[address]:
+            found.setdefault(spelling, (kind, error))
+    return found
+
+
+#: Which list a recipient on several is reported as failing on.
+SUPPRESSION_ORDER = {"bounce": 0, "complaint": 1, "unsubscribe": 2}
+
+
+def suppressed_reply(kind: str, error: str | None) -> str:
+    """The last_reply of a recipient not sent to because it is on a suppression list."""
+    reply = f"suppressed: the address is on this client's {kind} list"
+    return f"{reply} ({error})" if error else reply
+
+
+def _add_one(conn: sqlite3.Connection, s: NewSubmission, events: _Events) -> str:
+    if s.idempotency_key is not None:
+        row = conn.execute(Q.FIND_IDEMPOTENT, (s.client, s.idempotency_key)).fetchone()
+        if row is not None:
+            existing_id, request_hash, created_at = row
+            if created_at + IDEMPOTENCY_WINDOW > s.created_at:
+                if request_hash != s.request_hash:
+                    raise IdempotencyConflict(s.idempotency_key)
+                return str(existing_id)
+            conn.execute(Q.FORGET_IDEMPOTENCY_KEY, (existing_id,))
+    start = s.starts_at()
+    suppressed = {} if s.test_mode else _suppressed(conn, s)
+    # Nothing left to deliver (test mode, or every recipient suppressed): finished when queued.
+    finished = s.test_mode or all(a in suppressed for a in s.recipients)
+    conn.execute(
+        Q.INSERT_SUBMISSION,
+        (
+            s.id,
+            s.client,
+            s.sender,
+            s.created_at,
+            s.idempotency_key,
+            s.request_hash,
+            None if finished else s.message,
+            start if start > s.created_at else None,
+            json.dumps(list(s.tags)) if s.tags else None,
+            s.metadata,
+            s.message_id,
+            s.created_at if finished else None,
+        ),
+    )
+    domain = _sender_domain(s.sender)
+    rows = [_event(s.client, s.id, domain, address, "accepted", s.created_at) for address in s.recipients]
+    if s.test_mode:
+        for envelope_domain, addresses in s.envelopes().items():
+            envelope_id = conn.execute(Q.INSERT_ENVELOPE_DONE, (s.id, envelope_domain, start, start)).lastrowid
+            conn.executemany(
+                Q.INSERT_RECIPIENT_TEST_MODE,
+                [(envelope_id, i, s.id, a, TEST_MODE_REPLY, s.created_at) for i, a in enumerate(addresses)],
+            )
+        rows += [
+            _event(s.client, s.id, domain, a, "delivered", s.created_at, reason="testmode", attempt=0, reply=TEST_MODE_REPLY)
+            for a in s.recipients
+        ]
+        events.add(rows)
+        return s.id
+    for envelope_domain, addresses in s.envelopes().items():
+        live = [a for a in addresses if a not in suppressed]
+        # A scheduled envelope enters the queue at send_at: not claimed before, and its
+        # queue lifetime and age count from then. One whose recipients are all suppressed is done.
+        insert = Q.INSERT_ENVELOPE if live else Q.INSERT_ENVELOPE_DONE
+        envelope_id = conn.execute(insert, (s.id, envelope_domain, start, start)).lastrowid
+        conn.executemany(
+            Q.INSERT_RECIPIENT,
+            [(envelope_id, i, s.id, a, s.created_at) for i, a in enumerate(addresses) if a not in suppressed],
+        )
+        failed = []
+        for i, a in enumerate(addresses):
+            if a in suppressed:
+                kind, error = suppressed[a]
+                reply = suppressed_reply(kind, error)
+                failed.append((envelope_id, i, s.id, a, reply, s.created_at))
+                rows.append(
+                    _event(s.client, s.id, domain, a, "failed", s.created_at, severity="permanent", reason=f"suppress-{kind}", attempt=0, reply=reply)
+                )
+        conn.executemany(Q.INSERT_RECIPIENT_FAILED, failed)
+    events.add(rows)
+    return s.id
+
+
+def _submission_txn(
+    conn: sqlite3.Connection, client: str, submission_id: str, now: float | None
+) -> SubmissionState | None:
+    head = conn.execute(Q.SUBMISSION_OWNER, (submission_id, client)).fetchone()
+    if head is None:
+        return None
+    send_at, tags, metadata = head
+    rows = conn.execute(Q.SUBMISSION_RECIPIENTS, (submission_id,)).fetchall()
+    recipients = tuple(RecipientState(*row) for row in rows)
+    if send_at is not None and now is not None and send_at > now:
+        # Nothing is attempted before send_at: a queued recipient is waiting for it.
+        recipients = tuple(attrs.evolve(r, status="scheduled") if r.status == "queued" else r for r in recipients)
+    return SubmissionState(
+        submission_id, recipients, tags=tuple(json.loads(tags)) if tags else (), metadata=metadata, send_at=send_at
+    )
+
+
+def _submissions_by_message_id_txn(
+    conn: sqlite3.Connection, client: str, message_id: str, now: float | None
+) -> list[SubmissionState]:
+    parameters = {"client": client, "message_id": message_id, "limit": MAX_BY_MESSAGE_ID}
+    ids = [row[0] for row in conn.execute(Q.SUBMISSIONS_BY_MESSAGE_ID, parameters)]
+    return [state for state in (_submission_txn(conn, client, i, now) for i in ids) if state is not None]
+
+
+def _claim_txn(
+    conn: sqlite3.Connection,
+    lease: str,
+    now: float,
+    expires: float,
+    limit: int,
+    max_bytes: int | None,
+    held: list[str],
+    always_one: bool,
+) -> list[ClaimedEnvelope]:
+    candidates = conn.execute(Q.CLAIM_CANDIDATES, (now, limit)).fetchall()
+    if not candidates:
+        return []
+    chosen: list[int] = []
+    counted = set(held)
+    total = 0
+    for eid, sid, size in candidates:
+        if sid not in counted:
+            # In next_attempt order, up to the first message that does not fit (skipping it
+            # for smaller ones would starve it); with always_one, the first envelope goes anyway.
+            if max_bytes is not None and total + size > max_bytes and (chosen or not always_one):
+                break
+            counted.add(sid)
+            total += size
+        chosen.append(eid)
+    claimed = conn.execute(Q.CLAIM, (lease, expires, json.dumps(chosen))).fetchall()
+    ids = json.dumps([row[0] for row in claimed])
+    submissions = json.dumps(sorted({row[1] for row in claimed}))
+    # One bytes object per submission, shared by all its envelopes.
+    details = {
+        sid: (sender, message or b"", client)
+        for sid, sender, client, message in conn.execute(Q.CLAIMED_SUBMISSIONS, {"ids": submissions, "held": json.dumps(held)})
+    }
+    pending: dict[int, list[str]] = {}
+    for eid, address in conn.execute(Q.PENDING_RECIPIENTS, (ids,)):
+        pending.setdefault(eid, []).append(address)
+    claimed.sort()
+    return [
+        ClaimedEnvelope(
+            id=eid,
+            submission_id=sid,
+            domain=domain,
+            sender=details[sid][0],
+            recipients=tuple(pending.get(eid, ())),
+            message=details[sid][1],
+            attempts=attempts,
+            created_at=created_at,
+            lease=lease,
+            client=details[sid][2],
+        )
+        for eid, sid, domain, attempts, created_at in claimed
+    ]
+
+
+def _reclaim_txn(conn: sqlite3.Connection, now: float, prefix: str) -> int:
+    return conn.execute(Q.RECLAIM_IDENTITY, (now, len(prefix), prefix)).rowcount
+
+
+def _due_unattempted_txn(conn: sqlite3.Connection, now: float) -> int:
+    return conn.execute(Q.DUE_UNATTEMPTED, {"now": now}).rowcount
+
+
+def _renew_txn(conn: sqlite3.Connection, rows: list[tuple[float, int, str]]) -> None:
+    conn.executemany(Q.RENEW, rows)
+
+
+def _record_many_txn(conn: sqlite3.Connection, batches: list[tuple[Sequence[EnvelopeOutcome], float]]) -> list[None]:
+    events = _Events(conn)
+    for outcomes, now in batches:
+        _record_txn(conn, outcomes, now, events)
+    return [None] * len(batches)
+
+
+def _outcome_event(envelope: ClaimedEnvelope, r: RecipientOutcome, attempt: int, now: float) -> tuple[Any, ...]:
+    if r.status == "sent":
+        kind, severity, reason = "delivered", None, None
+    elif r.status == "deferred":
+        kind, severity, reason = "failed", "temporary", None
+    else:
+        kind, severity = "failed", "permanent"
+        reason = r.reason if r.reason is not None else ("bounce" if r.reply[:1] == "5" else "generic")
+    return _event(
+        envelope.client,
+        envelope.submission_id,
+        _sender_domain(envelope.sender),
+        r.address,
+        kind,
+        now,
+        severity=severity,
+        reason=reason,
+        attempt=attempt,
+        reply=r.reply,
+        mx_host=r.mx_host,
+    )
+
+
+def _reply_code(reply: str) -> str | None:
+    code = reply[:3]
+    return code if len(code) == 3 and code.isdigit() else None
+
+
+def _record_txn(conn: sqlite3.Connection, outcomes: Sequence[EnvelopeOutcome], now: float, events: _Events) -> None:
+    for outcome in outcomes:
+        envelope = outcome.envelope
+        if conn.execute(Q.LEASE_HELD, (envelope.id, envelope.lease)).fetchone() is None:
+            _log.warn("lease on envelope {envelope} was lost; result not recorded", envelope=envelope.id)
+            continue
+        attempted = 1 if outcome.attempted else 0
+        conn.executemany(
+            Q.UPDATE_RECIPIENT,
+            [(r.status, attempted, r.reply, now, envelope.id, r.address) for r in outcome.recipients],
+        )
+        # The pending recipients of an envelope have been attempted as often as it has.
+        attempt = envelope.attempts + attempted
+        events.add(
+            [
+                _outcome_event(envelope, r, attempt, now)
+                for r in outcome.recipients
+                if outcome.attempted or r.status != "deferred"
+            ]
+        )
+        bounced = [r for r in outcome.recipients if r.bounce and r.status == "failed"]
+        conn.executemany(
+            Q.ADD_BOUNCE_FROM_SUBMISSION,
+            [
+                {"address": r.address.lower(), "code": _reply_code(r.reply), "error": r.reply, "at": now, "submission_id": envelope.submission_id}
+                for r in bounced
+            ],
+        )
+        next_attempt = outcome.next_attempt if outcome.next_attempt is not None else now
+        (done,) = conn.execute(Q.FINISH_ENVELOPE, (attempted, next_attempt, envelope.id, envelope.lease)).fetchone()
+        if done:
+            conn.execute(Q.FINISH_SUBMISSION, (now, envelope.submission_id, envelope.submission_id))
+
+
+def _clean_txn(conn: sqlite3.Connection, before: float, limit: int, keys_before: float) -> int:
+    # Two index ranges, neither of which skips rows it may not delete: a submission with a
+    # key finished before the window began was created before it too (created <= finished).
+    deleted = conn.execute(Q.DELETE_FINISHED, {"before": min(before, keys_before), "limit": limit}).rowcount
+    if deleted < limit and before > keys_before:
+        deleted += conn.execute(
+            Q.DELETE_FINISHED_WITHOUT_KEY, {"before": before, "limit": limit - deleted}
+        ).rowcount
+    return deleted
+
+
+def _vacuum(conn: sqlite3.Connection, pages: int) -> None:
+    # executescript steps the pragma to its end; execute() stops after its first step (it returns no
+    # columns, so the sqlite3 module resets it at once), which frees one page.
+    conn.executescript(Q.INCREMENTAL_VACUUM.format(pages=pages))
+
+
+def _ping_txn(conn: sqlite3.Connection) -> None:
+    conn.execute(Q.PING).fetchone()
+
+
+def _queue_entries_txn(conn: sqlite3.Connection, now: float, status: str | None, domain: str | None) -> list[QueueEntry]:
+    rows = conn.execute(Q.QUEUE_ENVELOPES, {"now": now, "status": status, "domain": domain}).fetchall()
+    pending: dict[int, list[str]] = {}
+    replies: dict[int, tuple[float, str]] = {}
+    for eid, address, reply, updated_at in conn.execute(Q.QUEUE_RECIPIENTS, (json.dumps([row[0] for row in rows]),)):
+        pending.setdefault(eid, []).append(address)
+        if reply is not None and (eid not in replies or updated_at >= replies[eid][0]):
+            replies[eid] = (updated_at, reply)
+    return [
+        QueueEntry(
+            envelope_id=eid,
+            submission_id=sid,
+            client=client,
+            domain=domain,
+            recipients=tuple(pending.get(eid, ())),
+            attempts=attempts,
+            next_attempt=next_attempt,
+            last_reply=replies[eid][1] if eid in replies else None,
+            created_at=created_at,
+            leased=bool(leased),
+            scheduled=bool(scheduled),
+        )
+        for eid, sid, client, domain, attempts, next_attempt, leased, created_at, scheduled in rows
+    ]
+
+
+def _queue_stats_txn(conn: sqlite3.Connection, now: float, top_domains: int) -> QueueStats:
+    recipients = tuple(conn.execute(Q.RECIPIENTS_BY_STATUS).fetchall())
+    unfinished, in_delivery, oldest = conn.execute(Q.UNFINISHED_SUMMARY, {"now": now}).fetchone()
+    domains = tuple(conn.execute(Q.BACKLOG_BY_DOMAIN, (top_domains,)).fetchall())
+    return QueueStats(recipients, unfinished, in_delivery, oldest, domains)
+
+
+def _queue_depth_txn(conn: sqlite3.Connection, now: float) -> QueueDepth:
+    recipients = tuple(conn.execute(Q.PENDING_BY_STATUS).fetchall())
+    unfinished, in_delivery, oldest = conn.execute(Q.UNFINISHED_SUMMARY, {"now": now}).fetchone()
+    return QueueDepth(recipients, unfinished, in_delivery, oldest)
+
+
+def _match_queued(conn: sqlite3.Connection, ids: list[str], now: float) -> list[tuple[int, str, bool, float]]:
+    """The unfinished envelopes named by envelope or submission id; NotInQueue if any id matches none."""
+    numbers = {i: str(int(i)) for i in ids if i.isascii() and i.isdigit()}
+    rows = conn.execute(Q.MATCH_QUEUED, (now, json.dumps([int(n) for n in numbers.values()]), json.dumps(ids))).fetchall()
+    found = {str(eid) for eid, *_ in rows} | {sid for _, sid, *_ in rows}
+    missing = [i for i in dict.fromkeys(ids) if i not in found and numbers.get(i) not in found]
+    if missing:
+        raise NotInQueue(missing)
+    return [(eid, sid, bool(leased), next_attempt) for eid, sid, leased, next_attempt in rows]
+
+
+def _flush_deferred_txn(conn: sqlite3.Connection, now: float, ids: list[str] | None) -> tuple[int, int]:
+    selection = None if ids is None else json.dumps(sorted({row[0] for row in _match_queued(conn, ids, now)}))
+    flushed = conn.execute(Q.FLUSH_DEFERRED, {"now": now, "ids": selection}).rowcount
+    (in_delivery,) = conn.execute(Q.COUNT_IN_DELIVERY, {"now": now, "ids": selection}).fetchone()
+    return flushed, in_delivery
+
+
+def _fail_queued_txn(conn: sqlite3.Connection, ids: list[str], now: float, reply: str) -> tuple[int, int]:
+    rows = _match_queued(conn, ids, now)
+    busy = sorted((eid, until) for eid, _, leased, until in rows if leased)
+    if busy:
+        raise InDelivery([eid for eid, _ in busy], max(until for _, until in busy))
+    selection = json.dumps(sorted({row[0] for row in rows}))
+    changed = conn.execute(Q.FAIL_PENDING_RECIPIENTS_RETURNING, {"reply": reply, "now": now, "ids": selection}).fetchall()
+    failed = len(changed)
+    owners = {sid: conn.execute(Q.SUBMISSION_SENDER, (sid,)).fetchone() for sid in {row[0] for row in changed}}
+    _Events(conn).add(
+        [
+            _event(owners[sid][0], sid, _sender_domain(owners[sid][1]), address, "failed", now, severity="permanent", reason="deleted", attempt=attempts, reply=reply)
+            for sid, address, attempts in changed
+        ]
+    )
+    finished = conn.execute(Q.FINISH_FAILED_ENVELOPES, (selection,)).rowcount
+    for submission_id in sorted({row[1] for row in rows}):
+        conn.execute(Q.FINISH_SUBMISSION, (now, submission_id, submission_id))
+    return finished, failed
+
+
+def _add_client_txn(conn: sqlite3.Connection, client: str, now: float) -> None:
+    if conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is not None:
+        raise Conflict(f"client {client} already exists")
+    conn.execute(Q.INSERT_CLIENT, (client, now))
+
+
+def _client_exists_txn(conn: sqlite3.Connection, client: str) -> bool:
+    return conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is not None
+
+
+def _add_key_txn(conn: sqlite3.Connection, client: str, key_id: str, key_hash: bytes, now: float) -> None:
+    if conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is None:
+        raise Conflict(f"no client {client} (add it first: mmgun clients add {client})")
+    conn.execute(Q.INSERT_KEY, (key_id, client, key_hash, now))
+
+
+def _list_keys_txn(conn: sqlite3.Connection, client: str) -> list[KeyInfo]:
+    if conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is None:
+        raise Conflict(f"no client {client}")
+    return [KeyInfo(*row) for row in conn.execute(Q.LIST_KEYS, (client,))]
+
+
+def _revoke_key_txn(conn: sqlite3.Connection, key_id: str, now: float) -> bool:
+    if conn.execute(Q.KEY_EXISTS, (key_id,)).fetchone() is None:
+        raise Conflict(f"no API key {key_id}")
+    return conn.execute(Q.REVOKE_KEY, (now, key_id)).rowcount == 1
+
+
+def _find_key_txn(conn: sqlite3.Connection, key_id: str) -> StoredKey | None:
+    row = conn.execute(Q.FIND_KEY, (key_id,)).fetchone()
+    return None if row is None else StoredKey(row[0], bytes(row[1]), bool(row[2]))
+
+
+def _key_ids_txn(conn: sqlite3.Connection) -> set[str]:
+    return {key_id for (key_id,) in conn.execute(Q.ALL_KEY_IDS)}
+
+
+def _touch_keys_txn(conn: sqlite3.Connection, used: Sequence[tuple[str, float]]) -> None:
+    conn.executemany(Q.TOUCH_KEY, [(when, key_id) for key_id, when in used])
+
+
+def _queued_by_client_txn(conn: sqlite3.Connection) -> dict[str, int]:
+    return dict(conn.execute(Q.QUEUED_BY_CLIENT).fetchall())
+
+
+def _queued_bytes_by_client_txn(conn: sqlite3.Connection) -> dict[str, int]:
+    return {client: size or 0 for client, size in conn.execute(Q.QUEUED_BYTES_BY_CLIENT)}
+
+
+def _add_domain_txn(conn: sqlite3.Connection, name: str, client: str, now: float) -> None:
+    if conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is None:
+        raise Conflict(f"no client {client} (add it first: mmgun clients add {client})")
+    row = conn.execute(Q.FIND_DOMAIN, (name,)).fetchone()
+    if row is not None:
+        raise Conflict(f"domain {name} is already registered (for client {row[1]})")
+    conn.execute(Q.INSERT_DOMAIN, (name, client, now))
+
+
+def _remove_domain_txn(conn: sqlite3.Connection, name: str) -> None:
+    if conn.execute(Q.FIND_DOMAIN, (name,)).fetchone() is None:
+        raise Conflict(f"no sending domain {name}")
+    conn.execute(Q.DELETE_DOMAIN_KEYS, (name,))
+    conn.execute(Q.DELETE_DOMAIN, (name,))
+
+
+def _domains_txn(conn: sqlite3.Connection, client: str | None) -> list[SendingDomain]:
+    rows = conn.execute(Q.ALL_DOMAINS) if client is None else conn.execute(Q.CLIENT_DOMAINS, (client,))
+    return [SendingDomain(*row) for row in rows]
+
+
+def _domain_txn(conn: sqlite3.Connection, name: str) -> SendingDomain | None:
+    row = conn.execute(Q.FIND_DOMAIN, (name,)).fetchone()
+    return None if row is None else SendingDomain(*row)
+
+
+def _add_domain_key_txn(conn: sqlite3.Connection, key: DomainKey) -> None:
+    if conn.execute(Q.FIND_DOMAIN, (key.domain,)).fetchone() is None:
+        raise Conflict(f"no sending domain {key.domain}")
+    if conn.execute(Q.DOMAIN_KEY_EXISTS, (key.domain, key.selector)).fetchone() is not None:
+        raise Conflict(f"domain {key.domain} already has a key with selector {key.selector}")
+    conn.execute(
+        Q.INSERT_DOMAIN_KEY,
+        (key.domain, key.selector, key.algorithm, key.private_key, key.public_key, key.created_at, key.retired_at),
+    )
+
+
+def _domain_key(row: tuple[Any, ...]) -> DomainKey:
+    domain, selector, algorithm, private_key, public_key, created_at, retired_at = row
+    return DomainKey(domain, selector, algorithm, bytes(private_key), public_key, created_at, retired_at)
+
+
+def _domain_keys_txn(conn: sqlite3.Connection, name: str, include_retired: bool) -> list[DomainKey]:
+    return [_domain_key(row) for row in conn.execute(Q.DOMAIN_KEYS if include_retired else Q.ACTIVE_DOMAIN_KEYS, (name,))]
+
+
+def _newest_by_algorithm(keys: list[DomainKey]) -> list[DomainKey]:
+    """The first (newest) of each algorithm in newest-first ``keys``, RSA first."""
+    newest: dict[str, DomainKey] = {}
+    for key in keys:
+        newest.setdefault(key.algorithm, key)
+    return sorted(newest.values(), key=lambda k: k.algorithm != "rsa-sha256")
+
+
+def _retire_domain_key_txn(conn: sqlite3.Connection, name: str, selector: str, now: float) -> bool:
+    keys = [_domain_key(row) for row in conn.execute(Q.DOMAIN_KEYS, (name,))]
+    key = next((k for k in keys if k.selector == selector), None)
+    if key is None:
+        raise Conflict(f"domain {name} has no key with selector {selector}")
+    if key.retired_at is not None:
+        return False
+    if key in _newest_by_algorithm([k for k in keys if k.retired_at is None]):
+        # Retiring it would sign with an older key, or not at all.
+        raise Conflict(
+            f"{selector} is the key {name} is signed with ({key.algorithm}); "
+            f"make a new one first (mmgun domains rotate {name}), then retire this one"
+        )
+    return conn.execute(Q.RETIRE_DOMAIN_KEY, (now, name, selector)).rowcount == 1
+
+
+#: Active keys signed with per algorithm: the newest and the one before it, so that after a
+#: rotate mail still passes at receivers whose DNS does not have the new record yet.
+SIGNING_KEYS_PER_ALGORITHM = 2
+
+
+def _signing_keys_txn(conn: sqlite3.Connection, name: str) -> list[DomainKey]:
+    """The active keys to sign with: the newest two of each algorithm, RSA first, then newest first."""
+    chosen: list[DomainKey] = []
+    counts: dict[str, int] = {}
+    for key in (_domain_key(row) for row in conn.execute(Q.ACTIVE_DOMAIN_KEYS, (name,))):
+        if counts.get(key.algorithm, 0) < SIGNING_KEYS_PER_ALGORITHM:
+            counts[key.algorithm] = counts.get(key.algorithm, 0) + 1
+            chosen.append(key)
+    return sorted(chosen, key=lambda k: k.algorithm != "rsa-sha256")
+
+
+def _events_txn(conn: sqlite3.Connection, query: str, parameters: Any) -> list[Event]:
+    return [
+        Event(
+            EventCursor(seq, ident),
+            client,
+            domain,
+            submission_id,
+            recipient,
+            event,
+            severity,
+            reason,
+            attempt,
+            reply,
+            mx_host,
+            created_at,
+            message_id,
+            sender,
+            tuple(json.loads(tags)) if tags else (),
+            metadata,
+        )
+        for (
+            seq,
+            ident,
+            client,
+            domain,
+            submission_id,
+            recipient,
+            event,
+            severity,
+            reason,
+            attempt,
+            reply,
+            mx_host,
+            created_at,
+            message_id,
+            sender,
+            tags,
+            metadata,
+        ) in conn.execute(query, parameters)
+    ]
+
+
+def _suppressions_txn(conn: sqlite3.Connection, query: str, parameters: Any) -> list[Suppression]:
+    return [
+        Suppression(client, kind, address, created_at, code, error, tuple(json.loads(tags)) if tags else ())
+        for client, kind, address, created_at, code, error, tags in conn.execute(query, parameters)
+    ]
+
+
+def _add_suppressions_txn(conn: sqlite3.Connection, entries: list[Suppression]) -> None:
+    conn.executemany(
+        Q.UPSERT_SUPPRESSION,
+        [
+            (e.client, e.kind, e.address.lower(), e.code, e.error, json.dumps(list(e.tags)) if e.tags else None, e.created_at)
+            for e in entries
+        ],
+    )
+
+
+def _rowcount_txn(conn: sqlite3.Connection, query: str, parameters: Any) -> int:
+    return conn.execute(query, parameters).rowcount
+
+
+def _webhook(row: tuple[Any, ...]) -> Webhook:
+    ident, client, domain, url, events, created_at, cursor_seq, cursor_id = row
+    return Webhook(ident, client, domain, url, tuple(json.loads(events)), created_at, EventCursor(cursor_seq, cursor_id))
+
+
+def _webhooks_txn(conn: sqlite3.Connection, query: str, parameters: Any) -> list[Webhook]:
+    return [_webhook(row) for row in conn.execute(query, parameters)]
+
+
+def _add_webhook_txn(conn: sqlite3.Connection, webhook: Webhook) -> Webhook:
+    (seq,) = conn.execute(Q.FEED_END).fetchone()
+    # After every event of every commit so far.
+    cursor = EventCursor(seq, LAST_ID)
+    try:
+        conn.execute(
+            Q.INSERT_WEBHOOK,
+            (webhook.id, webhook.client, webhook.domain, webhook.url, json.dumps(list(webhook.events)), webhook.created_at, cursor.seq, cursor.id),
+        )
+    except sqlite3.IntegrityError as e:
+        raise Conflict(f"a webhook with id {webhook.id} exists") from e
+    return attrs.evolve(webhook, cursor=cursor)
+
+
+def _webhook_key_txn(conn: sqlite3.Connection, client: str) -> str | None:
+    row = conn.execute(Q.WEBHOOK_KEY, (client,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _set_webhook_key_txn(conn: sqlite3.Connection, client: str, key: str, now: float, replace: bool) -> str:
+    conn.execute(Q.SET_WEBHOOK_KEY if replace else Q.ADD_WEBHOOK_KEY, (client, key, now))
+    return str(conn.execute(Q.WEBHOOK_KEY, (client,)).fetchone()[0])
+
+
+def _release_webhooks_txn(conn: sqlite3.Connection, lease: str, now: float) -> None:
+    conn.execute(Q.RELEASE_WEBHOOKS, (lease,))
+    conn.execute(Q.RELEASE_WEBHOOK_RETRIES, (now, lease))
+
+
+def _advance_webhook_txn(
+    conn: sqlite3.Connection, webhook_id: str, lease: str, cursor: EventCursor, failed: list[tuple[int, float, float, str]]
+) -> bool:
+    if conn.execute(Q.ADVANCE_WEBHOOK, (cursor.seq, cursor.id, webhook_id, lease)).rowcount == 0:
+        return False
+    conn.executemany(Q.INSERT_WEBHOOK_RETRY, [(webhook_id, event_id, first, after, error) for event_id, first, after, error in failed])
+    return True
+
+
+def _due_webhook_retries_txn(conn: sqlite3.Connection, lease: str, now: float, until: float, limit: int) -> list[WebhookRetry]:
+    rows = conn.execute(Q.LEASE_WEBHOOK_RETRIES, {"lease": lease, "now": now, "until": until, "limit": limit}).fetchall()
+    if not rows:
+        return []
+    hooks = {w.id: w for w in _webhooks_txn(conn, Q.WEBHOOKS_AMONG, (json.dumps(sorted({r[0] for r in rows})),))}
+    events = {e.cursor.id: e for e in _events_txn(conn, Q.EVENTS_BY_ID, (json.dumps(sorted({r[1] for r in rows})),))}
+    retries = [
+        WebhookRetry(hooks[hook_id], events[event_id], attempts, first_attempt, until, last_error)
+        for hook_id, event_id, attempts, first_attempt, last_error in rows
+        if hook_id in hooks and event_id in events
+    ]
+    return sorted(retries, key=lambda r: (r.first_attempt, r.event.cursor))
+
+
+def _flush_webhook_retries_txn(conn: sqlite3.Connection, now: float, webhook_ids: list[str] | None) -> tuple[int, int]:
+    selection = {"now": now, "ids": None if webhook_ids is None else json.dumps(sorted(set(webhook_ids)))}
+    flushed = conn.execute(Q.FLUSH_WEBHOOK_RETRIES, selection).rowcount
+    (in_delivery,) = conn.execute(Q.COUNT_WEBHOOK_RETRIES_IN_DELIVERY, selection).fetchone()
+    return flushed, in_delivery
+
+
+def _finish_webhook_retries_txn(
+    conn: sqlite3.Connection, results: list[tuple[WebhookRetry, float | None, str | None]], lease: str
+) -> None:
+    for retry, next_attempt, error in results:
+        key = (retry.webhook.id, retry.event.cursor.id, lease)
+        if next_attempt is None:
+            conn.execute(Q.DELETE_WEBHOOK_RETRY, key)
+        else:
+            conn.execute(Q.WEBHOOK_RETRY_AGAIN, (next_attempt, error, *key))
+
+
+def _events_page_txn(conn: sqlite3.Connection, descending: bool, parameters: dict[str, Any]) -> tuple[list[Event], EventCursor]:
+    if descending:
+        events = _events_txn(conn, Q.EVENTS_PAGE_BEFORE, parameters)
+    else:
+        # Read first, in this transaction's snapshot: no commit numbered up to it can appear later.
+        (feed_seq,) = conn.execute(Q.FEED_END).fetchone()
+        events = _events_txn(conn, Q.EVENTS_PAGE_AFTER, parameters)
+    if len(events) == parameters["limit"]:
+        return events, events[-1].cursor
+    (scanned,) = conn.execute(Q.EVENTS_SCANNED_COUNT_BEFORE if descending else Q.EVENTS_SCANNED_COUNT_AFTER, parameters).fetchone()
+    if scanned == parameters["scan"]:
+        seq, ident = conn.execute(Q.EVENTS_SCANNED_LAST_BEFORE if descending else Q.EVENTS_SCANNED_LAST_AFTER, parameters).fetchone()
+        return events, EventCursor(seq, ident)
+    if descending:
+        return events, EventCursor(0, 0)
+    return events, max(EventCursor(feed_seq, LAST_ID), EventCursor(parameters["seq"], parameters["id"]))
+
