@@ -240,6 +240,14 @@ def schedule(send_at: float | None, now: float, field: str = "send_at") -> float
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """One UTF-8 JSON object; strict about everything Python's json tolerates."""
+    value = parse_json(raw)
+    if not isinstance(value, dict):
+        raise BadRequest("request body must be a JSON object")
+    return value
+
+
+def parse_json(raw: bytes) -> Any:
+    """One UTF-8 JSON value (any kind), as strictly as :func:`parse_json_object` reads an object."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -250,8 +258,6 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise BadRequest(f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as e:
         raise BadRequest(f"malformed JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise BadRequest("request body must be a JSON object")
     # Fewer brackets than levels allowed cannot nest too deep: no need to walk the tree.
     if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
         raise BadRequest(f"JSON nested deeper than {MAX_DEPTH} levels")

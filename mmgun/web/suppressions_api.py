@@ -21,7 +21,6 @@ Authentication: an API key only (no deprecated ``client_id``).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
@@ -32,7 +31,7 @@ from urllib.parse import quote, urlencode
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from ..message import BadRequest, check_tags, normalize_address, parse_date
+from ..message import BadRequest, check_tags, normalize_address, parse_date, parse_json
 from ..store import SUPPRESSION_KINDS, Store, Suppression
 from .errors import ErrorShape, HTTPError, error_answer, json_response, render_error
 from .forms import Field, read_form
@@ -168,34 +167,6 @@ def _entries(client: str, kind: str, items: Any, prefix: str, now: float) -> lis
             raise BadRequest(f"entry {prefix}[{i}] must be a JSON object")
         entries.append(make_entry(client, kind, item, f"{prefix}[{i}].", now))
     return entries
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
-def _no_constants(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-
-
-def parse_json(raw: bytes) -> Any:
-    """A UTF-8 JSON value, as strictly as :func:`mmgun.message.parse_json_object` reads one (any value)."""
-    try:
-        return _DECODER.decode(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise BadRequest("request body is not valid UTF-8") from None
-    except RecursionError:
-        raise BadRequest("JSON nested too deeply") from None
-    except ValueError as e:
-        raise BadRequest(f"malformed JSON: {e}") from None
 
 
 def query(request: IRequest, allowed: Sequence[str]) -> dict[str, str]:

@@ -604,45 +604,11 @@ def _signing_keys_txn(conn: sqlite3.Connection, name: str) -> list[DomainKey]:
 
 
 def _events_txn(conn: sqlite3.Connection, query: str, parameters: Any) -> list[Event]:
-    return [
-        Event(
-            EventCursor(seq, ident),
-            client,
-            domain,
-            submission_id,
-            recipient,
-            event,
-            severity,
-            reason,
-            attempt,
-            reply,
-            mx_host,
-            created_at,
-            message_id,
-            sender,
-            tuple(json.loads(tags)) if tags else (),
-            metadata,
-        )
-        for (
-            seq,
-            ident,
-            client,
-            domain,
-            submission_id,
-            recipient,
-            event,
-            severity,
-            reason,
-            attempt,
-            reply,
-            mx_host,
-            created_at,
-            message_id,
-            sender,
-            tags,
-            metadata,
-        ) in conn.execute(query, parameters)
-    ]
+    # The columns of Q._EVENT_COLUMNS: the cursor's two, Event's fields in order, then tags and metadata.
+    events = []
+    for seq, ident, *fields, tags, metadata in conn.execute(query, parameters):
+        events.append(Event(EventCursor(seq, ident), *fields, tuple(json.loads(tags)) if tags else (), metadata))  # type: ignore[call-arg]
+    return events
 
 
 def _suppressions_txn(conn: sqlite3.Connection, query: str, parameters: Any) -> list[Suppression]:
