@@ -348,20 +348,7 @@ class SQLiteStore:
         begin: float | None = None,
         end: float | None = None,
     ) -> list[Event]:
-        if start is None:
-            start = FEED_END if descending else FEED_START
-        parameters = {
-            "client": client,
-            "seq": start.seq,
-            "id": start.id,
-            "limit": limit,
-            "domain": domain,
-            "event": event,
-            "severity": severity,
-            "recipient": recipient,
-            "begin": begin,
-            "end": end,
-        }
+        parameters = _event_parameters(client, start, descending, limit, domain, event, severity, recipient, begin, end)
         return await self._runner.read(_events_txn, Q.EVENTS_BEFORE if descending else Q.EVENTS_AFTER, parameters)
 
     async def events_page(
@@ -379,21 +366,8 @@ class SQLiteStore:
         begin: float | None = None,
         end: float | None = None,
     ) -> tuple[list[Event], EventCursor]:
-        if start is None:
-            start = FEED_END if descending else FEED_START
-        parameters = {
-            "client": client,
-            "seq": start.seq,
-            "id": start.id,
-            "limit": limit,
-            "scan": max(scan, limit),
-            "domain": domain,
-            "event": event,
-            "severity": severity,
-            "recipient": recipient,
-            "begin": begin,
-            "end": end,
-        }
+        parameters = _event_parameters(client, start, descending, limit, domain, event, severity, recipient, begin, end)
+        parameters["scan"] = max(scan, limit)
         return await self._runner.read(_events_page_txn, descending, parameters)
 
     async def suppressions(
@@ -477,3 +451,32 @@ class SQLiteStore:
         for fd in self._identities.values():
             os.close(fd)
         self._identities.clear()
+
+
+def _event_parameters(
+    client: str,
+    start: EventCursor | None,
+    descending: bool,
+    limit: int,
+    domain: str | None,
+    event: str | None,
+    severity: str | None,
+    recipient: str | None,
+    begin: float | None,
+    end: float | None,
+) -> dict[str, Any]:
+    """The named parameters of the event queries (Q.EVENTS_*); no ``start``: from the feed's end in the reading's direction."""
+    if start is None:
+        start = FEED_END if descending else FEED_START
+    return {
+        "client": client,
+        "seq": start.seq,
+        "id": start.id,
+        "limit": limit,
+        "domain": domain,
+        "event": event,
+        "severity": severity,
+        "recipient": recipient,
+        "begin": begin,
+        "end": end,
+    }
