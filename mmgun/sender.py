@@ -407,9 +407,9 @@ class Sender(Service):
     async def _renew(self) -> None:
         if not self.in_flight:
             return
-        until = self._wall() + self._settings.lease_time
+        now = self._wall()
         try:
-            await self._store.renew(list(self.in_flight.values()), until)
+            await self._store.renew(list(self.in_flight.values()), now, now + self._settings.lease_time)
         except Exception:
             _log.failure("renewing leases failed")
 

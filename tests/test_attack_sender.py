@@ -138,10 +138,10 @@ class CountingStore:
         self.after_claim()
         return claimed
 
-    async def renew(self, envelopes: Any, until: float) -> None:
+    async def renew(self, envelopes: Any, now: float, until: float) -> None:
         if self.fail_renewals:
             raise StorageError("disk I/O error")
-        await self.store.renew(envelopes, until)
+        await self.store.renew(envelopes, now, until)
 
     async def record(self, outcomes: Any, now: float) -> None:
         try:

@@ -137,7 +137,7 @@ class ClaimTests(SynchronousTestCase):
 
     def test_renew_extends_lease(self) -> None:
         claimed = self.claim()
-        result(self, self.store.renew(claimed, 300.0))
+        result(self, self.store.renew(claimed, 100.0, 300.0))
         self.assertEqual(self.claim(now=200.0, owner="s2"), [])
         self.assertEqual(len(self.claim(now=300.0, owner="s2")), 2)
 

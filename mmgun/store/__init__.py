@@ -481,7 +481,8 @@ class Store(Protocol):
 
         A replayed idempotency key with the same request hash returns the
         original id and queues nothing; with another hash it raises
-        :class:`IdempotencyConflict`.
+        :class:`IdempotencyConflict`. So do replays that race each other, from any number
+        of connections and hosts: all get the one submission's id, none a StorageError.
         """
 
     async def submission(self, client: str, submission_id: str, now: float | None = None) -> SubmissionState | None:
@@ -523,6 +524,18 @@ class Store(Protocol):
         stop before the first envelope whose (not yet counted) submission's message would
         take the total past it; with ``always_one`` the first envelope is taken anyway (a
         caller holding nothing must make progress whatever the size of the message).
+
+        What several hosts on one database rely on (every backend keeps it):
+
+        - Concurrent claims, from any number of processes and hosts, never lease one
+          envelope twice: an envelope is claimed when due and unleased, or when its lease
+          has run out.
+        - Leases and due times are judged on the database's clock (``now`` is shifted by
+          the database's clock minus the caller's): a host whose clock is off never takes a
+          live lease early. ``next_attempt`` values of :meth:`record` are shifted likewise.
+        - Every later write of a claimed envelope (:meth:`record`, :meth:`renew`,
+          :meth:`release`) is guarded by its lease: a result recorded after the lease was
+          lost and the envelope claimed again is dropped (and logged), never applied twice.
         """
 
     async def lock_identity(self, identity: str) -> bool:
@@ -541,11 +554,18 @@ class Store(Protocol):
         wall-clock step back); never one whose submission's send_at is after ``now``.
         """
 
-    async def renew(self, envelopes: Sequence[ClaimedEnvelope], until: float) -> None:
-        """Extend the leases of envelopes still being delivered."""
+    async def renew(self, envelopes: Sequence[ClaimedEnvelope], now: float, until: float) -> None:
+        """
+        Extend the leases of envelopes still being delivered to ``until`` (``now`` is the
+        caller's clock, by which ``until`` is measured; envelopes whose lease was lost are left).
+        """
 
     async def record(self, outcomes: Sequence[EnvelopeOutcome], now: float) -> None:
-        """Commit attempt results and release the leases, all or nothing."""
+        """
+        Commit attempt results and release the leases, all or nothing. The envelope that
+        finishes a submission's last pending recipient finishes the submission and erases
+        its message, even when two hosts finish its last two envelopes at the same moment.
+        """
 
     async def release(self, envelopes: Sequence[ClaimedEnvelope], now: float) -> None:
         """Give up leases without an attempt: the envelopes are due again at once."""

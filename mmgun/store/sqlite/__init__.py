@@ -13,18 +13,19 @@ RETURNING``; every write to a claimed envelope is guarded by its lease token.
 
 The modules, each one job: :mod:`.queries` (every statement, named), :mod:`.schema`
 (pragmas, migrations, :func:`prepare`), :mod:`.lock` (:class:`WriteLock`),
-:mod:`.runners` (where transactions run, driver errors), :mod:`.transactions` (the
-``_xxx_txn`` functions) and :mod:`.store` (:class:`SQLiteStore`).
+:mod:`.runners` (where transactions run, driver errors) and :mod:`.store`
+(:class:`SQLiteStore`); the transactions themselves are every backend's
+(:mod:`mmgun.store.transactions`).
 """
 
 from __future__ import annotations
 
 from .. import IDEMPOTENCY_WINDOW
+from ..transactions import TEST_MODE_REPLY, suppressed_reply
 from .lock import BUSY_TIMEOUT, WriteLock
 from .runners import DatabaseFile, PoolRunner, SyncRunner
 from .schema import VACUUM_MARGIN, check_existing, connect, free_bytes, migrate, prepare
 from .store import CLEAR_BATCH, VACUUM_PAGES, SQLiteStore
-from .transactions import TEST_MODE_REPLY, suppressed_reply
 
 __all__ = [
     "BUSY_TIMEOUT",

@@ -231,7 +231,7 @@ INSERT_SUBMISSION = """
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 INSERT_ENVELOPE = """
-    INSERT INTO envelopes (submission_id, domain, next_attempt, created_at) VALUES (?, ?, ?, ?)
+    INSERT INTO envelopes (submission_id, domain, next_attempt, created_at) VALUES (?, ?, ?, ?) RETURNING id
 """
 INSERT_RECIPIENT = """
     INSERT INTO recipients (envelope_id, position, submission_id, address, status, updated_at)
@@ -240,7 +240,7 @@ INSERT_RECIPIENT = """
 # A test-mode submission (Mailgun's o:testmode) is finished when it is queued: its
 # envelopes done, its recipients "sent" with a reply saying that nothing was delivered.
 INSERT_ENVELOPE_DONE = """
-    INSERT INTO envelopes (submission_id, domain, done, next_attempt, created_at) VALUES (?, ?, 1, ?, ?)
+    INSERT INTO envelopes (submission_id, domain, done, next_attempt, created_at) VALUES (?, ?, 1, ?, ?) RETURNING id
 """
 INSERT_RECIPIENT_TEST_MODE = """
     INSERT INTO recipients (envelope_id, position, submission_id, address, status, last_reply, updated_at)

@@ -19,8 +19,8 @@ from twisted.python.failure import Failure
 
 from .. import DatabaseFull, DatabaseGone, StorageError
 from . import queries as Q
-from .lock import BUSY_TIMEOUT, WriteLock
-from .schema import _setup, connect
+from .lock import WriteLock
+from .schema import CONNECT_OPTIONS, _setup, connect
 
 _log = Logger()
 T = TypeVar("T")
@@ -231,9 +231,7 @@ class PoolRunner:
         self._pool = adbapi.ConnectionPool(
             "sqlite3",
             path,
-            timeout=BUSY_TIMEOUT,
-            isolation_level=None,
-            check_same_thread=False,
+            **CONNECT_OPTIONS,
             # One connection, one thread: SQLite has one writer at a time anyway, and two
             # connections of one process would wait for each other in SQLite's busy
             # handler (sleeps of 1, 2, 5, 10… ms) instead of queueing in order here.
@@ -259,6 +257,9 @@ class PoolRunner:
     def autocommit(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         d = self._pool.runWithConnection(_write_outside_transaction, self._lock, self.file, fn, *args)
         return d.addCallbacks(self.file.succeeded, self.file.failed)
+
+    def problem(self) -> str | None:
+        return self.file.problem()
 
     def close(self) -> None:
         self._pool.close()  # Joins the pool thread: nothing holds the lock after this.
@@ -296,6 +297,9 @@ class SyncRunner:
     def autocommit(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         d = self._run(_write_outside_transaction, self._lock, self.file, fn, *args)
         return d.addCallbacks(self.file.succeeded, self.file.failed)
+
+    def problem(self) -> str | None:
+        return self.file.problem()
 
     def close(self) -> None:
         self._conn.close()

@@ -24,9 +24,24 @@ def _os_reason(error: OSError) -> str:
     return error.strerror.lower() if error.strerror else str(error)
 
 
-def connect(path: str) -> sqlite3.Connection:
+class Connection(sqlite3.Connection):
+    """A SQLite connection as :mod:`mmgun.store.transactions` sees it (:class:`mmgun.store.sql.Db`)."""
+
+    q = Q
+    IntegrityError = sqlite3.IntegrityError
+
+    def clock_offset(self, now: float) -> float:
+        # One machine, one clock: the caller's (a test's Clock too).
+        return 0.0
+
+
+#: How every connection to the database is opened (sqlite3.connect's keywords).
+CONNECT_OPTIONS = {"timeout": BUSY_TIMEOUT, "isolation_level": None, "check_same_thread": False, "factory": Connection}
+
+
+def connect(path: str) -> Connection:
     """A connection set up the way every part of mmgun uses one."""
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, **CONNECT_OPTIONS)  # type: ignore[call-overload]
     _setup(conn)
     return conn
 

@@ -1,21 +1,21 @@
 """
-The SQLite store's transactions: plain functions on a connection, run inside
-``BEGIN … COMMIT`` by a runner (:mod:`mmgun.store.sqlite.runners`), one per store
-method (:mod:`mmgun.store.sqlite.store`). Every statement comes from
-:mod:`mmgun.store.sqlite.queries`.
+The store's transactions, for every backend: plain functions on a connection
+(:class:`mmgun.store.sql.Db`), run inside ``BEGIN … COMMIT`` by a backend's runner,
+one per store method (:class:`mmgun.store.sql.SQLStore`). Every statement comes from
+the backend's queries module, ``db.q`` (:mod:`mmgun.store.sqlite.queries`,
+:mod:`mmgun.store.postgres.queries`): the same names, each in its dialect.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.logger import Logger
 
-from .. import (
+from . import (
     IDEMPOTENCY_WINDOW,
     LAST_ID,
     ClaimedEnvelope,
@@ -41,7 +41,9 @@ from .. import (
     Webhook,
     WebhookRetry,
 )
-from . import queries as Q
+
+if TYPE_CHECKING:
+    from .sql import Db
 
 _log = Logger()
 
@@ -55,15 +57,15 @@ class _Events:
     made, before any savepoint, so that no rollback to a savepoint can give it back.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-        (self.seq,) = conn.execute(Q.NEXT_FEED_SEQ).fetchone()
+    def __init__(self, db: Db) -> None:
+        self._db = db
+        (self.seq,) = db.execute(db.q.NEXT_FEED_SEQ).fetchone()
 
     def add(self, rows: list[tuple[Any, ...]]) -> None:
         """Rows made by :func:`_event`."""
         if rows:
             seq = self.seq
-            self._conn.executemany(Q.INSERT_EVENT, [(seq, *row) for row in rows])
+            self._db.executemany(self._db.q.INSERT_EVENT, [(seq, *row) for row in rows])
 
 
 def _event(
@@ -80,7 +82,7 @@ def _event(
     reply: str | None = None,
     mx_host: str | None = None,
 ) -> tuple[Any, ...]:
-    """An event row for :meth:`_Events.add`: Q.INSERT_EVENT's parameters after seq."""
+    """An event row for :meth:`_Events.add`: db.q.INSERT_EVENT's parameters after seq."""
     return (client, domain, submission_id, recipient, event, severity, reason, attempt, reply, mx_host, at)
 
 
@@ -88,37 +90,48 @@ def _sender_domain(sender: str) -> str:
     return sender.rpartition("@")[2].lower()
 
 
-def _add_submissions_txn(conn: sqlite3.Connection, batch: list[NewSubmission]) -> list[str | Exception]:
+def _add_submissions_txn(db: Db, batch: list[NewSubmission]) -> list[str | Exception]:
     results: list[str | Exception] = []
-    events = _Events(conn)
+    events = _Events(db)
     for submission in batch:
-        conn.execute(Q.SAVEPOINT)
+        db.execute(db.q.SAVEPOINT)
         try:
-            results.append(_add_one(conn, submission, events))
+            results.append(_add_one(db, submission, events))
         except IdempotencyConflict as e:
-            conn.execute(Q.ROLLBACK_TO)
+            db.execute(db.q.ROLLBACK_TO)
             results.append(e)
-        conn.execute(Q.RELEASE)
+        except db.IntegrityError:
+            if submission.idempotency_key is None:
+                raise
+            # Another connection stored this Idempotency-Key between our look-up and our insert
+            # (the unique index said so): look again, now that its commit is visible.
+            db.execute(db.q.ROLLBACK_TO)
+            try:
+                results.append(_add_one(db, submission, events))
+            except IdempotencyConflict as e:
+                db.execute(db.q.ROLLBACK_TO)
+                results.append(e)
+        db.execute(db.q.RELEASE)
     return results
 
 
-def _add_batch_txn(conn: sqlite3.Connection, batch: list[NewSubmission]) -> list[str]:
-    events = _Events(conn)
-    return [_add_one(conn, submission, events) for submission in batch]
+def _add_batch_txn(db: Db, batch: list[NewSubmission]) -> list[str]:
+    events = _Events(db)
+    return [_add_one(db, submission, events) for submission in batch]
 
 
 #: The last_reply of a test-mode recipient.
 TEST_MODE_REPLY = "not delivered: test mode (o:testmode)"
 
 
-def _suppressed(conn: sqlite3.Connection, s: NewSubmission) -> dict[str, tuple[str, str | None]]:
+def _suppressed(db: Db, s: NewSubmission) -> dict[str, tuple[str, str | None]]:
     """The recipients of ``s`` on one of its client's suppression lists: address → (kind, the entry's error)."""
     # Every spelling of an address is the address: "Bob@x" and "bob@x" are both stopped.
     spellings: dict[str, list[str]] = {}
     for address in s.recipients:
         spellings.setdefault(address.lower(), []).append(address)
     found: dict[str, tuple[str, str | None]] = {}
-    rows = conn.execute(Q.SUPPRESSED_AMONG, {"client": s.client, "addresses": json.dumps(sorted(spellings))}).fetchall()
+    rows = db.execute(db.q.SUPPRESSED_AMONG, {"client": s.client, "addresses": json.dumps(sorted(spellings))}).fetchall()
     for address, kind, error, tags in sorted(rows, key=lambda row: SUPPRESSION_ORDER.get(row[1], 99)):
         if kind == "unsubscribe" and tags:
             limited = set(json.loads(tags))
@@ -139,22 +152,22 @@ def suppressed_reply(kind: str, error: str | None) -> str:
     return f"{reply} ({error})" if error else reply
 
 
-def _add_one(conn: sqlite3.Connection, s: NewSubmission, events: _Events) -> str:
+def _add_one(db: Db, s: NewSubmission, events: _Events) -> str:
     if s.idempotency_key is not None:
-        row = conn.execute(Q.FIND_IDEMPOTENT, (s.client, s.idempotency_key)).fetchone()
+        row = db.execute(db.q.FIND_IDEMPOTENT, (s.client, s.idempotency_key)).fetchone()
         if row is not None:
             existing_id, request_hash, created_at = row
             if created_at + IDEMPOTENCY_WINDOW > s.created_at:
                 if request_hash != s.request_hash:
                     raise IdempotencyConflict(s.idempotency_key)
                 return str(existing_id)
-            conn.execute(Q.FORGET_IDEMPOTENCY_KEY, (existing_id,))
+            db.execute(db.q.FORGET_IDEMPOTENCY_KEY, (existing_id,))
     start = s.starts_at()
-    suppressed = {} if s.test_mode else _suppressed(conn, s)
+    suppressed = {} if s.test_mode else _suppressed(db, s)
     # Nothing left to deliver (test mode, or every recipient suppressed): finished when queued.
     finished = s.test_mode or all(a in suppressed for a in s.recipients)
-    conn.execute(
-        Q.INSERT_SUBMISSION,
+    db.execute(
+        db.q.INSERT_SUBMISSION,
         (
             s.id,
             s.client,
@@ -174,9 +187,9 @@ def _add_one(conn: sqlite3.Connection, s: NewSubmission, events: _Events) -> str
     rows = [_event(s.client, s.id, domain, address, "accepted", s.created_at) for address in s.recipients]
     if s.test_mode:
         for envelope_domain, addresses in s.envelopes().items():
-            envelope_id = conn.execute(Q.INSERT_ENVELOPE_DONE, (s.id, envelope_domain, start, start)).lastrowid
-            conn.executemany(
-                Q.INSERT_RECIPIENT_TEST_MODE,
+            (envelope_id,) = db.execute(db.q.INSERT_ENVELOPE_DONE, (s.id, envelope_domain, start, start)).fetchone()
+            db.executemany(
+                db.q.INSERT_RECIPIENT_TEST_MODE,
                 [(envelope_id, i, s.id, a, TEST_MODE_REPLY, s.created_at) for i, a in enumerate(addresses)],
             )
         rows += [
@@ -189,10 +202,10 @@ def _add_one(conn: sqlite3.Connection, s: NewSubmission, events: _Events) -> str
         live = [a for a in addresses if a not in suppressed]
         # A scheduled envelope enters the queue at send_at: not claimed before, and its
         # queue lifetime and age count from then. One whose recipients are all suppressed is done.
-        insert = Q.INSERT_ENVELOPE if live else Q.INSERT_ENVELOPE_DONE
-        envelope_id = conn.execute(insert, (s.id, envelope_domain, start, start)).lastrowid
-        conn.executemany(
-            Q.INSERT_RECIPIENT,
+        insert = db.q.INSERT_ENVELOPE if live else db.q.INSERT_ENVELOPE_DONE
+        (envelope_id,) = db.execute(insert, (s.id, envelope_domain, start, start)).fetchone()
+        db.executemany(
+            db.q.INSERT_RECIPIENT,
             [(envelope_id, i, s.id, a, s.created_at) for i, a in enumerate(addresses) if a not in suppressed],
         )
         failed = []
@@ -204,19 +217,19 @@ def _add_one(conn: sqlite3.Connection, s: NewSubmission, events: _Events) -> str
                 rows.append(
                     _event(s.client, s.id, domain, a, "failed", s.created_at, severity="permanent", reason=f"suppress-{kind}", attempt=0, reply=reply)
                 )
-        conn.executemany(Q.INSERT_RECIPIENT_FAILED, failed)
+        db.executemany(db.q.INSERT_RECIPIENT_FAILED, failed)
     events.add(rows)
     return s.id
 
 
 def _submission_txn(
-    conn: sqlite3.Connection, client: str, submission_id: str, now: float | None
+    db: Db, client: str, submission_id: str, now: float | None
 ) -> SubmissionState | None:
-    head = conn.execute(Q.SUBMISSION_OWNER, (submission_id, client)).fetchone()
+    head = db.execute(db.q.SUBMISSION_OWNER, (submission_id, client)).fetchone()
     if head is None:
         return None
     send_at, tags, metadata = head
-    rows = conn.execute(Q.SUBMISSION_RECIPIENTS, (submission_id,)).fetchall()
+    rows = db.execute(db.q.SUBMISSION_RECIPIENTS, (submission_id,)).fetchall()
     recipients = tuple(RecipientState(*row) for row in rows)
     if send_at is not None and now is not None and send_at > now:
         # Nothing is attempted before send_at: a queued recipient is waiting for it.
@@ -227,15 +240,15 @@ def _submission_txn(
 
 
 def _submissions_by_message_id_txn(
-    conn: sqlite3.Connection, client: str, message_id: str, now: float | None
+    db: Db, client: str, message_id: str, now: float | None
 ) -> list[SubmissionState]:
     parameters = {"client": client, "message_id": message_id, "limit": MAX_BY_MESSAGE_ID}
-    ids = [row[0] for row in conn.execute(Q.SUBMISSIONS_BY_MESSAGE_ID, parameters)]
-    return [state for state in (_submission_txn(conn, client, i, now) for i in ids) if state is not None]
+    ids = [row[0] for row in db.execute(db.q.SUBMISSIONS_BY_MESSAGE_ID, parameters)]
+    return [state for state in (_submission_txn(db, client, i, now) for i in ids) if state is not None]
 
 
 def _claim_txn(
-    conn: sqlite3.Connection,
+    db: Db,
     lease: str,
     now: float,
     expires: float,
@@ -244,7 +257,10 @@ def _claim_txn(
     held: list[str],
     always_one: bool,
 ) -> list[ClaimedEnvelope]:
-    candidates = conn.execute(Q.CLAIM_CANDIDATES, (now, limit)).fetchall()
+    # Leases are judged on the database's clock: a host whose clock is off neither takes a live lease early nor keeps a dead one.
+    shift = db.clock_offset(now)
+    now, expires = now + shift, expires + shift
+    candidates = db.execute(db.q.CLAIM_CANDIDATES, (now, limit)).fetchall()
     if not candidates:
         return []
     chosen: list[int] = []
@@ -259,16 +275,16 @@ def _claim_txn(
             counted.add(sid)
             total += size
         chosen.append(eid)
-    claimed = conn.execute(Q.CLAIM, (lease, expires, json.dumps(chosen))).fetchall()
+    claimed = db.execute(db.q.CLAIM, (lease, expires, json.dumps(chosen))).fetchall()
     ids = json.dumps([row[0] for row in claimed])
     submissions = json.dumps(sorted({row[1] for row in claimed}))
     # One bytes object per submission, shared by all its envelopes.
     details = {
         sid: (sender, message or b"", client)
-        for sid, sender, client, message in conn.execute(Q.CLAIMED_SUBMISSIONS, {"ids": submissions, "held": json.dumps(held)})
+        for sid, sender, client, message in db.execute(db.q.CLAIMED_SUBMISSIONS, {"ids": submissions, "held": json.dumps(held)})
     }
     pending: dict[int, list[str]] = {}
-    for eid, address in conn.execute(Q.PENDING_RECIPIENTS, (ids,)):
+    for eid, address in db.execute(db.q.PENDING_RECIPIENTS, (ids,)):
         pending.setdefault(eid, []).append(address)
     claimed.sort()
     return [
@@ -288,22 +304,25 @@ def _claim_txn(
     ]
 
 
-def _reclaim_txn(conn: sqlite3.Connection, now: float, prefix: str) -> int:
-    return conn.execute(Q.RECLAIM_IDENTITY, (now, len(prefix), prefix)).rowcount
+def _reclaim_txn(db: Db, now: float, prefix: str) -> int:
+    now += db.clock_offset(now)
+    return db.execute(db.q.RECLAIM_IDENTITY, (now, len(prefix), prefix)).rowcount
 
 
-def _due_unattempted_txn(conn: sqlite3.Connection, now: float) -> int:
-    return conn.execute(Q.DUE_UNATTEMPTED, {"now": now}).rowcount
+def _due_unattempted_txn(db: Db, now: float) -> int:
+    now += db.clock_offset(now)
+    return db.execute(db.q.DUE_UNATTEMPTED, {"now": now}).rowcount
 
 
-def _renew_txn(conn: sqlite3.Connection, rows: list[tuple[float, int, str]]) -> None:
-    conn.executemany(Q.RENEW, rows)
+def _renew_txn(db: Db, now: float, until: float, envelopes: list[tuple[int, str]]) -> None:
+    until += db.clock_offset(now)
+    db.executemany(db.q.RENEW, [(until, envelope_id, lease) for envelope_id, lease in envelopes])
 
 
-def _record_many_txn(conn: sqlite3.Connection, batches: list[tuple[Sequence[EnvelopeOutcome], float]]) -> list[None]:
-    events = _Events(conn)
+def _record_many_txn(db: Db, batches: list[tuple[Sequence[EnvelopeOutcome], float]]) -> list[None]:
+    events = _Events(db)
     for outcomes, now in batches:
-        _record_txn(conn, outcomes, now, events)
+        _record_txn(db, outcomes, now, db.clock_offset(now), events)
     return [None] * len(batches)
 
 
@@ -335,15 +354,16 @@ def _reply_code(reply: str) -> str | None:
     return code if len(code) == 3 and code.isdigit() else None
 
 
-def _record_txn(conn: sqlite3.Connection, outcomes: Sequence[EnvelopeOutcome], now: float, events: _Events) -> None:
+def _record_txn(db: Db, outcomes: Sequence[EnvelopeOutcome], now: float, shift: float, events: _Events) -> None:
+    now += shift
     for outcome in outcomes:
         envelope = outcome.envelope
-        if conn.execute(Q.LEASE_HELD, (envelope.id, envelope.lease)).fetchone() is None:
+        if db.execute(db.q.LEASE_HELD, (envelope.id, envelope.lease)).fetchone() is None:
             _log.warn("lease on envelope {envelope} was lost; result not recorded", envelope=envelope.id)
             continue
         attempted = 1 if outcome.attempted else 0
-        conn.executemany(
-            Q.UPDATE_RECIPIENT,
+        db.executemany(
+            db.q.UPDATE_RECIPIENT,
             [(r.status, attempted, r.reply, now, envelope.id, r.address) for r in outcome.recipients],
         )
         # The pending recipients of an envelope have been attempted as often as it has.
@@ -356,45 +376,40 @@ def _record_txn(conn: sqlite3.Connection, outcomes: Sequence[EnvelopeOutcome], n
             ]
         )
         bounced = [r for r in outcome.recipients if r.bounce and r.status == "failed"]
-        conn.executemany(
-            Q.ADD_BOUNCE_FROM_SUBMISSION,
+        db.executemany(
+            db.q.ADD_BOUNCE_FROM_SUBMISSION,
             [
                 {"address": r.address.lower(), "code": _reply_code(r.reply), "error": r.reply, "at": now, "submission_id": envelope.submission_id}
                 for r in bounced
             ],
         )
-        next_attempt = outcome.next_attempt if outcome.next_attempt is not None else now
-        (done,) = conn.execute(Q.FINISH_ENVELOPE, (attempted, next_attempt, envelope.id, envelope.lease)).fetchone()
+        next_attempt = outcome.next_attempt + shift if outcome.next_attempt is not None else now
+        (done,) = db.execute(db.q.FINISH_ENVELOPE, (attempted, next_attempt, envelope.id, envelope.lease)).fetchone()
         if done:
-            conn.execute(Q.FINISH_SUBMISSION, (now, envelope.submission_id, envelope.submission_id))
+            db.execute(db.q.FINISH_SUBMISSION, (now, envelope.submission_id, envelope.submission_id))
 
 
-def _clean_txn(conn: sqlite3.Connection, before: float, limit: int, keys_before: float) -> int:
+def _clean_txn(db: Db, before: float, limit: int, keys_before: float) -> int:
     # Two index ranges, neither of which skips rows it may not delete: a submission with a
     # key finished before the window began was created before it too (created <= finished).
-    deleted = conn.execute(Q.DELETE_FINISHED, {"before": min(before, keys_before), "limit": limit}).rowcount
+    deleted = db.execute(db.q.DELETE_FINISHED, {"before": min(before, keys_before), "limit": limit}).rowcount
     if deleted < limit and before > keys_before:
-        deleted += conn.execute(
-            Q.DELETE_FINISHED_WITHOUT_KEY, {"before": before, "limit": limit - deleted}
+        deleted += db.execute(
+            db.q.DELETE_FINISHED_WITHOUT_KEY, {"before": before, "limit": limit - deleted}
         ).rowcount
     return deleted
 
 
-def _vacuum(conn: sqlite3.Connection, pages: int) -> None:
-    # executescript steps the pragma to its end; execute() stops after its first step (it returns no
-    # columns, so the sqlite3 module resets it at once), which frees one page.
-    conn.executescript(Q.INCREMENTAL_VACUUM.format(pages=pages))
+def _ping_txn(db: Db) -> None:
+    db.execute(db.q.PING).fetchone()
 
 
-def _ping_txn(conn: sqlite3.Connection) -> None:
-    conn.execute(Q.PING).fetchone()
-
-
-def _queue_entries_txn(conn: sqlite3.Connection, now: float, status: str | None, domain: str | None) -> list[QueueEntry]:
-    rows = conn.execute(Q.QUEUE_ENVELOPES, {"now": now, "status": status, "domain": domain}).fetchall()
+def _queue_entries_txn(db: Db, now: float, status: str | None, domain: str | None) -> list[QueueEntry]:
+    now += db.clock_offset(now)
+    rows = db.execute(db.q.QUEUE_ENVELOPES, {"now": now, "status": status, "domain": domain}).fetchall()
     pending: dict[int, list[str]] = {}
     replies: dict[int, tuple[float, str]] = {}
-    for eid, address, reply, updated_at in conn.execute(Q.QUEUE_RECIPIENTS, (json.dumps([row[0] for row in rows]),)):
+    for eid, address, reply, updated_at in db.execute(db.q.QUEUE_RECIPIENTS, (json.dumps([row[0] for row in rows]),)):
         pending.setdefault(eid, []).append(address)
         if reply is not None and (eid not in replies or updated_at >= replies[eid][0]):
             replies[eid] = (updated_at, reply)
@@ -416,23 +431,25 @@ def _queue_entries_txn(conn: sqlite3.Connection, now: float, status: str | None,
     ]
 
 
-def _queue_stats_txn(conn: sqlite3.Connection, now: float, top_domains: int) -> QueueStats:
-    recipients = tuple(conn.execute(Q.RECIPIENTS_BY_STATUS).fetchall())
-    unfinished, in_delivery, oldest = conn.execute(Q.UNFINISHED_SUMMARY, {"now": now}).fetchone()
-    domains = tuple(conn.execute(Q.BACKLOG_BY_DOMAIN, (top_domains,)).fetchall())
+def _queue_stats_txn(db: Db, now: float, top_domains: int) -> QueueStats:
+    now += db.clock_offset(now)
+    recipients = tuple(db.execute(db.q.RECIPIENTS_BY_STATUS).fetchall())
+    unfinished, in_delivery, oldest = db.execute(db.q.UNFINISHED_SUMMARY, {"now": now}).fetchone()
+    domains = tuple(db.execute(db.q.BACKLOG_BY_DOMAIN, (top_domains,)).fetchall())
     return QueueStats(recipients, unfinished, in_delivery, oldest, domains)
 
 
-def _queue_depth_txn(conn: sqlite3.Connection, now: float) -> QueueDepth:
-    recipients = tuple(conn.execute(Q.PENDING_BY_STATUS).fetchall())
-    unfinished, in_delivery, oldest = conn.execute(Q.UNFINISHED_SUMMARY, {"now": now}).fetchone()
+def _queue_depth_txn(db: Db, now: float) -> QueueDepth:
+    now += db.clock_offset(now)
+    recipients = tuple(db.execute(db.q.PENDING_BY_STATUS).fetchall())
+    unfinished, in_delivery, oldest = db.execute(db.q.UNFINISHED_SUMMARY, {"now": now}).fetchone()
     return QueueDepth(recipients, unfinished, in_delivery, oldest)
 
 
-def _match_queued(conn: sqlite3.Connection, ids: list[str], now: float) -> list[tuple[int, str, bool, float]]:
+def _match_queued(db: Db, ids: list[str], now: float) -> list[tuple[int, str, bool, float]]:
     """The unfinished envelopes named by envelope or submission id; NotInQueue if any id matches none."""
     numbers = {i: str(int(i)) for i in ids if i.isascii() and i.isdigit()}
-    rows = conn.execute(Q.MATCH_QUEUED, (now, json.dumps([int(n) for n in numbers.values()]), json.dumps(ids))).fetchall()
+    rows = db.execute(db.q.MATCH_QUEUED, (now, json.dumps([int(n) for n in numbers.values()]), json.dumps(ids))).fetchall()
     found = {str(eid) for eid, *_ in rows} | {sid for _, sid, *_ in rows}
     missing = [i for i in dict.fromkeys(ids) if i not in found and numbers.get(i) not in found]
     if missing:
@@ -440,116 +457,118 @@ def _match_queued(conn: sqlite3.Connection, ids: list[str], now: float) -> list[
     return [(eid, sid, bool(leased), next_attempt) for eid, sid, leased, next_attempt in rows]
 
 
-def _flush_deferred_txn(conn: sqlite3.Connection, now: float, ids: list[str] | None) -> tuple[int, int]:
-    selection = None if ids is None else json.dumps(sorted({row[0] for row in _match_queued(conn, ids, now)}))
-    flushed = conn.execute(Q.FLUSH_DEFERRED, {"now": now, "ids": selection}).rowcount
-    (in_delivery,) = conn.execute(Q.COUNT_IN_DELIVERY, {"now": now, "ids": selection}).fetchone()
+def _flush_deferred_txn(db: Db, now: float, ids: list[str] | None) -> tuple[int, int]:
+    now += db.clock_offset(now)
+    selection = None if ids is None else json.dumps(sorted({row[0] for row in _match_queued(db, ids, now)}))
+    flushed = db.execute(db.q.FLUSH_DEFERRED, {"now": now, "ids": selection}).rowcount
+    (in_delivery,) = db.execute(db.q.COUNT_IN_DELIVERY, {"now": now, "ids": selection}).fetchone()
     return flushed, in_delivery
 
 
-def _fail_queued_txn(conn: sqlite3.Connection, ids: list[str], now: float, reply: str) -> tuple[int, int]:
-    rows = _match_queued(conn, ids, now)
+def _fail_queued_txn(db: Db, ids: list[str], now: float, reply: str) -> tuple[int, int]:
+    now += db.clock_offset(now)
+    rows = _match_queued(db, ids, now)
     busy = sorted((eid, until) for eid, _, leased, until in rows if leased)
     if busy:
         raise InDelivery([eid for eid, _ in busy], max(until for _, until in busy))
     selection = json.dumps(sorted({row[0] for row in rows}))
-    changed = conn.execute(Q.FAIL_PENDING_RECIPIENTS_RETURNING, {"reply": reply, "now": now, "ids": selection}).fetchall()
+    changed = db.execute(db.q.FAIL_PENDING_RECIPIENTS_RETURNING, {"reply": reply, "now": now, "ids": selection}).fetchall()
     failed = len(changed)
-    owners = {sid: conn.execute(Q.SUBMISSION_SENDER, (sid,)).fetchone() for sid in {row[0] for row in changed}}
-    _Events(conn).add(
+    owners = {sid: db.execute(db.q.SUBMISSION_SENDER, (sid,)).fetchone() for sid in {row[0] for row in changed}}
+    _Events(db).add(
         [
             _event(owners[sid][0], sid, _sender_domain(owners[sid][1]), address, "failed", now, severity="permanent", reason="deleted", attempt=attempts, reply=reply)
             for sid, address, attempts in changed
         ]
     )
-    finished = conn.execute(Q.FINISH_FAILED_ENVELOPES, (selection,)).rowcount
+    finished = db.execute(db.q.FINISH_FAILED_ENVELOPES, (selection,)).rowcount
     for submission_id in sorted({row[1] for row in rows}):
-        conn.execute(Q.FINISH_SUBMISSION, (now, submission_id, submission_id))
+        db.execute(db.q.FINISH_SUBMISSION, (now, submission_id, submission_id))
     return finished, failed
 
 
-def _add_client_txn(conn: sqlite3.Connection, client: str, now: float) -> None:
-    if conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is not None:
+def _add_client_txn(db: Db, client: str, now: float) -> None:
+    if db.execute(db.q.CLIENT_EXISTS, (client,)).fetchone() is not None:
         raise Conflict(f"client {client} already exists")
-    conn.execute(Q.INSERT_CLIENT, (client, now))
+    db.execute(db.q.INSERT_CLIENT, (client, now))
 
 
-def _client_exists_txn(conn: sqlite3.Connection, client: str) -> bool:
-    return conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is not None
+def _client_exists_txn(db: Db, client: str) -> bool:
+    return db.execute(db.q.CLIENT_EXISTS, (client,)).fetchone() is not None
 
 
-def _add_key_txn(conn: sqlite3.Connection, client: str, key_id: str, key_hash: bytes, now: float) -> None:
-    if conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is None:
+def _add_key_txn(db: Db, client: str, key_id: str, key_hash: bytes, now: float) -> None:
+    if db.execute(db.q.CLIENT_EXISTS, (client,)).fetchone() is None:
         raise Conflict(f"no client {client} (add it first: mmgun clients add {client})")
-    conn.execute(Q.INSERT_KEY, (key_id, client, key_hash, now))
+    db.execute(db.q.INSERT_KEY, (key_id, client, key_hash, now))
 
 
-def _list_keys_txn(conn: sqlite3.Connection, client: str) -> list[KeyInfo]:
-    if conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is None:
+def _list_keys_txn(db: Db, client: str) -> list[KeyInfo]:
+    if db.execute(db.q.CLIENT_EXISTS, (client,)).fetchone() is None:
         raise Conflict(f"no client {client}")
-    return [KeyInfo(*row) for row in conn.execute(Q.LIST_KEYS, (client,))]
+    return [KeyInfo(*row) for row in db.execute(db.q.LIST_KEYS, (client,))]
 
 
-def _revoke_key_txn(conn: sqlite3.Connection, key_id: str, now: float) -> bool:
-    if conn.execute(Q.KEY_EXISTS, (key_id,)).fetchone() is None:
+def _revoke_key_txn(db: Db, key_id: str, now: float) -> bool:
+    if db.execute(db.q.KEY_EXISTS, (key_id,)).fetchone() is None:
         raise Conflict(f"no API key {key_id}")
-    return conn.execute(Q.REVOKE_KEY, (now, key_id)).rowcount == 1
+    return db.execute(db.q.REVOKE_KEY, (now, key_id)).rowcount == 1
 
 
-def _find_key_txn(conn: sqlite3.Connection, key_id: str) -> StoredKey | None:
-    row = conn.execute(Q.FIND_KEY, (key_id,)).fetchone()
+def _find_key_txn(db: Db, key_id: str) -> StoredKey | None:
+    row = db.execute(db.q.FIND_KEY, (key_id,)).fetchone()
     return None if row is None else StoredKey(row[0], bytes(row[1]), bool(row[2]))
 
 
-def _key_ids_txn(conn: sqlite3.Connection) -> set[str]:
-    return {key_id for (key_id,) in conn.execute(Q.ALL_KEY_IDS)}
+def _key_ids_txn(db: Db) -> set[str]:
+    return {key_id for (key_id,) in db.execute(db.q.ALL_KEY_IDS)}
 
 
-def _touch_keys_txn(conn: sqlite3.Connection, used: Sequence[tuple[str, float]]) -> None:
-    conn.executemany(Q.TOUCH_KEY, [(when, key_id) for key_id, when in used])
+def _touch_keys_txn(db: Db, used: Sequence[tuple[str, float]]) -> None:
+    db.executemany(db.q.TOUCH_KEY, [(when, key_id) for key_id, when in used])
 
 
-def _queued_by_client_txn(conn: sqlite3.Connection) -> dict[str, int]:
-    return dict(conn.execute(Q.QUEUED_BY_CLIENT).fetchall())
+def _queued_by_client_txn(db: Db) -> dict[str, int]:
+    return dict(db.execute(db.q.QUEUED_BY_CLIENT).fetchall())
 
 
-def _queued_bytes_by_client_txn(conn: sqlite3.Connection) -> dict[str, int]:
-    return {client: size or 0 for client, size in conn.execute(Q.QUEUED_BYTES_BY_CLIENT)}
+def _queued_bytes_by_client_txn(db: Db) -> dict[str, int]:
+    return {client: size or 0 for client, size in db.execute(db.q.QUEUED_BYTES_BY_CLIENT)}
 
 
-def _add_domain_txn(conn: sqlite3.Connection, name: str, client: str, now: float) -> None:
-    if conn.execute(Q.CLIENT_EXISTS, (client,)).fetchone() is None:
+def _add_domain_txn(db: Db, name: str, client: str, now: float) -> None:
+    if db.execute(db.q.CLIENT_EXISTS, (client,)).fetchone() is None:
         raise Conflict(f"no client {client} (add it first: mmgun clients add {client})")
-    row = conn.execute(Q.FIND_DOMAIN, (name,)).fetchone()
+    row = db.execute(db.q.FIND_DOMAIN, (name,)).fetchone()
     if row is not None:
         raise Conflict(f"domain {name} is already registered (for client {row[1]})")
-    conn.execute(Q.INSERT_DOMAIN, (name, client, now))
+    db.execute(db.q.INSERT_DOMAIN, (name, client, now))
 
 
-def _remove_domain_txn(conn: sqlite3.Connection, name: str) -> None:
-    if conn.execute(Q.FIND_DOMAIN, (name,)).fetchone() is None:
+def _remove_domain_txn(db: Db, name: str) -> None:
+    if db.execute(db.q.FIND_DOMAIN, (name,)).fetchone() is None:
         raise Conflict(f"no sending domain {name}")
-    conn.execute(Q.DELETE_DOMAIN_KEYS, (name,))
-    conn.execute(Q.DELETE_DOMAIN, (name,))
+    db.execute(db.q.DELETE_DOMAIN_KEYS, (name,))
+    db.execute(db.q.DELETE_DOMAIN, (name,))
 
 
-def _domains_txn(conn: sqlite3.Connection, client: str | None) -> list[SendingDomain]:
-    rows = conn.execute(Q.ALL_DOMAINS) if client is None else conn.execute(Q.CLIENT_DOMAINS, (client,))
+def _domains_txn(db: Db, client: str | None) -> list[SendingDomain]:
+    rows = db.execute(db.q.ALL_DOMAINS) if client is None else db.execute(db.q.CLIENT_DOMAINS, (client,))
     return [SendingDomain(*row) for row in rows]
 
 
-def _domain_txn(conn: sqlite3.Connection, name: str) -> SendingDomain | None:
-    row = conn.execute(Q.FIND_DOMAIN, (name,)).fetchone()
+def _domain_txn(db: Db, name: str) -> SendingDomain | None:
+    row = db.execute(db.q.FIND_DOMAIN, (name,)).fetchone()
     return None if row is None else SendingDomain(*row)
 
 
-def _add_domain_key_txn(conn: sqlite3.Connection, key: DomainKey) -> None:
-    if conn.execute(Q.FIND_DOMAIN, (key.domain,)).fetchone() is None:
+def _add_domain_key_txn(db: Db, key: DomainKey) -> None:
+    if db.execute(db.q.FIND_DOMAIN, (key.domain,)).fetchone() is None:
         raise Conflict(f"no sending domain {key.domain}")
-    if conn.execute(Q.DOMAIN_KEY_EXISTS, (key.domain, key.selector)).fetchone() is not None:
+    if db.execute(db.q.DOMAIN_KEY_EXISTS, (key.domain, key.selector)).fetchone() is not None:
         raise Conflict(f"domain {key.domain} already has a key with selector {key.selector}")
-    conn.execute(
-        Q.INSERT_DOMAIN_KEY,
+    db.execute(
+        db.q.INSERT_DOMAIN_KEY,
         (key.domain, key.selector, key.algorithm, key.private_key, key.public_key, key.created_at, key.retired_at),
     )
 
@@ -559,8 +578,8 @@ def _domain_key(row: tuple[Any, ...]) -> DomainKey:
     return DomainKey(domain, selector, algorithm, bytes(private_key), public_key, created_at, retired_at)
 
 
-def _domain_keys_txn(conn: sqlite3.Connection, name: str, include_retired: bool) -> list[DomainKey]:
-    return [_domain_key(row) for row in conn.execute(Q.DOMAIN_KEYS if include_retired else Q.ACTIVE_DOMAIN_KEYS, (name,))]
+def _domain_keys_txn(db: Db, name: str, include_retired: bool) -> list[DomainKey]:
+    return [_domain_key(row) for row in db.execute(db.q.DOMAIN_KEYS if include_retired else db.q.ACTIVE_DOMAIN_KEYS, (name,))]
 
 
 def _newest_by_algorithm(keys: list[DomainKey]) -> list[DomainKey]:
@@ -571,8 +590,8 @@ def _newest_by_algorithm(keys: list[DomainKey]) -> list[DomainKey]:
     return sorted(newest.values(), key=lambda k: k.algorithm != "rsa-sha256")
 
 
-def _retire_domain_key_txn(conn: sqlite3.Connection, name: str, selector: str, now: float) -> bool:
-    keys = [_domain_key(row) for row in conn.execute(Q.DOMAIN_KEYS, (name,))]
+def _retire_domain_key_txn(db: Db, name: str, selector: str, now: float) -> bool:
+    keys = [_domain_key(row) for row in db.execute(db.q.DOMAIN_KEYS, (name,))]
     key = next((k for k in keys if k.selector == selector), None)
     if key is None:
         raise Conflict(f"domain {name} has no key with selector {selector}")
@@ -584,7 +603,7 @@ def _retire_domain_key_txn(conn: sqlite3.Connection, name: str, selector: str, n
             f"{selector} is the key {name} is signed with ({key.algorithm}); "
             f"make a new one first (mmgun domains rotate {name}), then retire this one"
         )
-    return conn.execute(Q.RETIRE_DOMAIN_KEY, (now, name, selector)).rowcount == 1
+    return db.execute(db.q.RETIRE_DOMAIN_KEY, (now, name, selector)).rowcount == 1
 
 
 #: Active keys signed with per algorithm: the newest and the one before it, so that after a
@@ -592,35 +611,35 @@ def _retire_domain_key_txn(conn: sqlite3.Connection, name: str, selector: str, n
 SIGNING_KEYS_PER_ALGORITHM = 2
 
 
-def _signing_keys_txn(conn: sqlite3.Connection, name: str) -> list[DomainKey]:
+def _signing_keys_txn(db: Db, name: str) -> list[DomainKey]:
     """The active keys to sign with: the newest two of each algorithm, RSA first, then newest first."""
     chosen: list[DomainKey] = []
     counts: dict[str, int] = {}
-    for key in (_domain_key(row) for row in conn.execute(Q.ACTIVE_DOMAIN_KEYS, (name,))):
+    for key in (_domain_key(row) for row in db.execute(db.q.ACTIVE_DOMAIN_KEYS, (name,))):
         if counts.get(key.algorithm, 0) < SIGNING_KEYS_PER_ALGORITHM:
             counts[key.algorithm] = counts.get(key.algorithm, 0) + 1
             chosen.append(key)
     return sorted(chosen, key=lambda k: k.algorithm != "rsa-sha256")
 
 
-def _events_txn(conn: sqlite3.Connection, query: str, parameters: Any) -> list[Event]:
-    # The columns of Q._EVENT_COLUMNS: the cursor's two, Event's fields in order, then tags and metadata.
+def _events_txn(db: Db, query: str, parameters: Any) -> list[Event]:
+    # The columns of db.q._EVENT_COLUMNS: the cursor's two, Event's fields in order, then tags and metadata.
     events = []
-    for seq, ident, *fields, tags, metadata in conn.execute(query, parameters):
+    for seq, ident, *fields, tags, metadata in db.execute(query, parameters):
         events.append(Event(EventCursor(seq, ident), *fields, tuple(json.loads(tags)) if tags else (), metadata))  # type: ignore[call-arg]
     return events
 
 
-def _suppressions_txn(conn: sqlite3.Connection, query: str, parameters: Any) -> list[Suppression]:
+def _suppressions_txn(db: Db, query: str, parameters: Any) -> list[Suppression]:
     return [
         Suppression(client, kind, address, created_at, code, error, tuple(json.loads(tags)) if tags else ())
-        for client, kind, address, created_at, code, error, tags in conn.execute(query, parameters)
+        for client, kind, address, created_at, code, error, tags in db.execute(query, parameters)
     ]
 
 
-def _add_suppressions_txn(conn: sqlite3.Connection, entries: list[Suppression]) -> None:
-    conn.executemany(
-        Q.UPSERT_SUPPRESSION,
+def _add_suppressions_txn(db: Db, entries: list[Suppression]) -> None:
+    db.executemany(
+        db.q.UPSERT_SUPPRESSION,
         [
             (e.client, e.kind, e.address.lower(), e.code, e.error, json.dumps(list(e.tags)) if e.tags else None, e.created_at)
             for e in entries
@@ -628,8 +647,8 @@ def _add_suppressions_txn(conn: sqlite3.Connection, entries: list[Suppression]) 
     )
 
 
-def _rowcount_txn(conn: sqlite3.Connection, query: str, parameters: Any) -> int:
-    return conn.execute(query, parameters).rowcount
+def _rowcount_txn(db: Db, query: str, parameters: Any) -> int:
+    return db.execute(query, parameters).rowcount
 
 
 def _webhook(row: tuple[Any, ...]) -> Webhook:
@@ -637,54 +656,63 @@ def _webhook(row: tuple[Any, ...]) -> Webhook:
     return Webhook(ident, client, domain, url, tuple(json.loads(events)), created_at, EventCursor(cursor_seq, cursor_id))
 
 
-def _webhooks_txn(conn: sqlite3.Connection, query: str, parameters: Any) -> list[Webhook]:
-    return [_webhook(row) for row in conn.execute(query, parameters)]
+def _webhooks_txn(db: Db, query: str, parameters: Any) -> list[Webhook]:
+    return [_webhook(row) for row in db.execute(query, parameters)]
 
 
-def _add_webhook_txn(conn: sqlite3.Connection, webhook: Webhook) -> Webhook:
-    (seq,) = conn.execute(Q.FEED_END).fetchone()
+def _lease_webhooks_txn(db: Db, renew: bool, lease: str, now: float, until: float) -> list[Webhook]:
+    shift = db.clock_offset(now)
+    parameters = {"lease": lease, "now": now + shift, "until": until + shift}
+    return _webhooks_txn(db, db.q.LEASE_WEBHOOKS if renew else db.q.TAKE_WEBHOOKS, parameters)
+
+
+def _add_webhook_txn(db: Db, webhook: Webhook) -> Webhook:
+    (seq,) = db.execute(db.q.FEED_END).fetchone()
     # After every event of every commit so far.
     cursor = EventCursor(seq, LAST_ID)
     try:
-        conn.execute(
-            Q.INSERT_WEBHOOK,
+        db.execute(
+            db.q.INSERT_WEBHOOK,
             (webhook.id, webhook.client, webhook.domain, webhook.url, json.dumps(list(webhook.events)), webhook.created_at, cursor.seq, cursor.id),
         )
-    except sqlite3.IntegrityError as e:
+    except db.IntegrityError as e:
         raise Conflict(f"a webhook with id {webhook.id} exists") from e
     return attrs.evolve(webhook, cursor=cursor)
 
 
-def _webhook_key_txn(conn: sqlite3.Connection, client: str) -> str | None:
-    row = conn.execute(Q.WEBHOOK_KEY, (client,)).fetchone()
+def _webhook_key_txn(db: Db, client: str) -> str | None:
+    row = db.execute(db.q.WEBHOOK_KEY, (client,)).fetchone()
     return None if row is None else str(row[0])
 
 
-def _set_webhook_key_txn(conn: sqlite3.Connection, client: str, key: str, now: float, replace: bool) -> str:
-    conn.execute(Q.SET_WEBHOOK_KEY if replace else Q.ADD_WEBHOOK_KEY, (client, key, now))
-    return str(conn.execute(Q.WEBHOOK_KEY, (client,)).fetchone()[0])
+def _set_webhook_key_txn(db: Db, client: str, key: str, now: float, replace: bool) -> str:
+    db.execute(db.q.SET_WEBHOOK_KEY if replace else db.q.ADD_WEBHOOK_KEY, (client, key, now))
+    return str(db.execute(db.q.WEBHOOK_KEY, (client,)).fetchone()[0])
 
 
-def _release_webhooks_txn(conn: sqlite3.Connection, lease: str, now: float) -> None:
-    conn.execute(Q.RELEASE_WEBHOOKS, (lease,))
-    conn.execute(Q.RELEASE_WEBHOOK_RETRIES, (now, lease))
+def _release_webhooks_txn(db: Db, lease: str, now: float) -> None:
+    now += db.clock_offset(now)
+    db.execute(db.q.RELEASE_WEBHOOKS, (lease,))
+    db.execute(db.q.RELEASE_WEBHOOK_RETRIES, (now, lease))
 
 
 def _advance_webhook_txn(
-    conn: sqlite3.Connection, webhook_id: str, lease: str, cursor: EventCursor, failed: list[tuple[int, float, float, str]]
+    db: Db, webhook_id: str, lease: str, cursor: EventCursor, failed: list[tuple[int, float, float, str]]
 ) -> bool:
-    if conn.execute(Q.ADVANCE_WEBHOOK, (cursor.seq, cursor.id, webhook_id, lease)).rowcount == 0:
+    if db.execute(db.q.ADVANCE_WEBHOOK, (cursor.seq, cursor.id, webhook_id, lease)).rowcount == 0:
         return False
-    conn.executemany(Q.INSERT_WEBHOOK_RETRY, [(webhook_id, event_id, first, after, error) for event_id, first, after, error in failed])
+    db.executemany(db.q.INSERT_WEBHOOK_RETRY, [(webhook_id, event_id, first, after, error) for event_id, first, after, error in failed])
     return True
 
 
-def _due_webhook_retries_txn(conn: sqlite3.Connection, lease: str, now: float, until: float, limit: int) -> list[WebhookRetry]:
-    rows = conn.execute(Q.LEASE_WEBHOOK_RETRIES, {"lease": lease, "now": now, "until": until, "limit": limit}).fetchall()
+def _due_webhook_retries_txn(db: Db, lease: str, now: float, until: float, limit: int) -> list[WebhookRetry]:
+    shift = db.clock_offset(now)
+    now, until = now + shift, until + shift
+    rows = db.execute(db.q.LEASE_WEBHOOK_RETRIES, {"lease": lease, "now": now, "until": until, "limit": limit}).fetchall()
     if not rows:
         return []
-    hooks = {w.id: w for w in _webhooks_txn(conn, Q.WEBHOOKS_AMONG, (json.dumps(sorted({r[0] for r in rows})),))}
-    events = {e.cursor.id: e for e in _events_txn(conn, Q.EVENTS_BY_ID, (json.dumps(sorted({r[1] for r in rows})),))}
+    hooks = {w.id: w for w in _webhooks_txn(db, db.q.WEBHOOKS_AMONG, (json.dumps(sorted({r[0] for r in rows})),))}
+    events = {e.cursor.id: e for e in _events_txn(db, db.q.EVENTS_BY_ID, (json.dumps(sorted({r[1] for r in rows})),))}
     retries = [
         WebhookRetry(hooks[hook_id], events[event_id], attempts, first_attempt, until, last_error)
         for hook_id, event_id, attempts, first_attempt, last_error in rows
@@ -693,36 +721,36 @@ def _due_webhook_retries_txn(conn: sqlite3.Connection, lease: str, now: float, u
     return sorted(retries, key=lambda r: (r.first_attempt, r.event.cursor))
 
 
-def _flush_webhook_retries_txn(conn: sqlite3.Connection, now: float, webhook_ids: list[str] | None) -> tuple[int, int]:
+def _flush_webhook_retries_txn(db: Db, now: float, webhook_ids: list[str] | None) -> tuple[int, int]:
     selection = {"now": now, "ids": None if webhook_ids is None else json.dumps(sorted(set(webhook_ids)))}
-    flushed = conn.execute(Q.FLUSH_WEBHOOK_RETRIES, selection).rowcount
-    (in_delivery,) = conn.execute(Q.COUNT_WEBHOOK_RETRIES_IN_DELIVERY, selection).fetchone()
+    flushed = db.execute(db.q.FLUSH_WEBHOOK_RETRIES, selection).rowcount
+    (in_delivery,) = db.execute(db.q.COUNT_WEBHOOK_RETRIES_IN_DELIVERY, selection).fetchone()
     return flushed, in_delivery
 
 
 def _finish_webhook_retries_txn(
-    conn: sqlite3.Connection, results: list[tuple[WebhookRetry, float | None, str | None]], lease: str
+    db: Db, results: list[tuple[WebhookRetry, float | None, str | None]], lease: str
 ) -> None:
     for retry, next_attempt, error in results:
         key = (retry.webhook.id, retry.event.cursor.id, lease)
         if next_attempt is None:
-            conn.execute(Q.DELETE_WEBHOOK_RETRY, key)
+            db.execute(db.q.DELETE_WEBHOOK_RETRY, key)
         else:
-            conn.execute(Q.WEBHOOK_RETRY_AGAIN, (next_attempt, error, *key))
+            db.execute(db.q.WEBHOOK_RETRY_AGAIN, (next_attempt, error, *key))
 
 
-def _events_page_txn(conn: sqlite3.Connection, descending: bool, parameters: dict[str, Any]) -> tuple[list[Event], EventCursor]:
+def _events_page_txn(db: Db, descending: bool, parameters: dict[str, Any]) -> tuple[list[Event], EventCursor]:
     if descending:
-        events = _events_txn(conn, Q.EVENTS_PAGE_BEFORE, parameters)
+        events = _events_txn(db, db.q.EVENTS_PAGE_BEFORE, parameters)
     else:
         # Read first, in this transaction's snapshot: no commit numbered up to it can appear later.
-        (feed_seq,) = conn.execute(Q.FEED_END).fetchone()
-        events = _events_txn(conn, Q.EVENTS_PAGE_AFTER, parameters)
+        (feed_seq,) = db.execute(db.q.FEED_END).fetchone()
+        events = _events_txn(db, db.q.EVENTS_PAGE_AFTER, parameters)
     if len(events) == parameters["limit"]:
         return events, events[-1].cursor
-    (scanned,) = conn.execute(Q.EVENTS_SCANNED_COUNT_BEFORE if descending else Q.EVENTS_SCANNED_COUNT_AFTER, parameters).fetchone()
+    (scanned,) = db.execute(db.q.EVENTS_SCANNED_COUNT_BEFORE if descending else db.q.EVENTS_SCANNED_COUNT_AFTER, parameters).fetchone()
     if scanned == parameters["scan"]:
-        seq, ident = conn.execute(Q.EVENTS_SCANNED_LAST_BEFORE if descending else Q.EVENTS_SCANNED_LAST_AFTER, parameters).fetchone()
+        seq, ident = db.execute(db.q.EVENTS_SCANNED_LAST_BEFORE if descending else db.q.EVENTS_SCANNED_LAST_AFTER, parameters).fetchone()
         return events, EventCursor(seq, ident)
     if descending:
         return events, EventCursor(0, 0)
