@@ -30,8 +30,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m mypy
 
+# One private PostgreSQL cluster (tests/pgcluster.py) for the whole run, in MMGUN_TEST_POSTGRES.
 unit: $(STAMP)
-	$(BIN)/python -m twisted.trial --jobs=2 tests
+	$(BIN)/python -m tests.pgcluster -- $(BIN)/python -m twisted.trial --jobs=2 tests
 
 # Real processes on loopback, then a scan of their logs for secrets and message bodies.
 e2e: $(STAMP)

@@ -31,6 +31,11 @@ and reports, as a table and as JSON in bench/out/<timestamp>.json:
            relay and ingest with the ~1 KB text message (text, the default), and/or with
            issue 12's rich one (rich: that text as the alternative of a ~30 KB HTML part,
            and a ~100 KB attachment; --rich-messages of them per run).
+  --backend sqlite,postgres
+           relay and ingest on each backend (issue 15), interleaved run by run: "postgres"
+           starts one private PostgreSQL cluster for the bench (tests/pgcluster.py: fsync and
+           synchronous_commit on, a Unix socket, no TCP) and gives each run a fresh database on
+           it; its server processes' CPU is reported as "postgres".
   backlog  envelopes already queued (written through mmgun's store) before the sender
            starts: drain rate, CPU and peak RSS, at each --backlog-sizes (1k and 100k).
   --compare-postfix
@@ -70,6 +75,8 @@ DKIM_VARIANTS = ("none", "rsa", "rsa+ed25519")
 #: The client that owns the signing domain in a --dkim run (clients-file ids cannot own domains).
 DKIM_CLIENT = "bench"
 DKIM_SENDER = "bench@sender.bench.test"
+#: --backend variants: the embedded default, and a private PostgreSQL cluster (issue 15).
+BACKENDS = ("sqlite", "postgres")
 #: --webhook variants: a webhook subscribed to every event, none (the role idles), no webhooks role.
 WEBHOOK_VARIANTS = ("off", "on", "no-role", "on-apart")
 #: What the bench's webhook subscribes to: every event a relay run can make after acceptance.
@@ -199,6 +206,8 @@ class Setup:
     options: set[str]
     args: argparse.Namespace
     extra: list[str] = field(default_factory=list)
+    #: The private PostgreSQL cluster of a --backend postgres bench (tests.pgcluster.Cluster), started once.
+    postgres: Any = None
 
     def limit_flags(self) -> list[str]:
         flags = []
@@ -206,6 +215,41 @@ class Setup:
             if name in self.options:
                 flags.append(f"--{name}={value}")
         return flags
+
+    def postgres_database(self, name: str) -> str:
+        """The URL of a new, empty database on the bench's cluster (started at the first call)."""
+        if self.postgres is None:
+            sys.path.insert(0, str(REPO))
+            from tests import pgcluster
+
+            self.postgres = pgcluster.start()
+            print(f"PostgreSQL: a private cluster started in {self.postgres.startup_seconds:.1f} s", flush=True)
+        database = "bench_" + "".join(c if c.isalnum() else "_" for c in name.lower())
+        self._psql(self.postgres.url, 'CREATE DATABASE :"database";', {"database": database})
+        return str(self.postgres.url).replace("/postgres?", f"/{database}?", 1)
+
+    def drop_postgres_database(self, name: str) -> None:
+        database = "bench_" + "".join(c if c.isalnum() else "_" for c in name.lower())
+        self._psql(self.postgres.url, 'DROP DATABASE IF EXISTS :"database";', {"database": database})
+
+    def postgres_tree(self) -> dict[str, int]:
+        pid = self.postgres.postmaster_pid() if self.postgres is not None else None
+        return {"postgres": pid} if pid is not None else {}
+
+    def query(self, database: Path | str, sql: str) -> list[tuple[str, ...]]:
+        """Rows of ``sql`` on a run's database (SQLite file or PostgreSQL URL), as text."""
+        if isinstance(database, Path):
+            import sqlite3
+
+            with sqlite3.connect(database) as conn:
+                return [tuple(str(v) for v in row) for row in conn.execute(sql)]
+        out = self._psql(database, sql + ";")
+        return [tuple(line.split("|")) for line in out.splitlines() if line]
+
+    def _psql(self, url: str, script: str, variables: dict[str, str] | None = None) -> str:
+        from tests import pgcluster
+
+        return str(pgcluster.psql(url, script, variables))
 
 
 def topology_processes(topology: str) -> list[tuple[str, tuple[str, ...]]]:
@@ -233,7 +277,7 @@ def start_daemon(
     run: Path,
     name: str,
     roles: tuple[str, ...],
-    database: Path,
+    database: Path | str,
     sink_port: int,
     shared_port: int | None = None,
     extra: tuple[str, ...] = (),
@@ -488,7 +532,7 @@ class Profiles:
 # -- the relay run ------------------------------------------------------------------------------
 
 
-def mmgun_admin(run: Path, database: Path, *words: str) -> str:
+def mmgun_admin(run: Path, database: Path | str, *words: str) -> str:
     """Run `mmgun WORDS --database=DATABASE` (an admin command) in ``run``; its output."""
     command = [MMGUN, *words, f"--database={database}"]
     result = subprocess.run(command, cwd=run, capture_output=True, text=True, timeout=60, check=False)
@@ -497,7 +541,7 @@ def mmgun_admin(run: Path, database: Path, *words: str) -> str:
     return result.stdout
 
 
-def prepare_webhook(run: Path, database: Path, port: int) -> None:
+def prepare_webhook(run: Path, database: Path | str, port: int) -> None:
     """The --dkim client's webhook for every relay event, to the webhook sink on ``port`` (issue 14)."""
     mmgun_admin(
         run,
@@ -552,7 +596,7 @@ def wait_posts(sink: Sink, expected: int, stall: float, limit: float) -> dict[st
         time.sleep(0.05)
 
 
-def prepare_dkim(run: Path, database: Path, dkim: str) -> str:
+def prepare_dkim(run: Path, database: Path | str, dkim: str) -> str:
     """
     A client, an API key and (unless ``dkim`` is none) the sender's domain with its keys,
     made with `mmgun` in the run's database (which the first command creates) before the
@@ -576,18 +620,25 @@ def prepare_dkim(run: Path, database: Path, dkim: str) -> str:
     return key
 
 
-def signed_in_database(database: Path) -> dict[str, int]:
+def signed_in_database(setup: Setup, database: Path | str) -> dict[str, int]:
     """How many stored messages carry an rsa-sha256 and an ed25519-sha256 signature (a --dkim run's check)."""
-    import sqlite3
-
     counts = {}
-    with sqlite3.connect(database) as conn:
-        for algorithm in ("rsa-sha256", "ed25519-sha256"):
-            (count,) = conn.execute(
-                "SELECT count(*) FROM submissions WHERE instr(message, ?) > 0", (f"a={algorithm};".encode(),)
-            ).fetchone()
-            counts[algorithm] = count
+    for algorithm in ("rsa-sha256", "ed25519-sha256"):
+        if isinstance(database, Path):
+            query = f"SELECT count(*) FROM submissions WHERE instr(message, CAST('a={algorithm};' AS BLOB)) > 0"
+        else:
+            query = f"SELECT count(*) FROM submissions WHERE position('a={algorithm};'::bytea in message) > 0"
+        ((count,),) = setup.query(database, query)
+        counts[algorithm] = int(count)
     return counts
+
+
+def database_mib(setup: Setup, database: Path | str) -> float | None:
+    """The size of a run's database: its SQLite files, or PostgreSQL's pg_database_size."""
+    if isinstance(database, Path):
+        return mib(sum(f.stat().st_size for f in database.parent.glob(database.name + "*")) // 1024)
+    ((size,),) = setup.query(database, "SELECT pg_database_size(current_database())")
+    return mib(int(size) // 1024)
 
 
 def relay_run(
@@ -599,6 +650,7 @@ def relay_run(
     content: str = "text",
     dkim: str | None = None,
     webhook: str | None = None,
+    backend: str = "sqlite",
 ) -> dict[str, Any]:
     """
     POST --messages messages (--rich-messages of the rich ``content``) and wait until the
@@ -614,7 +666,7 @@ def relay_run(
     messages = args.rich_messages if content == "rich" else args.messages
     run = Path(tempfile.mkdtemp(prefix=f"{label}-{content}-{topology}-{index}-", dir=setup.folder))
     (run / "clients").write_text(CLIENT_ID + "\n")
-    database = run / "mmgun.sqlite3"
+    database: Path | str = run / "mmgun.sqlite3" if backend == "sqlite" else setup.postgres_database(run.name)
     if webhook is not None and dkim is None:
         dkim = "none"  # the webhook's client must be a stored one, whose API key the load uses
     api_key = prepare_dkim(run, database, dkim) if dkim is not None else None
@@ -665,8 +717,10 @@ def relay_run(
         pids = {d.name: d.pid for d in daemons} | helpers | {"sink": sink.process.pid, "loadgen": loadgen.pid}
         if hooks is not None:
             pids["webhook-sink"] = hooks.process.pid
+        # PostgreSQL's server: the postmaster and its backends (one per connection), children and all.
+        server = setup.postgres_tree() if backend == "postgres" else {}
         profiles = Profiles(setup, run, daemons)
-        before = Snapshot(pids)
+        before = Snapshot(pids, server)
         loadgen.stdin.write("go\n")
         loadgen.stdin.flush()
         try:
@@ -674,7 +728,7 @@ def relay_run(
         except subprocess.TimeoutExpired:
             loadgen.kill()
             raise RuntimeError("the load generator overran its time limit") from None
-        after_ingest = Snapshot({d.name: d.pid for d in daemons} | helpers)
+        after_ingest = Snapshot({d.name: d.pid for d in daemons} | helpers, server)
         if loadgen.returncode != 0:
             raise RuntimeError(f"the load generator failed with status {loadgen.returncode}")
         ingest = json.loads(result_file.read_text())
@@ -690,7 +744,8 @@ def relay_run(
             {d.name: d.pid for d in daemons}
             | helpers
             | {"sink": sink.process.pid}
-            | ({"webhook-sink": hooks.process.pid} if hooks is not None else {})
+            | ({"webhook-sink": hooks.process.pid} if hooks is not None else {}),
+            server,
         )
         # The load generator exited before the drain ended: it reported its own total.
         after.cpu["loadgen"] = ingest.get("cpu_seconds", before.cpu.get("loadgen", 0.0))
@@ -703,8 +758,8 @@ def relay_run(
         sink.dump(dump)
         found = analyse(dump, expected if deliver else set())
         if not deliver:
-            found.update(queued_in_database(database, expected))
-        signed = signed_in_database(database) if dkim is not None and not deliver else None
+            found.update(queued_in_database(setup, database, expected))
+        signed = signed_in_database(setup, database) if dkim is not None and not deliver else None
         times = found.pop("times")
         accepted = ingest["accepted"]
         end = found["complete_at"] if found["lost"] == 0 else delivery.get("last")
@@ -735,7 +790,8 @@ def relay_run(
             "run": index,
             "folder": str(run),
             "messages": messages,
-            "database_mib": mib(sum(f.stat().st_size for f in run.glob("mmgun.sqlite3*")) // 1024),
+            "backend": backend,
+            "database_mib": database_mib(setup, database),
             "concurrency": args.concurrency,
             "recipients_per_message": recipients,
             "accepted": accepted,
@@ -774,14 +830,13 @@ def relay_run(
             # A rich run's database is ~170 KB a message: free the disk now, not at the end.
             for path in run.glob("mmgun.sqlite3*"):
                 path.unlink()
+            if backend == "postgres":
+                setup.drop_postgres_database(run.name)
 
 
-def queued_in_database(database: Path, expected: set[str]) -> dict[str, Any]:
+def queued_in_database(setup: Setup, database: Path | str, expected: set[str]) -> dict[str, Any]:
     """Losses and duplicates of an ingest-only run, read from the queue itself."""
-    import sqlite3
-
-    with sqlite3.connect(database) as conn:
-        stored = [address for (address,) in conn.execute("SELECT address FROM recipients")]
+    stored = [address for (address,) in setup.query(database, "SELECT address FROM recipients")]
     unique = set(stored)
     return {
         "duplicates": len(stored) - len(unique),
@@ -1000,14 +1055,18 @@ def _postfix_problems(maillog: Path) -> dict[str, Any]:
 # -- medians and the report ---------------------------------------------------------------------
 
 
-def content_key(name: str, content: str, dkim: str | None = None, webhook: str | None = None) -> str:
+def content_key(
+    name: str, content: str, dkim: str | None = None, webhook: str | None = None, backend: str = "sqlite"
+) -> str:
     """
     A summary's row: the topology (or process) alone for the text message, as before;
-    marked for the rich one, and with the --dkim and --webhook variants when there are.
+    marked for the rich one, with the --dkim and --webhook variants when there are, and
+    with the backend when it is not SQLite.
     """
     key = name if content == "text" else f"{name}, rich"
     key = key if dkim is None else f"{key}, dkim {dkim}"
-    return key if webhook is None else f"{key}, webhook {webhook}"
+    key = key if webhook is None else f"{key}, webhook {webhook}"
+    return key if backend == "sqlite" else f"{key}, {backend}"
 
 
 def median_of(runs: list[dict[str, Any]], path: str) -> Any:
@@ -1309,7 +1368,7 @@ def evaluate(summary: dict[str, Any], all_runs: list[dict[str, Any]]) -> list[di
     for key, s in relay.items():
         base, _, variant = key.partition(", dkim ")
         unsigned = relay.get(f"{base}, dkim none")
-        if variant in ("", "none") or not unsigned or not s["ingest_rate"] or not unsigned["ingest_rate"]:
+        if variant in ("", "none") or ", " in variant or not unsigned or not s["ingest_rate"] or not unsigned["ingest_rate"]:
             continue
         ratio = s["ingest_rate"] / unsigned["ingest_rate"]
         targets.append(
@@ -1341,6 +1400,19 @@ def evaluate(summary: dict[str, Any], all_runs: list[dict[str, Any]]) -> list[di
                 "target": f"every delivered event POSTed to the webhook ({base}, {variant})",
                 "measured": f"{received:,} POSTs for {expected:,} delivered recipients",
                 "met": "yes" if received >= expected else "NO",
+            }
+        )
+    for key, s in summary.get("relay", {}).items():
+        base, _, backend = key.rpartition(", ")
+        sqlite = summary["relay"].get(base)
+        if backend != "postgres" or not sqlite or not s["e2e_rate"] or not sqlite["e2e_rate"]:
+            continue
+        ratio = s["e2e_rate"] / sqlite["e2e_rate"]
+        targets.append(
+            {
+                "target": f"relay on PostgreSQL ≥ 70% of SQLite ({base})",
+                "measured": f"{s['e2e_rate']:,.0f} vs {sqlite['e2e_rate']:,.0f}/s ({ratio:.0%})",
+                "met": "yes" if ratio >= 0.7 else "NO",
             }
         )
     backlog = summary.get("backlog", {})
@@ -1451,6 +1523,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "on-apart: on, with the webhooks role in a process of its own; "
         "interleaved run by run (default: none of these, as make bench; alone: on)",
     )
+    parser.add_argument(
+        "--backend",
+        default="sqlite",
+        help=f"comma-separated, for relay and ingest: {', '.join(BACKENDS)} — postgres on a private cluster "
+        "(issue 15), interleaved run by run (default sqlite)",
+    )
     parser.add_argument("--rich-messages", type=int, help="POSTs per run of the rich content (default 5,000)")
     parser.add_argument(
         "--stall", type=float, default=30.0, help="give up waiting for deliveries after this many seconds without one"
@@ -1505,6 +1583,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for webhook in args.webhooks:
         if webhook is not None and webhook not in WEBHOOK_VARIANTS:
             parser.error(f"--webhook: {webhook!r} is not one of {', '.join(WEBHOOK_VARIANTS)}")
+    args.backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    for backend in args.backends:
+        if backend not in BACKENDS:
+            parser.error(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     if args.backlog_sizes is None:
         args.backlog_sizes = "1000,10000" if args.quick else "1000,100000"
     args.topologies = (
@@ -1540,9 +1622,14 @@ def main(argv: list[str]) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *argv]),
         "machine": procs.machine(folder),
         "git": git_state(),
-        "durability": "SQLite WAL, synchronous=FULL (mmgun's only setting): each acknowledged POST is fsync'd",
+        "durability": "SQLite WAL, synchronous=FULL (mmgun's only setting): each acknowledged POST is fsync'd; "
+        "PostgreSQL (--backend postgres): fsync=on, synchronous_commit=on, the same promise",
         "mmgun_flags": setup.limit_flags() + setup.extra,
-        "options": {k: v for k, v in vars(args).items() if k not in ("topologies", "modes", "sizes", "contents", "dkims", "webhooks")},
+        "options": {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("topologies", "modes", "sizes", "contents", "dkims", "webhooks", "backends")
+        },
         "runs": [],
         "summary": {},
     }
@@ -1567,16 +1654,23 @@ def main(argv: list[str]) -> int:
         if "relay" in args.modes:
             summary["relay"] = {}
             for content, topology in [(c, t) for c in args.contents for t in args.topologies]:
-                variants = [(v, w) for v in args.dkims for w in args.webhooks]
-                relay_done: dict[tuple[str | None, str | None], list[dict[str, Any]]] = {v: [] for v in variants}
-                for index, (dkim, webhook) in [(i, v) for i in range(args.runs) for v in variants]:
-                    name = content_key(topology, content, dkim, webhook)
+                variants = [(v, w, b) for v in args.dkims for w in args.webhooks for b in args.backends]
+                relay_done: dict[tuple[str | None, str | None, str], list[dict[str, Any]]] = {v: [] for v in variants}
+                for index, (dkim, webhook, backend) in [(i, v) for i in range(args.runs) for v in variants]:
+                    name = content_key(topology, content, dkim, webhook, backend)
                     run = record(
                         relay_run(
-                            setup, topology, index + 1, args.recipients, content=content, dkim=dkim, webhook=webhook
+                            setup,
+                            topology,
+                            index + 1,
+                            args.recipients,
+                            content=content,
+                            dkim=dkim,
+                            webhook=webhook,
+                            backend=backend,
                         )
                     )
-                    relay_done[(dkim, webhook)].append(run)
+                    relay_done[(dkim, webhook, backend)].append(run)
                     print(
                         f"  relay {name} #{index + 1}: {run['accepted']:,} accepted at {fmt(run['ingest_rate'])}/s "
                         f"(p50 {fmt(run['latency_ms']['p50'], 1)} ms, p99 {fmt(run['latency_ms']['p99'], 1)} ms), "
@@ -1592,21 +1686,31 @@ def main(argv: list[str]) -> int:
                         ),
                         flush=True,
                     )
-                for (dkim, webhook), done in relay_done.items():
-                    summary["relay"][content_key(topology, content, dkim, webhook)] = summarize_relay(done)
+                for (dkim, webhook, backend), done in relay_done.items():
+                    summary["relay"][content_key(topology, content, dkim, webhook, backend)] = summarize_relay(done)
         if "ingest" in args.modes:
             summary["ingest"] = {}
             ingest = {"frontend only": "frontend"}
             if "two-frontends" in args.topologies:
                 ingest["two frontends only"] = "two-frontends"
             for content, (title, topology) in [(c, i) for c in args.contents for i in ingest.items()]:
-                ingest_done: dict[str | None, list[dict[str, Any]]] = {v: [] for v in args.dkims}
-                for index, dkim in [(i, v) for i in range(args.runs) for v in args.dkims]:
-                    name = content_key(title, content, dkim)
+                ingest_variants = [(v, b) for v in args.dkims for b in args.backends]
+                ingest_done: dict[tuple[str | None, str], list[dict[str, Any]]] = {v: [] for v in ingest_variants}
+                for index, (dkim, backend) in [(i, v) for i in range(args.runs) for v in ingest_variants]:
+                    name = content_key(title, content, dkim, backend=backend)
                     run = record(
-                        relay_run(setup, topology, index + 1, args.recipients, label="ingest", content=content, dkim=dkim)
+                        relay_run(
+                            setup,
+                            topology,
+                            index + 1,
+                            args.recipients,
+                            label="ingest",
+                            content=content,
+                            dkim=dkim,
+                            backend=backend,
+                        )
                     )
-                    ingest_done[dkim].append(run)
+                    ingest_done[(dkim, backend)].append(run)
                     frontend_cpu = sum(v for k, v in run["cpu_per_1000"].items() if k.startswith("frontend"))
                     signed = run["signed"]
                     print(
@@ -1618,8 +1722,8 @@ def main(argv: list[str]) -> int:
                         f"{run['other_cpu_seconds']} CPU-s not ours",
                         flush=True,
                     )
-                for dkim, done in ingest_done.items():
-                    summary["ingest"][content_key(title, content, dkim)] = summarize_relay(done)
+                for (dkim, backend), done in ingest_done.items():
+                    summary["ingest"][content_key(title, content, dkim, backend=backend)] = summarize_relay(done)
         if "backlog" in args.modes:
             summary["backlog"] = {}
             for size in args.sizes:

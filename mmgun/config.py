@@ -105,7 +105,12 @@ OPTIONS: dict[str, tuple[str | None, Callable[[str], object], str]] = {
         str,
         "strports endpoint serving only GET /metrics, for any role (e.g. a sender, or each of several frontends sharing a reuseport: port)",
     ),
-    "database": ("var/mmgun.sqlite3", str, "SQLite database file"),
+    "database": (
+        "var/mmgun.sqlite3",
+        str,
+        "SQLite database file, or a PostgreSQL URL postgresql://USER@HOST:PORT/DBNAME (libpq parameters passed through, e.g. ?sslmode=require)",
+    ),
+    "database-pool-size": ("4", _positive_int, "PostgreSQL connections (and transactions at once) per process; SQLite ignores it"),
     "clients": ("conf/clients", str, "file of accepted client ids, one per line"),
     "max-message-size": ("10M", parse_size, "largest accepted request body (bytes, or K/M suffix)"),
     "max-recipients": ("1000", _positive_int, "most recipients in one submission"),
@@ -154,6 +159,17 @@ OPTIONS: dict[str, tuple[str | None, Callable[[str], object], str]] = {
         _choice(SENDER_POLICIES),
         "any: a client may send from any address; domains: only from its own sending domains (mmgun domains add), else 403",
     ),
+    "tls-cert": (None, str, "PEM certificate (chain) for SMTP submission's STARTTLS (with --tls-key)"),
+    "tls-key": (None, str, "PEM private key for SMTP submission's STARTTLS (with --tls-cert)"),
+    "smtp-command-timeout": ("5m", parse_duration, "SMTP submission: close a connection idle this long between commands (421)"),
+    "smtp-data-timeout": ("10m", parse_duration, "SMTP submission: a message's DATA must arrive whole within this (421)"),
+    "smtp-greet-pause": (
+        "0",
+        parse_duration,
+        "SMTP submission: wait this long before the greeting; a client that talks first is refused (554) and dropped",
+    ),
+    "max-smtp-connections": ("1000", _positive_int, "most SMTP submission connections open at once (all sources)"),
+    "max-smtp-connections-per-source": ("20", _positive_int, "most SMTP submission connections open at once from one address"),
 }
 #: Boolean options (off unless given): name → help. In the environment: 1/true/yes or 0/false/no.
 FLAGS: dict[str, str] = {
@@ -165,6 +181,7 @@ FLAGS: dict[str, str] = {
 MULTI_OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
     "role": (_choice(ROLES), "frontend, sender, cleaner or webhooks; repeatable (default: all four)"),
     "nameserver": (_hostport, "DNS server HOST[:PORT]; repeatable (default: /etc/resolv.conf)"),
+    "smtp-listen": (str, "strports endpoint for SMTP submission, e.g. tcp:587 or ssl:465:privateKey=K:certKey=C; repeatable (default: none)"),
 }
 
 
@@ -177,6 +194,7 @@ class Config:
     listen: str
     metrics_listen: str | None
     database: str
+    database_pool_size: int
     clients: str
     roles: tuple[str, ...]
     max_message_size: int
@@ -215,6 +233,15 @@ class Config:
     webhook_allow_private: bool
     sender_policy: str
     webhooks_in_process: bool
+    #: SMTP submission (:mod:`mmgun.submission`): its listeners (none: off), STARTTLS's PEM files, limits.
+    smtp_listen: tuple[str, ...]
+    tls_cert: str | None
+    tls_key: str | None
+    smtp_command_timeout: float
+    smtp_data_timeout: float
+    smtp_greet_pause: float
+    max_smtp_connections: int
+    max_smtp_connections_per_source: int
 
 
 class Options(usage.Options):
@@ -247,6 +274,10 @@ class Options(usage.Options):
         """DNS server HOST[:PORT]; repeatable (default: /etc/resolv.conf) (env MMGUN_NAMESERVER)"""
         self["nameserver"].append(value)
 
+    def opt_smtp_listen(self, value: str) -> None:
+        """strports endpoint for SMTP submission, e.g. tcp:587 or ssl:465:privateKey=K:certKey=C; repeatable (default: none) (env MMGUN_SMTP_LISTEN, comma-separated)"""
+        self["smtp-listen"].append(value)
+
     def postOptions(self) -> None:
         self.config = resolve(self, self._environ)
 
@@ -278,6 +309,8 @@ def resolve(given: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     roles = values.pop("role") or ROLES
     if values["retry-min"] > values["retry-max"]:
         raise usage.UsageError("--retry-min must not be longer than --retry-max")
+    if (values["tls-cert"] is None) != (values["tls-key"] is None):
+        raise usage.UsageError("--tls-cert and --tls-key go together")
     return Config(
         roles=tuple(r for r in ROLES if r in roles),
         nameservers=values.pop("nameserver"),
@@ -303,6 +336,7 @@ def environment(config: Config) -> dict[str, str]:
         env[env_name(name)] = "1" if getattr(config, name.replace("-", "_")) else "0"
     env[env_name("role")] = ",".join(config.roles)
     env[env_name("nameserver")] = ",".join(config.nameservers)
+    env[env_name("smtp-listen")] = ",".join(config.smtp_listen)
     return env
 
 

@@ -5,7 +5,9 @@ A health check that only asks the database to ``SELECT 1`` answers yes while eve
 fails (a full disk, a read-only file, a database file deleted under the running process).
 :class:`Health` asks what a write needs: the file at the path is the one the store
 opened and holds, the file and its folder are writable, the last write did not fail for a
-reason that lasts, the file system has room, and the database answers.
+reason that lasts, the file system has room, and the database answers. A PostgreSQL
+database (``--database`` a URL) has no file here: the store's own word (unreachable, full)
+and the answer to ``SELECT 1`` are all there is to ask.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .store import Store
+from .store import Store, is_postgresql
 
 _log = Logger()
 
@@ -110,6 +112,9 @@ class Health:
         access: Callable[[str, int], bool] = os.access,
     ) -> None:
         self._store = store
+        #: A PostgreSQL database (a URL) has no file, folder or file system here to check:
+        #: only what the store says (write_problem) and whether it answers.
+        self._server = is_postgresql(database)
         self._database = os.path.abspath(database)
         self._folder = os.path.dirname(self._database)
         self._access = access
@@ -117,6 +122,8 @@ class Health:
 
     def admission(self) -> str | None:
         """Why a new submission is refused now (503), or None."""
+        if self._server:
+            return None
         return self.free_space.shortage()
 
     async def check(self) -> str | None:
@@ -124,6 +131,8 @@ class Health:
         problem = self._store.write_problem()
         if problem is not None:
             return problem
+        if self._server:
+            return await _ping_problem(self._store)
         # access(2) answers for this process's user; as root it still reports a read-only file system.
         if not self._access(self._database, os.W_OK):
             return "the database file is not writable"

@@ -16,6 +16,10 @@ another; each domain's envelopes leave as soon as its lookup is done. The only w
 in which a crash duplicates mail is between the peer's 250 to the final "." and our
 commit of it (milliseconds): the lease then expires and the envelope is sent again.
 
+While the database cannot be reached (:class:`mmgun.store.DatabaseUnavailable`: PostgreSQL
+down or cut off), the sender claims nothing and pings it at each poll instead, logging one
+line when that starts and one when it ends.
+
 A result the sender knows is never thrown away for a failing database: when its commit
 fails with a StorageError (a full disk), the sender keeps it, keeps the lease renewed,
 retries the commit with a backoff and claims nothing new until every such result is
@@ -58,7 +62,7 @@ from .bounces import mailbox_gone
 from .metrics import Metrics
 from .mx import MXHost, PermanentDNSError, TemporaryDNSError
 from .smtp import SessionFailed, SMTPSettings, Transaction, TransactionResult, send_session, wire_form
-from .store import ClaimedEnvelope, EnvelopeOutcome, RecipientOutcome, StorageError, Store
+from .store import ClaimedEnvelope, DatabaseUnavailable, EnvelopeOutcome, RecipientOutcome, StorageError, Store
 
 _log = Logger()
 
@@ -190,6 +194,8 @@ class Sender(Service):
         self._claiming = False
         self._poll_again = False
         self._stopping = False
+        #: The database could not be reached at the last claim (DatabaseUnavailable): each poll pings it first.
+        self._database_lost = False
         #: (wall, monotonic) at the last poll: a step of the wall clock shows between two.
         self._marks: tuple[float, float] | None = None
         #: No claim before this (monotonic) time: after a forward step, the other senders
@@ -315,6 +321,11 @@ class Sender(Service):
         self._claiming = True
         self._poll_again = False
         try:
+            if self._database_lost:
+                # No claim until the database answers; a failed ping is caught below, not logged again.
+                await self._store.ping()
+                self._database_lost = False
+                _log.info("the database answers again; claiming resumes")
             while not self._stopping:
                 # Before every claim, not once per poll: a claim reads the wall clock, and
                 # a step between two batches would make our own leases look expired.
@@ -345,6 +356,12 @@ class Sender(Service):
                     self._dispatch(fresh)
                 if len(claimed) < limit:
                     return
+        except DatabaseUnavailable as e:
+            # One line when it starts (and one when it ends), not one per poll.
+            if not self._database_lost:
+                self._database_lost = True
+                _log.error("claiming envelopes failed: {error}; no claims until the database answers again", error=str(e))
+            self._poll_again = False
         except Exception:
             _log.failure("claiming envelopes failed; will try again")
             self._poll_again = False  # at the next tick, not at once

@@ -165,7 +165,7 @@ class QueueGauges(TimerService):
 def make_service(config: Config, reactor: Any, *, clients: Clients | None = None) -> OrderedService:
     root = OrderedService()
     metrics = Metrics()
-    store = open_store(config.database, reactor)
+    store = open_store(config.database, reactor, config.database_pool_size)
     StoreService(store).setServiceParent(root)
     from .health import DatabaseWatch, Health
 
@@ -201,6 +201,7 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
         ClientsReloader(holder, reactor).setServiceParent(root)
         QueueGauges(store, metrics, reactor, wall=time.time).setServiceParent(root)
         http = HTTPService(config.listen, frontend.site(), reactor, grace=min(config.shutdown_timeout, 10.0))
+        submission = make_submission(config, frontend.pipeline, reactor) if config.smtp_listen else None
 
     if "sender" in config.roles:
         make_sender(config, store, reactor, metrics).setServiceParent(root)
@@ -222,7 +223,23 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
     if "frontend" in config.roles:
         # Added last, so stopped first: no new request is accepted while deliveries drain.
         http.setServiceParent(root)
+        if submission is not None:
+            submission.setServiceParent(root)
     return root
+
+
+def make_submission(config: Config, pipeline: Any, reactor: Any) -> MultiService:
+    """SMTP submission (:mod:`mmgun.submission`) on every ``--smtp-listen``, through the HTTP API's ``pipeline``."""
+    from .submission import SubmissionServer, SubmissionService, settings_from, tls_options
+
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        try:
+            tls = tls_options(config.tls_cert, config.tls_key)
+        except (OSError, ValueError) as e:
+            raise ListenError(f"cannot use --tls-cert {config.tls_cert} / --tls-key {config.tls_key}: {e}") from None
+    server = SubmissionServer(pipeline, settings_from(config), reactor, wall=time.time)
+    return SubmissionService(server, config.smtp_listen, reactor, tls=tls, grace=min(config.shutdown_timeout, 10.0))
 
 
 def web_settings(config: Config, max_connections: int) -> WebSettings:

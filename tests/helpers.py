@@ -24,7 +24,7 @@ def sync_store(case: SynchronousTestCase, name: str = "mmgun.sqlite3") -> tuple[
     """A real SQLite store whose Deferreds fire at once (no threads): usable with a Clock."""
     path = case.mktemp() + "-" + name
     store = SQLiteStore.open_sync(path)
-    case.addCleanup(lambda: store._runner.close())
+    case.addCleanup(lambda: result(case, store.close()))
     return store, path
 
 

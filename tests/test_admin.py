@@ -75,7 +75,7 @@ def make_store(case: SynchronousTestCase) -> tuple[str, str, SQLiteStore]:
     case.addCleanup(shutil.rmtree, directory, True)
     path = os.path.join(directory, "mmgun.sqlite3")
     store = SQLiteStore.open_sync(path)
-    case.addCleanup(store._runner.close)
+    case.addCleanup(lambda: result(case, store.close()))
     return directory, path, store
 
 
@@ -446,7 +446,7 @@ class ErrorTests(AdminCase):
         os.chdir(directory)
         self.assertEqual(self.fails("stats"), "mmgun: database var/mmgun.sqlite3 does not exist")
         os.mkdir("var")
-        SQLiteStore.open_sync("var/mmgun.sqlite3")._runner.close()
+        result(self, SQLiteStore.open_sync("var/mmgun.sqlite3").close())
         self.assertIn("unfinished envelopes  0\n", self.ok("stats"))
 
     def test_not_a_database_left_untouched(self) -> None:

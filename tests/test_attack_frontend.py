@@ -276,7 +276,7 @@ class ConnectionCapSettingsTests(SynchronousTestCase):
         self.assertEqual(http.site.max_connections, http_connection_cap(config, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
         self.assertEqual(cap.max_bytes, 5 * 1024 * 1024)
         store = next(s.store for s in service if hasattr(s, "store"))
-        store._runner.close()
+        result(self, store.close())
 
 
 class _Raw(Protocol):
@@ -651,7 +651,7 @@ class UnreadableDatabaseTests(SynchronousTestCase):
         self.folder = os.path.join(top, "queue")
         os.mkdir(self.folder)
         self.database = os.path.join(self.folder, "mmgun.sqlite3")
-        SQLiteStore.open_sync(self.database)._runner.close()
+        result(self, SQLiteStore.open_sync(self.database).close())
 
         def remove() -> None:
             import shutil

@@ -271,7 +271,7 @@ class FullDiskTests(SynchronousTestCase):
             self.assertGreater(store.record_failures, failures)
             # Its lease is still held (renewed), though it was taken three leases ago.
             other = SQLiteStore.open_sync(self.h.path)
-            self.addCleanup(lambda: other._runner.close())
+            self.addCleanup(lambda: result(self, other.close()))
             entries = result(self, other.queue_entries(self.h.wall()))
             self.assertEqual({e.submission_id: e.leased for e in entries}, {first: True, second: False})
             self.assertEqual([c for c in store.claims if c], claims, "claimed new work while a result was waiting")
@@ -327,7 +327,7 @@ class FullDiskTests(SynchronousTestCase):
         self.assertIn("at once when a sender starts again as sender-1", line)
         self.assertIn("otherwise when their leases expire", line)
         other = SQLiteStore.open_sync(self.h.path)
-        self.addCleanup(lambda: other._runner.close())
+        self.addCleanup(lambda: result(self, other.close()))
         self.assertEqual(result(self, other.claim("another-sender", self.h.wall(), 60, 10)), [])
         self.assertEqual(self.h.state(sid).status, "queued")
         # What the next run of sender-1 does at start: takes it back at once.
@@ -421,7 +421,7 @@ class ClockStepTests(SynchronousTestCase):
         self.h.net.advance(5)
         self.assertEqual(self.h.net.attempts, ["127.0.0.2"])
         other = SQLiteStore.open_sync(self.h.path)
-        self.addCleanup(lambda: other._runner.close())
+        self.addCleanup(lambda: result(self, other.close()))
         self.h.sender(other, owner="sender-2")
         self.h.net.advance(1)
         self.h.step += 2 * 3600
@@ -444,7 +444,7 @@ class ClockStepTests(SynchronousTestCase):
         self.assertEqual(self.h.net.attempts, ["127.0.0.2"])
         self.h.net.advance(0.5)
         other = SQLiteStore.open_sync(self.h.path)
-        self.addCleanup(lambda: other._runner.close())
+        self.addCleanup(lambda: result(self, other.close()))
         self.h.sender(other, owner="sender-2")  # polls at half seconds
         self.h.net.advance(0.5)
         self.h.net.advance(0.4)  # sender-1 polled at +6.0; sender-2 polls next, at +6.5

@@ -501,7 +501,7 @@ class AutoVacuumTests(SynchronousTestCase):
         self.assertEqual(self.auto_vacuum(path), 0)
         info = LogCapture(self, LogLevel.info)
         store = SQLiteStore.open_sync(path)
-        self.addCleanup(store._runner.close)
+        self.addCleanup(lambda: result(self, store.close()))
         self.assertEqual(self.auto_vacuum(path), 2)
         conversions = [e for e in info.events if "converted" in e["log_format"]]
         self.assertEqual(len(conversions), 1)
@@ -510,7 +510,7 @@ class AutoVacuumTests(SynchronousTestCase):
         self.assertEqual(check.execute("SELECT id FROM submissions").fetchall(), [("s1",)])
         self.assertEqual(check.execute("PRAGMA journal_mode").fetchone(), ("wal",))
         again = SQLiteStore.open_sync(path)
-        again._runner.close()
+        result(self, again.close())
         self.assertEqual(len([e for e in info.events if "converted" in e["log_format"]]), 1)
 
     def old_database(self) -> str:

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import yaml
 from twisted.python.usage import UsageError
@@ -42,6 +43,9 @@ DOCKERFILE = os.path.join(ROOT, "Dockerfile")
 DOCKERIGNORE = os.path.join(ROOT, ".dockerignore")
 BUILD_SH = os.path.join(ROOT, "build.sh")
 COMPOSE = os.path.join(ROOT, "docker-compose.yml")
+POSTGRES_COMPOSE = os.path.join(ROOT, "docker-compose.postgres.yml")
+#: The image of a compose file's database service (issue 15): the official PostgreSQL image.
+POSTGRES_IMAGE = "postgres"
 E2E_COMPOSE = os.path.join(ROOT, "e2e-tests", "docker-compose.yml")
 IMAGE = "mini-mailgun/bundle"
 #: The image's WORKDIR is the checkout's root, so relative paths in commands are repository paths.
@@ -378,7 +382,12 @@ def compose_problems(compose: Mapping[str, Any], compose_dir: str, image_env: Ma
 
     configs: dict[str, Config] = {}
     stubs: dict[str, tuple[str, Any]] = {}
+    databases = {n for n, s in services.items() if str(s.get("image", "")).split(":")[0] == POSTGRES_IMAGE}
+    for name in sorted(databases):
+        problems += postgres_service_problems(name, services[name], declared_volumes)
     for name, service in services.items():
+        if name in databases:
+            continue
         problems += image_problems(name, service, compose_dir)
         problems += healthcheck_problems(name, service)
         for source in bind_mounts(service):
@@ -409,7 +418,10 @@ def compose_problems(compose: Mapping[str, Any], compose_dir: str, image_env: Ma
             problems.append(f"{name}: neither an mmgun role nor a stub: {argv}")
 
     problems += role_problems(configs)
-    problems += volume_problems(services, configs, declared_volumes)
+    if any(is_url(c.database) for c in configs.values()):
+        problems += postgres_client_problems(services, configs, databases)
+    else:
+        problems += volume_problems(services, configs, declared_volumes)
     problems += port_problems(services, configs)
     problems += delivery_problems(services, configs, stubs)
     return problems
@@ -468,6 +480,61 @@ def volume_problems(services: Mapping[str, Any], configs: Mapping[str, Config], 
     databases = {c.database for c in configs.values()}
     if len(databases) > 1:
         problems.append(f"the roles use different databases: {sorted(databases)}")
+    return problems
+
+
+def is_url(database: str) -> bool:
+    return database.startswith(("postgresql://", "postgres://"))
+
+
+def postgres_service_problems(name: str, service: Mapping[str, Any], declared: set[str]) -> Problems:
+    """The database service: a pinned major version, a healthcheck, its data on a named volume, no published port."""
+    problems = healthcheck_problems(name, service)
+    image = str(service["image"])
+    if ":" not in image or not image.split(":")[1].split(".")[0].isdigit():
+        problems.append(f"{name}: pin PostgreSQL's major version ({image}), so an upgrade is a decision")
+    mounts = named_volume_mounts(service)
+    if "/var/lib/postgresql/data" not in mounts.values():
+        problems.append(f"{name}: /var/lib/postgresql/data is on no named volume: the queue would die with the container")
+    for volume in set(mounts) - declared:
+        problems.append(f"{name}: volume {volume} is not declared under the top-level volumes")
+    if service.get("ports"):
+        problems.append(f"{name}: publishes PostgreSQL's port on the host; only the compose network needs it")
+    if not environment(service).get("POSTGRES_PASSWORD"):
+        problems.append(f"{name}: no POSTGRES_PASSWORD")
+    return problems
+
+
+def postgres_client_problems(services: Mapping[str, Any], configs: Mapping[str, Config], databases: set[str]) -> Problems:
+    """
+    Every role on one PostgreSQL URL that names a database service of this file, with the
+    password outside the URL (PGPASSWORD, the service's own), started once the database is healthy.
+    """
+    problems: Problems = []
+    urls = {c.database for c in configs.values()}
+    if len(urls) > 1:
+        return [f"the roles use different databases: {sorted(urls)}"]
+    url = urlsplit(urls.pop())
+    if url.password is not None:
+        problems.append("the --database URL holds a password: give it as PGPASSWORD, which mmgun never logs")
+    host, port = url.hostname or "", url.port or 5432
+    server = next((d for d in databases if host in addresses(services, namespace(services, d))), None)
+    if server is None:
+        return [*problems, f"--database names host {host!r}, which is no PostgreSQL service of this file"]
+    server_env = environment(services[server])
+    if port != 5432:
+        problems.append(f"--database names port {port}; {server} listens on 5432")
+    if url.username != server_env.get("POSTGRES_USER", "postgres"):
+        problems.append(f"--database names user {url.username!r}; {server} makes {server_env.get('POSTGRES_USER', 'postgres')!r}")
+    if url.path.lstrip("/") != server_env.get("POSTGRES_DB", server_env.get("POSTGRES_USER", "postgres")):
+        problems.append(f"--database names database {url.path.lstrip('/')!r}; {server} makes another")
+    for name in configs:
+        if environment(services[name]).get("PGPASSWORD") != server_env.get("POSTGRES_PASSWORD"):
+            problems.append(f"{name}: PGPASSWORD is not {server}'s POSTGRES_PASSWORD")
+        depends = services[name].get("depends_on") or {}
+        condition = depends.get(server, {}).get("condition") if isinstance(depends, dict) else None
+        if condition != "service_healthy":
+            problems.append(f"{name}: should start once {server} is healthy (depends_on: condition: service_healthy)")
     return problems
 
 
@@ -710,6 +777,66 @@ class _ComposeChecks(_Mixin):
 
 class ComposeTests(_ComposeChecks, SynchronousTestCase):
     path = COMPOSE
+
+
+class PostgresComposeTests(_ComposeChecks, SynchronousTestCase):
+    """issue 15: docker-compose.postgres.yml, every role on one PostgreSQL service."""
+
+    path = POSTGRES_COMPOSE
+
+    def test_database_on_another_mount_is_caught(self) -> None:
+        compose = self.broken()
+        compose["services"]["cleaner"]["environment"] = {"MMGUN_DATABASE": "/tmp/mmgun.sqlite3"}
+        problems = self.problems(compose)
+        self.assertTrue(any(p.startswith("the roles use different databases") for p in problems), problems)
+
+    def test_undeclared_volume_is_caught(self) -> None:
+        compose = self.broken()
+        del compose["volumes"]
+        self.assertIn("postgres: volume pgdata is not declared under the top-level volumes", self.problems(compose))
+
+    def set_database(self, compose: dict[str, Any], url: str) -> None:
+        for name in ROLES:
+            compose["services"][name]["environment"] = {**compose["services"][name]["environment"], "MMGUN_DATABASE": url}
+
+    def test_password_in_url_is_caught(self) -> None:
+        compose = self.broken()
+        self.set_database(compose, "postgresql://mmgun:hunter2@postgres:5432/mmgun")
+        self.assertIn(
+            "the --database URL holds a password: give it as PGPASSWORD, which mmgun never logs", self.problems(compose)
+        )
+
+    def test_unknown_host_and_database_are_caught(self) -> None:
+        compose = self.broken()
+        self.set_database(compose, "postgresql://mmgun@db:5432/mmgun")
+        self.assertIn("--database names host 'db', which is no PostgreSQL service of this file", self.problems(compose))
+        compose = self.broken()
+        self.set_database(compose, "postgresql://mmgun@postgres:5432/queue")
+        self.assertIn("--database names database 'queue'; postgres makes another", self.problems(compose))
+
+    def test_published_database_and_unpinned_image_are_caught(self) -> None:
+        compose = self.broken()
+        compose["services"]["postgres"]["ports"] = ["5432:5432"]
+        compose["services"]["postgres"]["image"] = "postgres:latest"
+        problems = self.problems(compose)
+        self.assertIn("postgres: publishes PostgreSQL's port on the host; only the compose network needs it", problems)
+        self.assertIn("postgres: pin PostgreSQL's major version (postgres:latest), so an upgrade is a decision", problems)
+
+    def test_data_off_a_volume_is_caught(self) -> None:
+        compose = self.broken()
+        del compose["services"]["postgres"]["volumes"]
+        self.assertIn(
+            "postgres: /var/lib/postgresql/data is on no named volume: the queue would die with the container",
+            self.problems(compose),
+        )
+
+    def test_start_before_healthy_and_wrong_password_are_caught(self) -> None:
+        compose = self.broken()
+        compose["services"]["sender"]["depends_on"] = ["postgres"]
+        compose["services"]["cleaner"]["environment"] = {**compose["services"]["cleaner"]["environment"], "PGPASSWORD": "x"}
+        problems = self.problems(compose)
+        self.assertIn("sender: should start once postgres is healthy (depends_on: condition: service_healthy)", problems)
+        self.assertIn("cleaner: PGPASSWORD is not postgres's POSTGRES_PASSWORD", problems)
 
 
 class EndToEndComposeTests(_ComposeChecks, SynchronousTestCase):

@@ -84,7 +84,7 @@ class KeyTests(DomainCase):
         """issue 13 keys: the private key read back (by another process) is the one stored."""
         self.call(self.store.add_domain_key(key("s1")))
         other = SQLiteStore.open_existing(self.path)
-        self.addCleanup(other._runner.close)
+        self.addCleanup(lambda: result(self, other.close()))
         self.assertEqual(self.call(other.domain_keys("example.com")), [key("s1")])
 
     def test_newest_first_and_signing_keys_newest_two_of_each_algorithm_rsa_first(self) -> None:

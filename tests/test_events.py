@@ -475,7 +475,7 @@ while True:
     if not envelopes:
         break
     run(store.record([EnvelopeOutcome(e, tuple(RecipientOutcome(a, "sent", "250 ok", mx_host="mx") for a in e.recipients), None) for e in envelopes], 2.0e9))
-store._runner.close()
+run(store.close())
 """
 
 
@@ -490,7 +490,7 @@ class ConcurrentWritersTests(SynchronousTestCase):
         """
         path = self.mktemp() + "-feed.sqlite3"
         reader = SQLiteStore.open_sync(path)
-        self.addCleanup(lambda: reader._runner.close())
+        self.addCleanup(lambda: result(self, reader.close()))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
         writers = [
             subprocess.Popen([sys.executable, "-c", WRITER, path, name, str(self.COUNT)], stdout=subprocess.PIPE, env=env, text=True)

@@ -121,7 +121,7 @@ class RelayTestCase(TestCase):
             self.successResultOf(Deferred.fromCoroutine(store.add_domain(domain, "acme", time.time())))
         for key in self.domain_keys:
             self.successResultOf(Deferred.fromCoroutine(store.add_domain_key(key)))
-        store._runner.close()
+        self.successResultOf(Deferred.fromCoroutine(store.close()))
         clients = self.mktemp()
         with open(clients, "w") as f:
             f.write(CLIENT + "\n")

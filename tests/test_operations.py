@@ -44,7 +44,7 @@ class HealthTests(SynchronousTestCase):
 
     def test_healthz_503_when_database_fails(self) -> None:
         api, store, _ = make_api(self)
-        store._runner.close()
+        result(self, store.close())
         code, body = api.request("GET", "/healthz")
         self.assertEqual((code, body["status"]), (503, "unavailable"))
         self.flushLoggedErrors()
@@ -187,7 +187,7 @@ class DaemonShutdownTests(TestCase):
         from mmgun.store import NewSubmission
 
         shared = __import__("mmgun.store.sqlite", fromlist=["SQLiteStore"]).SQLiteStore.open_sync(database)
-        self.addCleanup(shared._runner.close)
+        self.addCleanup(lambda: result(self, shared.close()))
         result(self, shared.add_submission(NewSubmission("b" * 32, "c", "me@x.example", ("fast@b.example",), b"Subject: y\r\n\r\nbody\r\n", reactor.seconds() - 1)))
         result(self, shared.add_submission(NewSubmission("a" * 32, "c", "me@x.example", ("slowdata@a.example",), b"Subject: x\r\n\r\nsecret body\r\n", reactor.seconds())))
         conn = sqlite3.connect(database)
@@ -242,7 +242,7 @@ class AdminWithDaemonTests(TestCase):
         self.addCleanup(stop)
         await wait_until(lambda: os.path.exists(self.database), "the daemon to create its database")
         store = SQLiteStore.open_sync(self.database)
-        self.addCleanup(store._runner.close)
+        self.addCleanup(lambda: result(self, store.close()))
         for sid, address in (("a" * 32, "x@one.example"), ("b" * 32, "y@two.example")):
             result(self, store.add_submission(NewSubmission(sid, "c-0123456789abcdef", "me@x.example", (address,), b"m", reactor.seconds())))
         deferred = lambda: json.loads(self.mmgun("queue", "--status", "deferred", "--json").stdout)  # noqa: E731

@@ -42,7 +42,7 @@ class QueueTests(SynchronousTestCase):
         conn.execute("INSERT INTO submissions (id, client, sender, created_at) VALUES ('s1', 'c1', 'a@b.example', 1.0)")
         conn.close()
         store = SQLiteStore.open_sync(path)
-        self.addCleanup(store._runner.close)
+        self.addCleanup(lambda: result(self, store.close()))
         check = sqlite3.connect(path)
         self.addCleanup(check.close)
         self.assertEqual(check.execute("PRAGMA user_version").fetchone(), (len(Q.MIGRATIONS),))
@@ -53,7 +53,7 @@ class QueueTests(SynchronousTestCase):
         s = submission()
         result(self, self.store.add_submission(s))
         again = SQLiteStore.open_sync(self.path)
-        self.addCleanup(again._runner.close)
+        self.addCleanup(lambda: result(self, again.close()))
         self.assertEqual(len(result(self, again.submission("c1", s.id)).recipients), 3)
 
     def test_newer_schema_refused(self) -> None:
@@ -184,7 +184,7 @@ class ClaimTests(SynchronousTestCase):
         for _ in range(20):
             result(self, self.store.add_submission(submission(("a@x.example", "b@y.example", "c@z.example"))))
         other = SQLiteStore.open_sync(self.path)
-        self.addCleanup(other._runner.close)
+        self.addCleanup(lambda: result(self, other.close()))
         seen: list[int] = []
         for i in range(40):
             store = self.store if i % 2 else other

@@ -1,7 +1,7 @@
 """
 issue 15 (the store made ready for a second backend): the backend is chosen from
 ``--database`` by :func:`mmgun.store.open_store` and :func:`mmgun.store.open_admin_store`,
-and a PostgreSQL URL is refused in one line (not supported yet) rather than taken for a path.
+and a PostgreSQL URL opens the PostgreSQL store (tests/test_store_postgres.py), never a file at that path.
 """
 
 from __future__ import annotations
@@ -27,7 +27,13 @@ from mmgun.store.sqlite import SQLiteStore, store as sqlite_store
 from .helpers import result, sync_store
 from .test_attack_store import deliver_all, new_submission
 
-URLS = ("postgresql://mmgun@db.example:5432/mmgun", "postgres://mmgun@db.example/mmgun?sslmode=require", "PostgreSQL://db/x")
+#: PostgreSQL URLs of servers that are not there (a socket folder that does not exist): each
+#: must be taken for PostgreSQL (never for a path) and fail in one line, password masked.
+URLS = (
+    "postgresql://mmgun:pa55word@/mmgun?host=%2Fnonexistent%2Fmmgun",
+    "postgres://mmgun@/mmgun?host=/nonexistent/mmgun&sslmode=disable",
+    "PostgreSQL://mmgun@/x?host=/nonexistent/mmgun",
+)
 
 
 class OpenStoreTests(SynchronousTestCase):
@@ -39,19 +45,25 @@ class OpenStoreTests(SynchronousTestCase):
         os.chdir(self.folder)
         self.addCleanup(os.chdir, old)
 
-    def test_a_postgresql_url_is_refused_and_not_taken_for_a_path(self) -> None:
-        """issue 15 (seam): open_store and open_admin_store refuse a PostgreSQL URL with one clear line; nothing is made."""
+    def test_a_postgresql_url_is_not_taken_for_a_path(self) -> None:
+        """issue 15: open_store and open_admin_store take a PostgreSQL URL for PostgreSQL: an absent server is one clear line, nothing is made."""
         for url in URLS:
             for opening, kwargs in (
                 (open_store, {"reactor": MemoryReactorClock()}),
                 (open_admin_store, {}),
                 (open_admin_store, {"create": True}),
             ):
-                error = self.assertRaises(UnsupportedDatabase, opening, url, **kwargs)
-                self.assertIsInstance(error, StorageError)
-                self.assertIn("not supported yet", str(error))
+                error = self.assertRaises(StorageError, opening, url, **kwargs)
+                self.assertIn("cannot connect to database postgres", str(error).lower())
                 self.assertNotIn("\n", str(error))
-        # SQLite would have made the folders "postgresql:/mmgun@db.example:5432" and a database in them.
+                self.assertNotIn("pa55word", str(error))
+        # SQLite would have made the folders "postgresql:/…" and a database in them.
+        self.assertEqual(os.listdir(self.folder), [])
+
+    def test_another_scheme_is_refused(self) -> None:
+        """issue 15: a URL of a database mmgun has no backend for is refused in one line, not made a file path."""
+        error = self.assertRaises(UnsupportedDatabase, open_store, "mysql://db/x", MemoryReactorClock())
+        self.assertIn("mysql:// databases are not supported", str(error))
         self.assertEqual(os.listdir(self.folder), [])
 
     def test_a_path_opens_sqlite(self) -> None:
@@ -74,20 +86,21 @@ class OpenStoreTests(SynchronousTestCase):
         self.addCleanup(lambda: result(self, existing.close()))
         self.assertTrue(result(self, existing.client_exists("c1")))
 
-    def test_the_daemon_refuses_a_postgresql_url(self) -> None:
-        """issue 15 (seam): make_service fails with StorageError (tap prints it as one line, exit 1) before any role starts."""
+    def test_the_daemon_fails_in_one_line_without_its_postgresql(self) -> None:
+        """issue 15: make_service fails with StorageError (tap prints it as one line, exit 1) before any role starts."""
         config = resolve({"database": URLS[0]}, environ={})
         error = self.assertRaises(StorageError, make_service, config, MemoryReactorClock())
-        self.assertIn("not supported yet", str(error))
+        self.assertIn("cannot connect to database postgresql://mmgun:***@/mmgun", str(error))
         self.assertEqual(os.listdir(self.folder), [])
 
-    def test_the_admin_command_refuses_a_postgresql_url(self) -> None:
-        """issue 15 (seam): every mmgun subcommand, reading or writing, says so in one line with exit status 1."""
+    def test_the_admin_command_fails_in_one_line_without_its_postgresql(self) -> None:
+        """issue 15: every mmgun subcommand, reading or writing, says so in one line with exit status 1."""
         for args in (["queue"], ["stats"], ["clients", "add", "c1"]):
             out, err = io.StringIO(), io.StringIO()
             code = main([*args, "--database", URLS[0]], now=lambda: 1.0, environ={}, stdout=out, stderr=err)
             self.assertEqual((code, out.getvalue()), (1, ""), args)
-            self.assertIn("not supported yet", err.getvalue())
+            self.assertIn("cannot connect to database", err.getvalue())
+            self.assertNotIn("pa55word", err.getvalue())
             self.assertEqual(err.getvalue().count("\n"), 1, err.getvalue())
         self.assertEqual(os.listdir(self.folder), [])
 

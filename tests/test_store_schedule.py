@@ -188,7 +188,7 @@ class MigrationTests(SynchronousTestCase):
         conn.execute("INSERT INTO recipients VALUES (1, 0, 's1', 'a@x.example', 'queued', 0, NULL, ?)", (T0,))
         conn.close()
         store = SQLiteStore.open_sync(path)
-        self.addCleanup(store._runner.close)
+        self.addCleanup(lambda: result(self, store.close()))
         state = result(self, store.submission("c1", "s1", T0))
         self.assertEqual((state.status, state.tags, state.metadata, state.send_at), ("queued", (), None, None))
         self.assertEqual(len(result(self, store.claim("s", T0, 60, 10))), 1)

@@ -97,7 +97,7 @@ class DispatchCase(TestCase):
     def open_store(self) -> SQLiteStore:
         """A store on the test's file whose calls complete at once (no threads): usable with the Clock."""
         store = SQLiteStore.open_sync(self.path)
-        self.addCleanup(lambda: store._runner.close())
+        self.addCleanup(lambda: result(self, store.close()))
         return store
 
     def serve(self, hooks: Hooks) -> str:

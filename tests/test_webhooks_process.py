@@ -79,6 +79,14 @@ EVERY_OPTION = {
     "mx-address-limit": "2",
     "mx-session-limit": "1",
     "sender-policy": "domains",
+    "database-pool-size": "7",
+    "tls-cert": "/etc/mmgun/cert.pem",
+    "tls-key": "/etc/mmgun/key.pem",
+    "smtp-command-timeout": "61s",
+    "smtp-data-timeout": "62s",
+    "smtp-greet-pause": "0.5",
+    "max-smtp-connections": "11",
+    "max-smtp-connections-per-source": "3",
 }
 
 
@@ -92,6 +100,7 @@ def every_field_set() -> Config:
     argv = [f"--{name}={value}" for name, value in EVERY_OPTION.items()]
     argv += [f"--{name}" for name in FLAGS]
     argv += ["--role", "sender", "--role", "webhooks", "--nameserver", "127.0.0.1:5353", "--nameserver", "[::1]:53"]
+    argv += ["--smtp-listen", "tcp:587:interface=127.0.0.1", "--smtp-listen", "tcp:2587"]
     return config_of(*argv)
 
 

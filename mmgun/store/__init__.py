@@ -20,6 +20,7 @@ __all__ = [
     "ClaimedEnvelope",
     "DatabaseFull",
     "DatabaseGone",
+    "DatabaseUnavailable",
     "DomainKey",
     "EnvelopeOutcome",
     "Event",
@@ -41,6 +42,7 @@ __all__ = [
     "StorageError",
     "SubmissionState",
     "UnsupportedDatabase",
+    "is_postgresql",
     "open_admin_store",
     "open_store",
     "submission_status",
@@ -65,6 +67,16 @@ class DatabaseGone(StorageError):
 
 class DatabaseFull(StorageError):
     """The database or its file system is full (SQLITE_FULL); the write was rolled back and may be retried."""
+
+
+class DatabaseUnavailable(StorageError):
+    """
+    The database server cannot be reached: no connection could be made, or the one in use
+    was lost (PostgreSQL restarted, the network cut). Nothing was committed, except when the
+    connection broke while committing, when nobody can know: a record is guarded by its
+    lease, and a submission retried with its Idempotency-Key is queued once. The store's
+    write_problem() says so until a transaction succeeds again.
+    """
 
 
 class UnsupportedDatabase(StorageError):
@@ -541,8 +553,8 @@ class Store(Protocol):
     async def lock_identity(self, identity: str) -> bool:
         """
         Hold ``identity`` exclusively while this store is open (for SQLite a ``flock``
-        beside the database; a PostgreSQL store would take an advisory lock). False if a
-        live holder has it.
+        beside the database; for PostgreSQL a session advisory lock, held by a connection
+        of its own, on every host). False if a live holder has it.
         """
 
     async def reclaim(self, identity: str, now: float) -> int:
@@ -816,21 +828,34 @@ class Store(Protocol):
 _POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 
 
+def is_postgresql(database: str) -> bool:
+    """Whether ``--database`` is a PostgreSQL URL (else it is the path of an SQLite file)."""
+    return database.lower().startswith(_POSTGRESQL_SCHEMES)
+
+
 def _check_backend(database: str) -> None:
-    """Raise UnsupportedDatabase unless ``database`` names a backend this mmgun has: a file path (SQLite)."""
-    if database.lower().startswith(_POSTGRESQL_SCHEMES):
+    """Raise UnsupportedDatabase unless ``database`` names a backend this mmgun has: a file path (SQLite) or a PostgreSQL URL."""
+    scheme, colon_slashes, _ = database.partition("://")
+    if colon_slashes and not is_postgresql(database) and scheme.isascii() and scheme.isalpha():
         raise UnsupportedDatabase(
-            "PostgreSQL databases (--database postgresql://…) are not supported yet; give the path of an SQLite file"
+            f"{scheme}:// databases are not supported; give the path of an SQLite file or a postgresql:// URL"
         )
 
 
-def open_store(database: str, reactor: Any) -> Store:
+def open_store(database: str, reactor: Any, pool_size: int | None = None) -> Store:
     """
-    The daemon's store on ``database`` (``--database``): a file path is an SQLite file,
-    created and migrated to the newest schema here, its transactions run on ``reactor``'s
-    thread pool. Raises StorageError (one line for the operator) when it cannot be used.
+    The daemon's store on ``database`` (``--database``): a ``postgresql://`` or
+    ``postgres://`` URL (libpq's, its parameters passed through) is a PostgreSQL database,
+    any other value the path of an SQLite file; either is created or migrated to the newest
+    schema here, and its transactions run on ``reactor``'s threads (``pool_size``
+    connections for PostgreSQL; SQLite has one). Raises StorageError (one line for the
+    operator, never with the URL's password) when it cannot be used.
     """
     _check_backend(database)
+    if is_postgresql(database):
+        from .postgres import DEFAULT_POOL_SIZE, PostgresStore
+
+        return PostgresStore.open(database, reactor, pool_size or DEFAULT_POOL_SIZE)
     from .sqlite import SQLiteStore
 
     return SQLiteStore.open(database, reactor)
@@ -845,6 +870,10 @@ def open_admin_store(database: str, *, create: bool = False) -> Store:
     Synchronous for now: its calls have finished when they return (the command runs no reactor).
     """
     _check_backend(database)
+    if is_postgresql(database):
+        from .postgres import PostgresStore
+
+        return PostgresStore.open_sync(database) if create else PostgresStore.open_existing(database)
     from .sqlite import SQLiteStore
 
     return SQLiteStore.open_sync(database) if create else SQLiteStore.open_existing(database)

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from ..message import BadRequest
-from ..store import DatabaseFull, DatabaseGone, IdempotencyConflict, StorageError, Store
+from ..store import DatabaseFull, DatabaseGone, DatabaseUnavailable, IdempotencyConflict, StorageError, Store
 from .signing import SenderRefused
 
 _log = Logger()
@@ -119,7 +119,7 @@ def error_answer(failure: Failure, store: Store, path: bytes) -> ErrorAnswer:
 def _storage_message(error: StorageError) -> str:
     if isinstance(error, DatabaseFull):
         return "cannot store messages now: the disk is full; try again later"
-    if isinstance(error, DatabaseGone):
+    if isinstance(error, (DatabaseGone, DatabaseUnavailable)):
         return "cannot store messages now: the database is unavailable; try again later"
     return "cannot store messages now; try again later"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
+from typing import NoReturn
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -25,7 +26,7 @@ from ..message import BadRequest, MessageTooLarge, SendRequest, build_message, n
 from ..metrics import Metrics
 from ..signer import Signer
 from ..store import NewSubmission, Store
-from .errors import too_many, unauthorized, unavailable
+from .errors import HTTPError, too_many, unauthorized, unavailable
 from .settings import WebSettings
 from .signing import SendingDomains
 from .site import source_key
@@ -47,6 +48,17 @@ def idempotency_key(request: IRequest) -> str | None:
     if not 0 < len(raw) <= MAX_IDEMPOTENCY_KEY or not all(0x20 <= b < 0x7F for b in raw):
         raise BadRequest(f"header 'Idempotency-Key' must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters")
     return raw.decode("ascii")
+
+
+class QueueCapReached(HTTPError):
+    """
+    429: the client's queue caps (``--max-queued``, ``--max-queued-bytes``) are reached;
+    answered as any 429 over HTTP, told apart from the rate limit by SMTP (452 4.3.1).
+    """
+
+    def __init__(self, message: str, wait: float) -> None:
+        answer = too_many(message, wait)
+        super().__init__(answer.code, answer.message, answer.headers)
 
 
 @attrs.frozen
@@ -130,6 +142,25 @@ class Pipeline:
         authorization = request.getHeader(b"authorization")
         if authorization is not None and client_id is not NO_CLIENT_ID:
             raise BadRequest("use either an Authorization header or the client_id field, not both")
+        return await self._authenticate(address, authorization, client_id)
+
+    async def authenticate_key(self, user: str, key: str, address: str) -> str:
+        """
+        :meth:`authenticate` for a protocol without HTTP requests (SMTP AUTH,
+        :mod:`mmgun.submission`): ``key`` (an API key) given by ``user``, which must be
+        ``api`` or the key's own client id, from ``address`` (:func:`.site.source_key` of
+        the peer). The same keys, revocation and failed-attempt limit per address as
+        HTTP; raises the same 401 and 429 :class:`.errors.HTTPError`.
+        """
+        if not key.isascii():
+            key = ""  # no API key: fails as any wrong one does
+        # As if sent as a bearer token: the one check of a key, shared with HTTP.
+        client = await self._authenticate(address, b"Bearer " + key.encode("ascii"), NO_CLIENT_ID)
+        if user not in ("api", client):
+            self._failed(address, None)
+        return client
+
+    async def _authenticate(self, address: str, authorization: bytes | None, client_id: object) -> str:
         blocked = self._auth_failures.blocked(address)
         if authorization is None and blocked:
             raise too_many("too many failed authentication attempts", blocked)
@@ -138,12 +169,16 @@ class Pipeline:
                 authorization, None if client_id is NO_CLIENT_ID else client_id, blocked_source=address if blocked else None
             )
         except AuthenticationFailed as e:
-            if e.key_id is not None:
-                self._key_failures.failed(e.key_id, address)
-            wait = self._auth_failures.take(address)
-            if wait:
-                raise too_many("too many failed authentication attempts", wait) from None
-            raise unauthorized() from None
+            self._failed(address, e.key_id)
+
+    def _failed(self, address: str, key_id: str | None) -> NoReturn:
+        """A failed attempt from ``address`` (with the existing API key id ``key_id``): counted, then 401 or 429."""
+        if key_id is not None:
+            self._key_failures.failed(key_id, address)
+        wait = self._auth_failures.take(address)
+        if wait:
+            raise too_many("too many failed authentication attempts", wait) from None
+        raise unauthorized() from None
 
     async def submit(
         self,
@@ -285,7 +320,7 @@ class Pipeline:
                 if refused is not None:
                     for earlier in admitted:
                         cap.forget(client, len(earlier.recipients), len(earlier.message))
-                    raise too_many(refused, cap.step)
+                    raise QueueCapReached(refused, cap.step)
                 admitted.append(submission)
         try:
             if len(submissions) == 1:

@@ -1,0 +1,131 @@
+"""The :class:`mmgun.store.Store` on a PostgreSQL database."""
+
+from __future__ import annotations
+
+import select
+from typing import Any
+
+import psycopg
+from psycopg.pq import ConnStatus
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from ..sql import SQLStore
+from . import queries as Q
+from .runners import PoolRunner, SyncRunner, connect, masked
+from .schema import check_existing, prepare
+
+_log = Logger()
+
+#: Connections (and pool threads) per process unless --database-pool-size says otherwise.
+DEFAULT_POOL_SIZE = 4
+
+
+class PostgresStore(SQLStore):
+    """The :class:`mmgun.store.Store` on one PostgreSQL database, shared with other hosts."""
+
+    _runner: PoolRunner | SyncRunner
+
+    def __init__(self, runner: PoolRunner | SyncRunner, url: str, reactor: Any = None) -> None:
+        """``reactor``: the daemon's, whose clock groups submissions and whose thread pool takes identity locks."""
+        super().__init__(runner, Q, reactor)
+        self._url = url
+        self._reactor = reactor
+        #: Sender identities locked by this store, all on :attr:`_locks`.
+        self._identities: set[str] = set()
+        #: The connection holding the identities' session advisory locks, opened at the first lock_identity.
+        self._locks: psycopg.Connection[Any] | None = None
+        self._locks_lost = False
+
+    @classmethod
+    def open(cls, url: str, reactor: Any = None, pool_size: int = DEFAULT_POOL_SIZE) -> PostgresStore:
+        """The daemon's store: the schema created or migrated now (blocking, at start-up), then a pool of ``pool_size``."""
+        prepare(url)
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        return cls(PoolRunner(url, reactor, pool_size), url, reactor)
+
+    @classmethod
+    def open_sync(cls, url: str) -> PostgresStore:
+        prepare(url)
+        return cls(SyncRunner(url), url)
+
+    @classmethod
+    def open_existing(cls, url: str) -> PostgresStore:
+        """A synchronous store on a database the daemon has made, for ``mmgun``; never creates nor migrates."""
+        check_existing(url)
+        return cls(SyncRunner(url), url)
+
+    async def lock_identity(self, identity: str) -> bool:
+        """
+        Take a session advisory lock on ``identity`` (``pg_try_advisory_lock`` of a hash of
+        ``mmgun-sender:<identity>``) on a connection of its own, held while this store is
+        open: False when another session, on any host, holds it. PostgreSQL frees it when
+        that connection ends, the holder's death included; if this store's connection is
+        lost (the database restarted), so are its locks, and :meth:`write_problem` logs it.
+        """
+        if identity in self._identities:
+            return True
+        if self._reactor is None:
+            taken = self._take(identity)
+        else:
+            taken = await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._take, identity)
+        if taken:
+            self._identities.add(identity)
+        return taken
+
+    def _take(self, identity: str) -> bool:
+        try:
+            if self._locks is None or self._locks.closed or self._locks.broken:
+                self._locks = connect(self._url)
+                self._locks_lost = False
+            (taken,) = self._locks.execute(Q.LOCK_IDENTITY, (identity,)).fetchone()  # type: ignore[misc]
+        except Exception as e:
+            _log.warn("cannot lock sender identity {identity}: {error}", identity=identity, error=str(e))
+            return False
+        return bool(taken)
+
+    def write_problem(self) -> str | None:
+        self._watch_locks()
+        return super().write_problem()
+
+    def _watch_locks(self) -> None:
+        """Log (once) that the connection holding the identity locks is gone; without blocking."""
+        conn = self._locks
+        if conn is None or self._locks_lost or not self._identities:
+            return
+        gone = conn.closed or conn.broken
+        if not gone:
+            try:
+                readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+                if readable:
+                    # An idle session hears nothing but its own end (or a notice): read it, without waiting.
+                    conn.pgconn.consume_input()
+                    gone = conn.pgconn.status != ConnStatus.OK
+            except (OSError, ValueError, psycopg.Error):
+                gone = True
+        if gone:
+            self._locks_lost = True
+            _log.error(
+                "the connection to {database} holding the locks of sender identities {identities} was lost, and the "
+                "locks with it: another process may now take these identities and their envelopes (restart this sender)",
+                database=masked(self._url),
+                identities=sorted(self._identities),
+            )
+
+    async def upkeep(self) -> None:
+        """Nothing: PostgreSQL's autovacuum reclaims what the cleaner deletes, and keeps the statistics fresh."""
+
+    async def close(self) -> None:
+        self._runner.close()
+        if self._locks is not None:
+            try:
+                if not (self._locks.closed or self._locks.broken):
+                    self._locks.execute(Q.UNLOCK_IDENTITIES)
+            except psycopg.Error:
+                pass  # gone already, and its locks with it
+            self._locks.close()
+            self._locks = None
+        self._identities.clear()
