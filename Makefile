@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := setup.cfg pyproject.toml requirements.txt $(shell find mmgun twisted -name '*.py' 2>/dev/null)
 
-.PHONY: run test lint unit e2e fuzz bench clean
+.PHONY: run test lint unit e2e netns fuzz bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ run: $(STAMP)
 	@mkdir -p var
 	$(BIN)/twistd --pidfile= -n mmgun
 
-test: lint unit e2e fuzz
+test: lint unit e2e netns fuzz
 
 # ruff and mypy (with the mypy-zope plugin); both are configured in pyproject.toml.
 lint: $(STAMP)
@@ -38,6 +38,11 @@ unit: $(STAMP)
 e2e: $(STAMP)
 	e2e-tests/run.sh
 	$(BIN)/python e2e-tests/scan-logs.py
+
+# Two mmgun hosts on one PostgreSQL in network namespaces: kill -9, a cut database path, a
+# PostgreSQL restart (needs root for ip netns; about a minute).
+netns: $(STAMP)
+	e2e-tests/netns/run.sh
 
 # schemathesis against a live frontend and docs/openapi.yaml (bounded).
 fuzz: $(STAMP)

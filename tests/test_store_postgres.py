@@ -189,6 +189,30 @@ class URLTests(SynchronousTestCase):
         conn = store._runner._source.get()  # type: ignore[attr-defined]
         self.assertEqual(conn.execute("SHOW application_name").fetchone()[0], "mmgun-test")
         self.assertEqual(conn.execute("SHOW statement_timeout").fetchone()[0], "12345ms")
+        # mmgun's own server-side settings still apply beside the URL's options.
+        self.assertEqual(conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0], "10s")
+
+    def test_an_orphaned_transaction_does_not_hold_its_locks_for_long(self) -> None:
+        """
+        issue 15 (a host cut off mid-transaction, found by the netns suite): the server ends a
+        session left idle inside a transaction (idle_in_transaction_session_timeout, 10 s by
+        default, here 1 s through the URL, which wins), so its row locks do not stop every other
+        host's writes until TCP gives up on the vanished peer (hours).
+        """
+        url = pgcluster.new_database("orphan") + "&options=-c%20idle_in_transaction_session_timeout%3D1s"
+        store = open_admin_store(url, create=True)
+        self.addCleanup(lambda: result(self, store.close()))
+        orphan = store._runner._source.get()  # type: ignore[attr-defined]
+        self.assertEqual(orphan.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0], "1s")
+        # A host that took feed_clock's row lock and then vanished (it never commits).
+        orphan.execute("BEGIN")
+        orphan.execute(Q.NEXT_FEED_SEQ)
+        began = time.monotonic()
+        with psycopg.connect(url.partition("&options=")[0], autocommit=True) as other:
+            other.execute("SET lock_timeout = '30s'")
+            (seq,) = other.execute(Q.NEXT_FEED_SEQ).fetchone()  # type: ignore[misc]  # waits for the orphan to end, not TCP
+        self.assertLess(time.monotonic() - began, 20)
+        self.assertEqual(seq, 1)  # the orphan's increment was rolled back
 
 
 class IdentityLockTests(SynchronousTestCase):

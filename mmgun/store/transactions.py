@@ -53,19 +53,28 @@ MAX_BY_MESSAGE_ID = 10_000
 
 class _Events:
     """
-    The events one transaction writes. The transaction's feed number is taken when this is
-    made, before any savepoint, so that no rollback to a savepoint can give it back.
+    The events one transaction writes, all in one statement at its end (:meth:`write`),
+    numbered then with the feed's next commit number (NEXT_FEED_SEQ). That number is a lock
+    on feed_clock's one row held until the commit, so that seq order is commit order
+    wherever several writers commit at once (PostgreSQL): taken last, it is held only for
+    the insert and the commit, not for the whole transaction. A transaction that writes no
+    event takes none.
     """
 
     def __init__(self, db: Db) -> None:
         self._db = db
-        (self.seq,) = db.execute(db.q.NEXT_FEED_SEQ).fetchone()
+        self._rows: list[tuple[Any, ...]] = []
 
     def add(self, rows: list[tuple[Any, ...]]) -> None:
-        """Rows made by :func:`_event`."""
-        if rows:
-            seq = self.seq
-            self._db.executemany(self._db.q.INSERT_EVENT, [(seq, *row) for row in rows])
+        """Rows made by :func:`_event`, written by :meth:`write`."""
+        self._rows += rows
+
+    def write(self) -> None:
+        """Number and insert the rows added; the last thing a transaction does before it commits."""
+        if self._rows:
+            (seq,) = self._db.execute(self._db.q.NEXT_FEED_SEQ).fetchone()
+            self._db.executemany(self._db.q.INSERT_EVENT, [(seq, *row) for row in self._rows])
+            self._rows = []
 
 
 def _event(
@@ -82,7 +91,7 @@ def _event(
     reply: str | None = None,
     mx_host: str | None = None,
 ) -> tuple[Any, ...]:
-    """An event row for :meth:`_Events.add`: db.q.INSERT_EVENT's parameters after seq."""
+    """An event row for :meth:`_Events.add`: INSERT_EVENT's parameters after seq."""
     return (client, domain, submission_id, recipient, event, severity, reason, attempt, reply, mx_host, at)
 
 
@@ -91,54 +100,72 @@ def _sender_domain(sender: str) -> str:
 
 
 def _add_submissions_txn(db: Db, batch: list[NewSubmission]) -> list[str | Exception]:
-    results: list[str | Exception] = []
+    results: dict[int, str | Exception] = {}
     events = _Events(db)
-    for submission in batch:
+    # A submission with an Idempotency-Key on its own, in a savepoint: a replay of it fails
+    # alone. The others (nothing but a replayed key fails one submission alone) all at once.
+    plain = [(n, s) for n, s in enumerate(batch) if s.idempotency_key is None]
+    for n, submission in enumerate(batch):
+        if submission.idempotency_key is None:
+            continue
         db.execute(db.q.SAVEPOINT)
         try:
-            results.append(_add_one(db, submission, events))
+            results[n] = _add_keyed(db, submission, events)
         except IdempotencyConflict as e:
             db.execute(db.q.ROLLBACK_TO)
-            results.append(e)
+            results[n] = e
         except db.IntegrityError:
-            if submission.idempotency_key is None:
-                raise
             # Another connection stored this Idempotency-Key between our look-up and our insert
             # (the unique index said so): look again, now that its commit is visible.
             db.execute(db.q.ROLLBACK_TO)
             try:
-                results.append(_add_one(db, submission, events))
+                results[n] = _add_keyed(db, submission, events)
             except IdempotencyConflict as e:
                 db.execute(db.q.ROLLBACK_TO)
-                results.append(e)
+                results[n] = e
         db.execute(db.q.RELEASE)
-    return results
+    _add_many(db, [s for _, s in plain], events)
+    results.update((n, s.id) for n, s in plain)
+    events.write()
+    return [results[n] for n in range(len(batch))]
 
 
 def _add_batch_txn(db: Db, batch: list[NewSubmission]) -> list[str]:
     events = _Events(db)
-    return [_add_one(db, submission, events) for submission in batch]
+    _add_many(db, batch, events)
+    events.write()
+    return [s.id for s in batch]
 
 
 #: The last_reply of a test-mode recipient.
 TEST_MODE_REPLY = "not delivered: test mode (o:testmode)"
 
 
-def _suppressed(db: Db, s: NewSubmission) -> dict[str, tuple[str, str | None]]:
-    """The recipients of ``s`` on one of its client's suppression lists: address → (kind, the entry's error)."""
-    # Every spelling of an address is the address: "Bob@x" and "bob@x" are both stopped.
-    spellings: dict[str, list[str]] = {}
-    for address in s.recipients:
-        spellings.setdefault(address.lower(), []).append(address)
-    found: dict[str, tuple[str, str | None]] = {}
-    rows = db.execute(db.q.SUPPRESSED_AMONG, {"client": s.client, "addresses": json.dumps(sorted(spellings))}).fetchall()
-    for address, kind, error, tags in sorted(rows, key=lambda row: SUPPRESSION_ORDER.get(row[1], 99)):
-        if kind == "unsubscribe" and tags:
-            limited = set(json.loads(tags))
-            if "*" not in limited and not limited & set(s.tags):
-                continue
-        for spelling in spellings[address]:
-            found.setdefault(spelling, (kind, error))
+def _suppressed(db: Db, batch: list[NewSubmission]) -> dict[str, dict[str, tuple[str, str | None]]]:
+    """
+    The recipients of each submission of ``batch`` on one of its client's suppression lists,
+    in one query: submission id → address → (kind, the entry's error). Test-mode submissions
+    are not looked up (nothing of them is sent).
+    """
+    wanted = sorted({(s.client, address.lower()) for s in batch if not s.test_mode for address in s.recipients})
+    if not wanted:
+        return {}
+    entries: dict[tuple[str, str], list[tuple[str, str | None, str | None]]] = {}
+    for client, address, kind, error, tags in db.execute(db.q.SUPPRESSED_AMONG, (json.dumps(wanted),)):
+        entries.setdefault((client, address), []).append((kind, error, tags))
+    found: dict[str, dict[str, tuple[str, str | None]]] = {}
+    for s in batch:
+        if s.test_mode:
+            continue
+        for address in s.recipients:
+            # Every spelling of an address is the address: "Bob@x" and "bob@x" are both stopped.
+            for kind, error, tags in sorted(entries.get((s.client, address.lower()), ()), key=lambda e: SUPPRESSION_ORDER.get(e[0], 99)):
+                if kind == "unsubscribe" and tags:
+                    limited = set(json.loads(tags))
+                    if "*" not in limited and not limited & set(s.tags):
+                        continue
+                found.setdefault(s.id, {})[address] = (kind, error)
+                break
     return found
 
 
@@ -152,74 +179,90 @@ def suppressed_reply(kind: str, error: str | None) -> str:
     return f"{reply} ({error})" if error else reply
 
 
-def _add_one(db: Db, s: NewSubmission, events: _Events) -> str:
-    if s.idempotency_key is not None:
-        row = db.execute(db.q.FIND_IDEMPOTENT, (s.client, s.idempotency_key)).fetchone()
-        if row is not None:
-            existing_id, request_hash, created_at = row
-            if created_at + IDEMPOTENCY_WINDOW > s.created_at:
-                if request_hash != s.request_hash:
-                    raise IdempotencyConflict(s.idempotency_key)
-                return str(existing_id)
-            db.execute(db.q.FORGET_IDEMPOTENCY_KEY, (existing_id,))
-    start = s.starts_at()
-    suppressed = {} if s.test_mode else _suppressed(db, s)
-    # Nothing left to deliver (test mode, or every recipient suppressed): finished when queued.
-    finished = s.test_mode or all(a in suppressed for a in s.recipients)
-    db.execute(
-        db.q.INSERT_SUBMISSION,
-        (
-            s.id,
-            s.client,
-            s.sender,
-            s.created_at,
-            s.idempotency_key,
-            s.request_hash,
-            None if finished else s.message,
-            start if start > s.created_at else None,
-            json.dumps(list(s.tags)) if s.tags else None,
-            s.metadata,
-            s.message_id,
-            s.created_at if finished else None,
-        ),
-    )
-    domain = _sender_domain(s.sender)
-    rows = [_event(s.client, s.id, domain, address, "accepted", s.created_at) for address in s.recipients]
-    if s.test_mode:
-        for envelope_domain, addresses in s.envelopes().items():
-            (envelope_id,) = db.execute(db.q.INSERT_ENVELOPE_DONE, (s.id, envelope_domain, start, start)).fetchone()
-            db.executemany(
-                db.q.INSERT_RECIPIENT_TEST_MODE,
-                [(envelope_id, i, s.id, a, TEST_MODE_REPLY, s.created_at) for i, a in enumerate(addresses)],
-            )
-        rows += [
-            _event(s.client, s.id, domain, a, "delivered", s.created_at, reason="testmode", attempt=0, reply=TEST_MODE_REPLY)
-            for a in s.recipients
-        ]
-        events.add(rows)
-        return s.id
-    for envelope_domain, addresses in s.envelopes().items():
-        live = [a for a in addresses if a not in suppressed]
-        # A scheduled envelope enters the queue at send_at: not claimed before, and its
-        # queue lifetime and age count from then. One whose recipients are all suppressed is done.
-        insert = db.q.INSERT_ENVELOPE if live else db.q.INSERT_ENVELOPE_DONE
-        (envelope_id,) = db.execute(insert, (s.id, envelope_domain, start, start)).fetchone()
-        db.executemany(
-            db.q.INSERT_RECIPIENT,
-            [(envelope_id, i, s.id, a, s.created_at) for i, a in enumerate(addresses) if a not in suppressed],
-        )
-        failed = []
-        for i, a in enumerate(addresses):
-            if a in suppressed:
-                kind, error = suppressed[a]
-                reply = suppressed_reply(kind, error)
-                failed.append((envelope_id, i, s.id, a, reply, s.created_at))
-                rows.append(
-                    _event(s.client, s.id, domain, a, "failed", s.created_at, severity="permanent", reason=f"suppress-{kind}", attempt=0, reply=reply)
-                )
-        db.executemany(db.q.INSERT_RECIPIENT_FAILED, failed)
-    events.add(rows)
+def _add_keyed(db: Db, s: NewSubmission, events: _Events) -> str:
+    """Queue ``s``, which has an Idempotency-Key, unless a replay of it is remembered: its id then."""
+    row = db.execute(db.q.FIND_IDEMPOTENT, (s.client, s.idempotency_key)).fetchone()
+    if row is not None:
+        existing_id, request_hash, created_at = row
+        if created_at + IDEMPOTENCY_WINDOW > s.created_at:
+            if request_hash != s.request_hash:
+                raise IdempotencyConflict(s.idempotency_key)
+            return str(existing_id)
+        db.execute(db.q.FORGET_IDEMPOTENCY_KEY, (existing_id,))
+    _add_many(db, [s], events)
     return s.id
+
+
+def _add_many(db: Db, batch: list[NewSubmission], events: _Events) -> None:
+    """
+    Queue ``batch`` (Idempotency-Keys already dealt with) in a fixed number of statements,
+    whatever its size: the suppressions looked up, then the submissions, their envelopes and
+    their recipients each inserted at once, in ``batch``'s order.
+    """
+    if not batch:
+        return
+    suppressed = _suppressed(db, batch)
+    submissions: list[tuple[Any, ...]] = []
+    envelopes: list[list[Any]] = []
+    for s in batch:
+        start = s.starts_at()
+        stopped = suppressed.get(s.id, {})
+        # Nothing left to deliver (test mode, or every recipient suppressed): finished when queued.
+        finished = s.test_mode or all(a in stopped for a in s.recipients)
+        submissions.append(
+            (
+                s.id,
+                s.client,
+                s.sender,
+                s.created_at,
+                s.idempotency_key,
+                s.request_hash,
+                None if finished else s.message,
+                start if start > s.created_at else None,
+                json.dumps(list(s.tags)) if s.tags else None,
+                s.metadata,
+                s.message_id,
+                s.created_at if finished else None,
+            )
+        )
+        for envelope_domain, addresses in s.envelopes().items():
+            # A scheduled envelope enters the queue at send_at: not claimed before, and its queue
+            # lifetime and age count from then. One with nothing to deliver (test mode, every
+            # recipient suppressed) is done at once.
+            done = s.test_mode or all(a in stopped for a in addresses)
+            envelopes.append([s.id, envelope_domain, 1 if done else 0, start, start])
+    db.executemany(db.q.INSERT_SUBMISSION, submissions)
+    ids = {(sid, domain): eid for eid, sid, domain in db.execute(db.q.INSERT_ENVELOPES, (json.dumps(envelopes),))}
+    queued: list[tuple[Any, ...]] = []
+    failed: list[tuple[Any, ...]] = []
+    tested: list[tuple[Any, ...]] = []
+    for s in batch:
+        stopped = suppressed.get(s.id, {})
+        domain = _sender_domain(s.sender)
+        rows = [_event(s.client, s.id, domain, address, "accepted", s.created_at) for address in s.recipients]
+        for envelope_domain, addresses in s.envelopes().items():
+            envelope_id = ids[(s.id, envelope_domain)]
+            for i, a in enumerate(addresses):
+                if s.test_mode:
+                    tested.append((envelope_id, i, s.id, a, TEST_MODE_REPLY, s.created_at))
+                elif a in stopped:
+                    kind, error = stopped[a]
+                    reply = suppressed_reply(kind, error)
+                    failed.append((envelope_id, i, s.id, a, reply, s.created_at))
+                    rows.append(
+                        _event(s.client, s.id, domain, a, "failed", s.created_at, severity="permanent", reason=f"suppress-{kind}", attempt=0, reply=reply)
+                    )
+                else:
+                    queued.append((envelope_id, i, s.id, a, s.created_at))
+        if s.test_mode:
+            rows += [
+                _event(s.client, s.id, domain, a, "delivered", s.created_at, reason="testmode", attempt=0, reply=TEST_MODE_REPLY)
+                for a in s.recipients
+            ]
+        events.add(rows)
+    db.executemany(db.q.INSERT_RECIPIENT, queued)
+    db.executemany(db.q.INSERT_RECIPIENT_FAILED, failed)
+    db.executemany(db.q.INSERT_RECIPIENT_TEST_MODE, tested)
 
 
 def _submission_txn(
@@ -320,9 +363,14 @@ def _renew_txn(db: Db, now: float, until: float, envelopes: list[tuple[int, str]
 
 
 def _record_many_txn(db: Db, batches: list[tuple[Sequence[EnvelopeOutcome], float]]) -> list[None]:
-    events = _Events(db)
+    # Every batch of the group at once: a fixed number of statements, whatever the group's size.
+    shifted = []
     for outcomes, now in batches:
-        _record_txn(db, outcomes, now, db.clock_offset(now), events)
+        shift = db.clock_offset(now)
+        shifted += [(outcome, now + shift, shift) for outcome in outcomes]
+    events = _Events(db)
+    _record_txn(db, shifted, events)
+    events.write()
     return [None] * len(batches)
 
 
@@ -354,18 +402,32 @@ def _reply_code(reply: str) -> str | None:
     return code if len(code) == 3 and code.isdigit() else None
 
 
-def _record_txn(db: Db, outcomes: Sequence[EnvelopeOutcome], now: float, shift: float, events: _Events) -> None:
-    now += shift
-    for outcome in outcomes:
+def _record_txn(db: Db, outcomes: list[tuple[EnvelopeOutcome, float, float]], events: _Events) -> None:
+    """
+    Record ``outcomes`` (each with its ``now`` and clock shift, ``now`` on the database's
+    clock): the submissions locked first, then the envelopes whose lease still holds, then
+    every write; so that of two hosts finishing a submission's last two envelopes at once,
+    the second waits for the first's commit and sees its envelope done (FINISH_SUBMISSIONS).
+    """
+    if not outcomes:
+        return
+    submissions = json.dumps(sorted({o.envelope.submission_id for o, _, _ in outcomes}))
+    db.execute(db.q.LOCK_SUBMISSIONS, (submissions,)).fetchall()
+    leases = json.dumps([[o.envelope.id, o.envelope.lease] for o, _, _ in outcomes])
+    held = {envelope_id for (envelope_id,) in db.execute(db.q.LEASES_HELD, (leases,))}
+    updates: list[tuple[Any, ...]] = []
+    bounces: list[dict[str, Any]] = []
+    finishes: list[list[Any]] = []
+    finished_at: dict[str, float] = {}
+    for outcome, now, shift in outcomes:
         envelope = outcome.envelope
-        if db.execute(db.q.LEASE_HELD, (envelope.id, envelope.lease)).fetchone() is None:
+        if envelope.id not in held:
             _log.warn("lease on envelope {envelope} was lost; result not recorded", envelope=envelope.id)
             continue
+        # Its lease ends here: a second outcome for it in the same group finds it lost, as it would a commit later.
+        held.discard(envelope.id)
         attempted = 1 if outcome.attempted else 0
-        db.executemany(
-            db.q.UPDATE_RECIPIENT,
-            [(r.status, attempted, r.reply, now, envelope.id, r.address) for r in outcome.recipients],
-        )
+        updates += [(r.status, attempted, r.reply, now, envelope.id, r.address) for r in outcome.recipients]
         # The pending recipients of an envelope have been attempted as often as it has.
         attempt = envelope.attempts + attempted
         events.add(
@@ -375,18 +437,21 @@ def _record_txn(db: Db, outcomes: Sequence[EnvelopeOutcome], now: float, shift: 
                 if outcome.attempted or r.status != "deferred"
             ]
         )
-        bounced = [r for r in outcome.recipients if r.bounce and r.status == "failed"]
-        db.executemany(
-            db.q.ADD_BOUNCE_FROM_SUBMISSION,
-            [
-                {"address": r.address.lower(), "code": _reply_code(r.reply), "error": r.reply, "at": now, "submission_id": envelope.submission_id}
-                for r in bounced
-            ],
-        )
+        bounces += [
+            {"address": r.address.lower(), "code": _reply_code(r.reply), "error": r.reply, "at": now, "submission_id": envelope.submission_id}
+            for r in outcome.recipients
+            if r.bounce and r.status == "failed"
+        ]
         next_attempt = outcome.next_attempt + shift if outcome.next_attempt is not None else now
-        (done,) = db.execute(db.q.FINISH_ENVELOPE, (attempted, next_attempt, envelope.id, envelope.lease)).fetchone()
-        if done:
-            db.execute(db.q.FINISH_SUBMISSION, (now, envelope.submission_id, envelope.submission_id))
+        finishes.append([envelope.id, attempted, next_attempt, envelope.lease])
+        finished_at[envelope.submission_id] = now
+    if not finishes:
+        return
+    db.executemany(db.q.UPDATE_RECIPIENT, updates)
+    db.executemany(db.q.ADD_BOUNCE_FROM_SUBMISSION, bounces)
+    done = sorted({sid for _, sid, done in db.execute(db.q.FINISH_ENVELOPES, (json.dumps(finishes),)) if done})
+    if done:
+        db.execute(db.q.FINISH_SUBMISSIONS, (json.dumps([[sid, finished_at[sid]] for sid in done]),))
 
 
 def _clean_txn(db: Db, before: float, limit: int, keys_before: float) -> int:
@@ -472,18 +537,22 @@ def _fail_queued_txn(db: Db, ids: list[str], now: float, reply: str) -> tuple[in
     if busy:
         raise InDelivery([eid for eid, _ in busy], max(until for _, until in busy))
     selection = json.dumps(sorted({row[0] for row in rows}))
+    # As a record does (see _record_txn), though after the envelopes here: a deadlock with a
+    # recording sender is possible, and PostgreSQL then aborts one of the two, which its runner runs again.
+    db.execute(db.q.LOCK_SUBMISSIONS, (json.dumps(sorted({row[1] for row in rows})),)).fetchall()
     changed = db.execute(db.q.FAIL_PENDING_RECIPIENTS_RETURNING, {"reply": reply, "now": now, "ids": selection}).fetchall()
     failed = len(changed)
     owners = {sid: db.execute(db.q.SUBMISSION_SENDER, (sid,)).fetchone() for sid in {row[0] for row in changed}}
-    _Events(db).add(
+    events = _Events(db)
+    events.add(
         [
             _event(owners[sid][0], sid, _sender_domain(owners[sid][1]), address, "failed", now, severity="permanent", reason="deleted", attempt=attempts, reply=reply)
             for sid, address, attempts in changed
         ]
     )
     finished = db.execute(db.q.FINISH_FAILED_ENVELOPES, (selection,)).rowcount
-    for submission_id in sorted({row[1] for row in rows}):
-        db.execute(db.q.FINISH_SUBMISSION, (now, submission_id, submission_id))
+    db.execute(db.q.FINISH_SUBMISSIONS, (json.dumps([[sid, now] for sid in sorted({row[1] for row in rows})]),))
+    events.write()
     return finished, failed
 
 

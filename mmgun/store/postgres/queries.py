@@ -12,8 +12,8 @@ yield booleans, so a boolean stored in an integer column goes through CASE. Time
 Concurrency: writers run under READ COMMITTED (each statement sees what was committed when
 it started, and an UPDATE that waited for a row re-checks its WHERE on the row's newest
 version). The places where several hosts writing at once could go wrong, and what each
-does about it, are written beside the statements: CLAIM_CANDIDATES, LEASE_HELD,
-FINISH_SUBMISSION, MATCH_QUEUED, LEASE_WEBHOOK_RETRIES, and the Idempotency-Key's unique
+does about it, are written beside the statements: CLAIM_CANDIDATES, LEASES_HELD,
+FINISH_SUBMISSIONS, MATCH_QUEUED, LEASE_WEBHOOK_RETRIES, and the Idempotency-Key's unique
 index (``submissions_idempotency``).
 """
 
@@ -238,15 +238,18 @@ INSERT_SUBMISSION = """
     )
     VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 """
-INSERT_ENVELOPE = """
-    INSERT INTO envelopes (submission_id, domain, next_attempt, created_at) VALUES (%s, %s, %s, %s) RETURNING id
+# %s is a JSON array of [submission id, domain, done (0 or 1), next attempt, created at]: a
+# submission's envelopes are one per domain, so (submission id, domain) names each id returned.
+INSERT_ENVELOPES = """
+    INSERT INTO envelopes (submission_id, domain, done, next_attempt, created_at)
+    SELECT value ->> 0, value ->> 1, (value ->> 2)::integer, (value ->> 3)::double precision,
+        (value ->> 4)::double precision
+    FROM json_array_elements(%s::json)
+    RETURNING id, submission_id, domain
 """
 INSERT_RECIPIENT = """
     INSERT INTO recipients (envelope_id, position, submission_id, address, status, updated_at)
     VALUES (%s, %s, %s, %s, 'queued', %s)
-"""
-INSERT_ENVELOPE_DONE = """
-    INSERT INTO envelopes (submission_id, domain, done, next_attempt, created_at) VALUES (%s, %s, 1, %s, %s) RETURNING id
 """
 INSERT_RECIPIENT_TEST_MODE = """
     INSERT INTO recipients (envelope_id, position, submission_id, address, status, last_reply, updated_at)
@@ -306,34 +309,56 @@ UPDATE_RECIPIENT = """
     UPDATE recipients SET status = %s, attempts = attempts + %s, last_reply = %s, updated_at = %s
     WHERE envelope_id = %s AND address = %s AND status IN ('queued', 'deferred')
 """
-FINISH_ENVELOPE = """
-    UPDATE envelopes SET lease = NULL, attempts = attempts + %s, next_attempt = %s,
+# %s is a JSON array of [envelope id, attempted (0 or 1), next attempt, lease]: each envelope
+# whose lease is still that one (LEASES_HELD locked it) is released, its attempts counted, and
+# done once no recipient of it is pending.
+FINISH_ENVELOPES = """
+    UPDATE envelopes e SET lease = NULL, attempts = e.attempts + j.attempted, next_attempt = j.next_attempt,
         done = CASE WHEN EXISTS (
-            SELECT 1 FROM recipients WHERE envelope_id = envelopes.id AND status IN ('queued', 'deferred')
+            SELECT 1 FROM recipients r WHERE r.envelope_id = e.id AND r.status IN ('queued', 'deferred')
         ) THEN 0 ELSE 1 END
-    WHERE id = %s AND lease = %s
-    RETURNING done
+    FROM (
+        SELECT (value ->> 0)::bigint AS id, (value ->> 1)::integer AS attempted,
+            (value ->> 2)::double precision AS next_attempt, value ->> 3 AS lease
+        FROM json_array_elements(%s::json)
+    ) AS j
+    WHERE e.id = j.id AND e.lease = j.lease
+    RETURNING e.id, e.submission_id, e.done
 """
 # A submission is finished when its last envelope is; its message is erased then.
 #
 # Two hosts finishing a submission's last two envelopes at the same moment: each one's NOT
 # EXISTS must see the other's envelope done, or neither finishes it. Every path that runs this
-# statement first takes the next number of feed_clock's one row (NEXT_FEED_SEQ, an UPDATE that
-# holds the row locked until commit) before it marks any envelope done: _record_many_txn (record
-# and release) makes its _Events before anything else, and _fail_queued_txn makes its _Events
-# before FINISH_FAILED_ENVELOPES. So such transactions mark envelopes done and run this one at a
-# time, the second after the first committed; and under READ COMMITTED the second's NOT EXISTS
-# (a new statement, a new snapshot) sees the first's envelopes done.
-FINISH_SUBMISSION = """
-    UPDATE submissions SET finished_at = %s, message = NULL
-    WHERE id = %s AND finished_at IS NULL
-      AND NOT EXISTS (SELECT 1 FROM envelopes WHERE submission_id = %s AND done = 0)
+# statement first locks the submissions' rows (LOCK_SUBMISSIONS) before it marks any of its
+# envelopes done: _record_txn (record and release) before anything else, _fail_queued_txn
+# before FINISH_FAILED_ENVELOPES. So the second of two finishers waits for the first's commit,
+# and under READ COMMITTED its NOT EXISTS (a new statement, a new snapshot) sees the first's
+# envelope done.
+# %s is a JSON array of [submission id, finished at].
+FINISH_SUBMISSIONS = """
+    UPDATE submissions s SET finished_at = j.at, message = NULL
+    FROM (SELECT value ->> 0 AS id, (value ->> 1)::double precision AS at FROM json_array_elements(%s::json)) AS j
+    WHERE s.id = j.id AND s.finished_at IS NULL
+      AND NOT EXISTS (SELECT 1 FROM envelopes e WHERE e.submission_id = s.id AND e.done = 0)
 """
-# Locks the envelope while its result is written: its lease may have run out, and a claimer
-# on another host could otherwise lease it between this check and FINISH_ENVELOPE (which would
-# then update no row). Locked, a claimer passes it over (SKIP LOCKED) until this commits; one
-# that locked it first makes this wait and then find the lease changed (lost: not recorded).
-LEASE_HELD = "SELECT 1 FROM envelopes WHERE id = %s AND lease = %s FOR UPDATE"
+# The submissions (a JSON array of ids) whose envelopes a transaction is about to finish,
+# locked in id order (two finishers never lock in opposite orders): see FINISH_SUBMISSIONS.
+LOCK_SUBMISSIONS = """
+    SELECT id FROM submissions WHERE id IN (SELECT value FROM json_array_elements_text(%s::json))
+    ORDER BY id FOR UPDATE
+"""
+# Locks the envelopes while their results are written: a lease may have run out, and a claimer
+# on another host could otherwise lease one between this check and FINISH_ENVELOPES (which would
+# then update no row for it). Locked, a claimer passes them over (SKIP LOCKED) until this
+# commits; one that locked an envelope first makes this wait and then find its lease changed
+# (lost: not recorded). In id order, so that two recorders never lock in opposite orders.
+# %s is a JSON array of [envelope id, lease].
+LEASES_HELD = """
+    SELECT e.id FROM envelopes e
+    JOIN (SELECT (value ->> 0)::bigint AS id, value ->> 1 AS lease FROM json_array_elements(%s::json)) AS j
+        ON e.id = j.id AND e.lease = j.lease
+    ORDER BY e.id FOR UPDATE OF e
+"""
 # substr, not LIKE: an identity may contain "_", which LIKE reads as a wildcard.
 RECLAIM_IDENTITY = """
     UPDATE envelopes SET lease = NULL, next_attempt = %s
@@ -380,8 +405,8 @@ QUEUE_RECIPIENTS = """
 # Locks what the operator named: a claim passes these envelopes over until the command commits,
 # and one that leased them before is seen (the lease) when the lock is granted; so `mmgun queue
 # delete` never fails an envelope a sender leases at the same moment. (A sender whose lease had
-# already run out, recording at that moment, may deadlock with it on feed_clock: PostgreSQL
-# aborts one of the two, whole, and the runner runs it once more.)
+# already run out, recording at that moment, may deadlock with it on the submission's row:
+# PostgreSQL aborts one of the two, whole, and the runner runs it once more.)
 MATCH_QUEUED = """
     SELECT id, submission_id, lease IS NOT NULL AND next_attempt > %s, next_attempt FROM envelopes
     WHERE done = 0
@@ -471,8 +496,9 @@ RETIRE_DOMAIN_KEY = "UPDATE domain_keys SET retired_at = %s WHERE domain = %s AN
 
 # -- events (issue 14) ---------------------------------------------------------------------------
 
-# The row stays locked until the transaction commits: event writers (and so the finishing of
-# submissions, see FINISH_SUBMISSION) take turns here, and seq order is commit order.
+# The row stays locked until the transaction commits: event writers take turns here, and seq
+# order is commit order. Taken last in a transaction (mmgun.store.transactions._Events), it is
+# held for the events' insert and the commit only.
 NEXT_FEED_SEQ = "UPDATE feed_clock SET seq = seq + 1 WHERE id = 1 RETURNING seq"
 INSERT_EVENT = """
     INSERT INTO events (
@@ -548,8 +574,9 @@ EVENTS_SCANNED_COUNT_BEFORE = """
 # -- suppressions (issue 14) ---------------------------------------------------------------------
 
 SUPPRESSED_AMONG = """
-    SELECT address, kind, error, tags FROM suppressions
-    WHERE client = %(client)s AND address IN (SELECT value FROM json_array_elements_text(%(addresses)s::json))
+    SELECT s.client, s.address, s.kind, s.error, s.tags
+    FROM json_array_elements(%s::json) AS j
+    JOIN suppressions s ON s.client = j.value ->> 0 AND s.address = j.value ->> 1
 """
 ADD_BOUNCE_FROM_SUBMISSION = """
     INSERT INTO suppressions (client, kind, address, code, error, tags, created_at)

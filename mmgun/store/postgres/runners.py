@@ -43,16 +43,26 @@ T = TypeVar("T")
 
 #: libpq settings applied unless the URL gives its own: a host that cannot be reached (a
 #: cut network, not a refusal) fails a connection within seconds, and a connection whose
-#: peer vanished is found dead within about tcp_user_timeout instead of TCP's 15 minutes.
+#: peer vanished is found dead within about tcp_user_timeout (10 s) instead of TCP's 15 minutes.
 CONNECT_DEFAULTS = {
     "connect_timeout": "5",
     "keepalives": "1",
-    "keepalives_idle": "10",
-    "keepalives_interval": "5",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
     "keepalives_count": "3",
-    "tcp_user_timeout": "20000",
+    "tcp_user_timeout": "10000",
     "application_name": "mmgun",
 }
+#: The server's side of the same, for each session (libpq's ``options``; a URL's own options
+#: come after these, so they win): a host cut off in the middle of a transaction leaves it
+#: open on the server, holding its row locks (the submissions and envelopes it was finishing,
+#: feed_clock's row), and every other host's writes would wait for it until the server's TCP
+#: keepalive gave up on the vanished peer — 2 hours by default on Linux. mmgun never idles inside
+#: a transaction, so 10 s ends only such orphans; the keepalives notice the dead peer in ~11 s.
+SERVER_OPTIONS = (
+    "-c idle_in_transaction_session_timeout=10s -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2"
+    " -c tcp_keepalives_count=3 -c tcp_user_timeout=10000"
+)
 #: psycopg prepares a statement server-side once a connection has run it this many times
 #: (its default): the claims, records and inserts of a busy relay are planned once.
 PREPARE_THRESHOLD = 5
@@ -96,6 +106,7 @@ def connect_options(url: str) -> dict[str, Any]:
     except psycopg.Error as e:
         raise StorageError(f"not a usable database URL {masked(url)}: {one_line(e)}") from None
     options: dict[str, Any] = {name: value for name, value in CONNECT_DEFAULTS.items() if name not in given}
+    options["options"] = f"{SERVER_OPTIONS} {given['options']}" if given.get("options") else SERVER_OPTIONS
     options["autocommit"] = True
     options["prepare_threshold"] = PREPARE_THRESHOLD
     return options
@@ -140,6 +151,9 @@ class Db:
         return self._conn.execute(query, parameters)
 
     def executemany(self, query: str, rows: Any, /) -> None:
+        rows = list(rows)
+        if not rows:
+            return  # psycopg would still make a cursor and a round trip
         # psycopg sends the rows in one pipeline: one round trip, not one per row.
         with self._conn.cursor() as cursor:
             cursor.executemany(query, rows)

@@ -117,7 +117,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
     ),
     (
-        # Issue 14: the event log. Every transaction that writes events first takes the next
+        # Issue 14: the event log. Every transaction that writes events takes, last, the next
         # number of feed_clock's one row and gives it to all of them (seq): the row is locked
         # until that transaction commits, so seq order is commit order even where several
         # writers commit at once (PostgreSQL), and a reader that follows (seq, id) never sees a
@@ -230,8 +230,12 @@ INSERT_SUBMISSION = """
     )
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
-INSERT_ENVELOPE = """
-    INSERT INTO envelopes (submission_id, domain, next_attempt, created_at) VALUES (?, ?, ?, ?) RETURNING id
+# A JSON array of [submission id, domain, done (0 or 1), next attempt, created at]: a
+# submission's envelopes are one per domain, so (submission id, domain) names each id returned.
+INSERT_ENVELOPES = """
+    INSERT INTO envelopes (submission_id, domain, done, next_attempt, created_at)
+    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 FROM json_each(?)
+    RETURNING id, submission_id, domain
 """
 INSERT_RECIPIENT = """
     INSERT INTO recipients (envelope_id, position, submission_id, address, status, updated_at)
@@ -239,9 +243,6 @@ INSERT_RECIPIENT = """
 """
 # A test-mode submission (Mailgun's o:testmode) is finished when it is queued: its
 # envelopes done, its recipients "sent" with a reply saying that nothing was delivered.
-INSERT_ENVELOPE_DONE = """
-    INSERT INTO envelopes (submission_id, domain, done, next_attempt, created_at) VALUES (?, ?, 1, ?, ?) RETURNING id
-"""
 INSERT_RECIPIENT_TEST_MODE = """
     INSERT INTO recipients (envelope_id, position, submission_id, address, status, last_reply, updated_at)
     VALUES (?, ?, ?, ?, 'sent', ?, ?)
@@ -296,22 +297,34 @@ UPDATE_RECIPIENT = """
     UPDATE recipients SET status = ?, attempts = attempts + ?, last_reply = ?, updated_at = ?
     WHERE envelope_id = ? AND address = ? AND status IN ('queued', 'deferred')
 """
-FINISH_ENVELOPE = """
-    UPDATE envelopes SET lease = NULL, attempts = attempts + ?, next_attempt = ?,
+# :finishes is a JSON array of [envelope id, attempted (0 or 1), next attempt, lease]: each
+# envelope whose lease is still that one is released, its attempts counted, and done once no
+# recipient of it is pending.
+FINISH_ENVELOPES = """
+    UPDATE envelopes SET lease = NULL, attempts = attempts + (j.value ->> 1), next_attempt = j.value ->> 2,
         done = NOT EXISTS (
             SELECT 1 FROM recipients WHERE envelope_id = envelopes.id AND status IN ('queued', 'deferred')
         )
-    WHERE id = ? AND lease = ?
-    RETURNING done
+    FROM json_each(?) AS j
+    WHERE envelopes.id = j.value ->> 0 AND envelopes.lease = j.value ->> 3
+    RETURNING envelopes.id, envelopes.submission_id, envelopes.done
 """
 # A submission is finished when its last envelope is; its message text is erased
 # then (bodies are sensitive), the status rows stay until retention.
-FINISH_SUBMISSION = """
-    UPDATE submissions SET finished_at = ?, message = NULL
-    WHERE id = ? AND finished_at IS NULL
-      AND NOT EXISTS (SELECT 1 FROM envelopes WHERE submission_id = ? AND done = 0)
+# A JSON array of [submission id, finished at].
+FINISH_SUBMISSIONS = """
+    UPDATE submissions SET finished_at = j.value ->> 1, message = NULL
+    FROM json_each(?) AS j
+    WHERE submissions.id = j.value ->> 0 AND submissions.finished_at IS NULL
+      AND NOT EXISTS (SELECT 1 FROM envelopes WHERE submission_id = submissions.id AND done = 0)
 """
-LEASE_HELD = "SELECT 1 FROM envelopes WHERE id = ? AND lease = ?"
+# The submissions (a JSON array of ids) whose envelopes a transaction is about to finish. SQLite
+# has one writer at a time, so this only reads; PostgreSQL's locks them (see its queries).
+LOCK_SUBMISSIONS = "SELECT id FROM submissions WHERE id IN (SELECT value FROM json_each(?))"
+# The envelopes of a JSON array of [envelope id, lease] whose lease is still that one.
+LEASES_HELD = """
+    SELECT e.id FROM envelopes e JOIN json_each(?) AS j ON e.id = j.value ->> 0 AND e.lease = j.value ->> 1
+"""
 # A sender restarted under its identity takes back the envelopes its previous run had
 # leased ("<identity>/<random>"): ? = now, length of "<identity>/", "<identity>/".
 # substr, not LIKE: an identity may contain "_", which LIKE reads as a wildcard.
@@ -561,10 +574,10 @@ EVENTS_SCANNED_COUNT_BEFORE = """
 
 # -- suppressions (issue 14) ---------------------------------------------------------------------
 
-# The suppressions that stop mail to any of :addresses (a JSON array) of :client.
+# The suppression entries of a JSON array of [client, address] (addresses in lower case).
 SUPPRESSED_AMONG = """
-    SELECT address, kind, error, tags FROM suppressions
-    WHERE client = :client AND address IN (SELECT value FROM json_each(:addresses))
+    SELECT s.client, s.address, s.kind, s.error, s.tags
+    FROM json_each(?) AS j JOIN suppressions s ON s.client = j.value ->> 0 AND s.address = j.value ->> 1
 """
 # A bounce recorded by the sender: client from the submission; a newer bounce replaces an older.
 ADD_BOUNCE_FROM_SUBMISSION = """
