@@ -230,6 +230,8 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
 
 def make_submission(config: Config, pipeline: Any, reactor: Any) -> MultiService:
     """SMTP submission (:mod:`mmgun.submission`) on every ``--smtp-listen``, through the HTTP API's ``pipeline``."""
+    import attrs
+
     from .submission import SubmissionServer, SubmissionService, settings_from, tls_options
 
     tls = None
@@ -238,7 +240,10 @@ def make_submission(config: Config, pipeline: Any, reactor: Any) -> MultiService
             tls = tls_options(config.tls_cert, config.tls_key)
         except (OSError, ValueError) as e:
             raise ListenError(f"cannot use --tls-cert {config.tls_cert} / --tls-key {config.tls_key}: {e}") from None
-    server = SubmissionServer(pipeline, settings_from(config), reactor, wall=time.time)
+    settings = settings_from(config)
+    cap = smtp_connection_cap(config, open_files_limit())
+    settings = attrs.evolve(settings, max_connections=cap, max_connections_per_source=min(settings.max_connections_per_source, cap))
+    server = SubmissionServer(pipeline, settings, reactor, wall=time.time)
     return SubmissionService(server, config.smtp_listen, reactor, tls=tls, grace=min(config.shutdown_timeout, 10.0))
 
 
@@ -425,14 +430,46 @@ def raise_open_files_limit() -> int:
     return open_files_limit()
 
 
+def _other_work(config: Config) -> int:
+    """Descriptors kept for all but client connections: ``FD_RESERVE``, plus a sender's SMTP sessions."""
+    return FD_RESERVE + (config.max_connections if "sender" in config.roles else 0)
+
+
+def _smtp_cap(config: Config, open_files: int) -> int:
+    if open_files < 0 or not config.smtp_listen or "frontend" not in config.roles:
+        return config.max_smtp_connections
+    # At most half of what is left: the other half is HTTP's (http_connection_cap).
+    return max(1, min(config.max_smtp_connections, (open_files - _other_work(config)) // 2))
+
+
+def smtp_connection_cap(config: Config, open_files: int) -> int:
+    """
+    ``--max-smtp-connections``, lowered (with a warning) to at most half of the
+    descriptors ``open_files`` leaves after the reserve, when SMTP submission runs.
+    """
+    cap = _smtp_cap(config, open_files)
+    if cap < config.max_smtp_connections:
+        _log.warn(
+            "--max-smtp-connections {wanted} lowered to {cap}: this process may open {limit} files, keeps {reserve} for other work and shares the rest with HTTP",
+            wanted=config.max_smtp_connections,
+            cap=cap,
+            limit=open_files,
+            reserve=_other_work(config),
+        )
+    return cap
+
+
 def http_connection_cap(config: Config, open_files: int) -> int:
     """
-    ``--max-http-connections``, lowered (with a warning) so that the connections and
-    ``FD_RESERVE`` descriptors (plus a sender's SMTP sessions) fit under ``open_files``.
+    ``--max-http-connections``, lowered (with a warning) so that the connections,
+    ``FD_RESERVE`` descriptors, a sender's SMTP sessions and the SMTP submission
+    connections (:func:`smtp_connection_cap`) fit under ``open_files``.
     """
     if open_files < 0:
         return config.max_http_connections
-    reserve = FD_RESERVE + (config.max_connections if "sender" in config.roles else 0)
+    reserve = _other_work(config)
+    if config.smtp_listen and "frontend" in config.roles:
+        reserve += _smtp_cap(config, open_files)
     cap = max(1, min(config.max_http_connections, open_files - reserve))
     if cap < config.max_http_connections:
         _log.warn(

@@ -19,20 +19,32 @@ What it adds to twisted.mail's server, whose line handling is not safe for a rel
 - A line longer than 1,000 octets (with its CRLF) is refused and discarded without
   leaving DATA (twisted.mail would go back to reading commands from the message).
 - Replies come in the order of the commands: while a reply waits for the store (AUTH,
-  the final dot) later pipelined commands wait, and reading pauses.
-- Commands sent in the same packet as STARTTLS are discarded (CVE-2011-0411).
+  MAIL's key check, the final dot) later pipelined commands wait, and reading pauses.
+- Replies are never buffered without limit: the protocol is its transport's push
+  producer, and handles no command while the transport's write buffer is full (a client
+  that pipelines and never reads). A dropped connection is closed after its last reply,
+  or aborted :data:`DROP_GRACE` seconds later if the peer does not take it.
+- A message arriving is one buffer of its own size; all connections together hold at
+  most ``max_data_in_flight`` octets of DATA (default :data:`DATA_IN_FLIGHT_MESSAGES`
+  times the largest message), past which DATA is ``452 4.3.1``.
+- Commands sent in the same packet as STARTTLS are discarded (CVE-2011-0411), and what
+  was learnt before TLS, AUTH included, is forgotten (RFC 3207 4.2).
 - With ``greet_pause``, a client that talks before the greeting gets ``554`` and is
   dropped (as Postfix's postscreen does to early talkers).
 - A timeout between commands and one for the whole DATA, caps on connections in all
-  and per source address, and on errors and failed AUTHs per connection.
+  and per source address, and per connection on errors, failed AUTHs, junk commands
+  (NOOP, RSET, EHLO, HELO, VRFY, HELP since the last message queued) and messages.
+  Only a fixed list of verbs is served.
 - AUTH PLAIN and LOGIN are offered only under TLS (STARTTLS or an ``ssl:`` listener)
   or on a loopback listener; no transaction without authentication, whatever the
-  recipient: never an open relay.
+  recipient: never an open relay. The key is checked again at each MAIL (a key revoked
+  during a session stops it, within the 2 s the key cache allows).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -46,7 +58,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport, ITLSTransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport, ITLSTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import deferLater
@@ -74,6 +86,17 @@ MAX_LINE = 1000
 MAX_ERRORS = 20
 #: Failed AUTH attempts one connection may make before it is dropped.
 MAX_AUTH_FAILURES = 3
+#: Commands that move no mail (NOOP, RSET, EHLO, HELO, VRFY, EXPN, HELP) allowed since the last message
+#: queued, before 421 and a drop (Postfix's smtpd_junk_command_limit).
+MAX_JUNK_COMMANDS = 100
+#: MAIL commands one connection may give before 421 (Exim's smtp_accept_max_per_connection).
+MAX_TRANSACTIONS = 1000
+#: The server-wide budget of DATA octets held at once, as a number of the largest messages.
+DATA_IN_FLIGHT_MESSAGES = 8
+#: Seconds a dropped connection has to take its last reply before it is aborted.
+DROP_GRACE = 5.0
+#: The verbs served; any other is 500 5.5.2 (twisted.mail's other do_ methods stay unreachable).
+VERBS = frozenset(b"EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP".split())
 #: What the greeting, the EHLO reply and the Received field say this server is.
 SOFTWARE = "mmgun"
 #: A HELO/EHLO argument good enough to be written into a Received field as it is.
@@ -96,6 +119,12 @@ class SubmissionSettings:
     greet_pause: float = 0.0
     max_connections: int = 1000
     max_connections_per_source: int = 20
+    max_junk_commands: int = MAX_JUNK_COMMANDS
+    max_transactions: int = MAX_TRANSACTIONS
+    #: DATA octets all connections may hold at once (messages arriving, and waiting for their commit).
+    max_data_in_flight: int = attrs.field(
+        default=attrs.Factory(lambda self: DATA_IN_FLIGHT_MESSAGES * self.max_message_size, takes_self=True)
+    )
 
 
 def settings_from(config: Any) -> SubmissionSettings:
@@ -209,12 +238,16 @@ class APIKeyChecker:
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         return Deferred.fromCoroutine(self._check(credentials))
 
-    async def _check(self, credentials: Any) -> str:
+    @staticmethod
+    def user_and_key(credentials: Any) -> tuple[str, str]:
+        """The user name and the API key given (empty if they cannot be: refused as any wrong key is)."""
         try:
-            user = bytes(credentials.username).decode("utf-8")
-            key = bytes(credentials.password).decode("ascii")
+            return bytes(credentials.username).decode("utf-8"), bytes(credentials.password).decode("ascii")
         except (UnicodeDecodeError, TypeError):
-            user, key = "", ""
+            return "", ""
+
+    async def _check(self, credentials: Any) -> str:
+        user, key = self.user_and_key(credentials)
         try:
             return await self._pipeline.authenticate_key(user, key, credentials.source)
         except HTTPError as e:
@@ -292,6 +325,18 @@ class SubmissionServer:
             "refused {count} SMTP connections over the connection caps since the last report (latest from {source}: {reason})",
         )
         self.dropped = LogTally(clock, "dropped {count} SMTP connections since the last report (latest from {source}: {reason})")
+        #: DATA octets held by every connection (arriving, or waiting for their commit): at most max_data_in_flight.
+        self.data_in_flight = 0
+
+    def hold_data(self, octets: int) -> bool:
+        """Count ``octets`` more of DATA against the server-wide budget; False (nothing counted) if they do not fit."""
+        if self.data_in_flight + octets > self.settings.max_data_in_flight:
+            return False
+        self.data_in_flight += octets
+        return True
+
+    def release_data(self, octets: int) -> None:
+        self.data_in_flight -= octets
 
     def factory(self, *, local: bool, tls: CertificateOptions | None) -> SubmissionFactory:
         """A listener's factory: ``local`` (a loopback listener) allows AUTH without TLS; ``tls`` offers STARTTLS."""
@@ -359,11 +404,17 @@ class _Refused(Protocol):
         pass
 
 
+@implementer(IPushProducer)
 class SubmissionProtocol(ESMTP):
     """
     One submission connection. twisted.mail's ESMTP gives EHLO/HELO, the extension list
     and the SASL challengers; framing, ordering, AUTH's outcome, the transaction and
     every reply's enhanced status code are this class's (see the module docstring).
+
+    It is its transport's push producer (of replies): while the transport's write buffer
+    is full (the peer does not read), no command is handled and, once lines wait, the
+    peer is not read: a client that pipelines commands and never reads the replies holds
+    at most the transport's buffer and one read of commands.
     """
 
     def __init__(self, server: SubmissionServer, source: str | None, *, local: bool, tls: CertificateOptions | None) -> None:
@@ -377,8 +428,16 @@ class SubmissionProtocol(ESMTP):
         self._local = local
         self.secure = False
         self.client: str | None = None
+        #: What the client authenticated with (user, API key): checked again at each MAIL.
+        self._credentials: tuple[str, str] | None = None
         #: Waiting for the store: later lines wait in ``_lines``, reading is paused.
         self.busy = False
+        #: The transport's write buffer is full (it paused this producer): lines wait, reading is paused.
+        self._write_paused = False
+        #: Whether the transport is reading (paused while lines wait: see _flow).
+        self._reading = True
+        self._draining = False
+        self._abort_call: IDelayedCall | None = None
         self._buffer = b""
         self._overlong = False
         #: Complete lines not handled yet; None: a line too long.
@@ -389,10 +448,14 @@ class SubmissionProtocol(ESMTP):
         self._data_deadline: IDelayedCall | None = None
         self._errors = 0
         self._auth_failures = 0
-        #: The current DATA: its lines, their size, and the reply that refuses it if any.
-        self._data: list[bytes] = []
+        self._junk = 0
+        self._transactions = 0
+        #: The current DATA: its octets (one buffer, CRLFs included), their count, and the reply that refuses it if any.
+        self._data = bytearray()
         self._data_size = 0
         self._data_problem: tuple[int, str] | None = None
+        #: Octets of this connection counted in the server's DATA budget (SubmissionServer.hold_data).
+        self._data_held = 0
         self._reset()
         self.challengers = {
             b"PLAIN": lambda: PlainCredentials(self.source or "local"),
@@ -415,6 +478,7 @@ class SubmissionProtocol(ESMTP):
         self._helo = (None, self._peer.encode("ascii", "replace"))
         self.secure = ISSLTransport.providedBy(transport)
         self.canStartTLS = self.ctx is not None and ITLSTransport.providedBy(transport) and not self.secure
+        transport.registerProducer(self, True)
         self.setTimeout(self.settings.command_timeout or None)
         if self.settings.greet_pause > 0:
             self._greet_call = self.server.clock.callLater(self.settings.greet_pause, self._greet)
@@ -428,13 +492,21 @@ class SubmissionProtocol(ESMTP):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._lost = True
+        self._cancel_timers()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
+        self._lines.clear()
+        self._data = bytearray()
+        self._release_data()
+        self.server.forget(self)
+
+    def _cancel_timers(self) -> None:
         for call in (self._greet_call, self._data_deadline):
             if call is not None and call.active():
                 call.cancel()
         self._greet_call = self._data_deadline = None
-        self._lines.clear()
         self.setTimeout(None)
-        self.server.forget(self)
 
     def timeoutConnection(self) -> None:
         self._drop(421, "4.4.2 " + self.settings.hostname + " timeout: closing the connection", "idle timeout")
@@ -442,9 +514,49 @@ class SubmissionProtocol(ESMTP):
     def _drop(self, code: int, text: str, why: str) -> None:
         self.server.dropped.note(source=self.source or "local", reason=why)
         self._reply(code, text)
-        self._lines.clear()
+        self._close()
+
+    def shut_down(self) -> None:
+        """421 and closed: the server is stopping."""
+        if not self._lost and not cast(Any, self.transport).disconnecting:
+            self._reply(421, "4.3.2 shutting down")
+            self._close()
+
+    def _close(self) -> None:
+        """
+        Close once the replies written are sent; abort :data:`DROP_GRACE` seconds later if
+        the peer has not taken them (a peer that never reads cannot keep the connection).
+        No timer fires after this but the abort.
+        """
         transport: Any = self.transport
+        self._lines.clear()
+        self._cancel_timers()
+        if self._lost or transport.disconnecting:
+            return
+        # A transport with a producer registered would wait for it before closing, forever.
+        transport.unregisterProducer()
         transport.loseConnection()
+        if not self._lost:  # some transports are lost at once
+            self._abort_call = self.server.clock.callLater(DROP_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        if not self._lost:
+            self.server.dropped.note(source=self.source or "local", reason="did not take its last reply")
+            cast(Any, self.transport).abortConnection()
+
+    # -- IPushProducer: the transport's write buffer
+
+    def pauseProducing(self) -> None:
+        self._write_paused = True
+        self._flow()
+
+    def resumeProducing(self) -> None:
+        self._write_paused = False
+        self._drain()
+
+    def stopProducing(self) -> None:
+        pass  # the transport is closing: connectionLost follows
 
     def _reply(self, code: int, text: str) -> None:
         self.sendCode(code, text.encode("utf-8"))
@@ -461,7 +573,7 @@ class SubmissionProtocol(ESMTP):
 
     def dataReceived(self, data: bytes) -> None:
         transport: Any = self.transport
-        if transport.disconnecting:
+        if self._lost or transport.disconnecting:
             return
         if not self._greeted:
             self._drop(554, "5.5.1 protocol error: commands sent before the greeting", "talked before the greeting")
@@ -475,15 +587,27 @@ class SubmissionProtocol(ESMTP):
                 self._lines.append(None)
             else:
                 self._lines.append(line)
-        if len(self._buffer) > MAX_LINE - 2:
-            # Not kept: only whether the line is too long matters. A trailing CR may start its CRLF.
+        # A trailing CR may be the start of its line's CRLF: not counted (a 1000-octet line split between CR and LF).
+        if len(self._buffer) - self._buffer.endswith(b"\r") > MAX_LINE - 2:
+            # Not kept: only whether the line is too long matters.
             self._overlong = True
             self._buffer = self._buffer[-1:] if self._buffer.endswith(b"\r") else b""
         self._drain()
 
     def _drain(self) -> None:
+        """Handle the lines waiting, in order, while nothing holds them (the store, a full write buffer); then read or not."""
+        if self._draining:
+            return  # a reply that came at once (_done) from a line handled below: the loop goes on
         transport: Any = self.transport
-        while self._lines and not self.busy and not transport.disconnecting:
+        self._draining = True
+        try:
+            self._handle_lines(transport)
+        finally:
+            self._draining = False
+        self._flow()
+
+    def _handle_lines(self, transport: Any) -> None:
+        while self._lines and not self.busy and not self._write_paused and not self._lost and not transport.disconnecting:
             line = self._lines.popleft()
             tls = self.startedTLS
             self.resetTimeout()
@@ -496,19 +620,38 @@ class SubmissionProtocol(ESMTP):
                 self._lines.clear()
                 self._buffer = b""
                 self._overlong = False
-        if self.busy and self._lines:
-            transport.pauseProducing()
+
+    def _flow(self) -> None:
+        """
+        Stop reading from the peer while lines wait (for the store, or for the transport's
+        write buffer to drain); read again when none do. Reading goes on while nothing waits:
+        a TLS handshake pauses writes until it is done, and it needs reading to be done.
+        """
+        transport: Any = self.transport
+        if self._lost or transport.disconnecting:
+            return
+        reading = not self._lines or not (self.busy or self._write_paused)
+        if reading != self._reading:
+            self._reading = reading
+            if reading:
+                transport.resumeProducing()
+            else:
+                transport.pauseProducing()
 
     def _line_too_long(self) -> None:
-        if self.mode == DATA:
+        if self.mode == AUTH:
+            self.mode, self.challenger = COMMAND, None
+            self._error(501, f"5.5.2 line longer than {MAX_LINE} octets: authentication cancelled")
+        elif self.mode == DATA:
             self._data_problem = self._data_problem or (500, f"5.5.2 a line of the message is longer than {MAX_LINE} octets")
         else:
             self._error(500, f"5.5.2 line longer than {MAX_LINE} octets")
 
     def _wait(self) -> None:
-        """Later lines wait until :meth:`_done` (replies stay in order)."""
+        """Later lines wait until :meth:`_done` (replies stay in order); reading pauses if some do."""
         self.busy = True
         self.setTimeout(None)
+        self._flow()
 
     def _done(self) -> None:
         self.busy = False
@@ -516,7 +659,6 @@ class SubmissionProtocol(ESMTP):
         if self._lost or transport.disconnecting:
             return
         self.setTimeout(self.settings.command_timeout or None)
-        transport.resumeProducing()
         self._drain()
 
     # -- commands
@@ -526,14 +668,16 @@ class SubmissionProtocol(ESMTP):
             self._error(500, "5.5.2 a command may not hold CR, LF or NUL")
             return
         verb, _, rest = line.strip().partition(b" ")
-        method = self.lookupMethod(verb) if verb.isalpha() else None
+        method = self.lookupMethod(verb)
         if method is None:
             self._error(500, "5.5.2 command not recognized")
             return
         method(rest.strip())
 
     def lookupMethod(self, command: bytes) -> Any:
-        return getattr(self, "do_" + command.decode("ascii").upper(), None)
+        """Only the :data:`VERBS` (twisted.mail's do_UNKNOWN and the like are not commands)."""
+        verb = command.upper()
+        return getattr(self, "do_" + verb.decode("ascii")) if verb in VERBS else None
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
         ext: dict[bytes, list[bytes] | None] = {
@@ -551,28 +695,46 @@ class SubmissionProtocol(ESMTP):
     def _auth_allowed(self) -> bool:
         return self.secure or self.startedTLS or self._local
 
+    def _junk_command(self) -> bool:
+        """Count a command that moves no mail; True if it was one too many (the connection is dropped)."""
+        self._junk += 1
+        if self._junk > self.settings.max_junk_commands:
+            self._drop(421, "4.7.0 too many junk commands (NOOP, RSET, EHLO, HELO, VRFY, HELP); closing the connection", "too many junk commands")
+            return True
+        return False
+
     def do_EHLO(self, rest: bytes) -> None:
+        if self._junk_command():
+            return
         self._reset()
         super().do_EHLO(rest)
 
     def do_HELO(self, rest: bytes) -> None:
+        if self._junk_command():
+            return
         self._reset()
         super().do_HELO(rest)
 
     def do_NOOP(self, rest: bytes) -> None:
-        self._reply(250, "2.0.0 OK")
+        if not self._junk_command():
+            self._reply(250, "2.0.0 OK")
 
     def do_RSET(self, rest: bytes) -> None:
-        self._reset()
-        self._reply(250, "2.0.0 OK")
+        if not self._junk_command():
+            self._reset()
+            self._reply(250, "2.0.0 OK")
+
+    def do_HELP(self, rest: bytes) -> None:
+        if not self._junk_command():
+            self._reply(214, "2.0.0 SMTP submission (RFC 6409): EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, RSET, NOOP, QUIT")
 
     def do_QUIT(self, rest: bytes) -> None:
         self._reply(221, "2.0.0 bye")
-        transport: Any = self.transport
-        transport.loseConnection()
+        self._close()
 
     def do_VRFY(self, rest: bytes) -> None:
-        self._error(502, "5.5.1 VRFY is not offered")
+        if not self._junk_command():
+            self._error(502, "5.5.1 VRFY is not offered")
 
     do_EXPN = do_VRFY
 
@@ -588,8 +750,9 @@ class SubmissionProtocol(ESMTP):
             transport: Any = self.transport
             transport.startTLS(self.ctx)
             self.startedTLS = True
-            # RFC 3207 4.2: forget everything learnt before TLS.
+            # RFC 3207 4.2: forget everything learnt before TLS, AUTH included (a loopback listener allows it in the clear).
             self._helo = (None, self._helo[1])
+            self.client, self._credentials, self.authenticated = None, None, False
             self._reset()
 
     def do_AUTH(self, rest: bytes) -> None:
@@ -641,13 +804,14 @@ class SubmissionProtocol(ESMTP):
         self.mode = COMMAND
         self._wait()
         login = self._portal.login(credentials, None, ISubmitter)
-        login.addCallbacks(self._authenticated, self._not_authenticated)
+        login.addCallbacks(self._authenticated, self._not_authenticated, callbackArgs=(credentials,))
         login.addErrback(self._bug, "authentication")
         login.addBoth(lambda _: self._done())
 
-    def _authenticated(self, result: tuple[Any, Submitter, Callable[[], None]]) -> None:
+    def _authenticated(self, result: tuple[Any, Submitter, Callable[[], None]], credentials: Any) -> None:
         _, avatar, _ = result
         self.client = avatar.client
+        self._credentials = APIKeyChecker.user_and_key(credentials)
         self.authenticated = True
         self._reply(235, "2.7.0 authentication successful")
 
@@ -674,10 +838,20 @@ class SubmissionProtocol(ESMTP):
     def _reset(self) -> None:
         self._from: str | None = None
         self._to: list[str] = []
+        #: MAIL FROM's SIZE parameter (RFC 1870), 0 if not given.
+        self._declared_size = 0
 
     def do_MAIL(self, rest: bytes) -> None:
         if self.client is None:
             self._error(530, "5.7.0 authentication required")
+            return
+        self._transactions += 1
+        if self._transactions > self.settings.max_transactions:
+            self._drop(
+                421,
+                f"4.7.0 too many messages on one connection (at most {self.settings.max_transactions}); reconnect to send more",
+                "too many transactions",
+            )
             return
         if self._from is not None:
             self._error(503, "5.5.1 nested MAIL command")
@@ -686,6 +860,7 @@ class SubmissionProtocol(ESMTP):
         if match is None:
             self._error(501, "5.5.4 syntax: MAIL FROM:<address> [parameters]")
             return
+        size = 0
         for parameter in match.group(2).split():
             name, _, value = parameter.partition(b"=")
             name = name.upper()
@@ -693,6 +868,7 @@ class SubmissionProtocol(ESMTP):
                 if int(value) > self.settings.max_message_size:
                     self._error(552, f"5.3.4 message size exceeds the maximum of {self.settings.max_message_size} octets")
                     return
+                size = int(value)
             elif name == b"BODY" and value.upper() in (b"7BIT", b"8BITMIME"):
                 pass
             elif name == b"AUTH" and value:
@@ -705,10 +881,36 @@ class SubmissionProtocol(ESMTP):
             self._error(550, "5.7.1 a null sender (MAIL FROM:<>) is not accepted for submission")
             return
         sender = self._address(path, 553, "5.1.7 bad sender address syntax")
-        if sender is not None:
-            self._from = sender
-            self._to = []
-            self._reply(250, "2.1.0 sender OK")
+        if sender is None:
+            return
+        # The key may have been revoked since AUTH: checked again (the Authenticator caches it for 2 s).
+        self._wait()
+        checked = Deferred.fromCoroutine(self._key_still_valid())
+        checked.addCallbacks(self._mail_accepted, self._key_refused, callbackArgs=(sender, size))
+        checked.addErrback(self._bug, "checking the API key")
+        checked.addBoth(lambda _: self._done())
+
+    async def _key_still_valid(self) -> str:
+        assert self._credentials is not None
+        user, key = self._credentials
+        return await self.server.pipeline.authenticate_key(user, key, self.source or "local")
+
+    def _mail_accepted(self, client: str, sender: str, size: int) -> None:
+        if client != self.client:
+            self._key_refused(Failure(UnauthorizedLogin()))
+            return
+        self._from = sender
+        self._to = []
+        self._declared_size = size
+        self._reply(250, "2.1.0 sender OK")
+
+    def _key_refused(self, failure: Failure) -> None:
+        if failure.check(HTTPError, UnauthorizedLogin):
+            self._drop(421, "4.7.0 the API key of this session was revoked; closing the connection", "API key revoked")
+        elif failure.check(StorageError):
+            self._reply(451, "4.3.0 cannot check the API key now; try again later")
+        else:
+            failure.raiseException()
 
     def do_RCPT(self, rest: bytes) -> None:
         if self._from is None:
@@ -745,10 +947,16 @@ class SubmissionProtocol(ESMTP):
             self._error(503, "5.5.1 need MAIL before DATA")
             return
         if not self._to:
+            self._reset()  # fail closed: what follows is not part of this transaction
             self._error(554, "5.5.1 no valid recipients")
             return
+        left = self.settings.max_data_in_flight - self.server.data_in_flight
+        if left < MAX_LINE or left < self._declared_size:
+            self._reset()
+            self._reply(452, "4.3.1 too many messages arriving at once; try again later")
+            return
         self.mode = DATA
-        self._data = []
+        self._data = bytearray()
         self._data_size = 0
         self._data_problem = None
         self._data_deadline = self.server.clock.callLater(self.settings.data_timeout, self._data_too_slow)
@@ -774,9 +982,20 @@ class SubmissionProtocol(ESMTP):
             self._data_size += len(line) + 2
             if self._data_size > self.settings.max_message_size:
                 self._data_problem = (552, f"5.3.4 message size exceeds the maximum of {self.settings.max_message_size} octets")
-                self._data = []
+            elif not self.server.hold_data(len(line) + 2):
+                self._data_problem = (452, "4.3.1 too many messages arriving at once; try again later")
             else:
-                self._data.append(line)
+                self._data_held += len(line) + 2
+                self._data += line
+                self._data += b"\r\n"
+        if self._data_problem is not None:
+            # Refused: nothing more of it is kept.
+            self._data = bytearray()
+            self._release_data()
+
+    def _release_data(self) -> None:
+        self.server.release_data(self._data_held)
+        self._data_held = 0
 
     def _end_of_data(self) -> None:
         if self._data_deadline is not None and self._data_deadline.active():
@@ -784,18 +1003,30 @@ class SubmissionProtocol(ESMTP):
         self._data_deadline = None
         self.mode = COMMAND
         sender, recipients, problem = self._from, self._to, self._data_problem
-        lines, self._data = self._data, []
+        message, self._data = bytes(self._data), bytearray()
+        # Counted until the commit: the message is in memory until then.
+        held, self._data_held = self._data_held, 0
         self._reset()
         if problem is not None:
+            self.server.release_data(held)
             self._reply(*problem)
             return
         assert sender is not None and self.client is not None
-        message = b"\r\n".join(lines) + b"\r\n" if lines else b""
         self._wait()
         queued = Deferred.fromCoroutine(self._queue(self.client, sender, recipients, message))
-        queued.addCallbacks(lambda submission: self._reply(250, f"2.0.0 queued as {submission}"), self._not_queued)
+        del message
+        queued.addCallbacks(self._queued, self._not_queued)
         queued.addErrback(self._bug, "queueing")
-        queued.addBoth(lambda _: self._done())
+        queued.addBoth(self._committed, held)
+
+    def _committed(self, _: object, held: int) -> None:
+        """The message is no longer in memory (stored, or refused): its DATA budget is free; the next lines go on."""
+        self.server.release_data(held)
+        self._done()
+
+    def _queued(self, submission: str) -> None:
+        self._junk = 0  # as Postfix counts junk commands: since the last message
+        self._reply(250, f"2.0.0 queued as {submission}")
 
     def _not_queued(self, failure: Failure) -> None:
         answer = refusal(failure)
@@ -807,9 +1038,18 @@ class SubmissionProtocol(ESMTP):
     async def _queue(self, client: str, sender: str, recipients: Iterable[str], data: bytes) -> str:
         settings = self.settings
         now = self.server.wall()
-        # A Date and a Message-ID are added when missing (RFC 6409 8.2, 8.3), Bcc fields removed.
-        message, message_id, author = check_mime(data, hostname=settings.hostname, now=now, max_size=settings.max_message_size)
+        # A Date and a Message-ID are added when missing (RFC 6409 8.2, 8.3), Bcc fields removed;
+        # the size is checked below, once the Received field is on.
+        size = len(data)
+        message, message_id, author = check_mime(data, hostname=settings.hostname, now=now, max_size=sys.maxsize)
+        del data  # the caller holds no other reference: one copy fewer while the message is stored
         message = self._received(now) + message
+        if len(message) > settings.max_message_size:
+            raise _Refusal(
+                552,
+                f"5.3.4 the message is {size} octets but {len(message)} with the header fields this server adds"
+                f" (Received; Date and Message-ID when missing), more than the maximum of {settings.max_message_size}",
+            )
         raw = RawMessage(
             sender=sender,
             recipients=tuple(recipients),
@@ -866,10 +1106,8 @@ class SubmissionService(MultiService):
         while self.server.busy() and self._reactor.seconds() < deadline:
             await deferLater(self._reactor, 0.05, lambda: None)
         for protocol in list(self.server.connections):
-            transport: Any = protocol.transport
-            if transport is not None:
-                protocol.sendCode(421, b"4.3.2 shutting down")
-                transport.loseConnection()
+            if protocol.transport is not None:
+                protocol.shut_down()
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)

@@ -21,7 +21,8 @@ from .test_operations import TWISTD
 T = 1_764_400_000.25
 
 
-def event(fmt: object, **fields: object) -> dict:
+def event(fmt: object, /, **fields: object) -> dict:
+    # fmt positional-only: hypothesis makes fields of any name, "fmt" too.
     return {"log_format": fmt, "log_level": LogLevel.info, "log_namespace": "mmgun.test", "log_time": T, **fields}
 
 

@@ -131,7 +131,7 @@ class SubmissionCase(TestCase):
         if stopped is not None:
             await stopped
         for protocol in list(smtp.connections):
-            cast(Any, protocol.transport).loseConnection()
+            cast(Any, protocol.transport).abortConnection()
         await wait_until(lambda: not smtp.connections, "submission connections to close", deadline=5)
 
     def client(self, script: Callable[[], T]) -> Deferred[T]:
