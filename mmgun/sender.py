@@ -16,9 +16,22 @@ another; each domain's envelopes leave as soon as its lookup is done. The only w
 in which a crash duplicates mail is between the peer's 250 to the final "." and our
 commit of it (milliseconds): the lease then expires and the envelope is sent again.
 
-While the database cannot be reached (:class:`mmgun.store.DatabaseUnavailable`: PostgreSQL
-down or cut off), the sender claims nothing and pings it at each poll instead, logging one
-line when that starts and one when it ends.
+While the database cannot be reached (any write of this sender — a claim, a lease renewal,
+a result — failed with :class:`mmgun.store.DatabaseUnavailable`: PostgreSQL down or cut
+off), the sender claims nothing and pings it at each poll instead, logging one line when
+that starts and one when it ends; and it starts no SMTP transaction: not a new session, nor
+the next transaction of a session under way. It also starts none for an envelope whose
+lease may have run out by its own (monotonic) clock: a lease is taken as good until
+lease_time after the claim or renewal that set it was *sent*, less LEASE_MARGIN of it, so a
+sender that cannot renew (a database that does not even answer) stops by itself before
+another host can take its envelopes over. Envelopes held back so are released (an
+unattempted result, written under the lease like any other: kept and retried while the
+database is gone, dropped if another sender took the envelope over meanwhile).
+
+At shutdown, deliveries in flight get shutdown_timeout to finish; then the SMTP sessions
+still open are aborted first, and only the envelopes whose message never went out to its
+final "." are released. One whose "." was sent and whose reply (or the commit of it) never
+came stays leased until its lease runs out: the reply may have been a 250.
 
 A result the sender knows is never thrown away for a failing database: when its commit
 fails with a StorageError (a full disk), the sender keeps it, keeps the lease renewed,
@@ -48,8 +61,8 @@ import re
 import socket
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, cast
 
 import attrs
 from twisted.application.service import Service
@@ -70,6 +83,12 @@ _log = Logger()
 #: which the wall clock is taken to have been stepped (NTP slews far slower than this).
 STEP_TOLERANCE = 1.0
 
+#: The last part of a lease (a fraction of lease_time) in which no SMTP transaction is
+#: started for its envelope: one started before has at least this long to finish before
+#: another host can take the envelope over, even if no renewal succeeds meanwhile. Leases
+#: are renewed every third of lease_time, so it never holds anything back while they succeed.
+LEASE_MARGIN = 1 / 3
+
 #: Failed retries of the unrecorded results together, after which each is retried on its
 #: own: the store commits concurrent results in one transaction, so one result that can
 #: never be committed would otherwise hold back every other.
@@ -86,7 +105,9 @@ class Router(Protocol):
     def mark_good(self, host: MXHost) -> None: ...
 
 
-SessionFunction = Callable[..., Awaitable[list[TransactionResult]]]
+#: send_session's signature: (reactor, host, address, port, transactions, settings, *,
+#: on_result, may_start, on_dot_sent), a coroutine (cancelled to abort the session).
+SessionFunction = Callable[..., Coroutine[Any, Any, list[TransactionResult]]]
 
 
 @attrs.frozen
@@ -194,8 +215,20 @@ class Sender(Service):
         self._claiming = False
         self._poll_again = False
         self._stopping = False
-        #: The database could not be reached at the last claim (DatabaseUnavailable): each poll pings it first.
+        #: A write failed with DatabaseUnavailable and none sent since has succeeded: no claim
+        #: (each poll pings the database first) and no SMTP transaction is started.
         self._database_lost = False
+        #: Counts the losses: a write sent before the last one began says nothing by succeeding late.
+        self._losses = 0
+        #: For each envelope in flight, the monotonic time the claim or renewal that last
+        #: extended its lease was sent: by our own clock the lease is good until lease_time after.
+        self._lease_sent: dict[int, float] = {}
+        #: Envelopes whose message went out to its final "." and whose result is not recorded yet.
+        self._past_dot: set[int] = set()
+        #: The SMTP sessions under way: aborted at the end of the shutdown grace.
+        self._sessions: set[Deferred[list[TransactionResult]]] = set()
+        #: Set at the end of the shutdown grace: nothing is started any more.
+        self._aborting = False
         #: (wall, monotonic) at the last poll: a step of the wall clock shows between two.
         self._marks: tuple[float, float] | None = None
         #: No claim before this (monotonic) time: after a forward step, the other senders
@@ -211,6 +244,7 @@ class Sender(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        self._aborting = False
         self._track(Deferred.fromCoroutine(self._start()))
 
     async def _start(self) -> None:
@@ -251,7 +285,10 @@ class Sender(Service):
         )
 
     def stopService(self) -> Deferred[None]:
-        """Stop claiming, let deliveries in flight finish up to shutdown_timeout, release the rest."""
+        """
+        Stop claiming, let deliveries in flight finish up to shutdown_timeout, then abort the
+        SMTP sessions still open and release the envelopes whose message never went out.
+        """
         super().stopService()
         self._stopping = True
         for loop in (self._poller, self._renewer):
@@ -266,6 +303,9 @@ class Sender(Service):
         deadline = self._clock.seconds() + self._settings.shutdown_timeout
         while self._batches and self._clock.seconds() < deadline:
             await self._batches_done(deadline - self._clock.seconds())
+        # First the connections: a reply that came in after the release below would be
+        # a 250 for an envelope another sender may already be sending again.
+        self._abort_sessions()
         if self._retrying is not None:
             self._retrying.cancel()
         if self._unrecorded:
@@ -279,8 +319,20 @@ class Sender(Service):
                 envelopes=sorted(self._unrecorded),
                 owner=self.owner,
             )
-        left = [e for e in self.in_flight.values() if e.id not in self._unrecorded]
+        past_dot = sorted(i for i in self._past_dot if i in self.in_flight and i not in self._unrecorded)
+        if past_dot:
+            _log.warn(
+                'not releasing {count} envelopes whose message went out to its final "." but whose result is '
+                "not recorded (envelopes {envelopes}): the MX may have taken it, so they stay leased and are "
+                "delivered again only when a sender starts again as {owner} or their leases expire",
+                count=len(past_dot),
+                envelopes=past_dot,
+                owner=self.owner,
+            )
+        left = [e for e in self.in_flight.values() if e.id not in self._unrecorded and e.id not in self._past_dot]
         self.in_flight.clear()
+        self._lease_sent.clear()
+        self._past_dot.clear()
         self._messages.clear()
         self.held_bytes = 0
         self._unrecorded.clear()
@@ -290,6 +342,19 @@ class Sender(Service):
                 await self._store.release(left, self._wall())
             except Exception:
                 _log.failure("could not release leases at shutdown; they expire by themselves")
+
+    def _abort_sessions(self) -> None:
+        """
+        Start nothing more and drop every SMTP connection still open (no QUIT: a session
+        waiting for the reply to its final "." would otherwise go on). The deliveries cut
+        short record nothing: their envelopes are left to :meth:`_drain`.
+        """
+        self._aborting = True
+        sessions = list(self._sessions)
+        if sessions:
+            _log.info("aborting {count} SMTP sessions still open at the end of the shutdown grace", count=len(sessions))
+        for call in sessions:
+            call.cancel()
 
     async def _batches_done(self, seconds: float) -> None:
         """Until every batch running now has ended, or ``seconds`` have passed."""
@@ -323,9 +388,9 @@ class Sender(Service):
         try:
             if self._database_lost:
                 # No claim until the database answers; a failed ping is caught below, not logged again.
+                losses = self._losses
                 await self._store.ping()
-                self._database_lost = False
-                _log.info("the database answers again; claiming resumes")
+                self._database_back(losses)
             while not self._stopping:
                 # Before every claim, not once per poll: a claim reads the wall clock, and
                 # a step between two batches would make our own leases look expired.
@@ -339,6 +404,7 @@ class Sender(Service):
                 limit = min(room, 500)
                 # Held through the claim: an entry let go meanwhile is still there to share.
                 held = dict(self._messages)
+                sent, losses = self._clock.seconds(), self._losses
                 claimed = await self._store.claim(
                     self.owner,
                     self._wall(),
@@ -349,18 +415,16 @@ class Sender(Service):
                     # Holding nothing, a message larger than the budget still goes (alone).
                     always_one=not self.in_flight,
                 )
+                self._database_back(losses)
                 if not claimed:
                     return
-                fresh = [e for e in (self._hold(envelope, held) for envelope in claimed) if e is not None]
+                fresh = [e for e in (self._hold(envelope, held, sent) for envelope in claimed) if e is not None]
                 if fresh:
                     self._dispatch(fresh)
                 if len(claimed) < limit:
                     return
         except DatabaseUnavailable as e:
-            # One line when it starts (and one when it ends), not one per poll.
-            if not self._database_lost:
-                self._database_lost = True
-                _log.error("claiming envelopes failed: {error}; no claims until the database answers again", error=str(e))
+            self._database_gone("claiming envelopes", e)
             self._poll_again = False
         except Exception:
             _log.failure("claiming envelopes failed; will try again")
@@ -370,14 +434,34 @@ class Sender(Service):
             if self._poll_again and not self._stopping:
                 self.poll()
 
-    def _hold(self, envelope: ClaimedEnvelope, held: dict[str, _Message]) -> ClaimedEnvelope | None:
+    def _database_gone(self, what: str, error: DatabaseUnavailable) -> None:
+        """A write failed because the database cannot be reached: one line when that starts, not one per write."""
+        self._losses += 1
+        if not self._database_lost:
+            self._database_lost = True
+            _log.error(
+                "{what} failed: {error}; no claims until the database answers again, "
+                "and no SMTP transaction is started meanwhile",
+                what=what,
+                error=str(error),
+            )
+
+    def _database_back(self, losses: int) -> None:
+        """A request sent when the count of losses was ``losses`` succeeded: the database answers, if none began since."""
+        if self._database_lost and losses == self._losses:
+            self._database_lost = False
+            _log.info("the database answers again; claiming resumes, and so do deliveries")
+
+    def _hold(self, envelope: ClaimedEnvelope, held: dict[str, _Message], sent: float) -> ClaimedEnvelope | None:
         """
         Put a claimed envelope in flight, carrying its submission's one shared message; None
         for one already in flight here. That happens only when our own lease on it looked
         expired at the claim (a wall-clock step the checks missed, or renewals that failed
         for longer than a lease): the delivery under way goes on, under the new lease, which
-        is the one now renewed and recorded against; nothing is sent twice.
+        is the one now renewed and recorded against; nothing is sent twice. ``sent``: when
+        the claim was sent (monotonic), from which its lease is judged.
         """
+        self._lease_sent[envelope.id] = sent
         current = self.in_flight.get(envelope.id)
         if current is not None:
             _log.warn(
@@ -401,6 +485,8 @@ class Sender(Service):
     def _let_go(self, envelope: ClaimedEnvelope) -> None:
         if self.in_flight.pop(envelope.id, None) is None:
             return
+        self._lease_sent.pop(envelope.id, None)
+        self._past_dot.discard(envelope.id)
         entry = self._messages.get(envelope.submission_id)
         if entry is not None:
             entry.refs -= 1
@@ -424,11 +510,35 @@ class Sender(Service):
     async def _renew(self) -> None:
         if not self.in_flight:
             return
+        envelopes = list(self.in_flight.values())
+        sent, losses = self._clock.seconds(), self._losses
         now = self._wall()
         try:
-            await self._store.renew(list(self.in_flight.values()), now, now + self._settings.lease_time)
+            await self._store.renew(envelopes, now, now + self._settings.lease_time)
+        except DatabaseUnavailable as e:
+            self._database_gone("renewing leases", e)
+            return
         except Exception:
             _log.failure("renewing leases failed")
+            return
+        self._database_back(losses)
+        for envelope in envelopes:
+            current = self.in_flight.get(envelope.id)
+            if current is not None and current.lease == envelope.lease:
+                self._lease_sent[envelope.id] = max(sent, self._lease_sent.get(envelope.id, sent))
+
+    def _why_not_start(self, envelope_id: int) -> str | None:
+        """Why no SMTP transaction may start now for this envelope, or None when one may."""
+        if self._aborting:
+            return "stopping"
+        if self._database_lost:
+            return "the database cannot be reached"
+        sent = self._lease_sent.get(envelope_id)
+        if envelope_id not in self.in_flight or sent is None:
+            return "not held"
+        if self._clock.seconds() >= sent + self._settings.lease_time * (1 - LEASE_MARGIN):
+            return "its lease may have run out (no renewal for too long)"
+        return None
 
     async def _watch_clock(self) -> None:
         """Notice a step of the wall clock since the last poll, and keep leases and the queue right."""
@@ -540,27 +650,48 @@ class Sender(Service):
             settled.add(envelope.id)
             commits.append(Deferred.fromCoroutine(self._record([self._outcome(envelope, results, mx_host, refused_at_rcpt)])))
 
+        def hold_back(held: list[ClaimedEnvelope], reason: str) -> None:
+            """Release envelopes whose delivery may not start (see _why_not_start): no attempt counted."""
+            if not held:
+                return
+            _log.warn(
+                "not starting delivery of {count} envelopes ({reason}); releasing them (envelopes {envelopes})",
+                count=len(held),
+                reason=reason,
+                envelopes=sorted(e.id for e in held),
+            )
+            for envelope in held:
+                settled.add(envelope.id)
+            outcomes = [EnvelopeOutcome(e, (), None, attempted=False) for e in held]
+            commits.append(Deferred.fromCoroutine(self._record(outcomes)))
+
         try:
-            await self._attempt(hosts, envelopes, settled, settle)
+            await self._attempt(hosts, envelopes, settled, settle, hold_back)
         except Exception:
-            _log.failure("delivery to {mx} failed unexpectedly", mx=hosts[0].name if hosts else "?")
-            reply = "451 4.3.0 internal error in mmgun; will retry"
-            for envelope in envelopes:
-                if envelope.id not in settled:
-                    settle(envelope, {a: ("deferred", reply) for a in envelope.recipients})
+            # Unless cut short at the end of the shutdown grace: then _drain sees to the envelopes.
+            if not self._aborting:
+                _log.failure("delivery to {mx} failed unexpectedly", mx=hosts[0].name if hosts else "?")
+                reply = "451 4.3.0 internal error in mmgun; will retry"
+                for envelope in envelopes:
+                    if envelope.id not in settled:
+                        settle(envelope, {a: ("deferred", reply) for a in envelope.recipients})
         await DeferredList(commits)
 
     # -- recording results: never thrown away ----------------------------------
 
     async def _record(self, outcomes: list[EnvelopeOutcome]) -> None:
         outcomes = self._under_current_leases(outcomes)
+        losses = self._losses
         try:
             await self._store.record(outcomes, self._wall())
         except StorageError as e:
+            if isinstance(e, DatabaseUnavailable):
+                self._database_gone("recording delivery results", e)
             self._keep(outcomes, e)
         except Exception:
             self._drop(outcomes)
         else:
+            self._database_back(losses)
             self._recorded(outcomes)
 
     def _under_current_leases(self, outcomes: list[EnvelopeOutcome]) -> list[EnvelopeOutcome]:
@@ -627,9 +758,12 @@ class Sender(Service):
                 failed = False
                 while parts:
                     part = parts.popleft()
+                    losses = self._losses
                     try:
                         await self._store.record(part, self._wall())
-                    except StorageError:
+                    except StorageError as e:
+                        if isinstance(e, DatabaseUnavailable):
+                            self._database_gone("recording delivery results", e)
                         failed = True
                         continue
                     except Exception:
@@ -640,6 +774,7 @@ class Sender(Service):
                         else:
                             self._drop(part)
                         continue
+                    self._database_back(losses)
                     for outcome in part:
                         self._unrecorded.pop(outcome.envelope.id, None)
                     self._recorded(part)
@@ -661,16 +796,23 @@ class Sender(Service):
         envelopes: list[ClaimedEnvelope],
         settled: set[int],
         settle: Callable[[ClaimedEnvelope, dict[str, tuple[str, str]], str | None, frozenset[str]], None],
+        hold_back: Callable[[list[ClaimedEnvelope], str], None],
     ) -> None:
         """
         Try the hosts in order until every envelope has a result, at most
         mx_address_limit addresses and mx_session_limit sessions (a host that could not
         be connected to is not a session): enforced here whatever the router returns.
+
+        No transaction starts for an envelope :meth:`_why_not_start` holds back: it is
+        released (``hold_back``) and the attempt ends there. At the end of the shutdown
+        grace (``_aborting``) the attempt ends at once, its envelopes left as they are.
         """
         domains = ", ".join(sorted({e.domain for e in envelopes}))
         last_reply = f"451 4.4.0 no mail exchanger of {domains} could be reached"
         addresses = sessions = 0
         for host in hosts:
+            if self._aborting:
+                return
             remaining = [e for e in envelopes if e.id not in settled]
             if not remaining:
                 break
@@ -710,9 +852,24 @@ class Sender(Service):
                     frozenset(a for a, r in result.recipients.items() if r.at_rcpt),
                 )
 
+            #: Why the session held a transaction back (see send_session's may_start), if it did.
+            stopped: list[str] = []
+
+            def may_start(transaction: Transaction, stopped: list[str] = stopped) -> bool:
+                reason = self._why_not_start(cast(int, transaction.key))
+                if reason is not None and not stopped:
+                    stopped.append(reason)
+                return reason is None
+
             try:
-                session_results = await self._send(host, remaining, on_result)
+                session_results = await self._send(host, remaining, on_result, may_start, hold_back)
             except SessionFailed as e:
+                if self._aborting:
+                    return
+                if stopped:
+                    # Held back before its first transaction: the host is not at fault.
+                    hold_back([e for e in envelopes if e.id not in settled], stopped[0])
+                    return
                 if e.connected:
                     sessions += 1
                 self._router.mark_bad(host)
@@ -724,6 +881,12 @@ class Sender(Service):
                     reply=last_reply,
                 )
                 continue
+            except Exception:
+                if self._aborting:
+                    return  # the session was aborted (cancelled)
+                raise
+            if self._aborting or session_results is None:
+                return  # stopping, or every envelope left was held back before a session opened
             sessions += 1
             self._router.mark_good(host)
             for result in session_results:
@@ -732,28 +895,76 @@ class Sender(Service):
                 else:
                     # Never started because the session ended early: try the next host.
                     last_reply = str(next(iter(result.recipients.values())).reply)
+            if stopped:
+                hold_back([e for e in envelopes if e.id not in settled], stopped[0])
+                return
         for envelope in envelopes:
             if envelope.id not in settled:
                 settle(envelope, {a: ("deferred", last_reply) for a in envelope.recipients}, None, frozenset())
 
     async def _send(
-        self, host: MXHost, envelopes: list[ClaimedEnvelope], on_result: Callable[[TransactionResult], None]
-    ) -> list[TransactionResult]:
+        self,
+        host: MXHost,
+        envelopes: list[ClaimedEnvelope],
+        on_result: Callable[[TransactionResult], None],
+        may_start: Callable[[Transaction], bool],
+        hold_back: Callable[[list[ClaimedEnvelope], str], None],
+    ) -> list[TransactionResult] | None:
+        """
+        One session to ``host`` for the envelopes that may start once a connection slot is
+        free (the others are held back); None, with no connection made, when none may.
+        """
         per_host = self._per_host.setdefault(host.address, DeferredSemaphore(self._settings.max_per_destination))
         await per_host.acquire()
         try:
             await self._connections.acquire()
             try:
-                transactions = [self._transaction(e) for e in envelopes]
-                return await self._session(
-                    self._reactor, host.name, host.address, host.port, transactions, self._smtp, on_result=on_result
+                # Judged now, not before the wait for a slot (which may have been long).
+                startable: list[ClaimedEnvelope] = []
+                held: dict[str, list[ClaimedEnvelope]] = {}
+                for envelope in envelopes:
+                    reason = self._why_not_start(envelope.id)
+                    if reason is None:
+                        startable.append(envelope)
+                    else:
+                        held.setdefault(reason, []).append(envelope)
+                if self._aborting:
+                    return None
+                for reason, group in held.items():
+                    hold_back(group, reason)
+                if not startable:
+                    return None
+                transactions = [self._transaction(e) for e in startable]
+                call = Deferred.fromCoroutine(
+                    self._session(
+                        self._reactor,
+                        host.name,
+                        host.address,
+                        host.port,
+                        transactions,
+                        self._smtp,
+                        on_result=on_result,
+                        may_start=may_start,
+                        on_dot_sent=self._dot_sent,
+                    )
                 )
+                self._sessions.add(call)
+                try:
+                    return await call
+                finally:
+                    self._sessions.discard(call)
             finally:
                 self._connections.release()
         finally:
             per_host.release()
             if not per_host.waiting and per_host.tokens == per_host.limit:
                 self._per_host.pop(host.address, None)
+
+    def _dot_sent(self, transaction: Transaction) -> None:
+        """The session is writing this envelope's final ".": not released at shutdown until its result is recorded."""
+        envelope_id = cast(int, transaction.key)
+        if envelope_id in self.in_flight:
+            self._past_dot.add(envelope_id)
 
     def _transaction(self, envelope: ClaimedEnvelope) -> Transaction:
         """

@@ -411,11 +411,15 @@ class _ESMTPSession(ESMTPClient):
         settings: SMTPSettings,
         tls: IOpenSSLClientConnectionCreator | None,
         on_result: Callable[[TransactionResult], object] | None = None,
+        may_start: Callable[[Transaction], bool] | None = None,
+        on_dot_sent: Callable[[Transaction], object] | None = None,
     ) -> None:
         super().__init__(None, tls, settings.helo)
         # ESMTPClient declares C{context = None}; this is the same object, typed.
         self._tls = tls
         self._on_result = on_result
+        self._may_start = may_start
+        self._on_dot_sent = on_dot_sent
         self._clock = clock
         self.requireTransportSecurity = settings.tls is not TLSMode.OPPORTUNISTIC
         self.ended: Deferred[_Outcome] = Deferred(lambda d: self._cancel())
@@ -654,6 +658,9 @@ class _ESMTPSession(ESMTPClient):
         if self._next_index >= len(self._transactions):
             self._finish(None, then="quit")
             return
+        if not self._may_open():
+            self._hold_back(then="quit")
+            return
         self._open_transaction(rset=False)
         self._expect_mail_reply()
 
@@ -681,6 +688,20 @@ class _ESMTPSession(ESMTPClient):
 
     def _sendable(self, transaction: Transaction) -> bool:
         return self._eight_bit_mime or not transaction.eight_bit
+
+    def _may_open(self) -> bool:
+        """Whether the caller's C{may_start} lets the next transaction start now."""
+        if self._may_start is None:
+            return True
+        try:
+            return bool(self._may_start(self._transactions[self._next_index]))
+        except Exception:
+            _log.failure("may_start callback failed; starting no more transactions on {host}", host=self._host)
+            return False
+
+    def _hold_back(self, *, then: _Then) -> None:
+        """End the session before the next transaction, which the caller holds back: it and the rest are not started."""
+        self._finish(self._synthesized(f"4.3.0 transaction held back by mmgun; nothing sent ({self._host})"), then=then)
 
     def _refuse_eight_bit(self) -> None:
         """
@@ -814,13 +835,19 @@ class _ESMTPSession(ESMTPClient):
     def _send_body_and_dot(self) -> None:
         # wire_form() output is empty or ends with CRLF.
         self._body_sent = True
-        data = [self._progress().transaction.payload(), b".\r\n"]
-        if self._next_index < len(self._transactions) and self._sendable(self._transactions[self._next_index]):
+        transaction = self._progress().transaction
+        data = [transaction.payload(), b".\r\n"]
+        if (
+            self._next_index < len(self._transactions)
+            and self._sendable(self._transactions[self._next_index])
+            and self._may_open()
+        ):
             # RFC 2920 3.1: the message content may lead a group, so the next
             # transaction's commands save a write and a round trip. No RSET: the
             # reply to "." ends this transaction whatever it is (RFC 5321 4.1.1.4).
             data.append(_group(self._transactions[self._next_index]))
             self._group_sent = True
+        self._dot_sent(transaction)
         self._connected().write(b"".join(data))
         # For the reply to "."; _end_of_data_reply sets the command timeout for the group's.
         self.setTimeout(self._settings.data_timeout)
@@ -839,8 +866,17 @@ class _ESMTPSession(ESMTPClient):
             return
         # wire_form() output is empty or ends with CRLF.
         self._body_sent = True
+        self._dot_sent(self._progress().transaction)
         self.sendLine(b".")
         self.setTimeout(self._settings.data_timeout)
+
+    def _dot_sent(self, transaction: Transaction) -> None:
+        """Tell the caller that C{transaction}'s final "." is going out: from now on the peer may take the message."""
+        if self._on_dot_sent is not None:
+            try:
+                self._on_dot_sent(transaction)
+            except Exception:
+                _log.failure("on_dot_sent callback failed for transaction {key}", key=transaction.key)
 
     def _end_of_data_reply(self, code: int, resp: bytes) -> None:
         """The reply to the final "." (or one that came while sending the body)."""
@@ -873,6 +909,11 @@ class _ESMTPSession(ESMTPClient):
             self._refuse_eight_bit()
         if self._next_index >= len(self._transactions):
             self._finish(None, then="quit")
+        elif (self._group_sent or (rset and self._pipelining)) and not self._may_open():
+            # The caller holds the next transaction back. If its MAIL FROM, RCPT TOs and
+            # DATA already went out behind the final "." (a QUIT would now be read as
+            # message data), the connection is dropped: the peer gets no message from it.
+            self._hold_back(then="abort" if self._group_sent else "quit")
         elif self._group_sent:
             # Its commands went out behind the final "."; their replies come next.
             self._open_transaction(rset=False)
@@ -1024,9 +1065,18 @@ async def _attempt(
     settings: SMTPSettings,
     tls: IOpenSSLClientConnectionCreator | None,
     on_result: Callable[[TransactionResult], object] | None = None,
+    may_start: Callable[[Transaction], bool] | None = None,
+    on_dot_sent: Callable[[Transaction], object] | None = None,
 ) -> _Outcome:
     session = _ESMTPSession(
-        clock=clock, host=host, transactions=transactions, settings=settings, tls=tls, on_result=on_result
+        clock=clock,
+        host=host,
+        transactions=transactions,
+        settings=settings,
+        tls=tls,
+        on_result=on_result,
+        may_start=may_start,
+        on_dot_sent=on_dot_sent,
     )
     connecting = _endpoint(reactor, address, port, settings.connect_timeout).connect(_OneSession(session))
     # Also enforced here, on the injected clock, whatever the reactor does
@@ -1057,6 +1107,8 @@ async def send_session(
     transactions: Sequence[Transaction],
     settings: SMTPSettings,
     on_result: Callable[[TransactionResult], object] | None = None,
+    may_start: Callable[[Transaction], bool] | None = None,
+    on_dot_sent: Callable[[Transaction], object] | None = None,
 ) -> list[TransactionResult]:
     """
     One SMTP session to C{address}:C{port} (the MX C{host} name is for TLS,
@@ -1066,6 +1118,16 @@ async def send_session(
     C{on_result}, if given, is called with each started transaction's result
     the moment it is known (e.g. right after the 250 to the final "."), so
     that the caller can commit it before the next transaction ends.
+
+    C{may_start}, if given, is asked before each transaction's MAIL FROM goes
+    out (with PIPELINING, also before it would go out behind the previous
+    final "."): when it answers False, that transaction and the rest are not
+    started (their results have C{started} False) and the session ends. So a
+    caller that must stop sending (its database is gone, a lease may have run
+    out) stops between two transactions rather than at the end of the session.
+    C{on_dot_sent}, if given, is called with each transaction whose final "."
+    is being written: from then on the peer may have taken the message, even
+    if the connection is lost before its reply.
 
     Returns one L{TransactionResult} per transaction, in order, as soon as all
     outcomes are known. Raises L{SessionFailed} if no transaction was started.
@@ -1090,7 +1152,17 @@ async def send_session(
     clock = IReactorTime(reactor)
     try:
         outcome = await _attempt(
-            reactor, clock, host, address, port, transactions, settings, _tls_creator(settings, host), on_result
+            reactor,
+            clock,
+            host,
+            address,
+            port,
+            transactions,
+            settings,
+            _tls_creator(settings, host),
+            on_result,
+            may_start,
+            on_dot_sent,
         )
         if outcome.tls_failed and settings.tls is TLSMode.OPPORTUNISTIC:
             _log.warn(
@@ -1099,7 +1171,9 @@ async def send_session(
                 address=address,
                 reply=str(outcome.failure),
             )
-            outcome = await _attempt(reactor, clock, host, address, port, transactions, settings, None, on_result)
+            outcome = await _attempt(
+                reactor, clock, host, address, port, transactions, settings, None, on_result, may_start, on_dot_sent
+            )
         if outcome.failure is not None:
             raise SessionFailed(outcome.failure)
     except SessionFailed as e:

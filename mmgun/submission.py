@@ -35,6 +35,9 @@ What it adds to twisted.mail's server, whose line handling is not safe for a rel
   and per source address, and per connection on errors, failed AUTHs, junk commands
   (NOOP, RSET, EHLO, HELO, VRFY, HELP since the last message queued) and messages.
   Only a fixed list of verbs is served.
+- SMTPUTF8 (RFC 6531) is not offered, as mmgun's SMTP client cannot relay such mail: the
+  SMTPUTF8 parameter (555 5.5.4), a non-ASCII address (553 5.6.7) and a non-ASCII header
+  field (550 5.6.7) are refused with a reply that says why; 8-bit bodies are taken (8BITMIME).
 - AUTH PLAIN and LOGIN are offered only under TLS (STARTTLS or an ``ssl:`` listener)
   or on a loopback listener; no transaction without authentication, whatever the
   recipient: never an open relay. The key is checked again at each MAIL (a key revoked
@@ -72,7 +75,7 @@ from zope.interface import Attribute, Interface, implementer
 from .limits import LogTally
 from .message import BadRequest, MessageTooLarge, normalize_address
 from .store import StorageError
-from .web.errors import HTTPError
+from .web.errors import REASONS, HTTPError
 from .web.mailgun import check_mime, other_senders
 from .web.signing import SenderRefused
 from .web.site import source_key
@@ -97,6 +100,12 @@ DATA_IN_FLIGHT_MESSAGES = 8
 DROP_GRACE = 5.0
 #: The verbs served; any other is 500 5.5.2 (twisted.mail's other do_ methods stay unreachable).
 VERBS = frozenset(b"EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP".split())
+#: Why SMTPUTF8 (RFC 6531) is not offered: mmgun's SMTP client (mmgun.smtp) does not send it, so mail
+#: with UTF-8 addresses or header fields could not be relayed; refused at once rather than bounced later.
+NO_SMTPUTF8 = (
+    "this relay does not offer SMTPUTF8 (RFC 6531): it cannot deliver internationalized mail yet;"
+    " use ASCII addresses, and RFC 2047 encoded words in header fields"
+)
 #: What the greeting, the EHLO reply and the Received field say this server is.
 SOFTWARE = "mmgun"
 #: A HELO/EHLO argument good enough to be written into a Received field as it is.
@@ -263,37 +272,44 @@ def submission_portal(pipeline: Pipeline) -> Portal:
 # -- the server -------------------------------------------------------------------------
 
 
-class _Refusal(Exception):
-    """A transaction refused: ``code`` and ``text`` (with its enhanced status code) are the reply."""
+#: A refused submission: the reply's code and text, and the HTTP status the API answers for the
+#: same failure — whose label (mmgun.web.errors.REASONS) counts it in mmgun_submissions_rejected_total.
+Refused = tuple[int, str, int]
 
-    def __init__(self, code: int, text: str) -> None:
+
+class _Refusal(Exception):
+    """A transaction refused: ``code`` and ``text`` (with its enhanced status code) are the reply; ``status`` as for Refused."""
+
+    def __init__(self, code: int, text: str, status: int) -> None:
         super().__init__(text)
         self.code = code
         self.text = text
+        self.status = status
 
 
-def refusal(failure: Failure) -> tuple[int, str] | None:
+def refusal(failure: Failure) -> Refused | None:
     """
-    The reply to a transaction the pipeline did not queue; None for a bug (logged by the
-    caller). The codes are those of issue 16 (RFC 3463's enhanced codes).
+    The reply to a transaction the pipeline did not queue, and the HTTP status of the same
+    failure; None for a bug (logged by the caller). The codes are those of issue 16
+    (RFC 3463's enhanced codes).
     """
     error = failure.value
     if isinstance(error, _Refusal):
-        return error.code, error.text
+        return error.code, error.text, error.status
     if isinstance(error, QueueCapReached):
-        return 452, f"4.3.1 {error.message}; try again later"
+        return 452, f"4.3.1 {error.message}; try again later", error.code
     if isinstance(error, HTTPError) and error.code == 429:
-        return 451, f"4.7.1 {error.message}; try again later"
+        return 451, f"4.7.1 {error.message}; try again later", error.code
     if isinstance(error, HTTPError) and error.code == 503:
-        return 452, f"4.3.1 {error.message}"
+        return 452, f"4.3.1 {error.message}", error.code
     if isinstance(error, MessageTooLarge):
-        return 552, f"5.3.4 {error}"
+        return 552, f"5.3.4 {error}", 413
     if isinstance(error, SenderRefused):
-        return 550, f"5.7.1 {error}"
+        return 550, f"5.7.1 {error}", 403
     if isinstance(error, BadRequest):
-        return 550, f"5.6.0 {str(error).replace('field ' + repr('message'), 'the message')}"
+        return 550, f"5.6.0 {str(error).replace('field ' + repr('message'), 'the message')}", error.status
     if isinstance(error, StorageError):
-        return 451, "4.3.0 cannot store messages now; try again later"
+        return 451, "4.3.0 cannot store messages now; try again later", 503
     return None
 
 
@@ -314,6 +330,7 @@ class SubmissionServer:
         portal: Portal | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.metrics = pipeline.metrics
         self.settings = settings
         self.clock = clock
         self.wall = wall if wall is not None else clock.seconds
@@ -337,6 +354,10 @@ class SubmissionServer:
 
     def release_data(self, octets: int) -> None:
         self.data_in_flight -= octets
+
+    def rejected(self, status: int) -> None:
+        """A submission refused, counted in mmgun_submissions_rejected_total under the label HTTP gives ``status``."""
+        self.metrics.rejected.labels(REASONS.get(status, str(status))).inc()
 
     def factory(self, *, local: bool, tls: CertificateOptions | None) -> SubmissionFactory:
         """A listener's factory: ``local`` (a loopback listener) allows AUTH without TLS; ``tls`` offers STARTTLS."""
@@ -453,7 +474,7 @@ class SubmissionProtocol(ESMTP):
         #: The current DATA: its octets (one buffer, CRLFs included), their count, and the reply that refuses it if any.
         self._data = bytearray()
         self._data_size = 0
-        self._data_problem: tuple[int, str] | None = None
+        self._data_problem: Refused | None = None
         #: Octets of this connection counted in the server's DATA budget (SubmissionServer.hold_data).
         self._data_held = 0
         self._reset()
@@ -643,7 +664,7 @@ class SubmissionProtocol(ESMTP):
             self.mode, self.challenger = COMMAND, None
             self._error(501, f"5.5.2 line longer than {MAX_LINE} octets: authentication cancelled")
         elif self.mode == DATA:
-            self._data_problem = self._data_problem or (500, f"5.5.2 a line of the message is longer than {MAX_LINE} octets")
+            self._data_problem = self._data_problem or (500, f"5.5.2 a line of the message is longer than {MAX_LINE} octets", 400)
         else:
             self._error(500, f"5.5.2 line longer than {MAX_LINE} octets")
 
@@ -796,6 +817,7 @@ class SubmissionProtocol(ESMTP):
         except (binascii.Error, ValueError, IllegalClientResponse):
             self.mode, self.challenger = COMMAND, None
             self._error(501, "5.5.2 cannot decode the AUTH response")
+            self.server.rejected(401)
             return
         if self.challenger.moreChallenges():
             self._challenge()
@@ -820,10 +842,13 @@ class SubmissionProtocol(ESMTP):
         if failure.check(TooManyFailures):
             wait = cast(TooManyFailures, failure.value).wait
             self._reply(454, f"4.7.0 too many failed authentication attempts from your address; try again in {wait} seconds")
+            self.server.rejected(429)
         elif failure.check(UnauthorizedLogin):
             self._reply(535, "5.7.8 authentication credentials invalid")
+            self.server.rejected(401)
         elif failure.check(StorageError):
             self._reply(454, "4.7.0 temporary authentication failure; try again later")
+            self.server.rejected(503)
         else:
             failure.raiseException()
         if self._auth_failures >= MAX_AUTH_FAILURES:
@@ -832,6 +857,7 @@ class SubmissionProtocol(ESMTP):
     def _bug(self, failure: Failure, what: str) -> None:
         _log.failure("SMTP submission: internal error in {what} for {source}", failure, what=what, source=self.source or "local")
         self._reply(451, "4.3.0 internal error; try again later")
+        self.server.rejected(500)
 
     # -- the transaction
 
@@ -844,6 +870,7 @@ class SubmissionProtocol(ESMTP):
     def do_MAIL(self, rest: bytes) -> None:
         if self.client is None:
             self._error(530, "5.7.0 authentication required")
+            self.server.rejected(401)
             return
         self._transactions += 1
         if self._transactions > self.settings.max_transactions:
@@ -867,21 +894,29 @@ class SubmissionProtocol(ESMTP):
             if name == b"SIZE" and value.isdigit():
                 if int(value) > self.settings.max_message_size:
                     self._error(552, f"5.3.4 message size exceeds the maximum of {self.settings.max_message_size} octets")
+                    self.server.rejected(413)
                     return
                 size = int(value)
             elif name == b"BODY" and value.upper() in (b"7BIT", b"8BITMIME"):
                 pass
             elif name == b"AUTH" and value:
                 pass  # RFC 4954 5: the submitter's claim; mmgun knows who authenticated
+            elif name == b"SMTPUTF8":
+                self._error(555, f"5.5.4 MAIL parameter SMTPUTF8 not offered: {NO_SMTPUTF8}")
+                self.server.rejected(400)
+                return
             else:
                 self._error(555, f"5.5.4 MAIL parameter {name.decode('ascii', 'replace')} not recognized")
+                self.server.rejected(400)
                 return
         path = match.group(1)
         if not path:
             self._error(550, "5.7.1 a null sender (MAIL FROM:<>) is not accepted for submission")
+            self.server.rejected(400)
             return
         sender = self._address(path, 553, "5.1.7 bad sender address syntax")
         if sender is None:
+            self.server.rejected(400)
             return
         # The key may have been revoked since AUTH: checked again (the Authenticator caches it for 2 s).
         self._wait()
@@ -907,8 +942,10 @@ class SubmissionProtocol(ESMTP):
     def _key_refused(self, failure: Failure) -> None:
         if failure.check(HTTPError, UnauthorizedLogin):
             self._drop(421, "4.7.0 the API key of this session was revoked; closing the connection", "API key revoked")
+            self.server.rejected(401)
         elif failure.check(StorageError):
             self._reply(451, "4.3.0 cannot check the API key now; try again later")
+            self.server.rejected(503)
         else:
             failure.raiseException()
 
@@ -937,7 +974,7 @@ class SubmissionProtocol(ESMTP):
         try:
             return normalize_address(path.decode("ascii"), "address")
         except UnicodeDecodeError:
-            self._error(553, "5.6.7 non-ASCII addresses need SMTPUTF8, which this server does not offer")
+            self._error(553, f"5.6.7 non-ASCII address: {NO_SMTPUTF8}")
         except BadRequest:
             self._error(code, text)
         return None
@@ -949,11 +986,13 @@ class SubmissionProtocol(ESMTP):
         if not self._to:
             self._reset()  # fail closed: what follows is not part of this transaction
             self._error(554, "5.5.1 no valid recipients")
+            self.server.rejected(400)
             return
         left = self.settings.max_data_in_flight - self.server.data_in_flight
         if left < MAX_LINE or left < self._declared_size:
             self._reset()
             self._reply(452, "4.3.1 too many messages arriving at once; try again later")
+            self.server.rejected(503)
             return
         self.mode = DATA
         self._data = bytearray()
@@ -975,15 +1014,15 @@ class SubmissionProtocol(ESMTP):
         if self._data_problem is not None:
             return
         if b"\r" in line or b"\n" in line:
-            self._data_problem = (550, "5.6.11 bare CR or LF in the message: end every line with CRLF")
+            self._data_problem = (550, "5.6.11 bare CR or LF in the message: end every line with CRLF", 400)
         elif b"\0" in line:
-            self._data_problem = (550, "5.6.0 NUL octet in the message")
+            self._data_problem = (550, "5.6.0 NUL octet in the message", 400)
         else:
             self._data_size += len(line) + 2
             if self._data_size > self.settings.max_message_size:
-                self._data_problem = (552, f"5.3.4 message size exceeds the maximum of {self.settings.max_message_size} octets")
+                self._data_problem = (552, f"5.3.4 message size exceeds the maximum of {self.settings.max_message_size} octets", 413)
             elif not self.server.hold_data(len(line) + 2):
-                self._data_problem = (452, "4.3.1 too many messages arriving at once; try again later")
+                self._data_problem = (452, "4.3.1 too many messages arriving at once; try again later", 503)
             else:
                 self._data_held += len(line) + 2
                 self._data += line
@@ -1009,7 +1048,9 @@ class SubmissionProtocol(ESMTP):
         self._reset()
         if problem is not None:
             self.server.release_data(held)
-            self._reply(*problem)
+            code, text, status = problem
+            self._reply(code, text)
+            self.server.rejected(status)
             return
         assert sender is not None and self.client is not None
         self._wait()
@@ -1033,7 +1074,9 @@ class SubmissionProtocol(ESMTP):
         if answer is None:
             failure.raiseException()
         assert answer is not None
-        self._reply(*answer)
+        code, text, status = answer
+        self._reply(code, text)
+        self.server.rejected(status)
 
     async def _queue(self, client: str, sender: str, recipients: Iterable[str], data: bytes) -> str:
         settings = self.settings
@@ -1041,6 +1084,8 @@ class SubmissionProtocol(ESMTP):
         # A Date and a Message-ID are added when missing (RFC 6409 8.2, 8.3), Bcc fields removed;
         # the size is checked below, once the Received field is on.
         size = len(data)
+        if not data.partition(b"\r\n\r\n")[0].isascii():
+            raise _Refusal(550, f"5.6.7 non-ASCII octets in a header field: {NO_SMTPUTF8}", 400)
         message, message_id, author = check_mime(data, hostname=settings.hostname, now=now, max_size=sys.maxsize)
         del data  # the caller holds no other reference: one copy fewer while the message is stored
         message = self._received(now) + message
@@ -1049,6 +1094,7 @@ class SubmissionProtocol(ESMTP):
                 552,
                 f"5.3.4 the message is {size} octets but {len(message)} with the header fields this server adds"
                 f" (Received; Date and Message-ID when missing), more than the maximum of {settings.max_message_size}",
+                413,
             )
         raw = RawMessage(
             sender=sender,
@@ -1056,6 +1102,8 @@ class SubmissionProtocol(ESMTP):
             message=message,
             # The sender policy checks the From field and the others that name a sender, not only MAIL FROM.
             other_senders=tuple(dict.fromkeys((author, *other_senders(message)))),
+            # DKIM-signed for the From domain (DMARC alignment), whatever the MAIL FROM (a bounce address).
+            author=author,
         )
         return await self.server.pipeline.submit(client, raw, None, message_id=message_id)
 

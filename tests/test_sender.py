@@ -54,14 +54,21 @@ class ScriptedSessions:
         self.at_rcpt = True
         #: (key, status seen in the store) when each on_result came: proves commits happen mid-session.
 
-    async def __call__(self, reactor, host, address, port, transactions, settings, on_result=None):
+    async def __call__(self, reactor, host, address, port, transactions, settings, on_result=None, may_start=None, on_dot_sent=None):
         self.sessions.append((host, list(transactions)))
         if host in self.down:
             raise SessionFailed(Reply(421, f"4.4.1 connection refused by {host}"))
         if self.hold is not None:
             await self.hold
         results = []
-        for t in transactions:
+        for index, t in enumerate(transactions):
+            if may_start is not None and not may_start(t):
+                # As send_session does: this transaction and the rest are not started.
+                held = Reply(451, "4.3.0 transaction held back by mmgun; nothing sent")
+                results += [TransactionResult(u.key, False, dict.fromkeys(u.recipients, RecipientResult("deferred", held))) for u in transactions[index:]]
+                break
+            if on_dot_sent is not None:
+                on_dot_sent(t)
             recipients = {}
             for rcpt in t.recipients:
                 script = self.replies.get(rcpt.split("@")[0])
@@ -220,12 +227,12 @@ class SenderTests(SynchronousTestCase):
         seen: list[str] = []
         real = self.smtp.__call__
 
-        async def session(reactor, host, address, port, transactions, settings, on_result=None):
+        async def session(reactor, host, address, port, transactions, settings, on_result=None, **hooks):
             def spy(result):
                 on_result(result)
                 seen.append(self.state(first).status)
 
-            return await real(reactor, host, address, port, transactions, settings, on_result=spy)
+            return await real(reactor, host, address, port, transactions, settings, on_result=spy, **hooks)
 
         self.sender._session = session
         self.poll()

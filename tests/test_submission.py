@@ -9,6 +9,7 @@ store is a real SQLite file whose Deferreds fire at once (:func:`.helpers.sync_s
 
 from __future__ import annotations
 
+import base64
 import datetime
 import os
 import smtplib
@@ -137,6 +138,27 @@ class SubmissionCase(TestCase):
     def client(self, script: Callable[[], T]) -> Deferred[T]:
         """``script`` (blocking socket work) in a thread, while the reactor serves."""
         return deferToThread(script)
+
+    def transaction(self, port: int, sender: str, recipients: list[str], message: bytes, *, mail_options: tuple[str, ...] = ()) -> Deferred[list[tuple[int, bytes]]]:
+        """Every reply of one authenticated transaction, stopping at the first refusal."""
+
+        def script() -> list[tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                smtp.ehlo("client.test")
+                smtp.login("api", self.key)
+                replies = [smtp.mail(sender, list(mail_options))]
+                for recipient in recipients:
+                    if replies[0][0] == 250:
+                        replies.append(smtp.rcpt(recipient))
+                if all(code == 250 for code, _ in replies):
+                    code, text = smtp.docmd("DATA")
+                    replies.append((code, text))
+                    if code == 354:
+                        smtp.send(message.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+                        replies.append(smtp.getreply())
+                return replies
+
+        return self.client(script)
 
     def submissions(self) -> list[str]:
         """The ids of every stored submission, oldest first."""
@@ -289,27 +311,6 @@ class SmtplibTests(SubmissionCase):
 
 
 class RefusalTests(SubmissionCase):
-    def transaction(self, port: int, sender: str, recipients: list[str], message: bytes, *, mail_options: tuple[str, ...] = ()) -> Deferred[list[tuple[int, bytes]]]:
-        """Every reply of one authenticated transaction, stopping at the first refusal."""
-
-        def script() -> list[tuple[int, bytes]]:
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
-                smtp.ehlo("client.test")
-                smtp.login("api", self.key)
-                replies = [smtp.mail(sender, list(mail_options))]
-                for recipient in recipients:
-                    if replies[0][0] == 250:
-                        replies.append(smtp.rcpt(recipient))
-                if all(code == 250 for code, _ in replies):
-                    code, text = smtp.docmd("DATA")
-                    replies.append((code, text))
-                    if code == 354:
-                        smtp.send(message.replace(b"\r\n.", b"\r\n..") + b".\r\n")
-                        replies.append(smtp.getreply())
-                return replies
-
-        return self.client(script)
-
     async def test_too_many_recipients(self) -> None:
         """issue 16 item 3: a recipient past --max-recipients is 452 4.5.3; the others stay accepted."""
         port = self.listen(server=self.server(SubmissionSettings(hostname="mmgun.test", max_recipients=2)))
@@ -373,6 +374,154 @@ class RefusalTests(SubmissionCase):
         replies = await self.transaction(port, "ada@example.com", ["a@x.example"], b"Subject: no author\r\n\r\nbody\r\n")
         self.assertEqual(replies[-1][0], 550)
         self.assertEqual(replies[-1][1][:5], b"5.6.0")
+
+
+class SmtpUtf8Tests(SubmissionCase):
+    """issue 16 phase 2 item 3: SMTPUTF8 is not offered (mmgun.smtp cannot relay it): each way in is refused, saying why."""
+
+    def session(self, port: int, *lines: bytes) -> Deferred[tuple[dict[str, str], list[tuple[int, bytes]]]]:
+        """The EHLO extensions, then the reply to each raw line sent after AUTH."""
+
+        def script() -> tuple[dict[str, str], list[tuple[int, bytes]]]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                smtp.ehlo("client.test")
+                smtp.login("api", self.key)
+                replies = []
+                for line in lines:
+                    smtp.send(line + b"\r\n")
+                    replies.append(smtp.getreply())
+                return dict(smtp.esmtp_features), replies
+
+        return self.client(script)
+
+    async def test_smtputf8_parameter_refused(self) -> None:
+        """issue 16 item 3: EHLO does not list SMTPUTF8, and MAIL ... SMTPUTF8 is 555 5.5.4 naming SMTPUTF8."""
+        port = self.listen()
+        features, [(code, text)] = await self.session(port, b"MAIL FROM:<ada@example.com> SMTPUTF8")
+        self.assertNotIn("smtputf8", features)
+        self.assertEqual(code, 555)
+        self.assertTrue(text.startswith(b"5.5.4 MAIL parameter SMTPUTF8 not offered"), text)
+        self.assertIn(b"cannot deliver internationalized mail", text)
+
+    async def test_utf8_addresses_refused(self) -> None:
+        """issue 16 item 3: a UTF-8 sender or recipient is 553 5.6.7, saying SMTPUTF8 is not offered."""
+        port = self.listen()
+        _, replies = await self.session(
+            port,
+            "MAIL FROM:<josé@example.com>".encode(),
+            b"MAIL FROM:<ada@example.com>",
+            "RCPT TO:<用户@例子.广告>".encode(),
+        )
+        self.assertEqual([code for code, _ in replies], [553, 250, 553])
+        for _, text in (replies[0], replies[2]):
+            self.assertTrue(text.startswith(b"5.6.7 non-ASCII address: this relay does not offer SMTPUTF8"), text)
+
+    async def test_utf8_header_refused_and_not_stored(self) -> None:
+        """issue 16 item 3: a raw UTF-8 Subject (RFC 6532 without SMTPUTF8) is 550 5.6.7 at the final dot; nothing is stored."""
+        port = self.listen()
+        message = MESSAGE.replace(b"Subject: hello", "Subject: héllo".encode())
+        replies = await self.transaction(port, "ada@example.com", ["bob@another.example"], message)
+        self.assertEqual(replies[-1][0], 550)
+        self.assertTrue(replies[-1][1].startswith(b"5.6.7 non-ASCII octets in a header field"), replies[-1])
+        self.assertEqual(self.submissions(), [])
+        # The 8-bit body of MESSAGE is fine (8BITMIME): the same message with an ASCII Subject queues.
+        accepted = await self.transaction(port, "ada@example.com", ["bob@another.example"], MESSAGE)
+        self.assertEqual(accepted[-1][0], 250)
+
+
+class MetricsTests(SubmissionCase):
+    """issue 16 phase 2 item 4: refused submissions counted in mmgun_submissions_rejected_total, with HTTP's reasons."""
+
+    def rejected(self) -> dict[str, float]:
+        return {
+            sample.labels["reason"]: sample.value
+            for metric in self.front.pipeline.metrics.registry.collect()
+            if metric.name == "mmgun_submissions_rejected"
+            for sample in metric.samples
+            if sample.name == "mmgun_submissions_rejected_total"
+        }
+
+    async def test_refusals_counted_by_reason(self) -> None:
+        """issue 16 item 4: MAIL before AUTH, a bad key, SIZE too large, a bare LF, a message without From: one count each, labelled; a queued message none."""
+        port = self.listen()
+
+        def script() -> list[int]:
+            codes = []
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                smtp.ehlo("client.test")
+                codes.append(smtp.mail("ada@example.com")[0])
+                wrong = base64.b64encode(b"\0api\0mmk_0000000000000000_wrong").decode()
+                codes.append(smtp.docmd("AUTH", "PLAIN " + wrong)[0])
+                smtp.login("api", self.key)
+                codes.append(smtp.mail("ada@example.com", [f"SIZE={10 * 1024 * 1024 + 1}"])[0])
+                for data in (b"From: ada@example.com\r\n\r\nbare\nLF\r\n", b"Subject: no From\r\n\r\nx\r\n", MESSAGE):
+                    smtp.mail("ada@example.com")
+                    smtp.rcpt("bob@another.example")
+                    smtp.putcmd("DATA")
+                    smtp.getreply()
+                    smtp.send(data + b".\r\n")
+                    codes.append(smtp.getreply()[0])
+            return codes
+
+        self.assertEqual(await self.client(script), [530, 535, 552, 550, 550, 250])
+        self.assertEqual(self.rejected(), {"unauthorized": 2.0, "too_large": 1.0, "invalid": 2.0})
+
+    async def test_same_reason_as_http(self) -> None:
+        """issue 16 item 4: a sender refused by --sender-policy domains counts as sender_refused over SMTP, as over HTTP's /send."""
+        port = self.listen(server=self.server(sender_policy="domains"))
+        replies = await self.transaction(port, "ada@example.com", ["bob@another.example"], MESSAGE)
+        self.assertEqual(replies[-1][0], 550)
+        self.assertEqual(self.rejected(), {"sender_refused": 1.0})
+        api = APIClient(self, self.front)
+        code, _ = api.request(
+            "POST",
+            "/send",
+            {"sender": "ada@example.com", "recipients": ["bob@another.example"], "subject": "s", "body": "b"},
+            headers={"Authorization": ["Bearer " + self.key]},
+        )
+        self.assertEqual(code, 403)
+        self.assertEqual(self.rejected(), {"sender_refused": 2.0})
+
+
+class AlignmentTests(SubmissionCase):
+    """issue 16 phase 2 item 2: DKIM's d= is the From domain (DMARC alignment), whatever MAIL FROM says."""
+
+    def setUp(self) -> None:
+        from .test_signing_pipeline import keys_for
+
+        super().setUp()
+        self.add_key("other")
+        for domain, client in (("example.com", "acme"), ("bounces.acme.example", "acme"), ("theirs.example", "other")):
+            self.successResultOf(ensureDeferred(self.store.add_domain(domain, client, 1.0)))
+            for key in keys_for(domain):
+                self.successResultOf(ensureDeferred(self.store.add_domain_key(key)))
+
+    async def queued(self, mail_from: str, message: bytes) -> bytes:
+        port = self.listen()
+        replies = await self.transaction(port, mail_from, ["bob@another.example"], message)
+        self.assertEqual(replies[-1][0], 250, replies)
+        return self.stored(replies[-1][1].decode().removeprefix("2.0.0 queued as "))
+
+    async def test_signed_for_the_from_domain_not_mail_from(self) -> None:
+        """issue 16 item 2: MAIL FROM an unregistered bounce domain, From the client's example.com: signed d=example.com, verified by dkimpy."""
+        from .test_signing_pipeline import verify_all
+
+        stored = await self.queued("bounce+1@unregistered.example", MESSAGE)
+        self.assertEqual(verify_all(stored), [b"example.com", b"example.com"])  # its RSA and Ed25519 keys
+
+    async def test_mail_from_domain_with_keys_does_not_sign(self) -> None:
+        """issue 16 item 2: MAIL FROM the client's bounces.acme.example (with keys), From example.com: only d=example.com signs."""
+        from .test_signing_pipeline import verify_all
+
+        stored = await self.queued("bounce@bounces.acme.example", MESSAGE)
+        self.assertEqual(verify_all(stored), [b"example.com", b"example.com"])
+        self.assertNotIn(b"d=bounces.acme.example", stored)
+
+    async def test_from_another_clients_domain_is_not_signed(self) -> None:
+        """issue 16 item 2: From another client's domain (policy any): no signature, not even with MAIL FROM's own keys."""
+        message = MESSAGE.replace(b"ada@example.com", b"ada@theirs.example")
+        stored = await self.queued("bounce@bounces.acme.example", message)
+        self.assertNotIn(b"DKIM-Signature", stored)
 
 
 class RelayedTests(TestCase):

@@ -28,7 +28,7 @@ from ..signer import Signer
 from ..store import NewSubmission, Store
 from .errors import HTTPError, too_many, unauthorized, unavailable
 from .settings import WebSettings
-from .signing import SendingDomains
+from .signing import DomainState, SendingDomains
 from .site import source_key
 
 _log = Logger()
@@ -76,6 +76,9 @@ class RawMessage:
     send_at: float | None = None
     #: The addresses of its Sender, Resent-From and Resent-Sender fields: the sender policy checks them too.
     other_senders: tuple[str, ...] = ()
+    #: Its From field's address when that may differ from ``sender`` (SMTP's MAIL FROM, a bounce address):
+    #: the message is DKIM-signed for this address's domain (DMARC aligns d= with From), not the sender's.
+    author: str | None = None
 
 
 class Pipeline:
@@ -115,6 +118,11 @@ class Pipeline:
         #: Whether this process can accept mail now (free space); None: ask only the store.
         self._health = health
         self.domains = SendingDomains(store, clock, policy=settings.sender_policy, signer=signer)
+
+    @property
+    def metrics(self) -> Metrics:
+        """The process's metrics (SMTP submission counts its refusals there too)."""
+        return self._metrics
 
     async def authenticate(self, request: IRequest, client_id: object = NO_CLIENT_ID) -> str:
         """
@@ -244,6 +252,18 @@ class Pipeline:
             client, sender, sends, None, send_at, message_id=message_id, test_mode=test_mode, schedule_field=schedule_field
         )
 
+    async def _signing_domain(self, state: DomainState, sender: str, send: SendRequest | RawMessage) -> DomainState:
+        """
+        The domain whose keys sign ``send``: its From's (``author``) when that is not the
+        sender's domain, else the sender's (``state``, already looked up). Signed only if
+        that domain is the client's (:meth:`.signing.SendingDomains.sign`).
+        """
+        author = send.author if isinstance(send, RawMessage) else None
+        if author is None:
+            return state
+        domain = author.rpartition("@")[2]
+        return state if domain == sender.rpartition("@")[2] else await self.domains.lookup(domain)
+
     async def _submit(
         self,
         client: str,
@@ -283,7 +303,7 @@ class Pipeline:
                 message = send.message  # its Message-ID is message_id: the caller checked it
             else:
                 message = build_message(send, hostname=hostname, now=now, max_size=limit, message_id=message_id)
-            message = await self.domains.sign(client, domain, message, now)
+            message = await self.domains.sign(client, await self._signing_domain(domain, sender, send), message, now)
             if len(message) > limit:
                 raise MessageTooLarge(
                     f"the message would be {len(message)} octets once signed (DKIM), more than the maximum of {limit}"
