@@ -36,11 +36,20 @@ and reports, as a table and as JSON in bench/out/<timestamp>.json:
            starts one private PostgreSQL cluster for the bench (tests/pgcluster.py: fsync and
            synchronous_commit on, a Unix socket, no TCP) and gives each run a fresh database on
            it; its server processes' CPU is reported as "postgres".
+  --backend postgres-2hosts
+           (alone; needs root) relay and ingest on two mmgun hosts sharing one PostgreSQL,
+           each in a network namespace of its own (the namespace suite's harness,
+           e2e-tests/netns/run.sh): see bench/netns.py, which runs it.
   backlog  envelopes already queued (written through mmgun's store) before the sender
            starts: drain rate, CPU and peak RSS, at each --backlog-sizes (1k and 100k).
   --compare-postfix
            the same message count through a private Postfix instance (smtp-source in, the
            same sink out), and the ratio of the end-to-end rates.
+  smtp     SMTP submission (issue 16): --messages in smtp-source's shape (--smtp-sessions
+           sessions, default 20, one message at a time on each, one recipient each) to mmgun's
+           --smtp-listen with AUTH PLAIN (bench/smtpload.py: smtp-source cannot AUTH), for each
+           --topology; and to a private Postfix's smtpd twice, by smtp-source itself and by
+           smtpload.py without AUTH; run by run, interleaved. Ingest and end-to-end rates.
 
 Each figure is the median of --runs runs. Everything listens on 127.0.0.1 only; every
 loop is bounded in count and in time. See docs/performance.md for the figures.
@@ -68,7 +77,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CLIENT_ID = "demo-client-0123456789abcdef"
 TOPOLOGIES = ("all", "split", "two-senders", "two-frontends")
-MODES = ("relay", "ingest", "backlog")
+MODES = ("relay", "ingest", "backlog", "smtp")
 CONTENTS = ("text", "rich")
 #: --dkim variants: the keys `mmgun domains add` makes (RSA 2048 always; Ed25519 alongside with --ed25519).
 DKIM_VARIANTS = ("none", "rsa", "rsa+ed25519")
@@ -77,6 +86,8 @@ DKIM_CLIENT = "bench"
 DKIM_SENDER = "bench@sender.bench.test"
 #: --backend variants: the embedded default, and a private PostgreSQL cluster (issue 15).
 BACKENDS = ("sqlite", "postgres")
+#: --backend postgres-2hosts: two hosts in network namespaces, run alone by bench/netns.py (needs root).
+NETNS_BACKEND = "postgres-2hosts"
 #: --webhook variants: a webhook subscribed to every event, none (the role idles), no webhooks role.
 WEBHOOK_VARIANTS = ("off", "on", "no-role", "on-apart")
 #: What the bench's webhook subscribes to: every event a relay run can make after acceptance.
@@ -947,11 +958,17 @@ def _round(value: float | None) -> float | None:
 # -- the Postfix run ----------------------------------------------------------------------------
 
 
-def postfix_run(setup: Setup, index: int) -> dict[str, Any]:
+def postfix_run(setup: Setup, index: int, *, sessions: int | None = None, load: str = "smtp-source") -> dict[str, Any]:
+    """
+    --messages through a private Postfix, injected by smtp-source over ``sessions``
+    (default --concurrency) sessions, or (``load`` "smtpload") by bench/smtpload.py with
+    the same shape and no AUTH (the SMTP mode's check that the two loads are alike).
+    """
     import resource
 
     args = setup.args
-    run = Path(tempfile.mkdtemp(prefix=f"postfix-{index}-", dir=setup.folder))
+    sessions = sessions if sessions is not None else args.concurrency
+    run = Path(tempfile.mkdtemp(prefix=f"postfix-{load}-{index}-", dir=setup.folder))
     os.chmod(run, 0o755)
     sink = Sink(run)
     instance = None
@@ -967,24 +984,30 @@ def postfix_run(setup: Setup, index: int) -> dict[str, Any]:
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
         # -d: many messages per session (as the HTTP keep-alive connections); -N: unique recipients.
-        command = [
-            postfix.SMTP_SOURCE,
-            "-4",
-            "-d",
-            "-N",
-            f"-s{args.concurrency}",
-            f"-m{args.messages}",
-            f"-l{args.body_size + 300}",
-            "-fbench@sender.bench.test",
-            "-tbench@alpha.bench.test",
-            "-Msource.bench.test",
-            f"127.0.0.1:{port}",
-        ]
+        if load == "smtp-source":
+            command = [
+                postfix.SMTP_SOURCE,
+                "-4",
+                "-d",
+                "-N",
+                f"-s{sessions}",
+                f"-m{args.messages}",
+                f"-l{args.body_size + 300}",
+                "-fbench@sender.bench.test",
+                "-tbench@alpha.bench.test",
+                "-Msource.bench.test",
+                f"127.0.0.1:{port}",
+            ]
+        else:
+            command = smtpload_command(setup, run, port, sessions, None)
         source = subprocess.run(command, capture_output=True, text=True, timeout=args.time_limit + 60, check=False)
         injected = time.monotonic()
         children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if source.returncode != 0:
-            raise RuntimeError(f"smtp-source failed ({source.returncode}): {source.stderr.strip()[-300:]}")
+            raise RuntimeError(f"{load} failed ({source.returncode}): {source.stderr.strip()[-300:]}")
+        loaded = json.loads((run / "smtpload.json").read_text()) if load != "smtp-source" else None
+        if loaded is not None and (loaded["errors"] or loaded["accepted"] != args.messages):
+            raise RuntimeError(f"smtpload: {loaded['accepted']} accepted, errors {loaded['errors']}: {loaded['error_samples']}")
         expected = {f"{i}bench@alpha.bench.test" for i in range(1, args.messages + 1)}
         delivery = wait_delivered(sink, len(expected), args.stall, args.time_limit)
         after = Snapshot({"sink": sink.process.pid}, tree={"postfix": master})
@@ -999,18 +1022,21 @@ def postfix_run(setup: Setup, index: int) -> dict[str, Any]:
         end = found["complete_at"] if found["lost"] == 0 else delivery.get("last")
         e2e_seconds = end - started if end else None
         cpu = after.since(before)
-        cpu["smtp-source"] = round(
+        cpu[load] = round(
             (children_after.ru_utime + children_after.ru_stime) - (children_before.ru_utime + children_before.ru_stime),
             3,
         )
         return {
-            "label": "postfix",
+            "label": "postfix" if load == "smtp-source" else f"postfix-{load}",
+            "load": load,
             "run": index,
             "folder": str(run),
             "messages": args.messages,
-            "concurrency": args.concurrency,
+            "concurrency": sessions,
             "injected": args.messages,
-            "ingest_rate": round(args.messages / (injected - started), 1),
+            # smtp-source: its whole run; smtpload: its first MAIL to its last 250 (as for mmgun).
+            "ingest_rate": round(args.messages / (injected - started), 1) if loaded is None else round(loaded["rate"], 1),
+            "latency_ms": {k: round(v * 1000, 2) for k, v in loaded["latency"].items()} if loaded is not None else None,
             "e2e_seconds": round(e2e_seconds, 3) if e2e_seconds else None,
             "e2e_rate": round(args.messages / e2e_seconds, 1) if e2e_seconds else None,
             "cpu_seconds": cpu,
@@ -1034,6 +1060,140 @@ def postfix_run(setup: Setup, index: int) -> dict[str, Any]:
         if instance is not None:
             instance.stop()
         sink.stop()
+
+
+# -- the SMTP submission run (issue 16) ------------------------------------------------------------
+
+
+def smtpload_command(setup: Setup, run: Path, port: int, sessions: int, api_key: str | None, ready: bool = False) -> list[str]:
+    """bench/smtpload.py sending smtp-source's load (--messages over ``sessions``) to ``port``; AUTH with ``api_key``."""
+    args = setup.args
+    return [
+        PYTHON,
+        str(HERE / "smtpload.py"),
+        f"--port={port}",
+        f"--sessions={sessions}",
+        f"--messages={args.messages}",
+        f"--length={args.body_size + 300}",
+        f"--sender={DKIM_SENDER}",
+        f"--deadline={args.time_limit}",
+        f"--result={run / 'smtpload.json'}",
+        *([f"--api-key={api_key}"] if api_key else []),
+        *(["--ready"] if ready else []),
+    ]
+
+
+def smtp_run(setup: Setup, topology: str, index: int) -> dict[str, Any]:
+    """
+    --messages submitted over SMTP (``--smtp-listen`` on the frontend, a loopback listener:
+    AUTH PLAIN with an API key, no TLS) by bench/smtpload.py in smtp-source's shape
+    (--smtp-sessions sessions, one message at a time on each, one recipient each), and
+    relayed to the sink: the SMTP ingest rate (first MAIL to last ``250 queued``) and the
+    end-to-end rate, as :func:`postfix_run` measures Postfix's.
+    """
+    args = setup.args
+    run = Path(tempfile.mkdtemp(prefix=f"smtp-{topology}-{index}-", dir=setup.folder))
+    (run / "clients").write_text(CLIENT_ID + "\n")
+    database = run / "mmgun.sqlite3"
+    api_key = prepare_dkim(run, database, "none")
+    sink = Sink(run)
+    daemons: list[Daemon] = []
+    load = None
+    try:
+        smtp_port = procs.free_port()
+        for name, roles in topology_processes(topology):
+            extra = (f"--smtp-listen=tcp:{smtp_port}:interface=127.0.0.1",) if not roles or "frontend" in roles else ()
+            daemons.append(start_daemon(setup, run, name, roles, database, sink.port, extra=extra))
+            wait_ready(daemons[-1])
+        background = procs.wait_quiet(args.wait_quiet) if args.wait_quiet else None
+        load = subprocess.Popen(
+            smtpload_command(setup, run, smtp_port, args.smtp_sessions, api_key, ready=True),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert load.stdin is not None and load.stdout is not None
+        if load.stdout.readline().strip() != "ready":
+            raise RuntimeError("smtpload did not start")
+        helpers = helper_pids(daemons)
+        pids = {d.name: d.pid for d in daemons} | helpers | {"sink": sink.process.pid, "smtpload": load.pid}
+        before = Snapshot(pids)
+        load.stdin.write("go\n")
+        load.stdin.flush()
+        try:
+            load.wait(args.time_limit + 120)
+        except subprocess.TimeoutExpired:
+            load.kill()
+            raise RuntimeError("smtpload overran its time limit") from None
+        if load.returncode != 0:
+            raise RuntimeError(f"smtpload failed with status {load.returncode}")
+        ingest = json.loads((run / "smtpload.json").read_text())
+        expected = {rcpt for _, rcpts in ingest.pop("recipients") for rcpt in rcpts}
+        delivery = wait_delivered(sink, len(expected), args.stall, args.time_limit)
+        after = Snapshot({d.name: d.pid for d in daemons} | helpers | {"sink": sink.process.pid})
+        after.cpu["smtpload"] = ingest.get("cpu_seconds", before.cpu.get("smtpload", 0.0))
+        peak = {d.name: mib(procs.status_kib(d.pid, "VmHWM")) for d in daemons}
+        logs = stop_daemons(daemons)
+        dump = run / "sink.tsv"
+        sink.dump(dump)
+        found = analyse(dump, expected, check_submissions=False)
+        found.pop("times")
+        accepted = ingest["accepted"]
+        end = found["complete_at"] if found["lost"] == 0 else delivery.get("last")
+        e2e_seconds = end - ingest["first_send"] if end and ingest["first_send"] else None
+        cpu = after.since(before)
+        machine_busy = after.machine_busy - before.machine_busy
+        return {
+            "label": "smtp",
+            "topology": topology,
+            "run": index,
+            "folder": str(run),
+            "messages": args.messages,
+            "concurrency": args.smtp_sessions,
+            "accepted": accepted,
+            "smtp_errors": ingest["errors"],
+            "smtp_error_samples": ingest["error_samples"],
+            "http_errors": {},
+            "ingest_rate": round(ingest["rate"], 1) if ingest["rate"] else None,
+            "latency_ms": {k: round(v * 1000, 2) if v is not None else None for k, v in ingest["latency"].items()},
+            "e2e_seconds": round(e2e_seconds, 3) if e2e_seconds else None,
+            "e2e_rate": round(accepted / e2e_seconds, 1) if e2e_seconds else None,
+            "cpu_seconds": cpu,
+            "cpu_per_1000": {name: round(seconds / accepted * 1000, 3) for name, seconds in cpu.items()} if accepted else {},
+            "peak_rss_mib": peak,
+            "machine_busy_cores": round(machine_busy / (after.time - before.time), 2),
+            "other_cpu_seconds": round(machine_busy - sum(cpu.values()), 2),
+            "background_before": background,
+            **_delivery_fields(delivery, found, logs, None),
+        }
+    finally:
+        if load is not None and load.poll() is None:
+            load.kill()
+        for daemon in daemons:
+            if daemon.process.poll() is None:
+                procs.stop_process(daemon.process)
+        sink.stop()
+        if not args.keep:
+            for path in run.glob("mmgun.sqlite3*"):
+                path.unlink()
+
+
+def summarize_smtp(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The medians of a series of SMTP runs, mmgun's or Postfix's."""
+    names = [n for n in (runs[0]["cpu_per_1000"] if runs else {}) if n not in ("sink", "smtpload", "smtp-source")]
+    return {
+        "runs": len(runs),
+        "ingest_rate": median_of(runs, "ingest_rate"),
+        "ingest_rate_range": _spread(runs, "ingest_rate"),
+        "p50_ms": median_of(runs, "latency_ms.p50"),
+        "p99_ms": median_of(runs, "latency_ms.p99"),
+        "e2e_rate": median_of(runs, "e2e_rate"),
+        "cpu_per_1000": {n: median_of(runs, f"cpu_per_1000.{n}") for n in names},
+        "load_cpu_per_1000": median_of(runs, f"cpu_per_1000.{runs[0].get('load', 'smtpload')}") if runs else None,
+        "duplicates": sum(r["duplicates"] for r in runs),
+        "lost": sum(r["lost"] for r in runs),
+        "smtp_errors": sum(sum(r.get("smtp_errors", {}).values()) for r in runs),
+    }
 
 
 def _postfix_problems(maillog: Path) -> dict[str, Any]:
@@ -1145,7 +1305,9 @@ def summarize_postfix(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "runs": len(runs),
         "ingest_rate": median_of(runs, "ingest_rate"),
         "e2e_rate": median_of(runs, "e2e_rate"),
-        "cpu_per_1000": {n: median_of(runs, f"cpu_per_1000.{n}") for n in ("postfix", "sink", "smtp-source")},
+        "cpu_per_1000": {
+            n: median_of(runs, f"cpu_per_1000.{n}") for n in ("postfix", "sink", runs[0].get("load", "smtp-source") if runs else "")
+        },
         "peak_rss_mib_sum": max((r["peak_rss_mib_sum"] or 0) for r in runs) if runs else None,
         "duplicates": sum(r["duplicates"] for r in runs),
         "lost": sum(r["lost"] for r in runs),
@@ -1305,6 +1467,33 @@ def render(summary: dict[str, Any]) -> str:
                 rows,
             )
         )
+    smtp = summary.get("smtp", {})
+    if smtp:
+        out.append("\nSMTP submission (smtp-source's load; median of runs; CPU s/1000 messages of the relay's processes)")
+        out.append(
+            table(
+                ["server, load", "runs", "ingest/s", "min–max/s", "p50 ms", "p99 ms", "e2e msg/s", "CPU s/1k", "load CPU s/1k", "dup", "lost", "refused"],
+                [
+                    [
+                        key,
+                        fmt(s["runs"]),
+                        fmt(s["ingest_rate"]),
+                        "–".join(fmt(v) for v in s["ingest_rate_range"] or []),
+                        fmt(s["p50_ms"], 1),
+                        fmt(s["p99_ms"], 1),
+                        fmt(s["e2e_rate"]),
+                        per_process(s["cpu_per_1000"], 2),
+                        fmt(s["load_cpu_per_1000"], 2),
+                        fmt(s["duplicates"]),
+                        fmt(s["lost"]),
+                        fmt(s["smtp_errors"]),
+                    ]
+                    for key, s in smtp.items()
+                ],
+            )
+        )
+    if summary.get("smtp_postfix_skipped"):
+        out.append(f"Postfix's side of the SMTP mode skipped: {summary['smtp_postfix_skipped']}")
     compare = summary.get("compare")
     if compare:
         m, p = compare["mmgun"], compare["postfix"]
@@ -1352,6 +1541,20 @@ def evaluate(summary: dict[str, Any], all_runs: list[dict[str, Any]]) -> list[di
         targets.append(
             {"target": "end-to-end ≥ 2× Postfix", "measured": f"{ratio:.2f}×", "met": "yes" if ratio >= 2 else "NO"}
         )
+    smtp = summary.get("smtp", {})
+    for key, ours in smtp.items():
+        for load in ("smtp-source", "smtpload"):
+            theirs = smtp.get(f"postfix, {load}")
+            if not key.startswith("mmgun") or not theirs or not ours["ingest_rate"] or not theirs["ingest_rate"]:
+                continue
+            ratio = ours["ingest_rate"] / theirs["ingest_rate"]
+            targets.append(
+                {
+                    "target": f"SMTP ingest ≥ Postfix's smtpd ({key} vs Postfix with {load})",
+                    "measured": f"{ours['ingest_rate']:,.0f} vs {theirs['ingest_rate']:,.0f}/s ({ratio:.2f}×)",
+                    "met": "yes" if ratio >= 1 else "NO",
+                }
+            )
     relay = {**summary.get("relay", {}), **summary.get("ingest", {})}
     for topology, s in relay.items():
         if ", rich" in topology:
@@ -1497,6 +1700,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--backlog-sizes", help="queued envelopes for the backlog mode (default 1000,100000)")
     parser.add_argument(
+        "--smtp-sessions", type=int, default=20, help="SMTP sessions at once in the smtp mode (smtp-source -s; default 20)"
+    )
+    parser.add_argument(
         "--compare-postfix", action="store_true", help="also run the same load through a private Postfix"
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 messages, 1 run, backlog 1000,10000")
@@ -1527,7 +1733,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--backend",
         default="sqlite",
         help=f"comma-separated, for relay and ingest: {', '.join(BACKENDS)} — postgres on a private cluster "
-        "(issue 15), interleaved run by run (default sqlite)",
+        f"(issue 15), interleaved run by run (default sqlite); or {NETNS_BACKEND} alone (as root): two hosts "
+        "in network namespaces, see bench/netns.py",
     )
     parser.add_argument("--rich-messages", type=int, help="POSTs per run of the rich content (default 5,000)")
     parser.add_argument(
@@ -1585,8 +1792,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error(f"--webhook: {webhook!r} is not one of {', '.join(WEBHOOK_VARIANTS)}")
     args.backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     for backend in args.backends:
-        if backend not in BACKENDS:
-            parser.error(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+        if backend not in BACKENDS and args.backends != [NETNS_BACKEND]:
+            parser.error(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)} (or {NETNS_BACKEND}, alone)")
     if args.backlog_sizes is None:
         args.backlog_sizes = "1000,10000" if args.quick else "1000,100000"
     args.topologies = (
@@ -1609,6 +1816,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.backends == [NETNS_BACKEND]:
+        import netns
+
+        return netns.main(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
@@ -1740,6 +1951,32 @@ def main(argv: list[str]) -> int:
                             flush=True,
                         )
                     summary["backlog"][f"{size}/{topology}"] = summarize_backlog(done)
+        if "smtp" in args.modes:
+            summary["smtp"] = {}
+            why_not = postfix.available()
+            if why_not:
+                summary["smtp_postfix_skipped"] = why_not
+                print(f"smtp: Postfix's side skipped: {why_not}")
+            series: dict[str, list[dict[str, Any]]] = {f"mmgun ({topology})": [] for topology in args.topologies}
+            if not why_not:
+                series["postfix, smtp-source"] = []
+                series["postfix, smtpload"] = []
+            for index in range(args.runs):
+                for key, done in series.items():
+                    if key.startswith("mmgun"):
+                        run = record(smtp_run(setup, key[len("mmgun (") : -1], index + 1))
+                    else:
+                        load = key.partition(", ")[2]
+                        run = record(postfix_run(setup, index + 1, sessions=args.smtp_sessions, load=load))
+                    done.append(run)
+                    print(
+                        f"  smtp {key} #{index + 1}: {args.messages:,} in {args.smtp_sessions} sessions, ingest "
+                        f"{fmt(run['ingest_rate'])}/s, end-to-end {fmt(run['e2e_rate'])}/s, dup {run['duplicates']}, "
+                        f"lost {run['lost']}; {run['other_cpu_seconds']} CPU-s not ours",
+                        flush=True,
+                    )
+            for key, done in series.items():
+                summary["smtp"][key] = summarize_smtp(done)
         if args.compare_postfix:
             why_not = postfix.available()
             if why_not:

@@ -5,7 +5,12 @@ keep-alive HTTP/1.1 connections (one request in flight on each), and records
 the latency and the answer of every request.
 
     loadgen.py --port P --messages N --concurrency C --result FILE [--recipients 1-3] [--content text|rich]
-               [--api-key KEY --sender ADDRESS]
+               [--api-key KEY --sender ADDRESS] [--target HOST:PORT ...]
+
+``--target`` (repeated) spreads the connections over several frontends instead of --host and
+--port: connection k goes to target k mod T, all of them taking from one queue of requests
+(the two-host bench, bench/netns.py; its targets are TEST-NET addresses, which exist only in
+that bench's network namespaces).
 
 Authentication: the deprecated ``client_id`` field (--client-id, a clients-file id), or
 with --api-key an ``Authorization: Bearer`` header instead (a key of ``mmgun keys create``;
@@ -34,6 +39,7 @@ import argparse
 import asyncio
 import base64
 import functools
+import ipaddress
 import json
 import random
 import resource
@@ -152,6 +158,8 @@ class Shared:
         self.first_send: float | None = None
         self.last_answer: float | None = None
         self.errors: dict[str, int] = {}
+        #: Accepted requests by target ("HOST:PORT"), for --target.
+        self.accepted_by: dict[str, int] = {}
 
     def take(self) -> int | None:
         if self.next >= len(self.requests) or time.monotonic() > self.deadline:
@@ -166,8 +174,9 @@ class Shared:
 class Client(asyncio.Protocol):
     """One keep-alive connection: send a request, read the whole response, send the next."""
 
-    def __init__(self, shared: Shared, done: asyncio.Future[None], timeout: float) -> None:
+    def __init__(self, shared: Shared, done: asyncio.Future[None], timeout: float, target: str = "") -> None:
         self._shared = shared
+        self._target = target
         self._done = done
         self._timeout = timeout
         self._loop = asyncio.get_running_loop()
@@ -210,6 +219,7 @@ class Client(asyncio.Protocol):
         self._shared.status[self._index] = code
         self._shared.last_answer = now
         if code == 200:
+            self._shared.accepted_by[self._target] = self._shared.accepted_by.get(self._target, 0) + 1
             try:
                 self._shared.submission_ids[self._index] = json.loads(body)["submission_id"]
             except (ValueError, KeyError, TypeError):
@@ -288,11 +298,15 @@ async def run(args: argparse.Namespace, requests: list[Request], addresses: list
     loop = asyncio.get_running_loop()
     shared = Shared(requests, time.monotonic() + args.deadline)
     futures = []
-    for _ in range(args.concurrency):
+    targets: list[tuple[str, int]] = args.targets or [(args.host, args.port)]
+    for k in range(args.concurrency):
         done: asyncio.Future[None] = loop.create_future()
         futures.append(done)
+        host, port = targets[k % len(targets)]
         try:
-            await loop.create_connection(functools.partial(Client, shared, done, args.timeout), args.host, args.port)
+            await loop.create_connection(
+                functools.partial(Client, shared, done, args.timeout, f"{host}:{port}"), host, port
+            )
         except OSError as e:
             shared.error(f"connect: {e.strerror}")
             done.set_result(None)
@@ -318,13 +332,31 @@ async def run(args: argparse.Namespace, requests: list[Request], addresses: list
             "mean": sum(latencies) / len(latencies) if latencies else None,
         },
         "recipients": [[shared.submission_ids[i], addresses[i]] for i in accepted],
+        **({"accepted_by_target": shared.accepted_by} if args.targets else {}),
     }
+
+
+def _test_net_or_loopback(host: str) -> bool:
+    """127.0.0.0/8, or an RFC 5737 documentation network (reachable only inside the bench's namespaces)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    networks = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
+    return address.is_loopback or any(address in ipaddress.ip_network(n) for n in networks)
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int)
+    parser.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a frontend (repeat: the connections are spread over them); replaces --host and --port",
+    )
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--recipients", default="1-3", help="recipients per message: N or LOW-HIGH")
@@ -347,13 +379,22 @@ def main(argv: list[str]) -> None:
         "--ready", action="store_true", help="build the requests, print 'ready', wait for a line on stdin, then start"
     )
     args = parser.parse_args(argv)
-    if not args.host.startswith("127."):
-        parser.error("the load generator targets loopback only (127.0.0.0/8)")
+    args.targets = []
+    for target in args.target:
+        host, _, port = target.rpartition(":")
+        if not _test_net_or_loopback(host) or not port.isdigit():
+            parser.error(f"--target {target!r}: HOST:PORT, HOST in 127.0.0.0/8 or a TEST-NET (RFC 5737)")
+        args.targets.append((host, int(port)))
+    if not args.targets:
+        if args.port is None:
+            parser.error("--port (or --target) is required")
+        if not args.host.startswith("127."):
+            parser.error("the load generator targets loopback only (127.0.0.0/8)")
     low, _, high = args.recipients.partition("-")
     requests, addresses = build_requests(
         args.messages,
         args.client_id,
-        f"{args.host}:{args.port}",
+        "{}:{}".format(*(args.targets[0] if args.targets else (args.host, args.port))),
         (int(low), int(high or low)),
         args.body_size,
         args.seed,

@@ -5,10 +5,14 @@ which (Message-ID, recipient) pairs arrived so the bench can find duplicates and
 
     sink.py [--listen 127.0.0.1] [--port 0]
 
+(--listen takes a loopback address, or an RFC 5737 TEST-NET one: those exist only in the
+network namespaces of the two-host bench, bench/netns.py, where the sink runs on the MX host.)
+
 Prints ``{"port": N}`` on its first stdout line, then answers one JSON line per
 command read from stdin:
 
-    stats           {"messages", "recipients", "duplicates", "connections", "first", "last", "errors"}
+    stats           {"messages", "recipients", "duplicates", "connections", "first", "last", "errors",
+                     "by_peer": messages by client address (which host delivered them)}
     dump PATH       writes one line per accepted message to PATH: monotonic time,
                     Message-ID, recipients (tab-separated); answers {"dumped": N}
     quit            stops the sink (so does end of file on stdin)
@@ -23,6 +27,7 @@ advertises PIPELINING (as real MXes do) and handles pipelined commands.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 import time
@@ -54,9 +59,11 @@ class Recorder:
         self.duplicates = 0
         self.connections = 0
         self.errors = 0
+        self.by_peer: dict[str, int] = {}
 
-    def accept(self, message_id: bytes, recipients: tuple[bytes, ...]) -> None:
+    def accept(self, message_id: bytes, recipients: tuple[bytes, ...], peer: str = "") -> None:
         self.times.append(time.monotonic())
+        self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
         self.message_ids.append(message_id)
         self.recipients.append(recipients)
         self.recipient_count += len(recipients)
@@ -76,6 +83,7 @@ class Recorder:
             "errors": self.errors,
             "first": self.times[0] if self.times else None,
             "last": self.times[-1] if self.times else None,
+            "by_peer": self.by_peer,
         }
 
     def dump(self, path: str) -> int:
@@ -110,9 +118,12 @@ class SinkProtocol(Protocol):
         self._in_data = False
         self._search_from = 0
         self._recipients: list[bytes] = []
+        self._peer = ""
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
+        peer = self.transport.getPeer()
+        self._peer = peer.host if isinstance(peer, IPv4Address) else ""
         self._recorder.connections += 1
         self.transport.write(b"220 sink.bench.test ESMTP\r\n")
 
@@ -136,7 +147,7 @@ class SinkProtocol(Protocol):
                 buffer = buffer[end + 5 :]
                 self._in_data = False
                 self._search_from = 0
-                self._recorder.accept(message_id(body), tuple(self._recipients))
+                self._recorder.accept(message_id(body), tuple(self._recipients), self._peer)
                 self._recipients = []
                 replies.append(b"250 2.0.0 Ok: queued\r\n")
                 continue
@@ -229,13 +240,22 @@ class Control(LineReceiver):
             self._reactor.stop()
 
 
+def _test_net(host: str) -> bool:
+    """An RFC 5737 documentation address: reachable only inside the two-host bench's namespaces."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"))
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--listen", default="127.0.0.1", help="loopback address to listen on")
+    parser.add_argument("--listen", default="127.0.0.1", help="loopback (or TEST-NET) address to listen on")
     parser.add_argument("--port", type=int, default=0, help="TCP port (0: any free one)")
     args = parser.parse_args(argv)
-    if not args.listen.startswith("127."):
-        parser.error("the sink listens on loopback only (127.0.0.0/8)")
+    if not args.listen.startswith("127.") and not _test_net(args.listen):
+        parser.error("the sink listens on loopback only (127.0.0.0/8), or on a TEST-NET address (RFC 5737)")
 
     from twisted.internet import reactor
     from twisted.internet.stdio import StandardIO

@@ -20,7 +20,9 @@ While the database cannot be reached (any write of this sender — a claim, a le
 a result — failed with :class:`mmgun.store.DatabaseUnavailable`: PostgreSQL down or cut
 off), the sender claims nothing and pings it at each poll instead, logging one line when
 that starts and one when it ends; and it starts no SMTP transaction: not a new session, nor
-the next transaction of a session under way. It also starts none for an envelope whose
+the next transaction of a session under way. Nor while one of its writes has gone
+unanswered for more than UNANSWERED_LIMIT (a path that silently drops packets fails a write
+only when TCP gives up). It also starts none for an envelope whose
 lease may have run out by its own (monotonic) clock: a lease is taken as good until
 lease_time after the claim or renewal that set it was *sent*, less LEASE_MARGIN of it, so a
 sender that cannot renew (a database that does not even answer) stops by itself before
@@ -56,12 +58,13 @@ claim, or renewals that failed for longer than a lease) does not send it again.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import socket
 import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol, cast
 
 import attrs
@@ -88,6 +91,13 @@ STEP_TOLERANCE = 1.0
 #: another host can take the envelope over, even if no renewal succeeds meanwhile. Leases
 #: are renewed every third of lease_time, so it never holds anything back while they succeed.
 LEASE_MARGIN = 1 / 3
+
+#: How long a write of this sender (a claim, a renewal, a result) may go unanswered before no
+#: SMTP transaction is started until it is answered (at most this, and a sixth of lease_time):
+#: a database whose network path was cut silently fails a write only when the connection's
+#: TCP timeout runs out (10 s), and what this sender delivers meanwhile can never be recorded;
+#: the host that takes its envelopes over would send it again.
+UNANSWERED_LIMIT = 5.0
 
 #: Failed retries of the unrecorded results together, after which each is retried on its
 #: own: the store commits concurrent results in one transaction, so one result that can
@@ -223,6 +233,9 @@ class Sender(Service):
         #: For each envelope in flight, the monotonic time the claim or renewal that last
         #: extended its lease was sent: by our own clock the lease is good until lease_time after.
         self._lease_sent: dict[int, float] = {}
+        #: The writes sent and not yet answered: token → monotonic time sent.
+        self._unanswered: dict[int, float] = {}
+        self._next_write = 0
         #: Envelopes whose message went out to its final "." and whose result is not recorded yet.
         self._past_dot: set[int] = set()
         #: The SMTP sessions under way: aborted at the end of the shutdown grace.
@@ -405,16 +418,17 @@ class Sender(Service):
                 # Held through the claim: an entry let go meanwhile is still there to share.
                 held = dict(self._messages)
                 sent, losses = self._clock.seconds(), self._losses
-                claimed = await self._store.claim(
-                    self.owner,
-                    self._wall(),
-                    self._settings.lease_time,
-                    limit,
-                    max_bytes=max(budget, 0),
-                    held=list(held),
-                    # Holding nothing, a message larger than the budget still goes (alone).
-                    always_one=not self.in_flight,
-                )
+                with self._writing():
+                    claimed = await self._store.claim(
+                        self.owner,
+                        self._wall(),
+                        self._settings.lease_time,
+                        limit,
+                        max_bytes=max(budget, 0),
+                        held=list(held),
+                        # Holding nothing, a message larger than the budget still goes (alone).
+                        always_one=not self.in_flight,
+                    )
                 self._database_back(losses)
                 if not claimed:
                     return
@@ -514,7 +528,8 @@ class Sender(Service):
         sent, losses = self._clock.seconds(), self._losses
         now = self._wall()
         try:
-            await self._store.renew(envelopes, now, now + self._settings.lease_time)
+            with self._writing():
+                await self._store.renew(envelopes, now, now + self._settings.lease_time)
         except DatabaseUnavailable as e:
             self._database_gone("renewing leases", e)
             return
@@ -527,12 +542,26 @@ class Sender(Service):
             if current is not None and current.lease == envelope.lease:
                 self._lease_sent[envelope.id] = max(sent, self._lease_sent.get(envelope.id, sent))
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Around a store write: while it goes unanswered for too long, no transaction starts."""
+        token, self._next_write = self._next_write, self._next_write + 1
+        self._unanswered[token] = self._clock.seconds()
+        try:
+            yield
+        finally:
+            del self._unanswered[token]
+
     def _why_not_start(self, envelope_id: int) -> str | None:
         """Why no SMTP transaction may start now for this envelope, or None when one may."""
         if self._aborting:
             return "stopping"
         if self._database_lost:
             return "the database cannot be reached"
+        if self._unanswered:
+            waited = self._clock.seconds() - min(self._unanswered.values())
+            if waited > min(UNANSWERED_LIMIT, self._settings.lease_time / 6):
+                return f"the database has not answered a write for {waited:.0f} s"
         sent = self._lease_sent.get(envelope_id)
         if envelope_id not in self.in_flight or sent is None:
             return "not held"
@@ -683,7 +712,8 @@ class Sender(Service):
         outcomes = self._under_current_leases(outcomes)
         losses = self._losses
         try:
-            await self._store.record(outcomes, self._wall())
+            with self._writing():
+                await self._store.record(outcomes, self._wall())
         except StorageError as e:
             if isinstance(e, DatabaseUnavailable):
                 self._database_gone("recording delivery results", e)
@@ -760,7 +790,8 @@ class Sender(Service):
                     part = parts.popleft()
                     losses = self._losses
                     try:
-                        await self._store.record(part, self._wall())
+                        with self._writing():
+                            await self._store.record(part, self._wall())
                     except StorageError as e:
                         if isinstance(e, DatabaseUnavailable):
                             self._database_gone("recording delivery results", e)

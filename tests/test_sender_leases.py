@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mmgun.mx import MXHost
 from mmgun.sender import LEASE_MARGIN
 from mmgun.smtp import Transaction, send_session
-from mmgun.store import DatabaseUnavailable
+from mmgun.store import DatabaseUnavailable, StorageError
 from mmgun.store.sqlite import SQLiteStore
 
 from .helpers import result
@@ -50,6 +50,10 @@ class CutStore:
         self.cut = False
         self.hang_renewals = False
         self.hang_claims = False
+        self.hang_records = False
+        #: While set, a renewal fails at once with an error that is not a lost database (a disk error).
+        self.fail_renewals = False
+        self.failed_renewals = 0
         #: The calls left hanging.
         self.hanging: list[Deferred[None]] = []
         self.after_claim: Callable[[], None] = lambda: None
@@ -75,6 +79,9 @@ class CutStore:
         return claimed
 
     async def renew(self, *args: Any) -> None:
+        if self.fail_renewals:
+            self.failed_renewals += 1
+            raise StorageError("disk I/O error")
         if self.hang_renewals:
             d: Deferred[None] = Deferred()
             self.hanging.append(d)
@@ -83,6 +90,10 @@ class CutStore:
         await self.store.renew(*args)
 
     async def record(self, *args: Any) -> None:
+        if self.hang_records:
+            d: Deferred[None] = Deferred()
+            self.hanging.append(d)
+            await d
         self._check()
         await self.store.record(*args)
 
@@ -158,6 +169,37 @@ class CutOffTests(SynchronousTestCase):
             self.assertEqual((state.status, state.recipients[0].attempts), ("sent", 1))
         self.assertEqual(sender.in_flight, {})
 
+    def test_no_transaction_while_a_result_goes_unanswered(self) -> None:
+        """
+        issue 15 (sender, bug A, the silent cut the netns suite measured: 149 sent twice): the
+        database's path drops packets, so a result's write neither succeeds nor fails for as
+        long as TCP waits (10 s). Four messages for one MX over one pipelined session (25 s
+        each); from the first message on, writes hang. The second went out before the first
+        result was written; by the time the third's turn comes the first result's write has
+        gone unanswered for 25 s (more than UNANSWERED_LIMIT, at most a sixth of the lease):
+        neither the third (its commands pipelined behind the second's dot are dropped with
+        the connection) nor the fourth goes out. Answered, all four are delivered once.
+        """
+        store = CutStore(self.h.store)
+        sids = [self.h.submit(f"slowdata+{i}@a.example") for i in range(4)]
+
+        def hang(_: object) -> None:
+            store.hang_records = True
+
+        self.h.mailbox.wait_for(1).addCallback(hang)
+        self.h.sender(store)
+        self.h.net.advance(120, step=0.5)
+        self.assertEqual(
+            self.delivered(), [f"slowdata+{i}@a.example" for i in range(2)], "a transaction started while a write went unanswered"
+        )
+        store.hang_records = False
+        for d in store.hanging:
+            d.callback(None)
+        self.h.net.advance(120, step=0.5)
+        self.assertEqual(self.delivered(), [f"slowdata+{i}@a.example" for i in range(4)])
+        for sid in sids:
+            self.assertEqual(self.h.state(sid).status, "sent")
+
     def test_no_new_session_while_the_database_is_lost(self) -> None:
         """
         issue 15 (sender, bug A): a lease renewal fails with DatabaseUnavailable while the
@@ -190,20 +232,21 @@ class CutOffTests(SynchronousTestCase):
 
     def test_no_session_for_a_lease_older_than_the_margin(self) -> None:
         """
-        issue 15 (sender, bug A): renewals hang (no answer, no error) and the DNS lookup
-        takes 45 s of a 60 s lease: by the sender's own clock the lease may run out before
-        a transaction ends, so no session starts; the envelope is released, claimed again
-        under a fresh lease, and delivered once.
+        issue 15 (sender, bug A): renewals fail (a disk error, not a lost database: nothing
+        else holds deliveries back) and the DNS lookup takes 45 s of a 60 s lease: by the
+        sender's own clock the lease may run out before a transaction ends, so no session
+        starts; the envelope is released, claimed again under a fresh lease, and delivered once.
         """
         self.h.net.servers["127.0.0.2"] = smtp_server(self.h.reactor, self.h.mailbox, slow_seconds=0)
         store = CutStore(self.h.store)
-        store.hang_renewals = True
+        store.fail_renewals = True
         router = SlowLookups(A)
         sid = self.h.submit("x@slow.example")
         self.h.sender(store, router=router)
         self.h.net.run()
         self.h.net.advance(SETTINGS.lease_time * (1 - LEASE_MARGIN) + 5)
-        self.assertTrue(store.hanging, "renewals were asked for")
+        self.assertTrue(store.failed_renewals, "renewals were asked for")
+        store.fail_renewals = False  # the release and the next claim go through
         with capturedLogs() as events:
             router.pending[0].callback(None)
             self.h.net.run()
@@ -215,6 +258,7 @@ class CutOffTests(SynchronousTestCase):
         self.h.net.run()
         self.assertEqual(self.h.net.attempts, ["127.0.0.2"])
         self.assertEqual(self.delivered(), ["x@slow.example"])
+        self.flushLoggedErrors(StorageError)
         state = self.h.state(sid)
         self.assertEqual((state.status, state.recipients[0].attempts), ("sent", 1))
 

@@ -4,6 +4,11 @@
 # while a load generator submits mail to both.
 #
 #   e2e-tests/netns/run.sh [pytest options]      e.g. e2e-tests/netns/run.sh -k restart -x
+#   e2e-tests/netns/run.sh --exec SECONDS COMMAND...
+#       the same topology and clean-up, COMMAND (argv) run in lg instead of pytest, for at
+#       most SECONDS: how bench/netns.py (make bench, two hosts) reuses this harness. With
+#       NETNS_OUT set, output goes there instead of out/, and the lock is taken on its parent
+#       folder (so a bench neither clears nor waits for the suite's out/).
 #
 # Needs root (ip netns) and PostgreSQL's server binaries (/usr/lib/postgresql/*/bin); without
 # either it fails with one line (never a skip).
@@ -49,7 +54,12 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 E2E=$(dirname "$HERE")
 ROOT=$(dirname "$E2E")
 PY=$ROOT/.venv/bin/python
-OUT=$HERE/out
+EXEC_SECONDS=  # --exec: run a command instead of pytest, for at most this long
+if [ "${1:-}" = --exec ]; then
+    EXEC_SECONDS=${2:?usage: run.sh --exec SECONDS COMMAND...}
+    shift 2
+fi
+OUT=${NETNS_OUT:-$HERE/out}
 LOGS=$OUT/logs
 STATE=$OUT/state
 READY_SECONDS=30    # for each process to get ready
@@ -202,7 +212,12 @@ remove_stale() {
 # One run at a time in a checkout: they would share out/. The processes started here do not
 # inherit the lock (9<&-): if this script is killed with SIGKILL, what it left running does not
 # keep the next run waiting; that run removes it (remove_stale).
-exec 9<"$HERE/run.sh"
+if [ -n "${NETNS_OUT:-}" ]; then
+    mkdir -p "$(dirname "$OUT")"
+    exec 9<"$(dirname "$OUT")"
+else
+    exec 9<"$HERE/run.sh"
+fi
 if ! flock -n 9; then
     log "another netns run is going on in this checkout; waiting up to 300 s for it to finish"
     flock -w 300 9 || { log "gave up waiting for the other run"; exit 1; }
@@ -299,18 +314,24 @@ printf '# no client ids: the netns suite authenticates with API keys\n' >"$STATE
 log "DNS 203.0.113.53-54:53, SMTP 203.0.113.25-26:25 ready"
 
 # ---- the tests, in lg -------------------------------------------------------------------
-export NETNS_H1=$NS_H1 NETNS_H2=$NS_H2 NETNS_DB=$NS_DB NETNS_LG=$NS_LG
+export NETNS_H1=$NS_H1 NETNS_H2=$NS_H2 NETNS_DB=$NS_DB NETNS_LG=$NS_LG NETNS_MX=$NS_MX
 export NETNS_PGBIN=$PGBIN NETNS_PGDATA=$PGDIR/data NETNS_PGSOCKET=$PGDIR
 export NETNS_STATE=$STATE NETNS_LOGS=$LOGS NETNS_TEST_PIDS=$STATE/test-pids
 export NETNS_ROOT=$ROOT
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 # In the background, so that a signal to this script is handled at once (bash runs a trap
 # only when its foreground command has finished; `wait` it interrupts).
-ip netns exec "$NS_LG" timeout -k 10 "$PYTEST_SECONDS" \
-    "$PY" -m pytest -p no:cacheprovider -q -rxX "$HERE/test_hosts.py" "$@" 9<&- &
+if [ -n "$EXEC_SECONDS" ]; then
+    ip netns exec "$NS_LG" timeout -k 10 "$EXEC_SECONDS" "$@" 9<&- &
+else
+    ip netns exec "$NS_LG" timeout -k 10 "$PYTEST_SECONDS" \
+        "$PY" -m pytest -p no:cacheprovider -q -rxX "$HERE/test_hosts.py" "$@" 9<&- &
+fi
 PYTEST=$!
 status=0
 wait "$PYTEST" || status=$?
 PYTEST=
-if [ "$status" -eq 124 ]; then log "pytest did not finish within ${PYTEST_SECONDS}s"; fi
+if [ "$status" -eq 124 ]; then
+    if [ -n "$EXEC_SECONDS" ]; then log "$1 did not finish within ${EXEC_SECONDS}s"; else log "pytest did not finish within ${PYTEST_SECONDS}s"; fi
+fi
 exit "$status"
