@@ -31,6 +31,29 @@ class QueueTests(SynchronousTestCase):
         self.assertEqual(conn.execute("PRAGMA user_version").fetchone(), (len(Q.MIGRATIONS),))
         self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone(), ("wal",))
 
+    def test_hot_statements_use_their_indexes(self) -> None:
+        """
+        issue 15 (found by review): the statements a submission or a result runs find their
+        rows through an index whatever the tables hold — without statistics (mmgun never runs
+        ANALYZE) SQLite had taken the suppression look-up through the primary key on the client
+        alone, a scan of the client's whole list per recipient (4.2 s for 1,000 recipients
+        against 20,000 entries).
+        """
+        from mmgun.store.sqlite import queries as Q
+
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        plans = {
+            "SUPPRESSED_AMONG": ("suppressions_address", ('[["c1", "a@x.example"]]',)),
+            "LEASES_HELD": ("INTEGER PRIMARY KEY", ('[[1, "l"]]',)),
+            "LOCK_SUBMISSIONS": ("sqlite_autoindex_submissions_1", ('["s1"]',)),
+        }
+        for name, (index, parameters) in plans.items():
+            plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + getattr(Q, name), parameters))
+            self.assertIn(index, plan, name)
+            self.assertNotIn("SCAN s ", plan + " ", name)
+            self.assertNotIn("SCAN suppressions", plan, name)
+
     def test_forward_migration_keeps_data(self) -> None:
         from mmgun.store.sqlite import queries as Q
 

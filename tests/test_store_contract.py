@@ -238,6 +238,26 @@ class StoreContract:
         self.assertEqual([(r.status, r.attempts) for r in state.recipients], [("sent", 1)])
         self.assertEqual([e.event for e in run(first.events("c1"))], ["accepted", "delivered"])
 
+    def test_stale_and_current_results_in_one_group(self) -> None:
+        """
+        issue 15: contract (found by review): one record group holding a stale outcome
+        (under a lease that was lost) and the current one for the same envelope records the
+        current one only, whatever their order: the stale one changes nothing.
+        """
+        first, second = self.open_store(), self.open_second_store()
+        for stale_first in (True, False):
+            s = self.submission(("a@one.example",))
+            run(first.add_submission(s))
+            (lost,) = run(first.claim("host-1", self.now, 0.0, 10))
+            (taken,) = run(second.claim("host-2", self.now, 300.0, 10))
+            refused = EnvelopeOutcome(lost, (RecipientOutcome("a@one.example", "failed", "550 5.1.1 stale says no"),))
+            outcomes = [refused, sent(taken)] if stale_first else [sent(taken), refused]
+            run(second.record(outcomes, self.now))
+            state = self.state(first, s.id)
+            self.assertEqual([(r.status, r.last_reply) for r in state.recipients], [("sent", "250 2.0.0 ok")], stale_first)
+            self.assertEqual(run(first.claim("host-3", self.now + 1000.0, 300.0, 10)), [], "the envelope was left leased")
+            self.assertEqual(self.stored_message(s.id)[0], None, "the finished submission kept its message")
+
     def test_last_two_envelopes_finished_at_once_finish_the_submission(self) -> None:
         """issue 15: contract: the last two envelopes of a submission finished at the same moment by two stores finish it and erase its body."""
         first, second = self.open_store(), self.open_second_store()

@@ -100,34 +100,38 @@ def _sender_domain(sender: str) -> str:
 
 
 def _add_submissions_txn(db: Db, batch: list[NewSubmission]) -> list[str | Exception]:
-    results: dict[int, str | Exception] = {}
+    results: list[str | Exception] = []
     events = _Events(db)
     # A submission with an Idempotency-Key on its own, in a savepoint: a replay of it fails
-    # alone. The others (nothing but a replayed key fails one submission alone) all at once.
-    plain = [(n, s) for n, s in enumerate(batch) if s.idempotency_key is None]
-    for n, submission in enumerate(batch):
+    # alone. The others (nothing but a replayed key fails one submission alone) together, each
+    # run of them at once; in the batch's order, events included.
+    plain: list[NewSubmission] = []
+    for submission in batch:
         if submission.idempotency_key is None:
+            plain.append(submission)
+            results.append(submission.id)
             continue
+        _add_many(db, plain, events)
+        plain = []
         db.execute(db.q.SAVEPOINT)
         try:
-            results[n] = _add_keyed(db, submission, events)
+            results.append(_add_keyed(db, submission, events))
         except IdempotencyConflict as e:
             db.execute(db.q.ROLLBACK_TO)
-            results[n] = e
+            results.append(e)
         except db.IntegrityError:
             # Another connection stored this Idempotency-Key between our look-up and our insert
             # (the unique index said so): look again, now that its commit is visible.
             db.execute(db.q.ROLLBACK_TO)
             try:
-                results[n] = _add_keyed(db, submission, events)
+                results.append(_add_keyed(db, submission, events))
             except IdempotencyConflict as e:
                 db.execute(db.q.ROLLBACK_TO)
-                results[n] = e
+                results.append(e)
         db.execute(db.q.RELEASE)
-    _add_many(db, [s for _, s in plain], events)
-    results.update((n, s.id) for n, s in plain)
+    _add_many(db, plain, events)
     events.write()
-    return [results[n] for n in range(len(batch))]
+    return results
 
 
 def _add_batch_txn(db: Db, batch: list[NewSubmission]) -> list[str]:
@@ -236,6 +240,7 @@ def _add_many(db: Db, batch: list[NewSubmission], events: _Events) -> None:
     queued: list[tuple[Any, ...]] = []
     failed: list[tuple[Any, ...]] = []
     tested: list[tuple[Any, ...]] = []
+    accepted: list[tuple[Any, ...]] = []
     for s in batch:
         stopped = suppressed.get(s.id, {})
         domain = _sender_domain(s.sender)
@@ -259,10 +264,12 @@ def _add_many(db: Db, batch: list[NewSubmission], events: _Events) -> None:
                 _event(s.client, s.id, domain, a, "delivered", s.created_at, reason="testmode", attempt=0, reply=TEST_MODE_REPLY)
                 for a in s.recipients
             ]
-        events.add(rows)
+        accepted += rows
     db.executemany(db.q.INSERT_RECIPIENT, queued)
     db.executemany(db.q.INSERT_RECIPIENT_FAILED, failed)
     db.executemany(db.q.INSERT_RECIPIENT_TEST_MODE, tested)
+    # Last: a statement that fails (and is rolled back to a savepoint) leaves no event behind.
+    events.add(accepted)
 
 
 def _submission_txn(
@@ -359,7 +366,8 @@ def _due_unattempted_txn(db: Db, now: float) -> int:
 
 def _renew_txn(db: Db, now: float, until: float, envelopes: list[tuple[int, str]]) -> None:
     until += db.clock_offset(now)
-    db.executemany(db.q.RENEW, [(until, envelope_id, lease) for envelope_id, lease in envelopes])
+    # In id order, as every other writer locks envelopes: never a deadlock with a record.
+    db.executemany(db.q.RENEW, [(until, envelope_id, lease) for envelope_id, lease in sorted(envelopes)])
 
 
 def _record_many_txn(db: Db, batches: list[tuple[Sequence[EnvelopeOutcome], float]]) -> list[None]:
@@ -414,18 +422,19 @@ def _record_txn(db: Db, outcomes: list[tuple[EnvelopeOutcome, float, float]], ev
     submissions = json.dumps(sorted({o.envelope.submission_id for o, _, _ in outcomes}))
     db.execute(db.q.LOCK_SUBMISSIONS, (submissions,)).fetchall()
     leases = json.dumps([[o.envelope.id, o.envelope.lease] for o, _, _ in outcomes])
-    held = {envelope_id for (envelope_id,) in db.execute(db.q.LEASES_HELD, (leases,))}
+    # (id, lease), not id: a group may hold a stale outcome and the current one for one envelope.
+    held = {(envelope_id, lease) for envelope_id, lease in db.execute(db.q.LEASES_HELD, (leases,))}
     updates: list[tuple[Any, ...]] = []
     bounces: list[dict[str, Any]] = []
     finishes: list[list[Any]] = []
     finished_at: dict[str, float] = {}
     for outcome, now, shift in outcomes:
         envelope = outcome.envelope
-        if envelope.id not in held:
+        if (envelope.id, envelope.lease) not in held:
             _log.warn("lease on envelope {envelope} was lost; result not recorded", envelope=envelope.id)
             continue
         # Its lease ends here: a second outcome for it in the same group finds it lost, as it would a commit later.
-        held.discard(envelope.id)
+        held.discard((envelope.id, envelope.lease))
         attempted = 1 if outcome.attempted else 0
         updates += [(r.status, attempted, r.reply, now, envelope.id, r.address) for r in outcome.recipients]
         # The pending recipients of an envelope have been attempted as often as it has.
@@ -448,7 +457,8 @@ def _record_txn(db: Db, outcomes: list[tuple[EnvelopeOutcome, float, float]], ev
     if not finishes:
         return
     db.executemany(db.q.UPDATE_RECIPIENT, updates)
-    db.executemany(db.q.ADD_BOUNCE_FROM_SUBMISSION, bounces)
+    # In one order everywhere: two recorders upserting the same entries never wait for each other in a cycle.
+    db.executemany(db.q.ADD_BOUNCE_FROM_SUBMISSION, sorted(bounces, key=lambda b: (b["submission_id"], b["address"])))
     done = sorted({sid for _, sid, done in db.execute(db.q.FINISH_ENVELOPES, (json.dumps(finishes),)) if done})
     if done:
         db.execute(db.q.FINISH_SUBMISSIONS, (json.dumps([[sid, finished_at[sid]] for sid in done]),))
@@ -540,7 +550,9 @@ def _fail_queued_txn(db: Db, ids: list[str], now: float, reply: str) -> tuple[in
     # As a record does (see _record_txn), though after the envelopes here: a deadlock with a
     # recording sender is possible, and PostgreSQL then aborts one of the two, which its runner runs again.
     db.execute(db.q.LOCK_SUBMISSIONS, (json.dumps(sorted({row[1] for row in rows})),)).fetchall()
-    changed = db.execute(db.q.FAIL_PENDING_RECIPIENTS_RETURNING, {"reply": reply, "now": now, "ids": selection}).fetchall()
+    returned = db.execute(db.q.FAIL_PENDING_RECIPIENTS_RETURNING, {"reply": reply, "now": now, "ids": selection}).fetchall()
+    # In the recipients' order (RETURNING's is not fixed on PostgreSQL): their events too.
+    changed = [(sid, address, attempts) for sid, address, attempts, _, _ in sorted(returned, key=lambda row: (row[3], row[4]))]
     failed = len(changed)
     owners = {sid: db.execute(db.q.SUBMISSION_SENDER, (sid,)).fetchone() for sid in {row[0] for row in changed}}
     events = _Events(db)

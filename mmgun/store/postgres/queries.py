@@ -354,7 +354,7 @@ LOCK_SUBMISSIONS = """
 # (lost: not recorded). In id order, so that two recorders never lock in opposite orders.
 # %s is a JSON array of [envelope id, lease].
 LEASES_HELD = """
-    SELECT e.id FROM envelopes e
+    SELECT e.id, e.lease FROM envelopes e
     JOIN (SELECT (value ->> 0)::bigint AS id, value ->> 1 AS lease FROM json_array_elements(%s::json)) AS j
         ON e.id = j.id AND e.lease = j.lease
     ORDER BY e.id FOR UPDATE OF e
@@ -412,7 +412,7 @@ MATCH_QUEUED = """
     WHERE done = 0
       AND (id IN (SELECT value::bigint FROM json_array_elements_text(%s::json))
            OR submission_id IN (SELECT value FROM json_array_elements_text(%s::json)))
-    FOR UPDATE
+    ORDER BY id FOR UPDATE
 """
 FLUSH_DEFERRED = """
     UPDATE envelopes SET next_attempt = %(now)s
@@ -593,7 +593,7 @@ FAIL_PENDING_RECIPIENTS_RETURNING = """
     UPDATE recipients SET status = 'failed', last_reply = %(reply)s, updated_at = %(now)s
     WHERE envelope_id IN (SELECT value::bigint FROM json_array_elements_text(%(ids)s::json))
       AND status IN ('queued', 'deferred')
-    RETURNING submission_id, address, attempts
+    RETURNING submission_id, address, attempts, envelope_id, position
 """
 SUPPRESSIONS_AFTER = """
     SELECT client, kind, address, created_at, code, error, tags FROM suppressions

@@ -234,7 +234,7 @@ INSERT_SUBMISSION = """
 # submission's envelopes are one per domain, so (submission id, domain) names each id returned.
 INSERT_ENVELOPES = """
     INSERT INTO envelopes (submission_id, domain, done, next_attempt, created_at)
-    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 FROM json_each(?)
+    SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]') FROM json_each(?)
     RETURNING id, submission_id, domain
 """
 INSERT_RECIPIENT = """
@@ -301,21 +301,21 @@ UPDATE_RECIPIENT = """
 # envelope whose lease is still that one is released, its attempts counted, and done once no
 # recipient of it is pending.
 FINISH_ENVELOPES = """
-    UPDATE envelopes SET lease = NULL, attempts = attempts + (j.value ->> 1), next_attempt = j.value ->> 2,
+    UPDATE envelopes SET lease = NULL, attempts = attempts + (json_extract(j.value, '$[1]')), next_attempt = json_extract(j.value, '$[2]'),
         done = NOT EXISTS (
             SELECT 1 FROM recipients WHERE envelope_id = envelopes.id AND status IN ('queued', 'deferred')
         )
     FROM json_each(?) AS j
-    WHERE envelopes.id = j.value ->> 0 AND envelopes.lease = j.value ->> 3
+    WHERE envelopes.id = json_extract(j.value, '$[0]') AND envelopes.lease = json_extract(j.value, '$[3]')
     RETURNING envelopes.id, envelopes.submission_id, envelopes.done
 """
 # A submission is finished when its last envelope is; its message text is erased
 # then (bodies are sensitive), the status rows stay until retention.
 # A JSON array of [submission id, finished at].
 FINISH_SUBMISSIONS = """
-    UPDATE submissions SET finished_at = j.value ->> 1, message = NULL
+    UPDATE submissions SET finished_at = json_extract(j.value, '$[1]'), message = NULL
     FROM json_each(?) AS j
-    WHERE submissions.id = j.value ->> 0 AND submissions.finished_at IS NULL
+    WHERE submissions.id = json_extract(j.value, '$[0]') AND submissions.finished_at IS NULL
       AND NOT EXISTS (SELECT 1 FROM envelopes WHERE submission_id = submissions.id AND done = 0)
 """
 # The submissions (a JSON array of ids) whose envelopes a transaction is about to finish. SQLite
@@ -323,7 +323,7 @@ FINISH_SUBMISSIONS = """
 LOCK_SUBMISSIONS = "SELECT id FROM submissions WHERE id IN (SELECT value FROM json_each(?))"
 # The envelopes of a JSON array of [envelope id, lease] whose lease is still that one.
 LEASES_HELD = """
-    SELECT e.id FROM envelopes e JOIN json_each(?) AS j ON e.id = j.value ->> 0 AND e.lease = j.value ->> 1
+    SELECT e.id, e.lease FROM envelopes e JOIN json_each(?) AS j ON e.id = json_extract(j.value, '$[0]') AND e.lease = json_extract(j.value, '$[1]')
 """
 # A sender restarted under its identity takes back the envelopes its previous run had
 # leased ("<identity>/<random>"): ? = now, length of "<identity>/", "<identity>/".
@@ -392,6 +392,7 @@ MATCH_QUEUED = """
     SELECT id, submission_id, lease IS NOT NULL AND next_attempt > ?, next_attempt FROM envelopes
     WHERE done = 0
       AND (id IN (SELECT value FROM json_each(?)) OR submission_id IN (SELECT value FROM json_each(?)))
+    ORDER BY id
 """
 # :ids is NULL (every envelope) or a JSON array of envelope ids.
 FLUSH_DEFERRED = """
@@ -577,7 +578,7 @@ EVENTS_SCANNED_COUNT_BEFORE = """
 # The suppression entries of a JSON array of [client, address] (addresses in lower case).
 SUPPRESSED_AMONG = """
     SELECT s.client, s.address, s.kind, s.error, s.tags
-    FROM json_each(?) AS j JOIN suppressions s ON s.client = j.value ->> 0 AND s.address = j.value ->> 1
+    FROM json_each(?) AS j JOIN suppressions s INDEXED BY suppressions_address ON s.client = json_extract(j.value, '$[0]') AND s.address = json_extract(j.value, '$[1]')
 """
 # A bounce recorded by the sender: client from the submission; a newer bounce replaces an older.
 ADD_BOUNCE_FROM_SUBMISSION = """
@@ -593,7 +594,7 @@ INSERT_RECIPIENT_FAILED = """
 FAIL_PENDING_RECIPIENTS_RETURNING = """
     UPDATE recipients SET status = 'failed', last_reply = :reply, updated_at = :now
     WHERE envelope_id IN (SELECT value FROM json_each(:ids)) AND status IN ('queued', 'deferred')
-    RETURNING submission_id, address, attempts
+    RETURNING submission_id, address, attempts, envelope_id, position
 """
 SUPPRESSIONS_AFTER = """
     SELECT client, kind, address, created_at, code, error, tags FROM suppressions
