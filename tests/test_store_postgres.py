@@ -252,6 +252,43 @@ class IdentityLockTests(SynchronousTestCase):
         self.assertTrue(result(self, other.lock_identity("host-a")))
 
 
+class IdentityRetakeTests(TestCase):
+    """The daemon's store (the real reactor): identity locks lost with their connection are taken again."""
+
+    def test_locks_lost_with_their_connection_are_taken_again(self) -> Deferred[None]:
+        """
+        issue 15 (found by review): the connection holding a sender identity's lock ends (the
+        database restarted, or an administrator's pg_terminate_backend): the store takes the
+        lock again on a new connection, so another process started with the same identity is
+        refused it, as before, instead of reclaiming this sender's live leases.
+        """
+        from twisted.internet import reactor
+
+        url = pgcluster.new_database("identity_retake")
+        store = open_store(url, reactor, 2)
+        self.addCleanup(lambda: Deferred.fromCoroutine(store.close()))
+
+        async def go() -> None:
+            self.assertTrue(await store.lock_identity("host-a"))
+            pid = store._locks.info.backend_pid  # type: ignore[attr-defined]
+            with psycopg.connect(url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            deadline = time.monotonic() + DEADLINE
+            with capturedLogs() as events:
+                while "are held again" not in " ".join(texts(events)):
+                    self.assertLess(time.monotonic(), deadline, "the lost identity lock was never taken again")
+                    store.write_problem()
+                    await deferLater(reactor, 0.05, lambda: None)
+            self.assertNotEqual(store._locks.info.backend_pid, pid)  # type: ignore[attr-defined]
+            other = PostgresStore.open_sync(url)
+            try:
+                self.assertFalse(await other.lock_identity("host-a"), "another process took a held identity")
+            finally:
+                await other.close()
+
+        return Deferred.fromCoroutine(go())
+
+
 class PoolRecoveryTests(TestCase):
     """The daemon's pool (adbapi threads, the real reactor) on a private cluster that this test stops and starts."""
 

@@ -9,6 +9,7 @@ import psycopg
 from psycopg.pq import ConnStatus
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..sql import SQLStore
 from . import queries as Q
@@ -36,6 +37,8 @@ class PostgresStore(SQLStore):
         #: The connection holding the identities' session advisory locks, opened at the first lock_identity.
         self._locks: psycopg.Connection[Any] | None = None
         self._locks_lost = False
+        #: A re-take of the identities' locks is running in the thread pool.
+        self._retaking = False
 
     @classmethod
     def open(cls, url: str, reactor: Any = None, pool_size: int = DEFAULT_POOL_SIZE) -> PostgresStore:
@@ -64,7 +67,9 @@ class PostgresStore(SQLStore):
         ``mmgun-sender:<identity>``) on a connection of its own, held while this store is
         open: False when another session, on any host, holds it. PostgreSQL frees it when
         that connection ends, the holder's death included; if this store's connection is
-        lost (the database restarted), so are its locks, and :meth:`write_problem` logs it.
+        lost (the database restarted), so are its locks: :meth:`write_problem` (called every
+        few seconds) logs it and takes them again on a new connection as soon as the database
+        answers, and says so at critical level if another process took one meanwhile.
         """
         if identity in self._identities:
             return True
@@ -92,9 +97,14 @@ class PostgresStore(SQLStore):
         return super().write_problem()
 
     def _watch_locks(self) -> None:
-        """Log (once) that the connection holding the identity locks is gone; without blocking."""
+        """Log (once) that the connection holding the identity locks is gone, and take them again; without blocking."""
         conn = self._locks
-        if conn is None or self._locks_lost or not self._identities:
+        if self._retaking or not self._identities:
+            return
+        if self._locks_lost:
+            self._retake_later()  # the database did not answer the last try
+            return
+        if conn is None:
             return
         gone = conn.closed or conn.broken
         if not gone:
@@ -110,10 +120,46 @@ class PostgresStore(SQLStore):
             self._locks_lost = True
             _log.error(
                 "the connection to {database} holding the locks of sender identities {identities} was lost, and the "
-                "locks with it: another process may now take these identities and their envelopes (restart this sender)",
+                "locks with it: they are taken again as soon as the database answers",
                 database=masked(self._url),
                 identities=sorted(self._identities),
             )
+            self._retake_later()
+
+    def _retake_later(self) -> None:
+        if self._reactor is None:
+            return  # the admin command and tests: nothing runs long enough to need it
+        self._retaking = True
+        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._retake)
+        d.addBoth(self._retaken)
+
+    def _retake(self) -> list[str]:
+        """On a new connection, lock every identity again; those another session holds now."""
+        old, self._locks = self._locks, None
+        if old is not None:
+            old.close()
+        conn = connect(self._url)
+        self._locks = conn
+        taken = []
+        for identity in sorted(self._identities):
+            (locked,) = conn.execute(Q.LOCK_IDENTITY, (identity,)).fetchone()  # type: ignore[misc]
+            if not locked:
+                taken.append(identity)
+        return taken
+
+    def _retaken(self, result: list[str] | Failure) -> None:
+        self._retaking = False
+        if isinstance(result, Failure):
+            return  # the database does not answer yet: the next write_problem tries again
+        self._locks_lost = False
+        if result:
+            _log.critical(
+                "sender identities {identities} were taken by another process while their locks were lost: both "
+                "may now deliver the same envelopes; stop one of them",
+                identities=result,
+            )
+        else:
+            _log.info("the locks of sender identities {identities} are held again", identities=sorted(self._identities))
 
     async def upkeep(self) -> None:
         """Nothing: PostgreSQL's autovacuum reclaims what the cleaner deletes, and keeps the statistics fresh."""
