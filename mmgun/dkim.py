@@ -254,6 +254,8 @@ def relaxed_body(body: bytes, chunk_size: int | None = None) -> bytes:
     space, empty lines at the end removed; an empty body stays empty. The pieces of
     :func:`relaxed_body_chunks`, joined.
     """
+    if chunk_size is None and len(body) <= BODY_CHUNK:
+        return _relaxed_piece(body)
     return b"".join(relaxed_body_chunks(body, chunk_size if chunk_size is not None else BODY_CHUNK))
 
 
@@ -264,9 +266,29 @@ def body_hash(body: bytes, chunk_size: int = BODY_CHUNK, new: Callable[[], Hash]
     in a thread never holds the GIL for more than one piece at a time.
     """
     hasher = new()
+    if len(body) <= chunk_size:
+        # One piece (every message the signing child gets): no generator, nothing carried over.
+        hasher.update(_relaxed_piece(body))
+        return hasher.digest()
     for piece in relaxed_body_chunks(body, chunk_size):
         hasher.update(piece)
     return hasher.digest()
+
+
+def _relaxed_piece(body: bytes) -> bytes:
+    """
+    :func:`relaxed_body` of a whole ``body`` at once (what :func:`relaxed_body_chunks` gives
+    when ``body`` is one piece): line breaks made CRLF and one added at the end, runs of WSP
+    made one space, the space before each CRLF dropped, empty lines at the end dropped.
+    """
+    piece = _reduce_wsp(_line_breaks(body))
+    if piece[-1:] != b"\n":
+        # The wire form ends with a CRLF (after _line_breaks every CR and LF is in a CRLF).
+        piece += b"\r\n"
+    if b" \r\n" in piece:
+        piece = piece.replace(b" \r\n", b"\r\n")
+    text = piece.rstrip(b"\r\n")
+    return text + b"\r\n" if text else b""
 
 
 def relaxed_body_chunks(body: bytes, chunk_size: int = BODY_CHUNK) -> Iterator[bytes]:
@@ -367,6 +389,11 @@ def _split(message: bytes) -> tuple[list[bytes], bytes]:
 # -- signing --------------------------------------------------------------------------------------
 
 
+# Stateless parameters of every RSA signature, made once (1.3 us a signature otherwise).
+_PKCS1V15 = padding.PKCS1v15()
+_PREHASHED_SHA256 = utils.Prehashed(hashes.SHA256())
+
+
 @functools.lru_cache(maxsize=256)
 def _load_private_key(pem: bytes) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
     # Parsing and checking an RSA key costs more than signing with it: keep the parsed keys.
@@ -395,15 +422,15 @@ def _fold(pieces: Sequence[tuple[str, str]]) -> list[str]:
     return lines
 
 
-def _signature_lines(key: DKIMKey, now: float, names: Sequence[bytes], body_hash: str) -> list[str]:
-    """The field's lines with an empty ``b=`` (to be filled by :meth:`Unsigned.finish`)."""
+def _signature_lines(algorithm: str, domain: str, selector: str, t: str, names: Sequence[bytes], body_hash: str) -> list[str]:
+    """The field's lines with an empty ``b=`` (to be filled by :meth:`Unsigned.finish`); ``t``: the t= value."""
     pieces = [
         (" ", "v=1;"),
-        (" ", f"a={key.algorithm};"),
+        (" ", f"a={algorithm};"),
         (" ", "c=relaxed/relaxed;"),
-        (" ", f"d={key.domain};"),
-        (" ", f"s={key.selector};"),
-        (" ", f"t={int(now)};"),
+        (" ", f"d={domain};"),
+        (" ", f"s={selector};"),
+        (" ", f"t={t};"),
     ]
     pieces += [("" if i else " ", (":" if i else "h=") + name.decode("ascii")) for i, name in enumerate(names)]
     pieces[-1] = (pieces[-1][0], pieces[-1][1] + ";")
@@ -411,14 +438,56 @@ def _signature_lines(key: DKIMKey, now: float, names: Sequence[bytes], body_hash
     return _fold(pieces)
 
 
-def _with_signature(lines: Sequence[str], signature: bytes) -> bytes:
-    """The field: ``lines`` with the base64 signature after ``b=``, then on 78-octet continuation lines."""
-    b = base64.b64encode(signature).decode("ascii")
-    last = lines[-1]
-    room = max(_LINE - len(last), 0)
-    filled = [*lines[:-1], last + b[:room]]
-    filled += [" " + b[i : i + _LINE - 1] for i in range(room, len(b), _LINE - 1)]
-    return ("\r\n".join(filled) + "\r\n").encode("ascii")
+# Stand-ins for t= and bh= in a field's template: neither WSP nor a line break (so folding
+# and relaxed canonicalization treat them as any other text of their length), nor ever in a
+# field (a template in which either is not found exactly once is not used).
+_T_MARK = "\x00"
+_BH_MARK = "\x01"
+
+
+class _Template(NamedTuple):
+    """
+    A DKIM-Signature field up to its ``b=``, folded, for one key and ``h=`` list, with the
+    lengths of ``t=`` and ``bh=`` fixed: (what comes before ``t=``'s value, between it and
+    ``bh=``'s value, after it up to ``b=``), as sent and in relaxed canonical form (what is
+    hashed: no final CRLF), and how many octets of ``b=``'s value fit on its last line.
+    """
+
+    field: tuple[bytes, bytes, bytes]
+    relaxed: tuple[bytes, bytes, bytes]
+    room: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _template(algorithm: str, domain: str, selector: str, names: tuple[bytes, ...], t_size: int, bh_size: int) -> _Template | None:
+    """
+    The :class:`_Template` of :func:`_signature_lines`' field (None if a stand-in is not found
+    exactly once, as for a domain holding one: such fields are made without a template).
+    Folding depends only on the lengths of ``t=`` and ``bh=``, and relaxed canonicalization
+    does not touch their (WSP-free) values, so the field is the template with them put in.
+    """
+    lines = _signature_lines(algorithm, domain, selector, _T_MARK * t_size, names, _BH_MARK * bh_size)
+    text = "\r\n".join(lines).encode("ascii")
+    name, _, value = text.partition(b":")
+    relaxed = relaxed_header(name, value)[:-2]
+    t_mark, bh_mark = _T_MARK.encode() * t_size, _BH_MARK.encode() * bh_size
+    parts = []
+    for whole in (text, relaxed):
+        if whole.count(_T_MARK.encode()) != t_size or whole.count(_BH_MARK.encode()) != bh_size:
+            return None
+        before, t_found, rest = whole.partition(t_mark)
+        between, bh_found, after = rest.partition(bh_mark)
+        if not (t_found and bh_found):
+            return None
+        parts.append((before, between, after))
+    return _Template(parts[0], parts[1], max(_LINE - len(lines[-1]), 0))
+
+
+def _filled(head: bytes, room: int, signature: bytes) -> bytes:
+    """The field: ``head`` (up to ``b=``), then the base64 signature: ``room`` octets of it on that line, the rest on 78-octet continuation lines."""
+    b = base64.b64encode(signature)
+    step = _LINE - 1
+    return b"".join([head, b[:room], *[b"\r\n " + b[i : i + step] for i in range(room, len(b), step)], b"\r\n"])
 
 
 def sign_digest(private_pem: bytes, algorithm: str, digest: bytes) -> bytes:
@@ -436,7 +505,7 @@ def sign_digest(private_pem: bytes, algorithm: str, digest: bytes) -> bytes:
     if isinstance(private, rsa.RSAPrivateKey):
         if algorithm != RSA_SHA256:
             raise ValueError(f"an RSA key cannot sign {algorithm}")
-        return private.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+        return private.sign(digest, _PKCS1V15, _PREHASHED_SHA256)
     if algorithm != ED25519_SHA256:
         raise ValueError(f"an Ed25519 key cannot sign {algorithm}")
     return private.sign(digest)
@@ -460,13 +529,14 @@ class Unsigned:
 
     message: bytes
     requests: tuple[SignRequest, ...]
-    _lines: tuple[tuple[str, ...], ...] = attrs.field(repr=False)
+    #: Each field up to its b= (folded, CRLFs between lines), and the octets of b='s value that fit on its last line.
+    _heads: tuple[tuple[bytes, int], ...] = attrs.field(repr=False)
 
     def fields(self, signatures: Sequence[bytes]) -> bytes:
         """The DKIM-Signature fields to prepend to the message (CRLF after each); ``signatures`` answer :attr:`requests`, in order."""
         if len(signatures) != len(self.requests):
             raise ValueError(f"{len(signatures)} signatures for {len(self.requests)} requests")
-        return b"".join(_with_signature(lines, signature) for lines, signature in zip(self._lines, signatures, strict=True))
+        return b"".join([_filled(head, room, signature) for (head, room), signature in zip(self._heads, signatures, strict=True)])
 
     def finish(self, signatures: Sequence[bytes]) -> bytes:
         """The message with its signature fields prepended (:meth:`fields`)."""
@@ -477,7 +547,8 @@ def prepare(message: bytes, keys: Sequence[DKIMKey], now: float) -> Unsigned:
     """
     Everything of :func:`sign` but the private-key operations: the split, the relaxed
     canonicalization, the body hash, the fields (folded, ``b=`` empty) and the SHA-256 of
-    what each key signs. Cheap (about 0.06 ms for a 1 KB message); the private-key
+    what each key signs. Cheap (about 0.03 ms for a 1 KB message and two keys: each field is
+    made from a template cached per key, ``h=`` list and length of ``t=``); the private-key
     operations (0.3 ms each for RSA 2048) are the :attr:`Unsigned.requests`.
     """
     if not keys:
@@ -489,28 +560,55 @@ def prepare(message: bytes, keys: Sequence[DKIMKey], now: float) -> Unsigned:
         if colon:
             lower = name.rstrip(b" \t").lower()
             if lower in _SIGNED:
-                present.setdefault(lower, []).append(relaxed_header(name, value))
+                # relaxed_header(name, value), inline: this loop is most of a small message's canonicalization.
+                canonical = b"".join((lower, b":", _reduce_wsp(value.replace(b"\r\n", b"")).strip(b" \t"), b"\r\n"))
+                instances = present.get(lower)
+                if instances is None:
+                    present[lower] = [canonical]
+                else:
+                    instances.append(canonical)
     names: list[bytes] = []
     signed: list[bytes] = []
     for name in SIGNED_HEADERS:
-        instances = present.get(name, [])
+        instances = present.get(name)
+        if instances is None:
+            if name in OVERSIGNED_HEADERS:
+                names.append(name)
+            continue
         # RFC 6376 5.4.2: instances are signed from the bottom up.
         names += [name] * (len(instances) + (name in OVERSIGNED_HEADERS))
         signed += reversed(instances)
-    headers = b"".join(signed)
+    # The signed fields are hashed once; each key's hash goes on from a copy (RFC 6376 3.7).
+    headers = hashlib.sha256(b"".join(signed))
     bh = base64.b64encode(body_hash(body)).decode("ascii")
-    ordered = sorted(keys, key=lambda key: ALGORITHMS.index(key.algorithm) if key.algorithm in ALGORITHMS else len(ALGORITHMS))
+    t = str(int(now))
+    h = tuple(names)
+    ordered = keys if len(keys) == 1 else sorted(keys, key=_algorithm_order)
     requests: list[SignRequest] = []
-    all_lines: list[tuple[str, ...]] = []
+    heads: list[tuple[bytes, int]] = []
     for key in ordered:
-        lines = _signature_lines(key, now, names, bh)
+        template = _template(key.algorithm, key.domain, key.selector, h, len(t), len(bh))
+        if template is not None:
+            (before, between, after), (r_before, r_between, r_after), room = template
+            t_ascii, bh_ascii = t.encode("ascii"), bh.encode("ascii")
+            head = b"".join((before, t_ascii, between, bh_ascii, after))
+            relaxed = b"".join((r_before, t_ascii, r_between, bh_ascii, r_after))
+        else:
+            lines = _signature_lines(key.algorithm, key.domain, key.selector, t, names, bh)
+            head = "\r\n".join(lines).encode("ascii")
+            name, _, value = head.partition(b":")
+            relaxed = relaxed_header(name, value)[:-2]
+            room = max(_LINE - len(lines[-1]), 0)
         # What is signed: the signed fields, then this field with an empty b= and no final CRLF (RFC 6376 3.7).
-        unsigned = "\r\n".join(lines).encode("ascii")
-        name, _, value = unsigned.partition(b":")
-        digest = hashlib.sha256(headers + relaxed_header(name, value)[:-2]).digest()
-        requests.append(SignRequest(key.private_key, key.algorithm, digest))
-        all_lines.append(tuple(lines))
-    return Unsigned(message, tuple(requests), tuple(all_lines))
+        hasher = headers.copy()
+        hasher.update(relaxed)
+        requests.append(SignRequest(key.private_key, key.algorithm, hasher.digest()))
+        heads.append((head, room))
+    return Unsigned(message, tuple(requests), tuple(heads))
+
+
+def _algorithm_order(key: DKIMKey) -> int:
+    return ALGORITHMS.index(key.algorithm) if key.algorithm in ALGORITHMS else len(ALGORITHMS)
 
 
 def sign(message: bytes, keys: Sequence[DKIMKey], now: float) -> bytes:

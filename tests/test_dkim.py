@@ -437,6 +437,113 @@ class CanonicalizationTests(SynchronousTestCase):
         self.assertEqual(mdkim.relaxed_body(got_body), dkimpy_body(wire_body))
 
 
+
+# -- the signing child's shortcuts ----------------------------------------------------------------
+
+
+def straightforward_fields(message: bytes, keys: Sequence[Key], now: float, signatures: Sequence[bytes]) -> tuple[list[bytes], bytes]:
+    """
+    What prepare did before its shortcuts (no field templates, the body in chunks, each field
+    through relaxed_header, every hash from scratch): the digest each key signs, and the fields
+    with ``signatures`` (in the RSA-first order) after their b=.
+    """
+    fields, body = mdkim._split(message)
+    present: dict[bytes, list[bytes]] = {}
+    for field in fields:
+        name, colon, value = field.partition(b":")
+        if colon and name.rstrip(b" \t").lower() in mdkim.SIGNED_HEADERS:
+            present.setdefault(name.rstrip(b" \t").lower(), []).append(mdkim.relaxed_header(name, value))
+    names: list[bytes] = []
+    signed: list[bytes] = []
+    for name in mdkim.SIGNED_HEADERS:
+        instances = present.get(name, [])
+        names += [name] * (len(instances) + (name in mdkim.OVERSIGNED_HEADERS))
+        signed += reversed(instances)
+    hasher = hashlib.sha256()
+    for piece in mdkim.relaxed_body_chunks(body, 7):
+        hasher.update(piece)
+    bh = base64.b64encode(hasher.digest()).decode("ascii")
+    ordered = sorted(keys, key=lambda key: mdkim.ALGORITHMS.index(key.algorithm))
+    digests, out = [], []
+    for key, signature in zip(ordered, signatures, strict=True):
+        lines = mdkim._signature_lines(key.algorithm, key.domain, key.selector, str(int(now)), names, bh)
+        name, _, value = "\r\n".join(lines).encode("ascii").partition(b":")
+        digests.append(hashlib.sha256(b"".join(signed) + mdkim.relaxed_header(name, value)[:-2]).digest())
+        b = base64.b64encode(signature).decode("ascii")
+        room = max(78 - len(lines[-1]), 0)
+        filled = [*lines[:-1], lines[-1] + b[:room]] + [" " + b[i : i + 77] for i in range(room, len(b), 77)]
+        out.append(("\r\n".join(filled) + "\r\n").encode("ascii"))
+    return digests, b"".join(out)
+
+
+# Header sections of signed fields (names in any case, WSP before the colon), unsigned ones,
+# folds and WSP runs in values, then a body; CRLF (the child's usual case) or any line break.
+signed_names = st.sampled_from(
+    [b"From", b"from \t", b"TO", b"Cc", b"Subject", b"DATE", b"Message-ID", b"Reply-To", b"MIME-Version", b"Content-Type",
+     b"Content-Transfer-Encoding", b"List-Unsubscribe", b"List-Unsubscribe-Post", b"X-Other", b"DKIM-Signature", b" From"]
+)  # fmt: skip
+field_values = st.lists(
+    st.sampled_from([b"a", b"Z", b" ", b"\t", b"  ", b"\r\n ", b"\r\n\t", b"<x@y.z>", b"\xc3\xa9", b":", b"\x00"]), max_size=10
+).map(b"".join)
+messages = st.tuples(
+    st.lists(st.tuples(signed_names, field_values).map(lambda f: f[0] + b":" + f[1]), max_size=14),
+    st.sampled_from([b"\r\n", b"\n", b"\r"]),
+    wsp_bodies,
+).map(lambda m: m[1].join(m[0]) + m[1] + m[1] + m[2])
+# Domains and selectors of many lengths (so fields fold at every place), some holding the
+# characters field templates stand t= and bh= in with.
+labels = st.text("abcxyz0189-.\x00\x01", min_size=1, max_size=70)
+signing_keys = st.lists(
+    st.tuples(labels, labels, st.sampled_from([RSA, ED])).map(lambda k: attrs.evolve(k[2], domain=k[0], selector=k[1])),
+    min_size=1,
+    max_size=3,
+)
+# Times whose t= has 1 to 11 digits.
+times = st.one_of(st.floats(0, 99_999_999_999, allow_nan=False), st.sampled_from([0.0, 9.9, NOW, 99_999_999_999.0]))
+
+
+class ShortcutTests(SynchronousTestCase):
+    @PROPERTY
+    @given(st.one_of(messages, raw_heads.map(lambda h: h + b"\r\n\r\n"), st.binary(max_size=200)), signing_keys, times, st.data())
+    def test_prepare_as_straightforward(self, message: bytes, keys: list[Key], now: float, data: st.DataObject) -> None:
+        """
+        issue 13 "Speed" (the signing child's cost): prepare's shortcuts (each field made from
+        a cached template for its key, h= list and t= length; the body canonicalized in one
+        piece; the signed fields hashed once for every key) change no byte: the digests signed
+        and the fields are those made the straightforward way, for any header section, domain,
+        selector (even holding a template's stand-in characters) and time.
+        """
+        signatures = [data.draw(st.binary(min_size=1, max_size=300)) for _ in keys]
+        unsigned = mdkim.prepare(message, keys, now)
+        digests, fields = straightforward_fields(message, keys, now, signatures)
+        self.assertEqual([request.digest for request in unsigned.requests], digests)
+        self.assertEqual(unsigned.fields(signatures), fields)
+
+    @PROPERTY
+    @given(wsp_bodies)
+    def test_whole_body_as_chunks(self, body: bytes) -> None:
+        """
+        issue 13 "Speed" (the signing child's cost): a body of at most BODY_CHUNK octets,
+        canonicalized in one piece, is what the chunked canonicalization and dkimpy make of it.
+        """
+        expected = dkimpy_body(receiver_body(body))
+        self.assertEqual(mdkim.relaxed_body(body), expected)
+        self.assertEqual(b"".join(mdkim.relaxed_body_chunks(body, 3)), expected)
+        self.assertEqual(mdkim.body_hash(body), hashlib.sha256(expected).digest())
+
+    def test_template_not_used_when_a_stand_in_is_in_the_field(self) -> None:
+        """
+        issue 13 "Speed" (the signing child's cost): a selector holding the character that
+        stands in for t= in templates gets no template, and its field is still exact.
+        """
+        key = attrs.evolve(RSA, selector="a\x00b")
+        names = (b"from", b"from")
+        self.assertIsNone(mdkim._template(key.algorithm, key.domain, key.selector, names, 10, 44))
+        self.assertIsNotNone(mdkim._template(RSA.algorithm, RSA.domain, RSA.selector, names, 10, 44))
+        message = send(request())
+        signature = b"\x07" * 256
+        self.assertEqual(mdkim.prepare(message, [key], NOW).fields([signature]), straightforward_fields(message, [key], NOW, [signature])[1])
+
 # -- signing ------------------------------------------------------------------------------------
 
 
