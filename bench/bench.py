@@ -50,6 +50,10 @@ and reports, as a table and as JSON in bench/out/<timestamp>.json:
            --smtp-listen with AUTH PLAIN (bench/smtpload.py: smtp-source cannot AUTH), for each
            --topology; and to a private Postfix's smtpd twice, by smtp-source itself and by
            smtpload.py without AUTH; run by run, interleaved. Ingest and end-to-end rates.
+  handoff  hand-off latency (issue 17): a light load (--handoff-rate, default 10 POSTs a
+           second; --handoff-messages, default 300, one recipient each; bench/handoff.py) and,
+           for each message, the time from /send's 200 to the sink's 250 for it: p50, p90,
+           p99 and max per --topology (target p50 < 20 ms, p99 < 100 ms).
 
 Each figure is the median of --runs runs. Everything listens on 127.0.0.1 only; every
 loop is bounded in count and in time. See docs/performance.md for the figures.
@@ -77,7 +81,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CLIENT_ID = "demo-client-0123456789abcdef"
 TOPOLOGIES = ("all", "split", "two-senders", "two-frontends")
-MODES = ("relay", "ingest", "backlog", "smtp")
+MODES = ("relay", "ingest", "backlog", "smtp", "handoff")
 CONTENTS = ("text", "rich")
 #: --dkim variants: the keys `mmgun domains add` makes (RSA 2048 always; Ed25519 alongside with --ed25519).
 DKIM_VARIANTS = ("none", "rsa", "rsa+ed25519")
@@ -305,6 +309,9 @@ def start_daemon(
         f"--relay-host=127.0.0.1:{sink_port}",
         "--helo=mmgun.bench.test",
         *[f"--role={role}" for role in roles],
+        # A topology naming roles is today's split: one process each. "all" (no role options) is the
+        # default command, with its frontend workers (--workers auto, issue 17).
+        *(["--workers=1"] if roles and "workers" in setup.options else []),
         *setup.limit_flags(),
         *setup.extra,
         *extra,
@@ -396,8 +403,10 @@ def helper_pids(daemons: list[Daemon]) -> dict[str, int]:
     for daemon in daemons:
         counts: dict[str, int] = {}
         for pid in procs.descendants(daemon.pid):
-            # The webhooks role beside others is a supervised `twistd mmgun --role=webhooks` child (issue 14).
-            kind = "webhooks" if b"--role=webhooks" in procs.cmdline(pid) else "signer"
+            # The webhooks role beside others is a supervised `twistd mmgun --role=webhooks` child (issue 14);
+            # the default command's frontend workers are `--role=frontend` children (issue 17, --workers).
+            cmdline = procs.cmdline(pid)
+            kind = "webhooks" if b"--role=webhooks" in cmdline else "worker" if b"--role=frontend" in cmdline else "signer"
             counts[kind] = counts.get(kind, 0) + 1
             found[f"{daemon.name}-{kind}{counts[kind] if counts[kind] > 1 else ''}"] = pid
     return found
@@ -840,9 +849,91 @@ def relay_run(
         if not args.keep:
             # A rich run's database is ~170 KB a message: free the disk now, not at the end.
             for path in run.glob("mmgun.sqlite3*"):
-                path.unlink()
+                # mmgun.sqlite3.wake is a directory: the senders' wake-up sockets (mmgun.wakeup).
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
             if backend == "postgres":
                 setup.drop_postgres_database(run.name)
+
+
+def latency_distribution(values: list[float]) -> dict[str, float | int | None]:
+    """count, p50, p90, p99 and max of ``values`` (seconds), in milliseconds."""
+    ordered = sorted(values)
+
+    def at(q: float) -> float | None:
+        if not ordered:
+            return None
+        return round(1000 * ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))], 1)
+
+    return {"count": len(ordered), "p50_ms": at(50), "p90_ms": at(90), "p99_ms": at(99), "max_ms": at(100)}
+
+
+def handoff_run(setup: Setup, topology: str, index: int) -> dict[str, Any]:
+    """
+    Issue 17's hand-off latency: a light load (--handoff-rate a second, one recipient each)
+    and, for every message, the time from /send's 200 (bench/handoff.py) to the sink's
+    acceptance of it (its 250 to the final "."), both on the system's monotonic clock.
+    """
+    args = setup.args
+    run = Path(tempfile.mkdtemp(prefix=f"handoff-{topology}-{index}-", dir=setup.folder))
+    (run / "clients").write_text(CLIENT_ID + "\n")
+    database = run / "mmgun.sqlite3"
+    sink = Sink(run)
+    daemons: list[Daemon] = []
+    try:
+        processes = topology_processes(topology)
+        frontends = [name for name, roles in processes if not roles or "frontend" in roles]
+        shared_port = procs.free_port() if len(frontends) > 1 else None
+        for name, roles in processes:
+            daemons.append(start_daemon(setup, run, name, roles, database, sink.port, shared_port))
+            wait_ready(daemons[-1])
+        frontend = next(d for d in daemons if d.port is not None)
+        result_file = run / "handoff.json"
+        subprocess.run(
+            [
+                PYTHON,
+                str(HERE / "handoff.py"),
+                f"--port={frontend.port}",
+                f"--messages={args.handoff_messages}",
+                f"--rate={args.handoff_rate}",
+                f"--client-id={CLIENT_ID}",
+                f"--result={result_file}",
+            ],
+            check=True,
+            timeout=args.handoff_messages / args.handoff_rate + 120,
+        )
+        load = json.loads(result_file.read_text())
+        answered: dict[str, float] = load["answered"]
+        delivery = wait_delivered(sink, len(answered), args.stall, args.time_limit)
+        dump = run / "sink.tsv"
+        sink.dump(dump)
+        arrived: dict[str, float] = {}
+        duplicates = 0
+        for line in dump.read_text().splitlines():
+            at, _, rcpts = line.split("\t")
+            for rcpt in rcpts.split(","):
+                if rcpt in arrived:
+                    duplicates += 1
+                else:
+                    arrived[rcpt] = float(at)
+        latencies = [arrived[r] - t for r, t in answered.items() if r in arrived]
+        daemon_report = stop_daemons(daemons)
+        daemons = []
+        return {
+            "label": "handoff",
+            "topology": topology,
+            "run": index,
+            "rate": args.handoff_rate,
+            "errors": load["errors"],
+            "lost": sum(1 for r in answered if r not in arrived),
+            "duplicates": duplicates,
+            "delivery": delivery,
+            "handoff": latency_distribution(latencies),
+            "daemons": daemon_report,
+        }
+    finally:
+        if daemons:
+            stop_daemons(daemons)
+        sink.stop()
 
 
 def queued_in_database(setup: Setup, database: Path | str, expected: set[str]) -> dict[str, Any]:
@@ -1175,7 +1266,8 @@ def smtp_run(setup: Setup, topology: str, index: int) -> dict[str, Any]:
         sink.stop()
         if not args.keep:
             for path in run.glob("mmgun.sqlite3*"):
-                path.unlink()
+                # mmgun.sqlite3.wake is a directory: the senders' wake-up sockets (mmgun.wakeup).
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def summarize_smtp(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1336,6 +1428,15 @@ def per_process(values: dict[str, Any], digits: int) -> str:
 
 def render(summary: dict[str, Any]) -> str:
     out = []
+    handoff = summary.get("handoff", {})
+    if handoff:
+        rows = [
+            [topology, fmt(h["count"]), fmt(h["p50_ms"], 1), fmt(h["p90_ms"], 1), fmt(h["p99_ms"], 1), fmt(h["max_ms"], 1)]
+            for topology, h in handoff.items()
+        ]
+        out.append("Hand-off latency, /send's 200 to the sink's 250 (median of runs; target p50 < 20 ms, p99 < 100 ms):")
+        out.append(table(["topology", "messages", "p50 ms", "p90 ms", "p99 ms", "max ms"], rows))
+        out.append("")
     relay = summary.get("relay", {})
     if relay:
         rows = []
@@ -1645,6 +1746,16 @@ def evaluate(summary: dict[str, Any], all_runs: list[dict[str, Any]]) -> list[di
                         "met": "yes" if abs(change) <= 0.2 or change > 0 else "NO",
                     }
                 )
+    for topology, h in summary.get("handoff", {}).items():
+        if h["p50_ms"] is None or h["p99_ms"] is None:
+            continue
+        targets.append(
+            {
+                "target": f"hand-off ({topology}, light load): p50 < 20 ms, p99 < 100 ms",
+                "measured": f"p50 {h['p50_ms']:.1f} ms, p99 {h['p99_ms']:.1f} ms",
+                "met": "yes" if h["p50_ms"] < 20 and h["p99_ms"] < 100 else "NO",
+            }
+        )
     bad = [r for r in all_runs if r.get("duplicates") or r.get("lost")]
     if not all_runs:
         return targets
@@ -1697,6 +1808,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--mode",
         help=f"comma-separated: {', '.join(MODES)} (default relay; with --compare-postfix alone, none)",
+    )
+    parser.add_argument(
+        "--handoff-messages", type=int, default=300, help="POSTs per hand-off run, one recipient each (default 300)"
+    )
+    parser.add_argument(
+        "--handoff-rate", type=float, default=10.0, help="POSTs a second in the hand-off mode (default 10)"
     )
     parser.add_argument("--backlog-sizes", help="queued envelopes for the backlog mode (default 1000,100000)")
     parser.add_argument(
@@ -1951,6 +2068,23 @@ def main(argv: list[str]) -> int:
                             flush=True,
                         )
                     summary["backlog"][f"{size}/{topology}"] = summarize_backlog(done)
+        if "handoff" in args.modes:
+            summary["handoff"] = {}
+            for topology in args.topologies:
+                done = []
+                for index in range(args.runs):
+                    run = record(handoff_run(setup, topology, index + 1))
+                    done.append(run)
+                    h = run["handoff"]
+                    print(
+                        f"  handoff {topology} #{index + 1}: {h['count']} messages at {run['rate']:g}/s, 200 → 250 "
+                        f"p50 {h['p50_ms']} ms, p90 {h['p90_ms']} ms, p99 {h['p99_ms']} ms, max {h['max_ms']} ms; "
+                        f"dup {run['duplicates']}, lost {run['lost']}, errors {run['errors']}",
+                        flush=True,
+                    )
+                summary["handoff"][topology] = {
+                    key: median_of(done, f"handoff.{key}") for key in ("count", "p50_ms", "p90_ms", "p99_ms", "max_ms")
+                }
         if "smtp" in args.modes:
             summary["smtp"] = {}
             why_not = postfix.available()

@@ -53,6 +53,13 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
+def _workers(value: str) -> int:
+    """``auto`` or 0 (0: one per CPU, decided by :func:`mmgun.workers.worker_count`) or a number of processes."""
+    if value.strip().lower() in ("auto", "0"):
+        return 0
+    return _positive_int(value)
+
+
 def _non_negative_float(value: str) -> float:
     number = float(value)
     if not number >= 0 or number == float("inf"):
@@ -128,6 +135,8 @@ OPTIONS: dict[str, tuple[str | None, Callable[[str], object], str]] = {
     "max-connections": ("100", _positive_int, "most outgoing SMTP sessions at once"),
     "max-per-destination": ("10", _positive_int, "most SMTP sessions to one MX host at once"),
     "smtp-timeout": ("300s", parse_duration, "timeout of each SMTP command (connect: 30s)"),
+    "smtp-cache-time": ("2s", parse_duration, "keep an SMTP session to an MX open this long after its deliveries, for the next ones (0: close at once)"),
+    "smtp-cache-size": ("100", _non_negative_int, "most idle SMTP sessions kept open in all (at most --max-per-destination to one MX; 0: none)"),
     "lease-time": ("60s", parse_duration, "a sender's claim on an envelope, and a webhooks process's on its webhooks; renewed while it works, taken over after a crash"),
     "tls": ("opportunistic", _choice(TLS_MODES), "STARTTLS: opportunistic, require or verify"),
     "clean-interval": ("60s", parse_duration, "how often the cleaner runs"),
@@ -170,6 +179,11 @@ OPTIONS: dict[str, tuple[str | None, Callable[[str], object], str]] = {
     ),
     "max-smtp-connections": ("1000", _positive_int, "most SMTP submission connections open at once (all sources)"),
     "max-smtp-connections-per-source": ("20", _positive_int, "most SMTP submission connections open at once from one address"),
+    "workers": (
+        "auto",
+        _workers,
+        "HTTP frontend processes sharing --listen, supervised by this one, which runs the other roles (auto: one per CPU; 1: a single process, as before)",
+    ),
 }
 #: Boolean options (off unless given): name → help. In the environment: 1/true/yes or 0/false/no.
 FLAGS: dict[str, str] = {
@@ -214,6 +228,9 @@ class Config:
     max_connections: int
     max_per_destination: int
     smtp_timeout: float
+    #: The sender's SMTP connection cache (mmgun.smtp.SessionCache): idle time, and idle sessions in all.
+    smtp_cache_time: float
+    smtp_cache_size: int
     lease_time: float
     tls: str
     clean_interval: float
@@ -242,6 +259,8 @@ class Config:
     smtp_greet_pause: float
     max_smtp_connections: int
     max_smtp_connections_per_source: int
+    #: HTTP frontend worker processes (:mod:`mmgun.workers`); 0: auto, one per CPU.
+    workers: int
 
 
 class Options(usage.Options):

@@ -16,6 +16,12 @@ another; each domain's envelopes leave as soon as its lookup is done. The only w
 in which a crash duplicates mail is between the peer's 250 to the final "." and our
 commit of it (milliseconds): the lease then expires and the envelope is sent again.
 
+A session whose transactions are done is kept open for ``cache_time`` (``--smtp-cache-time``,
+2 s) rather than ended with QUIT (:class:`mmgun.smtp.SessionCache`, as Postfix's scache):
+the next batch for that MX runs over it without TCP, EHLO or STARTTLS. At most
+``max_per_destination`` idle sessions to one MX and ``cache_size`` in all, on top of the
+``max_connections`` busy ones; they are closed with QUIT when idle that long and at stop.
+
 While the database cannot be reached (any write of this sender — a claim, a lease renewal,
 a result — failed with :class:`mmgun.store.DatabaseUnavailable`: PostgreSQL down or cut
 off), the sender claims nothing and pings it at each poll instead, logging one line when
@@ -77,7 +83,7 @@ from twisted.logger import Logger, LogLevel
 from .bounces import mailbox_gone
 from .metrics import Metrics
 from .mx import MXHost, PermanentDNSError, TemporaryDNSError
-from .smtp import SessionFailed, SMTPSettings, Transaction, TransactionResult, send_session, wire_form
+from .smtp import SessionCache, SessionFailed, SMTPSettings, Transaction, TransactionResult, send_session, wire_form
 from .store import ClaimedEnvelope, DatabaseUnavailable, EnvelopeOutcome, RecipientOutcome, StorageError, Store
 
 _log = Logger()
@@ -147,6 +153,11 @@ class SenderSettings:
     #: A failed commit of delivery results is retried after this pause, doubling up to record_retry_max.
     record_retry_min: float = 0.5
     record_retry_max: float = 10.0
+    #: SMTP sessions are kept open this long after their deliveries, for the next ones to the
+    #: same MX (:class:`mmgun.smtp.SessionCache`), at most cache_size idle in all and
+    #: max_per_destination to one MX; 0 (either): every session ends with QUIT.
+    cache_time: float = 2.0
+    cache_size: int = 100
 
 
 def retry_delay(attempts: int, settings: SenderSettings, rng: random.Random) -> float:
@@ -186,7 +197,7 @@ class Sender(Service):
         settings: SenderSettings,
         *,
         port: int = 25,
-        session: SessionFunction = send_session,
+        session: SessionFunction | None = None,
         rng: random.Random | None = None,
         owner: str | None = None,
         metrics: Metrics | None = None,
@@ -195,7 +206,9 @@ class Sender(Service):
         """
         ``owner``: this sender's identity (default: the host name). ``wall``: the
         wall-clock time for what is stored (default: ``reactor.seconds``; production
-        passes ``time.time``, the reactor's clock being monotonic).
+        passes ``time.time``, the reactor's clock being monotonic). ``session``: what runs an SMTP
+        session (default: :func:`mmgun.smtp.send_session`, through this sender's connection
+        cache unless ``settings`` turn it off).
         """
         self._metrics = metrics if metrics is not None else Metrics()
         self._store = store
@@ -205,7 +218,10 @@ class Sender(Service):
         self._wall: Callable[[], float] = wall if wall is not None else reactor.seconds
         self._smtp = smtp
         self._settings = settings
-        self._session = session
+        self._session_given = session
+        self._session: SessionFunction = session if session is not None else send_session
+        #: Idle SMTP sessions kept for the next deliveries: made at each start, closed at the end of the stop.
+        self._cache: SessionCache | None = None
         self._rng = rng or random.Random()
         #: The identity asked for, and the one in use (the prefix of every lease we take).
         self.identity = owner or default_identity()
@@ -258,6 +274,14 @@ class Sender(Service):
         super().startService()
         self._stopping = False
         self._aborting = False
+        if self._session_given is None and self._settings.cache_time > 0 and self._settings.cache_size > 0:
+            self._cache = SessionCache(
+                self._clock,
+                idle_time=self._settings.cache_time,
+                per_destination=self._settings.max_per_destination,
+                size=self._settings.cache_size,
+            )
+            self._session = self._cache.send_session
         self._track(Deferred.fromCoroutine(self._start()))
 
     async def _start(self) -> None:
@@ -319,6 +343,8 @@ class Sender(Service):
         # First the connections: a reply that came in after the release below would be
         # a 250 for an envelope another sender may already be sending again.
         self._abort_sessions()
+        # The idle ones carry nothing: QUIT (awaited at the end, bounded by smtp.QUIT_TIMEOUT).
+        closing = self._cache.close() if self._cache is not None else None
         if self._retrying is not None:
             self._retrying.cancel()
         if self._unrecorded:
@@ -355,6 +381,8 @@ class Sender(Service):
                 await self._store.release(left, self._wall())
             except Exception:
                 _log.failure("could not release leases at shutdown; they expire by themselves")
+        if closing is not None:
+            await closing
 
     def _abort_sessions(self) -> None:
         """
@@ -388,6 +416,16 @@ class Sender(Service):
     def poll(self) -> Deferred[None]:
         """Claim what is due (as much as there is room for) and start delivering it. Never raises."""
         return Deferred.fromCoroutine(self._poll())
+
+    def wake(self) -> None:
+        """
+        Mail was queued that is due now (:mod:`mmgun.wakeup`): claim at once rather than at
+        the next poll. Ignored before the poll loop has started (the identity is taken and
+        the previous run's envelopes reclaimed first) and once stopping; wakes that come
+        during a claim make one more claim after it, however many they are.
+        """
+        if self._poller.running and not self._stopping:
+            self.poll()
 
     async def _poll(self) -> None:
         if self._stopping:

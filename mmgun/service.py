@@ -10,11 +10,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.http import Request
@@ -162,7 +164,27 @@ class QueueGauges(TimerService):
         gauges.oldest_age = 0.0 if depth.oldest_created_at is None else now - depth.oldest_created_at
 
 
-def make_service(config: Config, reactor: Any, *, clients: Clients | None = None) -> OrderedService:
+def make_service(
+    config: Config,
+    reactor: Any,
+    *,
+    clients: Clients | None = None,
+    workers: int = 1,
+    inherited: IStreamServerEndpoint | None = None,
+) -> OrderedService:
+    """
+    The roles of ``config`` on one store. With ``workers`` above 1 (twistd's makeService
+    passes :func:`mmgun.workers.worker_count`) and the frontend role, the frontend runs in
+    that many supervised worker processes instead (:class:`mmgun.workers.WorkerPool`);
+    ``inherited``: in such a worker, the endpoint accepting on the listening socket it
+    inherited, used instead of binding ``--listen``.
+    """
+    pool = None
+    if workers > 1 and "frontend" in config.roles:
+        from .workers import WorkerPool
+
+        pool = WorkerPool(config, reactor, workers)
+        config = attrs.evolve(config, roles=tuple(role for role in config.roles if role != "frontend"))
     root = OrderedService()
     metrics = Metrics()
     store = open_store(config.database, reactor, config.database_pool_size)
@@ -176,6 +198,7 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
         # added early, so stopped last: scrapes work while deliveries drain.
         Listener(config.metrics_listen, metrics_site(metrics), reactor).setServiceParent(root)
 
+    wakeup = make_wakeup(config, reactor, root)
     if "frontend" in config.roles:
         from .limits import QueueCap
         from .signer import SignerProcess
@@ -197,14 +220,15 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
             health=Health(store, config.database, reactor, min_free_space=config.min_free_space),
             wall=time.time,
             signer=signer,
+            wake=wakeup,
         )
         ClientsReloader(holder, reactor).setServiceParent(root)
         QueueGauges(store, metrics, reactor, wall=time.time).setServiceParent(root)
-        http = HTTPService(config.listen, frontend.site(), reactor, grace=min(config.shutdown_timeout, 10.0))
+        http = HTTPService(config.listen, frontend.site(), reactor, grace=min(config.shutdown_timeout, 10.0), endpoint=inherited)
         submission = make_submission(config, frontend.pipeline, reactor) if config.smtp_listen else None
 
     if "sender" in config.roles:
-        make_sender(config, store, reactor, metrics).setServiceParent(root)
+        make_sender(config, store, reactor, metrics, wakeup=wakeup).setServiceParent(root)
 
     if "cleaner" in config.roles:
         from .cleaner import Cleaner
@@ -225,13 +249,35 @@ def make_service(config: Config, reactor: Any, *, clients: Clients | None = None
         http.setServiceParent(root)
         if submission is not None:
             submission.setServiceParent(root)
+    if pool is not None:
+        # Added last, so stopped first: the workers answer their requests in flight while the sender still runs.
+        pool.setServiceParent(root)
     return root
+
+
+def make_wakeup(config: Config, reactor: Any, root: MultiService) -> Any:
+    """
+    This process's :class:`mmgun.wakeup.Wakeup` (issue 17): a frontend calls it after each
+    commit of mail due now; it wakes this process's sender directly (:func:`make_sender`
+    subscribes it) and, through the wake directory beside an SQLite database, the senders
+    of other processes. A notifier is made only where a frontend runs.
+    """
+    from .sender import default_identity
+    from .wakeup import WakeNotifier, Wakeup, listener_name, wake_directory
+
+    directory = wake_directory(config.database)
+    if directory is None or "frontend" not in config.roles:
+        return Wakeup()
+    own = None
+    if "sender" in config.roles:
+        own = os.path.join(directory, listener_name(config.sender_id or default_identity()) + ".sock")
+    notifier = WakeNotifier(directory, reactor, own=own)
+    _OnStop(notifier.close).setServiceParent(root)
+    return Wakeup(notifier)
 
 
 def make_submission(config: Config, pipeline: Any, reactor: Any) -> MultiService:
     """SMTP submission (:mod:`mmgun.submission`) on every ``--smtp-listen``, through the HTTP API's ``pipeline``."""
-    import attrs
-
     from .submission import SubmissionServer, SubmissionService, settings_from, tls_options
 
     tls = None
@@ -287,12 +333,12 @@ class HTTPService(MultiService):
     seconds to be answered, then close every connection (idle keep-alive ones at once).
     """
 
-    def __init__(self, listen: str, site: Any, reactor: Any, grace: float) -> None:
+    def __init__(self, listen: str, site: Any, reactor: Any, grace: float, endpoint: IStreamServerEndpoint | None = None) -> None:
         super().__init__()
         self.site = site
         self._reactor = reactor
         self._grace = grace
-        self.listener = Listener(listen, site, reactor)
+        self.listener = Listener(listen, site, reactor, endpoint=endpoint)
         self.listener.setServiceParent(self)
 
     async def _stop(self) -> None:
@@ -317,9 +363,11 @@ class Listener(StreamServerEndpointService):
     traceback from inside twistd; binding again later is a no-op.
     """
 
-    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
+    def __init__(self, description: str, factory: Any, reactor: Any, endpoint: IStreamServerEndpoint | None = None) -> None:
+        # ``endpoint``: listen there instead (an inherited socket; ``description`` names it in errors).
         try:
-            endpoint = endpoints.serverFromString(reactor, description)
+            if endpoint is None:
+                endpoint = endpoints.serverFromString(reactor, description)
         except (ValueError, TypeError) as e:
             raise ListenError(f"cannot listen on {description}: {e}") from None
         super().__init__(endpoint, factory)
@@ -482,7 +530,14 @@ def http_connection_cap(config: Config, open_files: int) -> int:
     return cap
 
 
-def make_sender(config: Config, store: Store, reactor: Any, metrics: Metrics | None = None) -> MultiService:
+def make_sender(
+    config: Config, store: Store, reactor: Any, metrics: Metrics | None = None, *, wakeup: Any = None
+) -> MultiService:
+    """
+    The sender role. With ``wakeup`` (:func:`make_wakeup`) this process's frontend wakes it
+    directly; beside an SQLite database it also listens in the wake directory for the
+    frontends of other processes (:mod:`mmgun.wakeup`).
+    """
     from .mx import ANY_ADDRESS, LocalAddresses, MXResolver, PublicOnly, RelayHost, make_resolver, parse_hostport
     from .sender import Sender, SenderSettings
     from .smtp import SMTPSettings, TLSMode
@@ -510,14 +565,22 @@ def make_sender(config: Config, store: Store, reactor: Any, metrics: Metrics | N
         lease_time=config.lease_time,
         mx_address_limit=config.mx_address_limit,
         mx_session_limit=config.mx_session_limit,
+        cache_time=config.smtp_cache_time,
+        cache_size=config.smtp_cache_size,
     )
     sender = MultiService()
     # The DNS cache keeps a timer per entry; dropping it at stop leaves the reactor clean.
     _OnStop(getattr(resolver, "clear", lambda: None)).setServiceParent(sender)
     # Stored timestamps are wall-clock time; the reactor's clock is monotonic (mmgun.clock).
-    Sender(
-        store, router, reactor, smtp, settings, metrics=metrics, owner=config.sender_id, wall=time.time
-    ).setServiceParent(sender)
+    role = Sender(store, router, reactor, smtp, settings, metrics=metrics, owner=config.sender_id, wall=time.time)
+    role.setServiceParent(sender)
+    if wakeup is not None:
+        from .wakeup import WakeListener, listener_name, wake_directory
+
+        wakeup.subscribe(role.wake)
+        directory = wake_directory(config.database)
+        if directory is not None:
+            WakeListener(directory, listener_name(role.identity), role.wake, reactor).setServiceParent(sender)
     return sender
 
 

@@ -38,6 +38,10 @@ recipients fail permanently (554 5.6.3). It is not converted to 7 bit.
 
 The caller gets one L{TransactionResult} per L{Transaction}, or
 L{SessionFailed} when nothing was attempted on this host.
+
+L{SessionCache} keeps sessions open between calls (no QUIT) for the next
+call to the same MX, which then skips TCP, EHLO and STARTTLS; a parked
+session the peer closed, or spoke on, is dropped and never reused.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ import attrs
 from OpenSSL import SSL
 from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -77,6 +81,7 @@ __all__ = [
     "Reply",
     "RecipientResult",
     "SMTPSettings",
+    "SessionCache",
     "SessionFailed",
     "TLSMode",
     "Transaction",
@@ -282,6 +287,9 @@ _MAX_REPLY_LINES = 100
 # session puts in its transport's buffer at once (times --max-connections).
 _ONE_WRITE_MAX = 256 * 1024
 
+#: How long a cached session's QUIT may wait for its reply before the connection is dropped.
+QUIT_TIMEOUT = 5.0
+
 
 def _reply(code: int, resp: bytes | str) -> Reply:
     """
@@ -364,6 +372,7 @@ class _Phase(enum.Enum):
     DATA = "DATA"
     RSET = "RSET"
     QUIT = "QUIT"
+    IDLE = "idle"
 
 
 @attrs.define
@@ -384,9 +393,14 @@ class _Outcome:
     last_replies: list[Reply | None]  # per result, for the log
     failure: Reply | None  # set when no transaction was started
     tls_failed: bool
+    #: A reused session whose connection was found dead before the peer answered anything:
+    #: nothing of it was started, and a fresh connection may be tried at once.
+    stale: bool = False
+    #: The session, when it was kept open (SessionCache) rather than ended with QUIT.
+    session: _ESMTPSession | None = None
 
 
-_Then = Literal["quit", "close", "abort", "nothing"]
+_Then = Literal["quit", "close", "abort", "nothing", "park"]
 
 
 class _ESMTPSession(ESMTPClient):
@@ -413,6 +427,7 @@ class _ESMTPSession(ESMTPClient):
         on_result: Callable[[TransactionResult], object] | None = None,
         may_start: Callable[[Transaction], bool] | None = None,
         on_dot_sent: Callable[[Transaction], object] | None = None,
+        keep: bool = False,
     ) -> None:
         super().__init__(None, tls, settings.helo)
         # ESMTPClient declares C{context = None}; this is the same object, typed.
@@ -446,6 +461,24 @@ class _ESMTPSession(ESMTPClient):
         self._body_call: IDelayedCall | None = None
         # The next transaction's group went out behind the final "." (_send_body_and_dot).
         self._group_sent = False
+        # Connection cache (SessionCache): at the end of the transactions, park the session
+        # (no QUIT) rather than end it; a parked session can be given more with reuse().
+        self._keep = keep
+        self._parked = False
+        # The server has a mail transaction open (all recipients refused): RSET before the next MAIL.
+        self._rset_due = False
+        # Told when a parked session can no longer be used (the peer closed it or spoke unasked).
+        self.on_idle_lost: Callable[[_ESMTPSession], object] | None = None
+        # Set when the connection is gone (or going): never reused after that.
+        self.gone = False
+        # Since the last reuse(): whether any reply came, and whether the caller held the run back.
+        self._reused = False
+        self._replied = False
+        self._held = False
+        # When the connection was made (the clock's time), for SessionCache's max_age.
+        self.connected_at = 0.0
+        # Fired when the connection is closed, if set (SessionCache.close waits on it).
+        self.connection_closed: Deferred[None] | None = None
 
     # -- connection and reply parsing ----------------------------------------
 
@@ -460,11 +493,18 @@ class _ESMTPSession(ESMTPClient):
         if set_no_delay is not None:
             set_no_delay(True)
         super().connectionMade()
+        self.connected_at = self._clock.seconds()
         # SMTPClient.timeout is None: no timeout at all.
         self.setTimeout(self._settings.command_timeout)
         self._phase = _Phase.GREETING
 
     def dataReceived(self, data: bytes) -> None:
+        if self._parked:
+            # Nothing is asked while idle: whatever comes (a 421 before the server's own idle
+            # timeout, or garbage) makes the session unusable.
+            self._idle_lost()
+            self._connected().loseConnection()
+            return
         super().dataReceived(data)
         if self._body_due and self._body_call is None:
             # Not now but on the reactor's next turn: a reply the server sent behind
@@ -506,6 +546,7 @@ class _ESMTPSession(ESMTPClient):
         code = int(match.group(1))
         resp = b"\n".join(self._reply_lines)
         self._reply_lines = []
+        self._replied = True
         if self._finished and self._phase is not _Phase.QUIT:
             # Lines that were already buffered when the session was given up.
             return
@@ -537,6 +578,9 @@ class _ESMTPSession(ESMTPClient):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        self._idle_lost()
+        if self.connection_closed is not None and not self.connection_closed.called:
+            self.connection_closed.callback(None)
         if self._finished:
             return
         if self._phase in (_Phase.STARTTLS, _Phase.TLS):
@@ -656,7 +700,7 @@ class _ESMTPSession(ESMTPClient):
         """Start the next transaction (after EHLO/HELO, RSET or a finished one)."""
         self._refuse_eight_bit()
         if self._next_index >= len(self._transactions):
-            self._finish(None, then="quit")
+            self._end_of_transactions(rset=False)
             return
         if not self._may_open():
             self._hold_back(then="quit")
@@ -701,6 +745,7 @@ class _ESMTPSession(ESMTPClient):
 
     def _hold_back(self, *, then: _Then) -> None:
         """End the session before the next transaction, which the caller holds back: it and the rest are not started."""
+        self._held = True
         self._finish(self._synthesized(f"4.3.0 transaction held back by mmgun; nothing sent ({self._host})"), then=then)
 
     def _refuse_eight_bit(self) -> None:
@@ -908,7 +953,7 @@ class _ESMTPSession(ESMTPClient):
         if not self._group_sent:
             self._refuse_eight_bit()
         if self._next_index >= len(self._transactions):
-            self._finish(None, then="quit")
+            self._end_of_transactions(rset=rset)
         elif (self._group_sent or (rset and self._pipelining)) and not self._may_open():
             # The caller holds the next transaction back. If its MAIL FROM, RCPT TOs and
             # DATA already went out behind the final "." (a QUIT would now be read as
@@ -989,6 +1034,13 @@ class _ESMTPSession(ESMTPClient):
         if self._finished:
             return
         self._finished = True
+        # A reused session that died before the peer answered anything (it had closed the
+        # idle connection meanwhile): the MAIL FROM may have gone out, but no message did
+        # (its body waits for a 354), so nothing here was started.
+        stale = reason is not None and self._reused and not self._replied and not self._held
+        if stale:
+            self._current = None
+            self._next_index = len(self._results)
         if reason is not None:
             if self._current is not None:
                 progress = self._current
@@ -1006,10 +1058,21 @@ class _ESMTPSession(ESMTPClient):
         outcome = _Outcome(
             results=self._results,
             last_replies=self._last_replies,
-            failure=reason if not self._started else None,
+            failure=reason if not self._started or stale else None,
             tls_failed=tls_failed,
+            stale=stale,
+            session=self if then == "park" else None,
         )
-        if then == "quit":
+        if then == "park":
+            self._parked = True
+            self._phase = _Phase.IDLE
+            self.setTimeout(None)  # the cache's idle timer takes over
+            # Hold no message or caller state while idle (the outcome keeps its own lists).
+            self._transactions = ()
+            self._results = []
+            self._last_replies = []
+            self._on_result = self._may_start = self._on_dot_sent = None
+        elif then == "quit":
             self._phase = _Phase.QUIT
             self._disconnectFromServer()
         elif then == "close" and self.transport is not None:
@@ -1026,7 +1089,70 @@ class _ESMTPSession(ESMTPClient):
 
     def _cancel(self) -> None:
         self._finished = True
+        self.gone = True
         self._abort()
+
+    # -- connection cache -------------------------------------------------------
+
+    def _end_of_transactions(self, *, rset: bool) -> None:
+        """Every transaction has its outcome: QUIT, or park the session for the cache."""
+        if self._keep and not self.gone and not (self._buffer or self._reply_lines):
+            self._rset_due = rset
+            self._finish(None, then="park")
+        else:
+            self._finish(None, then="quit")
+
+    def _idle_lost(self) -> None:
+        """The connection can no longer carry a session: never reused; the cache is told if it holds it."""
+        if self.gone:
+            return
+        self.gone = True
+        if self._parked:
+            self._parked = False
+            if self.on_idle_lost is not None:
+                self.on_idle_lost(self)
+
+    def reuse(
+        self,
+        transactions: Sequence[Transaction],
+        on_result: Callable[[TransactionResult], object] | None,
+        may_start: Callable[[Transaction], bool] | None,
+        on_dot_sent: Callable[[Transaction], object] | None,
+    ) -> Deferred[_Outcome]:
+        """
+        Run more transactions over this parked session (no new TCP, EHLO or STARTTLS), as
+        a fresh session would; L{ended} is a new Deferred for them. When the connection turns
+        out dead before any reply, the outcome is C{stale}: nothing started.
+        """
+        assert self._parked and not self.gone, "only a parked, live session is reused"
+        self._parked = False
+        self._transactions = transactions
+        self._on_result = on_result
+        self._may_start = may_start
+        self._on_dot_sent = on_dot_sent
+        self._next_index = 0
+        self._current = None
+        self._results = []
+        self._last_replies = []
+        self._started = 0
+        self._finished = False
+        self._reused = True
+        self._replied = False
+        self._held = False
+        self.ended = Deferred(lambda d: self._cancel())
+        self.setTimeout(self._settings.command_timeout)
+        self._next_transaction(rset=self._rset_due)
+        return self.ended
+
+    def quit(self) -> None:
+        """Close a parked session politely: QUIT, then close; aborted if the peer does not answer in time."""
+        if not self._parked or self.gone:
+            return
+        self._parked = False
+        self.gone = True
+        self._phase = _Phase.QUIT
+        self.setTimeout(min(self._settings.command_timeout, QUIT_TIMEOUT))
+        self._disconnectFromServer()
 
 
 def _endpoint(reactor: IReactorTCP, address: str, port: int, timeout: float) -> IStreamClientEndpoint:
@@ -1055,6 +1181,145 @@ class _OneSession(Factory):
         return self._session
 
 
+class SessionCache:
+    """
+    SMTP sessions kept open between deliveries, as Postfix's scache: a session that ends
+    with every transaction settled is parked (no QUIT) for C{idle_time} seconds, and the
+    next L{send_session} to the same MX (host name, address and port) runs over it without
+    a new TCP connection, EHLO or STARTTLS. A parked session is closed with QUIT when its
+    time is up, when it has been open C{max_age} seconds, or at L{close}; one that the
+    peer closed or spoke on while idle is dropped from the cache at once and never reused,
+    and one that turns out dead when reused (before any reply) has started nothing: the
+    session goes on over another parked one, or a new connection.
+
+    At most C{per_destination} sessions are parked for one MX, and C{size} in all: a
+    session that would pass either bound is ended with QUIT instead, except that the one
+    idle longest elsewhere is closed to make room under C{size}.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        idle_time: float = 2.0,
+        per_destination: int = 10,
+        size: int = 100,
+        max_age: float = 300.0,
+    ) -> None:
+        self._clock = clock
+        self._idle_time = idle_time
+        self._per_destination = per_destination
+        self._size = size
+        self._max_age = max_age
+        #: Parked sessions by MX, most recently parked last; each with its expiry timer.
+        self._idle: dict[tuple[str, str, int], list[tuple[_ESMTPSession, IDelayedCall]]] = {}
+        self._closed = False
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self._idle.values())
+
+    async def send_session(
+        self,
+        reactor: IReactorTCP,
+        host: str,
+        address: str,
+        port: int,
+        transactions: Sequence[Transaction],
+        settings: SMTPSettings,
+        on_result: Callable[[TransactionResult], object] | None = None,
+        may_start: Callable[[Transaction], bool] | None = None,
+        on_dot_sent: Callable[[Transaction], object] | None = None,
+    ) -> list[TransactionResult]:
+        """L{send_session}, over a parked session when there is one, leaving its own parked."""
+        return await _send_session(
+            reactor, host, address, port, transactions, settings, on_result, may_start, on_dot_sent, cache=self
+        )
+
+    def _take(self, key: tuple[str, str, int]) -> _ESMTPSession | None:
+        """The most recently parked live session to C{key}, out of the cache; None if there is none."""
+        entries = self._idle.get(key)
+        while entries:
+            session, timer = entries.pop()
+            if not entries:
+                del self._idle[key]
+            if timer.active():
+                timer.cancel()
+            session.on_idle_lost = None
+            if not session.gone:
+                return session
+        return None
+
+    def _park(self, key: tuple[str, str, int], session: _ESMTPSession) -> None:
+        if self._closed or session.gone or self._clock.seconds() - session.connected_at >= self._max_age:
+            self._end(session)
+            return
+        entries = self._idle.setdefault(key, [])
+        if len(entries) >= self._per_destination:
+            self._end(session)
+            return
+        if len(self) >= self._size:
+            oldest = min(
+                (entry for k, es in self._idle.items() if k != key for entry in es[:1]),
+                key=lambda entry: entry[1].getTime(),
+                default=None,
+            )
+            if oldest is None:
+                self._end(session)
+                return
+            self._drop(oldest[0])
+            self._end(oldest[0])
+        timer = self._clock.callLater(self._idle_time, self._expire, session)
+        session.on_idle_lost = self._lost
+        entries.append((session, timer))
+
+    def _drop(self, session: _ESMTPSession) -> None:
+        """Take C{session} out of the cache (its timer cancelled), wherever it is."""
+        for key, entries in list(self._idle.items()):
+            for index, (parked, timer) in enumerate(entries):
+                if parked is session:
+                    del entries[index]
+                    if not entries:
+                        del self._idle[key]
+                    if timer.active():
+                        timer.cancel()
+                    session.on_idle_lost = None
+                    return
+
+    def _end(self, session: _ESMTPSession) -> None:
+        """QUIT a session that is not (or no longer) in the cache."""
+        session.quit()
+
+    def _expire(self, session: _ESMTPSession) -> None:
+        self._drop(session)
+        self._end(session)
+
+    def _lost(self, session: _ESMTPSession) -> None:
+        """The peer closed a parked session, or spoke on it unasked: out of the cache, never reused."""
+        self._drop(session)
+
+    def close(self) -> Deferred[None]:
+        """
+        QUIT every parked session and park none from now on; fires once their connections
+        are closed (a peer that does not answer QUIT is cut off after QUIT_TIMEOUT).
+        """
+        self._closed = True
+        waits: list[Deferred[None]] = []
+        for entries in list(self._idle.values()):
+            for session, _ in list(entries):
+                self._drop(session)
+                closed: Deferred[None] = Deferred()
+                session.on_idle_lost = None
+                session.connection_closed = closed
+                waits.append(closed)
+                self._end(session)
+        done: Deferred[None] = Deferred()
+        if not waits:
+            done.callback(None)
+            return done
+        DeferredList(waits).addBoth(lambda _: done.callback(None))
+        return done
+
+
 async def _attempt(
     reactor: IReactorTCP,
     clock: IReactorTime,
@@ -1067,6 +1332,7 @@ async def _attempt(
     on_result: Callable[[TransactionResult], object] | None = None,
     may_start: Callable[[Transaction], bool] | None = None,
     on_dot_sent: Callable[[Transaction], object] | None = None,
+    keep: bool = False,
 ) -> _Outcome:
     session = _ESMTPSession(
         clock=clock,
@@ -1077,6 +1343,7 @@ async def _attempt(
         on_result=on_result,
         may_start=may_start,
         on_dot_sent=on_dot_sent,
+        keep=keep,
     )
     connecting = _endpoint(reactor, address, port, settings.connect_timeout).connect(_OneSession(session))
     # Also enforced here, on the injected clock, whatever the reactor does
@@ -1129,6 +1396,10 @@ async def send_session(
     is being written: from then on the peer may have taken the message, even
     if the connection is lost before its reply.
 
+    Through L{SessionCache.send_session}, the same, except that the session
+    may run over a connection a previous session left open, and is left open
+    in its turn (no QUIT) for the next.
+
     Returns one L{TransactionResult} per transaction, in order, as soon as all
     outcomes are known. Raises L{SessionFailed} if no transaction was started.
     Never reconnects once a transaction has started, so nothing is sent
@@ -1139,6 +1410,24 @@ async def send_session(
     @raise ValueError: an address is not ASCII or contains control characters
         or angle brackets, or a transaction has no recipients.
     """
+    return await _send_session(
+        reactor, host, address, port, transactions, settings, on_result, may_start, on_dot_sent, cache=None
+    )
+
+
+async def _send_session(
+    reactor: IReactorTCP,
+    host: str,
+    address: str,
+    port: int,
+    transactions: Sequence[Transaction],
+    settings: SMTPSettings,
+    on_result: Callable[[TransactionResult], object] | None,
+    may_start: Callable[[Transaction], bool] | None,
+    on_dot_sent: Callable[[Transaction], object] | None,
+    *,
+    cache: SessionCache | None,
+) -> list[TransactionResult]:
     for transaction in transactions:
         _check_address(transaction.mail_from, "sender")
         if not transaction.recipients:
@@ -1150,20 +1439,43 @@ async def send_session(
     if not transactions:
         return []
     clock = IReactorTime(reactor)
+    key = (host, address, port)
+    keep = cache is not None
+    reused = False
     try:
-        outcome = await _attempt(
-            reactor,
-            clock,
-            host,
-            address,
-            port,
-            transactions,
-            settings,
-            _tls_creator(settings, host),
-            on_result,
-            may_start,
-            on_dot_sent,
-        )
+        outcome: _Outcome | None = None
+        while cache is not None and outcome is None:
+            idle = cache._take(key)
+            if idle is None:
+                break
+            outcome = await idle.reuse(transactions, on_result, may_start, on_dot_sent)
+            if outcome.stale:
+                # The peer closed it while it was idle (or just then): nothing was started;
+                # the next idle one, or a new connection.
+                _log.info(
+                    "cached session with {host} [{address}] was closed by the peer; not reused",
+                    host=host,
+                    address=address,
+                    reply=str(outcome.failure),
+                )
+                outcome = None
+            else:
+                reused = True
+        if outcome is None:
+            outcome = await _attempt(
+                reactor,
+                clock,
+                host,
+                address,
+                port,
+                transactions,
+                settings,
+                _tls_creator(settings, host),
+                on_result,
+                may_start,
+                on_dot_sent,
+                keep,
+            )
         if outcome.tls_failed and settings.tls is TLSMode.OPPORTUNISTIC:
             _log.warn(
                 "TLS with {host} [{address}] failed ({reply}); retrying in clear text",
@@ -1172,7 +1484,18 @@ async def send_session(
                 reply=str(outcome.failure),
             )
             outcome = await _attempt(
-                reactor, clock, host, address, port, transactions, settings, None, on_result, may_start, on_dot_sent
+                reactor,
+                clock,
+                host,
+                address,
+                port,
+                transactions,
+                settings,
+                None,
+                on_result,
+                may_start,
+                on_dot_sent,
+                keep,
             )
         if outcome.failure is not None:
             raise SessionFailed(outcome.failure)
@@ -1192,10 +1515,13 @@ async def send_session(
     for result in outcome.results:
         for recipient_result in result.recipients.values():
             counts[recipient_result.outcome] += 1
+    if outcome.session is not None and cache is not None:
+        cache._park(key, outcome.session)
     _log.info(
         "session with {host} [{address}]: {transactions} transactions, {sent} sent, {failed} failed, {deferred} deferred",
         host=host,
         address=address,
+        reused=reused,
         transactions=len(outcome.results),
         started=sum(1 for r in outcome.results if r.started),
         codes=[r.code if r is not None else None for r in outcome.last_replies],

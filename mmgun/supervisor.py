@@ -203,7 +203,8 @@ class ChildProcess(Service):
     A child process started with the service, started again when it exits, stopped with it
     (see the module docstring). ``reactor`` spawns it; ``clock`` (default: ``reactor``)
     times the back-off and the stop timeout; ``publisher`` receives the child's log events
-    (default: the global log publisher).
+    (default: the global log publisher); ``extra_fds`` maps descriptors of the child to
+    this process's (e.g. ``{3: listening_socket}``), inherited at every start.
     """
 
     def __init__(
@@ -216,6 +217,7 @@ class ChildProcess(Service):
         stop_timeout: float,
         clock: IReactorTime | None = None,
         publisher: ILogObserver | None = None,
+        extra_fds: Mapping[int, int] | None = None,
     ) -> None:
         self.name = name  # type: ignore[assignment]  # Service.name is None until named
         self._reactor = reactor
@@ -223,6 +225,8 @@ class ChildProcess(Service):
         self._argv = list(argv)
         self._env = dict(env)
         self._stop_timeout = stop_timeout
+        #: The child's descriptor → this process's, passed on at every start (a shared listening socket).
+        self._extra_fds = dict(extra_fds or {})
         # The folder relative paths (the database, the clients file) mean: where mmgun was
         # started. twistd --rundir changes folder before the service starts; the child must not.
         self._cwd = os.getcwd()
@@ -239,6 +243,14 @@ class ChildProcess(Service):
         """The pid of the running child (None: none runs now)."""
         child = self._child
         return child.pid if child is not None and not child.ended else None
+
+    def send_signal(self, name: str) -> bool:
+        """Send the running child the signal ``name`` (e.g. "HUP"); False when none runs."""
+        child = self._child
+        if child is None or child.ended or child.stopping:
+            return False
+        child.signal(name)
+        return True
 
     def startService(self) -> None:
         super().startService()
@@ -261,7 +273,12 @@ class ChildProcess(Service):
         child = _Child(self, self._clock.seconds())
         try:
             self._reactor.spawnProcess(
-                child, self._argv[0], self._argv, env=self._env, path=self._cwd, childFDs={0: "w", 1: "r", 2: "r"}
+                child,
+                self._argv[0],
+                self._argv,
+                env=self._env,
+                path=self._cwd,
+                childFDs={0: "w", 1: "r", 2: "r", **self._extra_fds},
             )
         except Exception:
             _log.failure("could not start the {process} process", process=self.name)
@@ -408,9 +425,13 @@ class ParentWatch(Service):
             reader.stopReading()
 
 
-def ignore_terminal_signals() -> None:
-    """A supervised child leaves SIGINT and SIGHUP (sent by a terminal to the whole process group) to its parent."""
-    for signum in (signal.SIGINT, signal.SIGHUP):
+def ignore_terminal_signals(*, keep_sighup: bool = False) -> None:
+    """
+    A supervised child leaves SIGINT and SIGHUP (sent by a terminal to the whole process
+    group) to its parent. With ``keep_sighup`` (a frontend worker, whose SIGHUP reloads the
+    clients file and which its parent forwards SIGHUP to) SIGHUP keeps its handler.
+    """
+    for signum in (signal.SIGINT,) if keep_sighup else (signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
 
 

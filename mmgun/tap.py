@@ -33,6 +33,11 @@ class Options(_config.Options):
         if self.config.log_format == "json" and self.parent is not None and not self.parent.get("logger"):
             # twistd resolves this name after we return (ServerOptions.postOptions).
             self.parent["logger"] = "mmgun.logs.json_observer"
+        from .workers import workers_problem
+
+        problem = workers_problem(self.config)
+        if problem is not None:
+            raise usage.UsageError(problem)
         if "frontend" in self.config.roles:
             from .service import demo_id_problem
 
@@ -56,7 +61,15 @@ def makeService(options: Options) -> IService:
     use_monotonic_time(reactor)
     raise_open_files_limit()
     try:
-        service = make_service(options.config, reactor, clients=getattr(options, "clients", None))
+        from .workers import inherited_endpoint, worker_count
+
+        service = make_service(
+            options.config,
+            reactor,
+            clients=getattr(options, "clients", None),
+            workers=worker_count(options.config),
+            inherited=inherited_endpoint(reactor),
+        )
         # Bound now, before twistd starts logging and the service tree: a port in use is
         # one line and exit status 1, not a traceback from privilegedStartService.
         bind_listeners(service)
@@ -69,7 +82,11 @@ def makeService(options: Options) -> IService:
     if supervised():
         # A child of another mmgun process (mmgun.supervisor): it ends when that one closes our stdin or is gone.
         ParentWatch(reactor).setServiceParent(service)
-        reactor.callWhenRunning(ignore_terminal_signals)
+        # Until a frontend worker's clients reloader installs its handler (at start), a SIGHUP
+        # passed on by the parent must not end it (the default action).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # A frontend worker (mmgun.workers) keeps SIGHUP: its parent passes it on, and it reloads the clients file.
+        reactor.callWhenRunning(ignore_terminal_signals, keep_sighup="frontend" in options.config.roles)
     parent = options.parent
     if options.config.log_format == "text" and parent is not None and "logfile" in parent and "nodaemon" in parent:
         # twistd's options (`twist` has neither and logs to standard output itself).

@@ -64,6 +64,8 @@ EVERY_OPTION = {
     "max-connections": "13",
     "max-per-destination": "3",
     "smtp-timeout": "17s",
+    "smtp-cache-time": "4s",
+    "smtp-cache-size": "12",
     "lease-time": "19s",
     "tls": "verify",
     "clean-interval": "23s",
@@ -87,6 +89,7 @@ EVERY_OPTION = {
     "smtp-greet-pause": "0.5",
     "max-smtp-connections": "11",
     "max-smtp-connections-per-source": "3",
+    "workers": "3",
 }
 
 

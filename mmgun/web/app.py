@@ -258,6 +258,7 @@ class Frontend:
         health: Health | None = None,
         wall: Callable[[], float] | None = None,
         signer: Signer | None = None,
+        wake: Callable[[], None] | None = None,
         **fields: Any,
     ) -> None:
         self.settings = WebSettings(**fields) if settings is None else attrs.evolve(settings, **fields)
@@ -274,6 +275,7 @@ class Frontend:
             health=health,
             wall=wall,
             signer=signer,
+            wake=wake,
         )
         self.json_api = json_api.JSONAPI(
             self.pipeline, store, self.settings, metrics=self.metrics, health=health, wall=wall if wall is not None else clock.seconds

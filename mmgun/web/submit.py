@@ -102,8 +102,13 @@ class Pipeline:
         health: Health | None = None,
         wall: Callable[[], float] | None = None,
         signer: Signer | None = None,
+        wake: Callable[[], None] | None = None,
     ) -> None:
-        """``signer`` DKIM-signs messages (:class:`mmgun.signer.SignerProcess`; default: in this process)."""
+        """
+        ``signer`` DKIM-signs messages (:class:`mmgun.signer.SignerProcess`; default: in this process).
+        ``wake`` is called after the commit of mail due now (:class:`mmgun.wakeup.Wakeup`).
+        """
+        self._wake = wake
         self._store = store
         self._settings = settings
         self._metrics = metrics
@@ -351,6 +356,11 @@ class Pipeline:
             for submission in admitted:
                 cap.forget(client, len(submission.recipients), len(submission.message))  # type: ignore[union-attr]
             raise
+        if self._wake is not None and at is None and not test_mode and any(
+            new.id == i for new, i in zip(submissions, ids, strict=True)
+        ):
+            # Committed and due now: the sender need not wait for its next poll (issue 17).
+            self._wake()
         for submission, submission_id in zip(submissions, ids, strict=True):
             if submission_id != submission.id:
                 if cap is not None:
