@@ -71,7 +71,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -661,6 +661,42 @@ def database_mib(setup: Setup, database: Path | str) -> float | None:
     return mib(int(size) // 1024)
 
 
+def start_loadgen(args: argparse.Namespace, result: Path, *options: str, prefix: Sequence[str] = ()) -> subprocess.Popen[str]:
+    """
+    bench/loadgen.py with ``options`` (its target, count, content, credentials) and the run's
+    concurrency, body size and deadline, started and waiting: it has said "ready" and sends
+    its load when it reads "go". ``prefix``: a command it runs under (ip netns exec …).
+    """
+    loadgen = subprocess.Popen(
+        [
+            *prefix,
+            PYTHON,
+            str(HERE / "loadgen.py"),
+            *options,
+            f"--concurrency={args.concurrency}",
+            f"--body-size={args.body_size}",
+            f"--deadline={args.time_limit}",
+            f"--result={result}",
+            "--ready",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert loadgen.stdin is not None and loadgen.stdout is not None
+    if loadgen.stdout.readline().strip() != "ready":
+        loadgen.kill()
+        raise RuntimeError("the load generator did not start")
+    return loadgen
+
+
+def go(loadgen: subprocess.Popen[str]) -> None:
+    """Start the load of a load generator :func:`start_loadgen` made ready."""
+    assert loadgen.stdin is not None
+    loadgen.stdin.write("go\n")
+    loadgen.stdin.flush()
+
+
 def relay_run(
     setup: Setup,
     topology: str,
@@ -709,28 +745,15 @@ def relay_run(
         frontend = next(d for d in daemons if d.port is not None)
         background = procs.wait_quiet(args.wait_quiet) if args.wait_quiet else None
         result_file = run / "loadgen.json"
-        loadgen = subprocess.Popen(
-            [
-                PYTHON,
-                str(HERE / "loadgen.py"),
-                f"--port={frontend.port}",
-                f"--messages={messages}",
-                f"--concurrency={args.concurrency}",
-                f"--recipients={recipients}",
-                f"--body-size={args.body_size}",
-                f"--content={content}",
-                *([f"--api-key={api_key}", f"--sender={DKIM_SENDER}"] if api_key else [f"--client-id={CLIENT_ID}"]),
-                f"--deadline={args.time_limit}",
-                f"--result={result_file}",
-                "--ready",
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+        loadgen = start_loadgen(
+            args,
+            result_file,
+            f"--port={frontend.port}",
+            f"--messages={messages}",
+            f"--recipients={recipients}",
+            f"--content={content}",
+            *([f"--api-key={api_key}", f"--sender={DKIM_SENDER}"] if api_key else [f"--client-id={CLIENT_ID}"]),
         )
-        assert loadgen.stdin is not None and loadgen.stdout is not None
-        if loadgen.stdout.readline().strip() != "ready":
-            raise RuntimeError("the load generator did not start")
         # A frontend's DKIM signing process (mmgun.signer) and the webhooks process of a daemon with other
         # roles are its children: their CPU is counted as "<name>-signer" and "<name>-webhooks".
         helpers = helper_pids(daemons)
@@ -741,8 +764,7 @@ def relay_run(
         server = setup.postgres_tree() if backend == "postgres" else {}
         profiles = Profiles(setup, run, daemons)
         before = Snapshot(pids, server)
-        loadgen.stdin.write("go\n")
-        loadgen.stdin.flush()
+        go(loadgen)
         try:
             loadgen.wait(args.time_limit + 120)
         except subprocess.TimeoutExpired:
@@ -1209,8 +1231,7 @@ def smtp_run(setup: Setup, topology: str, index: int) -> dict[str, Any]:
         helpers = helper_pids(daemons)
         pids = {d.name: d.pid for d in daemons} | helpers | {"sink": sink.process.pid, "smtpload": load.pid}
         before = Snapshot(pids)
-        load.stdin.write("go\n")
-        load.stdin.flush()
+        go(load)
         try:
             load.wait(args.time_limit + 120)
         except subprocess.TimeoutExpired:

@@ -285,35 +285,21 @@ def two_host_run(setup: NetnsSetup, index: int, label: str, content: str) -> dic
             wait_ready(daemons[-1], front)
         api_key = cluster.hosts.make_key(setup.namespaces["h1"], url, bench.DKIM_CLIENT)
         result_file = run / "loadgen.json"
-        loadgen = subprocess.Popen(
-            [
-                bench.PYTHON,
-                str(HERE / "loadgen.py"),
-                *[f"--target={front}:{HTTP_PORT}" for _, front in HOSTS],
-                f"--messages={messages}",
-                f"--concurrency={args.concurrency}",
-                f"--recipients={args.recipients}",
-                f"--body-size={args.body_size}",
-                f"--content={content}",
-                f"--api-key={api_key}",
-                f"--sender={bench.DKIM_SENDER}",
-                f"--deadline={args.time_limit}",
-                f"--result={result_file}",
-                "--ready",
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+        loadgen = bench.start_loadgen(
+            args,
+            result_file,
+            *[f"--target={front}:{HTTP_PORT}" for _, front in HOSTS],
+            f"--messages={messages}",
+            f"--recipients={args.recipients}",
+            f"--content={content}",
+            f"--api-key={api_key}",
+            f"--sender={bench.DKIM_SENDER}",
         )
-        assert loadgen.stdin is not None and loadgen.stdout is not None
-        if loadgen.stdout.readline().strip() != "ready":
-            raise RuntimeError("the load generator did not start")
         hosts = {d.name: d.pid for d in daemons}
         postmaster = cluster.postmaster_pid()
         server = {"postgres": postmaster} if postmaster is not None else {}
         before = bench.Snapshot(hosts | {"sink": sink.process.pid, "loadgen": loadgen.pid}, server)
-        loadgen.stdin.write("go\n")
-        loadgen.stdin.flush()
+        bench.go(loadgen)
         try:
             loadgen.wait(args.time_limit + 120)
         except subprocess.TimeoutExpired:
