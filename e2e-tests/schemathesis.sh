@@ -111,7 +111,8 @@ EOF
 # A port picked at random can be taken by the time it is bound: try three times.
 for attempt in 1 2 3; do
     PORT=$(free_port)
-    "$TWISTD" --pidfile= -n mmgun --role frontend --listen "tcp:$PORT:interface=127.0.0.1" \
+    # --workers 1: one process, whose /metrics (read below) counts every accepted submission.
+    "$TWISTD" --pidfile= -n mmgun --role frontend --workers 1 --listen "tcp:$PORT:interface=127.0.0.1" \
         --database "$TMP/mmgun.sqlite3" --clients "$TMP/clients" --helo mmgun.test --max-auth-failures 100000 \
         >>"$TMP/mmgun.log" 2>&1 &
     PID=$!
