@@ -536,7 +536,8 @@ def make_sender(
     """
     The sender role. With ``wakeup`` (:func:`make_wakeup`) this process's frontend wakes it
     directly; beside an SQLite database it also listens in the wake directory for the
-    frontends of other processes (:mod:`mmgun.wakeup`).
+    frontends of other processes (:mod:`mmgun.wakeup`), on PostgreSQL for the NOTIFY of
+    every host's frontends (:mod:`mmgun.store.postgres.wake`).
     """
     from .mx import ANY_ADDRESS, LocalAddresses, MXResolver, PublicOnly, RelayHost, make_resolver, parse_hostport
     from .sender import Sender, SenderSettings
@@ -581,6 +582,10 @@ def make_sender(
         directory = wake_directory(config.database)
         if directory is not None:
             WakeListener(directory, listener_name(role.identity), role.wake, reactor).setServiceParent(sender)
+        # PostgreSQL: the NOTIFY of every host's submitting transactions (none on SQLite).
+        notified = store.listen_for_wakeups(role.wake)
+        if notified is not None:
+            notified.setServiceParent(sender)
     return sender
 
 

@@ -11,8 +11,9 @@ there (:class:`WakeListener`) and, on readable, drains it and claims once. Nothi
 and nothing is promised: a datagram that finds a full socket buffer is dropped (that
 sender has wakes pending already), one to a socket nobody listens on any more (a sender
 killed with -9) removes that socket, and a sender that misses a wake still polls every
-``--poll-interval``. PostgreSQL databases have no directory beside them: their senders
-on other hosts find new mail by polling (LISTEN/NOTIFY is the next step).
+``--poll-interval``. PostgreSQL databases have no directory beside them: the submitting
+transaction itself sends ``NOTIFY mmgun_wake`` (delivered at its commit), and every sender,
+on any host, listens on a connection of its own (:mod:`mmgun.store.postgres.wake`).
 """
 
 from __future__ import annotations

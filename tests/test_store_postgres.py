@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import io
 import json
+import select
 import threading
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any, cast
 
+import attrs
 import psycopg
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -34,6 +37,7 @@ from mmgun.sender import Sender
 from mmgun.smtp import SMTPSettings
 from mmgun.store import DatabaseUnavailable, NewSubmission, StorageError, open_admin_store, open_store
 from mmgun.store.postgres import PostgresStore, SyncRunner, masked, queries as Q
+from mmgun.store.postgres.wake import BACKOFF, NotifyListener
 from mmgun.web.app import Frontend
 
 from . import pgcluster
@@ -415,3 +419,173 @@ class OutageTests(SynchronousTestCase):
                 self.clock.advance(SETTINGS.poll_interval)
         self.assertEqual(" ".join(texts(events)).count("claiming resumes"), 1)
         self.assertEqual(len(smtp.sessions), 1)
+
+
+def _now(fn: Any, *args: Any) -> Deferred[Any]:
+    """The listener's ``in_thread``, run at once on the test's thread (the connect is real)."""
+    return maybeDeferred(fn, *args)
+
+
+class NotifyTests(SynchronousTestCase):
+    """
+    Issue 17 (wake-up across hosts on PostgreSQL): every submitting transaction that queued
+    mail due now sends NOTIFY mmgun_wake at its commit; a sender on another "host" (another
+    store, its own connections) listens and claims at once. Each "host" is a store of its own
+    on the shared cluster; the sockets are real, read when select() says so, with a deadline.
+    """
+
+    def setUp(self) -> None:
+        self.url = pgcluster.new_database("wake")
+        self.frontend = PostgresStore.open_sync(self.url)  # host A: queues
+        self.addCleanup(lambda: result(self, self.frontend.close()))
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(time.time())  # leases are judged on the database's clock: keep near it
+
+    def listen(self, wake: Any, in_thread: Any = _now) -> NotifyListener:
+        listener = NotifyListener(self.url, wake, self.reactor, in_thread=in_thread)
+        listener.startService()
+        self.addCleanup(listener.stopService)
+        return listener
+
+    def pump(self, listener: NotifyListener, done: Any, why: str) -> None:
+        """Read the listener's socket whenever it is readable, until ``done()``; fails after DEADLINE."""
+        deadline = time.monotonic() + DEADLINE
+        while not done():
+            self.assertLess(time.monotonic(), deadline, why)
+            if listener.fileno() < 0:
+                self.fail(f"the listener lost its connection: {why}")
+            self.assertIn(listener, self.reactor.readers)
+            readable, _, _ = select.select([listener.fileno()], [], [], 0.05)
+            if readable:
+                listener.doRead()
+
+    def raw_listener(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self.url, autocommit=True)
+        self.addCleanup(conn.close)
+        conn.execute("LISTEN mmgun_wake")
+        return conn
+
+    def marker(self, payload: str) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_notify('mmgun_wake', %s)", (payload,))
+
+    def test_a_due_submission_on_one_host_wakes_a_sender_on_another(self) -> None:
+        """issue 17 (W, PostgreSQL): host A's /send commit wakes host B's sender, whose poll is 1 h away: only the NOTIFY can start the claim."""
+        store = PostgresStore.open_sync(self.url)  # host B: delivers
+        self.addCleanup(lambda: result(self, store.close()))
+        smtp = ScriptedSessions()
+        router = FakeRouter({"a.example": [MXHost("mx.a.example", "127.0.0.2", 25)]})
+        settings = attrs.evolve(SETTINGS, poll_interval=3600.0)
+        sender = Sender(store, router, self.reactor, SMTPSettings(helo="mmgun.test"), settings, session=smtp, owner="host-b", wall=self.reactor.seconds)
+        sender.startService()
+        self.addCleanup(sender.stopService)
+        listener = self.listen(sender.wake)
+        self.assertTrue(listener.listening)
+        self.assertEqual(smtp.sessions, [], "nothing queued yet")
+        result(self, self.frontend.add_submission(submission(time.time())))
+        self.assertEqual(smtp.sessions, [])
+        started = self.reactor.seconds()
+        self.pump(listener, lambda: len(smtp.sessions) == 1, "the sender on host B was never woken")
+        self.assertEqual(self.reactor.seconds(), started, "no time passed on the sender's clock: no poll ran")
+
+    def test_only_mail_due_now_notifies_and_once_per_transaction(self) -> None:
+        """issue 17 (W, PostgreSQL): a scheduled, a test-mode and a replayed submission send no NOTIFY; a batch of two due sends one; markers prove the order."""
+        conn = self.raw_listener()
+        now = time.time()
+        self.marker("start")
+        scheduled = attrs.evolve(submission(now), send_at=now + 3600)
+        result(self, self.frontend.add_submission(scheduled))
+        result(self, self.frontend.add_submission(attrs.evolve(submission(now), test_mode=True)))
+        self.marker("after scheduled and test mode")
+        keyed = submission(now, key="k1")
+        self.assertEqual(result(self, self.frontend.add_submission(keyed)), keyed.id)
+        self.marker("after keyed")
+        replay = attrs.evolve(keyed, id=uuid.uuid4().hex)
+        self.assertEqual(result(self, self.frontend.add_submission(replay)), keyed.id)  # a replay queues nothing
+        self.marker("after replay")
+        result(self, self.frontend.add_batch([submission(now, "x@a.example"), submission(now, "y@b.example")]))
+        self.marker("end")
+        heard = [n.payload for n in conn.notifies(timeout=DEADLINE, stop_after=7)]
+        self.assertEqual(
+            heard, ["start", "after scheduled and test mode", "", "after keyed", "after replay", "", "end"]
+        )
+
+    def test_the_listener_survives_pg_terminate_backend(self) -> None:
+        """issue 17 (W, PostgreSQL): an administrator ends the listening session: one warning, a new connection after the back-off, one line, and wakes again."""
+        wakes: list[int] = []
+        listener = self.listen(lambda: wakes.append(1))
+        self.assertEqual(len(wakes), 1, "a connection wakes the sender once: mail may have been queued meanwhile")
+        pid = listener._conn.info.backend_pid  # type: ignore[union-attr]
+        with capturedLogs() as events:
+            with psycopg.connect(self.url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            deadline = time.monotonic() + DEADLINE
+            while listener.listening:
+                self.assertLess(time.monotonic(), deadline, "the lost connection was never noticed")
+                readable, _, _ = select.select([listener.fileno()], [], [], 0.05)
+                if readable:
+                    listener.doRead()
+            self.assertNotIn(listener, self.reactor.readers)
+            self.reactor.advance(BACKOFF[0])
+        lines = texts(events)
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("not listening for wake-ups", lines[0])
+        self.assertIn("listening for wake-ups on", lines[1])
+        self.assertNotIn(pgcluster.SUPERUSER + ":", " ".join(lines))
+        self.assertTrue(listener.listening)
+        self.assertNotEqual(listener._conn.info.backend_pid, pid)  # type: ignore[union-attr]
+        self.assertEqual(len(wakes), 2)
+        result(self, self.frontend.add_submission(submission(time.time())))
+        self.pump(listener, lambda: len(wakes) == 3, "the reconnected listener was never woken")
+
+    def test_reconnects_back_off_and_log_once_each_way(self) -> None:
+        """issue 17 (W, PostgreSQL): while the database cannot be reached, tries are spaced 1, 2, 4 … s (at most 30), one warning in all; one line when back."""
+        failures = [3]
+        tries: list[float] = []
+
+        def flaky(fn: Any, *args: Any) -> Deferred[Any]:
+            tries.append(self.reactor.seconds())
+            if failures[0]:
+                failures[0] -= 1
+                return fail(DatabaseUnavailable("cannot connect to database: no route"))
+            return maybeDeferred(fn, *args)
+
+        wakes: list[int] = []
+        with capturedLogs() as events:
+            listener = self.listen(lambda: wakes.append(1), in_thread=flaky)
+            for _ in range(8):
+                self.reactor.advance(1)
+        self.assertEqual([t - tries[0] for t in tries], [0, 1, 3, 7])
+        self.assertTrue(listener.listening)
+        self.assertEqual(wakes, [1])
+        lines = texts(events)
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("no route", lines[0])
+        listener.stopService()
+        self.assertFalse(listener.listening)
+        self.assertEqual(self.reactor.readers, set())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_stopped_while_connecting_closes_the_connection(self) -> None:
+        """issue 17 (W, PostgreSQL): a sender stopped while its listener connects leaves no session listening behind."""
+        pending: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+        def later(fn: Any, *args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            pending.append((fn, args, d))
+            return d
+
+        listener = self.listen(lambda: None, in_thread=later)
+        [(fn, args, d)] = pending
+        conn = fn(*args)  # the thread's connect, done after the stop began
+        listener.stopService()
+        d.callback(conn)
+        self.assertTrue(conn.closed)
+        self.assertFalse(listener.listening)
+
+    def test_store_gives_a_listener_only_with_a_reactor(self) -> None:
+        """issue 17 (W): the daemon's PostgreSQL store makes a NotifyListener for make_sender; the admin store and SQLite none."""
+        self.assertIsNone(self.frontend.listen_for_wakeups(lambda: None))
+        store = PostgresStore(SyncRunner(self.url), self.url, self.reactor)
+        self.addCleanup(lambda: result(self, store.close()))
+        self.assertIsInstance(store.listen_for_wakeups(lambda: None), NotifyListener)

@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mmgun.sender import Sender
 from mmgun.smtp import SMTPSettings
+from mmgun.store.postgres.wake import NotifyListener
 from mmgun.wakeup import LISTING_TTL, WakeListener, WakeNotifier, Wakeup, wake_directory
 
 from .helpers import CLIENT_LABEL, make_api, result
@@ -223,6 +224,23 @@ class TwoProcessesWakeTests(TestCase):
         delivered by a sender-only tree within seconds: only the datagram in the wake directory can
         have started that claim (the sender's one poll, at start, ended before the POST).
         """
+        folder = tempfile.mkdtemp(prefix="mmgun-wake-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        await self._wake_across_trees(folder, os.path.join(folder, "q.sqlite3"))
+
+    async def test_frontend_wakes_a_sender_of_another_tree_on_postgresql(self) -> None:
+        """
+        issue 17 (W2): the same on PostgreSQL, where no directory is shared: the frontend's
+        submitting transaction sends NOTIFY mmgun_wake, and the sender tree's listener (its own
+        connection, as a sender on another host has) hears it; the poll is an hour away.
+        """
+        from . import pgcluster
+
+        folder = tempfile.mkdtemp(prefix="mmgun-wake-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        await self._wake_across_trees(folder, pgcluster.new_database("wake_trees"))
+
+    async def _wake_across_trees(self, folder: str, database: str) -> None:
         from twisted.internet import reactor
 
         from mmgun.config import Options
@@ -233,8 +251,6 @@ class TwoProcessesWakeTests(TestCase):
 
         from .helpers import CLIENT, wait_until
 
-        folder = tempfile.mkdtemp(prefix="mmgun-wake-")
-        self.addCleanup(shutil.rmtree, folder, True)
         clients = os.path.join(folder, "clients")
         with open(clients, "w") as f:
             f.write(CLIENT + "\n")
@@ -242,7 +258,7 @@ class TwoProcessesWakeTests(TestCase):
         smtp = reactor.listenTCP(0, smtp_server_factory(reactor, mailbox, tls=False), interface="127.0.0.1")
         self.addCleanup(smtp.stopListening)
         common = [
-            "--database", os.path.join(folder, "q.sqlite3"), "--clients", clients, "--poll-interval", "1h",
+            "--database", database, "--clients", clients, "--poll-interval", "1h",
             "--relay-host", f"127.0.0.1:{port_number(smtp)}", "--helo", "mmgun.test", "--nameserver", "127.0.0.1:53",
         ]  # fmt: skip
 
@@ -257,8 +273,15 @@ class TwoProcessesWakeTests(TestCase):
         sender_tree = tree("--role", "sender")
         (sender,) = [s for s in _walk(sender_tree) if isinstance(s, SenderRole)]
         # Its poll at start has run (and found nothing): from now on, only a wake makes it claim.
+        directory = wake_directory(database)
+        if directory is None:
+            (listener,) = [s for s in _walk(sender_tree) if isinstance(s, NotifyListener)]
+            await wait_until(lambda: listener.listening, "the sender's LISTEN")
+        else:
+            self.assertEqual([s for s in _walk(sender_tree) if isinstance(s, NotifyListener)], [])
         await wait_until(lambda: sender._poller.running and not sender._claiming, "the sender's first poll")
-        self.assertEqual(len(os.listdir(os.path.join(folder, "q.sqlite3.wake"))), 1)
+        if directory is not None:
+            self.assertEqual(len(os.listdir(directory)), 1)
         frontend_tree = tree("--role", "frontend", "--listen", "tcp:0:interface=127.0.0.1")
         from .helpers import http_url
 

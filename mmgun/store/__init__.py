@@ -11,7 +11,7 @@ Everything that speaks SQL lives in this package. The rest of mmgun sees the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -590,6 +590,14 @@ class Store(Protocol):
         Why a write would fail now, or None: the database file is no longer the one at its
         path (checked now), or the last write failed for a reason that lasts (disk full,
         read-only) and none has succeeded since. Cheap (one stat); call it on the reactor thread.
+        """
+
+    def listen_for_wakeups(self, wake: Callable[[], None]) -> Any:
+        """
+        A service (twisted's IService) to run beside a sender, calling ``wake`` when any
+        process on any host queued mail due now (PostgreSQL: LISTEN/NOTIFY on a connection of
+        its own, reconnected after a loss); None where the backend has no such thing (SQLite,
+        whose senders are woken through :mod:`mmgun.wakeup`'s wake directory).
         """
 
     # -- the cleaner ------------------------------------------------------------

@@ -224,6 +224,10 @@ class SQLStore:
     def write_problem(self) -> str | None:
         return self._runner.problem()
 
+    def listen_for_wakeups(self, wake: Callable[[], None]) -> Any:
+        """None: a backend without notifications (SQLite: mmgun.wakeup's datagrams instead)."""
+        return None
+
     async def clean(self, before: float, limit: int, now: float) -> int:
         """
         Delete up to ``limit`` submissions finished before ``before``; return how many. One

@@ -64,6 +64,8 @@ class _Events:
     def __init__(self, db: Db) -> None:
         self._db = db
         self._rows: list[tuple[Any, ...]] = []
+        #: Mail due now was queued (set with its events): :meth:`write` then wakes the senders.
+        self.due_now = False
 
     def add(self, rows: list[tuple[Any, ...]]) -> None:
         """Rows made by :func:`_event`, written by :meth:`write`."""
@@ -75,6 +77,10 @@ class _Events:
             (seq,) = self._db.execute(self._db.q.NEXT_FEED_SEQ).fetchone()
             self._db.executemany(self._db.q.INSERT_EVENT, [(seq, *row) for row in self._rows])
             self._rows = []
+        if self.due_now and self._db.q.WAKE_SENDERS is not None:
+            # PostgreSQL's NOTIFY, delivered to every listening sender at the commit (issue 17).
+            self._db.execute(self._db.q.WAKE_SENDERS)
+            self.due_now = False
 
 
 def _event(
@@ -208,11 +214,13 @@ def _add_many(db: Db, batch: list[NewSubmission], events: _Events) -> None:
     suppressed = _suppressed(db, batch)
     submissions: list[tuple[Any, ...]] = []
     envelopes: list[list[Any]] = []
+    due_now = False
     for s in batch:
         start = s.starts_at()
         stopped = suppressed.get(s.id, {})
         # Nothing left to deliver (test mode, or every recipient suppressed): finished when queued.
         finished = s.test_mode or all(a in stopped for a in s.recipients)
+        due_now = due_now or (not finished and start <= s.created_at)
         submissions.append(
             (
                 s.id,
@@ -270,6 +278,7 @@ def _add_many(db: Db, batch: list[NewSubmission], events: _Events) -> None:
     db.executemany(db.q.INSERT_RECIPIENT_TEST_MODE, tested)
     # Last: a statement that fails (and is rolled back to a savepoint) leaves no event behind.
     events.add(accepted)
+    events.due_now = events.due_now or due_now
 
 
 def _submission_txn(

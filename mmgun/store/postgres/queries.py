@@ -214,6 +214,15 @@ PING = "SELECT 1"
 #: The database's clock (clock_timestamp: now, not the transaction's start), in POSIX seconds.
 CLOCK = "SELECT extract(epoch FROM clock_timestamp())::double precision"
 
+# -- wake-ups (issue 17): a transaction that queued mail due now wakes every listening sender --
+
+#: Sent inside the submitting transaction: PostgreSQL delivers it to every session listening
+#: (on any host) at the commit, never for a rolled-back transaction or savepoint, and folds
+#: the duplicates of one transaction into one.
+WAKE_SENDERS = "NOTIFY mmgun_wake"
+#: A sender's own connection, kept idle, listening (mmgun.store.postgres.wake).
+LISTEN_WAKE = "LISTEN mmgun_wake"
+
 # -- sender identities (session advisory locks, held by one connection for the store's life) --
 
 LOCK_IDENTITY = "SELECT pg_try_advisory_lock(hashtextextended('mmgun-sender:' || %s::text, 0))"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import select
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 from psycopg.pq import ConnStatus
+from twisted.application.service import IService
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -160,6 +162,18 @@ class PostgresStore(SQLStore):
             )
         else:
             _log.info("the locks of sender identities {identities} are held again", identities=sorted(self._identities))
+
+    def listen_for_wakeups(self, wake: Callable[[], None]) -> IService | None:
+        """
+        A service that, while running, calls ``wake`` when a transaction of any process on any
+        host queued mail due now (LISTEN/NOTIFY on a connection of its own: :mod:`.wake`).
+        None for a store without a reactor (the admin command and tests).
+        """
+        if self._reactor is None:
+            return None
+        from .wake import NotifyListener
+
+        return NotifyListener(self._url, wake, self._reactor)
 
     async def upkeep(self) -> None:
         """Nothing: PostgreSQL's autovacuum reclaims what the cleaner deletes, and keeps the statistics fresh."""

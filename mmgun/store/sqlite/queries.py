@@ -218,6 +218,9 @@ SAVEPOINT = "SAVEPOINT submission"
 RELEASE = "RELEASE submission"
 ROLLBACK_TO = "ROLLBACK TO submission"
 PING = "SELECT 1"
+#: PostgreSQL's NOTIFY to its listening senders (issue 17): none here, skipped. SQLite's senders
+#: in other processes are woken by a datagram in the wake directory (mmgun.wakeup).
+WAKE_SENDERS: str | None = None
 
 FIND_IDEMPOTENT = """
     SELECT id, request_hash, created_at FROM submissions
