@@ -1019,12 +1019,17 @@ def backlog_run(setup: Setup, topology: str, envelopes: int, index: int) -> dict
         pids = {d.name: d.pid for d in daemons} | {"sink": sink.process.pid}
         profiles = Profiles(setup, run, daemons)
         at_first: list[Snapshot] = []
-        delivery = wait_delivered(
-            sink, len(expected), args.stall, args.time_limit, on_first=lambda: at_first.append(Snapshot(pids))
-        )
+
+        def first_delivery() -> None:
+            # The default command's frontend workers, signers and webhooks process are running by now.
+            pids.update(helper_pids(daemons))
+            at_first.append(Snapshot(pids))
+
+        delivery = wait_delivered(sink, len(expected), args.stall, args.time_limit, on_first=first_delivery)
         after = Snapshot(pids)
         before = at_first[0] if at_first else after
         peak = {d.name: mib(procs.status_kib(d.pid, "VmHWM")) for d in daemons}
+        peak |= {name: mib(procs.status_kib(pid, "VmHWM")) for name, pid in pids.items() if name not in peak and name != "sink"}
         profile = profiles.stop()
         logs = stop_daemons(daemons)
         dump = run / "sink.tsv"
@@ -1754,8 +1759,29 @@ def evaluate(summary: dict[str, Any], all_runs: list[dict[str, Any]]) -> list[di
                         "met": "yes" if worst * 1.048576 < 150 else "NO",
                     }
                 )
+        if queued >= 100_000 and s["peak_rss_mib"]:
+            total = sum(v or 0 for v in s["peak_rss_mib"].values()) * 1.048576
+            targets.append(
+                {
+                    "target": f"peak RSS of every mmgun process together < 300 MB, {queued:,} backlog ({key.split('/')[1]})",
+                    "measured": f"{total:.0f} MB ({len(s['peak_rss_mib'])} processes)",
+                    "met": "yes" if total < 300 else "NO",
+                }
+            )
     sizes = sorted({int(k.split("/")[0]) for k in backlog})
     if len(sizes) >= 2:
+        for topology in sorted({k.split("/")[1] for k in backlog}):
+            small, large = backlog.get(f"{sizes[0]}/{topology}"), backlog.get(f"{sizes[-1]}/{topology}")
+            if small and large:
+                cost = [sum(v or 0 for n, v in b["cpu_per_1000"].items() if n != "sink") for b in (small, large)]
+                if cost[0]:
+                    targets.append(
+                        {
+                            "target": f"CPU per message at {sizes[-1]:,} within 20% of {sizes[0]:,} ({topology})",
+                            "measured": f"{cost[1]:.2f} vs {cost[0]:.2f} CPU-s/1k ({cost[1] / cost[0] - 1:+.0%})",
+                            "met": "yes" if cost[1] <= cost[0] * 1.2 else "NO",
+                        }
+                    )
         for topology in sorted({k.split("/")[1] for k in backlog}):
             small, large = backlog.get(f"{sizes[0]}/{topology}"), backlog.get(f"{sizes[-1]}/{topology}")
             if small and large and small["drain_rate"] and large["drain_rate"]:

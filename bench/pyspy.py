@@ -113,7 +113,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("store (SQL, commit, fsync)", ("mmgun/store/",)),
-    ("SMTP client", ("mmgun/smtp.py", "twisted/mail/")),
+    ("SMTP client", ("mmgun/smtp/", "twisted/mail/")),
     ("sender loop", ("mmgun/sender.py", "mmgun/mx.py")),
     ("frontend handler", ("mmgun/web/",)),
     ("klein/werkzeug routing", ("klein/", "werkzeug/")),

@@ -4,7 +4,7 @@
     mmgun queue [--status queued|scheduled|deferred] [--domain D] [--json]   unfinished envelopes (like mailq)
     mmgun queue flush [ID...]       deferred envelopes due now (like postqueue -f)
     mmgun queue delete ID...        fail pending recipients: "deleted by operator" (like postsuper -d)
-    mmgun stats [--json]            recipients by status, queue age, backlog per domain
+    mmgun stats [--json]            recipients by status, queue age, backlog per domain, destinations backed off
     mmgun clients check [--clients PATH]   validate the (deprecated) clients file
     mmgun clients add ID            a client with a stable id, e.g. acme
     mmgun keys create CLIENT        a new API key, printed once
@@ -56,6 +56,7 @@ from .config import OPTIONS, env_name
 from .message import BadRequest, check_tags, normalize_address
 from .store import (
     SUPPRESSION_KINDS,
+    Backoff,
     Conflict,
     DomainKey,
     InDelivery,
@@ -363,8 +364,13 @@ async def _delete(args: argparse.Namespace, context: _Context) -> int:
 
 async def _stats(args: argparse.Namespace, context: _Context) -> int:
     now = context.now()
-    stats = await _run(args, context, lambda store: store.queue_stats(now, TOP_DOMAINS))
+
+    async def read(store: Store) -> tuple[QueueStats, list[Backoff]]:
+        return await store.queue_stats(now, TOP_DOMAINS), await store.backoffs(now)
+
+    stats, backoffs = await _run(args, context, read)
     document = _stats_document(stats, now)
+    document["backed_off"] = [_backoff_document(b) for b in backoffs]
     if args.json:
         json.dump(document, context.out, indent=2)
         context.out.write("\n")
@@ -378,7 +384,28 @@ async def _stats(args: argparse.Namespace, context: _Context) -> int:
     if stats.domains:
         context.out.write(f"pending recipients by domain (top {TOP_DOMAINS}):\n")
         _write_table(context.out, None, [(d, str(n)) for d, n in stats.domains], right=(1,), indent="  ")
+    if backoffs:
+        context.out.write("destinations backed off:\n")
+        header = ("kind", "destination", "until", "sessions", "by", "reply")
+        backed_off: list[tuple[str, ...]] = [
+            (b.kind, b.name, _iso(b.until), "-" if b.concurrency is None else str(b.concurrency), b.sender, b.reply)
+            for b in backoffs
+        ]
+        _write_table(context.out, header, backed_off, indent="  ")
     return 0
+
+
+def _backoff_document(entry: Backoff) -> dict[str, Any]:
+    """A paused domain (every sender holds its mail until ``until``) or an MX whose concurrency a sender lowered."""
+    return {
+        "kind": entry.kind,
+        "name": entry.name,
+        "until": _iso(entry.until, precise=True),
+        "concurrency": entry.concurrency,
+        "sender": entry.sender,
+        "reply": entry.reply,
+        "updated_at": _iso(entry.updated_at, precise=True),
+    }
 
 
 def _stats_document(stats: QueueStats, now: float) -> dict[str, Any]:

@@ -51,6 +51,8 @@ class Cleaner(TimerService):
                 events += deleted
                 if deleted < BATCH:
                     break
+            # MTA-STS policies past their max_age (issue 18): one row per domain at most, so one statement.
+            await self._store.forget_expired_mta_sts_policies(now)
             if total or events:
                 # The backend's bounded housekeeping (SQLite: free pages back to the file system).
                 await self._store.upkeep()

@@ -16,7 +16,7 @@ import attrs
 from twisted.python import usage
 
 ROLES = ("frontend", "sender", "cleaner", "webhooks")
-TLS_MODES = ("opportunistic", "require", "verify")
+TLS_MODES = ("opportunistic", "require", "verify", "mta-sts")
 LOG_FORMATS = ("text", "json")
 SENDER_POLICIES = ("any", "domains")
 
@@ -133,12 +133,26 @@ OPTIONS: dict[str, tuple[str | None, Callable[[str], object], str]] = {
     "retry-max": ("1h", parse_duration, "longest retry delay"),
     "queue-lifetime": ("5d", parse_duration, "give up on a recipient after this long (reason: expired)"),
     "max-connections": ("100", _positive_int, "most outgoing SMTP sessions at once"),
-    "max-per-destination": ("10", _positive_int, "most SMTP sessions to one MX host at once"),
+    "max-per-destination": ("10", _positive_int, "most SMTP sessions to one MX host at once (lowered while it answers 421 or fails to connect, raised again as deliveries succeed)"),
+    "destination-pause": (
+        "60s",
+        parse_duration,
+        "pause a recipient domain this long when its MX says it is rate-limiting us (421 4.7.28, 450 4.7.1 ... rate); doubles on repeat up to 16 times (0: never pause)",
+    ),
     "smtp-timeout": ("300s", parse_duration, "timeout of each SMTP command (connect: 30s)"),
     "smtp-cache-time": ("2s", parse_duration, "keep an SMTP session to an MX open this long after its deliveries, for the next ones (0: close at once)"),
     "smtp-cache-size": ("100", _non_negative_int, "most idle SMTP sessions kept open in all (at most --max-per-destination to one MX; 0: none)"),
     "lease-time": ("60s", parse_duration, "a sender's claim on an envelope, and a webhooks process's on its webhooks; renewed while it works, taken over after a crash"),
-    "tls": ("opportunistic", _choice(TLS_MODES), "STARTTLS: opportunistic, require or verify"),
+    "tls": (
+        "opportunistic",
+        _choice(TLS_MODES),
+        "STARTTLS: opportunistic, require, verify, or mta-sts (opportunistic, plus each recipient domain's MTA-STS policy, RFC 8461)",
+    ),
+    "mta-sts-ca": (
+        None,
+        str,
+        "for tests only: PEM file of CA certificates trusted instead of the system's for MTA-STS (policy servers and the MX hosts of enforced policies)",
+    ),
     "clean-interval": ("60s", parse_duration, "how often the cleaner runs"),
     "retention": ("7d", parse_duration, "keep finished submissions' status this long"),
     "log-format": ("text", _choice(LOG_FORMATS), "text, or json: one JSON object per line"),
@@ -227,12 +241,16 @@ class Config:
     queue_lifetime: float
     max_connections: int
     max_per_destination: int
+    #: Issue 18 (mmgun.backoff): how long a rate-limiting domain is paused at first.
+    destination_pause: float
     smtp_timeout: float
     #: The sender's SMTP connection cache (mmgun.smtp.SessionCache): idle time, and idle sessions in all.
     smtp_cache_time: float
     smtp_cache_size: int
     lease_time: float
     tls: str
+    #: --tls mta-sts: a PEM CA bundle trusted instead of the system's (tests only), or None.
+    mta_sts_ca: str | None
     clean_interval: float
     retention: float
     log_format: str

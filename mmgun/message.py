@@ -30,8 +30,12 @@ from . import mime
 
 MAX_DEPTH = 32
 MAX_SUBJECT = 998
-#: RFC 5322 atext, the characters of a dot-atom local part.
-_ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
+#: RFC 5322 atext, the characters of a dot-atom local part, and RFC 6531 3.3's UTF8-non-ascii
+#: (any non-ASCII character; the controls and separators among them are refused before).
+_ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+")
+#: RFC 5321 4.5.3.1: a local part of at most 64 octets, a path of at most 256 (254 without its brackets).
+MAX_LOCAL_PART = 64
+MAX_ADDRESS = 254
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 #: The seed's fields but its body; the others of /send are optional.
 REQUIRED_FIELDS = ("sender", "recipients", "subject")
@@ -219,6 +223,16 @@ class SendRequest:
         for part in parts:
             h.update(part.content)
         return h.hexdigest()
+
+    def smtputf8(self) -> bool:
+        """
+        Whether an address of the envelope or of a header field has a UTF-8 local part:
+        the message is then internationalized (RFC 6532, UTF-8 in its address fields) and
+        can only be sent with SMTPUTF8 (RFC 6531).
+        """
+        if not (self.sender.isascii() and all(a.isascii() for a in self.recipients)):
+            return True
+        return not all(m.address.isascii() for m in (*self.to, *self.cc, *self.reply_to))
 
     def schedule(self, now: float, field: str = "send_at") -> float | None:
         """:func:`schedule` of this message's ``send_at``."""
@@ -783,12 +797,19 @@ def parse_date(value: Any, field: str) -> float:
 
 def normalize_address(value: str, field: str) -> str:
     """
-    ``local@domain`` with the domain IDNA-encoded and lower-cased; the local part is kept
-    as given (it is the receiving domain's to interpret). No display names, comments,
-    quoted local parts or address literals: an API client has no need for them, and
-    each is a way to smuggle something into a header or an envelope.
+    ``local@domain`` with the domain IDNA-encoded (its A-labels, what DNS and routing use)
+    and lower-cased; the local part is kept as given (it is the receiving domain's to
+    interpret). No display names, comments, quoted local parts or address literals: an API
+    client has no need for them, and each is a way to smuggle something into a header or
+    an envelope.
+
+    The local part may be UTF-8 (RFC 6531 3.3: ``josé@example.com``, ``用户@例子.example``
+    becomes ``用户@xn--fsqu00a.example``): any non-ASCII character but controls, format
+    characters (bidirectional overrides among them), separators and spaces, at most 64
+    octets as UTF-8, the address at most 254. Such an address needs SMTPUTF8 to be sent
+    (:func:`needs_smtputf8`); an ASCII local part with an internationalized domain does not.
     """
-    plain = _PLAIN_ADDRESS.fullmatch(value) if len(value) <= 254 else None
+    plain = _PLAIN_ADDRESS.fullmatch(value) if len(value) <= MAX_ADDRESS else None
     if plain is not None:
         # The common case in one regular expression (a fifth of the general path's cost):
         # what it matches, the general path would return unchanged but for the case.
@@ -805,13 +826,22 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_ADDRESS = re.compile(rf"(?P<local>{_ATOM}(?:\.{_ATOM})*)@(?P<domain>(?:{_LDH}\.)+{_LDH})\.?")
 
 
+def _octets(text: str) -> int:
+    """Its length in UTF-8 octets (the lengths SMTP limits are octets)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def _normalize_address(value: str, field: str) -> str:
     bad = f"field {field!r} is not a valid email address (local@domain)"
-    if not value or len(value) > 254 or any(c.isspace() or not c.isprintable() for c in value):
+    # str.isprintable() is False for controls (C0, C1), format characters (the bidirectional
+    # overrides, zero-width joiners), surrogates, private-use and unassigned code points.
+    if not value or len(value) > MAX_ADDRESS or any(c.isspace() or not c.isprintable() for c in value):
         raise BadRequest(bad)
     local, at, domain = value.rpartition("@")
-    if not at or not local or not domain or len(local) > 64:
+    if not at or not local or not domain:
         raise BadRequest(bad)
+    if _octets(local) > MAX_LOCAL_PART:
+        raise BadRequest(f"field {field!r} has a local part longer than {MAX_LOCAL_PART} octets (RFC 5321 4.5.3.1.1)")
     if not all(_ATEXT.fullmatch(part) for part in local.split(".")):
         raise BadRequest(bad)
     # One trailing dot (a fully qualified name) is fine; more would be an empty label.
@@ -831,9 +861,36 @@ def _normalize_address(value: str, field: str) -> str:
     if labels[-1].isdigit():
         raise BadRequest(f"field {field!r} has an invalid domain")
     address = f"{local}@{ascii_domain}"
-    if len(address) > 254:
+    if _octets(address) > MAX_ADDRESS:
         raise BadRequest(bad)
     return address
+
+
+def needs_smtputf8(address: str) -> bool:
+    """
+    Whether a normalized address can only be sent with SMTPUTF8 (RFC 6531): its local
+    part is not ASCII (the domain of a normalized address always is).
+    """
+    return not address.isascii()
+
+
+def header_needs_smtputf8(message: bytes) -> bool:
+    """
+    Whether a stored message's header (up to its first empty line; all of it when there
+    is none) holds a non-ASCII octet: an internationalized message (RFC 6532), which can
+    only be sent with SMTPUTF8 (RFC 6531 3.1 item 9). Copies the header only, not the body.
+    """
+    end = message.find(b"\r\n\r\n")
+    return not (message if end < 0 else message[:end]).isascii()
+
+
+def transaction_needs_smtputf8(sender: str, recipients: Iterable[str], header_utf8: bool) -> bool:
+    """
+    Whether one SMTP transaction must carry SMTPUTF8 on MAIL FROM: its reverse path or a
+    forward path has a UTF-8 local part, or its message is internationalized
+    (``header_utf8``, :func:`header_needs_smtputf8` of the message, computed once per message).
+    """
+    return header_utf8 or not sender.isascii() or not all(r.isascii() for r in recipients)
 
 
 def normalize_body(body: str) -> str:
@@ -853,7 +910,9 @@ def build_message(
     """
     The RFC 5322 message: 7-bit clean, CRLF line endings, lines of at most 78 octets
     wherever a line may be broken, so it passes through any SMTP server unchanged and no
-    bare CR or LF reaches the wire.
+    bare CR or LF reaches the wire. The one exception: an address with a UTF-8 local part
+    (:meth:`SendRequest.smtputf8`) is written in UTF-8 in its header field (RFC 6532), and
+    such a message is sent only with SMTPUTF8.
 
     From, To, Cc, Reply-To (display names RFC 2047-encoded when not ASCII), Subject
     (RFC 2047 when not ASCII), Date, Message-ID, the extra headers, MIME-Version, then the
@@ -887,7 +946,11 @@ def build_message(
     headers += [mime.unstructured(name, value) for name, value in request.headers]
     headers.append("MIME-Version: 1.0")
     content_headers, content = _content(request, boundaries)
-    message = ("\r\n".join(headers + content_headers) + "\r\n\r\n").encode("ascii") + content
+    # An address with a UTF-8 local part is written as it is, in UTF-8 (RFC 6532 3.2: it has
+    # no encoded form); everything else stays 7-bit (display names and Subject as RFC 2047
+    # encoded words, which RFC 6532 still allows and every reader decodes).
+    charset = "utf-8" if request.smtputf8() else "ascii"
+    message = ("\r\n".join(headers + content_headers) + "\r\n\r\n").encode(charset) + content
     if max_size is not None and len(message) > max_size:
         raise MessageTooLarge(f"the message built from this request would be {len(message)} octets, more than the maximum of {max_size}")
     return message

@@ -61,6 +61,12 @@ class Metrics:
         self.http_latency = Histogram(
             "mmgun_http_request_duration_seconds", "HTTP request latency", ["endpoint", "code"], buckets=HTTP_BUCKETS, registry=r
         )
+        self.destination_backoffs = Counter(
+            "mmgun_destination_backoffs",
+            "Destination back-offs (issue 18): a recipient domain paused, an MX's concurrency changed while lowered",
+            ["kind"],
+            registry=r,
+        )
         self.queue = QueueCollector()
         r.register(self.queue)
 
@@ -76,6 +82,10 @@ class Metrics:
         if child is None:
             child = self._http[key] = self.http_latency.labels(key[0], str(code))
         child.observe(seconds)
+
+    def destination_backoff(self, kind: str) -> None:
+        """A domain paused (kind "domain") or an MX's concurrency lowered or raised short of its maximum ("mx")."""
+        self.destination_backoffs.labels(kind).inc()
 
     def smtp_reply(self, code: int) -> None:
         cls = f"{code // 100}xx"

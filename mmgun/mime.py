@@ -2,7 +2,8 @@
 The MIME encoders under :func:`mmgun.message.build_message`: header fields, display
 names, parameters, text and binary bodies, multiparts.
 
-Everything here writes 7-bit text with CRLF line breaks, in lines of at most 78 octets
+Everything here writes 7-bit text with CRLF line breaks (but an address with a UTF-8 local
+part, which has no 7-bit form: RFC 6532), in lines of at most 78 octets
 wherever the syntax allows a break (RFC 5322 2.1.1): only a single word that cannot be
 split (a long address, a long unbroken word of a plain-ASCII value) makes a longer line,
 and never one past 998. Pure functions; the one source of randomness is the boundary.
@@ -37,15 +38,18 @@ def fold(name: str, words: Sequence[str]) -> str:
     """
     ``Name: word word …``, a line break put before a word where the line would pass 78
     octets (never right after the name). Unfolding (RFC 5322 2.2.3) gives back the words
-    joined by single spaces, so a word is anything that must not be split.
+    joined by single spaces, so a word is anything that must not be split. A word may be
+    UTF-8 (an address with a UTF-8 local part, RFC 6532): it is measured in octets.
     """
     lines, line = [], name + ":"
-    start = len(line)
+    start = size = len(line)
     for word in words:
-        if len(line) + 1 + len(word) > LINE and len(line) > start:
+        octets = len(word) if word.isascii() else len(word.encode("utf-8"))
+        if size + 1 + octets > LINE and size > start:
             lines.append(line)
-            line = ""
+            line, size = "", 0
         line += " " + word
+        size += 1 + octets
     lines.append(line)
     return "\r\n".join(lines)
 

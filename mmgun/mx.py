@@ -82,11 +82,16 @@ class MXHost:
         or the relay host as configured.
     @ivar address: An IPv4 or IPv6 address literal.
     @ivar port: The TCP port.
+    @ivar mta_sts: The recipient domain whose MTA-STS policy in C{enforce}
+        mode this host is used under (L{mmgun.mtasts}): it may only be
+        delivered to over STARTTLS with a certificate valid for C{name};
+        L{None} for an ordinary host.
     """
 
     name: str
     address: str
     port: int
+    mta_sts: str | None = attrs.field(default=None, kw_only=True)
 
 
 class DNSError(Exception):

@@ -22,6 +22,14 @@ the next batch for that MX runs over it without TCP, EHLO or STARTTLS. At most
 ``max_per_destination`` idle sessions to one MX and ``cache_size`` in all, on top of the
 ``max_connections`` busy ones; they are closed with QUIT when idle that long and at stop.
 
+Destination back-off (:mod:`mmgun.backoff`): sessions to one MX address are bounded by an
+adaptive limit, ``max_per_destination`` at first, one less per 421, refused connection or
+timeout (down to 1), raised again by successful transactions. A reply saying the receiver
+rate-limits us pauses its recipient domain: while paused, that domain's claimed envelopes
+are put back due at the pause's end (no attempt counted, no event), and no transaction for
+it starts. Pauses and lowered limits are written to the store on change; other senders read
+the pauses at most every BACKOFF_REFRESH seconds and honour them.
+
 While the database cannot be reached (any write of this sender — a claim, a lease renewal,
 a result — failed with :class:`mmgun.store.DatabaseUnavailable`: PostgreSQL down or cut
 off), the sender claims nothing and pings it at each poll instead, logging one line when
@@ -70,7 +78,7 @@ import re
 import socket
 import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any, Protocol, cast
 
 import attrs
@@ -80,11 +88,34 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger, LogLevel
 
+from .backoff import Backoff, Signal, classify, worst
 from .bounces import mailbox_gone
+from .message import header_needs_smtputf8, transaction_needs_smtputf8
 from .metrics import Metrics
+from .mtasts import enforced_settings, enforcing
 from .mx import MXHost, PermanentDNSError, TemporaryDNSError
-from .smtp import SessionCache, SessionFailed, SMTPSettings, Transaction, TransactionResult, send_session, wire_form
-from .store import ClaimedEnvelope, DatabaseUnavailable, EnvelopeOutcome, RecipientOutcome, StorageError, Store
+from .smtp import (
+    RecipientResult,
+    Reply,
+    SessionCache,
+    SessionFailed,
+    SMTPSettings,
+    Status,
+    Transaction,
+    TransactionResult,
+    message_size,
+    send_session,
+    wire_form,
+)
+from .store import (
+    Backoff as BackoffEntry,
+    ClaimedEnvelope,
+    DatabaseUnavailable,
+    EnvelopeOutcome,
+    RecipientOutcome,
+    StorageError,
+    Store,
+)
 
 _log = Logger()
 
@@ -110,6 +141,20 @@ UNANSWERED_LIMIT = 5.0
 #: never be committed would otherwise hold back every other.
 RECORD_GROUP_TRIES = 3
 
+#: Destination back-off (:mod:`mmgun.backoff`): the pauses other senders stored are read
+#: again at most this often (monotonic seconds), in the background, when there is mail to route.
+BACKOFF_REFRESH = 5.0
+
+
+#: What a recipient without a result from the session gets.
+_NO_RESULT = RecipientResult(Status.DEFERRED, Reply(451, "4.3.0 no result; will retry"))
+
+
+def _each(envelope: ClaimedEnvelope, status: Status, reply: str) -> dict[str, RecipientResult]:
+    """The same result, from a reply such as C{"451 4.4.3 lookup failed"}, for every recipient."""
+    result = RecipientResult(status, Reply.parse(reply))
+    return dict.fromkeys(envelope.recipients, result)
+
 
 class Router(Protocol):
     """Where mail for a domain goes: :class:`mmgun.mx.MXResolver` or :class:`mmgun.mx.RelayHost`."""
@@ -122,7 +167,9 @@ class Router(Protocol):
 
 
 #: send_session's signature: (reactor, host, address, port, transactions, settings, *,
-#: on_result, may_start, on_dot_sent), a coroutine (cancelled to abort the session).
+#: on_result, may_start, on_dot_sent), a coroutine (cancelled to abort the session). Every
+#: transaction's result comes once through on_result (a started one's at once, the others'
+#: at the end of the session); it returns them too, in order.
 SessionFunction = Callable[..., Coroutine[Any, Any, list[TransactionResult]]]
 
 
@@ -134,6 +181,9 @@ class SenderSettings:
     queue_lifetime: float = 5 * 86400.0
     max_connections: int = 100
     max_per_destination: int = 10
+    #: A recipient domain whose MX says it rate-limits us is paused this long, doubling on
+    #: repeat (:mod:`mmgun.backoff`); 0: never paused.
+    destination_pause: float = 60.0
     #: How long a claim is ours; renewed every third of it while we work.
     lease_time: float = 60.0
     #: Most transactions sent over one SMTP session.
@@ -181,6 +231,10 @@ class _Message:
     wire: bytes | None = None
     #: Whether the message has a byte of 0x80 or more (Transaction.eight_bit), made with ``wire``.
     eight_bit: bool = False
+    #: Whether its header is UTF-8 (RFC 6532: Transaction.smtputf8), made with ``wire``.
+    header_utf8: bool = False
+    #: Its size as SIZE declares it (RFC 1870: Transaction.size), made with ``wire``.
+    size: int = 0
     #: Envelopes in flight that carry it.
     refs: int = 0
 
@@ -202,13 +256,16 @@ class Sender(Service):
         owner: str | None = None,
         metrics: Metrics | None = None,
         wall: Callable[[], float] | None = None,
+        mta_sts_trust_root: object = None,
     ) -> None:
         """
         ``owner``: this sender's identity (default: the host name). ``wall``: the
         wall-clock time for what is stored (default: ``reactor.seconds``; production
         passes ``time.time``, the reactor's clock being monotonic). ``session``: what runs an SMTP
         session (default: :func:`mmgun.smtp.send_session`, through this sender's connection
-        cache unless ``settings`` turn it off).
+        cache unless ``settings`` turn it off). ``mta_sts_trust_root``: what the certificates of
+        MX hosts under an enforced MTA-STS policy are verified against (None: ``smtp``'s trust
+        root, the platform's trust store by default; ``--mta-sts-ca`` in tests).
         """
         self._metrics = metrics if metrics is not None else Metrics()
         self._store = store
@@ -219,6 +276,7 @@ class Sender(Service):
         self._smtp = smtp
         self._settings = settings
         self._session_given = session
+        self._mta_sts_trust_root = mta_sts_trust_root
         self._session: SessionFunction = session if session is not None else send_session
         #: Idle SMTP sessions kept for the next deliveries: made at each start, closed at the end of the stop.
         self._cache: SessionCache | None = None
@@ -227,7 +285,12 @@ class Sender(Service):
         self.identity = owner or default_identity()
         self.owner = self.identity
         self._connections = DeferredSemaphore(settings.max_connections)
-        self._per_host: dict[str, DeferredSemaphore] = {}
+        #: Destination back-off: each MX address's adaptive session limit (at most
+        #: max_per_destination) and the paused recipient domains (:mod:`mmgun.backoff`).
+        self.backoff = Backoff(settings.max_per_destination, settings.destination_pause, self.identity)
+        #: When (monotonic) the stored back-offs were last read, and whether a read is under way.
+        self._backoffs_read_at = float("-inf")
+        self._backoffs_reading = False
         #: Claimed envelopes not yet recorded, by id.
         self.in_flight: dict[int, ClaimedEnvelope] = {}
         #: The messages of the envelopes in flight, by submission id, and their total size.
@@ -605,7 +668,15 @@ class Sender(Service):
             return "not held"
         if self._clock.seconds() >= sent + self._settings.lease_time * (1 - LEASE_MARGIN):
             return "its lease may have run out (no renewal for too long)"
-        return None
+        return self._paused(self.in_flight[envelope_id].domain)
+
+    def _paused(self, domain: str) -> str | None:
+        """Why mail to ``domain`` waits, while it is paused (by us or another sender); else None."""
+        paused = self.backoff.paused(domain, self._wall())
+        if paused is None:
+            return None
+        until, reply = paused
+        return f"mail to {domain} is paused for {until - self._wall():.0f} s more ({reply})"
 
     async def _watch_clock(self) -> None:
         """Notice a step of the wall clock since the last poll, and keep leases and the queue right."""
@@ -648,6 +719,7 @@ class Sender(Service):
         reactor turn) are grouped by the hosts they go to, so that domains sharing their
         MX (or a relay host) share SMTP sessions.
         """
+        self._read_backoffs()
         by_domain: dict[str, list[ClaimedEnvelope]] = {}
         for envelope in envelopes:
             by_domain.setdefault(envelope.domain, []).append(envelope)
@@ -682,18 +754,32 @@ class Sender(Service):
         group: list[ClaimedEnvelope],
         found: Callable[[list[MXHost], list[ClaimedEnvelope]], None],
     ) -> None:
+        paused = self.backoff.paused(domain, self._wall())
+        if paused is not None:
+            # Not attempted: put back, due when the pause ends, no attempt counted and no event.
+            until, reply = paused
+            _log.info(
+                "mail to {domain} is paused for {seconds:.0f} s more ({reply}); {count} envelopes wait until then",
+                domain=domain,
+                seconds=until - self._wall(),
+                until=until,
+                reply=reply,
+                count=len(group),
+            )
+            await self._record([EnvelopeOutcome(env, (), until, attempted=False) for env in group])
+            return
         try:
             hosts = await self._router.hosts(domain)
         except PermanentDNSError as e:
             _log.info("no mail exchanger for {domain}: {reply}", domain=domain, reply=e.reply)
-            await self._record([self._outcome(env, {a: ("failed", e.reply) for a in env.recipients}) for env in group])
+            await self._record([self._outcome(env, _each(env, Status.FAILED, e.reply)) for env in group])
         except TemporaryDNSError as e:
             _log.info("DNS lookup for {domain} failed temporarily: {reply}", domain=domain, reply=e.reply)
-            await self._record([self._outcome(env, {a: ("deferred", e.reply) for a in env.recipients}) for env in group])
+            await self._record([self._outcome(env, _each(env, Status.DEFERRED, e.reply)) for env in group])
         except Exception:
             _log.failure("resolving {domain} failed unexpectedly", domain=domain)
             reply = "451 4.3.0 internal error in mmgun; will retry"
-            await self._record([self._outcome(env, {a: ("deferred", reply) for a in env.recipients}) for env in group])
+            await self._record([self._outcome(env, _each(env, Status.DEFERRED, reply)) for env in group])
         else:
             found(hosts, group)
 
@@ -708,14 +794,9 @@ class Sender(Service):
         commits: list[Deferred[None]] = []
         settled: set[int] = set()
 
-        def settle(
-            envelope: ClaimedEnvelope,
-            results: dict[str, tuple[str, str]],
-            mx_host: str | None = None,
-            refused_at_rcpt: frozenset[str] = frozenset(),
-        ) -> None:
+        def settle(envelope: ClaimedEnvelope, results: Mapping[str, RecipientResult], mx_host: str | None = None) -> None:
             settled.add(envelope.id)
-            commits.append(Deferred.fromCoroutine(self._record([self._outcome(envelope, results, mx_host, refused_at_rcpt)])))
+            commits.append(Deferred.fromCoroutine(self._record([self._outcome(envelope, results, mx_host)])))
 
         def hold_back(held: list[ClaimedEnvelope], reason: str) -> None:
             """Release envelopes whose delivery may not start (see _why_not_start): no attempt counted."""
@@ -741,7 +822,7 @@ class Sender(Service):
                 reply = "451 4.3.0 internal error in mmgun; will retry"
                 for envelope in envelopes:
                     if envelope.id not in settled:
-                        settle(envelope, {a: ("deferred", reply) for a in envelope.recipients})
+                        settle(envelope, _each(envelope, Status.DEFERRED, reply))
         await DeferredList(commits)
 
     # -- recording results: never thrown away ----------------------------------
@@ -864,7 +945,7 @@ class Sender(Service):
         hosts: tuple[MXHost, ...],
         envelopes: list[ClaimedEnvelope],
         settled: set[int],
-        settle: Callable[[ClaimedEnvelope, dict[str, tuple[str, str]], str | None, frozenset[str]], None],
+        settle: Callable[[ClaimedEnvelope, Mapping[str, RecipientResult], str | None], None],
         hold_back: Callable[[list[ClaimedEnvelope], str], None],
     ) -> None:
         """
@@ -875,9 +956,14 @@ class Sender(Service):
         No transaction starts for an envelope :meth:`_why_not_start` holds back: it is
         released (``hold_back``) and the attempt ends there. At the end of the shutdown
         grace (``_aborting``) the attempt ends at once, its envelopes left as they are.
+
+        ``settled``: the envelopes that have their result (or were held back). Each
+        transaction's result comes once, through the session's ``on_result``: a started
+        one's is recorded at once; one not started leaves its envelope for the next host.
         """
         domains = ", ".join(sorted({e.domain for e in envelopes}))
-        last_reply = f"451 4.4.0 no mail exchanger of {domains} could be reached"
+        #: The reply the envelopes still without a result are deferred with in the end.
+        last_reply = [f"451 4.4.0 no mail exchanger of {domains} could be reached"]
         addresses = sessions = 0
         for host in hosts:
             if self._aborting:
@@ -893,7 +979,7 @@ class Sender(Service):
                     addresses=addresses,
                     sessions=sessions,
                     hosts=len(hosts),
-                    reply=last_reply,
+                    reply=last_reply[0],
                 )
                 break
             addresses += 1
@@ -904,7 +990,9 @@ class Sender(Service):
                 result: TransactionResult, host: MXHost = host, by_id: dict[object, ClaimedEnvelope] = by_id
             ) -> None:
                 envelope = by_id[result.key]
-                if not result.started or envelope.id in settled:
+                if not result.started:
+                    # The session ended before it: the next host is tried.
+                    last_reply[0] = str(next(iter(result.recipients.values())).reply)
                     return
                 for r in result.recipients.values():
                     self._metrics.smtp_reply(r.reply.code)
@@ -914,12 +1002,7 @@ class Sender(Service):
                     mx=host.name,
                     outcomes={a: str(r.reply.code) for a, r in result.recipients.items()},
                 )
-                settle(
-                    envelope,
-                    {a: (r.outcome, str(r.reply)) for a, r in result.recipients.items()},
-                    host.name,
-                    frozenset(a for a, r in result.recipients.items() if r.at_rcpt),
-                )
+                settle(envelope, result.recipients, host.name)
 
             #: Why the session held a transaction back (see send_session's may_start), if it did.
             stopped: list[str] = []
@@ -942,12 +1025,12 @@ class Sender(Service):
                 if e.connected:
                     sessions += 1
                 self._router.mark_bad(host)
-                last_reply = str(e.reply)
+                last_reply[0] = str(e.reply)
                 _log.info(
                     "could not deliver to {mx} ({address}): {reply}",
                     mx=host.name,
                     address=host.address,
-                    reply=last_reply,
+                    reply=last_reply[0],
                 )
                 continue
             except Exception:
@@ -958,18 +1041,12 @@ class Sender(Service):
                 return  # stopping, or every envelope left was held back before a session opened
             sessions += 1
             self._router.mark_good(host)
-            for result in session_results:
-                if result.started:
-                    on_result(result)  # a no-op when the session already reported it
-                else:
-                    # Never started because the session ended early: try the next host.
-                    last_reply = str(next(iter(result.recipients.values())).reply)
             if stopped:
                 hold_back([e for e in envelopes if e.id not in settled], stopped[0])
                 return
         for envelope in envelopes:
             if envelope.id not in settled:
-                settle(envelope, {a: ("deferred", last_reply) for a in envelope.recipients}, None, frozenset())
+                settle(envelope, _each(envelope, Status.DEFERRED, last_reply[0]), None)
 
     async def _send(
         self,
@@ -983,7 +1060,8 @@ class Sender(Service):
         One session to ``host`` for the envelopes that may start once a connection slot is
         free (the others are held back); None, with no connection made, when none may.
         """
-        per_host = self._per_host.setdefault(host.address, DeferredSemaphore(self._settings.max_per_destination))
+        # The MX's adaptive limit (mmgun.backoff): max_per_destination, less after 421s.
+        per_host = self.backoff.limit(host.address, f"{host.name} [{host.address}]", self._wall())
         await per_host.acquire()
         try:
             await self._connections.acquire()
@@ -1004,30 +1082,179 @@ class Sender(Service):
                 if not startable:
                     return None
                 transactions = [self._transaction(e) for e in startable]
+                domains: dict[object, str] = {e.id: e.domain for e in startable}
+                #: Every transaction's result, as the session reports it.
+                reported: dict[object, TransactionResult] = {}
+                #: Whether a started transaction drew a 421, a timeout or a rate limit.
+                negative = [False]
+
+                def reported_result(result: TransactionResult) -> None:
+                    reported[result.key] = result
+                    if result.started:
+                        negative[0] |= self._feedback(host, domains, [result])
+                    on_result(result)
+
+                session, smtp = self._session, self._smtp
+                if host.mta_sts is not None:
+                    # An MX of an enforced MTA-STS policy (RFC 8461 4.2): STARTTLS with a certificate
+                    # valid for its name. The session cache keys sessions by their TLS settings too.
+                    session = enforcing(self._session, host.mta_sts)
+                    smtp = enforced_settings(self._smtp, self._mta_sts_trust_root)
                 call = Deferred.fromCoroutine(
-                    self._session(
+                    session(
                         self._reactor,
                         host.name,
                         host.address,
                         host.port,
                         transactions,
-                        self._smtp,
-                        on_result=on_result,
+                        smtp,
+                        on_result=reported_result,
                         may_start=may_start,
                         on_dot_sent=self._dot_sent,
                     )
                 )
                 self._sessions.add(call)
                 try:
-                    return await call
+                    results = await call
+                except SessionFailed as e:
+                    self._feedback_failed(host, sorted(set(domains.values())), e.reply.code, e.reply.text)
+                    raise
                 finally:
                     self._sessions.discard(call)
+                self._after_session(host, domains, list(reported.values()), hold_back, negative[0])
+                return results
             finally:
                 self._connections.release()
         finally:
             per_host.release()
-            if not per_host.waiting and per_host.tokens == per_host.limit:
-                self._per_host.pop(host.address, None)
+            self.backoff.done_with(host.address)
+
+    # -- destination back-off (mmgun.backoff) -----------------------------------
+
+    def _feedback(self, host: MXHost, domains: dict[object, str], results: list[TransactionResult]) -> bool:
+        """
+        Started transactions' replies: the MX's concurrency goes up or down; a rate limit
+        pauses the domain. Whether any was negative (a 421, a timeout, a rate limit).
+        """
+        negative = False
+        if not results:
+            return negative
+        now = self._wall()
+        for result in results:
+            replies = [r.reply for r in result.recipients.values()]
+            signals = [classify(reply.code, reply.text) for reply in replies]
+            signal = worst(signals)
+            reply = str(replies[signals.index(signal)]) if signals else ""
+            negative |= signal in (Signal.OVERLOADED, Signal.RATE_LIMITED)
+            self.backoff.session_feedback(host.address, signal, reply, now)
+            domain = domains.get(result.key)
+            if domain is not None:
+                self._domain_feedback(domain, signal, reply, now)
+        self._save_backoffs()
+        return negative
+
+    def _feedback_failed(self, host: MXHost, domains: list[str], code: int, text: str) -> None:
+        """A session that failed before any transaction (connection refused or timed out, a 421 greeting)."""
+        signal = classify(code, text)
+        if signal not in (Signal.OVERLOADED, Signal.RATE_LIMITED):
+            return  # a TLS policy failure, a 5xx greeting: not the MX's load
+        now, reply = self._wall(), f"{code} {text}"
+        self.backoff.session_feedback(host.address, signal, reply, now)
+        for domain in domains:
+            self._domain_feedback(domain, signal, reply, now)
+        self._save_backoffs()
+
+    def _domain_feedback(self, domain: str, signal: Signal, reply: str, now: float) -> None:
+        until = self.backoff.domain_feedback(domain, signal, reply, now)
+        if until is not None:
+            _log.warn(
+                "{domain} says it is rate-limiting us: pausing mail to it for {seconds:.0f} s ({reply})",
+                domain=domain,
+                seconds=until - now,
+                until=until,
+                reply=reply,
+            )
+
+    def _after_session(
+        self,
+        host: MXHost,
+        domains: dict[object, str],
+        results: list[TransactionResult],
+        hold_back: Callable[[list[ClaimedEnvelope], str], None],
+        negative: bool,
+    ) -> None:
+        """
+        The transactions a session ended before starting: a 421 or a timeout that came between
+        two of them lowers the MX's concurrency once, unless a started one already did
+        (``negative``); and those of a domain now paused are held back (released, no attempt
+        counted) rather than tried at the next MX.
+        """
+        unstarted = [r for r in results if not r.started]
+        if not unstarted:
+            return
+        replies = [rr.reply for r in unstarted for rr in r.recipients.values()]
+        signals = [classify(reply.code, reply.text) for reply in replies]
+        signal = worst(signals)
+        if not negative and signal in (Signal.OVERLOADED, Signal.RATE_LIMITED):
+            now, reply = self._wall(), str(replies[signals.index(signal)])
+            self.backoff.session_feedback(host.address, signal, reply, now)
+            for domain in sorted({domains[r.key] for r in unstarted if r.key in domains}):
+                self._domain_feedback(domain, signal, reply, now)
+            self._save_backoffs()
+        held: dict[str, list[ClaimedEnvelope]] = {}
+        for result in unstarted:
+            envelope = self.in_flight.get(cast(int, result.key))
+            reason = self._paused(envelope.domain) if envelope is not None else None
+            if envelope is not None and reason is not None:
+                held.setdefault(reason, []).append(envelope)
+        for reason, group in held.items():
+            hold_back(group, reason)
+
+    def _save_backoffs(self) -> None:
+        """Write what changed to the store (in the background; on change, not per message)."""
+        changes = self.backoff.changes()
+        if not changes:
+            return
+        for entry in changes:
+            if entry.kind == "domain":
+                self._metrics.destination_backoff("domain")
+            elif entry.concurrency is not None and entry.until > entry.updated_at:
+                self._metrics.destination_backoff("mx")
+                _log.info(
+                    "concurrency to {mx} is now {concurrency} sessions ({reply})",
+                    mx=entry.name,
+                    concurrency=entry.concurrency,
+                    reply=entry.reply,
+                )
+            else:
+                _log.info("concurrency to {mx} is back to {concurrency} sessions", mx=entry.name, concurrency=entry.concurrency)
+        Deferred.fromCoroutine(self._write_backoffs(changes))
+
+    async def _write_backoffs(self, changes: list[BackoffEntry]) -> None:
+        try:
+            await self._store.save_backoffs(changes, self._wall())
+        except StorageError as e:
+            _log.warn("could not store destination back-off ({error}); other senders do not see it", error=str(e))
+        except Exception:
+            _log.failure("storing destination back-off failed")
+
+    def _read_backoffs(self) -> None:
+        """Learn the pauses other senders stored: at most every BACKOFF_REFRESH seconds, in the background."""
+        now = self._clock.seconds()
+        if self._backoffs_reading or now < self._backoffs_read_at + BACKOFF_REFRESH:
+            return
+        self._backoffs_reading, self._backoffs_read_at = True, now
+        Deferred.fromCoroutine(self._read_backoffs_now())
+
+    async def _read_backoffs_now(self) -> None:
+        try:
+            self.backoff.others(await self._store.backoffs(self._wall()))
+        except StorageError as e:
+            _log.warn("could not read the stored destination back-offs ({error})", error=str(e))
+        except Exception:
+            _log.failure("reading the stored destination back-offs failed")
+        finally:
+            self._backoffs_reading = False
 
     def _dot_sent(self, transaction: Transaction) -> None:
         """The session is writing this envelope's final ".": not released at shutdown until its result is recorded."""
@@ -1037,8 +1264,9 @@ class Sender(Service):
 
     def _transaction(self, envelope: ClaimedEnvelope) -> Transaction:
         """
-        An envelope's transaction, with its message's wire form and whether it is 8-bit,
-        both made once per submission in flight.
+        An envelope's transaction, with its message's wire form, size, and whether it is
+        8-bit or has a UTF-8 header, made once per submission in flight (whether the
+        transaction needs SMTPUTF8 also depends on its own addresses).
         """
         entry = self._messages.get(envelope.submission_id)
         if entry is None or entry.message is not envelope.message:
@@ -1046,33 +1274,39 @@ class Sender(Service):
         if entry.wire is None:
             entry.wire = wire_form(entry.message)
             entry.eight_bit = not entry.message.isascii()
+            entry.header_utf8 = entry.eight_bit and header_needs_smtputf8(entry.message)
+            entry.size = message_size(entry.wire)
         return Transaction(
-            envelope.id, envelope.sender, envelope.recipients, entry.message, wire=entry.wire, eight_bit=entry.eight_bit
+            envelope.id,
+            envelope.sender,
+            envelope.recipients,
+            entry.message,
+            wire=entry.wire,
+            eight_bit=entry.eight_bit,
+            smtputf8=transaction_needs_smtputf8(envelope.sender, envelope.recipients, entry.header_utf8),
+            size=entry.size,
         )
 
     def _outcome(
-        self,
-        envelope: ClaimedEnvelope,
-        results: dict[str, tuple[str, str]],
-        mx_host: str | None = None,
-        refused_at_rcpt: frozenset[str] = frozenset(),
+        self, envelope: ClaimedEnvelope, results: Mapping[str, RecipientResult], mx_host: str | None = None
     ) -> EnvelopeOutcome:
         """
         Apply the retry schedule and the queue lifetime to one envelope's results (the
         replies of ``mx_host``, when an MX gave them: a "no such mailbox" in answer to a
-        recipient's own RCPT TO — those in ``refused_at_rcpt`` — puts the address on the
-        client's bounce list; a refusal of MAIL FROM or of the message does not).
+        recipient's own RCPT TO — ``at_rcpt`` — puts the address on the client's bounce
+        list; a refusal of MAIL FROM or of the message does not).
         """
         now = self._wall()
         expires = envelope.created_at + self._settings.queue_lifetime
         recipients = []
         for address in envelope.recipients:
-            status, reply = results.get(address, ("deferred", "451 4.3.0 no result; will retry"))
+            result = results.get(address, _NO_RESULT)
+            status, reply = result.status, str(result.reply)
             reason = None
-            if status == "deferred" and now >= expires:
-                status, reply = "failed", f"expired: not delivered within the queue lifetime; last reply: {reply}"
+            if status is Status.DEFERRED and now >= expires:
+                status, reply = Status.FAILED, f"expired: not delivered within the queue lifetime; last reply: {reply}"
                 reason = "expired"
-            bounce = status == "failed" and reason is None and address in refused_at_rcpt and mailbox_gone(reply)
+            bounce = status is Status.FAILED and reason is None and result.at_rcpt and mailbox_gone(reply)
             recipients.append(RecipientOutcome(address, status, reply, reason=reason, mx_host=mx_host, bounce=bounce))
         next_attempt = min(now + retry_delay(envelope.attempts + 1, self._settings, self._rng), expires)
         return EnvelopeOutcome(envelope, tuple(recipients), next_attempt)

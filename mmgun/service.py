@@ -223,7 +223,11 @@ def make_service(
             wake=wakeup,
         )
         ClientsReloader(holder, reactor).setServiceParent(root)
+    if ("frontend" in config.roles and inherited is None) or pool is not None:
+        # One process reads the queue's gauges: with workers, the supervisor (whose /metrics has
+        # the sender's counters), not each worker (N scans of the queue, each with its page cache).
         QueueGauges(store, metrics, reactor, wall=time.time).setServiceParent(root)
+    if "frontend" in config.roles:
         http = HTTPService(config.listen, frontend.site(), reactor, grace=min(config.shutdown_timeout, 10.0), endpoint=inherited)
         submission = make_submission(config, frontend.pipeline, reactor) if config.smtp_listen else None
 
@@ -554,7 +558,18 @@ def make_sender(
         router = MXResolver(
             resolver, reactor, config.smtp_port, policy=policy, address_limit=config.mx_address_limit
         )
-    smtp = SMTPSettings(helo=config.helo, tls=TLSMode(config.tls), command_timeout=config.smtp_timeout)
+    mta_sts_trust = None
+    if config.tls == "mta-sts":
+        # Opportunistic STARTTLS, plus each recipient domain's MTA-STS policy (RFC 8461); a relay host is the
+        # operator's choice, where no recipient domain's policy applies.
+        from .mtasts import make_router
+
+        if config.relay_host:
+            _log.warn("--tls mta-sts applies to MX delivery only: with --relay-host it is opportunistic STARTTLS")
+        else:
+            router, mta_sts_trust = make_router(router, store, resolver, reactor, policy=policy, wall=time.time, ca_file=config.mta_sts_ca)
+    tls = TLSMode.OPPORTUNISTIC if config.tls == "mta-sts" else TLSMode(config.tls)
+    smtp = SMTPSettings(helo=config.helo, tls=tls, command_timeout=config.smtp_timeout)
     settings = SenderSettings(
         poll_interval=config.poll_interval,
         retry_min=config.retry_min,
@@ -562,6 +577,7 @@ def make_sender(
         queue_lifetime=config.queue_lifetime,
         max_connections=config.max_connections,
         max_per_destination=config.max_per_destination,
+        destination_pause=config.destination_pause,
         shutdown_timeout=config.shutdown_timeout,
         lease_time=config.lease_time,
         mx_address_limit=config.mx_address_limit,
@@ -573,19 +589,24 @@ def make_sender(
     # The DNS cache keeps a timer per entry; dropping it at stop leaves the reactor clean.
     _OnStop(getattr(resolver, "clear", lambda: None)).setServiceParent(sender)
     # Stored timestamps are wall-clock time; the reactor's clock is monotonic (mmgun.clock).
-    role = Sender(store, router, reactor, smtp, settings, metrics=metrics, owner=config.sender_id, wall=time.time)
+    role = Sender(
+        store, router, reactor, smtp, settings, metrics=metrics, owner=config.sender_id, wall=time.time, mta_sts_trust_root=mta_sts_trust
+    )
     role.setServiceParent(sender)
     if wakeup is not None:
         from .wakeup import WakeListener, listener_name, wake_directory
 
-        wakeup.subscribe(role.wake)
-        directory = wake_directory(config.database)
-        if directory is not None:
-            WakeListener(directory, listener_name(role.identity), role.wake, reactor).setServiceParent(sender)
         # PostgreSQL: the NOTIFY of every host's submitting transactions (none on SQLite).
         notified = store.listen_for_wakeups(role.wake)
         if notified is not None:
+            # This process's own submissions NOTIFY too: a direct wake as well would make
+            # a second, empty claim for each of them.
             notified.setServiceParent(sender)
+        else:
+            wakeup.subscribe(role.wake)
+            directory = wake_directory(config.database)
+            if directory is not None:
+                WakeListener(directory, listener_name(role.identity), role.wake, reactor).setServiceParent(sender)
     return sender
 
 

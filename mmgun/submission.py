@@ -35,9 +35,11 @@ What it adds to twisted.mail's server, whose line handling is not safe for a rel
   and per source address, and per connection on errors, failed AUTHs, junk commands
   (NOOP, RSET, EHLO, HELO, VRFY, HELP since the last message queued) and messages.
   Only a fixed list of verbs is served.
-- SMTPUTF8 (RFC 6531) is not offered, as mmgun's SMTP client cannot relay such mail: the
-  SMTPUTF8 parameter (555 5.5.4), a non-ASCII address (553 5.6.7) and a non-ASCII header
-  field (550 5.6.7) are refused with a reply that says why; 8-bit bodies are taken (8BITMIME).
+- SMTPUTF8 (RFC 6531) is offered: a transaction whose MAIL FROM carries the ``SMTPUTF8``
+  parameter may have addresses with UTF-8 local parts and UTF-8 header fields (RFC 6532),
+  each checked (valid UTF-8, no control characters; the From address as messages.mime's).
+  Without the parameter a non-ASCII address is ``553 5.6.7`` and a non-ASCII header field
+  ``550 5.6.7`` (RFC 6531 3.3), saying so. 8-bit bodies are taken (8BITMIME).
 - AUTH PLAIN and LOGIN are offered only under TLS (STARTTLS or an ``ssl:`` listener)
   or on a loopback listener; no transaction without authentication, whatever the
   recipient: never an open relay. The key is checked again at each MAIL (a key revoked
@@ -100,12 +102,8 @@ DATA_IN_FLIGHT_MESSAGES = 8
 DROP_GRACE = 5.0
 #: The verbs served; any other is 500 5.5.2 (twisted.mail's other do_ methods stay unreachable).
 VERBS = frozenset(b"EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP".split())
-#: Why SMTPUTF8 (RFC 6531) is not offered: mmgun's SMTP client (mmgun.smtp) does not send it, so mail
-#: with UTF-8 addresses or header fields could not be relayed; refused at once rather than bounced later.
-NO_SMTPUTF8 = (
-    "this relay does not offer SMTPUTF8 (RFC 6531): it cannot deliver internationalized mail yet;"
-    " use ASCII addresses, and RFC 2047 encoded words in header fields"
-)
+#: Why a non-ASCII address or header field was refused in a transaction without SMTPUTF8 (RFC 6531 3.3).
+NO_SMTPUTF8 = "internationalized mail needs the SMTPUTF8 parameter on MAIL FROM (RFC 6531)"
 #: What the greeting, the EHLO reply and the Received field say this server is.
 SOFTWARE = "mmgun"
 #: A HELO/EHLO argument good enough to be written into a Received field as it is.
@@ -706,6 +704,7 @@ class SubmissionProtocol(ESMTP):
             b"SIZE": [str(self.settings.max_message_size).encode("ascii")],
             b"8BITMIME": None,
             b"ENHANCEDSTATUSCODES": None,
+            b"SMTPUTF8": None,
         }
         if self.canStartTLS and not self.startedTLS:
             ext[b"STARTTLS"] = None
@@ -866,6 +865,8 @@ class SubmissionProtocol(ESMTP):
         self._to: list[str] = []
         #: MAIL FROM's SIZE parameter (RFC 1870), 0 if not given.
         self._declared_size = 0
+        #: MAIL FROM's SMTPUTF8 parameter (RFC 6531 3.4): UTF-8 addresses and header fields allowed.
+        self._smtputf8 = False
 
     def do_MAIL(self, rest: bytes) -> None:
         if self.client is None:
@@ -888,6 +889,7 @@ class SubmissionProtocol(ESMTP):
             self._error(501, "5.5.4 syntax: MAIL FROM:<address> [parameters]")
             return
         size = 0
+        smtputf8 = False
         for parameter in match.group(2).split():
             name, _, value = parameter.partition(b"=")
             name = name.upper()
@@ -901,10 +903,8 @@ class SubmissionProtocol(ESMTP):
                 pass
             elif name == b"AUTH" and value:
                 pass  # RFC 4954 5: the submitter's claim; mmgun knows who authenticated
-            elif name == b"SMTPUTF8":
-                self._error(555, f"5.5.4 MAIL parameter SMTPUTF8 not offered: {NO_SMTPUTF8}")
-                self.server.rejected(400)
-                return
+            elif name == b"SMTPUTF8" and b"=" not in parameter:
+                smtputf8 = True  # RFC 6531 3.4: a parameter without a value
             else:
                 self._error(555, f"5.5.4 MAIL parameter {name.decode('ascii', 'replace')} not recognized")
                 self.server.rejected(400)
@@ -914,14 +914,14 @@ class SubmissionProtocol(ESMTP):
             self._error(550, "5.7.1 a null sender (MAIL FROM:<>) is not accepted for submission")
             self.server.rejected(400)
             return
-        sender = self._address(path, 553, "5.1.7 bad sender address syntax")
+        sender = self._address(path, 553, "5.1.7 bad sender address syntax", smtputf8)
         if sender is None:
             self.server.rejected(400)
             return
         # The key may have been revoked since AUTH: checked again (the Authenticator caches it for 2 s).
         self._wait()
         checked = Deferred.fromCoroutine(self._key_still_valid())
-        checked.addCallbacks(self._mail_accepted, self._key_refused, callbackArgs=(sender, size))
+        checked.addCallbacks(self._mail_accepted, self._key_refused, callbackArgs=(sender, size, smtputf8))
         checked.addErrback(self._bug, "checking the API key")
         checked.addBoth(lambda _: self._done())
 
@@ -930,13 +930,14 @@ class SubmissionProtocol(ESMTP):
         user, key = self._credentials
         return await self.server.pipeline.authenticate_key(user, key, self.source or "local")
 
-    def _mail_accepted(self, client: str, sender: str, size: int) -> None:
+    def _mail_accepted(self, client: str, sender: str, size: int, smtputf8: bool) -> None:
         if client != self.client:
             self._key_refused(Failure(UnauthorizedLogin()))
             return
         self._from = sender
         self._to = []
         self._declared_size = size
+        self._smtputf8 = smtputf8
         self._reply(250, "2.1.0 sender OK")
 
     def _key_refused(self, failure: Failure) -> None:
@@ -960,7 +961,7 @@ class SubmissionProtocol(ESMTP):
         if match.group(2).strip():
             self._error(555, "5.5.4 RCPT parameters are not recognized")
             return
-        recipient = self._address(match.group(1), 553, "5.1.3 bad recipient address syntax")
+        recipient = self._address(match.group(1), 553, "5.1.3 bad recipient address syntax", self._smtputf8)
         if recipient is None:
             return
         if recipient not in self._to and len(self._to) >= self.settings.max_recipients:
@@ -970,11 +971,15 @@ class SubmissionProtocol(ESMTP):
             self._to.append(recipient)
         self._reply(250, "2.1.5 recipient OK")
 
-    def _address(self, path: bytes, code: int, text: str) -> str | None:
+    def _address(self, path: bytes, code: int, text: str, smtputf8: bool) -> str | None:
+        """The address normalized; None once refused. UTF-8 only in a transaction with SMTPUTF8 (RFC 6531 3.3)."""
+        if not path.isascii() and not smtputf8:
+            self._error(553, f"5.6.7 non-ASCII address without SMTPUTF8: {NO_SMTPUTF8}")
+            return None
         try:
-            return normalize_address(path.decode("ascii"), "address")
+            return normalize_address(path.decode("utf-8"), "address")
         except UnicodeDecodeError:
-            self._error(553, f"5.6.7 non-ASCII address: {NO_SMTPUTF8}")
+            self._error(553, "5.6.7 the address is not valid UTF-8")
         except BadRequest:
             self._error(code, text)
         return None
@@ -1041,7 +1046,7 @@ class SubmissionProtocol(ESMTP):
             self._data_deadline.cancel()
         self._data_deadline = None
         self.mode = COMMAND
-        sender, recipients, problem = self._from, self._to, self._data_problem
+        sender, recipients, problem, smtputf8 = self._from, self._to, self._data_problem, self._smtputf8
         message, self._data = bytes(self._data), bytearray()
         # Counted until the commit: the message is in memory until then.
         held, self._data_held = self._data_held, 0
@@ -1054,7 +1059,7 @@ class SubmissionProtocol(ESMTP):
             return
         assert sender is not None and self.client is not None
         self._wait()
-        queued = Deferred.fromCoroutine(self._queue(self.client, sender, recipients, message))
+        queued = Deferred.fromCoroutine(self._queue(self.client, sender, recipients, message, smtputf8))
         del message
         queued.addCallbacks(self._queued, self._not_queued)
         queued.addErrback(self._bug, "queueing")
@@ -1078,15 +1083,15 @@ class SubmissionProtocol(ESMTP):
         self._reply(code, text)
         self.server.rejected(status)
 
-    async def _queue(self, client: str, sender: str, recipients: Iterable[str], data: bytes) -> str:
+    async def _queue(self, client: str, sender: str, recipients: Iterable[str], data: bytes, smtputf8: bool) -> str:
         settings = self.settings
         now = self.server.wall()
         # A Date and a Message-ID are added when missing (RFC 6409 8.2, 8.3), Bcc fields removed;
         # the size is checked below, once the Received field is on.
         size = len(data)
-        if not data.partition(b"\r\n\r\n")[0].isascii():
-            raise _Refusal(550, f"5.6.7 non-ASCII octets in a header field: {NO_SMTPUTF8}", 400)
-        message, message_id, author = check_mime(data, hostname=settings.hostname, now=now, max_size=sys.maxsize)
+        if not smtputf8 and not data.partition(b"\r\n\r\n")[0].isascii():
+            raise _Refusal(550, f"5.6.7 non-ASCII octets in a header field without SMTPUTF8: {NO_SMTPUTF8}", 400)
+        message, message_id, author = check_mime(data, hostname=settings.hostname, now=now, max_size=sys.maxsize, utf8=smtputf8)
         del data  # the caller holds no other reference: one copy fewer while the message is stored
         message = self._received(now) + message
         if len(message) > settings.max_message_size:

@@ -130,6 +130,11 @@ class _Child(ProcessProtocol):
         self.reason: Failure | None = None
         self._buffers = {1: bytearray(), 2: bytearray()}
         self._lines_logged = 0
+        #: Whether it has written a log line yet: twistd logs only once the service is made,
+        #: after a supervised child has set SIGHUP aside (mmgun.tap). Before that, SIGHUP's
+        #: default action would end it, so a SIGHUP is held back until then.
+        self.spoke = False
+        self._hup_held = False
 
     #: Kept once started: the transport forgets it when the process is reaped.
     pid: int | None = None
@@ -138,6 +143,9 @@ class _Child(ProcessProtocol):
         self.pid = getattr(self.transport, "pid", None)
 
     def signal(self, name: str) -> None:
+        if name == "HUP" and not self.spoke:
+            self._hup_held = True
+            return
         try:
             self.transport.signalProcess(name)  # type: ignore[union-attr]
         except (ProcessExitedAlready, OSError):
@@ -147,6 +155,11 @@ class _Child(ProcessProtocol):
         buffer = self._buffers.get(childFD)
         if buffer is None:
             return
+        if childFD == 1 and not self.spoke:
+            self.spoke = True
+            if self._hup_held:
+                self._hup_held = False
+                self.signal("HUP")
         buffer += data
         if b"\n" not in data:
             if len(buffer) > MAX_LOG_LINE:

@@ -364,6 +364,7 @@ class StatsTests(AdminCase):
                 {"domain": "w.example", "pending_recipients": 1},
                 {"domain": "x.example", "pending_recipients": 1},
             ],
+            "backed_off": [],
         })
 
     def test_stats_text(self) -> None:

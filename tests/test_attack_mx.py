@@ -40,13 +40,13 @@ from mmgun.mx import (
     make_resolver,
     non_public_reason,
 )
-from mmgun.smtp import SessionFailed, _reply, wire_form
+from mmgun.smtp import SessionFailed, parse_reply, wire_form
 from mmgun.testing.dnsserver import SERVFAIL, TRUNCATED, ZoneResolver, listen_dns
 from mmgun.testing.ports import port_number
 from mmgun.testing.smtpserver import Mailbox, smtp_server_factory
 
+from .fakes import FakeMX, Session, transaction
 from .helpers import CLIENT, start_mmgun
-from .test_smtp import FakeMX, Session, transaction
 
 DEADLINE = 30.0
 
@@ -603,7 +603,7 @@ class SlowMXBufferTests(SynchronousTestCase):
         server = FakeMX(pipelining=True)
         session.accept(server)
         [result] = self.successResultOf(session.result)
-        self.assertEqual(result.recipients["b@example.net"].outcome, "sent")
+        self.assertEqual(result.recipients["b@example.net"].status, "sent")
         self.assertEqual(server.payloads, [message + b".\r\n"])
         writes = session.client_transports[0].writes
         self.assertLessEqual(max(len(w) for w in writes), 256 * 1024, [len(w) for w in writes])
@@ -653,7 +653,7 @@ class ReplySanitisingTests(SynchronousTestCase):
         """issue 11 item 16: whatever the peer sends, a recorded reply is one line for str.splitlines()."""
         self.assertIn("\u2028", LINE_BREAKS)
         text = "x".join(LINE_BREAKS).encode("utf-8")
-        self.assertEqual(len(str(_reply(550, text)).splitlines()), 1)
+        self.assertEqual(len(str(parse_reply(550, text)).splitlines()), 1)
 
 
 class _GlueResolver(ZoneResolver):

@@ -11,97 +11,38 @@ ESMTP client (mmgun.smtp.send_session) on a MemoryReactorClock, wired in memory
 from __future__ import annotations
 
 import os
-import random
 import tracemalloc
-import uuid
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
-from twisted.python.failure import Failure
-from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from mmgun.clock import use_monotonic_time
 from mmgun.mx import MXHost
 from mmgun.sender import Sender, SenderSettings
-from mmgun.smtp import Reply, SMTPSettings, send_session
-from mmgun.store import ClaimedEnvelope, NewSubmission, StorageError
+from mmgun.smtp import Reply
+from mmgun.store import ClaimedEnvelope, StorageError
 from mmgun.store.sqlite import SQLiteStore, SyncRunner
-from mmgun.testing.smtpserver import Mailbox, smtp_server_factory
 
-from .helpers import result, sync_store
-from .test_sender import FakeRouter, ScriptedSessions
+from .fakes import (
+    HARNESS_SETTINGS as SETTINGS,
+    HARNESS_SMTP as SMTP,
+    FakeRouter,
+    Harness,
+    ScriptedSessions,
+    smtp_server,
+)
+from .helpers import result
 
 T0 = 1_800_000_000.0
-SETTINGS = SenderSettings(poll_interval=1.0, retry_min=300.0, retry_max=3600.0, lease_time=60.0)
-SMTP = SMTPSettings(helo="mmgun.test", command_timeout=8.0, connect_timeout=8.0)
 
 
-class MemoryNet:
-    """
-    Completes the connections a MemoryReactorClock was asked to make: to an in-memory
-    server (``servers[address]()``), or refused (``None``). :meth:`run` moves bytes until
-    nothing moves.
-    """
-
-    def __init__(self, reactor: MemoryReactorClock, default: Callable[[], Protocol] | None = None) -> None:
-        self.reactor = reactor
-        self.default = default
-        self.servers: dict[str, Callable[[], Protocol] | None] = {}
-        #: The address of every connection attempt, in order.
-        self.attempts: list[str] = []
-        self._pumps: list[iosim.IOPump] = []
-
-    def run(self) -> None:
-        for _ in range(1000):
-            moved = False
-            while len(self.attempts) < len(self.reactor.tcpClients):
-                index = len(self.attempts)
-                address, port, factory, _, _ = self.reactor.tcpClients[index]
-                self.attempts.append(address)
-                moved = True
-                make = self.servers.get(address, self.default)
-                if make is None:
-                    factory.clientConnectionFailed(self.reactor.connectors[index], Failure(ConnectionRefusedError()))
-                    continue
-                server = make()
-                here, there = IPv4Address("TCP", "198.51.100.7", 40000), IPv4Address("TCP", address, port)
-                client = factory.buildProtocol(there)
-                self._pumps.append(
-                    iosim.connect(
-                        server,
-                        iosim.FakeTransport(server, isServer=True, hostAddress=there, peerAddress=here),
-                        client,
-                        iosim.FakeTransport(client, isServer=False, hostAddress=here, peerAddress=there),
-                        greet=False,
-                        clock=self.reactor,
-                    )
-                )
-            for pump in self._pumps:
-                moved = pump.flush() or moved
-            if not moved:
-                return
-        raise AssertionError("the memory network never settled")
-
-    def advance(self, seconds: float, step: float = 1.0) -> None:
-        """Let ``seconds`` pass on the reactor's clock, ``step`` at a time, moving bytes after each."""
-        self.run()
-        while seconds > 1e-9:
-            self.reactor.advance(min(step, seconds))
-            seconds -= min(step, seconds)
-            self.run()
 
 
-def smtp_server(reactor: MemoryReactorClock, mailbox: Mailbox, slow_seconds: float = 30.0) -> Callable[[], Protocol]:
-    factory = smtp_server_factory(reactor, mailbox, tls=False, slow_seconds=slow_seconds, timeout=None)
-    return lambda: factory.buildProtocol(None)
 
 
 class Silent(Protocol):
@@ -156,8 +97,6 @@ class CountingStore:
             raise
 
 
-def submission(recipients: tuple[str, ...], at: float, message: bytes = b"Subject: x\r\n\r\nhi\r\n") -> NewSubmission:
-    return NewSubmission(uuid.uuid4().hex, "c1", "me@example.com", recipients, message, at)
 
 
 def kill(sender: Sender) -> None:
@@ -168,58 +107,6 @@ def kill(sender: Sender) -> None:
             loop.stop()
 
 
-class Harness:
-    """A real store, a MemoryReactorClock with a memory network, a steppable wall clock."""
-
-    def __init__(self, case: SynchronousTestCase) -> None:
-        self.case = case
-        self.store, self.path = sync_store(case)
-        self.reactor = MemoryReactorClock()
-        self.reactor.advance(T0)
-        #: The wall clock: the reactor's (monotonic) time plus whatever steps the test makes.
-        self.step = 0.0
-        self.net = MemoryNet(self.reactor)
-        self.mailbox = Mailbox()
-
-    def wall(self) -> float:
-        return self.reactor.seconds() + self.step
-
-    def sender(
-        self,
-        store: Any = None,
-        owner: str = "sender-1",
-        settings: SenderSettings = SETTINGS,
-        router: Any = None,
-        session: Any = send_session,
-    ) -> Sender:
-        """A started sender (stopped by the test's cleanup)."""
-        sender = Sender(
-            store if store is not None else self.store,
-            router if router is not None else FakeRouter({"a.example": [MXHost("mx.a.example", "127.0.0.2", 25)]}),
-            self.reactor,
-            SMTP,
-            settings,
-            session=session,
-            rng=random.Random(1),
-            owner=owner,
-            wall=self.wall,
-        )
-        sender.startService()
-
-        def stop() -> None:
-            if sender.running:
-                d = sender.stopService()
-                self.net.advance(settings.shutdown_timeout + 1)
-                self.case.successResultOf(d)
-
-        self.case.addCleanup(stop)
-        return sender
-
-    def submit(self, *recipients: str, message: bytes = b"Subject: x\r\n\r\nhi\r\n") -> str:
-        return result(self.case, self.store.add_submission(submission(recipients, self.wall(), message)))
-
-    def state(self, submission_id: str) -> Any:
-        return result(self.case, self.store.submission("c1", submission_id))
 
 
 # -- item 2: a full disk -----------------------------------------------------------------------

@@ -47,6 +47,21 @@ class CleanerTests(SynchronousTestCase):
         self.assertFalse(self.exists(done))
         self.assertTrue(self.exists(pending))
 
+    def test_expired_mta_sts_policies_are_forgotten(self) -> None:
+        """issue 18 (MTA-STS): a cached policy past its max_age is deleted by the cleaner's pass; an unexpired one stays."""
+        from mmgun.store import MTASTSPolicy
+
+        now = self.clock.seconds()
+        old = MTASTSPolicy("old.example", "1", "enforce", ("mx.old.example",), 3600, now - 3601)
+        fresh = MTASTSPolicy("fresh.example", "1", "enforce", ("mx.fresh.example",), 86400, now - 3601)
+        for policy in (old, fresh):
+            result(self, self.store.save_mta_sts_policy(policy))
+        self.assertIsNotNone(result(self, self.store.mta_sts_policy("old.example", now - 3602)))
+        self.cleaner.startService()
+        self.addCleanup(self.cleaner.stopService)
+        self.assertIsNone(result(self, self.store.mta_sts_policy("old.example", now - 3602)), "expired: deleted")
+        self.assertEqual(result(self, self.store.mta_sts_policy("fresh.example", now)), fresh)
+
     def test_deletes_in_bounded_batches(self) -> None:
         from mmgun import cleaner
 

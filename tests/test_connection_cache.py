@@ -21,22 +21,23 @@ from mmgun.sender import Sender, SenderSettings
 from mmgun.smtp import QUIT_TIMEOUT, SessionCache, SessionFailed, SMTPSettings, TLSMode, Transaction, TransactionResult
 from mmgun.store import NewSubmission
 
-from .helpers import result, sync_store
-from .test_sender import T0, FakeRouter
-from .test_smtp import (
+from .fakes import (
     ADDRESS,
     DROP,
     HOST,
     MESSAGE,
     PORT,
-    SETTINGS,
     SILENT,
+    SMTP_SETTINGS as SETTINGS,
+    T0,
     FakeMX,
+    FakeRouter,
     MemoryTLSTransport,
     pki,
     sent,
     transaction as make_transaction,
 )
+from .helpers import result, sync_store
 
 IDLE = 2.0
 
@@ -170,7 +171,7 @@ class ReuseTests(SynchronousTestCase):
         first = net.send(tx("env1"))
         server = FakeMX({b"RCPT": [b"550 5.1.1 no such user"]})
         net.accept(server)
-        self.assertEqual(self.successResultOf(first)[0].recipients["b@example.net"].outcome, "failed")
+        self.assertEqual(self.successResultOf(first)[0].recipients["b@example.net"].status, "failed")
         second = net.send(tx("env2"))
         self.assertEqual(self.successResultOf(second)[0].recipients, {"b@example.net": sent()})
         self.assertEqual(server.verbs, [b"EHLO", b"MAIL", b"RCPT", b"RSET", b"MAIL", b"RCPT", b"DATA"])
@@ -316,6 +317,26 @@ class PeerClosedTests(SynchronousTestCase):
         self.assertEqual(len(server.payloads), 1)
         self.assertEqual(len(other.payloads), 1)
 
+    def test_dead_on_reuse_reports_a_refused_8bit_message_once(self) -> None:
+        """
+        issue 18 restructuring: an 8-bit message the parked session refused (no 8BITMIME)
+        before its connection turned out dead is reported once, and not run again over the
+        new connection; the transaction behind it goes over the new one.
+        """
+        net = Net()
+        first = net.send(tx("env1"))
+        server = FakeMX({b"MAIL": [None, DROP]}, eight_bit_mime=False)
+        net.accept(server)
+        self.successResultOf(first)
+        results: list[TransactionResult] = []
+        eight_bit = b"Subject: =?utf-8?q?caf=C3=A9?=\r\n\r\n\xc3\xa9\r\n"  # 8-bit body, ASCII header (no SMTPUTF8 needed)
+        second = net.send(tx("env8", message=eight_bit), tx("env2"), on_result=results.append)
+        other = FakeMX(eight_bit_mime=False)
+        net.accept(other)
+        self.assertEqual([(r.key, r.recipients["b@example.net"].reply.code) for r in results], [("env8", 554), ("env2", 250)])
+        self.assertEqual(self.successResultOf(second), results)
+        self.assertEqual([verb for _, verb in other.commands if verb.startswith(b"MAIL")], [b"MAIL FROM:<a@example.com>"])
+
     def test_loss_after_a_reply_is_not_retried(self) -> None:
         """
         issue 17 item C3: once the reused session got a reply (here the 354, and the message
@@ -329,7 +350,7 @@ class PeerClosedTests(SynchronousTestCase):
         self.successResultOf(first)
         [result] = self.successResultOf(net.send(tx("env2")))
         self.assertTrue(result.started)
-        self.assertEqual(result.recipients["b@example.net"].outcome, "deferred")
+        self.assertEqual(result.recipients["b@example.net"].status, "deferred")
         self.assertEqual(net.attempts, 1)
         self.assertEqual(len(server.payloads), 2)
 

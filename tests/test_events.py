@@ -35,10 +35,9 @@ from mmgun.store import FEED_START, Event, EventCursor
 from mmgun.store.sqlite import SQLiteStore
 from mmgun.web.app import Frontend
 
+from .fakes import HARNESS_SETTINGS as SETTINGS, FakeRouter, Harness, smtp_server
 from .helpers import result
-from .test_attack_sender import SETTINGS, Harness, smtp_server
 from .test_mailgun_api import basic, form_data
-from .test_sender import FakeRouter
 
 MX = MXHost("mx.a.example", "127.0.0.2", 25)
 

@@ -4,88 +4,19 @@ from __future__ import annotations
 
 import random
 import uuid
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mmgun.mx import MXHost, PermanentDNSError, TemporaryDNSError
-from mmgun.sender import Sender, SenderSettings, retry_delay
-from mmgun.smtp import RecipientResult, Reply, SessionFailed, SMTPSettings, TransactionResult
+from mmgun.mx import PermanentDNSError, TemporaryDNSError
+from mmgun.sender import Sender, retry_delay
+from mmgun.smtp import Reply, SMTPSettings
 from mmgun.store import NewSubmission
 from mmgun.store.sqlite import SQLiteStore
 
+from .fakes import SENDER_SETTINGS as SETTINGS, T0, FakeRouter, ScriptedSessions, mx
 from .helpers import result, sync_store
-
-T0 = 1_800_000_000.0
-SETTINGS = SenderSettings(poll_interval=1.0, retry_min=300.0, retry_max=3600.0, queue_lifetime=86400.0, lease_time=60.0)
-
-
-class FakeRouter:
-    def __init__(self, hosts: dict[str, Any]) -> None:
-        self.routes = hosts
-        self.bad: list[str] = []
-        self.good: list[str] = []
-
-    async def hosts(self, domain: str) -> list[MXHost]:
-        route = self.routes[domain]
-        if isinstance(route, Exception):
-            raise route
-        return route
-
-    def mark_bad(self, host: MXHost) -> None:
-        self.bad.append(host.name)
-
-    def mark_good(self, host: MXHost) -> None:
-        self.good.append(host.name)
-
-
-class ScriptedSessions:
-    """Answers each recipient by a script keyed on (host name, local part); records every session."""
-
-    def __init__(self) -> None:
-        self.sessions: list[tuple[str, list]] = []
-        self.down: set[str] = set()
-        self.replies: dict[str, list[Reply]] = {}
-        self.hold: Deferred | None = None
-        self.report_each = True
-        #: Whether a refusal answers the recipient's RCPT TO (False: MAIL FROM's or the message's).
-        self.at_rcpt = True
-        #: (key, status seen in the store) when each on_result came: proves commits happen mid-session.
-
-    async def __call__(self, reactor, host, address, port, transactions, settings, on_result=None, may_start=None, on_dot_sent=None):
-        self.sessions.append((host, list(transactions)))
-        if host in self.down:
-            raise SessionFailed(Reply(421, f"4.4.1 connection refused by {host}"))
-        if self.hold is not None:
-            await self.hold
-        results = []
-        for index, t in enumerate(transactions):
-            if may_start is not None and not may_start(t):
-                # As send_session does: this transaction and the rest are not started.
-                held = Reply(451, "4.3.0 transaction held back by mmgun; nothing sent")
-                results += [TransactionResult(u.key, False, dict.fromkeys(u.recipients, RecipientResult("deferred", held))) for u in transactions[index:]]
-                break
-            if on_dot_sent is not None:
-                on_dot_sent(t)
-            recipients = {}
-            for rcpt in t.recipients:
-                script = self.replies.get(rcpt.split("@")[0])
-                reply = script.pop(0) if script else Reply(250, "2.0.0 Ok")
-                outcome = {2: "sent", 5: "failed"}.get(reply.code // 100, "deferred")
-                recipients[rcpt] = RecipientResult(outcome, reply, at_rcpt=self.at_rcpt and outcome != "sent")
-            results.append(TransactionResult(t.key, True, recipients))
-            if on_result is not None and self.report_each:
-                on_result(results[-1])
-        return results
-
-    def delivered(self) -> list[tuple[object, str]]:
-        return [(t.key, r) for _, ts in self.sessions for t in ts for r in t.recipients]
-
-
-def mx(name: str, address: str = "127.0.0.2") -> MXHost:
-    return MXHost(name, address, 25)
 
 
 class SenderTests(SynchronousTestCase):
@@ -220,6 +151,37 @@ class SenderTests(SynchronousTestCase):
         sid = self.submit("x@a.example")
         self.poll()
         self.assertEqual(self.state(sid).status, "sent")
+
+    def test_results_come_through_on_result_alone(self) -> None:
+        """issue 18 restructuring: the sender records what on_result reports, not what the session returns."""
+        sid = self.submit("x@a.example")
+        real = self.smtp.__call__
+
+        async def session(*args, **kwargs):
+            await real(*args, **kwargs)
+            return []
+
+        self.sender._session = session
+        self.poll()
+        self.assertEqual(self.state(sid).status, "sent")
+
+    def test_each_result_recorded_once(self) -> None:
+        """issue 18 restructuring: one report per transaction, one record per envelope (no de-duplication)."""
+        self.smtp.replies["y"] = [Reply(451, "4.3.0 busy")]
+        for local in ("x", "y", "z"):
+            self.submit(f"{local}@a.example")
+        recorded: list[int] = []
+        record = self.store.record
+
+        async def counting(outcomes, now):
+            recorded.extend(o.envelope.id for o in outcomes)
+            await record(outcomes, now)
+
+        self.store.record = counting  # type: ignore[method-assign]
+        self.poll()
+        self.assertEqual(len(self.smtp.sessions), 1)
+        self.assertEqual(sorted(recorded), sorted(set(recorded)))
+        self.assertEqual(len(recorded), 3)
 
     def test_each_result_committed_before_the_session_ends(self) -> None:
         first = self.submit("x@a.example")

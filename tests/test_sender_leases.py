@@ -26,10 +26,20 @@ from mmgun.smtp import Transaction, send_session
 from mmgun.store import DatabaseUnavailable, StorageError
 from mmgun.store.sqlite import SQLiteStore
 
+from .fakes import (
+    ADDRESS,
+    HARNESS_SETTINGS as SETTINGS,
+    HOST,
+    PORT,
+    SMTP_SETTINGS,
+    FakeMX,
+    FakeRouter,
+    Harness,
+    Session,
+    smtp_server,
+    transaction,
+)
 from .helpers import result
-from .test_attack_sender import SETTINGS, Harness, smtp_server
-from .test_sender import FakeRouter
-from .test_smtp import ADDRESS, HOST, PORT, SETTINGS as SMTP_SETTINGS, FakeMX, Session, transaction
 
 #: A grace shorter than the SMTP client's command timeout (8 s): a session blocked at RCPT is still open at its end.
 STOP_SETTINGS = attrs.evolve(SETTINGS, shutdown_timeout=5.0)

@@ -7,38 +7,12 @@ STARTTLS. Time only moves when a test advances the clock.
 
 from __future__ import annotations
 
-import datetime
-import functools
 import re
-from collections.abc import Callable
 
-import attrs
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
-from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import (
-    IOpenSSLClientConnectionCreator,
-    IOpenSSLContextFactory,
-    IOpenSSLServerConnectionCreator,
-    ISSLTransport,
-)
-from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
-from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
-from twisted.mail.smtp import ESMTP, SMTPBadRcpt, User
-from twisted.protocols.basic import LineReceiver
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-from twisted.python.failure import Failure
-from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import alsoProvides, implementer
 
 from mmgun.smtp import (
     RecipientResult,
@@ -46,395 +20,30 @@ from mmgun.smtp import (
     SessionFailed,
     SMTPSettings,
     TLSMode,
-    Transaction,
     TransactionResult,
     send_session,
     wire_form,
 )
 
-HOST = "mx.example"
-ADDRESS = "192.0.2.25"
-PORT = 25
-SETTINGS = SMTPSettings(helo="relay.test")
-
-MESSAGE = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nHello.\r\n"
-
-
-def transaction(
-    key: object = "env1", *recipients: str, mail_from: str = "a@example.com", message: bytes = MESSAGE
-) -> Transaction:
-    return Transaction(key=key, mail_from=mail_from, recipients=recipients or ("b@example.net",), message=message)
-
-
-# -- in-memory network with real STARTTLS --------------------------------------
-
-
-class _RawWriter:
-    """What the TLS layer writes to: the transport, bypassing TLS."""
-
-    def __init__(self, transport: MemoryTLSTransport) -> None:
-        self._transport = transport
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._transport, name)
-
-    def write(self, data: bytes) -> None:
-        iosim.FakeTransport.write(self._transport, data)
-
-    def writeSequence(self, data: list[bytes]) -> None:
-        self.write(b"".join(data))
-
-    def loseConnection(self) -> None:
-        iosim.FakeTransport.loseConnection(self._transport)
-
-    def abortConnection(self) -> None:
-        iosim.FakeTransport.abortConnection(self._transport)
-
-
-class MemoryTLSTransport(iosim.FakeTransport):
-    """
-    L{iosim.FakeTransport} whose C{startTLS} is real TLS (OpenSSL over
-    memory), done the way L{twisted.internet._newtls} does it for TCP.
-    """
-
-    _tls: TLSMemoryBIOProtocol | None = None
-    no_delay: bool | None = None
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.writes: list[bytes] = []  # what the protocol wrote, one entry a call, before TLS
-
-    def startTLS(
-        self,
-        contextFactory: IOpenSSLContextFactory | IOpenSSLClientConnectionCreator | IOpenSSLServerConnectionCreator,
-        beNormal: bool = True,
-    ) -> None:
-        # No wrapped factory, as twisted.internet._newtls passes none: the protocol is given below.
-        factory = TLSMemoryBIOFactory(contextFactory, not self.isServer, None)  # type: ignore[arg-type]
-        tls = TLSMemoryBIOProtocol(factory, self.protocol, False)
-        self.protocol = tls
-        self._tls = tls
-        alsoProvides(self, ISSLTransport)
-        tls.makeConnection(_RawWriter(self))
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-        if self._tls is not None:
-            self._tls.write(data)
-        else:
-            super().write(data)
-
-    def writeSequence(self, data: list[bytes]) -> None:
-        self.write(b"".join(data))
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        self.no_delay = enabled
-
-
-DROP = "drop"  # close the connection instead of replying
-SILENT = "silent"  # never reply
-_Script = bytes | str | list | Callable[[bytes], object] | None
-
-
-class FakeMX(LineReceiver):
-    """
-    A scripted SMTP server. C{replies} maps a verb (C{b"MAIL"}, C{b"RCPT"},
-    C{b"."} for the end of data...) to a reply, a list of replies used in
-    turn, or a callable of the command line; L{DROP} and L{SILENT} are
-    replies too. C{commands} records (over TLS?, line); C{payloads} the raw
-    DATA payloads, terminator included.
-
-    Only with C{pipelining} does EHLO list PIPELINING; unless C{eight_bit_mime}
-    is false, it lists 8BITMIME. Without a script, RCPT
-    outside a transaction (no MAIL accepted) gets 503 and DATA without an
-    accepted RCPT 554, as from a real server reading pipelined commands.
-    """
-
-    MAX_LENGTH = 1 << 24
-    transport: MemoryTLSTransport  # Session.accept connects it over one
-
-    def __init__(
-        self,
-        replies: dict[bytes, _Script] | None = None,
-        *,
-        greeting: bytes | str = b"220 mx.example ESMTP fake",
-        tls: ServerTLS | None = None,
-        garble_tls: bool = False,
-        pipelining: bool = False,
-        eight_bit_mime: bool = True,
-    ) -> None:
-        self.replies = {verb: list(r) if isinstance(r, list) else r for verb, r in (replies or {}).items()}
-        self.greeting = greeting
-        self.tls_options = tls
-        self.garble_tls = garble_tls
-        self.tls_active = False
-        self.commands: list[tuple[bool, bytes]] = []
-        self.payloads: list[bytes] = []
-        self._payload: list[bytes] | None = None
-        self._garbling = False
-        self.pipelining = pipelining
-        self.eight_bit_mime = eight_bit_mime
-        self._in_transaction = False
-        self._accepted_rcpts = 0
-
-    @property
-    def verbs(self) -> list[bytes]:
-        return [line.split(b" ")[0].split(b":")[0].upper() for _, line in self.commands]
-
-    def connectionMade(self) -> None:
-        self.send(self.greeting)
-
-    def send(self, reply: object) -> None:
-        if reply == DROP:
-            self.transport.loseConnection()
-        elif reply != SILENT:
-            assert isinstance(reply, bytes)
-            self.transport.write(reply + b"\r\n")
-
-    def reply_for(self, verb: bytes, line: bytes, default: bytes) -> object:
-        script = self.replies.get(verb)
-        reply: object
-        if callable(script):
-            reply = script(line)
-        elif isinstance(script, list):
-            reply = script.pop(0) if script else None
-        else:
-            reply = script
-        return default if reply is None else reply
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._garbling:
-            self.transport.write(b"this is not TLS\r\n")
-        else:
-            super().dataReceived(data)
-
-    def lineReceived(self, line: bytes) -> None:
-        if self._payload is not None:
-            self._payload.append(line)
-            if line == b".":
-                self.payloads.append(b"\r\n".join(self._payload) + b"\r\n")
-                self._payload = None
-                self._end_transaction()
-                self.send(self.reply_for(b".", line, b"250 2.0.0 Ok: queued as 1234"))
-            return
-        self.commands.append((self.tls_active, line))
-        verb = line.split(b" ")[0].split(b":")[0].upper()
-        if verb == b"EHLO":
-            offer = self.tls_options is not None or self.garble_tls
-            extensions = [b"mx.example", *([b"PIPELINING"] if self.pipelining else []), *([b"8BITMIME"] if self.eight_bit_mime else [])] + (
-                [b"STARTTLS"] if offer and not self.tls_active else []
-            )
-            default = b"".join(b"250-" + e + b"\r\n" for e in extensions[:-1]) + b"250 " + extensions[-1]
-            self.send(self.reply_for(verb, line, default))
-        elif verb == b"STARTTLS":
-            reply = self.reply_for(verb, line, b"220 2.0.0 Ready to start TLS")
-            self.send(reply)
-            if reply == b"220 2.0.0 Ready to start TLS":
-                if self.garble_tls:
-                    self._garbling = True
-                else:
-                    assert self.tls_options is not None
-                    self.transport.startTLS(self.tls_options)
-                    self.tls_active = True
-        elif verb == b"DATA":
-            default = b"354 End data with <CR><LF>.<CR><LF>"
-            if not self._accepted_rcpts:
-                default = b"554 5.5.1 Error: no valid recipients"
-            reply = self.reply_for(verb, line, default)
-            self.send(reply)
-            if isinstance(reply, bytes) and reply.startswith(b"354"):
-                self._payload = []
-        elif verb == b"QUIT":
-            self.send(self.reply_for(verb, line, b"221 2.0.0 Bye"))
-            self.transport.loseConnection()
-        else:
-            defaults = {
-                b"HELO": b"250 mx.example",
-                b"MAIL": b"250 2.1.0 Ok",
-                b"RCPT": b"250 2.1.5 Ok",
-                b"RSET": b"250 2.0.0 Ok",
-            }
-            if verb == b"RCPT" and not self._in_transaction:
-                defaults[verb] = b"503 5.5.1 Error: need MAIL command"
-            reply = self.reply_for(verb, line, defaults.get(verb, b"502 5.5.2 Error: command not recognized"))
-            self.send(reply)
-            if verb == b"MAIL" and _positive(reply):
-                self._in_transaction = True
-            elif verb == b"RCPT" and _positive(reply):
-                self._accepted_rcpts += 1
-            elif verb == b"RSET":
-                self._end_transaction()
-
-    def _end_transaction(self) -> None:
-        self._in_transaction = False
-        self._accepted_rcpts = 0
-
-
-def _positive(reply: object) -> bool:
-    return isinstance(reply, bytes) and reply[:1] == b"2"
-
-
-class Session:
-    """
-    L{send_session} running on a L{MemoryReactorClock}; the test completes
-    (or fails) each connection attempt with L{accept} (or L{refuse}).
-    """
-
-    def __init__(
-        self,
-        transactions: list[Transaction],
-        settings: SMTPSettings = SETTINGS,
-        host: str = HOST,
-        on_result: Callable[[TransactionResult], object] | None = None,
-    ) -> None:
-        self.reactor = MemoryReactorClock()
-        self.result = Deferred.fromCoroutine(
-            send_session(self.reactor, host, ADDRESS, PORT, transactions, settings, on_result=on_result)
-        )
-        self.client_transports: list[MemoryTLSTransport] = []
-        self._pump: iosim.IOPump | None = None
-
-    @property
-    def pump(self) -> iosim.IOPump:
-        """The pump of the last connection accepted."""
-        assert self._pump is not None, "no connection accepted yet"
-        return self._pump
-
-    @property
-    def attempts(self) -> int:
-        return len(self.reactor.tcpClients)
-
-    def accept(self, server: Protocol) -> iosim.IOPump:
-        address, port, factory, timeout, _ = self.reactor.tcpClients[len(self.client_transports)]
-        client = factory.buildProtocol(IPv4Address("TCP", address, port))
-        server_io = MemoryTLSTransport(
-            server,
-            isServer=True,
-            hostAddress=IPv4Address("TCP", address, port),
-            peerAddress=IPv4Address("TCP", "198.51.100.7", 40000),
-        )
-        client_io = MemoryTLSTransport(
-            client,
-            isServer=False,
-            hostAddress=IPv4Address("TCP", "198.51.100.7", 40000),
-            peerAddress=IPv4Address("TCP", address, port),
-        )
-        self.client_transports.append(client_io)
-        self._pump = iosim.connect(server, server_io, client, client_io, greet=False, clock=self.reactor)
-        self._pump.flush()
-        return self._pump
-
-    def refuse(self) -> None:
-        index = len(self.client_transports)
-        # Keeps the indexes of client_transports those of tcpClients; nothing reads a refused one.
-        self.client_transports.append(None)  # type: ignore[arg-type]
-        self.reactor.tcpClients[index][2].clientConnectionFailed(
-            self.reactor.connectors[index], Failure(ConnectionRefusedError())
-        )
-
-    def advance(self, seconds: float) -> None:
-        self.reactor.advance(seconds)
-        if self._pump is not None:
-            self._pump.flush()
-
-
-def sent(reply: str = "250 2.0.0 Ok: queued as 1234") -> RecipientResult:
-    return RecipientResult("sent", parse_reply(reply))
-
-
-def parse_reply(text: str) -> Reply:
-    code, _, rest = text.partition(" ")
-    return Reply(int(code), rest)
-
-
-# -- certificates -------------------------------------------------------------
-
-
-@implementer(IOpenSSLServerConnectionCreator)
-class ServerTLS:
-    """Server TLS from cryptography objects (CertificateOptions takes pyOpenSSL ones, now deprecated)."""
-
-    def __init__(self, key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate) -> None:
-        self._context = SSL.Context(SSL.TLS_METHOD)
-        self._context.use_privatekey(key)
-        self._context.use_certificate(certificate)
-
-    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        return SSL.Connection(self._context, None)
-
-
-@attrs.frozen
-class PKI:
-    server: ServerTLS  # a certificate for mx.example, issued by the CA
-    trust: object  # IOpenSSLTrustRoot: the CA
-    other_trust: object  # an unrelated CA
-
-
-def _ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=365 * 100))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-@functools.cache
-def pki() -> PKI:
-    ca_key, ca_cert = _ca("mmgun test CA")
-    _, other_cert = _ca("unrelated CA")
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=365 * 100))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return PKI(
-        server=ServerTLS(key, cert),
-        trust=trustRootFromCertificates([Certificate.loadPEM(ca_cert.public_bytes(serialization.Encoding.PEM))]),
-        other_trust=trustRootFromCertificates(
-            [Certificate.loadPEM(other_cert.public_bytes(serialization.Encoding.PEM))]
-        ),
-    )
-
+from .fakes import (
+    ADDRESS,
+    DROP,
+    HOST,
+    MESSAGE,
+    SILENT,
+    SMTP_SETTINGS as SETTINGS,
+    FakeMX,
+    Mailbox,
+    Session,
+    normalized,
+    pki,
+    sent,
+    transaction,
+    twisted_server,
+    unstuffed,
+)
 
 # -- wire form ----------------------------------------------------------------
-
-
-def normalized(message: bytes) -> bytes:
-    """CRLF everywhere, ending with CRLF: written differently from wire_form on purpose."""
-    text = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    if text and not text.endswith(b"\n"):
-        text += b"\n"
-    return text.replace(b"\n", b"\r\n")
-
-
-def unstuffed(payload: bytes) -> bytes:
-    """A DATA payload, terminator included, back to the message (RFC 5321 4.5.2)."""
-    assert payload.endswith(b".\r\n")
-    lines = payload[: -len(b".\r\n")].split(b"\r\n")
-    assert lines[-1] == b""
-    return b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines[:-1])
 
 
 class WireFormTests(SynchronousTestCase):
@@ -935,7 +544,7 @@ class BrokenSessionTests(SynchronousTestCase):
         session.accept(FakeMX({b"MAIL": [None, SILENT]}))
         session.advance(60)
         first, second = self.successResultOf(session.result)
-        self.assertEqual(first.recipients["b@example.net"].outcome, "sent")
+        self.assertEqual(first.recipients["b@example.net"].status, "sent")
         self.assertEqual(
             second.recipients["b@example.net"].reply,
             Reply(451, f"4.4.2 timed out after 60s waiting for {HOST} during MAIL FROM"),
@@ -959,7 +568,7 @@ class WireTests(SynchronousTestCase):
         server = FakeMX()
         session.accept(server)
         [result] = self.successResultOf(session.result)
-        self.assertEqual(result.recipients["b@example.net"].outcome, "sent")
+        self.assertEqual(result.recipients["b@example.net"].status, "sent")
         [payload] = server.payloads
         return payload
 
@@ -1012,51 +621,6 @@ class WireTests(SynchronousTestCase):
 # -- against Twisted's own ESMTP server ---------------------------------------
 
 
-@implementer(IMessageSMTP)
-class _Message:
-    def __init__(self, mailbox: Mailbox, recipient: str) -> None:
-        self._mailbox = mailbox
-        self._recipient = recipient
-        self._lines: list[bytes] = []
-
-    def lineReceived(self, line: bytes) -> None:
-        self._lines.append(line)
-
-    def eomReceived(self) -> Deferred[None]:
-        self._mailbox.messages.append((self._recipient, b"".join(line + b"\r\n" for line in self._lines)))
-        return succeed(None)
-
-    def connectionLost(self) -> None:
-        pass
-
-
-@implementer(IMessageDelivery)
-class Mailbox:
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, bytes]] = []
-
-    def receivedHeader(self, helo: object, origin: object, recipients: object) -> None:
-        return None
-
-    def validateFrom(self, helo: object, origin: object) -> object:
-        return origin
-
-    def validateTo(self, user: User) -> Callable[[], IMessageSMTP]:
-        if user.dest.local == b"nobody":
-            raise SMTPBadRcpt(user)
-        return lambda: _Message(self, str(user.dest))
-
-
-def twisted_server(mailbox: Mailbox, tls: ServerTLS | None = None, kind: type[ESMTP] = ESMTP) -> ESMTP:
-    server = kind(contextFactory=tls)
-    # twisted.mail's SMTP declares "delivery = None" and "timeout = 600" in its class body.
-    server.delivery = mailbox  # type: ignore[assignment]
-    server.host = HOST
-    server.timeout = None  # type: ignore[assignment]  # its timer would use the global reactor
-    server.noisy = False
-    return server
-
-
 class TwistedServerTests(SynchronousTestCase):
     def test_round_trip(self) -> None:
         message = b"Subject: dots\r\n\r\n.\r\n..\r\n.leading\nbare LF\rbare CR\r\n"
@@ -1069,11 +633,11 @@ class TwistedServerTests(SynchronousTestCase):
         mailbox = Mailbox()
         session.accept(twisted_server(mailbox))
         first, second = self.successResultOf(session.result)
-        self.assertEqual(first.recipients["b@example.net"].outcome, "sent")
+        self.assertEqual(first.recipients["b@example.net"].status, "sent")
         self.assertEqual(first.recipients["b@example.net"].reply.code, 250)
-        self.assertEqual(first.recipients["nobody@example.net"].outcome, "failed")
+        self.assertEqual(first.recipients["nobody@example.net"].status, "failed")
         self.assertEqual(first.recipients["nobody@example.net"].reply.code, 550)
-        self.assertEqual(second.recipients["b@example.net"].outcome, "sent")
+        self.assertEqual(second.recipients["b@example.net"].status, "sent")
         self.assertEqual(mailbox.messages, [("b@example.net", normalized(message)), ("b@example.net", MESSAGE)])
 
     def test_starttls(self) -> None:
@@ -1081,7 +645,7 @@ class TwistedServerTests(SynchronousTestCase):
         mailbox = Mailbox()
         server = twisted_server(mailbox, pki().server)
         session.accept(server)
-        self.assertEqual(self.successResultOf(session.result)[0].recipients["b@example.net"].outcome, "sent")
+        self.assertEqual(self.successResultOf(session.result)[0].recipients["b@example.net"].status, "sent")
         self.assertTrue(server.startedTLS)
         self.assertEqual(mailbox.messages, [("b@example.net", MESSAGE)])
 
@@ -1260,6 +824,29 @@ class TLSTests(SynchronousTestCase):
 
 
 # -- logging ------------------------------------------------------------------
+
+
+class ReportTests(SynchronousTestCase):
+    def test_every_result_reported_once_through_on_result(self) -> None:
+        """issue 18 restructuring: on_result gets each transaction once, the ones not started too, as returned."""
+        reported: list[TransactionResult] = []
+        session = Session(
+            [transaction("env1"), transaction("env2", "nobody@example.net"), transaction("env3")],
+            on_result=reported.append,
+            may_start=lambda t: t.key != "env3",
+        )
+        session.accept(FakeMX({b"RCPT": [None, b"550 5.1.1 unknown"]}))
+        results = self.successResultOf(session.result)
+        self.assertEqual([(r.key, r.started) for r in reported], [("env1", True), ("env2", True), ("env3", False)])
+        self.assertEqual(reported, results)
+
+    def test_nothing_reported_when_the_session_fails(self) -> None:
+        """issue 18 restructuring: SessionFailed is the only report when nothing was started."""
+        reported: list[TransactionResult] = []
+        session = Session([transaction("env1")], on_result=reported.append)
+        session.refuse()
+        self.failureResultOf(session.result, SessionFailed)
+        self.assertEqual(reported, [])
 
 
 class LoggingTests(SynchronousTestCase):

@@ -16,15 +16,13 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IConnector, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory, connectionDone
-from twisted.internet.testing import StringTransport
 from twisted.mail.interfaces import IMessageSMTP
-from twisted.mail.smtp import ESMTP, SMTPServerError, User
+from twisted.mail.smtp import SMTPServerError, User
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from mmgun.smtp import (
-    RecipientResult,
     SMTPSettings,
     TLSMode,
     Transaction,
@@ -35,41 +33,27 @@ from mmgun.smtp import (
 from mmgun.testing.ports import port_number
 from mmgun.testing.smtpserver import Mailbox as StubMailbox, _StubESMTP, smtp_server_factory
 
-from .test_smtp import (
+from .fakes import (
     DROP,
+    EHLO_PIPELINING,
+    EHLO_PLAIN,
     HOST,
     MESSAGE,
     SILENT,
     FakeMX,
     Mailbox,
+    PipeliningESMTP,
     Session,
+    WriteLog,
+    deferred,
+    failed,
+    group,
     normalized,
-    parse_reply,
     pki,
     sent,
     transaction,
     twisted_server,
 )
-
-EHLO_PIPELINING = b"250-mx.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
-EHLO_PLAIN = b"250-mx.example\r\n250 8BITMIME\r\n"
-
-
-def group(*lines: bytes) -> bytes:
-    return b"".join(line + b"\r\n" for line in lines)
-
-
-class WriteLog(StringTransport):
-    """A L{StringTransport} that keeps each C{write} apart."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-        super().write(data)
-
 
 HOLD = "hold"  # no reply until InOrderMX.release(); the commands behind it wait too
 
@@ -109,12 +93,8 @@ class InOrderMX(FakeMX):
             self.lineReceived(line)
 
 
-def failed(reply: str) -> RecipientResult:
-    return RecipientResult("failed", parse_reply(reply))
 
 
-def deferred(reply: str) -> RecipientResult:
-    return RecipientResult("deferred", parse_reply(reply))
 
 
 class WritesTests(SynchronousTestCase):
@@ -810,11 +790,6 @@ class BrokenPipelineTests(SynchronousTestCase):
         )
 
 
-class PipeliningESMTP(ESMTP):
-    """Twisted's ESMTP server, saying that it reads pipelined commands (it does)."""
-
-    def extensions(self) -> dict[bytes, list[bytes] | None]:
-        return {**super().extensions(), b"PIPELINING": None}
 
 
 @implementer(IMessageSMTP)
@@ -858,11 +833,11 @@ class TwistedServerTests(SynchronousTestCase):
         mailbox = Mailbox()
         session.accept(twisted_server(mailbox, kind=PipeliningESMTP))
         first, second, third = self.successResultOf(session.result)
-        self.assertEqual(first.recipients["b@example.net"].outcome, "sent")
-        self.assertEqual(first.recipients["nobody@example.net"].outcome, "failed")
+        self.assertEqual(first.recipients["b@example.net"].status, "sent")
+        self.assertEqual(first.recipients["nobody@example.net"].status, "failed")
         self.assertEqual(first.recipients["nobody@example.net"].reply.code, 550)
-        self.assertEqual(second.recipients["nobody@example.net"].outcome, "failed")
-        self.assertEqual(third.recipients["b@example.net"].outcome, "sent")
+        self.assertEqual(second.recipients["nobody@example.net"].status, "failed")
+        self.assertEqual(third.recipients["b@example.net"].status, "sent")
         self.assertEqual(mailbox.messages, [("b@example.net", normalized(message)), ("b@example.net", MESSAGE)])
         writes = session.client_transports[0].writes
         self.assertEqual(
@@ -1011,7 +986,7 @@ class LoopbackTests(TestCase):
                 SMTPSettings(helo="relay.test", tls=TLSMode.REQUIRE, command_timeout=10, data_timeout=10),
                 on_result=lambda result: reported.append(result.key),
             )
-            outcomes = [{a: (r.outcome, r.reply.code) for a, r in result.recipients.items()} for result in results]
+            outcomes = [{a: (r.status, r.reply.code) for a, r in result.recipients.items()} for result in results]
             self.assertEqual(
                 outcomes,
                 [

@@ -19,14 +19,17 @@ from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
+import attrs
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from mmgun.store import (
+    Backoff,
     ClaimedEnvelope,
     EnvelopeOutcome,
     EventCursor,
+    MTASTSPolicy,
     NewSubmission,
     RecipientOutcome,
     Store,
@@ -416,6 +419,23 @@ class StoreContract:
         self.assertTrue(run(second.remove_suppression("c1", "bounce", "gone@one.example")))
         self.assertIsNone(run(first.suppression("c1", "bounce", "gone@one.example")))
 
+    def test_utf8_addresses_and_header_round_trip(self) -> None:
+        """
+        issue 18 (SMTPUTF8): contract: UTF-8 local parts (RFC 6531) and a UTF-8 header (RFC 6532) come back from a claim
+        exactly as stored, on the A-label domain; a suppression matches a UTF-8 address whatever its case.
+        """
+        store = self.open_store()
+        run(store.add_suppressions([Suppression("c1", "bounce", "δοκιμή@one.example", self.now, code="550", error="550 no such user")]))
+        message = "From: josé@sender.example\r\nTo: 用户@xn--fsqu00a.example\r\n\r\ncafé\r\n".encode()
+        s = NewSubmission(
+            uuid.uuid4().hex, "c1", "josé@sender.example", ("用户@xn--fsqu00a.example", "ΔΟΚΙΜΉ@one.example"), message, self.now, None, None
+        )
+        run(store.add_submission(s))
+        (envelope,) = run(store.claim("host-1", self.now, 300.0, 10))
+        self.assertEqual((envelope.sender, envelope.domain, envelope.recipients, envelope.message), ("josé@sender.example", "xn--fsqu00a.example", ("用户@xn--fsqu00a.example",), message))
+        state = self.state(store, s.id)
+        self.assertEqual([(r.address, r.status) for r in state.recipients], [("用户@xn--fsqu00a.example", "queued"), ("ΔΟΚΙΜΉ@one.example", "failed")])
+
     def test_one_dispatcher_leases_a_webhook_at_a_time(self) -> None:
         """issue 15: contract: webhook leases: concurrent dispatchers never hold one webhook at once; a lost lease cannot advance it."""
         store = self.open_store()
@@ -443,6 +463,46 @@ class StoreContract:
         again = run(dispatchers[third].lease_webhooks(f"dispatcher-{third}", time.time(), time.time() + 300.0, renew=False))
         self.assertNotIn("hook-0", [w.id for w in again])
         self.assertFalse(run(dispatchers[holder].advance_webhook("hook-0", f"dispatcher-{holder}", cursor, [])))
+
+    def test_mta_sts_policy_shared_replaced_and_expired(self) -> None:
+        """
+        issue 18 MTA-STS (cache): a policy one sender stores is read by another (restarts and other
+        senders share it) until its max_age has passed; a newer fetch replaces it; expired ones are deleted.
+        """
+        first, second = self.open_store(), self.open_second_store()
+        policy = MTASTSPolicy("example.com", "20260101T000000", "enforce", ("mx1.example.com", "*.mx.example.net"), 86400, self.now)
+        run(first.save_mta_sts_policy(policy))
+        self.assertEqual(run(second.mta_sts_policy("example.com", self.now + 86399)), policy)
+        self.assertIsNone(run(second.mta_sts_policy("example.com", self.now + 86400)), "an expired policy was returned")
+        self.assertIsNone(run(second.mta_sts_policy("other.example", self.now)))
+        newer = MTASTSPolicy("example.com", "2", "none", (), 600, self.now + 10)
+        run(second.save_mta_sts_policy(newer))
+        self.assertEqual(run(first.mta_sts_policy("example.com", self.now + 11)), newer)
+        run(first.save_mta_sts_policy(MTASTSPolicy("gone.example", "1", "testing", ("mx.gone.example",), 60, self.now)))
+        self.assertEqual(run(second.forget_expired_mta_sts_policies(self.now + 60)), 1)
+        self.assertIsNone(run(first.mta_sts_policy("gone.example", self.now)))
+        self.assertEqual(run(first.mta_sts_policy("example.com", self.now + 11)), newer)
+
+
+    def test_destination_backoffs_shared_replaced_and_ended(self) -> None:
+        """
+        issue 18 destination back-off (shared): a domain pause one sender writes is read by another
+        until it ends; a later write of the same entry replaces it (one row per kind, name and
+        sender); an entry written as ended, or whose time has passed, is no longer returned.
+        """
+        first, second = self.open_store(), self.open_second_store()
+        pause = Backoff("domain", "gmail.com", "host-a", self.now + 60, "421 4.7.28 rate limited", updated_at=self.now)
+        lowered = Backoff("mx", "mx.b.example [192.0.2.7]", "host-a", self.now + 600, "421 4.3.2 busy", concurrency=3, updated_at=self.now)
+        theirs = Backoff("domain", "gmail.com", "host-b", self.now + 30, "450 4.7.1 rate", updated_at=self.now)
+        run(first.save_backoffs([pause, lowered], self.now))
+        run(second.save_backoffs([theirs], self.now))
+        self.assertEqual(run(second.backoffs(self.now)), [pause, theirs, lowered])
+        self.assertEqual(run(first.backoffs(self.now + 30)), [pause, lowered], "an ended pause was returned")
+        longer = attrs.evolve(pause, until=self.now + 120, reply="421 4.7.28 again", updated_at=self.now + 61)
+        back = attrs.evolve(lowered, until=self.now + 61, concurrency=10, updated_at=self.now + 61)
+        run(first.save_backoffs([longer, back], self.now + 61))
+        self.assertEqual(run(second.backoffs(self.now + 61)), [longer])
+        self.assertEqual(run(second.backoffs(self.now + 120)), [])
 
 
 class SQLiteContractTests(StoreContract, SynchronousTestCase):

@@ -41,8 +41,8 @@ from mmgun.store.postgres.wake import BACKOFF, NotifyListener
 from mmgun.web.app import Frontend
 
 from . import pgcluster
+from .fakes import SENDER_SETTINGS as SETTINGS, FakeRouter, ScriptedSessions
 from .helpers import CLIENT, result
-from .test_sender import SETTINGS, FakeRouter, ScriptedSessions
 
 #: How long a test waits for PostgreSQL to be back (poll with a deadline, never a fixed sleep).
 DEADLINE = 30.0

@@ -376,8 +376,22 @@ class RefusalTests(SubmissionCase):
         self.assertEqual(replies[-1][1][:5], b"5.6.0")
 
 
+UTF8_MESSAGE = (
+    "From: José <josé@example.com>\r\n"
+    "To: 用户@例子.example\r\n"
+    "Subject: héllo\r\n"
+    "Date: Sat, 05 Dec 2026 17:32:15 +0000\r\n"
+    "Message-ID: <2@example.com>\r\n"
+    "\r\n"
+    "café\r\n"
+).encode()
+
+
 class SmtpUtf8Tests(SubmissionCase):
-    """issue 16 phase 2 item 3: SMTPUTF8 is not offered (mmgun.smtp cannot relay it): each way in is refused, saying why."""
+    """
+    issue 18 (SMTPUTF8): SMTPUTF8 (RFC 6531) is offered; with its MAIL parameter UTF-8 addresses and header
+    fields are taken, without it they are refused (RFC 6531 3.3), saying why. (Issue 16 refused every way in.)
+    """
 
     def session(self, port: int, *lines: bytes) -> Deferred[tuple[dict[str, str], list[tuple[int, bytes]]]]:
         """The EHLO extensions, then the reply to each raw line sent after AUTH."""
@@ -394,17 +408,38 @@ class SmtpUtf8Tests(SubmissionCase):
 
         return self.client(script)
 
-    async def test_smtputf8_parameter_refused(self) -> None:
-        """issue 16 item 3: EHLO does not list SMTPUTF8, and MAIL ... SMTPUTF8 is 555 5.5.4 naming SMTPUTF8."""
-        port = self.listen()
-        features, [(code, text)] = await self.session(port, b"MAIL FROM:<ada@example.com> SMTPUTF8")
-        self.assertNotIn("smtputf8", features)
-        self.assertEqual(code, 555)
-        self.assertTrue(text.startswith(b"5.5.4 MAIL parameter SMTPUTF8 not offered"), text)
-        self.assertIn(b"cannot deliver internationalized mail", text)
+    def envelope(self, submission_id: str) -> tuple[str, list[str]]:
+        """The stored sender and recipients of a submission."""
+        ((sender,),) = self._read("SELECT sender FROM submissions WHERE id = ?", submission_id)
+        rows = self._read("SELECT address FROM recipients WHERE submission_id = ? ORDER BY envelope_id, position", submission_id)
+        return sender, [row[0] for row in rows]
 
-    async def test_utf8_addresses_refused(self) -> None:
-        """issue 16 item 3: a UTF-8 sender or recipient is 553 5.6.7, saying SMTPUTF8 is not offered."""
+    async def test_utf8_message_queued_with_smtputf8(self) -> None:
+        """
+        issue 18 (SMTPUTF8): EHLO lists SMTPUTF8; smtplib's sendmail(..., mail_options=["SMTPUTF8"]) with a UTF-8
+        sender, a UTF-8 recipient at an IDN domain and UTF-8 header fields is queued: the header bytes as sent,
+        the recipient's domain as its A-label (what DNS is asked), its local part as given.
+        """
+        port = self.listen()
+
+        def script() -> tuple[dict[str, str], dict[str, tuple[int, bytes]]]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                smtp.ehlo("client.test")
+                smtp.login("api", self.key)
+                refused = smtp.sendmail("josé@example.com", ["用户@例子.example", "bob@another.example"], UTF8_MESSAGE, mail_options=["SMTPUTF8"])
+                return dict(smtp.esmtp_features), refused
+
+        features, refused = await self.client(script)
+        self.assertIn("smtputf8", features)
+        self.assertEqual(refused, {})
+        [submission] = self.submissions()
+        self.assertEqual(self.envelope(submission), ("josé@example.com", ["用户@xn--fsqu00a.example", "bob@another.example"]))
+        stored = self.stored(submission)
+        self.assertTrue(stored.startswith(b"Received: "), stored[:40])
+        self.assertTrue(stored.endswith(UTF8_MESSAGE), stored)
+
+    async def test_utf8_addresses_without_smtputf8_refused(self) -> None:
+        """issue 18 (SMTPUTF8): without the SMTPUTF8 parameter a UTF-8 sender or recipient is 553 5.6.7 (RFC 6531 3.3), saying so."""
         port = self.listen()
         _, replies = await self.session(
             port,
@@ -414,19 +449,49 @@ class SmtpUtf8Tests(SubmissionCase):
         )
         self.assertEqual([code for code, _ in replies], [553, 250, 553])
         for _, text in (replies[0], replies[2]):
-            self.assertTrue(text.startswith(b"5.6.7 non-ASCII address: this relay does not offer SMTPUTF8"), text)
+            self.assertTrue(text.startswith(b"5.6.7 non-ASCII address without SMTPUTF8"), text)
+            self.assertIn(b"SMTPUTF8 parameter on MAIL FROM (RFC 6531)", text)
 
-    async def test_utf8_header_refused_and_not_stored(self) -> None:
-        """issue 16 item 3: a raw UTF-8 Subject (RFC 6532 without SMTPUTF8) is 550 5.6.7 at the final dot; nothing is stored."""
+    async def test_utf8_header_without_smtputf8_refused_and_not_stored(self) -> None:
+        """issue 18 (SMTPUTF8): a raw UTF-8 Subject in a transaction without SMTPUTF8 is 550 5.6.7 at the final dot; nothing is stored."""
         port = self.listen()
         message = MESSAGE.replace(b"Subject: hello", "Subject: héllo".encode())
         replies = await self.transaction(port, "ada@example.com", ["bob@another.example"], message)
         self.assertEqual(replies[-1][0], 550)
-        self.assertTrue(replies[-1][1].startswith(b"5.6.7 non-ASCII octets in a header field"), replies[-1])
+        self.assertTrue(replies[-1][1].startswith(b"5.6.7 non-ASCII octets in a header field without SMTPUTF8"), replies[-1])
         self.assertEqual(self.submissions(), [])
-        # The 8-bit body of MESSAGE is fine (8BITMIME): the same message with an ASCII Subject queues.
+        # The same message with SMTPUTF8 queues; so does MESSAGE's 8-bit body without it (8BITMIME).
+        accepted = await self.transaction(port, "ada@example.com", ["bob@another.example"], message, mail_options=("SMTPUTF8",))
+        self.assertEqual(accepted[-1][0], 250, accepted)
         accepted = await self.transaction(port, "ada@example.com", ["bob@another.example"], MESSAGE)
-        self.assertEqual(accepted[-1][0], 250)
+        self.assertEqual(accepted[-1][0], 250, accepted)
+        self.assertEqual(len(self.submissions()), 2)
+
+    async def test_smtputf8_still_checks_addresses_and_headers(self) -> None:
+        """
+        issue 18 (SMTPUTF8): SMTPUTF8 is no way around the checks: an address that is not UTF-8 or holds a
+        bidirectional override is refused at MAIL/RCPT, a parameter value on SMTPUTF8 is 555, and a header
+        line with invalid UTF-8 or a C1 control is 550 5.6.0 at the final dot; nothing is stored.
+        """
+        port = self.listen()
+        _, replies = await self.session(
+            port,
+            b"MAIL FROM:<jos\xe9@example.com> SMTPUTF8",
+            b"MAIL FROM:<ada@example.com> SMTPUTF8=yes",
+            "MAIL FROM:<ad\u202ea@example.com> SMTPUTF8".encode(),
+            b"MAIL FROM:<ada@example.com> SMTPUTF8",
+            b"RCPT TO:<\xff\xfe@example.com>",
+            "RCPT TO:<b\u0085b@example.com>".encode(),
+        )
+        self.assertEqual([code for code, _ in replies], [553, 555, 553, 250, 553, 553], replies)
+        self.assertTrue(replies[0][1].startswith(b"5.6.7 the address is not valid UTF-8"), replies[0])
+        self.assertTrue(replies[2][1].startswith(b"5.1.7 "), replies[2])
+        for bad in (b"Subject: caf\xe9\r\n", "Subject: a\u0085b\r\n".encode(), "Subject: a\u2028b\r\n".encode()):
+            message = MESSAGE.replace(b"Subject: hello\r\n", bad)
+            refused = await self.transaction(port, "ada@example.com", ["bob@another.example"], message, mail_options=("SMTPUTF8",))
+            self.assertEqual(refused[-1][0], 550, (bad, refused))
+            self.assertTrue(refused[-1][1].startswith(b"5.6.0 the message: header line 3 is not UTF-8 text"), refused[-1])
+        self.assertEqual(self.submissions(), [])
 
 
 class MetricsTests(SubmissionCase):

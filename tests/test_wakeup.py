@@ -9,6 +9,7 @@ import shutil
 import socket
 import stat
 import tempfile
+from functools import partial
 from typing import Any
 
 import treq
@@ -21,8 +22,8 @@ from mmgun.smtp import SMTPSettings
 from mmgun.store.postgres.wake import NotifyListener
 from mmgun.wakeup import LISTING_TTL, WakeListener, WakeNotifier, Wakeup, wake_directory
 
+from .fakes import SENDER_SETTINGS as SETTINGS, FakeRouter, ScriptedSessions, mx
 from .helpers import CLIENT_LABEL, make_api, result
-from .test_sender import SETTINGS, FakeRouter, ScriptedSessions, mx
 
 
 class InProcessWakeTests(SynchronousTestCase):
@@ -240,6 +241,65 @@ class TwoProcessesWakeTests(TestCase):
         self.addCleanup(shutil.rmtree, folder, True)
         await self._wake_across_trees(folder, pgcluster.new_database("wake_trees"))
 
+    async def test_one_process_on_postgresql_is_woken_once_per_submission(self) -> None:
+        """
+        issue 17 (W2): a process with every role on PostgreSQL hears its own submissions'
+        NOTIFY, so its frontend must not wake its sender directly as well (each submission made
+        two claims, the second one empty): every wake of the sender comes from the listener,
+        and the mail is still delivered at once with the poll an hour away.
+        """
+        import sys
+
+        from twisted.internet import reactor
+
+        from mmgun.config import Options
+        from mmgun.sender import Sender as SenderRole
+        from mmgun.service import make_service
+        from mmgun.testing.ports import port_number
+        from mmgun.testing.smtpserver import Mailbox, smtp_server_factory
+
+        from . import pgcluster
+        from .helpers import CLIENT, http_url, wait_until
+
+        folder = tempfile.mkdtemp(prefix="mmgun-wake-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        callers: list[str] = []
+        wake = SenderRole.wake
+
+        def counted(sender: SenderRole) -> None:
+            callers.append(sys._getframe(1).f_code.co_name)
+            wake(sender)
+
+        self.patch(SenderRole, "wake", counted)
+        clients = os.path.join(folder, "clients")
+        with open(clients, "w") as f:
+            f.write(CLIENT + "\n")
+        mailbox = Mailbox()
+        smtp = reactor.listenTCP(0, smtp_server_factory(reactor, mailbox, tls=False), interface="127.0.0.1")
+        self.addCleanup(smtp.stopListening)
+        options = Options({})
+        options.parseOptions([
+            "--database", pgcluster.new_database("wake_one_process"), "--clients", clients, "--poll-interval", "1h",
+            "--relay-host", f"127.0.0.1:{port_number(smtp)}", "--helo", "mmgun.test", "--nameserver", "127.0.0.1:53",
+            "--listen", "tcp:0:interface=127.0.0.1",
+        ])  # fmt: skip
+        service = make_service(options.config, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        (sender,) = [s for s in _walk(service) if isinstance(s, SenderRole)]
+        (listener,) = [s for s in _walk(service) if isinstance(s, NotifyListener)]
+        await wait_until(lambda: listener.listening, "the sender's LISTEN")
+        await wait_until(lambda: sender._poller.running and not sender._claiming, "the sender's first poll")
+        for n in range(3):
+            response = await treq.post(http_url(service) + "/send", data=json.dumps({
+                "client_id": CLIENT, "sender": "me@example.com", "recipients": [f"a{n}@x.example"], "subject": "s", "body": "b",
+            }).encode(), persistent=False)  # fmt: skip
+            self.assertEqual(response.code, 200)
+            await response.content()
+            await wait_until(partial(_count_is, mailbox.messages, n + 1), "the delivery", deadline=10.0)
+        self.assertTrue(callers)
+        self.assertEqual(set(callers), {"_call_wake"}, "every wake comes from the NOTIFY listener")
+
     async def _wake_across_trees(self, folder: str, database: str) -> None:
         from twisted.internet import reactor
 
@@ -293,6 +353,10 @@ class TwoProcessesWakeTests(TestCase):
         await response.content()
         await wait_until(lambda: len(mailbox.messages) == 1, "the delivery", deadline=10.0)
         self.assertEqual([tuple(m.recipients) for m in mailbox.messages], [("a@x.example",)])
+
+
+def _count_is(items: list[Any], count: int) -> bool:
+    return len(items) == count
 
 
 def _walk(service: Any) -> Any:

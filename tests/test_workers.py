@@ -175,6 +175,38 @@ class _Spawner:
         return process
 
 
+class QueueGaugesPlacementTests(SynchronousTestCase):
+    """Where the queue's gauges are read with workers: once, in the supervisor."""
+
+    def _gauges(self, *argv: str, **kwargs: Any) -> int:
+        from twisted.application.service import IServiceCollection
+
+        from mmgun.service import QueueGauges, make_service
+
+        clients = self.mktemp()
+        with open(clients, "w") as f:
+            f.write(CLIENT + "\n")
+        config = config_of(
+            "--database", self.mktemp(), "--clients", clients, "--listen", "tcp:0:interface=127.0.0.1", "--nameserver", "127.0.0.1:53", *argv
+        )  # fmt: skip
+        service = make_service(config, _reactor, **kwargs)
+        return sum(isinstance(s, QueueGauges) for s in IServiceCollection(service))
+
+    def test_the_supervisor_reads_the_queue_gauges_and_workers_do_not(self) -> None:
+        """
+        issue 17 part K: with N workers each worker read the whole queue for its gauges every 5 s
+        (a 100,000-envelope queue took each worker from 50 to 100 MiB): the supervisor reads them
+        once (its /metrics has them), a worker not at all, a lone frontend as before.
+        """
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        self.assertEqual(self._gauges(workers=2), 1)
+        worker = TCP4ServerEndpoint(_reactor, 0, interface="127.0.0.1")
+        self.assertEqual(self._gauges("--role", "frontend", inherited=worker), 0)
+        self.assertEqual(self._gauges("--role", "frontend"), 1)
+        self.assertEqual(self._gauges("--role", "sender"), 0)
+
+
 class PoolTests(TestCase):
     """The pool binds a real socket on 127.0.0.1 (never accepting on it) and starts stub processes on a Clock."""
 
@@ -237,8 +269,29 @@ class PoolTests(TestCase):
         """issue 17 part K: SIGHUP to the supervisor reaches each running worker as SIGHUP (each reloads its clients file)."""
         # The handler (installed at start) schedules the forwarding on the reactor's thread.
         self.assertEqual(signal.getsignal(signal.SIGHUP), self.pool._on_sighup)
+        for protocol, *_ in self.spawner.spawned:
+            protocol.childDataReceived(1, b'{"log_level": "info", "log_format": "started"}\n')
         self.pool.forward_sighup()
         self.assertEqual([p.signals for _, p, *_ in self.spawner.spawned], [["HUP"], ["HUP"], ["HUP"]])
+
+    def test_sighup_waits_for_a_new_worker_to_have_started(self) -> None:
+        """
+        issue 17 part K: a worker that has not yet logged a line may not have set SIGHUP aside
+        (its default action ends the process): a SIGHUP passed on then is held, and sent once
+        the worker writes its first log line — once, however many came meanwhile.
+        """
+        first, second, third = self.spawner.spawned
+        first[0].childDataReceived(1, b'{"log_level": "info", "log_format": "started"}\n')
+        self.pool.forward_sighup()
+        self.pool.forward_sighup()
+        self.assertEqual([p.signals for _, p, *_ in self.spawner.spawned], [["HUP", "HUP"], [], []])
+        second[0].childDataReceived(2, b"a warning on stderr, before twistd logs\n")
+        self.assertEqual(second[1].signals, [])
+        second[0].childDataReceived(1, b'{"log_level": "info", "log_format": "started"}\n')
+        self.assertEqual(second[1].signals, ["HUP"])
+        second[0].childDataReceived(1, b'{"log_level": "info", "log_format": "more"}\n')
+        self.assertEqual(second[1].signals, ["HUP"])
+        self.assertEqual(third[1].signals, [])
 
     async def test_stop_terms_every_worker(self) -> None:
         """issue 17 part K: stopping the supervisor closes each worker's input and sends it SIGTERM; it waits for all."""

@@ -30,6 +30,8 @@ __all__ = [
     "WebhookRetry",
     "IdempotencyConflict",
     "InDelivery",
+    "MTASTSPolicy",
+    "Backoff",
     "NewSubmission",
     "NotInQueue",
     "QueueDepth",
@@ -273,6 +275,49 @@ class WebhookRetry:
     first_attempt: float
     next_attempt: float
     last_error: str | None = None
+
+
+@attrs.frozen
+class MTASTSPolicy:
+    """
+    A recipient domain's MTA-STS policy (RFC 8461 section 3.2), as fetched (:mod:`mmgun.mtasts`)
+    and cached in the store for ``max_age`` seconds from ``fetched_at`` (wall-clock time).
+    """
+
+    domain: str
+    #: The ``id`` of the domain's ``_mta-sts`` TXT record it was fetched under (section 3.1).
+    policy_id: str
+    #: "enforce", "testing" or "none".
+    mode: str
+    #: The ``mx`` patterns, lower-case: host names, or ``*.`` and a domain.
+    mx: tuple[str, ...]
+    max_age: int
+    fetched_at: float
+
+    @property
+    def expires_at(self) -> float:
+        return self.fetched_at + self.max_age
+
+
+@attrs.frozen
+class Backoff:
+    """
+    A destination one sender backs off from (issue 18, :mod:`mmgun.backoff`): a recipient
+    domain paused (``kind`` "domain": every sender holds its mail until ``until``), or an
+    MX whose concurrency this sender lowered (``kind`` "mx", ``name`` "host [address]",
+    ``concurrency`` its session limit now; shown until ``until`` unless renewed). Times
+    are wall-clock.
+    """
+
+    kind: str
+    name: str
+    #: The identity of the sender that wrote it (``--sender-id``).
+    sender: str
+    until: float
+    #: The reply that caused it.
+    reply: str
+    concurrency: int | None = None
+    updated_at: float = 0.0
 
 
 class IdempotencyConflict(Exception):
@@ -788,6 +833,28 @@ class Store(Protocol):
         ``replace`` False a key the client already has stays (two processes making a first
         key at once agree on one).
         """
+
+    # -- destination back-off (issue 18) -----------------------------------------------------------
+
+    async def save_backoffs(self, entries: Sequence[Backoff], now: float) -> None:
+        """
+        Write each entry (one per kind, name and sender: the latest replaces the one before; an
+        ``until`` at or before ``now`` ends it) and delete every entry ended at ``now``.
+        """
+
+    async def backoffs(self, now: float) -> list[Backoff]:
+        """The entries of every sender not ended at ``now``, domains first, each by name then sender."""
+
+    # -- MTA-STS policies (issue 18) -----------------------------------------------------------
+
+    async def mta_sts_policy(self, domain: str, now: float) -> MTASTSPolicy | None:
+        """``domain``'s cached MTA-STS policy if it has not expired at ``now``, else None."""
+
+    async def save_mta_sts_policy(self, policy: MTASTSPolicy) -> None:
+        """Cache a freshly fetched policy, replacing the domain's previous one."""
+
+    async def forget_expired_mta_sts_policies(self, now: float) -> int:
+        """Delete the policies expired at ``now``; how many there were."""
 
     async def release_webhooks(self, lease: str, now: float) -> None:
         """

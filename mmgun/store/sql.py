@@ -20,12 +20,14 @@ from . import (
     FEED_END,
     FEED_START,
     IDEMPOTENCY_WINDOW,
+    Backoff,
     ClaimedEnvelope,
     DomainKey,
     EnvelopeOutcome,
     Event,
     EventCursor,
     KeyInfo,
+    MTASTSPolicy,
     NewSubmission,
     QueueDepth,
     QueueEntry,
@@ -48,6 +50,7 @@ from .transactions import (
     _add_suppressions_txn,
     _add_webhook_txn,
     _advance_webhook_txn,
+    _backoffs_txn,
     _claim_txn,
     _clean_txn,
     _client_exists_txn,
@@ -66,6 +69,7 @@ from .transactions import (
     _key_ids_txn,
     _lease_webhooks_txn,
     _list_keys_txn,
+    _mta_sts_policy_txn,
     _ping_txn,
     _queue_depth_txn,
     _queue_entries_txn,
@@ -80,6 +84,8 @@ from .transactions import (
     _retire_domain_key_txn,
     _revoke_key_txn,
     _rowcount_txn,
+    _save_backoffs_txn,
+    _save_mta_sts_policy_txn,
     _set_webhook_key_txn,
     _signing_keys_txn,
     _submission_txn,
@@ -424,6 +430,21 @@ class SQLStore:
 
     async def set_webhook_key(self, client: str, key: str, now: float, *, replace: bool = True) -> str:
         return await self._runner.write(_set_webhook_key_txn, client, key, now, replace)
+
+    async def save_backoffs(self, entries: Sequence[Backoff], now: float) -> None:
+        await self._runner.write(_save_backoffs_txn, list(entries), now)
+
+    async def backoffs(self, now: float) -> list[Backoff]:
+        return await self._runner.read(_backoffs_txn, now)
+
+    async def mta_sts_policy(self, domain: str, now: float) -> MTASTSPolicy | None:
+        return await self._runner.read(_mta_sts_policy_txn, domain, now)
+
+    async def save_mta_sts_policy(self, policy: MTASTSPolicy) -> None:
+        await self._runner.write(_save_mta_sts_policy_txn, policy)
+
+    async def forget_expired_mta_sts_policies(self, now: float) -> int:
+        return await self._runner.write(_rowcount_txn, self._q.FORGET_EXPIRED_MTA_STS_POLICIES, (now,))
 
     async def release_webhooks(self, lease: str, now: float) -> None:
         await self._runner.write(_release_webhooks_txn, lease, now)

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from . import (
     IDEMPOTENCY_WINDOW,
     LAST_ID,
+    Backoff,
     ClaimedEnvelope,
     Conflict,
     DomainKey,
@@ -27,6 +28,7 @@ from . import (
     IdempotencyConflict,
     InDelivery,
     KeyInfo,
+    MTASTSPolicy,
     NewSubmission,
     NotInQueue,
     QueueDepth,
@@ -739,6 +741,36 @@ def _add_suppressions_txn(db: Db, entries: list[Suppression]) -> None:
 
 def _rowcount_txn(db: Db, query: str, parameters: Any) -> int:
     return db.execute(query, parameters).rowcount
+
+
+def _mta_sts_policy_txn(db: Db, domain: str, now: float) -> MTASTSPolicy | None:
+    row = db.execute(db.q.MTA_STS_POLICY, (domain, now)).fetchone()
+    if row is None:
+        return None
+    domain, policy_id, mode, mx, max_age, fetched_at = row
+    return MTASTSPolicy(domain, policy_id, mode, tuple(mx.split("\n")) if mx else (), int(max_age), float(fetched_at))
+
+
+def _save_mta_sts_policy_txn(db: Db, policy: MTASTSPolicy) -> None:
+    db.execute(
+        db.q.SAVE_MTA_STS_POLICY,
+        (policy.domain, policy.policy_id, policy.mode, "\n".join(policy.mx), policy.max_age, policy.fetched_at, policy.expires_at),
+    )
+
+
+def _save_backoffs_txn(db: Db, entries: list[Backoff], now: float) -> None:
+    db.executemany(
+        db.q.SAVE_BACKOFF,
+        [(e.kind, e.name, e.sender, e.until, e.reply, e.concurrency, e.updated_at) for e in entries],
+    )
+    db.execute(db.q.FORGET_ENDED_BACKOFFS, (now,))
+
+
+def _backoffs_txn(db: Db, now: float) -> list[Backoff]:
+    return [
+        Backoff(kind, name, sender, float(until), reply, None if concurrency is None else int(concurrency), float(updated_at))
+        for kind, name, sender, until, reply, concurrency, updated_at in db.execute(db.q.BACKOFFS, (now,))
+    ]
 
 
 def _webhook(row: tuple[Any, ...]) -> Webhook:

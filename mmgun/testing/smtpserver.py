@@ -599,6 +599,7 @@ def smtp_server_factory(
     greeting_code: int | None = None,
     fsync: bool = False,
     timeout: int | None = 600,
+    tls_context: CertificateOptions | None = None,
 ) -> _SMTPStubFactory:
     """
     A factory for the scriptable ESMTP server; listen with it anywhere.
@@ -613,6 +614,8 @@ def smtp_server_factory(
         ``<code> <class>.3.2 service not available`` and close it.
     @param fsync: fsync each maildir file before it becomes visible.
     @param timeout: idle seconds before a connection is closed with 421.
+    @param tls_context: with C{tls}, the server's TLS options instead of a
+        self-signed certificate (e.g. one a test CA issued for the MX name).
 
     The factory's C{server} attribute holds the per-server fault counters
     (C{seen}, C{dropped}), which persist across connections, and the open
@@ -627,4 +630,5 @@ def smtp_server_factory(
         greeting_code=greeting_code,
         timeout=timeout,
     )
-    return _SMTPStubFactory(server, self_signed_context(hostname) if tls else None)
+    context = (tls_context or self_signed_context(hostname)) if tls else None
+    return _SMTPStubFactory(server, context)

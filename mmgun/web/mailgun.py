@@ -556,7 +556,7 @@ _OTHER_SENDER_FIELDS = frozenset({b"sender", b"resent-from", b"resent-sender"})
 def other_senders(message: bytes) -> tuple[str, ...]:
     """
     The addresses of the Sender, Resent-From and Resent-Sender fields of ``message`` (as
-    :func:`check_mime` made it: CRLF, ASCII header), each once, in order. An item that is
+    :func:`check_mime` made it: CRLF, an ASCII or UTF-8 header), each once, in order. An item that is
     no plain mailbox (a group, a comment) is given as it is: its "domain" then belongs to
     no client, so the ``domains`` sender policy refuses it rather than let it by unchecked.
     """
@@ -566,7 +566,7 @@ def other_senders(message: bytes) -> tuple[str, ...]:
         name, colon, value = field.partition(b":")
         if not colon or name.rstrip(b" \t").lower() not in _OTHER_SENDER_FIELDS:
             continue
-        text = re.sub(r"\r\n[ \t]", " ", value.decode("ascii")).strip()
+        text = re.sub(r"\r\n[ \t]", " ", value.decode("utf-8")).strip()
         try:
             items = parse_address_list(text, "message")
         except BadRequest:
@@ -579,13 +579,31 @@ def other_senders(message: bytes) -> tuple[str, ...]:
     return tuple(found)
 
 
-def check_mime(raw: bytes, *, hostname: str, now: float, max_size: int) -> tuple[bytes, str, str]:
+#: What a UTF-8 header line may not hold: C0 controls but TAB, DEL, C1 controls, line and paragraph separators.
+_HEADER_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _header_line_ok(line: bytes, utf8: bool) -> bool:
+    """Printable ASCII (and TAB); with ``utf8``, UTF-8 text too (RFC 6532 3.2), without control characters."""
+    if line.isascii():
+        return not any(b < 0x20 and b != 0x09 for b in line) and b"\x7f" not in line
+    if not utf8:
+        return False
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return _HEADER_CONTROL.search(text) is None
+
+
+def check_mime(raw: bytes, *, hostname: str, now: float, max_size: int, utf8: bool = False) -> tuple[bytes, str, str]:
     """
     A complete message as mmgun queues it, its Message-ID, and the address of its From.
 
     Its line breaks are made CRLF (SMTP's, and what mmgun sends). Its header fields are
     checked as mmgun's own: each a field name and printable ASCII (RFC 2047 for anything
-    else), lines of at most 998 octets, no NUL; From (one mailbox, whose address is the
+    else; with ``utf8``, for a message submitted with SMTPUTF8, UTF-8 text too, as RFC 6532
+    allows, still without control characters), lines of at most 998 octets, no NUL; From (one mailbox, whose address is the
     envelope sender), Sender, Reply-To, To, Cc, Subject, Date and Message-ID at most once;
     a Date and a Message-ID are added at the top when missing; Bcc fields are removed
     (Bcc recipients are in ``to``, never in a header). The body is kept as it is but for
@@ -604,7 +622,9 @@ def check_mime(raw: bytes, *, hostname: str, now: float, max_size: int) -> tuple
         raise BadRequest(f"field {field!r} has a line longer than 998 octets")
     fields: list[list[bytes]] = []
     for number, line in enumerate(head.split(b"\r\n"), 1):
-        if not line.isascii() or any(b < 0x20 and b != 0x09 for b in line) or b"\x7f" in line:
+        if not _header_line_ok(line, utf8):
+            if utf8:
+                raise BadRequest(f"field {field!r}: header line {number} is not UTF-8 text without control characters")
             raise BadRequest(f"field {field!r}: header line {number} holds octets other than printable ASCII (encode them as RFC 2047 says)")
         if line[:1] in (b" ", b"\t"):
             if not fields:
@@ -612,7 +632,7 @@ def check_mime(raw: bytes, *, hostname: str, now: float, max_size: int) -> tuple
             fields[-1].append(line)
             continue
         name, colon, _ = line.partition(b":")
-        if not colon or not FIELD_NAME.fullmatch(name.decode("ascii")):
+        if not colon or not name.isascii() or not FIELD_NAME.fullmatch(name.decode("ascii")):
             raise BadRequest(f"field {field!r}: header line {number} is not a header field (Name: value)")
         fields.append([line])
     values: dict[str, list[str]] = {}
@@ -620,7 +640,7 @@ def check_mime(raw: bytes, *, hostname: str, now: float, max_size: int) -> tuple
     for lines in fields:
         name, _, first = lines[0].partition(b":")
         lower = name.decode("ascii").lower()
-        value = b" ".join([first.strip(b" \t"), *(line.strip(b" \t") for line in lines[1:])]).decode("ascii")
+        value = b" ".join([first.strip(b" \t"), *(line.strip(b" \t") for line in lines[1:])]).decode("utf-8")
         values.setdefault(lower, []).append(value)
         if lower != "bcc":
             kept.extend(lines)

@@ -183,6 +183,38 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX webhook_retries_event ON webhook_retries (event_id)",
         "CREATE TABLE webhook_keys (client text PRIMARY KEY, key text NOT NULL, created_at double precision NOT NULL)",
     ),
+    # Issue 18: each recipient domain's MTA-STS policy (RFC 8461), cached for its max_age
+    # (mx: the patterns, one per line), shared by restarts and every sender.
+    (
+        """
+        CREATE TABLE mta_sts_policies (
+            domain text PRIMARY KEY,
+            policy_id text NOT NULL,
+            mode text NOT NULL,
+            mx text NOT NULL,
+            max_age bigint NOT NULL,
+            fetched_at double precision NOT NULL,
+            expires_at double precision NOT NULL
+        )
+        """,
+    ),
+    # Issue 18: destination back-off (mmgun.backoff): recipient domains paused (kind 'domain'),
+    # honoured by every sender, and MX hosts whose concurrency a sender lowered (kind 'mx'),
+    # for mmgun stats. Written on change; rows ended (until passed) are deleted at each write.
+    (
+        """
+        CREATE TABLE destination_backoff (
+            kind text NOT NULL,
+            name text NOT NULL,
+            sender text NOT NULL,
+            until double precision NOT NULL,
+            reply text NOT NULL,
+            concurrency integer,
+            updated_at double precision NOT NULL,
+            PRIMARY KEY (kind, name, sender)
+        )
+        """,
+    ),
 )
 
 # -- the schema's version, and opening ----------------------------------------------
@@ -695,3 +727,30 @@ EVENTS_BY_ID = (
     "SELECT" + _EVENT_COLUMNS + "FROM events e LEFT JOIN submissions s ON s.id = e.submission_id"
     " WHERE e.id IN (SELECT value::bigint FROM json_array_elements_text(%s::json))"
 )
+
+# -- MTA-STS policies (issue 18) ----------------------------------------------------------------
+MTA_STS_POLICY = (
+    "SELECT domain, policy_id, mode, mx, max_age, fetched_at FROM mta_sts_policies WHERE domain = %s AND expires_at > %s"
+)
+SAVE_MTA_STS_POLICY = """
+    INSERT INTO mta_sts_policies (domain, policy_id, mode, mx, max_age, fetched_at, expires_at)
+    VALUES (%s, %s, %s, %s, %s, %s, %s)
+    ON CONFLICT (domain) DO UPDATE SET
+        policy_id = excluded.policy_id, mode = excluded.mode, mx = excluded.mx, max_age = excluded.max_age,
+        fetched_at = excluded.fetched_at, expires_at = excluded.expires_at
+"""
+FORGET_EXPIRED_MTA_STS_POLICIES = "DELETE FROM mta_sts_policies WHERE expires_at <= %s"
+
+# -- destination back-off (issue 18) ------------------------------------------------------------
+SAVE_BACKOFF = """
+    INSERT INTO destination_backoff (kind, name, sender, until, reply, concurrency, updated_at)
+    VALUES (%s, %s, %s, %s, %s, %s, %s)
+    ON CONFLICT (kind, name, sender) DO UPDATE SET
+        until = excluded.until, reply = excluded.reply, concurrency = excluded.concurrency,
+        updated_at = excluded.updated_at
+"""
+FORGET_ENDED_BACKOFFS = "DELETE FROM destination_backoff WHERE until <= %s"
+BACKOFFS = """
+    SELECT kind, name, sender, until, reply, concurrency, updated_at FROM destination_backoff
+    WHERE until > %s ORDER BY kind, name, sender
+"""

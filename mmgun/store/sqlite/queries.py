@@ -193,6 +193,38 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # One webhook signing key per client (Mailgun's "HTTP webhook signing key").
         "CREATE TABLE webhook_keys (client TEXT PRIMARY KEY, key TEXT NOT NULL, created_at REAL NOT NULL) WITHOUT ROWID",
     ),
+    # Issue 18: each recipient domain's MTA-STS policy (RFC 8461), cached for its max_age
+    # (mx: the patterns, one per line), shared by restarts and every sender.
+    (
+        """
+        CREATE TABLE mta_sts_policies (
+            domain TEXT PRIMARY KEY,
+            policy_id TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            mx TEXT NOT NULL,
+            max_age INTEGER NOT NULL,
+            fetched_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+    ),
+    # Issue 18: destination back-off (mmgun.backoff): recipient domains paused (kind 'domain'),
+    # honoured by every sender, and MX hosts whose concurrency a sender lowered (kind 'mx'),
+    # for mmgun stats. Written on change; rows ended (until passed) are deleted at each write.
+    (
+        """
+        CREATE TABLE destination_backoff (
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            until REAL NOT NULL,
+            reply TEXT NOT NULL,
+            concurrency INTEGER,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (kind, name, sender)
+        ) WITHOUT ROWID
+        """,
+    ),
 )
 
 CONNECTION_PRAGMAS = (
@@ -689,3 +721,30 @@ EVENTS_BY_ID = (
     "SELECT" + _EVENT_COLUMNS + "FROM events e LEFT JOIN submissions s ON s.id = e.submission_id"
     " WHERE e.id IN (SELECT value FROM json_each(?))"
 )
+
+# -- MTA-STS policies (issue 18) ----------------------------------------------------------------
+MTA_STS_POLICY = (
+    "SELECT domain, policy_id, mode, mx, max_age, fetched_at FROM mta_sts_policies WHERE domain = ? AND expires_at > ?"
+)
+SAVE_MTA_STS_POLICY = """
+    INSERT INTO mta_sts_policies (domain, policy_id, mode, mx, max_age, fetched_at, expires_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (domain) DO UPDATE SET
+        policy_id = excluded.policy_id, mode = excluded.mode, mx = excluded.mx, max_age = excluded.max_age,
+        fetched_at = excluded.fetched_at, expires_at = excluded.expires_at
+"""
+FORGET_EXPIRED_MTA_STS_POLICIES = "DELETE FROM mta_sts_policies WHERE expires_at <= ?"
+
+# -- destination back-off (issue 18) ------------------------------------------------------------
+SAVE_BACKOFF = """
+    INSERT INTO destination_backoff (kind, name, sender, until, reply, concurrency, updated_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (kind, name, sender) DO UPDATE SET
+        until = excluded.until, reply = excluded.reply, concurrency = excluded.concurrency,
+        updated_at = excluded.updated_at
+"""
+FORGET_ENDED_BACKOFFS = "DELETE FROM destination_backoff WHERE until <= ?"
+BACKOFFS = """
+    SELECT kind, name, sender, until, reply, concurrency, updated_at FROM destination_backoff
+    WHERE until > ? ORDER BY kind, name, sender
+"""
