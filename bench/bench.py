@@ -529,7 +529,7 @@ def mib(kib: int | None) -> float | None:
 class Profiles:
     """py-spy recorders for the daemons of one run, when --profile is on."""
 
-    def __init__(self, setup: Setup, run: Path, daemons: list[Daemon]) -> None:
+    def __init__(self, setup: Setup, run: Path, daemons: list[Daemon], children: dict[str, int] | None = None) -> None:
         self._recorders: dict[str, pyspy.Recorder] = {}
         py_spy = pyspy.find_py_spy(setup.args.py_spy) if setup.args.profile else None
         if setup.args.profile and py_spy is None:
@@ -539,6 +539,9 @@ class Profiles:
         if py_spy is not None:
             for daemon in daemons:
                 self._recorders[daemon.name] = pyspy.Recorder(py_spy, daemon.pid, run / f"profile-{daemon.name}.txt")
+            # The daemons' Python children (the default command's frontend workers, issue 17; signers, webhooks).
+            for name, pid in (children or {}).items():
+                self._recorders[name] = pyspy.Recorder(py_spy, pid, run / f"profile-{name}.txt")
 
     def stop(self) -> dict[str, Any]:
         summaries = {}
@@ -762,7 +765,7 @@ def relay_run(
             pids["webhook-sink"] = hooks.process.pid
         # PostgreSQL's server: the postmaster and its backends (one per connection), children and all.
         server = setup.postgres_tree() if backend == "postgres" else {}
-        profiles = Profiles(setup, run, daemons)
+        profiles = Profiles(setup, run, daemons, helpers)
         before = Snapshot(pids, server)
         go(loadgen)
         try:

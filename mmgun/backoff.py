@@ -17,8 +17,15 @@ Two kinds of feedback, from one pure classifier of replies (:func:`classify`):
   connections``, Yahoo's ``[TSS04]``, Outlook's ``4.7.650``…) pauses the whole domain for
   ``pause`` (``--destination-pause``), doubling at each pause that follows another without
   a delivery in between, up to :data:`PAUSE_CAP` times ``pause``; a delivery (2xx) after
-  the pause resets it, and so does a quiet time as long as that cap after the pause's end. Replies that come while a pause is on (sessions that were already
-  under way) neither extend nor grow it.
+  the pause resets it, and so does a quiet time as long as that cap after the pause's end.
+  Replies that come while a pause is on (sessions that were already under way) neither
+  extend nor grow it. Every stored pause of a domain counts, whichever sender wrote it.
+
+Only a reply the peer really sent is read for its words: one mmgun made up itself (a
+refused, timed-out or lost connection, a TLS or MTA-STS failure) names hosts and domains,
+and goes by its codes alone; a connection or system overload code (4.4.x, 4.3.2) means an
+overload whatever the text. What is remembered per address and domain is swept
+(:meth:`Backoff.sweep`) once idle, so mail to ever new destinations does not grow it.
 
 Nothing here does I/O or reads a clock: times are given (wall-clock seconds, as stored),
 and what changed is collected for the caller to write to the store
@@ -82,32 +89,41 @@ def enhanced_code(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-def classify(code: int, text: str) -> Signal:
+def classify(code: int, text: str, *, received: bool) -> Signal:
     """
     What a reply (``code``, and its ``text`` without the code) says: by the enhanced status
     code first, by the text only where the code does not decide. Permanent (5xx) replies
     never pause anything: they end the recipient's delivery anyway.
+
+    ``received``: the peer's own reply (:attr:`mmgun.smtp.Reply.received`). The text of one
+    mmgun made up (a refused or timed-out connection, a TLS or MTA-STS failure, a lost
+    connection) names hosts and domains — ``mx.first-rate.example`` — and is never read:
+    such a reply is judged by its codes alone.
     """
     if 200 <= code < 300:
         return Signal.DELIVERED
     if not 400 <= code < 500:
         return Signal.NEUTRAL
     enhanced = enhanced_code(text)
+    if enhanced in OVERLOAD_CODES:
+        # A failed or timed-out connection, a system too busy: whatever the text says.
+        return Signal.OVERLOADED
     if enhanced in RATE_LIMIT_CODES:
         return Signal.RATE_LIMITED
     if enhanced is not None and enhanced.startswith(PER_MESSAGE_CLASSES):
         return Signal.OVERLOADED if code == 421 else Signal.NEUTRAL
-    if _GREYLISTING.search(text):
-        return Signal.NEUTRAL
-    if _RATE_TEXT.search(text):
-        return Signal.RATE_LIMITED
-    if enhanced is not None and enhanced.startswith("4.7."):
-        # Security or policy (RFC 3463): "try again later" there is throttling; anything
-        # else (TLS required, a policy refusal) is not the MX's load.
-        return Signal.RATE_LIMITED if _TRY_LATER.search(text) else Signal.NEUTRAL
-    if enhanced in OVERLOAD_CODES or code == 421:
-        return Signal.OVERLOADED
-    return Signal.NEUTRAL
+    if enhanced is not None and enhanced.startswith("4.7.") and not received:
+        return Signal.NEUTRAL  # mmgun's own TLS and MTA-STS failures: not the MX's load
+    if received:
+        if _GREYLISTING.search(text):
+            return Signal.NEUTRAL
+        if _RATE_TEXT.search(text):
+            return Signal.RATE_LIMITED
+        if enhanced is not None and enhanced.startswith("4.7."):
+            # Security or policy (RFC 3463): "try again later" there is throttling; anything
+            # else (TLS required, a policy refusal) is not the MX's load.
+            return Signal.RATE_LIMITED if _TRY_LATER.search(text) else Signal.NEUTRAL
+    return Signal.OVERLOADED if code == 421 else Signal.NEUTRAL
 
 
 def worst(signals: Iterable[Signal]) -> Signal:
@@ -141,6 +157,11 @@ class ConcurrencyLimit:
     @property
     def idle(self) -> bool:
         return self.active == 0 and not self._waiting
+
+    @property
+    def full(self) -> bool:
+        """Whether :meth:`acquire` would wait now."""
+        return self.active >= self.limit or bool(self._waiting)
 
     def acquire(self) -> Deferred[None]:
         """A slot: at once while fewer than ``limit`` sessions run, else when one frees up (cancellable)."""
@@ -202,7 +223,7 @@ class Backoff:
         self.sender = sender
         self._limits: dict[str, ConcurrencyLimit] = {}
         self._pauses: dict[str, _Pause] = {}
-        #: Pauses other senders stored (:meth:`others`): domain → (until, reply).
+        #: The pauses stored (:meth:`others`), ours included: domain → (until, reply).
         self._others: dict[str, tuple[float, str]] = {}
         self._changes: dict[tuple[str, str], BackoffEntry] = {}
 
@@ -222,6 +243,27 @@ class Backoff:
         """The session limit of an MX address now."""
         limit = self._limits.get(address)
         return limit.limit if limit is not None else self.maximum
+
+    @property
+    def size(self) -> int:
+        """How many MX addresses and recipient domains it remembers (what :meth:`sweep` keeps small)."""
+        return len(self._limits) + len(self._pauses) + len(self._others)
+
+    def sweep(self, now: float) -> None:
+        """
+        Forget what no longer matters, so that mail to ever new addresses and domains does
+        not grow the tables: idle MX limits back at the maximum or unchanged for
+        :data:`MX_MEMORY` (as :meth:`limit` would on reuse), pauses over for as long as
+        their growth is remembered, stored pauses that have ended.
+        """
+        for address, limit in list(self._limits.items()):
+            if limit.idle and (limit.limit >= self.maximum or now - limit.changed_at >= MX_MEMORY):
+                del self._limits[address]
+        quiet = self.pause * PAUSE_CAP
+        for domain in [name for name, old in self._pauses.items() if now >= old.until + quiet]:
+            del self._pauses[domain]
+        for domain in [name for name, (until, _) in self._others.items() if now >= until]:
+            del self._others[domain]
 
     def done_with(self, address: str) -> None:
         """Forget an idle address at its maximum: nothing to remember about it."""
@@ -287,10 +329,14 @@ class Backoff:
         return found
 
     def others(self, entries: Iterable[BackoffEntry]) -> None:
-        """What the store holds now: the domain pauses of the other senders replace those known before."""
+        """
+        What the store holds now: its domain pauses replace those read before. Every row
+        counts, whoever wrote it (the latest end of each domain's): processes sharing a
+        ``--sender-id`` write under the same name, and one's pause holds the other's mail too.
+        """
         self._others = {}
         for entry in entries:
-            if entry.kind == "domain" and entry.sender != self.sender:
+            if entry.kind == "domain":
                 known = self._others.get(entry.name)
                 if known is None or entry.until > known[0]:
                     self._others[entry.name] = (entry.until, entry.reply)

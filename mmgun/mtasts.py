@@ -14,13 +14,20 @@ policy (most domains) delivery stays opportunistic STARTTLS, as ``--tls opportun
   text/plain``, at most 64 KiB, within 10 s; the address it resolves to screened as MX
   addresses are (:mod:`mmgun.mx`'s policy). Parsed per section 3.2 (:func:`parse_policy`).
 - Cache (:class:`PolicyCache`): each policy is stored (``mta_sts_policies``) for its
-  ``max_age``, so restarts and other senders share it; it is fetched again when the TXT
-  record's ``id`` changes (sections 3.1, 5.1), and a failed refetch keeps the unexpired
-  policy in use, as does a missing or failing TXT lookup (section 3.3). "No policy" is
-  remembered in memory for NO_POLICY_TIME. Concurrent lookups of one domain share one fetch.
+  ``max_age`` (clamped to a year), so restarts and other senders share it (an older fetch
+  never replaces a newer one); it is fetched again when the TXT record's ``id`` changes
+  (sections 3.1, 5.1), and refreshed in the background when it is used in the last tenth of
+  its ``max_age`` or its last day, whichever is shorter, whatever the TXT record says
+  (sections 5.1, 10.2). A failed refetch or refresh keeps the unexpired policy in use, as
+  does a missing or failing TXT lookup (section 3.3). "No policy" is remembered in memory
+  for NO_POLICY_TIME, but never concluded from a store that could not be read: then, unless
+  DNS and a fetch give a policy, the domain is deferred (:class:`PolicyUnknown`).
+  Concurrent lookups of one domain share one fetch.
 - Applying it (:class:`MTASTSRouter`, sections 4 and 5): in ``enforce`` mode only MX hosts
-  matching the policy's ``mx`` patterns (section 4.1) are used, each marked
-  (:attr:`mmgun.mx.MXHost.mta_sts`) so that the sender connects to it only with STARTTLS and
+  matching the policy's ``mx`` patterns (section 4.1) are used (put first before the MX
+  resolver's ``--mx-address-limit`` cut, so that non-matching hosts cannot crowd them
+  out), each marked (:attr:`mmgun.mx.MXHost.mta_sts`) so that the sender connects to it
+  only with STARTTLS and
   a certificate valid for its name (section 4.2; :func:`enforcing`). No MX matching: the
   domain's recipients are deferred with a reply saying so. ``testing`` mode logs what
   ``enforce`` would refuse and delivers as without a policy; ``none`` changes nothing.
@@ -50,7 +57,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from .mx import AddressPolicy, HostSource, MXHost, TemporaryDNSError
+from .mx import AddressPolicy, HostSource, MXHost, MXResolver, TemporaryDNSError
 from .smtp import Reply, SessionFailed, SMTPSettings, TLSMode
 from .store import MTASTSPolicy, StorageError, Store
 
@@ -62,6 +69,7 @@ __all__ = [
     "PolicyCache",
     "PolicyError",
     "PolicyFetcher",
+    "PolicyUnknown",
     "FetchFailed",
     "enforced_settings",
     "enforcing",
@@ -74,14 +82,19 @@ __all__ = [
 MAX_POLICY_SIZE = 64 * 1024
 #: Seconds a policy fetch (connection, TLS, request and body) may take.
 FETCH_TIMEOUT = 10.0
-#: Section 3.2: max_age is at most 31557600 seconds (about a year).
+#: Section 3.2: max_age is at most 31557600 seconds (about a year); larger values are clamped to it.
 MAX_MAX_AGE = 31557600
 #: How long a domain found without a usable policy (no TXT record, an invalid one, a failed
 #: fetch and nothing cached) is not looked at again, in memory only.
 NO_POLICY_TIME = 300.0
-#: How long, after a failed refetch for a changed TXT id, the cached policy is used without
-#: trying again.
+#: How long, after a failed refetch (for a changed TXT id, or a refresh before expiry), the
+#: cached policy is used without trying again.
 REFETCH_PAUSE = 300.0
+#: A policy in use is refreshed (fetched again, whatever the TXT record says) once it is in
+#: the last REFRESH_SHARE of its max_age or the last REFRESH_BEFORE seconds, whichever is
+#: shorter (sections 5.1, 10.2): an attacker blocking DNS cannot simply wait for it to expire.
+REFRESH_SHARE = 0.1
+REFRESH_BEFORE = 86400.0
 #: Domains remembered in memory (policies and "no policy") before the memory is trimmed.
 MAX_REMEMBERED = 10_000
 
@@ -216,11 +229,11 @@ def parse_policy(body: bytes) -> ParsedPolicy:
     max_age = fields.get("max_age", "")
     if not (max_age.isascii() and max_age.isdigit() and len(max_age) <= 10):
         raise PolicyError("max_age is not a number of seconds")
-    if int(max_age) > MAX_MAX_AGE:
-        raise PolicyError(f"max_age is over {MAX_MAX_AGE}")
     if mode != "none" and not mx:
         raise PolicyError(f"mode {mode} without any mx")
-    return ParsedPolicy(mode, tuple(mx), int(max_age))
+    # Section 3.2 allows values "up to 31557600": a larger one is clamped rather than the
+    # policy refused, so that the domain stays protected (for a year at a time).
+    return ParsedPolicy(mode, tuple(mx), min(int(max_age), MAX_MAX_AGE))
 
 
 # -- section 4.1: MX host matching ------------------------------------------------------------
@@ -373,6 +386,21 @@ class _Discard:
 # -- the cache ------------------------------------------------------------------------------------
 
 
+@attrs.frozen
+class PolicyUnknown:
+    """
+    ``domain``'s policy cannot be known for now: the store (the policy cache) could not be
+    read, and neither DNS nor a fetch gave a policy, so a cached ``enforce`` policy may be in
+    force. Its mail is deferred (:func:`apply_policy`), never sent as if it had no policy.
+    """
+
+    domain: str
+
+
+#: What :meth:`PolicyCache.policy` gives: the policy in effect, None (no policy), or PolicyUnknown.
+PolicyState = MTASTSPolicy | PolicyUnknown | None
+
+
 class PolicyCache:
     """
     Each domain's MTA-STS policy (:meth:`policy`): from memory, the store or a fetch, as the
@@ -405,16 +433,20 @@ class PolicyCache:
         #: Domains whose refetch failed: their cached policy is used until then without trying again.
         self._refetch_after: dict[str, float] = {}
         #: Lookups in progress, by domain: each caller waits on its own Deferred.
-        self._waiting: dict[str, list[Deferred[MTASTSPolicy | None]]] = {}
+        self._waiting: dict[str, list[Deferred[PolicyState]]] = {}
+        #: Domains whose policy is being refreshed before its expiry.
+        self._refreshing: set[str] = set()
         #: Fetches made (each a policy fetch over HTTPS), for tests and logs.
         self.fetches = 0
 
-    def policy(self, domain: str) -> Deferred[MTASTSPolicy | None]:
+    def policy(self, domain: str) -> Deferred[PolicyState]:
         """
-        ``domain``'s policy in effect, or None. Never fails. Concurrent calls for one domain
-        share one lookup (and at most one fetch).
+        ``domain``'s policy in effect, None, or :class:`PolicyUnknown` (the store could not be
+        read and nothing else told). Never fails. Concurrent calls for one domain share one
+        lookup (and at most one fetch). A policy near its expiry is returned at once and
+        refreshed in the background.
         """
-        waiter: Deferred[MTASTSPolicy | None] = Deferred()
+        waiter: Deferred[PolicyState] = Deferred()
         waiters = self._waiting.get(domain)
         if waiters is not None:
             waiters.append(waiter)
@@ -423,12 +455,12 @@ class PolicyCache:
         Deferred.fromCoroutine(self._guarded(domain)).addBoth(self._done, domain)
         return waiter
 
-    def _done(self, result: MTASTSPolicy | None | Failure, domain: str) -> None:
+    def _done(self, result: PolicyState | Failure, domain: str) -> None:
         policy = None if isinstance(result, Failure) else result
         for waiter in self._waiting.pop(domain, []):
             waiter.callback(policy)
 
-    async def _guarded(self, domain: str) -> MTASTSPolicy | None:
+    async def _guarded(self, domain: str) -> PolicyState:
         try:
             return await self._lookup(domain)
         except Exception:
@@ -448,19 +480,27 @@ class PolicyCache:
         return policy
 
     async def _cached(self, domain: str, now: float) -> MTASTSPolicy | None:
-        """The unexpired policy known here or stored (another sender's, an earlier run's)."""
+        """
+        The unexpired policy known here or stored (another sender's, an earlier run's).
+
+        @raise StorageError: The store could not be read: whether a policy is cached is unknown.
+        """
         known = self._known.get(domain)
         if known is not None and known.expires_at > now:
             return known
         self._known.pop(domain, None)
-        try:
-            stored = await self._store.mta_sts_policy(domain, now)
-        except StorageError as e:
-            _log.warn("reading the cached MTA-STS policy of {domain} failed: {error}", domain=domain, error=str(e))
-            return None
+        stored = await self._store.mta_sts_policy(domain, now)
         return None if stored is None else self._remember(stored)
 
-    async def _lookup(self, domain: str) -> MTASTSPolicy | None:
+    def _unknown(self, domain: str, why: str) -> PolicyUnknown:
+        _log.warn(
+            "MTA-STS policy of {domain} unknown: the cached policies could not be read and {why}; deferring its mail",
+            domain=domain,
+            why=why,
+        )
+        return PolicyUnknown(domain)
+
+    async def _lookup(self, domain: str) -> PolicyState:
         until = self._none_until.get(domain)
         if until is not None:
             if self._clock.seconds() < until:
@@ -470,22 +510,33 @@ class PolicyCache:
         now = self._wall()
         known = self._known.get(domain)
         if known is not None and known.expires_at > now and (policy_id is None or known.policy_id == policy_id):
-            return known
-        cached = await self._cached(domain, now)
+            return self._refreshing_if_due(known, now)
+        unreadable = False
+        try:
+            cached = await self._cached(domain, now)
+        except StorageError as e:
+            # Not "no cached policy": that could let a DNS-blocking attacker downgrade the domain.
+            _log.warn("reading the cached MTA-STS policy of {domain} failed: {error}", domain=domain, error=str(e))
+            cached, unreadable = None, True
         if policy_id is None:
             # Section 3.3: no live policy in DNS, but an unexpired cached one still applies.
-            if cached is None:
-                self._remember_none(domain)
-            return cached
+            if cached is not None:
+                return self._refreshing_if_due(cached, now)
+            if unreadable:
+                return self._unknown(domain, "DNS gives no policy id")
+            self._remember_none(domain)
+            return None
         if cached is not None:
             if cached.policy_id == policy_id:
-                return cached
+                return self._refreshing_if_due(cached, now)
             if self._clock.seconds() < self._refetch_after.get(domain, float("-inf")):
                 return cached
         self.fetches += 1
         try:
             parsed = await self._fetcher.fetch(domain)
         except FetchFailed as e:
+            if cached is None and unreadable:
+                return self._unknown(domain, f"its policy could not be fetched ({e})")
             if cached is None:
                 _log.warn(
                     "MTA-STS policy of {domain} (id {policy_id}) could not be fetched: {reason}; delivering without",
@@ -506,6 +557,48 @@ class PolicyCache:
                 )
                 self._refetch_after[domain] = self._clock.seconds() + self._refetch_pause
             return cached
+        return await self._adopt(domain, policy_id, parsed)
+
+    def _refreshing_if_due(self, policy: MTASTSPolicy, now: float) -> MTASTSPolicy:
+        """
+        ``policy``, in use at ``now``; if it is near its expiry, a refresh started in the
+        background (sections 5.1, 10.2: a policy in use is fetched again before it expires,
+        even with an unchanged TXT id or none, so that blocking DNS until it lapses does not
+        downgrade the domain). A failed refresh keeps ``policy`` until it expires, and is
+        tried again after REFETCH_PAUSE.
+        """
+        domain = policy.domain
+        if policy.expires_at - now > min(policy.max_age * REFRESH_SHARE, REFRESH_BEFORE):
+            return policy
+        if domain in self._refreshing or self._clock.seconds() < self._refetch_after.get(domain, float("-inf")):
+            return policy
+        self._refreshing.add(domain)
+        refresh = Deferred.fromCoroutine(self._refresh(policy))
+        refresh.addErrback(lambda f: _log.failure("refreshing the MTA-STS policy of {domain} failed unexpectedly", f, domain=domain))
+        refresh.addBoth(lambda _: self._refreshing.discard(domain))
+        return policy
+
+    async def _refresh(self, policy: MTASTSPolicy) -> None:
+        domain = policy.domain
+        self.fetches += 1
+        try:
+            parsed = await self._fetcher.fetch(domain)
+        except FetchFailed as e:
+            _log.warn(
+                "MTA-STS policy of {domain} (id {policy_id}, mode {mode}) could not be refreshed: {reason}; "
+                "keeping it until it expires in {left:.0f} s",
+                domain=domain,
+                policy_id=policy.policy_id,
+                mode=policy.mode,
+                reason=str(e),
+                left=policy.expires_at - self._wall(),
+            )
+            self._refetch_after[domain] = self._clock.seconds() + self._refetch_pause
+            return
+        await self._adopt(domain, policy.policy_id, parsed)
+
+    async def _adopt(self, domain: str, policy_id: str, parsed: ParsedPolicy) -> MTASTSPolicy:
+        """A policy just fetched: logged, stored (with the time now) and remembered."""
         self._refetch_after.pop(domain, None)
         policy = MTASTSPolicy(domain, policy_id, parsed.mode, parsed.mx, parsed.max_age, self._wall())
         _log.info(
@@ -536,15 +629,17 @@ def _names(hosts: list[MXHost], limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def apply_policy(domain: str, policy: MTASTSPolicy | None, hosts: list[MXHost]) -> list[MXHost]:
+def apply_policy(domain: str, policy: PolicyState, hosts: list[MXHost]) -> list[MXHost]:
     """
     ``hosts`` as ``policy`` allows them (section 5): unchanged without a policy, in mode
     ``none`` and in mode ``testing`` (which logs the hosts ``enforce`` would refuse); in mode
     ``enforce`` only those matching an ``mx`` pattern, each marked as needing a verified
     certificate.
 
-    @raise MTASTSRefusal: Mode ``enforce`` and no host matches.
+    @raise MTASTSRefusal: Mode ``enforce`` and no host matches, or the policy is unknown.
     """
+    if isinstance(policy, PolicyUnknown):
+        raise MTASTSRefusal(f"451 4.7.5 MTA-STS policy state of {domain} unknown (its cached policy could not be read); not delivering")
     if policy is None or policy.mode == "none":
         return hosts
     allowed = [h for h in hosts if any(mx_matches(p, h.name) for p in policy.mx)]
@@ -591,15 +686,48 @@ class MTASTSRouter:
         self._policies = policies
 
     async def hosts(self, domain: str) -> list[MXHost]:
-        policy = self._policies.policy(domain)  # started now, alongside the MX lookup; never fails
-        hosts = await self._inner.hosts(domain)
-        return apply_policy(domain, await policy, hosts)
+        policy = _Pending(self._policies.policy(domain))  # started now, alongside the MX lookup; never fails
+        if isinstance(self._inner, MXResolver):
+            # The enforced policy's MX hosts first, before the resolver's limits cut the list.
+            hosts = await self._inner.hosts(domain, prefer=policy.enforced_names)
+        else:
+            hosts = await self._inner.hosts(domain)
+        return apply_policy(domain, await policy.get(), hosts)
 
     def mark_bad(self, host: MXHost) -> None:
         self._inner.mark_bad(host)
 
     def mark_good(self, host: MXHost) -> None:
         self._inner.mark_good(host)
+
+
+class _Pending:
+    """
+    A policy lookup under way, which both the router and :class:`mmgun.mx.MXResolver` may
+    await (a Deferred's result goes to its first awaiter only).
+    """
+
+    def __init__(self, lookup: Deferred[PolicyState]) -> None:
+        self._lookup = lookup
+        self._result: list[PolicyState] = []
+        lookup.addCallback(self._keep)
+
+    def _keep(self, policy: PolicyState) -> PolicyState:
+        self._result.append(policy)
+        return policy
+
+    async def get(self) -> PolicyState:
+        if not self._result:
+            await self._lookup
+        return self._result[0]
+
+    async def enforced_names(self) -> Callable[[str], bool] | None:
+        """Whether an MX name matches the policy, if it is enforced (:data:`mmgun.mx.NamePreference`)."""
+        policy = await self.get()
+        if not isinstance(policy, MTASTSPolicy) or policy.mode != "enforce":
+            return None
+        patterns = policy.mx
+        return lambda name: any(mx_matches(pattern, name) for pattern in patterns)
 
 
 # -- the SMTP session to a host of an enforced policy -------------------------------------------------

@@ -29,9 +29,9 @@ import ipaddress
 import re
 import socket
 import struct
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from random import Random
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -55,6 +55,8 @@ from zope.interface import implementer
 
 _log = Logger()
 
+_T = TypeVar("_T")
+
 #: Seconds to wait for each round of queries to the nameservers before retrying;
 #: a lookup gives up after their sum.  client.Resolver's default (1, 3, 11, 45)
 #: would hold a delivery attempt for a minute.
@@ -69,6 +71,11 @@ DEFAULT_MAX_NAMES = 10
 
 #: Addresses returned per domain, best first (Postfix's smtp_mx_address_limit).
 DEFAULT_ADDRESS_LIMIT = 5
+
+#: What L{MXResolver.hosts} may be given to put some MX names first (an MTA-STS policy's
+#: C{mx} patterns): called once the MX records are in, it gives a predicate on MX names, or
+#: None for the usual order.
+NamePreference = Callable[[], Awaitable[Callable[[str], bool] | None]]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -559,6 +566,12 @@ def _bad_last(marks: MXCalculator, hosts: list[MXHost]) -> list[MXHost]:
     return [h for h, b in zip(hosts, bad, strict=True) if not b] + [h for h, b in zip(hosts, bad, strict=True) if b]
 
 
+def _first(items: list[_T], wanted: Callable[[_T], bool]) -> list[_T]:
+    """C{items}, those C{wanted} accepts first, order otherwise kept."""
+    keep = [wanted(item) for item in items]
+    return [i for i, k in zip(items, keep, strict=True) if k] + [i for i, k in zip(items, keep, strict=True) if not k]
+
+
 class MXResolver(MXCalculator):
     """
     The hosts to deliver a domain's mail to, per RFC 5321 section 5.1, with
@@ -607,9 +620,14 @@ class MXResolver(MXCalculator):
         """C{host} worked: forget that it failed."""
         self.markGood(host.address)
 
-    async def hosts(self, domain: str) -> list[MXHost]:
+    async def hosts(self, domain: str, *, prefer: NamePreference | None = None) -> list[MXHost]:
         """
         The hosts to try for C{domain}, best first: at most C{address_limit}.
+
+        C{prefer} (L{mmgun.mtasts}: an enforced policy's C{mx} patterns) is awaited once
+        the MX records are in; the names its predicate accepts then go first, before the
+        C{max_names} and C{address_limit} cuts, so that unacceptable MX hosts ranking
+        higher cannot crowd out acceptable ones.  Nothing is dropped for it.
 
         MX records in preference order, equal preferences shuffled, the first
         C{max_names} names each expanded to its A then AAAA addresses (from
@@ -644,6 +662,9 @@ class MXResolver(MXCalculator):
             raise PermanentDNSError(f"556 5.1.10 {domain} accepts no mail (null MX, RFC 7505)")
 
         names = self._ordered_names(domain, exchanges)
+        wanted = await prefer() if prefer is not None else None
+        if wanted is not None:
+            names = _first(names, wanted)
         if not names:
             raise TemporaryDNSError(f"451 4.4.4 no MX host of {domain} has a valid name")
         if len(names) > self.max_names:
@@ -660,7 +681,7 @@ class MXResolver(MXCalculator):
         ]
         allowed, refused = _screen(self.policy, domain, _unique(candidates))
         if allowed:
-            return self._best(allowed)
+            return self._best(allowed, wanted)
         if refused:
             # Only internal addresses: an MX name whose lookups failed for
             # now might still have a public one; otherwise this will not change.
@@ -671,9 +692,15 @@ class MXResolver(MXCalculator):
         _log.warn("no MX host of {domain} has an address: {names}", domain=domain, names=names)
         raise TemporaryDNSError(f"451 4.4.4 no MX host of {domain} has an address")
 
-    def _best(self, hosts: list[MXHost]) -> list[MXHost]:
-        """C{hosts} with the bad ones last, cut to C{address_limit}."""
-        return _bad_last(self, hosts)[: self.address_limit]
+    def _best(self, hosts: list[MXHost], wanted: Callable[[str], bool] | None = None) -> list[MXHost]:
+        """
+        C{hosts} with the bad ones last, cut to C{address_limit}; with C{wanted}, the hosts
+        whose names it accepts first (a bad wanted host before a good unwanted one).
+        """
+        ordered = _bad_last(self, hosts)
+        if wanted is not None:
+            ordered = _first(ordered, lambda host: wanted(host.name))
+        return ordered[: self.address_limit]
 
     def _ordered_names(self, domain: str, exchanges: list[dns.Record_MX]) -> list[str]:
         """

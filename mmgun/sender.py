@@ -28,7 +28,9 @@ timeout (down to 1), raised again by successful transactions. A reply saying the
 rate-limits us pauses its recipient domain: while paused, that domain's claimed envelopes
 are put back due at the pause's end (no attempt counted, no event), and no transaction for
 it starts. Pauses and lowered limits are written to the store on change; other senders read
-the pauses at most every BACKOFF_REFRESH seconds and honour them.
+the pauses at most every BACKOFF_REFRESH seconds and honour them. Envelopes waiting for a
+session slot of one MX are capped (:meth:`Sender._waiting_cap`): beyond it a batch is put
+back, unattempted, due in retry_min/10, so that a slow MX cannot fill max_in_flight.
 
 While the database cannot be reached (any write of this sender — a claim, a lease renewal,
 a result — failed with :class:`mmgun.store.DatabaseUnavailable`: PostgreSQL down or cut
@@ -166,6 +168,12 @@ class Router(Protocol):
     def mark_good(self, host: MXHost) -> None: ...
 
 
+class HoldBack(Protocol):
+    """Releases envelopes whose delivery may not start, unattempted: due at ``due`` (wall clock), or as Sender._deliver_batch decides."""
+
+    def __call__(self, held: list[ClaimedEnvelope], reason: str, due: float | None = None) -> None: ...
+
+
 #: send_session's signature: (reactor, host, address, port, transactions, settings, *,
 #: on_result, may_start, on_dot_sent), a coroutine (cancelled to abort the session). Every
 #: transaction's result comes once through on_result (a started one's at once, the others'
@@ -291,6 +299,8 @@ class Sender(Service):
         #: When (monotonic) the stored back-offs were last read, and whether a read is under way.
         self._backoffs_read_at = float("-inf")
         self._backoffs_reading = False
+        #: Claimed envelopes waiting for a session slot of an MX address (its adaptive limit), by address.
+        self._waiting: dict[str, int] = {}
         #: Claimed envelopes not yet recorded, by id.
         self.in_flight: dict[int, ClaimedEnvelope] = {}
         #: The messages of the envelopes in flight, by submission id, and their total size.
@@ -798,8 +808,12 @@ class Sender(Service):
             settled.add(envelope.id)
             commits.append(Deferred.fromCoroutine(self._record([self._outcome(envelope, results, mx_host)])))
 
-        def hold_back(held: list[ClaimedEnvelope], reason: str) -> None:
-            """Release envelopes whose delivery may not start (see _why_not_start): no attempt counted."""
+        def hold_back(held: list[ClaimedEnvelope], reason: str, due: float | None = None) -> None:
+            """
+            Release envelopes whose delivery may not start (see _why_not_start): no attempt
+            counted; due at ``due`` (wall clock) if given, else at the end of their domain's
+            pause while it is paused (not claimed again meanwhile only to be put back), else now.
+            """
             if not held:
                 return
             _log.warn(
@@ -807,10 +821,17 @@ class Sender(Service):
                 count=len(held),
                 reason=reason,
                 envelopes=sorted(e.id for e in held),
+                due=due,
             )
+            now = self._wall()
+            outcomes = []
             for envelope in held:
                 settled.add(envelope.id)
-            outcomes = [EnvelopeOutcome(e, (), None, attempted=False) for e in held]
+                at = due
+                if at is None:
+                    paused = self.backoff.paused(envelope.domain, now)
+                    at = paused[0] if paused is not None else None
+                outcomes.append(EnvelopeOutcome(envelope, (), at, attempted=False))
             commits.append(Deferred.fromCoroutine(self._record(outcomes)))
 
         try:
@@ -946,7 +967,7 @@ class Sender(Service):
         envelopes: list[ClaimedEnvelope],
         settled: set[int],
         settle: Callable[[ClaimedEnvelope, Mapping[str, RecipientResult], str | None], None],
-        hold_back: Callable[[list[ClaimedEnvelope], str], None],
+        hold_back: HoldBack,
     ) -> None:
         """
         Try the hosts in order until every envelope has a result, at most
@@ -1054,7 +1075,7 @@ class Sender(Service):
         envelopes: list[ClaimedEnvelope],
         on_result: Callable[[TransactionResult], None],
         may_start: Callable[[Transaction], bool],
-        hold_back: Callable[[list[ClaimedEnvelope], str], None],
+        hold_back: HoldBack,
     ) -> list[TransactionResult] | None:
         """
         One session to ``host`` for the envelopes that may start once a connection slot is
@@ -1062,7 +1083,22 @@ class Sender(Service):
         """
         # The MX's adaptive limit (mmgun.backoff): max_per_destination, less after 421s.
         per_host = self.backoff.limit(host.address, f"{host.name} [{host.address}]", self._wall())
-        await per_host.acquire()
+        waiting = self._waiting.get(host.address, 0)
+        if per_host.full and waiting and waiting + len(envelopes) > self._waiting_cap(per_host.limit):
+            # Enough of in_flight waits for this MX already (a slow one, its limit lowered):
+            # these go back to the queue for a while, leaving the room to other destinations.
+            crowded = f"{waiting} envelopes already wait for a session to {per_host.label} (at most {per_host.limit} at once)"
+            hold_back(envelopes, crowded, self._wall() + self._settings.retry_min / 10)
+            return None
+        self._waiting[host.address] = waiting + len(envelopes)
+        try:
+            await per_host.acquire()
+        finally:
+            left = self._waiting[host.address] - len(envelopes)
+            if left > 0:
+                self._waiting[host.address] = left
+            else:
+                del self._waiting[host.address]
         try:
             await self._connections.acquire()
             try:
@@ -1090,9 +1126,13 @@ class Sender(Service):
 
                 def reported_result(result: TransactionResult) -> None:
                     reported[result.key] = result
-                    if result.started:
-                        negative[0] |= self._feedback(host, domains, [result])
+                    # The result first: a bug in the feedback must never lose a SENT one.
                     on_result(result)
+                    if result.started:
+                        try:
+                            negative[0] |= self._feedback(host, domains, [result])
+                        except Exception:
+                            _log.failure("destination back-off feedback for {mx} failed", mx=host.name)
 
                 session, smtp = self._session, self._smtp
                 if host.mta_sts is not None:
@@ -1117,7 +1157,7 @@ class Sender(Service):
                 try:
                     results = await call
                 except SessionFailed as e:
-                    self._feedback_failed(host, sorted(set(domains.values())), e.reply.code, e.reply.text)
+                    self._feedback_failed(host, sorted(set(domains.values())), e.reply)
                     raise
                 finally:
                     self._sessions.discard(call)
@@ -1131,6 +1171,18 @@ class Sender(Service):
 
     # -- destination back-off (mmgun.backoff) -----------------------------------
 
+    def _waiting_cap(self, limit: int) -> int:
+        """
+        Most claimed envelopes that may wait for a session to one MX address whose session
+        limit is ``limit`` (one batch always may): a round of sessions at that limit or a
+        tenth of max_in_flight, whichever is more, and never more than half of it. At the
+        maximum a busy MX keeps its batches waiting as before; once its limit is lowered (a
+        slow or tarpitting MX down to 1), its waiting mail shrinks with it and cannot fill the
+        room other destinations need.
+        """
+        settings = self._settings
+        return max(1, min(max(limit * settings.per_session, settings.max_in_flight // 10), settings.max_in_flight // 2))
+
     def _feedback(self, host: MXHost, domains: dict[object, str], results: list[TransactionResult]) -> bool:
         """
         Started transactions' replies: the MX's concurrency goes up or down; a rate limit
@@ -1142,7 +1194,7 @@ class Sender(Service):
         now = self._wall()
         for result in results:
             replies = [r.reply for r in result.recipients.values()]
-            signals = [classify(reply.code, reply.text) for reply in replies]
+            signals = [classify(reply.code, reply.text, received=reply.received) for reply in replies]
             signal = worst(signals)
             reply = str(replies[signals.index(signal)]) if signals else ""
             negative |= signal in (Signal.OVERLOADED, Signal.RATE_LIMITED)
@@ -1153,12 +1205,12 @@ class Sender(Service):
         self._save_backoffs()
         return negative
 
-    def _feedback_failed(self, host: MXHost, domains: list[str], code: int, text: str) -> None:
+    def _feedback_failed(self, host: MXHost, domains: list[str], failure: Reply) -> None:
         """A session that failed before any transaction (connection refused or timed out, a 421 greeting)."""
-        signal = classify(code, text)
+        signal = classify(failure.code, failure.text, received=failure.received)
         if signal not in (Signal.OVERLOADED, Signal.RATE_LIMITED):
             return  # a TLS policy failure, a 5xx greeting: not the MX's load
-        now, reply = self._wall(), f"{code} {text}"
+        now, reply = self._wall(), str(failure)
         self.backoff.session_feedback(host.address, signal, reply, now)
         for domain in domains:
             self._domain_feedback(domain, signal, reply, now)
@@ -1180,7 +1232,7 @@ class Sender(Service):
         host: MXHost,
         domains: dict[object, str],
         results: list[TransactionResult],
-        hold_back: Callable[[list[ClaimedEnvelope], str], None],
+        hold_back: HoldBack,
         negative: bool,
     ) -> None:
         """
@@ -1193,7 +1245,7 @@ class Sender(Service):
         if not unstarted:
             return
         replies = [rr.reply for r in unstarted for rr in r.recipients.values()]
-        signals = [classify(reply.code, reply.text) for reply in replies]
+        signals = [classify(reply.code, reply.text, received=reply.received) for reply in replies]
         signal = worst(signals)
         if not negative and signal in (Signal.OVERLOADED, Signal.RATE_LIMITED):
             now, reply = self._wall(), str(replies[signals.index(signal)])
@@ -1244,6 +1296,7 @@ class Sender(Service):
         if self._backoffs_reading or now < self._backoffs_read_at + BACKOFF_REFRESH:
             return
         self._backoffs_reading, self._backoffs_read_at = True, now
+        self.backoff.sweep(self._wall())
         Deferred.fromCoroutine(self._read_backoffs_now())
 
     async def _read_backoffs_now(self) -> None:

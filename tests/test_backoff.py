@@ -26,7 +26,7 @@ from mmgun.backoff import MX_MEMORY, PAUSE_CAP, Backoff, ConcurrencyLimit, Signa
 from mmgun.metrics import Metrics
 from mmgun.mx import MXHost
 from mmgun.sender import Sender, SenderSettings
-from mmgun.smtp import RecipientResult, Reply, SessionFailed, SMTPSettings, Status, TransactionResult
+from mmgun.smtp import RecipientResult, Reply, SessionFailed, SMTPSettings, Status, TransactionResult, parse_reply
 from mmgun.store import Backoff as BackoffEntry, NewSubmission
 from mmgun.store.sqlite import SQLiteStore
 from mmgun.testing.smtpserver import Mailbox, smtp_server_factory
@@ -37,7 +37,7 @@ T0 = 1_800_000_000.0
 ADDRESS = "127.0.0.2"
 RATE_LIMITED = Reply(421, "4.7.28 [192.0.2.1] Our system has detected an unusual rate of unsolicited mail; rate limited")
 
-#: (code, text, signal): what each reply says. Enhanced status code first, text second.
+#: (code, text, signal): what each reply the peer sent says. Enhanced status code first, text second.
 CLASSIFIED: list[tuple[int, str, Signal]] = [
     (250, "2.0.0 Ok: queued as 1234", Signal.DELIVERED),
     # Gmail
@@ -56,28 +56,76 @@ CLASSIFIED: list[tuple[int, str, Signal]] = [
     (451, "4.7.1 Please try again later", Signal.RATE_LIMITED),
     (421, "Too many concurrent SMTP connections from this IP address; please try again later", Signal.RATE_LIMITED),
     (452, "Too many messages from you, throttled", Signal.RATE_LIMITED),
-    # Not a rate limit: greylisting, too many recipients in one message, a TLS policy
+    # Not a rate limit: greylisting, too many recipients in one message
     (450, "4.7.1 <a@b.example>: Recipient address rejected: Greylisted, please try again later", Signal.NEUTRAL),
     (452, "4.5.3 Too many recipients", Signal.NEUTRAL),
-    (421, "4.7.0 mx.example does not offer STARTTLS; TLS is required", Signal.NEUTRAL),
-    (421, "4.7.5 TLS with mx.example failed: certificate verify failed", Signal.NEUTRAL),
-    # Overloaded: a 421, a refused connection, a timeout (mmgun's own synthesized replies too)
+    # Overloaded: a 421; a connection or system overload code (4.4.x, 4.3.2) decides before any text
     (421, "4.3.2 Service not available, closing transmission channel", Signal.OVERLOADED),
     (421, "mx.example Service temporarily unavailable", Signal.OVERLOADED),
-    (421, "4.4.1 connection refused by mx.example [192.0.2.1]", Signal.OVERLOADED),
-    (451, "4.4.2 timed out after 300s waiting for mx.example during DATA", Signal.OVERLOADED),
+    (421, "4.4.5 mx.first-rate.example too busy, try again later", Signal.OVERLOADED),
+    (451, "4.4.2 mx.throttle-free.example: connection timed out", Signal.OVERLOADED),
     # Says nothing about load
     (451, "4.3.0 try again later", Signal.NEUTRAL),
     (550, "5.7.1 rate limit exceeded", Signal.NEUTRAL),
     (550, "5.1.1 no such user", Signal.NEUTRAL),
 ]
 
+#: (code, text, signal): replies mmgun made up itself (Reply.received False): judged by their
+#: codes alone, never by the host and domain names in their text.
+SYNTHESIZED: list[tuple[int, str, Signal]] = [
+    (421, "4.4.1 connection refused by mx.example [192.0.2.1]", Signal.OVERLOADED),
+    (421, "4.4.1 connection refused by mx.first-rate.example [192.0.2.1]", Signal.OVERLOADED),
+    (421, "4.4.1 connection to mx.rate.example [192.0.2.1] timed out", Signal.OVERLOADED),
+    (451, "4.4.2 timed out after 300s waiting for mx.rate.example during DATA", Signal.OVERLOADED),
+    (421, "4.4.2 connection lost during the greeting with smtp.throttle-free.example", Signal.OVERLOADED),
+    (451, "4.4.2 connection lost during DATA with smtp.throttle-free.example", Signal.OVERLOADED),
+    (421, "4.4.1 cannot connect to mx.tss04.example [192.0.2.1]: too many connections", Signal.OVERLOADED),
+    # TLS and MTA-STS policy failures: not the MX's load, whatever the names in them
+    (421, "4.7.0 mx.example does not offer STARTTLS; TLS is required", Signal.NEUTRAL),
+    (421, "4.7.5 TLS with mx.example failed: certificate verify failed", Signal.NEUTRAL),
+    (421, "4.7.0 mx.ratelimit.example refused STARTTLS (454 4.7.0 try again later); TLS is required", Signal.NEUTRAL),
+    (
+        421,
+        "4.7.5 MTA-STS policy of first-rate.com requires TLS with a certificate valid for mx.first-rate.com: "
+        "421 4.7.0 mx.first-rate.com does not offer STARTTLS; TLS is required",
+        Signal.NEUTRAL,
+    ),
+    # A protocol error mmgun noticed mid-transaction, naming a "throttle" host: nothing about load
+    (451, "4.5.0 mx.throttle.example answered DATA with 250 2.0.0 Ok", Signal.NEUTRAL),
+    (451, "4.3.0 no result; will retry", Signal.NEUTRAL),
+]
+
 
 class ClassifierTests(SynchronousTestCase):
     def test_table(self) -> None:
         """issue 18 destination back-off: each known reply is classified as the table says (code first, then text)."""
-        wrong = [(code, text, classify(code, text), want) for code, text, want in CLASSIFIED if classify(code, text) is not want]
+        wrong = [
+            (code, text, got, want)
+            for code, text, want in CLASSIFIED
+            if (got := classify(code, text, received=True)) is not want
+        ]
         self.assertEqual(wrong, [])
+
+    def test_synthesized_replies_are_judged_by_code_only(self) -> None:
+        """
+        issue 18 review BF item 1: mmgun's own replies naming mx.first-rate.example,
+        mx.rate.example, smtp.throttle-free.example or an MTA-STS domain first-rate.com are
+        never rate limits: a refused, timed-out or lost connection is an overload (4.4.x), a
+        TLS or policy failure nothing.
+        """
+        wrong = [
+            (code, text, got, want)
+            for code, text, want in SYNTHESIZED
+            if (got := classify(code, text, received=False)) is not want
+        ]
+        self.assertEqual(wrong, [])
+
+    def test_received_flag_comes_from_the_wire(self) -> None:
+        """issue 18 review BF item 1: only a reply parsed from the peer's bytes counts as received; one made here does not."""
+        self.assertTrue(parse_reply(421, b"4.7.28 rate limited").received)
+        self.assertFalse(Reply(421, "4.4.1 connection refused by mx.rate.example [192.0.2.1]").received)
+        self.assertFalse(Reply.parse("451 4.4.3 lookup failed").received)
+        self.assertEqual(parse_reply(421, b"4.7.28 x"), Reply(421, "4.7.28 x"), "the flag changed equality")
 
 
 class ConcurrencyLimitTests(SynchronousTestCase):
@@ -179,6 +227,47 @@ class BackoffTests(SynchronousTestCase):
         self.assertEqual(backoff.limit("192.0.2.1", "mx.example [192.0.2.1]", T0 + MX_MEMORY).limit, 3)
 
 
+    def test_processes_sharing_a_sender_id_honour_each_others_pauses(self) -> None:
+        """
+        issue 18 review BF item 3: two processes started with the same --sender-id write their
+        pauses under the same name; each honours the other's, read from the store.
+        """
+        first, second = Backoff(10, 60.0, "host-a"), Backoff(10, 60.0, "host-a")
+        first.domain_feedback("gmail.com", Signal.RATE_LIMITED, str(RATE_LIMITED), T0)
+        second.others(first.changes())
+        self.assertEqual(second.paused("gmail.com", T0 + 1), (T0 + 60.0, str(RATE_LIMITED)))
+
+    def test_sweep_forgets_idle_addresses_and_old_pauses(self) -> None:
+        """
+        issue 18 review BF item 5: mail to 1,000 distinct MX addresses (each lowered once) and
+        1,000 paused domains leaves nothing remembered once the limits have been idle for
+        MX_MEMORY and the pauses are over for as long as their growth counts; what is still
+        in use or still lowered recently is kept.
+        """
+        backoff = Backoff(3, 60.0, "host-a")
+        for i in range(1000):
+            address = f"192.0.{i // 256}.{i % 256}"
+            limit = backoff.limit(address, f"mx{i}.example [{address}]", T0)
+            limit.acquire()
+            backoff.session_feedback(address, Signal.OVERLOADED, "421 4.3.2 busy", T0)
+            limit.release()
+            backoff.done_with(address)
+            backoff.domain_feedback(f"d{i}.example", Signal.RATE_LIMITED, str(RATE_LIMITED), T0)
+        busy = backoff.limit("198.51.100.1", "busy.example [198.51.100.1]", T0)
+        busy.acquire()
+        self.assertEqual(backoff.size, 2001)
+        backoff.sweep(T0 + MX_MEMORY - 1)
+        self.assertEqual(backoff.size, 2001, "lowered limits forgotten before MX_MEMORY, or pauses whose growth still counts")
+        backoff.sweep(T0 + MX_MEMORY)
+        self.assertEqual(backoff.size, 1001, "idle lowered limits still remembered after MX_MEMORY")
+        backoff.sweep(T0 + 60.0 + 60.0 * PAUSE_CAP)
+        self.assertEqual(backoff.size, 1, "old pauses still remembered, or the busy address forgotten")
+        self.assertEqual(backoff.concurrency("198.51.100.1"), 3)
+        busy.release()
+        backoff.sweep(T0 + 60.0 + 60.0 * PAUSE_CAP)
+        self.assertEqual(backoff.size, 0)
+
+
 # -- the sender on a Clock -----------------------------------------------------------------
 
 
@@ -196,6 +285,78 @@ class Router:
 
     def mark_good(self, host: MXHost) -> None:
         pass
+
+
+class DomainRouter(Router):
+    """Each domain's mail to its own MX address (127.0.0.10, .11, … in the order first asked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addresses: dict[str, str] = {}
+
+    async def hosts(self, domain: str) -> list[MXHost]:
+        address = self.addresses.setdefault(domain, f"127.0.0.{10 + len(self.addresses)}")
+        return [MXHost(f"mx.{domain}", address, 25)]
+
+
+class Held:
+    """
+    A session function whose sessions wait until the test answers them (``answer``), each
+    with one transaction's reply or a SessionFailed (a 421 greeting); ``running`` counts the
+    sessions under way, per MX address.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any, Deferred[Reply]]] = []
+        self.running: dict[str, int] = {}
+
+    async def __call__(
+        self,
+        reactor: Any,
+        host: str,
+        address: str,
+        port: int,
+        transactions: list[Any],
+        settings: Any,
+        *,
+        on_result: Callable[[TransactionResult], None],
+        may_start: Callable[[Any], bool] | None = None,
+        on_dot_sent: Any = None,
+    ) -> list[TransactionResult]:
+        (t,) = transactions
+        answer: Deferred[Reply] = Deferred()
+        self.calls.append((address, t.key, answer))
+        self.running[address] = self.running.get(address, 0) + 1
+        try:
+            reply = await answer
+        finally:
+            self.running[address] -= 1
+        if reply.code == 421:
+            raise SessionFailed(reply)
+        status = Status.SENT if reply.code < 300 else Status.for_code(reply.code)
+        result = TransactionResult(t.key, True, dict.fromkeys(t.recipients, RecipientResult(status, reply)))
+        on_result(result)
+        return [result]
+
+    def answer(self, index: int, reply: Reply) -> None:
+        self.calls[index][2].callback(reply)
+
+
+class CountingStore:
+    """The store, counting how often each envelope is claimed."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.claims: dict[int, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        claimed = await self._store.claim(*args, **kwargs)
+        for envelope in claimed:
+            self.claims[envelope.id] = self.claims.get(envelope.id, 0) + 1
+        return claimed
 
 
 class Script:
@@ -251,11 +412,11 @@ class SenderBackoffTests(SynchronousTestCase):
         self.metrics = Metrics()
         self.sender = self.make_sender("host-a", per_session=100)
 
-    def make_sender(self, owner: str, **settings: Any) -> Sender:
+    def make_sender(self, owner: str, *, router: Any = None, session: Any = None, store: Any = None, **settings: Any) -> Sender:
         values: dict[str, Any] = {"max_per_destination": 4, "destination_pause": 60.0, "retry_min": 300.0, **settings}
         return Sender(
-            self.store, Router(), self.clock, SMTPSettings(helo="mmgun.test"), SenderSettings(**values),
-            session=self.smtp, rng=random.Random(1), owner=owner, metrics=self.metrics,
+            store or self.store, router or Router(), self.clock, SMTPSettings(helo="mmgun.test"), SenderSettings(**values),
+            session=session or self.smtp, rng=random.Random(1), owner=owner, metrics=self.metrics,
         )
 
     def submit(self, recipient: str = "x@a.example") -> str:
@@ -348,6 +509,137 @@ class SenderBackoffTests(SynchronousTestCase):
         self.poll()
         self.assertEqual(self.sender.backoff.concurrency(ADDRESS), 4)
         self.assertEqual(result(self, self.store.backoffs(T0)), [])
+
+
+    def test_own_replies_naming_a_rate_host_pause_nothing(self) -> None:
+        """
+        issue 18 review BF item 1: mmgun's own "421 4.4.1 connection refused by
+        mx.first-rate.example" lowers the MX's concurrency (an overload) but pauses no domain;
+        the same words in a reply the peer really sent ("too many connections … try later") do.
+        Its MTA-STS failure naming first-rate.com changes nothing at all.
+        """
+        self.smtp.greeting = Reply(
+            421,
+            "4.7.5 MTA-STS policy of first-rate.com requires TLS with a certificate valid for mx.first-rate.com: "
+            "421 4.7.0 mx.first-rate.com does not offer STARTTLS; TLS is required",
+        )
+        self.submit()
+        self.poll()
+        self.assertEqual((self.sender.backoff.concurrency(ADDRESS), result(self, self.store.backoffs(T0))), (4, []))
+        self.smtp.greeting = Reply(421, "4.4.1 connection refused by mx.first-rate.example [127.0.0.2]")
+        self.submit()
+        self.poll()
+        self.assertEqual(self.sender.backoff.concurrency(ADDRESS), 3)
+        self.assertEqual([b.kind for b in result(self, self.store.backoffs(T0))], ["mx"])
+        self.assertIsNone(self.sender.backoff.paused("a.example", T0))
+        self.smtp.greeting = Reply(421, "Too many connections from 192.0.2.1 at mx.first-rate.example, try later", received=True)
+        self.submit()
+        self.poll()
+        self.assertEqual([b.kind for b in result(self, self.store.backoffs(T0))], ["domain", "mx"])
+
+    def test_held_back_for_a_pause_due_at_its_end_not_claimed_again(self) -> None:
+        """
+        issue 18 review BF item 6: the transaction a session did not start after "421 4.7.28 …
+        rate limited" is released due at the pause's end — not due now, claimed again at once
+        and put back a second time.
+        """
+        store = CountingStore(self.store)
+        sender = self.make_sender("host-d", store=store)
+        self.smtp.replies = [RATE_LIMITED]
+        limited, unstarted = self.submit(), self.submit()
+        self.poll(sender)
+        entry = self.queued(unstarted)
+        self.assertEqual((entry.attempts, entry.next_attempt, entry.leased), (0, T0 + 60.0, False))
+        self.assertEqual(sorted(store.claims.values()), [1, 1], "an envelope was claimed again during the pause")
+        self.assertEqual(self.recipient(limited).attempts, 1)
+
+    def test_feedback_failure_never_loses_a_sent_result(self) -> None:
+        """issue 18 review BF item 7: a bug in the back-off feedback is logged; the 250 it came with is still recorded as sent."""
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("feedback bug")
+
+        self.sender.backoff.session_feedback = broken  # type: ignore[method-assign,assignment]
+        sid = self.submit()
+        self.poll()
+        self.assertEqual((self.recipient(sid).status, self.recipient(sid).attempts), ("sent", 1))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_sessions_waiting_on_the_mx_never_exceed_the_lowered_limit(self) -> None:
+        """
+        issue 18 review BF item 8: sessions that stay open (answered later, one message each)
+        to one MX: 4 at once at the start; each 421 greeting lowers the limit and no new
+        session starts while as many run; at no time do more run than the limit.
+        """
+        held = Held()
+        sender = self.make_sender("host-e", session=held, per_session=1)
+        for _ in range(8):
+            self.submit()
+        self.poll(sender)
+        self.assertEqual((len(held.calls), held.running[ADDRESS]), (4, 4))
+        seen = []
+        for index in range(3):
+            held.answer(index, Reply(421, "4.3.2 Service not available", received=True))
+            seen.append((sender.backoff.concurrency(ADDRESS), held.running[ADDRESS], len(held.calls)))
+        self.assertEqual(seen, [(3, 3, 4), (2, 2, 4), (1, 1, 4)])
+        held.answer(3, Reply(250, "2.0.0 Ok", received=True))  # 1 success at limit 1: back to 2
+        self.assertEqual((sender.backoff.concurrency(ADDRESS), held.running[ADDRESS], len(held.calls)), (2, 2, 6))
+        while any(not d.called for _, _, d in held.calls):
+            index = next(i for i, (_, _, d) in enumerate(held.calls) if not d.called)
+            held.answer(index, Reply(250, "2.0.0 Ok", received=True))
+            self.assertLessEqual(held.running[ADDRESS], sender.backoff.concurrency(ADDRESS))
+        self.assertEqual(len(held.calls), 8)
+
+    def test_slow_mx_does_not_starve_other_domains(self) -> None:
+        """
+        issue 18 review BF item 2: --max-in-flight 10, slow.example's MX at 1 session that
+        never answers and 10 messages for it claimed first: beyond one round of sessions at its
+        limit (here 1 envelope) waiting for that MX the rest go back to the queue (unattempted,
+        due in retry-min/10), so the
+        mail for other.example queued after them is claimed and delivered while the slow
+        session still hangs.
+        """
+        held = Held()
+        router = DomainRouter()
+        sender = self.make_sender("host-f", router=router, session=held, per_session=1, max_per_destination=1, max_in_flight=10)
+        slow = [self.submit("x@slow.example") for _ in range(10)]
+        other = [self.submit("y@other.example") for _ in range(2)]
+        self.poll(sender)
+        slow_address = router.addresses["slow.example"]
+        self.assertEqual(held.running[slow_address], 1)
+        for _ in range(2):
+            for index, (address, _, answer) in enumerate(held.calls):
+                if address != slow_address and not answer.called:
+                    held.answer(index, Reply(250, "2.0.0 Ok", received=True))
+        self.assertEqual([self.recipient(s).status for s in other], ["sent", "sent"])
+        self.assertEqual(held.running[slow_address], 1, "the slow session ended")
+        queued = [self.queued(s) for s in slow]
+        waiting = [q for q in queued if q.leased]
+        put_back = [(q.attempts, q.next_attempt) for q in queued if not q.leased]
+        self.assertEqual(len(waiting), 2, "one in the session and one waiting for it")
+        self.assertEqual(put_back, [(0, T0 + 30.0)] * 8)
+        held.answer(0, Reply(250, "2.0.0 Ok", received=True))
+        held.answer(next(i for i, c in enumerate(held.calls) if c[0] == slow_address and not c[2].called), Reply(250, "2.0.0 Ok", received=True))
+
+
+    def test_sender_forgets_lowered_addresses_once_idle(self) -> None:
+        """
+        issue 18 review BF item 5: 30 domains, each on its own MX address answering "421 4.3.2"
+        (30 lowered limits remembered); MX_MEMORY later, with that mail not yet due again, the
+        next routing (to another domain) sweeps them all away.
+        """
+        router = DomainRouter()
+        sender = self.make_sender("host-g", router=router, retry_min=3600.0)
+        self.smtp.greeting = Reply(421, "4.3.2 Service not available", received=True)
+        for i in range(30):
+            self.submit(f"x@d{i}.example")
+        self.poll(sender)
+        self.assertEqual(sender.backoff.size, 30)
+        self.smtp.greeting = None
+        self.clock.advance(MX_MEMORY)
+        self.submit("x@new.example")
+        self.poll(sender)
+        self.assertEqual(sender.backoff.size, 0)
 
 
 class StatsTests(SynchronousTestCase):

@@ -41,6 +41,8 @@ from mmgun.mtasts import (
     PolicyCache,
     PolicyError,
     PolicyFetcher,
+    PolicyState,
+    PolicyUnknown,
     apply_policy,
     enforced_settings,
     enforcing,
@@ -49,7 +51,7 @@ from mmgun.mtasts import (
     parse_policy,
     parse_record,
 )
-from mmgun.mx import ANY_ADDRESS, MXHost, PublicOnly
+from mmgun.mx import ANY_ADDRESS, MXHost, MXResolver, PublicOnly
 from mmgun.sender import Sender, SenderSettings
 from mmgun.smtp import (
     RecipientResult,
@@ -61,7 +63,7 @@ from mmgun.smtp import (
     TransactionResult,
     send_session,
 )
-from mmgun.store import MTASTSPolicy, NewSubmission
+from mmgun.store import MTASTSPolicy, NewSubmission, StorageError
 from mmgun.testing.dnsserver import ZoneResolver
 from mmgun.testing.ports import port_number
 from mmgun.testing.smtpserver import Mailbox, smtp_server_factory
@@ -231,7 +233,6 @@ class PolicyParsingTests(SynchronousTestCase):
             "version 2": {**base, "version": "STSv2"},
             "unknown mode": {**base, "mode": "strict"},
             "no mode": {**base, "mode": None},
-            "max_age over a year": {**base, "max_age": "31557601"},
             "max_age not a number": {**base, "max_age": "1d"},
             "max_age negative": {**base, "max_age": "-1"},
             "max_age 11 digits": {**base, "max_age": "00000000001"},
@@ -253,6 +254,16 @@ class PolicyParsingTests(SynchronousTestCase):
             with self.assertRaises(PolicyError, msg=what):
                 parse_policy(body)
         self.assertEqual(parse_policy(b"version: STSv1\nmode: enforce\nmx: a.test\nmax_age: 31557600\n").max_age, 31557600)
+
+    def test_max_age_over_a_year_is_clamped(self) -> None:
+        """
+        issue 18 review MF item 5 (section 3.2, "up to 31557600"): a max_age over a year is
+        clamped to 31557600 rather than the whole policy refused (which would leave the domain
+        unprotected); 11 digits are still not a max_age.
+        """
+        for value in (b"31557601", b"9999999999"):
+            body = b"version: STSv1\nmode: enforce\nmx: a.test\nmax_age: " + value + b"\n"
+            self.assertEqual(parse_policy(body), ParsedPolicy("enforce", ("a.test",), 31557600), value)
 
 
 class MXMatchingTests(SynchronousTestCase):
@@ -347,9 +358,12 @@ class ScriptedFetcher:
         return answer
 
 
-class CacheTests(SynchronousTestCase):
+class CacheFixture:
+    """A PolicyCache over a real SQLite store, a scripted zone and fetcher, a Clock and a wall time."""
+
     def setUp(self) -> None:
-        self.store, _ = sync_store(self)
+        case = cast(SynchronousTestCase, self)
+        self.store, _ = sync_store(case)
         self.clock = Clock()
         self.wall = T0
         self.zone = Zone({"_mta-sts.enforce.test": [txt("v=STSv1; id=one;")]})
@@ -359,8 +373,16 @@ class CacheTests(SynchronousTestCase):
     def cache(self) -> PolicyCache:
         return PolicyCache(self.store, self.zone, self.fetcher, self.clock, lambda: self.wall)  # type: ignore[arg-type]
 
+    def state(self, cache: PolicyCache, domain: str = "enforce.test") -> PolicyState:
+        return cast(SynchronousTestCase, self).successResultOf(cache.policy(domain))
+
     def policy(self, cache: PolicyCache, domain: str = "enforce.test") -> MTASTSPolicy | None:
-        return self.successResultOf(cache.policy(domain))
+        policy = self.state(cache, domain)
+        assert not isinstance(policy, PolicyUnknown), policy
+        return policy
+
+
+class CacheTests(CacheFixture, SynchronousTestCase):
 
     def test_fetched_once_then_shared_through_the_store(self) -> None:
         """
@@ -433,7 +455,169 @@ class CacheTests(SynchronousTestCase):
         held.callback(parse_policy(ENFORCE))
         policies = [self.successResultOf(d) for d in waiting]
         self.assertEqual(self.fetcher.fetched, ["enforce.test"])
-        self.assertTrue(all(p is not None and p.mode == "enforce" for p in policies))
+        self.assertTrue(all(isinstance(p, MTASTSPolicy) and p.mode == "enforce" for p in policies))
+
+
+class FailingReads:
+    """The real store, but its MTA-STS policy reads raise StorageError while ``failing`` is set."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.failing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def mta_sts_policy(self, domain: str, now: float) -> MTASTSPolicy | None:
+        if self.failing:
+            raise StorageError("database is locked")
+        return cast(MTASTSPolicy | None, await self._store.mta_sts_policy(domain, now))
+
+
+class RefreshAndStoreErrorTests(CacheFixture, SynchronousTestCase):
+    """The review of issue 18's MTA-STS: refreshing before expiry, and a store that cannot be read."""
+
+    #: When a DAY-long policy fetched at T0 is in its refresh window (the last 8640 s).
+    NEAR_EXPIRY = T0 + DAY - 3600
+
+    def test_policy_near_expiry_is_refreshed_in_the_background(self) -> None:
+        """
+        issue 18 review MF item 1 (sections 5.1, 10.2, the attack: block the TXT lookup and wait
+        for the cached policy to expire): a policy used in its last tenth (or last day) is fetched
+        again although its TXT id is unchanged; the lookup does not wait for that fetch; the fresh
+        copy (new fetched_at) is stored, and still applies after the first one's max_age, with DNS blocked.
+        """
+        cache = self.cache()
+        first = self.policy(cache)
+        assert first is not None
+        self.wall = T0 + DAY / 2
+        self.assertEqual(self.policy(cache), first)
+        self.assertEqual(self.fetcher.fetched, ["enforce.test"], "refreshed although far from its expiry")
+        held: Deferred[ParsedPolicy] = Deferred()
+        self.fetcher.answers["enforce.test"] = held
+        self.wall = self.NEAR_EXPIRY
+        self.assertEqual(self.policy(cache), first, "the lookup waited for the refresh")
+        self.assertEqual(self.fetcher.fetched, ["enforce.test"] * 2, "not refreshed before its expiry")
+        self.assertEqual(self.policy(cache), first)
+        self.assertEqual(len(self.fetcher.fetched), 2, "a second refresh while one is under way")
+        held.callback(parse_policy(ENFORCE))
+        refreshed = result(self, self.store.mta_sts_policy("enforce.test", self.NEAR_EXPIRY))
+        self.assertEqual((refreshed.policy_id, refreshed.mode, refreshed.fetched_at), ("one", "enforce", self.NEAR_EXPIRY))
+        self.zone.records["_mta-sts.enforce.test"] = "SERVFAIL"
+        self.wall = T0 + DAY + 60
+        self.assertEqual(self.policy(cache), refreshed, "the policy lapsed at its first max_age")
+        self.assertEqual(self.policy(self.cache()), refreshed, "the refreshed policy was not shared through the store")
+        self.assertEqual(len(self.fetcher.fetched), 2)
+
+    def test_failed_refresh_keeps_the_policy_until_it_expires(self) -> None:
+        """
+        issue 18 review MF item 1: a refresh that fails keeps the policy in force until it really
+        expires, tried again only after REFETCH_PAUSE (not on every message); at its expiry it is
+        fetched as a new one would be.
+        """
+        cache = self.cache()
+        first = self.policy(cache)
+        self.fetcher.answers["enforce.test"] = FetchFailed("HTTP 503")
+        self.wall = self.NEAR_EXPIRY
+        self.assertEqual(self.policy(cache), first)
+        self.assertEqual(self.policy(cache), first)
+        self.assertEqual(len(self.fetcher.fetched), 2)
+        self.clock.advance(300)
+        self.wall += 300
+        self.assertEqual(self.policy(cache), first)
+        self.assertEqual(len(self.fetcher.fetched), 3)
+        self.assertEqual(result(self, self.store.mta_sts_policy("enforce.test", self.wall)), first)
+        self.wall = T0 + DAY
+        self.assertIsNone(self.policy(cache), "an expired policy still applied")
+        self.assertEqual(len(self.fetcher.fetched), 4)
+
+    def test_unreadable_store_is_not_taken_for_no_policy(self) -> None:
+        """
+        issue 18 review MF item 2 (the attack: DNS blocked while the store hiccups, after a
+        restart): an enforce policy is stored; the TXT lookup fails and the store read raises
+        StorageError: the policy is unknown, not "none" — the domain's mail is deferred with a
+        451 4.7.5, and nothing is remembered: once the store answers, the stored policy applies.
+        """
+        self.policy(self.cache())
+        self.zone.records["_mta-sts.enforce.test"] = "SERVFAIL"
+        store = FailingReads(self.store)
+        store.failing = True
+        cache = PolicyCache(store, self.zone, self.fetcher, self.clock, lambda: self.wall)  # type: ignore[arg-type]
+        self.assertEqual(self.state(cache), PolicyUnknown("enforce.test"))
+        router = MTASTSRouter(Hosts({"enforce.test": [MXHost("evil.attacker.test", "192.0.2.66", 25)]}), cache)
+        refused = self.failureResultOf(defer.ensureDeferred(router.hosts("enforce.test")), MTASTSRefusal)
+        self.assertEqual(
+            refused.value.reply,
+            "451 4.7.5 MTA-STS policy state of enforce.test unknown (its cached policy could not be read); not delivering",
+        )
+        store.failing = False
+        applied = self.policy(cache)
+        assert applied is not None
+        self.assertEqual((applied.policy_id, applied.mode), ("one", "enforce"))
+        self.assertEqual(self.fetcher.fetched, ["enforce.test"])
+
+    def test_unreadable_store_with_a_txt_record(self) -> None:
+        """
+        issue 18 review MF item 2: the store cannot be read but the TXT record is there: a policy
+        fetched now is used; if the fetch fails too, the policy is unknown (deferred), not "none".
+        """
+        store = FailingReads(self.store)
+        store.failing = True
+        cache = PolicyCache(store, self.zone, self.fetcher, self.clock, lambda: self.wall)  # type: ignore[arg-type]
+        fetched = self.policy(cache)
+        assert fetched is not None
+        self.assertEqual(fetched.mode, "enforce")
+        self.fetcher.answers["other.test"] = FetchFailed("no answer within 10 s")
+        self.zone.records["_mta-sts.other.test"] = [txt("v=STSv1; id=7;")]
+        self.assertEqual(self.state(cache, "other.test"), PolicyUnknown("other.test"))
+        self.assertEqual(self.state(cache, "other.test"), PolicyUnknown("other.test"), "a negative answer was remembered")
+        self.assertEqual(self.fetcher.fetched, ["enforce.test", "other.test", "other.test"])
+
+
+class AddressLimitTests(SynchronousTestCase):
+    """An enforced policy and the MX resolver's limits (--mx-address-limit, max_names)."""
+
+    def router(self, mode: str, unlisted: int, **limits: Any) -> MTASTSRouter:
+        records: dict[str, Any] = {
+            "_mta-sts.enforce.test": [txt("v=STSv1; id=1;")],
+            "enforce.test": [dns.Record_MX(10, f"mx{i}.attacker.test".encode()) for i in range(unlisted)]
+            + [dns.Record_MX(20, b"mx.enforce.test")],
+            "mx.enforce.test": [dns.Record_A("192.0.2.100")],
+            **{f"mx{i}.attacker.test": [dns.Record_A(f"192.0.2.{i + 1}")] for i in range(unlisted)},
+        }
+        zone = ZoneResolver(records)
+        store, _ = sync_store(self)
+        result(self, store.save_mta_sts_policy(stored("enforce.test", mode=mode, fetched_at=T0)))
+        self.mx = MXResolver(zone, Clock(), policy=ANY_ADDRESS, random=random.Random(1), **limits)
+        cache = PolicyCache(store, zone, ScriptedFetcher(), Clock(), lambda: T0)
+        return MTASTSRouter(self.mx, cache)
+
+    def hosts(self, router: MTASTSRouter) -> list[tuple[str, str | None]]:
+        return [(h.name, h.mta_sts) for h in self.successResultOf(defer.ensureDeferred(router.hosts("enforce.test")))]
+
+    def test_unlisted_mx_hosts_ranking_first_do_not_crowd_out_the_listed_one(self) -> None:
+        """
+        issue 18 review MF item 4 (the attack: six MX records of better preference, none in the
+        policy): the listed, lower-preference MX is still used — the policy's hosts go first before
+        the 5-address cut — instead of the domain being deferred.
+        """
+        self.assertEqual(self.hosts(self.router("enforce", 6)), [("mx.enforce.test", "enforce.test")])
+
+    def test_beyond_max_names_too(self) -> None:
+        """issue 18 review MF item 4: eleven unlisted MX names ahead of the listed one (over max_names 10): still found."""
+        self.assertEqual(self.hosts(self.router("enforce", 11)), [("mx.enforce.test", "enforce.test")])
+
+    def test_listed_host_marked_bad_still_kept(self) -> None:
+        """issue 18 review MF item 4: the listed MX marked bad (tried last) is not cut off behind unlisted good ones."""
+        router = self.router("enforce", 6)
+        self.mx.mark_bad(MXHost("mx.enforce.test", "192.0.2.100", 25))
+        self.assertEqual(self.hosts(router), [("mx.enforce.test", "enforce.test")])
+
+    def test_testing_mode_keeps_the_usual_order(self) -> None:
+        """issue 18 review MF item 4: in testing mode delivery is as without a policy: the best five addresses, unlisted ones included."""
+        hosts = self.hosts(self.router("testing", 6))
+        self.assertEqual(len(hosts), 5)
+        self.assertTrue(all(name.endswith(".attacker.test") and domain is None for name, domain in hosts), hosts)
 
 
 # -- section 3.3: fetching over HTTPS --------------------------------------------------------------------

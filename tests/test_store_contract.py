@@ -483,6 +483,24 @@ class StoreContract:
         self.assertIsNone(run(first.mta_sts_policy("gone.example", self.now)))
         self.assertEqual(run(first.mta_sts_policy("example.com", self.now + 11)), newer)
 
+    def test_older_mta_sts_fetch_never_replaces_a_newer_one(self) -> None:
+        """
+        issue 18 review MF item 3 (MTA-STS cache): writes that commit out of order (two senders, or a
+        background refresh racing a fetch for a new id) keep the policy fetched last: a save with an
+        earlier fetched_at leaves the stored one alone; one with the same or a later fetched_at replaces it.
+        """
+        first, second = self.open_store(), self.open_second_store()
+        newer = MTASTSPolicy("example.com", "2", "enforce", ("mx2.example.com",), 86400, self.now + 100)
+        older = MTASTSPolicy("example.com", "1", "none", (), 600, self.now)
+        run(first.save_mta_sts_policy(newer))
+        run(second.save_mta_sts_policy(older))
+        self.assertEqual(run(first.mta_sts_policy("example.com", self.now + 101)), newer, "an older fetch replaced a newer one")
+        same_time = attrs.evolve(newer, policy_id="3", mode="testing")
+        run(second.save_mta_sts_policy(same_time))
+        self.assertEqual(run(first.mta_sts_policy("example.com", self.now + 101)), same_time)
+        later = attrs.evolve(newer, policy_id="4", fetched_at=self.now + 200)
+        run(second.save_mta_sts_policy(later))
+        self.assertEqual(run(first.mta_sts_policy("example.com", self.now + 201)), later)
 
     def test_destination_backoffs_shared_replaced_and_ended(self) -> None:
         """
@@ -503,6 +521,22 @@ class StoreContract:
         run(first.save_backoffs([longer, back], self.now + 61))
         self.assertEqual(run(second.backoffs(self.now + 61)), [longer])
         self.assertEqual(run(second.backoffs(self.now + 120)), [])
+
+    def test_older_backoff_write_does_not_replace_a_newer_one(self) -> None:
+        """
+        issue 18 review BF item 4: back-off writes go out in the background and may commit out
+        of order; one made earlier (an older updated_at) that commits after a newer one leaves
+        the newer in place, whichever store writes it.
+        """
+        first, second = self.open_store(), self.open_second_store()
+        older = Backoff("mx", "mx.b.example [192.0.2.7]", "host-a", self.now + 600, "421 4.3.2 busy", concurrency=2, updated_at=self.now)
+        newer = attrs.evolve(older, until=self.now + 601, reply="421 4.3.2 busier", concurrency=1, updated_at=self.now + 1)
+        run(first.save_backoffs([newer], self.now + 1))
+        run(second.save_backoffs([older], self.now + 1))
+        self.assertEqual(run(first.backoffs(self.now + 1)), [newer])
+        again = attrs.evolve(newer, reply="421 4.3.2 same time", updated_at=self.now + 1)
+        run(second.save_backoffs([again], self.now + 1))
+        self.assertEqual(run(first.backoffs(self.now + 1)), [again], "a write as recent as the stored one was refused")
 
 
 class SQLiteContractTests(StoreContract, SynchronousTestCase):

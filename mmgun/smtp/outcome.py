@@ -37,11 +37,16 @@ class Reply:
     An SMTP reply, as received or as synthesized by this package.
 
     C{text} is the reply without its code; the lines of a multi-line reply
-    are joined with a space.
+    are joined with a space. C{received}: it is the peer's own reply (made by
+    L{parse_reply}), not one made up here or wrapping another; only a received
+    reply's text is worth reading for what the peer means (L{mmgun.backoff.classify}:
+    a synthesized one names hosts, which may contain any word).
     """
 
     code: int
     text: str
+    #: Not part of equality: where a reply came from does not change what it says.
+    received: bool = attrs.field(default=False, eq=False, kw_only=True)
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}" if self.text else str(self.code)
@@ -126,4 +131,4 @@ def parse_reply(code: int, resp: bytes | str) -> Reply:
     if status is not None:
         prefix = status.group(0)
         lines[1:] = [line[len(prefix) :].lstrip() if line.startswith(prefix) else line for line in lines[1:]]
-    return Reply(code, " ".join(line for line in lines if line))
+    return Reply(code, " ".join(line for line in lines if line), received=True)

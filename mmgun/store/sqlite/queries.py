@@ -732,6 +732,7 @@ SAVE_MTA_STS_POLICY = """
     ON CONFLICT (domain) DO UPDATE SET
         policy_id = excluded.policy_id, mode = excluded.mode, mx = excluded.mx, max_age = excluded.max_age,
         fetched_at = excluded.fetched_at, expires_at = excluded.expires_at
+    WHERE mta_sts_policies.fetched_at <= excluded.fetched_at
 """
 FORGET_EXPIRED_MTA_STS_POLICIES = "DELETE FROM mta_sts_policies WHERE expires_at <= ?"
 
@@ -742,6 +743,7 @@ SAVE_BACKOFF = """
     ON CONFLICT (kind, name, sender) DO UPDATE SET
         until = excluded.until, reply = excluded.reply, concurrency = excluded.concurrency,
         updated_at = excluded.updated_at
+    WHERE destination_backoff.updated_at <= excluded.updated_at
 """
 FORGET_ENDED_BACKOFFS = "DELETE FROM destination_backoff WHERE until <= ?"
 BACKOFFS = """
