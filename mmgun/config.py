@@ -54,7 +54,7 @@ def _non_negative_int(value: str) -> int:
 
 
 def _workers(value: str) -> int:
-    """``auto`` or 0 (0: one per CPU, decided by :func:`mmgun.workers.worker_count`) or a number of processes."""
+    """``auto`` or 0 (0: as many as :func:`mmgun.workers.worker_count` decides) or a number of processes."""
     if value.strip().lower() in ("auto", "0"):
         return 0
     return _positive_int(value)
@@ -196,7 +196,7 @@ OPTIONS: dict[str, tuple[str | None, Callable[[str], object], str]] = {
     "workers": (
         "auto",
         _workers,
-        "HTTP frontend processes sharing --listen, supervised by this one, which runs the other roles (auto: one per CPU; 1: a single process, as before)",
+        "HTTP frontend processes sharing --listen, supervised by this one, which runs the other roles (auto: one per CPU less the sender's, none on one CPU; 1: a single process, as before)",
     ),
 }
 #: Boolean options (off unless given): name → help. In the environment: 1/true/yes or 0/false/no.

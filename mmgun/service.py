@@ -169,18 +169,18 @@ def make_service(
     reactor: Any,
     *,
     clients: Clients | None = None,
-    workers: int = 1,
+    workers: int = 0,
     inherited: IStreamServerEndpoint | None = None,
 ) -> OrderedService:
     """
-    The roles of ``config`` on one store. With ``workers`` above 1 (twistd's makeService
+    The roles of ``config`` on one store. With ``workers`` (twistd's makeService
     passes :func:`mmgun.workers.worker_count`) and the frontend role, the frontend runs in
     that many supervised worker processes instead (:class:`mmgun.workers.WorkerPool`);
     ``inherited``: in such a worker, the endpoint accepting on the listening socket it
     inherited, used instead of binding ``--listen``.
     """
     pool = None
-    if workers > 1 and "frontend" in config.roles:
+    if workers >= 1 and "frontend" in config.roles:
         from .workers import WorkerPool
 
         pool = WorkerPool(config, reactor, workers)

@@ -78,19 +78,25 @@ def shareable(description: str) -> bool:
 
 def worker_count(config: Config, cpus: int | None = None) -> int:
     """
-    How many frontend processes ``config`` asks for: 1 without the frontend role; ``--workers``
-    when given; else (auto) one per CPU this process may run on (``cpus``: given by tests), or
-    1 when ``--listen`` cannot be shared (:func:`workers_problem` refuses an explicit N then).
+    How many frontend worker processes ``config`` asks for; 0: the frontend runs in this
+    process. 0 without the frontend role, and for ``--workers 1``; ``--workers N`` (N > 1) when
+    given. Auto: 0 on one CPU (``cpus``: given by tests) or when ``--listen`` cannot be shared
+    (:func:`workers_problem` refuses an explicit N then); else one per CPU this process may run
+    on, less the one its sender needs when it has the sender role: on 2 CPUs, a frontend
+    process beside the sender's, as the fastest `--role` split measured there (a second worker
+    only made three processes take turns on SQLite's one writer).
     """
     if "frontend" not in config.roles:
-        return 1
+        return 0
     if config.workers:
-        return config.workers
+        return config.workers if config.workers > 1 else 0
     if not shareable(config.listen):
-        return 1
+        return 0
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus)
+    if cpus <= 1:
+        return 0
+    return cpus - 1 if "sender" in config.roles else cpus
 
 
 def workers_problem(config: Config) -> str | None:

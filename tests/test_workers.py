@@ -58,18 +58,25 @@ def config_of(*argv: str) -> Config:
 
 
 class CountTests(SynchronousTestCase):
-    def test_auto_is_one_per_cpu(self) -> None:
-        """issue 17 part K: by default (auto) the frontend runs in one process per CPU; --workers 1 keeps one process."""
+    def test_auto_is_one_per_cpu_less_the_senders(self) -> None:
+        """
+        issue 17 part K: by default (auto) the frontend runs in one process per CPU, less the one
+        the sender (in the supervising process) needs: on 2 CPUs one frontend process beside the
+        sender's, as the fastest split; none (all in one process) on one CPU or with --workers 1.
+        """
         self.assertEqual(config_of().workers, 0)
-        self.assertEqual(worker_count(config_of(), cpus=4), 4)
-        self.assertEqual(worker_count(config_of("--workers", "1"), cpus=4), 1)
+        self.assertEqual(worker_count(config_of(), cpus=4), 3)
+        self.assertEqual(worker_count(config_of(), cpus=2), 1)
+        self.assertEqual(worker_count(config_of(), cpus=1), 0)
+        self.assertEqual(worker_count(config_of("--role", "frontend", "--role", "cleaner"), cpus=2), 2)
+        self.assertEqual(worker_count(config_of("--workers", "1"), cpus=4), 0)
         self.assertEqual(worker_count(config_of("--workers", "3"), cpus=1), 3)
         self.assertEqual(resolve({}, {"MMGUN_WORKERS": "auto"}).workers, 0)
 
     def test_no_workers_without_the_frontend_role(self) -> None:
         """issue 17 part K: a sender-only process (or a worker itself: roles frontend, workers 1) starts no workers."""
-        self.assertEqual(worker_count(config_of("--role", "sender", "--workers", "4"), cpus=4), 1)
-        self.assertEqual(worker_count(worker_config(config_of(), 1, 4), cpus=4), 1)
+        self.assertEqual(worker_count(config_of("--role", "sender", "--workers", "4"), cpus=4), 0)
+        self.assertEqual(worker_count(worker_config(config_of(), 1, 4), cpus=4), 0)
 
     def test_an_endpoint_that_cannot_be_shared(self) -> None:
         """
@@ -77,7 +84,7 @@ class CountTests(SynchronousTestCase):
         to one process, an explicit --workers 2 is refused at start with one line.
         """
         listen = "ssl:8443:privateKey=k.pem:certKey=c.pem:interface=127.0.0.1"
-        self.assertEqual(worker_count(config_of("--listen", listen), cpus=8), 1)
+        self.assertEqual(worker_count(config_of("--listen", listen), cpus=8), 0)
         self.assertIsNone(workers_problem(config_of("--listen", listen)))
         self.assertIn("--workers 2 needs a tcp:", workers_problem(config_of("--listen", listen, "--workers", "2")) or "")
         options = TapOptions({})
