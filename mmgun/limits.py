@@ -101,6 +101,19 @@ class LogTally:
         self._seen[key] = (pending, logged)
 
 
+#: A periodic count over the whole queue (QueueCap, the queue gauges) waits at least this many
+#: times as long as its last run took before the next: with 100,000 envelopes queued, each
+#: count takes 0.2–0.4 s of the process's one SQLite connection, which the submissions wait for.
+SLOW_COUNT_FACTOR = 20
+
+
+def paced(service: TimerService, base: float, took: float) -> None:
+    """Space ``service``'s next runs by ``base``, or SLOW_COUNT_FACTOR × ``took`` when that is longer."""
+    loop = getattr(service, "_loop", None)
+    if loop is not None:
+        loop.interval = max(base, SLOW_COUNT_FACTOR * took)
+
+
 class QueueCap(TimerService):
     """
     Refuses a submission that would take a client past ``limit`` pending recipients or
@@ -116,6 +129,7 @@ class QueueCap(TimerService):
     def __init__(self, store: Any, clock: IReactorTime, limit: int, interval: float = 5.0, max_bytes: int = 0) -> None:
         super().__init__(interval, self.refresh)
         self.clock = clock
+        self._interval = interval
         self._store = store
         self.limit = limit
         self.max_bytes = max_bytes
@@ -126,6 +140,7 @@ class QueueCap(TimerService):
         return Deferred.fromCoroutine(self._refresh())
 
     async def _refresh(self) -> None:
+        started = self.clock.seconds()
         try:
             if self.limit > 0:
                 self.counts = await self._store.queued_by_client()
@@ -133,6 +148,7 @@ class QueueCap(TimerService):
                 self.bytes = await self._store.queued_bytes_by_client()
         except Exception:
             _log.failure("reading queued recipients and bytes per client failed")
+        paced(self, self._interval, self.clock.seconds() - started)
 
     def admit(self, client: str, recipients: int, size: int = 0) -> str | None:
         """

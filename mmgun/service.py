@@ -143,6 +143,7 @@ class QueueGauges(TimerService):
     def __init__(self, store: Any, metrics: Metrics, clock: Any, interval: float = 5.0, wall: Any = None) -> None:
         super().__init__(interval, self.refresh)
         self.clock = clock
+        self._interval = interval
         #: Wall-clock time, to compare with stored timestamps (the reactor's clock is monotonic).
         self._wall = wall if wall is not None else clock.seconds
         self._store = store
@@ -152,12 +153,17 @@ class QueueGauges(TimerService):
         return Deferred.fromCoroutine(self._refresh())
 
     async def _refresh(self) -> None:
+        from .limits import paced
+
+        started = self.clock.seconds()
         try:
             now = self._wall()
             depth = await self._store.queue_depth(now)
         except Exception:
             _log.failure("reading queue statistics failed")
             return
+        finally:
+            paced(self, self._interval, self.clock.seconds() - started)
         gauges = self._metrics.queue
         gauges.depth = dict(depth.recipients)
         gauges.envelopes = depth.unfinished_envelopes

@@ -179,6 +179,67 @@ class QueueCapTests(KeyTests):
         self.assertEqual(self.cap.counts, {"acme": 2})
 
 
+class SlowCountPacingTests(SynchronousTestCase):
+    """issue 17 (flat cost with a large queue): a slow count over the queue is run less often, never back to back."""
+
+    def test_slow_counts_are_spaced_by_twenty_times_their_duration(self) -> None:
+        """
+        With 100,000 envelopes queued each count held the frontend's one SQLite connection for
+        0.2–0.4 s every 5 s: the next refresh now waits 20 × the last one's duration (at least 5 s),
+        and a fast count brings the 5 s back.
+        """
+        from twisted.internet.defer import Deferred
+
+        clock = Clock()
+        pending: list[Deferred[dict[str, int]]] = []
+
+        class Store:
+            def queued_by_client(self) -> Deferred[dict[str, int]]:
+                pending.append(Deferred())
+                return pending[-1]
+
+        cap = QueueCap(Store(), clock, limit=10)
+        cap.startService()
+        self.addCleanup(cap.stopService)
+        self.assertEqual(len(pending), 1)  # at start
+        clock.advance(1.0)  # the count takes 1 s of the connection
+        pending[-1].callback({"acme": 1})
+        self.assertEqual(cap.counts, {"acme": 1})
+        clock.advance(18.9)
+        self.assertEqual(len(pending), 1, "not before 20 × 1 s after the last one started")
+        clock.advance(0.2)
+        self.assertEqual(len(pending), 2)
+        pending[-1].callback({"acme": 2})  # at once: fast again
+        clock.advance(5.0)
+        self.assertEqual(len(pending), 3, "back to every 5 s")
+
+    def test_queue_gauges_are_paced_the_same(self) -> None:
+        """issue 17: the /metrics queue gauges' count (queue_depth, also over every unfinished envelope) is paced alike."""
+        from twisted.internet.defer import Deferred
+
+        from mmgun.metrics import Metrics
+        from mmgun.service import QueueGauges
+        from mmgun.store import QueueDepth
+
+        clock = Clock()
+        pending: list[Deferred[QueueDepth]] = []
+
+        class Store:
+            def queue_depth(self, now: float) -> Deferred[QueueDepth]:
+                pending.append(Deferred())
+                return pending[-1]
+
+        gauges = QueueGauges(Store(), Metrics(), clock)
+        gauges.startService()
+        self.addCleanup(gauges.stopService)
+        clock.advance(0.5)
+        pending[-1].callback(QueueDepth((), 0, 0, None))
+        clock.advance(9.4)  # 9.9 s after it started: not yet
+        self.assertEqual(len(pending), 1)
+        clock.advance(0.2)
+        self.assertEqual(len(pending), 2)
+
+
 class RateLimiterTests(SynchronousTestCase):
     def test_refill_and_burst(self) -> None:
         clock = Clock()
