@@ -29,8 +29,9 @@ rate-limits us pauses its recipient domain: while paused, that domain's claimed 
 are put back due at the pause's end (no attempt counted, no event), and no transaction for
 it starts. Pauses and lowered limits are written to the store on change; other senders read
 the pauses at most every BACKOFF_REFRESH seconds and honour them. Envelopes waiting for a
-session slot of one MX are capped (:meth:`Sender._waiting_cap`): beyond it a batch is put
-back, unattempted, due in retry_min/10, so that a slow MX cannot fill max_in_flight.
+session slot of one MX whose limit was lowered are capped (:meth:`Sender._waiting_cap`):
+beyond it a batch is put back, unattempted, due in retry_min/10, so that a slow MX cannot fill
+max_in_flight (a healthy MX's backlog waits for its sessions, as a bulk send to one domain needs).
 
 While the database cannot be reached (any write of this sender — a claim, a lease renewal,
 a result — failed with :class:`mmgun.store.DatabaseUnavailable`: PostgreSQL down or cut
@@ -1084,9 +1085,12 @@ class Sender(Service):
         # The MX's adaptive limit (mmgun.backoff): max_per_destination, less after 421s.
         per_host = self.backoff.limit(host.address, f"{host.name} [{host.address}]", self._wall())
         waiting = self._waiting.get(host.address, 0)
-        if per_host.full and waiting and waiting + len(envelopes) > self._waiting_cap(per_host.limit):
+        lowered = per_host.limit < self._settings.max_per_destination
+        if lowered and per_host.full and waiting and waiting + len(envelopes) > self._waiting_cap(per_host.limit):
             # Enough of in_flight waits for this MX already (a slow one, its limit lowered):
             # these go back to the queue for a while, leaving the room to other destinations.
+            # Not while its limit is at the maximum: a healthy MX's backlog (one busy
+            # destination, bulk mail) waits for its sessions as it always did.
             crowded = f"{waiting} envelopes already wait for a session to {per_host.label} (at most {per_host.limit} at once)"
             hold_back(envelopes, crowded, self._wall() + self._settings.retry_min / 10)
             return None

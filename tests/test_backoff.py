@@ -601,11 +601,18 @@ class SenderBackoffTests(SynchronousTestCase):
         """
         held = Held()
         router = DomainRouter()
-        sender = self.make_sender("host-f", router=router, session=held, per_session=1, max_per_destination=1, max_in_flight=10)
+        sender = self.make_sender("host-f", router=router, session=held, per_session=1, max_per_destination=2, max_in_flight=10)
+        # First its MX says it is overloaded: its limit goes from 2 to 1 (a healthy MX's waiting mail is never capped).
+        first = self.submit("x@slow.example")
+        self.poll(sender)
+        slow_address = router.addresses["slow.example"]
+        held.answer(0, Reply(421, "4.3.2 Service not available", received=True))
+        self.assertEqual(sender.backoff.concurrency(slow_address), 1)
+        self.assertEqual(self.queued(first).attempts, 1)
+        self.clock.advance(1)
         slow = [self.submit("x@slow.example") for _ in range(10)]
         other = [self.submit("y@other.example") for _ in range(2)]
         self.poll(sender)
-        slow_address = router.addresses["slow.example"]
         self.assertEqual(held.running[slow_address], 1)
         for _ in range(2):
             for index, (address, _, answer) in enumerate(held.calls):
@@ -617,10 +624,28 @@ class SenderBackoffTests(SynchronousTestCase):
         waiting = [q for q in queued if q.leased]
         put_back = [(q.attempts, q.next_attempt) for q in queued if not q.leased]
         self.assertEqual(len(waiting), 2, "one in the session and one waiting for it")
-        self.assertEqual(put_back, [(0, T0 + 30.0)] * 8)
-        held.answer(0, Reply(250, "2.0.0 Ok", received=True))
-        held.answer(next(i for i, c in enumerate(held.calls) if c[0] == slow_address and not c[2].called), Reply(250, "2.0.0 Ok", received=True))
+        self.assertEqual(put_back, [(0, T0 + 1 + 30.0)] * 8)
+        for _ in range(2):
+            held.answer(next(i for i, c in enumerate(held.calls) if c[0] == slow_address and not c[2].called), Reply(250, "2.0.0 Ok", received=True))
 
+
+    def test_a_healthy_mx_keeps_its_whole_backlog_waiting(self) -> None:
+        """
+        issue 18 (bench finding): with its limit at the maximum, one MX's claimed backlog waits for
+        its sessions as before — none is put back for retry-min/10 (a 100,000-envelope backlog to
+        one destination had its last 10% drained at a quarter of the rate).
+        """
+        held = Held()
+        router = DomainRouter()
+        sender = self.make_sender("host-h", router=router, session=held, per_session=1, max_per_destination=2, max_in_flight=10)
+        backlog = [self.submit("x@busy.example") for _ in range(10)]
+        self.poll(sender)
+        address = router.addresses["busy.example"]
+        self.assertEqual(held.running[address], 2)
+        self.assertEqual([self.queued(s).leased for s in backlog], [True] * 10, "all claimed, none put back")
+        for _ in range(10):
+            held.answer(next(i for i, c in enumerate(held.calls) if not c[2].called), Reply(250, "2.0.0 Ok", received=True))
+        self.assertEqual([self.recipient(s).status for s in backlog], ["sent"] * 10)
 
     def test_sender_forgets_lowered_addresses_once_idle(self) -> None:
         """
