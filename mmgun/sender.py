@@ -1125,13 +1125,10 @@ class Sender(Service):
                     return None
                 transactions = [self._transaction(e) for e in startable]
                 domains: dict[object, str] = {e.id: e.domain for e in startable}
-                #: Every transaction's result, as the session reports it.
-                reported: dict[object, TransactionResult] = {}
                 #: Whether a started transaction drew a 421, a timeout or a rate limit.
                 negative = [False]
 
                 def reported_result(result: TransactionResult) -> None:
-                    reported[result.key] = result
                     # The result first: a bug in the feedback must never lose a SENT one.
                     on_result(result)
                     if result.started:
@@ -1167,7 +1164,8 @@ class Sender(Service):
                     raise
                 finally:
                     self._sessions.discard(call)
-                self._after_session(host, domains, list(reported.values()), hold_back, negative[0])
+                # The session returns every result it gave on_result, the not-started ones included.
+                self._after_session(host, domains, results, hold_back, negative[0])
                 return results
             finally:
                 self._connections.release()
