@@ -418,12 +418,18 @@ class Snapshot:
     def __init__(self, pids: dict[str, int], tree: dict[str, int] | None = None) -> None:
         self.time = time.monotonic()
         self.cpu = {name: procs.cpu_seconds(pid) or 0.0 for name, pid in pids.items()}
+        #: Seconds each watched process waited for a CPU (runnable, not running): contention.
+        self.waited = {name: procs.run_queue_wait(pid) or 0.0 for name, pid in pids.items()}
         for name, pid in (tree or {}).items():
             self.cpu[name] = procs.tree_cpu_seconds(pid)
         self.machine_busy, _ = procs.system_cpu()
 
     def since(self, earlier: Snapshot) -> dict[str, float]:
         return {name: round(self.cpu[name] - earlier.cpu.get(name, 0.0), 3) for name in self.cpu}
+
+    def waited_since(self, earlier: Snapshot) -> dict[str, float]:
+        """Seconds each process (by name) waited for a CPU since ``earlier``."""
+        return {name: round(self.waited[name] - earlier.waited.get(name, 0.0), 3) for name in self.waited}
 
 
 def wait_delivered(
@@ -852,6 +858,7 @@ def relay_run(
             "sink_rate_window": round(window_rate(times, 0, len(times)) or 0, 1),
             "cpu_seconds": cpu,
             "cpu_during_ingest": after_ingest.since(before),
+            "cpu_wait_during_ingest": after_ingest.waited_since(before),
             "cpu_per_1000": {name: round(seconds / accepted * 1000, 3) for name, seconds in cpu.items()}
             if accepted
             else {},
@@ -2090,11 +2097,12 @@ def main(argv: list[str]) -> int:
                     )
                     ingest_done[(dkim, backend)].append(run)
                     frontend_cpu = sum(v for k, v in run["cpu_per_1000"].items() if k.startswith("frontend"))
+                    frontend_wait = sum(v for k, v in run["cpu_wait_during_ingest"].items() if k.startswith("frontend"))
                     signed = run["signed"]
                     print(
                         f"  ingest ({name}) #{index + 1}: {run['accepted']:,} accepted at {fmt(run['ingest_rate'])}/s "
                         f"(p50 {fmt(run['latency_ms']['p50'], 1)} ms, p99 {fmt(run['latency_ms']['p99'], 1)} ms), "
-                        f"frontend CPU {frontend_cpu:.2f} s/1k, "
+                        f"frontend CPU {frontend_cpu:.2f} s/1k (waited for a CPU {frontend_wait:.1f} s), "
                         + (f"signed rsa {signed['rsa-sha256']:,} ed25519 {signed['ed25519-sha256']:,}, " if signed else "")
                         + f"dup {run['duplicates']}, lost {run['lost']} (in the database); "
                         f"{run['other_cpu_seconds']} CPU-s not ours",

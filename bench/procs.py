@@ -41,6 +41,22 @@ def cpu_seconds(pid: int, children: bool = False) -> float | None:
     return ticks / CLOCK_TICKS
 
 
+def run_queue_wait(pid: int) -> float | None:
+    """
+    Seconds the threads of ``pid`` spent runnable but waiting for a CPU (the kernel's
+    schedstat, summed over /proc/PID/task): CPU time a process would have used had a core
+    been free. None when the process is gone or the kernel keeps no schedstat.
+    """
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return total / 1e9
+
+
 def parent_pid(pid: int) -> int | None:
     fields = _stat_fields(pid)
     return None if fields is None else int(fields[1])
