@@ -142,7 +142,7 @@ OPTIONS: dict[str, tuple[str | None, Callable[[str], object], str]] = {
     "smtp-timeout": ("300s", parse_duration, "timeout of each SMTP command (connect: 30s)"),
     "smtp-cache-time": ("2s", parse_duration, "keep an SMTP session to an MX open this long after its deliveries, for the next ones (0: close at once)"),
     "smtp-cache-size": ("100", _non_negative_int, "most idle SMTP sessions kept open in all (at most --max-per-destination to one MX; 0: none)"),
-    "lease-time": ("60s", parse_duration, "a sender's claim on an envelope, and a webhooks process's on its webhooks; renewed while it works, taken over after a crash"),
+    "lease-time": ("60s", parse_duration, "a sender's claim on an envelope, and a webhooks process's on its webhooks; renewed while it works, taken over after a crash (PostgreSQL ends a session left idle inside a transaction after a quarter of it, 1-10 s)"),
     "tls": (
         "opportunistic",
         _choice(TLS_MODES),

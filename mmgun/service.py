@@ -193,7 +193,7 @@ def make_service(
         config = attrs.evolve(config, roles=tuple(role for role in config.roles if role != "frontend"))
     root = OrderedService()
     metrics = Metrics()
-    store = open_store(config.database, reactor, config.database_pool_size)
+    store = open_store(config.database, reactor, config.database_pool_size, config.lease_time)
     StoreService(store).setServiceParent(root)
     from .health import DatabaseWatch, Health
 

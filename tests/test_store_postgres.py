@@ -293,6 +293,52 @@ class IdentityRetakeTests(TestCase):
         return Deferred.fromCoroutine(go())
 
 
+class IdleTimeoutTests(TestCase):
+    """The daemon's pool sessions, as the server sees their settings (the real reactor, adbapi threads)."""
+
+    def test_the_idle_in_transaction_timeout_follows_the_lease(self) -> Deferred[None]:
+        """
+        The daemon's sessions are ended when idle inside a transaction for a quarter of
+        --lease-time (1-10 s): with a short lease a fixed 10 s let an orphan hold its row locks
+        past the other hosts' leases (found by the netns suite, which had to set it in its URL).
+        A URL's own setting still wins.
+        """
+        from twisted.internet import reactor
+
+        from mmgun.store.postgres.runners import idle_in_transaction
+
+        self.assertEqual(
+            [idle_in_transaction(None), idle_in_transaction(60), idle_in_transaction(6), idle_in_transaction(2)],
+            [10.0, 10.0, 1.5, 1.0],
+        )
+        url = pgcluster.new_database("idle_lease")
+
+        def shown(store: Any) -> Deferred[str]:
+            return cast(
+                "Deferred[str]",
+                store._runner.read(lambda db: db.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0]),
+            )
+
+        async def go() -> None:
+            short = open_store(url, reactor, 1, lease_seconds=6)
+            try:
+                self.assertEqual(await shown(short), "1500ms")
+            finally:
+                await short.close()
+            default = open_store(url, reactor, 1, lease_seconds=60)
+            try:
+                self.assertEqual(await shown(default), "10s")
+            finally:
+                await default.close()
+            given = open_store(url + "&options=-c%20idle_in_transaction_session_timeout%3D3s", reactor, 1, lease_seconds=6)
+            try:
+                self.assertEqual(await shown(given), "3s")
+            finally:
+                await given.close()
+
+        return Deferred.fromCoroutine(go())
+
+
 class PoolRecoveryTests(TestCase):
     """The daemon's pool (adbapi threads, the real reactor) on a private cluster that this test stops and starts."""
 

@@ -44,13 +44,13 @@ LEASE = 6.0
 HTTP_PORT = 8080
 DB_HOST = "198.51.100.1"
 #: What every host's --database URL carries after the "?" (NETNS_URL_OPTIONS replaces it, to
-#: try others): a shorter connect_timeout, and — as the README advises for a --lease-time this
-#: short — an idle_in_transaction_session_timeout (2 s) well under a third of the 6 s lease.
-#: mmgun's own 10 s (SERVER_OPTIONS, fine for the default 60 s lease) would let a host cut off in
-#: the middle of a transaction hold its row locks for longer than the other host's leases: that
-#: host's records and renewals wait, its leases run out, and it sends its own envelopes twice.
-#: Everything else is mmgun's own libpq and server-side settings (CONNECT_DEFAULTS, SERVER_OPTIONS).
-URL_OPTIONS = os.environ.get("NETNS_URL_OPTIONS", "connect_timeout=3&options=-c%20idle_in_transaction_session_timeout%3D2s")
+#: try others): a shorter connect_timeout. The rest is mmgun's own libpq and server-side
+#: settings (runners.CONNECT_DEFAULTS, server_options), among them an
+#: idle_in_transaction_session_timeout of a quarter of the 6 s lease (1.5 s, from --lease-time):
+#: a fixed 10 s let a host cut off in the middle of a transaction hold its row locks for longer
+#: than the other host's leases — that host's records and renewals waited, its leases ran out,
+#: and it sent its own envelopes twice.
+URL_OPTIONS = os.environ.get("NETNS_URL_OPTIONS", "connect_timeout=3")
 
 
 def env(name: str) -> str:

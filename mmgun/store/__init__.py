@@ -917,20 +917,22 @@ def _check_backend(database: str) -> None:
         )
 
 
-def open_store(database: str, reactor: Any, pool_size: int | None = None) -> Store:
+def open_store(database: str, reactor: Any, pool_size: int | None = None, lease_seconds: float | None = None) -> Store:
     """
     The daemon's store on ``database`` (``--database``): a ``postgresql://`` or
     ``postgres://`` URL (libpq's, its parameters passed through) is a PostgreSQL database,
     any other value the path of an SQLite file; either is created or migrated to the newest
     schema here, and its transactions run on ``reactor``'s threads (``pool_size``
-    connections for PostgreSQL; SQLite has one). Raises StorageError (one line for the
-    operator, never with the URL's password) when it cannot be used.
+    connections for PostgreSQL; SQLite has one). ``lease_seconds`` (``--lease-time``) bounds
+    how long PostgreSQL lets a session of a vanished host hold its row locks (a quarter of it,
+    1-10 s). Raises StorageError (one line for the operator, never with the URL's password)
+    when it cannot be used.
     """
     _check_backend(database)
     if is_postgresql(database):
         from .postgres import DEFAULT_POOL_SIZE, PostgresStore
 
-        return PostgresStore.open(database, reactor, pool_size or DEFAULT_POOL_SIZE)
+        return PostgresStore.open(database, reactor, pool_size or DEFAULT_POOL_SIZE, lease_seconds)
     from .sqlite import SQLiteStore
 
     return SQLiteStore.open(database, reactor)

@@ -58,11 +58,35 @@ CONNECT_DEFAULTS = {
 #: open on the server, holding its row locks (the submissions and envelopes it was finishing,
 #: feed_clock's row), and every other host's writes would wait for it until the server's TCP
 #: keepalive gave up on the vanished peer — 2 hours by default on Linux. mmgun never idles inside
-#: a transaction, so 10 s ends only such orphans; the keepalives notice the dead peer in ~11 s.
-SERVER_OPTIONS = (
-    "-c idle_in_transaction_session_timeout=10s -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2"
+#: a transaction, so idle_in_transaction_session_timeout (:func:`idle_in_transaction`) ends only
+#: such orphans; the keepalives notice the dead peer in ~11 s.
+_SERVER_OPTIONS = (
+    "-c idle_in_transaction_session_timeout={idle_ms}ms -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2"
     " -c tcp_keepalives_count=3 -c tcp_user_timeout=10000"
 )
+#: The longest and shortest idle_in_transaction_session_timeout mmgun sets, in seconds.
+MAX_IDLE_IN_TRANSACTION = 10.0
+MIN_IDLE_IN_TRANSACTION = 1.0
+
+
+def idle_in_transaction(lease_seconds: float | None = None) -> float:
+    """
+    The idle_in_transaction_session_timeout for a daemon whose leases last ``lease_seconds``
+    (``--lease-time``): a quarter of it, between 1 and 10 s (10 s for the default 60 s lease, and
+    without one). While an orphan holds its row locks the other hosts' results and lease
+    renewals wait; were it longer than a third of a lease, their leases could run out meanwhile
+    and their envelopes be sent again.
+    """
+    if lease_seconds is None:
+        return MAX_IDLE_IN_TRANSACTION
+    return max(MIN_IDLE_IN_TRANSACTION, min(MAX_IDLE_IN_TRANSACTION, lease_seconds / 4))
+
+
+def server_options(idle: float = MAX_IDLE_IN_TRANSACTION) -> str:
+    """The server-side settings of every mmgun session, with ``idle`` seconds of idle_in_transaction_session_timeout."""
+    return _SERVER_OPTIONS.format(idle_ms=round(idle * 1000))
+
+
 #: psycopg prepares a statement server-side once a connection has run it this many times
 #: (its default): the claims, records and inserts of a busy relay are planned once.
 PREPARE_THRESHOLD = 5
@@ -99,14 +123,18 @@ def libpq_url(url: str) -> str:
     return scheme.lower() + separator + rest
 
 
-def connect_options(url: str) -> dict[str, Any]:
-    """psycopg.connect's keywords for ``url``: CONNECT_DEFAULTS that the URL leaves unset, autocommit."""
+def connect_options(url: str, idle: float = MAX_IDLE_IN_TRANSACTION) -> dict[str, Any]:
+    """
+    psycopg.connect's keywords for ``url``: CONNECT_DEFAULTS that the URL leaves unset,
+    :func:`server_options` (``idle``: its idle_in_transaction_session_timeout) before the URL's own, autocommit.
+    """
     try:
         given = conninfo_to_dict(libpq_url(url))
     except psycopg.Error as e:
         raise StorageError(f"not a usable database URL {masked(url)}: {one_line(e)}") from None
     options: dict[str, Any] = {name: value for name, value in CONNECT_DEFAULTS.items() if name not in given}
-    options["options"] = f"{SERVER_OPTIONS} {given['options']}" if given.get("options") else SERVER_OPTIONS
+    ours = server_options(idle)
+    options["options"] = f"{ours} {given['options']}" if given.get("options") else ours
     options["autocommit"] = True
     options["prepare_threshold"] = PREPARE_THRESHOLD
     return options
@@ -336,9 +364,12 @@ def _in_pool_thread(slot: _PoolSlot, write: bool, fn: Callable[..., T], *args: A
 
 
 class PoolRunner:
-    """Runs transactions on adbapi's thread pool, up to ``size`` at once, each thread with its own connection."""
+    """
+    Runs transactions on adbapi's thread pool, up to ``size`` at once, each thread with its own
+    connection (``idle``: their idle_in_transaction_session_timeout, :func:`idle_in_transaction`).
+    """
 
-    def __init__(self, url: str, reactor: Any, size: int) -> None:
+    def __init__(self, url: str, reactor: Any, size: int, idle: float = MAX_IDLE_IN_TRANSACTION) -> None:
         self.reachability = Reachability(url)
         kwargs: dict[str, Any] = {}
         if reactor is not None:
@@ -346,7 +377,7 @@ class PoolRunner:
         self._pool = adbapi.ConnectionPool(
             "psycopg",
             libpq_url(url),
-            **connect_options(url),
+            **connect_options(url, idle),
             cp_min=size,
             cp_max=size,
             # adbapi's reconnection, done by _ThreadSource.forget and the pool's per-thread connect.

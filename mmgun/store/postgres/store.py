@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 
 from ..sql import SQLStore
 from . import queries as Q
-from .runners import PoolRunner, SyncRunner, connect, masked
+from .runners import PoolRunner, SyncRunner, connect, idle_in_transaction, masked
 from .schema import check_existing, prepare
 
 _log = Logger()
@@ -43,14 +43,20 @@ class PostgresStore(SQLStore):
         self._retaking = False
 
     @classmethod
-    def open(cls, url: str, reactor: Any = None, pool_size: int = DEFAULT_POOL_SIZE) -> PostgresStore:
-        """The daemon's store: the schema created or migrated now (blocking, at start-up), then a pool of ``pool_size``."""
+    def open(
+        cls, url: str, reactor: Any = None, pool_size: int = DEFAULT_POOL_SIZE, lease_seconds: float | None = None
+    ) -> PostgresStore:
+        """
+        The daemon's store: the schema created or migrated now (blocking, at start-up), then a
+        pool of ``pool_size``, whose sessions are ended by the server when left idle inside a
+        transaction for longer than :func:`.runners.idle_in_transaction` of ``lease_seconds``.
+        """
         prepare(url)
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        return cls(PoolRunner(url, reactor, pool_size), url, reactor)
+        return cls(PoolRunner(url, reactor, pool_size, idle_in_transaction(lease_seconds)), url, reactor)
 
     @classmethod
     def open_sync(cls, url: str) -> PostgresStore:
